@@ -1,0 +1,1 @@
+//! Packet I/O: one trait, several backends (pcap, in-memory; AF_XDP later).

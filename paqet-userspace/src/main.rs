@@ -1,0 +1,3 @@
+fn main() {
+    println!("paqet-dp {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,2 @@
+//! Small helpers shared by tests, tools and the daemon.
+pub mod pcapfile;
