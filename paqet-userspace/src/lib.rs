@@ -12,3 +12,5 @@ pub mod io;
 pub mod proto;
 pub mod util;
 pub mod wire;
+pub mod worker;
+pub mod front;

@@ -1,0 +1,229 @@
+//! serde structs mirroring the file's key paths one to one. Every field is optional: defaults and checks
+//! are applied afterwards (`build.rs`), and `Config::to_toml_string` serializes through these too.
+//! Integers are `i64` so that out-of-range values reach validation instead of failing deserialization.
+
+use serde::{Deserialize, Serialize};
+
+/// Top level of the configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<RawLog>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<RawAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<RawAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<RawNetwork>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<RawTransport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<RawMetrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub debug: Option<RawDebug>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io: Option<RawIo>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub socks5: Vec<RawSocks5>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forward: Vec<RawForward>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<RawHttp>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawLog {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+}
+
+/// `[listen]` / `[server]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawAddr {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+}
+
+/// `[[socks5]]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawSocks5 {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+/// `[[forward]]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawForward {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+/// `[[http]]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawHttp {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+/// `[network]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawNetwork {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<RawFamily>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<RawFamily>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<RawTcp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pcap: Option<RawPcap>,
+}
+
+/// `[network.ipv4]` / `[network.ipv6]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawFamily {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_mac: Option<String>,
+}
+
+/// `[network.tcp]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawTcp {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_flag: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_flag: Option<Vec<String>>,
+}
+
+/// `[network.pcap]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawPcap {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sockbuf: Option<i64>,
+}
+
+/// `[transport]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawTransport {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conn: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kcp: Option<RawKcp>,
+}
+
+/// `[transport.kcp]` (upstream keys, then paqet-dp's guard and limit keys).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawKcp {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodelay: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resend: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nocongestion: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wdelay: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acknodelay: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rcvwnd: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sndwnd: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dshard: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pshard: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smuxbuf: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streambuf: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smuxkalive: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smuxktimeout: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_magic: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_window: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_skew: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_sessions: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_streams_total: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_streams_per_session: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_timeout: Option<i64>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawMetrics {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+}
+
+/// `[debug]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawDebug {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pprof: Option<String>,
+}
+
+/// `[io]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawIo {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<i64>,
+}

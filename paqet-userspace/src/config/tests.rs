@@ -1,0 +1,692 @@
+//! Unit tests for the configuration module.
+
+use super::*;
+
+const KEY: &str = "0edb843fa5d512bbb688b437e6035b4965731b527bf229f2eed94185f23a3740";
+
+/// Spec §2.3, verbatim except the key placeholder.
+fn spec_client_yaml() -> String {
+    r#"
+role: "client"
+log: { level: "info" }
+socks5:
+  - listen: "127.0.0.1:1080"
+    username: ""            # both empty = no auth
+    password: ""
+forward:
+  - { listen: "127.0.0.1:8080", target: "10.0.0.5:80", protocol: "tcp" }
+  - { listen: "127.0.0.1:5353", target: "1.1.1.1:53",  protocol: "udp" }
+network:
+  interface: "eth0"
+  # guid: '\Device\NPF_{...}'          # Windows only (required there)
+  ipv4: { addr: "192.168.1.100:0", router_mac: "aa:bb:cc:dd:ee:ff" }
+  # ipv6: { addr: "[2001:db8::1]:0", router_mac: "aa:bb:cc:dd:ee:ff" }
+  tcp:  { local_flag: ["PA"], remote_flag: ["PA"] }
+  pcap: { sockbuf: 4194304 }
+server: { addr: "203.0.113.10:9999" }
+transport:
+  protocol: "kcp"
+  conn: 1
+  kcp:
+    mode: "fast"       # manual → nodelay/interval/resend/nocongestion/wdelay/acknodelay
+    mtu: 1350
+    rcvwnd: 512
+    sndwnd: 128
+    dshard: 0
+    pshard: 0
+    block: "aes"
+    key: "<output of paqet secret>"
+    smuxbuf: 4194304
+    streambuf: 2097152
+    smuxkalive: 2
+    smuxktimeout: 8
+"#
+    .replace("<output of paqet secret>", KEY)
+}
+
+/// Spec §2.4, verbatim except the key placeholder.
+fn spec_server_yaml() -> String {
+    r#"
+role: "server"
+log: { level: "info" }
+listen: { addr: ":9999" }            # cosmetic; port must equal network.ipv4.addr port
+network:
+  interface: "eth0"
+  ipv4: { addr: "203.0.113.10:9999", router_mac: "aa:bb:cc:dd:ee:ff" }
+  # ipv6: { addr: "[2001:db8::10]:9999", router_mac: "..." }   # same port
+  tcp:  { local_flag: ["PA"] }      # used only for clients that sent no PTCPF
+  pcap: { sockbuf: 8388608 }
+transport:
+  protocol: "kcp"
+  kcp: { mode: "fast", mtu: 1350, rcvwnd: 1024, sndwnd: 1024, block: "aes",
+         key: "<same secret>", smuxbuf: 4194304, streambuf: 2097152,
+         smuxkalive: 2, smuxktimeout: 8 }
+"#
+    .replace("<same secret>", KEY)
+}
+
+fn toml_ok(text: &str) -> Loaded {
+    match Config::from_toml_str(text) {
+        Ok(l) => l,
+        Err(e) => panic!("expected a valid config, got: {e}\n--- input ---\n{text}"),
+    }
+}
+
+fn toml_errors(text: &str) -> Vec<String> {
+    match Config::from_toml_str(text) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(ConfigError::Invalid { errors, .. }) => errors.iter().map(|e| e.to_string()).collect(),
+        Err(other) => panic!("expected Invalid, got {other}"),
+    }
+}
+
+fn assert_has(errors: &[String], needle: &str) {
+    assert!(
+        errors.iter().any(|e| e.contains(needle)),
+        "no error contains {needle:?}; errors:\n{}",
+        errors.join("\n")
+    );
+}
+
+/// A minimal valid TOML client (guard on by default, so it has a key).
+fn client_toml(extra_kcp: &str) -> String {
+    format!(
+        r#"role = "client"
+[server]
+addr = "10.0.0.2:9999"
+[[socks5]]
+listen = "127.0.0.1:1080"
+[network]
+interface = "eth0"
+[network.ipv4]
+addr = "10.0.0.1:0"
+[transport]
+protocol = "kcp"
+[transport.kcp]
+key = "{KEY}"
+{extra_kcp}
+"#
+    )
+}
+
+fn server_toml(extra_kcp: &str) -> String {
+    format!(
+        r#"role = "server"
+[listen]
+addr = ":9999"
+[network]
+interface = "eth0"
+[network.ipv4]
+addr = "10.0.0.2:9999"
+router_mac = "02:00:00:00:00:01"
+[transport]
+protocol = "kcp"
+[transport.kcp]
+key = "{KEY}"
+{extra_kcp}
+"#
+    )
+}
+
+#[test]
+fn spec_client_example_imports_and_round_trips() {
+    let loaded = Config::from_yaml_str(&spec_client_yaml()).expect("spec §2.3 client imports");
+    assert_eq!(loaded.format, Format::Yaml);
+    let c = &loaded.config;
+    assert_eq!(c.role, Role::Client);
+    assert_eq!(c.log_level, LogLevel::Info);
+    assert_eq!(c.server.as_ref().unwrap().to_string(), "203.0.113.10:9999");
+    assert_eq!(
+        c.server_socket_addr(),
+        Some("203.0.113.10:9999".parse().unwrap())
+    );
+    assert_eq!(c.socks5.len(), 1);
+    assert!(!c.socks5[0].auth_required());
+    assert_eq!(c.forward.len(), 2);
+    assert_eq!(c.forward[1].protocol, ForwardProtocol::Udp);
+    assert_eq!(
+        c.forward[1].target,
+        HostPort {
+            host: "1.1.1.1".into(),
+            port: 53
+        }
+    );
+    let v4 = c.network.ipv4.as_ref().unwrap();
+    assert_eq!(v4.ip, Some(Ipv4Addr::new(192, 168, 1, 100)));
+    assert_eq!(v4.port, 0);
+    assert_eq!(
+        v4.router_mac,
+        Some(MacAddr([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]))
+    );
+    assert_eq!(c.local_flags(), ["PA".to_string()]);
+    assert_eq!(c.key(), KEY);
+    assert_eq!(c.block(), "aes");
+    assert!(
+        !c.transport.kcp.guard,
+        "imported YAML keeps the upstream wire (guard off)"
+    );
+    assert_eq!(c.fec(), None);
+
+    let toml_text = c.to_toml_string();
+    let back = toml_ok(&toml_text);
+    assert_eq!(back.format, Format::Toml);
+    assert_eq!(
+        &back.config, c,
+        "TOML round trip changed the config:\n{toml_text}"
+    );
+    assert!(back.warnings.is_empty(), "{:?}", back.warnings);
+}
+
+#[test]
+fn spec_server_example_imports_and_round_trips() {
+    let loaded = Config::from_yaml_str(&spec_server_yaml()).expect("spec §2.4 server imports");
+    let c = &loaded.config;
+    assert_eq!(c.role, Role::Server);
+    assert_eq!(
+        c.listen,
+        Some(HostPort {
+            host: String::new(),
+            port: 9999
+        })
+    );
+    assert_eq!(c.local_port(), 9999);
+    assert_eq!(c.network.remote_flag, vec!["PA".to_string()]);
+    assert_eq!(c.transport.kcp.rcvwnd, 1024);
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let toml_text = c.to_toml_string();
+    assert_eq!(&toml_ok(&toml_text).config, c, "round trip:\n{toml_text}");
+}
+
+fn testdata_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("PAQET_TESTDATA") {
+        return dir.into();
+    }
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/upstream-alpha21")
+}
+
+#[test]
+fn upstream_capture_configs_load() {
+    let dir = testdata_dir();
+    let mut n = 0;
+    for role in ["client", "server"] {
+        for variant in ["fast", "fec", "gcm", "none", "null", "salsa"] {
+            let path = dir.join(format!("{role}.{variant}.yaml"));
+            let loaded = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let c = &loaded.config;
+            assert_eq!(c.role.as_str(), role);
+            assert_eq!(loaded.format, Format::Yaml);
+            assert!(!c.transport.kcp.guard);
+            assert_eq!(c.key(), KEY);
+            let expected_block = match variant {
+                "gcm" => "aes-128-gcm",
+                "salsa" => "salsa20",
+                "none" => "none",
+                "null" => "null",
+                _ => "aes",
+            };
+            assert_eq!(c.block(), expected_block, "{}", path.display());
+            assert_eq!(
+                c.fec(),
+                (variant == "fec").then_some((10, 3)),
+                "{}",
+                path.display()
+            );
+            let back = toml_ok(&c.to_toml_string());
+            assert_eq!(&back.config, c);
+            n += 1;
+        }
+    }
+    assert_eq!(n, 12);
+}
+
+#[test]
+fn all_problems_reported_at_once() {
+    let text = r#"role = "client"
+colour = "blue"
+[server]
+addr = "10.0.0.2:0"
+[[socks5]]
+listen = "127.0.0.1:1080"
+[network]
+interface = "an-interface-name-too-long"
+[network.ipv4]
+addr = "10.0.0.1:0"
+router_mac = "zz:bb:cc:dd:ee:ff"
+[network.tcp]
+local_flag = ["PA", "PX"]
+[transport]
+protocol = "quic"
+conn = 0
+[transport.kcp]
+key = "k"
+mtu = 40
+mode = "turbo"
+rcvwnd = 40000
+guard_magic = "PQT"
+guard_skew = 11
+max_sessions = 0
+smuxbuf = "big"
+mtuu = 3
+"#;
+    let errors = toml_errors(text);
+    let expect = [
+        "colour = \"blue\": unknown key",
+        "transport.kcp.mtuu = 3: unknown key; did you mean `transport.kcp.mtu`?",
+        "server.addr = \"10.0.0.2:0\": port must be 1..=65535",
+        "network.interface = \"an-interface-name-too-long\": must be 1..=15 characters",
+        "network.ipv4.router_mac = \"zz:bb:cc:dd:ee:ff\"",
+        "network.tcp.local_flag[1] = \"PX\": 'X' is not a TCP flag letter",
+        "transport.protocol = \"quic\": must be \"kcp\"",
+        "transport.conn = 0: must be 1..=256",
+        "transport.kcp.mtu = 40: must be 50..=1500",
+        "transport.kcp.mode = \"turbo\": must be one of normal, fast, fast2, fast3, manual",
+        "transport.kcp.rcvwnd = 40000: must be 1..=32768",
+        "transport.kcp.guard_magic = \"PQT\": must be exactly 4 bytes",
+        "transport.kcp.guard_skew = 11: must be 0..=10",
+        "transport.kcp.max_sessions = 0: must be -1 (unlimited) or 1..=1000000",
+        "transport.kcp.smuxbuf = \"big\": must be an integer",
+    ];
+    for e in expect {
+        assert_has(&errors, e);
+    }
+    assert_eq!(
+        errors.len(),
+        expect.len(),
+        "unexpected extra errors:\n{}",
+        errors.join("\n")
+    );
+    // The rendered error lists every problem on its own line.
+    let rendered = Config::from_toml_str(text).unwrap_err().to_string();
+    assert!(
+        rendered.starts_with(&format!(
+            "invalid configuration ({} problem(s)):",
+            expect.len()
+        )),
+        "{rendered}"
+    );
+    assert_eq!(
+        rendered.lines().filter(|l| l.starts_with("  - ")).count(),
+        expect.len()
+    );
+}
+
+#[test]
+fn defaults_per_role_are_upstreams() {
+    let c = toml_ok(&client_toml("")).config;
+    let k = &c.transport.kcp;
+    assert_eq!(c.log_level, LogLevel::None);
+    assert_eq!(
+        (k.mode, k.mtu, k.rcvwnd, k.sndwnd),
+        (KcpMode::Fast, 1350, 512, 128)
+    );
+    assert_eq!(c.network.pcap_sockbuf, 4 * 1024 * 1024);
+    assert_eq!((c.transport.conn, k.dshard, k.pshard), (1, 0, 0));
+    assert_eq!(
+        (k.smuxbuf, k.streambuf, k.smuxkalive, k.smuxktimeout),
+        (4_194_304, 2_097_152, 2, 8)
+    );
+    assert_eq!(k.block, "aes");
+    assert_eq!(c.network.local_flag, ["PA"]);
+    assert_eq!(c.network.remote_flag, ["PA"]);
+    // paqet-dp additions.
+    assert!(k.guard);
+    assert_eq!(&k.guard_magic, b"PQT1");
+    assert_eq!(
+        (k.guard_window, k.guard_skew, k.header_timeout),
+        (30, 1, 10)
+    );
+    assert_eq!(
+        (
+            k.max_sessions,
+            k.max_streams_total,
+            k.max_streams_per_session
+        ),
+        (Some(512), Some(16384), Some(256))
+    );
+    assert_eq!(
+        c.io,
+        IoConfig {
+            backend: IoBackend::Auto,
+            workers: 0
+        }
+    );
+    assert_eq!(c.metrics_listen, None);
+    assert_eq!(c.debug_pprof, None);
+    assert_eq!(
+        c.network.ipv4.as_ref().unwrap().router_mac,
+        None,
+        "router_mac may be omitted"
+    );
+
+    let s = toml_ok(&server_toml("")).config;
+    let k = &s.transport.kcp;
+    assert_eq!((k.rcvwnd, k.sndwnd), (1024, 1024));
+    assert_eq!(s.network.pcap_sockbuf, 8 * 1024 * 1024);
+    assert_eq!(s.local_port(), 9999);
+}
+
+#[test]
+fn kcp_mode_presets() {
+    let tuning = |mode: &str| {
+        toml_ok(&client_toml(&format!("mode = \"{mode}\"")))
+            .config
+            .kcp_mode()
+    };
+    let t = |nodelay, interval, wdelay, acknodelay| KcpTuning {
+        nodelay,
+        interval,
+        resend: 2,
+        nocongestion: 1,
+        wdelay,
+        acknodelay,
+    };
+    assert_eq!(tuning("normal"), t(0, 40, true, false));
+    assert_eq!(tuning("fast"), t(0, 30, true, false));
+    assert_eq!(tuning("fast2"), t(1, 20, false, true));
+    assert_eq!(tuning("fast3"), t(1, 10, false, true));
+    let manual = toml_ok(&client_toml(
+        "mode = \"manual\"\nnodelay = 1\ninterval = 15\nresend = 3\nnocongestion = 0\nwdelay = true\nacknodelay = true",
+    ));
+    assert_eq!(
+        manual.config.kcp_mode(),
+        KcpTuning {
+            nodelay: 1,
+            interval: 15,
+            resend: 3,
+            nocongestion: 0,
+            wdelay: true,
+            acknodelay: true
+        }
+    );
+    // Manual knobs outside manual mode are warned about, not silently taken.
+    let ignored = toml_ok(&client_toml("interval = 15"));
+    assert_eq!(ignored.config.kcp_mode().interval, 30);
+    assert!(
+        ignored
+            .warnings
+            .iter()
+            .any(|w| w.key == "transport.kcp.interval"),
+        "{:?}",
+        ignored.warnings
+    );
+}
+
+#[test]
+fn explicit_client_port_allows_one_connection() {
+    let text = client_toml("")
+        .replace("10.0.0.1:0", "10.0.0.1:40000")
+        .replace("protocol = \"kcp\"", "protocol = \"kcp\"\nconn = 4");
+    let errors = toml_errors(&text);
+    assert_has(
+        &errors,
+        "transport.conn = 4: only one connection is allowed when a client port is explicitly set",
+    );
+    let ok = client_toml("").replace("protocol = \"kcp\"", "protocol = \"kcp\"\nconn = 4");
+    assert_eq!(toml_ok(&ok).config.transport.conn, 4);
+}
+
+#[test]
+fn family_rules() {
+    // Ports of both families must match.
+    let text = server_toml("").replace(
+        "[transport]",
+        "[network.ipv6]\naddr = \"[2001:db8::10]:9998\"\n[transport]",
+    );
+    assert_has(&toml_errors(&text), "network.ipv6.addr = \"[2001:db8::10]:9998\": port 9998 must equal network.ipv4.addr's port 9999");
+    let ok = server_toml("").replace(
+        "[transport]",
+        "[network.ipv6]\naddr = \"[2001:db8::10]:9999\"\n[transport]",
+    );
+    let c = toml_ok(&ok).config;
+    assert_eq!(
+        c.network.ipv6.as_ref().unwrap().ip,
+        Some("2001:db8::10".parse().unwrap())
+    );
+    // The server address family needs its network family.
+    let v6_server = client_toml("").replace("10.0.0.2:9999", "[2001:db8::2]:9999");
+    assert_has(
+        &toml_errors(&v6_server),
+        "server address is IPv6, but the IPv6 interface is not configured",
+    );
+    // Wrong family literal; server needs a fixed port.
+    let wrong = server_toml("").replace("10.0.0.2:9999", "[::1]:9999");
+    assert_has(
+        &toml_errors(&wrong),
+        "network.ipv4.addr = \"[::1]:9999\": must be an ipv4 address",
+    );
+    let port0 = server_toml("").replace("10.0.0.2:9999", "10.0.0.2:0");
+    assert_has(&toml_errors(&port0), "a server needs a fixed port");
+    // Interface address may be omitted (resolved at run time).
+    let no_ip = client_toml("").replace("10.0.0.1:0", ":0");
+    assert_eq!(
+        toml_ok(&no_ip).config.network.ipv4.as_ref().unwrap().ip,
+        None
+    );
+    let none = client_toml("").replace("[network.ipv4]\naddr = \"10.0.0.1:0\"\n", "");
+    assert_has(
+        &toml_errors(&none),
+        "at least one of network.ipv4 / network.ipv6 must be configured",
+    );
+}
+
+#[test]
+fn key_rules_and_guard() {
+    let no_key = client_toml("").replace(&format!("key = \"{KEY}\""), "");
+    assert_has(
+        &toml_errors(&no_key),
+        "transport.kcp.key: required for block = \"aes\"",
+    );
+    let none_guard = format!("{no_key}block = \"none\"\n");
+    assert_has(
+        &toml_errors(&none_guard),
+        "the guard needs a key even with block = \"none\"",
+    );
+    let none_no_guard = format!("{no_key}block = \"none\"\nguard = false\n");
+    let c = toml_ok(&none_no_guard).config;
+    assert_eq!(
+        (c.block(), c.key(), c.transport.kcp.guard),
+        ("none", "", false)
+    );
+    assert_eq!(&toml_ok(&c.to_toml_string()).config, &c);
+    // YAML import: guard off, so none/null needs no key.
+    let yaml = spec_server_yaml()
+        .replace("block: \"aes\",", "block: \"null\",")
+        .replace(&format!("key: \"{KEY}\","), "");
+    assert_eq!(Config::from_yaml_str(&yaml).unwrap().config.key(), "");
+}
+
+#[test]
+fn buffer_and_limit_rules() {
+    assert_has(
+        &toml_errors(&client_toml("streambuf = 8388608")),
+        "transport.kcp.streambuf = 8388608: must be 1024..=smuxbuf (4194304)",
+    );
+    assert_has(
+        &toml_errors(&client_toml("smuxbuf = 1048576")),
+        "transport.kcp.smuxbuf = 1048576: must be >= streambuf (2097152)",
+    );
+    assert_has(
+        &toml_errors(&client_toml("smuxkalive = 10\nsmuxktimeout = 5")),
+        "transport.kcp.smuxktimeout = 5: must be smuxkalive (10)..=86400",
+    );
+    assert_has(
+        &toml_errors(&client_toml("dshard = 200\npshard = 100")),
+        "dshard + pshard = 300 exceeds 256",
+    );
+    let clamped = toml_ok(&server_toml(
+        "max_streams_total = 100\nmax_streams_per_session = 500",
+    ));
+    assert_eq!(
+        clamped.config.transport.kcp.max_streams_per_session,
+        Some(100)
+    );
+    assert!(clamped
+        .warnings
+        .iter()
+        .any(|w| w.message.contains("clamped")));
+    let unlimited = toml_ok(&server_toml(
+        "max_sessions = -1\nmax_streams_total = -1\nmax_streams_per_session = -1",
+    ))
+    .config;
+    let k = &unlimited.transport.kcp;
+    assert_eq!(
+        (
+            k.max_sessions,
+            k.max_streams_total,
+            k.max_streams_per_session
+        ),
+        (None, None, None)
+    );
+    assert_eq!(&toml_ok(&unlimited.to_toml_string()).config, &unlimited);
+    assert_has(
+        &toml_errors(&server_toml("header_timeout = 0")),
+        "transport.kcp.header_timeout = 0: must be 1..=3600",
+    );
+    let odd = toml_ok(&server_toml("").replace(
+        "[transport]",
+        "[network.pcap]\nsockbuf = 3000000\n[transport]",
+    ));
+    assert!(odd.warnings.iter().any(|w| w.key == "network.pcap.sockbuf"));
+}
+
+#[test]
+fn role_placement() {
+    // TOML: client-only keys on a server are errors; YAML: ignored with a warning.
+    let text = format!(
+        "{}\n[[forward]]\nlisten = \"127.0.0.1:80\"\ntarget = \"1.2.3.4:80\"\nprotocol = \"tcp\"\n",
+        server_toml("")
+    );
+    assert_has(&toml_errors(&text), "forward: only valid for role client");
+    let yaml = format!("{}\nforward:\n  - {{ listen: \"127.0.0.1:80\", target: \"1.2.3.4:80\", protocol: \"tcp\" }}\n", spec_server_yaml());
+    let loaded = Config::from_yaml_str(&yaml).unwrap();
+    assert!(loaded.config.forward.is_empty());
+    assert!(loaded.warnings.iter().any(|w| w.key == "forward"));
+    // Client with no front end: warning only.
+    let bare = client_toml("").replace("[[socks5]]\nlisten = \"127.0.0.1:1080\"\n", "");
+    assert!(toml_ok(&bare)
+        .warnings
+        .iter()
+        .any(|w| w.message.contains("nothing will use the tunnel")));
+    // Forward protocol and missing required fields.
+    let bad_fwd = format!(
+        "{}\n[[forward]]\nlisten = \"127.0.0.1:80\"\nprotocol = \"sctp\"\n",
+        client_toml("")
+    );
+    let errors = toml_errors(&bad_fwd);
+    assert_has(&errors, "forward[0].target: required");
+    assert_has(
+        &errors,
+        "forward[0].protocol = \"sctp\": must be one of tcp, udp",
+    );
+    // HTTP listener auth must be complete.
+    let http = format!(
+        "{}\n[[http]]\nlisten = \"127.0.0.1:8080\"\nusername = \"u\"\n",
+        client_toml("")
+    );
+    assert_has(&toml_errors(&http), "http[0].password: required when");
+    let http_ok = format!(
+        "{}\n[[http]]\nlisten = \"127.0.0.1:8080\"\nusername = \"u\"\npassword = \"p\"\n",
+        client_toml("")
+    );
+    let c = toml_ok(&http_ok).config;
+    assert_eq!(c.http[0].auth(), Some(("u", "p")));
+    assert_eq!(&toml_ok(&c.to_toml_string()).config, &c);
+    // Missing role.
+    assert_has(&toml_errors("[log]\nlevel = \"info\""), "role: required");
+}
+
+#[test]
+fn yaml_import_is_lenient_like_upstream() {
+    let yaml = format!(
+        "{}\nunknown_top: 1\nnetwork_extra: {{ a: 1 }}\n",
+        spec_client_yaml()
+            .replace("conn: 1", "conn: 0\n  tcpbuf: 8192")
+            .replace("mtu: 1350", "mtu: 0")
+    );
+    let loaded = Config::from_yaml_str(&yaml).unwrap();
+    // Go zero values mean "unset".
+    assert_eq!(loaded.config.transport.conn, 1);
+    assert_eq!(loaded.config.transport.kcp.mtu, 1350);
+    let keys: Vec<&str> = loaded.warnings.iter().map(|w| w.key.as_str()).collect();
+    for k in ["unknown_top", "network_extra", "transport.tcpbuf"] {
+        assert!(keys.contains(&k), "no warning for {k}: {keys:?}");
+    }
+    // The same unknown key in TOML is an error.
+    assert_has(
+        &toml_errors(&format!("unknown_top = 1\n{}", client_toml(""))),
+        "unknown_top = 1: unknown key",
+    );
+    // Unquoted numeric key is taken as a string, as Go does.
+    let numeric = spec_server_yaml().replace(&format!("\"{KEY}\""), "123456");
+    assert_eq!(
+        Config::from_yaml_str(&numeric).unwrap().config.key(),
+        "123456"
+    );
+    assert!(matches!(
+        Config::from_yaml_str("- a\n- b\n"),
+        Err(ConfigError::YamlSyntax(_))
+    ));
+    assert!(matches!(
+        Config::from_yaml_str("role: [unclosed"),
+        Err(ConfigError::YamlSyntax(_))
+    ));
+    assert!(matches!(
+        Config::from_toml_str("role = "),
+        Err(ConfigError::TomlSyntax(_))
+    ));
+}
+
+#[test]
+fn debug_and_metrics_addresses() {
+    let with = |extra: &str| format!("{}\n{extra}", server_toml(""));
+    let c = toml_ok(&with("[debug]\npprof = \"127.0.0.1:6060\"\n[metrics]\nlisten = \"0.0.0.0:9100\"\n[io]\nbackend = \"pcap\"\nworkers = 2")).config;
+    assert_eq!(
+        c.debug_pprof.as_ref().unwrap().to_string(),
+        "127.0.0.1:6060"
+    );
+    assert_eq!(c.metrics_listen.as_ref().unwrap().port, 9100);
+    assert_eq!(
+        c.io,
+        IoConfig {
+            backend: IoBackend::Pcap,
+            workers: 2
+        }
+    );
+    assert_eq!(&toml_ok(&c.to_toml_string()).config, &c);
+    assert_has(
+        &toml_errors(&with("[debug]\npprof = \"0.0.0.0:6060\"")),
+        "debug.pprof = \"0.0.0.0:6060\": must be a loopback address",
+    );
+    assert_has(
+        &toml_errors(&with("[metrics]\nlisten = \"9100\"")),
+        "metrics.listen = \"9100\": missing port",
+    );
+}
+
+#[test]
+fn load_picks_format_by_extension_and_content() {
+    let dir = std::env::temp_dir().join(format!("paqet-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let yml = dir.join("a.yml");
+    std::fs::write(&yml, spec_server_yaml()).unwrap();
+    assert_eq!(Config::load(&yml).unwrap().format, Format::Yaml);
+    let toml_path = dir.join("a.toml");
+    std::fs::write(&toml_path, server_toml("")).unwrap();
+    assert_eq!(Config::load(&toml_path).unwrap().format, Format::Toml);
+    let sniff_yaml = dir.join("paqet.conf");
+    std::fs::write(&sniff_yaml, spec_server_yaml()).unwrap();
+    assert_eq!(Config::load(&sniff_yaml).unwrap().format, Format::Yaml);
+    let sniff_toml = dir.join("paqet.cfg");
+    std::fs::write(&sniff_toml, server_toml("")).unwrap();
+    assert_eq!(Config::load(&sniff_toml).unwrap().format, Format::Toml);
+    let missing = dir.join("missing.toml");
+    let err = Config::load(&missing).unwrap_err().to_string();
+    assert!(err.contains("missing.toml"), "{err}");
+}

@@ -1,0 +1,730 @@
+//! Shared worker state: links (packet-I/O backends), sessions, timers, limits and counters.
+//!
+//! Everything lives in one `Rc<RefCell<Core>>` owned by the worker thread. Tasks borrow it briefly and never
+//! across an `.await`. The RX task of each link drains its backend in batches ([`Core::rx_link`]); the driver
+//! task ([`drive`]) runs session timers and flushes sessions that stream tasks touched ("dirty").
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::task::Waker;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{mpsc, Notify};
+use tracing::{debug, info, trace, warn};
+
+use super::client::ClientState;
+use super::guard::{Guard, GUARD_LEN};
+use super::WorkerConfig;
+use crate::io::PacketIo;
+use crate::proto::session::{Role, Session, SessionError};
+use crate::proto::smux::SmuxEvent;
+use crate::wire::crypt::Crypto;
+use crate::wire::envelope::{parse_frame, EnvelopeBuilder, FlagCycler, TcpFlags};
+
+/// The worker's shared state handle.
+pub type Shared = Rc<RefCell<Core>>;
+
+/// Longest the driver sleeps without a deadline (keeps the clock moving for keepalives).
+const MAX_IDLE_WAIT: Duration = Duration::from_millis(1000);
+
+/// Daemon-level counters (summed into metrics by whoever exports them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DaemonStats {
+    pub rx_frames: u64,
+    /// Frames the envelope parser rejected (not Ethernet/IP/TCP, wrong port, empty payload ...).
+    pub rx_bad_envelope: u64,
+    /// Payloads without a valid guard prefix (dropped before decryption).
+    pub rx_guard_drops: u64,
+    /// Client: payloads from a source other than `server.addr`.
+    pub rx_foreign: u64,
+    /// Payloads for which no session exists and none may be created.
+    pub rx_no_session: u64,
+    /// Crypto (CRC / GCM tag / too short) failures.
+    pub rx_crypto_failures: u64,
+    /// Other per-datagram session errors (FEC, KCP, smux).
+    pub rx_session_errors: u64,
+    pub tx_datagrams: u64,
+    pub tx_errors: u64,
+    pub sessions_opened: u64,
+    pub sessions_closed: u64,
+    /// Server: new sessions refused by `max_sessions`.
+    pub sessions_rejected: u64,
+    /// Server: sessions replaced by a new conv from the same source (spec §3.5).
+    pub sessions_replaced: u64,
+    pub streams_opened: u64,
+    /// Server: streams closed at once by `max_streams_*`.
+    pub streams_rejected: u64,
+}
+
+/// Wakers of one stream's reader and writer.
+#[derive(Default)]
+pub(crate) struct StreamSlot {
+    pub read: Option<Waker>,
+    pub write: Option<Waker>,
+}
+
+impl StreamSlot {
+    fn wake_all(&mut self) {
+        if let Some(w) = self.read.take() {
+            w.wake();
+        }
+        if let Some(w) = self.write.take() {
+            w.wake();
+        }
+    }
+}
+
+/// One session and the streams tasks hold on it.
+pub(crate) struct Entry {
+    pub session: Session,
+    pub link: u64,
+    pub peer: SocketAddr,
+    pub streams: HashMap<u32, StreamSlot>,
+    pub dirty: bool,
+    pub deadline: u32,
+}
+
+/// One packet-I/O backend (a "socket" in upstream's terms) with its envelope builders.
+pub(crate) struct Link {
+    pub io: Box<dyn PacketIo>,
+    pub port: u16,
+    pub env4: Option<EnvelopeBuilder>,
+    pub env6: Option<EnvelopeBuilder>,
+    /// Signalled when the link must stop (its RX task then removes it).
+    pub retire: Rc<Notify>,
+}
+
+/// The worker's state. See the module docs.
+pub struct Core {
+    pub(crate) cfg: Rc<WorkerConfig>,
+    start: Instant,
+    pub(crate) links: HashMap<u64, Link>,
+    next_link: u64,
+    pub(crate) sessions: HashMap<u64, Entry>,
+    by_peer: HashMap<(u64, SocketAddr), u64>,
+    next_session: u64,
+    dirty: Vec<u64>,
+    pub(crate) notify: Rc<Notify>,
+    /// Server: flag lists clients sent with PTCPF, keyed by client address.
+    pub(crate) peer_flags: HashMap<SocketAddr, FlagCycler>,
+    local_flags: FlagCycler,
+    guard: Option<Guard>,
+    /// Server: decrypts a copy of an unknown source's first datagram to learn its conv.
+    probe: Crypto,
+    rx_arena: Vec<u8>,
+    rx_frames: Vec<(usize, usize)>,
+    scratch: Vec<u8>,
+    /// Server: streams the peer opened, handed to the accept task.
+    accept_tx: Option<mpsc::UnboundedSender<(u64, u32)>>,
+    pub(crate) streams_total: usize,
+    pub(crate) client: ClientState,
+    pub stats: DaemonStats,
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+/// `a` is at or before `b` on the wrapping u32 millisecond clock.
+fn due(deadline: u32, now: u32) -> bool {
+    (now.wrapping_sub(deadline) as i32) >= 0
+}
+
+impl Core {
+    /// A new, empty core. `local_flags` must be non-empty (the config guarantees it; `["PA"]` otherwise).
+    pub fn new(cfg: WorkerConfig) -> Shared {
+        let local_flags = FlagCycler::new(cfg.local_flags.clone())
+            .unwrap_or_else(|_| FlagCycler::new(vec![TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0)]).expect("one entry"));
+        let guard = cfg.guard.as_ref().map(|(g, key)| Guard::new(g.clone(), key));
+        let probe = cfg.session.crypto.clone();
+        let conn = cfg.conn.max(1);
+        Rc::new(RefCell::new(Core {
+            cfg: Rc::new(cfg),
+            start: Instant::now(),
+            links: HashMap::new(),
+            next_link: 1,
+            sessions: HashMap::new(),
+            by_peer: HashMap::new(),
+            next_session: 1,
+            dirty: Vec::new(),
+            notify: Rc::new(Notify::new()),
+            peer_flags: HashMap::new(),
+            local_flags,
+            guard,
+            probe,
+            rx_arena: Vec::with_capacity(64 * 2048),
+            rx_frames: Vec::with_capacity(64),
+            scratch: Vec::with_capacity(2048),
+            accept_tx: None,
+            streams_total: 0,
+            client: ClientState::new(conn),
+            stats: DaemonStats::default(),
+        }))
+    }
+
+    /// The worker clock: milliseconds since the worker started (wrapping u32).
+    pub fn now(&self) -> u32 {
+        self.start.elapsed().as_millis() as u32
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.cfg
+    }
+
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Number of open streams (all sessions).
+    pub fn stream_count(&self) -> usize {
+        self.streams_total
+    }
+
+    /// Sum of the I/O backends' counters.
+    pub fn io_stats(&self) -> crate::io::IoStats {
+        let mut s = crate::io::IoStats::default();
+        for l in self.links.values() {
+            let x = l.io.stats();
+            s.rx_frames += x.rx_frames;
+            s.rx_bytes += x.rx_bytes;
+            s.tx_frames += x.tx_frames;
+            s.tx_bytes += x.tx_bytes;
+            s.tx_errors += x.tx_errors;
+            s.tx_drops += x.tx_drops;
+            s.kernel_drops += x.kernel_drops;
+            s.if_drops += x.if_drops;
+            s.rx_truncated += x.rx_truncated;
+        }
+        s
+    }
+
+    /// Sum of the sessions' counters.
+    pub fn session_stats(&self) -> crate::proto::session::SessionStats {
+        let mut s = crate::proto::session::SessionStats::default();
+        for e in self.sessions.values() {
+            let x = e.session.stats();
+            s.datagrams_in += x.datagrams_in;
+            s.datagrams_out += x.datagrams_out;
+            s.bytes_in += x.bytes_in;
+            s.bytes_out += x.bytes_out;
+            s.crypto_failures += x.crypto_failures;
+            s.fec_errors += x.fec_errors;
+            s.kcp_errors += x.kcp_errors;
+        }
+        s
+    }
+
+    pub(crate) fn set_accept_channel(&mut self, tx: mpsc::UnboundedSender<(u64, u32)>) {
+        self.accept_tx = Some(tx);
+    }
+
+    /// Adds a link for local `port`; returns its id, readiness fd and retire signal.
+    pub(crate) fn add_link(
+        &mut self,
+        io: Box<dyn PacketIo>,
+        port: u16,
+        env4: Option<EnvelopeBuilder>,
+        env6: Option<EnvelopeBuilder>,
+    ) -> (u64, Option<RawFd>, Rc<Notify>) {
+        let id = self.next_link;
+        self.next_link += 1;
+        let fd = io.raw_fd();
+        let retire = Rc::new(Notify::new());
+        self.links.insert(id, Link { io, port, env4, env6, retire: retire.clone() });
+        (id, fd, retire)
+    }
+
+    /// Registers a new session on `link` for `peer`; returns its id.
+    pub(crate) fn add_session(&mut self, link: u64, peer: SocketAddr, session: Session) -> u64 {
+        let id = self.next_session;
+        self.next_session += 1;
+        let now = self.now();
+        let deadline = session.poll_deadline(now);
+        self.sessions.insert(
+            id,
+            Entry { session, link, peer, streams: HashMap::new(), dirty: false, deadline },
+        );
+        self.by_peer.insert((link, peer), id);
+        self.stats.sessions_opened += 1;
+        self.mark_dirty(id);
+        id
+    }
+
+    /// Schedules a flush of session `id` by the driver.
+    pub(crate) fn mark_dirty(&mut self, id: u64) {
+        if let Some(e) = self.sessions.get_mut(&id) {
+            if !e.dirty {
+                e.dirty = true;
+                self.dirty.push(id);
+                self.notify.notify_one();
+            }
+        }
+    }
+
+    /// Registers a task-held stream (wakers) on session `id`.
+    pub(crate) fn register_stream(&mut self, id: u64, sid: u32) {
+        if let Some(e) = self.sessions.get_mut(&id) {
+            if e.streams.insert(sid, StreamSlot::default()).is_none() {
+                self.streams_total += 1;
+                self.stats.streams_opened += 1;
+            }
+        }
+    }
+
+    /// Closes a task-held stream (FIN) and forgets it.
+    pub(crate) fn release_stream(&mut self, id: u64, sid: u32) {
+        if let Some(e) = self.sessions.get_mut(&id) {
+            e.session.close_stream(sid);
+            if e.streams.remove(&sid).is_some() {
+                self.streams_total = self.streams_total.saturating_sub(1);
+            }
+            self.mark_dirty(id);
+        }
+    }
+
+    /// Server: the flag list a client sent with PTCPF (empty list = forget it, spec §3.7).
+    pub(crate) fn set_peer_flags(&mut self, peer: SocketAddr, flags: &[u16]) {
+        if flags.is_empty() {
+            self.peer_flags.remove(&peer);
+            return;
+        }
+        match FlagCycler::new(flags.iter().map(|&f| TcpFlags(f)).collect()) {
+            Ok(c) => {
+                debug!(%peer, flags = ?c.flags(), "client flag list stored");
+                self.peer_flags.insert(peer, c);
+            }
+            Err(e) => debug!(%peer, error = %e, "PTCPF flag list refused"),
+        }
+    }
+
+    /// Drops session `id`: wakes every task waiting on it; on a client also retires its link.
+    pub(crate) fn kill_session(&mut self, id: u64, why: &str) {
+        let Some(mut e) = self.sessions.remove(&id) else { return };
+        e.session.close();
+        self.by_peer.remove(&(e.link, e.peer));
+        self.streams_total = self.streams_total.saturating_sub(e.streams.len());
+        for slot in e.streams.values_mut() {
+            slot.wake_all();
+        }
+        self.stats.sessions_closed += 1;
+        info!(peer = %e.peer, conv = e.session.conv(), streams = e.streams.len(), reason = why, "session closed");
+        if self.cfg.role == Role::Client {
+            if let Some(l) = self.links.get(&e.link) {
+                l.retire.notify_one();
+            }
+            self.client.session_gone(id);
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // TX
+    // ------------------------------------------------------------------------------------------------
+
+    /// Runs the session's timers and sends what it has; then dispatches its events.
+    fn flush_session(&mut self, id: u64, now: u32, unix_secs: u64) {
+        let Core { sessions, links, peer_flags, local_flags, guard, stats, cfg, .. } = self;
+        let Some(e) = sessions.get_mut(&id) else { return };
+        e.dirty = false;
+        if let Some(link) = links.get_mut(&e.link) {
+            let flags = match cfg.role {
+                Role::Server => peer_flags.get(&e.peer).unwrap_or(local_flags),
+                Role::Client => &*local_flags,
+            };
+            let peer = e.peer;
+            let Link { io, env4, env6, .. } = link;
+            let env = if peer.is_ipv4() { env4.as_mut() } else { env6.as_mut() };
+            if let Some(env) = env {
+                if env.destination() != peer {
+                    let _ = env.set_destination(peer);
+                }
+                let glen = if guard.is_some() { GUARD_LEN } else { 0 };
+                let mut sent = false;
+                e.session.poll_transmit(now, &mut |dgram: &[u8]| {
+                    let f = flags.next();
+                    let hl = env.header_len(f);
+                    let total = hl + glen + dgram.len();
+                    let r = io.send_with(total, &mut |buf: &mut [u8]| {
+                        if let Some(g) = guard.as_mut() {
+                            g.write_prefix(unix_secs, &mut buf[hl..hl + GUARD_LEN]);
+                        }
+                        buf[hl + glen..total].copy_from_slice(dgram);
+                        env.emit(f, glen + dgram.len(), &mut buf[..total]).unwrap_or(0)
+                    });
+                    match r {
+                        Ok(()) => stats.tx_datagrams += 1,
+                        Err(err) => {
+                            stats.tx_errors += 1;
+                            trace!(%peer, error = %err, "frame injection failed");
+                        }
+                    }
+                    sent = true;
+                });
+                if sent {
+                    if let Err(err) = io.flush() {
+                        trace!(%peer, error = %err, "flush of injected frames failed");
+                    }
+                }
+            }
+        }
+        e.deadline = e.session.poll_deadline(now);
+        // Stream buffers may have drained or filled: let blocked tasks retry (they re-register if not).
+        for slot in e.streams.values_mut() {
+            slot.wake_all();
+        }
+        self.dispatch_events(id);
+    }
+
+    /// Turns the session's smux events into wake-ups, accepted streams and session death.
+    fn dispatch_events(&mut self, id: u64) {
+        let mut dead: Option<String> = None;
+        loop {
+            let Some(e) = self.sessions.get_mut(&id) else { return };
+            let Some(ev) = e.session.poll_event() else { break };
+            match ev {
+                SmuxEvent::Opened(sid) => self.on_peer_opened(id, sid),
+                SmuxEvent::Readable(sid) | SmuxEvent::Fin(sid) => {
+                    if let Some(s) = e.streams.get_mut(&sid) {
+                        if let Some(w) = s.read.take() {
+                            w.wake();
+                        }
+                        if let Some(w) = s.write.take() {
+                            w.wake();
+                        }
+                    }
+                }
+                SmuxEvent::Writable(sid) => {
+                    if let Some(w) = e.streams.get_mut(&sid).and_then(|s| s.write.take()) {
+                        w.wake();
+                    }
+                }
+                SmuxEvent::Closed(err) => dead = Some(err.to_string()),
+            }
+        }
+        if dead.is_none() {
+            if let Some(e) = self.sessions.get(&id) {
+                if e.session.is_dead() {
+                    dead = Some("session dead".into());
+                }
+            }
+        }
+        if let Some(why) = dead {
+            self.kill_session(id, &why);
+        }
+    }
+
+    /// Server: the peer opened stream `sid`; apply the limits and hand it to the accept task.
+    fn on_peer_opened(&mut self, id: u64, sid: u32) {
+        let limits = self.cfg.limits;
+        let role = self.cfg.role;
+        let total = self.streams_total;
+        let Some(e) = self.sessions.get_mut(&id) else { return };
+        let over_session = limits.max_streams_per_session.is_some_and(|m| e.streams.len() >= m);
+        let over_total = limits.max_streams_total.is_some_and(|m| total >= m);
+        if role != Role::Server || over_session || over_total || self.accept_tx.is_none() {
+            e.session.close_stream(sid);
+            self.stats.streams_rejected += 1;
+            debug!(peer = %e.peer, sid, over_session, over_total, "stream rejected");
+            self.mark_dirty(id);
+            return;
+        }
+        self.register_stream(id, sid);
+        if let Some(tx) = &self.accept_tx {
+            let _ = tx.send((id, sid));
+        }
+    }
+
+    /// Flushes every dirty session and every session whose deadline passed.
+    pub(crate) fn service(&mut self) {
+        let now = self.now();
+        let unix_secs = unix_now().as_secs();
+        let mut ids = std::mem::take(&mut self.dirty);
+        for (&id, e) in self.sessions.iter() {
+            if !e.dirty && due(e.deadline, now) {
+                ids.push(id);
+            }
+        }
+        for &id in &ids {
+            self.flush_session(id, now, unix_secs);
+        }
+        ids.clear();
+        if self.dirty.is_empty() {
+            self.dirty = ids; // keep the allocation
+        }
+    }
+
+    /// How long the driver may sleep.
+    pub(crate) fn next_wait(&self) -> Duration {
+        if !self.dirty.is_empty() {
+            return Duration::ZERO;
+        }
+        let now = self.now();
+        let mut wait = MAX_IDLE_WAIT.as_millis() as u32;
+        for e in self.sessions.values() {
+            let d = e.deadline.wrapping_sub(now) as i32;
+            wait = wait.min(d.max(1) as u32);
+        }
+        Duration::from_millis(u64::from(wait))
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // RX
+    // ------------------------------------------------------------------------------------------------
+
+    /// Drains up to one batch from link `link_id` and processes it. Returns frames received.
+    pub(crate) fn rx_link(&mut self, link_id: u64) -> std::io::Result<usize> {
+        let now = self.now();
+        let unix_secs = unix_now().as_secs();
+        let mut arena = std::mem::take(&mut self.rx_arena);
+        let mut frames = std::mem::take(&mut self.rx_frames);
+        arena.clear();
+        frames.clear();
+        let (n, port) = {
+            let Some(link) = self.links.get_mut(&link_id) else { return Ok(0) };
+            let n = link.io.recv_batch(Duration::ZERO, &mut |f: &[u8]| {
+                let off = arena.len();
+                arena.extend_from_slice(f);
+                frames.push((off, f.len()));
+            });
+            (n, link.port)
+        };
+        for &(off, len) in &frames {
+            self.handle_frame(link_id, port, &mut arena[off..off + len], now, unix_secs);
+        }
+        self.rx_arena = arena;
+        self.rx_frames = frames;
+        if !self.dirty.is_empty() {
+            let ids = std::mem::take(&mut self.dirty);
+            for &id in &ids {
+                self.flush_session(id, now, unix_secs);
+            }
+        }
+        n
+    }
+
+    fn handle_frame(&mut self, link_id: u64, port: u16, frame: &mut [u8], now: u32, unix_secs: u64) {
+        self.stats.rx_frames += 1;
+        let (src, off, len) = match parse_frame(frame, Some(port)) {
+            Ok(p) => (p.src_addr(), p.payload.as_ptr() as usize - frame.as_ptr() as usize, p.payload.len()),
+            Err(e) => {
+                self.stats.rx_bad_envelope += 1;
+                trace!(reason = e.reason(), "frame dropped");
+                return;
+            }
+        };
+        let mut payload = &mut frame[off..off + len];
+        if let Some(g) = self.guard.as_mut() {
+            if !g.check(unix_secs, payload) {
+                self.stats.rx_guard_drops += 1;
+                trace!(%src, "guard check failed");
+                return;
+            }
+            payload = &mut payload[GUARD_LEN..];
+        }
+        if self.cfg.role == Role::Client && self.cfg.server_addr != Some(src) {
+            self.stats.rx_foreign += 1;
+            return;
+        }
+        match self.by_peer.get(&(link_id, src)).copied() {
+            Some(id) => self.input_existing(id, payload, now),
+            None if self.cfg.role == Role::Server => self.accept_new(link_id, src, payload, now),
+            None => self.stats.rx_no_session += 1,
+        }
+    }
+
+    fn input_existing(&mut self, id: u64, payload: &mut [u8], now: u32) {
+        let role = self.cfg.role;
+        let Some(e) = self.sessions.get_mut(&id) else { return };
+        match e.session.handle_datagram(now, payload) {
+            Ok(()) => {
+                if role == Role::Client {
+                    self.client.session_alive(id);
+                }
+            }
+            Err(SessionError::Kcp(err)) => {
+                self.stats.rx_session_errors += 1;
+                // A new conversation from the same source (client restarted with the same port)?
+                let conv = e.session.conv();
+                if role == Role::Server {
+                    let h = self.cfg.session.crypto.header_len();
+                    let t = self.cfg.session.crypto.trailer_len();
+                    if let Some((c, sn)) = peek_plain_conv_sn(payload, h, t, self.cfg.session.fec_enabled()) {
+                        if c != conv && sn == 0 {
+                            let peer = e.peer;
+                            info!(%peer, old = conv, new = c, "new conversation from the same source: replacing session");
+                            self.stats.sessions_replaced += 1;
+                            // The datagram is consumed (decrypted in place); KCP retransmits it to the new session.
+                            self.kill_session(id, "replaced by a new conversation");
+                            return;
+                        }
+                    }
+                }
+                trace!(conv, error = %err, "datagram rejected by KCP");
+            }
+            Err(SessionError::Dead) => {
+                self.kill_session(id, "session dead");
+                return;
+            }
+            Err(SessionError::Crypto(err)) => {
+                self.stats.rx_crypto_failures += 1;
+                trace!(error = %err, "datagram failed the crypto check");
+            }
+            Err(err) => {
+                self.stats.rx_session_errors += 1;
+                trace!(error = %err, reason = err.reason(), "datagram rejected");
+                if e.session.is_dead() {
+                    self.kill_session(id, &err.to_string());
+                    return;
+                }
+            }
+        }
+        self.mark_dirty(id);
+    }
+
+    /// Server: an unknown source. Learn its conv from a decrypted copy and open a session.
+    fn accept_new(&mut self, link_id: u64, src: SocketAddr, payload: &mut [u8], now: u32) {
+        if let Some(max) = self.cfg.limits.max_sessions {
+            if self.sessions.len() >= max {
+                self.stats.sessions_rejected += 1;
+                debug!(%src, max, "new session refused: max_sessions reached");
+                return;
+            }
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(payload);
+        let conv = match self.probe.open(&mut self.scratch) {
+            Ok(range) => {
+                let body = &self.scratch[range];
+                match kcp_bytes(body, self.cfg.session.fec_enabled()) {
+                    Some(k) if k.len() >= 24 => u32::from_le_bytes([k[0], k[1], k[2], k[3]]),
+                    _ => {
+                        self.stats.rx_no_session += 1;
+                        return;
+                    }
+                }
+            }
+            Err(err) => {
+                self.stats.rx_crypto_failures += 1;
+                trace!(%src, error = %err, "datagram from an unknown source failed the crypto check");
+                return;
+            }
+        };
+        let mut session = Session::new(Role::Server, conv, &self.cfg.session, now);
+        if let Err(err) = session.handle_datagram(now, payload) {
+            self.stats.rx_session_errors += 1;
+            debug!(%src, conv, error = %err, "first datagram of a new session rejected");
+            return;
+        }
+        info!(%src, conv, "new session");
+        self.add_session(link_id, src, session);
+    }
+}
+
+/// The KCP bytes of a decrypted body (skipping the FEC data header; FEC parity carries no KCP).
+fn kcp_bytes(body: &[u8], fec: bool) -> Option<&[u8]> {
+    use crate::wire::fec::{is_fec, FEC_DATA_HEADER, TYPE_DATA};
+    if fec && is_fec(body) {
+        let ty = u16::from_le_bytes([body[4], body[5]]);
+        if ty == TYPE_DATA && body.len() >= FEC_DATA_HEADER {
+            return Some(&body[FEC_DATA_HEADER..]);
+        }
+        return None;
+    }
+    Some(body)
+}
+
+/// conv and sn of the first KCP segment of a datagram already decrypted in place.
+fn peek_plain_conv_sn(pkt: &[u8], header: usize, trailer: usize, fec: bool) -> Option<(u32, u32)> {
+    if pkt.len() < header + trailer {
+        return None;
+    }
+    let k = kcp_bytes(&pkt[header..pkt.len() - trailer], fec)?;
+    if k.len() < 24 {
+        return None;
+    }
+    Some((
+        u32::from_le_bytes([k[0], k[1], k[2], k[3]]),
+        u32::from_le_bytes([k[12], k[13], k[14], k[15]]),
+    ))
+}
+
+/// A raw fd that tokio's reactor watches (the backend owns and closes the descriptor).
+struct WatchedFd(RawFd);
+
+impl AsRawFd for WatchedFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Spawns (on the current `LocalSet`) the RX task of link `link_id`.
+pub(crate) fn spawn_link_rx(shared: Shared, link_id: u64, fd: Option<RawFd>, retire: Rc<Notify>) {
+    tokio::task::spawn_local(async move {
+        if let Err(e) = link_rx(&shared, link_id, fd, &retire).await {
+            warn!(error = %e, "packet receive failed; link stopped");
+        }
+        shared.borrow_mut().links.remove(&link_id);
+    });
+}
+
+async fn link_rx(shared: &Shared, link_id: u64, fd: Option<RawFd>, retire: &Notify) -> std::io::Result<()> {
+    let afd = match fd {
+        // SAFETY: the descriptor belongs to the link's backend, which stays in `Core::links` until this
+        // function has returned (and dropped `afd`): only `spawn_link_rx` removes the link, after us.
+        Some(fd) => Some(unsafe { AsyncFd::register_with_interest(WatchedFd(fd), Interest::READABLE)? }),
+        None => None,
+    };
+    loop {
+        match &afd {
+            Some(afd) => {
+                let mut guard = tokio::select! {
+                    g = afd.readable() => g?,
+                    _ = retire.notified() => return Ok(()),
+                };
+                loop {
+                    let n = shared.borrow_mut().rx_link(link_id)?;
+                    if n == 0 {
+                        guard.clear_ready();
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+            None => {
+                // Backend without a readiness fd: short poll loop.
+                let n = shared.borrow_mut().rx_link(link_id)?;
+                if n == 0 {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                        _ = retire.notified() => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The driver task: runs timers and flushes dirty sessions until the runtime stops.
+pub(crate) async fn drive(shared: Shared) {
+    loop {
+        let (notify, wait) = {
+            let mut c = shared.borrow_mut();
+            c.service();
+            (c.notify.clone(), c.next_wait())
+        };
+        if wait.is_zero() {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The daemon core: one worker = one thread running a tokio current-thread runtime with a `LocalSet`.
+//!
+//! The worker owns its packet-I/O backends ([`crate::io::PacketIo`]), every paqet [`Session`] riding on them,
+//! their timers and the stream tasks. Sessions are sans-IO ([`crate::proto::session`]); the worker feeds them
+//! received TCP payloads, drains their datagrams into envelopes ([`crate::wire::envelope::EnvelopeBuilder`])
+//! and turns their smux events into task wake-ups.
+//!
+//! - [`core`]: the shared state (`Rc<RefCell<Core>>`), RX/TX paths, timers, session table and limits.
+//! - [`stream`]: [`TunnelStream`], an `AsyncRead + AsyncWrite` smux stream (plus datagram calls for UDP).
+//! - [`server`]: per-stream handlers of the server role (PING, PTCPF, PTCP, PUDP).
+//! - [`client`]: the client role's sessions and the [`Tunnel`] handle the front ends use.
+//! - [`guard`]: the optional packet guard prefix (spec §5).
+//!
+//! [`Session`]: crate::proto::session::Session
+pub mod client;
+pub mod core;
+pub mod guard;
+pub mod server;
+pub mod setup;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::io::PacketIo;
+use crate::proto::session::{Role, SessionConfig};
+use crate::wire::envelope::TcpFlags;
+
+pub use self::client::{Tunnel, TunnelError};
+pub use self::core::{DaemonStats, Shared};
+pub use self::guard::{Guard, GuardConfig};
+pub use self::stream::TunnelStream;
+
+/// Upstream's dial timeout for PTCP/PUDP targets (spec §3.8).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(8);
+/// Largest UDP datagram carried in one smux frame (spec §3.8).
+pub const MAX_UDP_DATAGRAM: usize = 4096;
+
+/// One address family of the local interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FamilyConfig {
+    /// Local address; port 0 on a client = random port 32768..=65535 per session.
+    pub addr: SocketAddr,
+    /// Ethernet destination of every frame of this family (next hop MAC).
+    pub router_mac: [u8; 6],
+}
+
+/// Server limits; `None` = unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub max_sessions: Option<usize>,
+    pub max_streams_total: Option<usize>,
+    pub max_streams_per_session: Option<usize>,
+}
+
+/// Everything a worker needs, resolved from the configuration (addresses and MACs already known).
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub role: Role,
+    /// Session settings (crypto, FEC, KCP, smux, mtu).
+    pub session: SessionConfig,
+    /// MAC of the local interface (Ethernet source).
+    pub local_mac: [u8; 6],
+    pub ipv4: Option<FamilyConfig>,
+    pub ipv6: Option<FamilyConfig>,
+    /// Client only: the server's tunnel address.
+    pub server_addr: Option<SocketAddr>,
+    /// Client only: number of parallel sessions (`transport.conn`).
+    pub conn: usize,
+    /// Flags this side puts on its packets (`network.tcp.local_flag`).
+    pub local_flags: Vec<TcpFlags>,
+    /// Client only: flags the server should use towards us (`network.tcp.remote_flag`, sent as PTCPF).
+    pub remote_flags: Vec<TcpFlags>,
+    /// Packet guard (None = off: wire exactly upstream's).
+    pub guard: Option<(GuardConfig, String)>,
+    /// Server limits.
+    pub limits: Limits,
+    /// Server: deadline for reading the per-stream header.
+    pub header_timeout: Duration,
+}
+
+impl WorkerConfig {
+    /// The configured family entry for `ip`'s family.
+    pub fn family_for(&self, ip: std::net::IpAddr) -> Option<&FamilyConfig> {
+        if ip.is_ipv4() {
+            self.ipv4.as_ref()
+        } else {
+            self.ipv6.as_ref()
+        }
+    }
+
+    /// The local tunnel port (server: the listening port; client: the explicit port or 0).
+    pub fn local_port(&self) -> u16 {
+        self.ipv4.or(self.ipv6).map(|f| f.addr.port()).unwrap_or(0)
+    }
+}
+
+/// Opens a packet-I/O backend that captures frames for local TCP port `port`.
+pub type IoFactory = Box<dyn FnMut(u16) -> std::io::Result<Box<dyn PacketIo>>>;
+
+pub use self::server::copy_until_either_ends;
+
+/// Errors starting a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("client start: {0}")]
+    Client(#[from] TunnelError),
+    #[error("server start: {0}")]
+    Server(#[from] std::io::Error),
+}
+
+/// A started worker: its state and, on a client, the tunnel handle for the front ends.
+pub struct Started {
+    pub shared: Shared,
+    pub tunnel: Option<Tunnel>,
+}
+
+/// Starts a worker on the current tokio `LocalSet` (call inside `LocalSet::run_until` or a local task):
+/// opens the link(s) through `factory`, spawns the RX, driver and (server) accept tasks, and on a client
+/// dials all `transport.conn` sessions (a failure here is fatal, as upstream).
+pub fn start(cfg: WorkerConfig, factory: IoFactory) -> Result<Started, StartError> {
+    let role = cfg.role;
+    let shared = self::core::Core::new(cfg);
+    tokio::task::spawn_local(self::core::drive(shared.clone()));
+    match role {
+        Role::Server => {
+            self::server::start(&shared, factory)?;
+            Ok(Started { shared, tunnel: None })
+        }
+        Role::Client => {
+            self::client::start(&shared, factory)?;
+            let tunnel = Tunnel::new(shared.clone());
+            Ok(Started { shared, tunnel: Some(tunnel) })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

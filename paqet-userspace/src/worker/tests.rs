@@ -1,0 +1,220 @@
+//! In-process tests: a client worker and a server worker joined by the in-memory packet backend
+//! (`io::mem`), both on one `LocalSet`. Every wait is bounded by a generous timeout that only turns a hang
+//! into a failure; nothing asserts on timing.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+
+use super::*;
+use crate::io::mem;
+use crate::proto::kcp::{KcpConfig, KcpMode};
+use crate::proto::smux::SmuxConfig;
+use crate::wire::crypt::{BlockMode, Crypto};
+
+const BOUND: Duration = Duration::from_secs(60);
+const CLIENT: &str = "10.9.0.1:40000";
+const SERVER: &str = "10.9.0.2:9999";
+
+fn session_cfg(block: BlockMode) -> SessionConfig {
+    let mut kcp = KcpConfig::preset(KcpMode::Fast3);
+    kcp.sndwnd = 1024;
+    kcp.rcvwnd = 1024;
+    SessionConfig {
+        crypto: Crypto::from_derived(block, &[0x42; 32]).expect("crypto"),
+        dshard: 0,
+        pshard: 0,
+        kcp,
+        smux: SmuxConfig::default(),
+        mtu: 1350,
+    }
+}
+
+fn cfg(role: Role, limits: Limits, guard: Option<(GuardConfig, String)>) -> WorkerConfig {
+    let (me, mac, peer_mac) = match role {
+        Role::Client => (CLIENT, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]),
+        Role::Server => (SERVER, [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]),
+    };
+    let _ = mac;
+    WorkerConfig {
+        role,
+        session: session_cfg(BlockMode::Aes),
+        local_mac: mac,
+        ipv4: Some(FamilyConfig { addr: me.parse().unwrap(), router_mac: peer_mac }),
+        ipv6: None,
+        server_addr: (role == Role::Client).then(|| SERVER.parse().unwrap()),
+        conn: 1,
+        local_flags: vec![TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0)],
+        remote_flags: vec![TcpFlags(TcpFlags::ACK.0)],
+        guard,
+        limits,
+        header_timeout: Duration::from_secs(10),
+    }
+}
+
+/// Factory handing out one pre-made backend (a second call fails: no re-dial in these tests).
+fn once(io: mem::MemIo) -> IoFactory {
+    let mut slot = Some(io);
+    Box::new(move |_port| {
+        slot.take()
+            .map(|io| Box::new(io) as Box<dyn PacketIo>)
+            .ok_or_else(|| std::io::Error::other("test backend already used"))
+    })
+}
+
+/// Runs `body` with a started server and client joined by a memory link.
+fn with_pair<F, Fut>(limits: Limits, guard: Option<(GuardConfig, String)>, body: F)
+where
+    F: FnOnce(Tunnel, Shared) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let (a, b) = mem::pair(4096);
+        let server = start(cfg(Role::Server, limits, guard.clone()), once(b)).expect("server start");
+        let client = start(cfg(Role::Client, Limits::default(), guard), once(a)).expect("client start");
+        let tunnel = client.tunnel.expect("client tunnel");
+        tokio::time::timeout(BOUND, body(tunnel, server.shared)).await.expect("test body timed out");
+    });
+}
+
+async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::task::spawn_local(async move {
+        loop {
+            let Ok((mut c, _)) = l.accept().await else { return };
+            tokio::task::spawn_local(async move {
+                let (mut r, mut w) = c.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| ((i * 131 + seed as usize) % 251) as u8).collect()
+}
+
+/// Writes `data` and reads the echo concurrently; returns what came back.
+async fn echo_through(s: TunnelStream, data: Vec<u8>) -> Vec<u8> {
+    let (mut r, mut w) = tokio::io::split(s);
+    let n = data.len();
+    let writer = async move {
+        w.write_all(&data).await.expect("tunnel write");
+        w
+    };
+    let reader = async move {
+        let mut got = vec![0u8; n];
+        r.read_exact(&mut got).await.expect("tunnel read");
+        got
+    };
+    let (_w, got) = tokio::join!(writer, reader);
+    got
+}
+
+#[test]
+fn tcp_echo_through_the_tunnel_is_byte_exact() {
+    with_pair(Limits::default(), None, |tunnel, server| async move {
+        let echo = echo_server().await;
+        let data = pattern(4 << 20, 7);
+        let want = Sha256::digest(&data);
+        let s = tunnel.open_tcp("127.0.0.1", echo.port()).await.expect("open_tcp");
+        let got = echo_through(s, data).await;
+        assert_eq!(Sha256::digest(&got), want);
+        // Several streams at once on the same session.
+        let mut tasks = Vec::new();
+        for k in 0..8u8 {
+            let t = tunnel.clone();
+            tasks.push(tokio::task::spawn_local(async move {
+                let d = pattern(200_000 + k as usize * 1000, k);
+                let s = t.open_tcp("127.0.0.1", echo.port()).await.expect("open_tcp");
+                let got = echo_through(s, d.clone()).await;
+                assert_eq!(got, d, "stream {k}");
+            }));
+        }
+        for t in tasks {
+            t.await.expect("stream task");
+        }
+        assert_eq!(server.borrow().session_count(), 1);
+        assert!(server.borrow().stats.streams_opened >= 9 * 3 + 1, "{:?}", server.borrow().stats);
+    });
+}
+
+#[test]
+fn udp_datagrams_keep_their_boundaries() {
+    with_pair(Limits::default(), None, |tunnel, _server| async move {
+        let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = echo.local_addr().unwrap().port();
+        tokio::task::spawn_local(async move {
+            let mut buf = vec![0u8; 8192];
+            loop {
+                let Ok((n, from)) = echo.recv_from(&mut buf).await else { return };
+                let _ = echo.send_to(&buf[..n], from).await;
+            }
+        });
+        let s = tunnel.open_udp("127.0.0.1", port).await.expect("open_udp");
+        for (i, len) in [1usize, 20, 1400, 4096].into_iter().enumerate() {
+            let d = pattern(len, i as u8);
+            s.send_datagram(&d).await.expect("send");
+            let back = s.recv_datagram().await.expect("recv").expect("not closed");
+            assert_eq!(back, d, "datagram of {len} bytes");
+        }
+        assert!(s.send_datagram(&[0u8; 4097]).await.is_err());
+    });
+}
+
+#[test]
+fn ping_gets_pong_and_ptcpf_is_stored() {
+    with_pair(Limits::default(), None, |tunnel, server| async move {
+        tunnel.ping().await.expect("ping");
+        let c = server.borrow();
+        let peer: SocketAddr = CLIENT.parse().unwrap();
+        let flags = c.peer_flags.get(&peer).expect("PTCPF stored for the client");
+        assert_eq!(flags.flags(), &[TcpFlags(TcpFlags::ACK.0)]);
+    });
+}
+
+#[test]
+fn stream_limit_closes_the_excess() {
+    // Each user stream costs three smux streams (probe, PTCPF, target); held streams count.
+    let limits = Limits { max_sessions: None, max_streams_total: None, max_streams_per_session: Some(2) };
+    with_pair(limits, None, |tunnel, server| async move {
+        let echo = echo_server().await;
+        let mut a = tunnel.open_tcp("127.0.0.1", echo.port()).await.unwrap();
+        a.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        a.read_exact(&mut buf).await.unwrap();
+        let mut b = tunnel.open_tcp("127.0.0.1", echo.port()).await.unwrap();
+        b.write_all(b"world").await.unwrap();
+        let mut buf2 = [0u8; 5];
+        b.read_exact(&mut buf2).await.unwrap();
+        // The third concurrent stream is over the limit: the server closes it, we read EOF.
+        let mut c = tunnel.open_tcp("127.0.0.1", echo.port()).await.unwrap();
+        let _ = c.write_all(b"x").await;
+        let mut rest = Vec::new();
+        let n = c.read_to_end(&mut rest).await.unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(server.borrow().stats.streams_rejected >= 1);
+        // The admitted ones still work.
+        a.write_all(b"again").await.unwrap();
+        a.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"again");
+    });
+}
+
+#[test]
+fn guard_on_both_ends_carries_traffic() {
+    let g = GuardConfig { magic: *b"PQT1", window_secs: 30, skew: 1 };
+    with_pair(Limits::default(), Some((g, "guard-test-key".into())), |tunnel, server| async move {
+        let echo = echo_server().await;
+        let s = tunnel.open_tcp("127.0.0.1", echo.port()).await.unwrap();
+        let d = pattern(100_000, 3);
+        assert_eq!(echo_through(s, d.clone()).await, d);
+        assert_eq!(server.borrow().stats.rx_guard_drops, 0);
+    });
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs everything paqet-dp's build, tests and demo need on a fresh Debian machine (run as root).
+# Idempotent: it skips what is already there. Tools built from crates.io are cached outside the clone.
+set -euo pipefail
+
+APT_PKGS=(libpcap-dev tcpdump ethtool iperf3 kcptun iptables iproute2 curl python3 procps)
+missing=()
+for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+    echo "setup: apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# nightly + rust-src: the eBPF crate and cargo-fuzz build with the image's nightly (never `rustup update`).
+rustup component add rust-src --toolchain nightly >/dev/null 2>&1 || rustup component add rust-src --toolchain nightly
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "setup: cargo install cargo-fuzz"
+    cargo install cargo-fuzz --locked --quiet
+fi
+echo "setup: ok"

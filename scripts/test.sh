@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The README's test command: installs what it needs, then builds and runs every test of paqet-dp.
+# Run as root (the data-path tests build their own network namespaces; without root they skip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+scripts/setup.sh
+
+# Namespaces left by an earlier run that was killed (our tests name theirs pq<pid>...).
+if [ "$(id -u)" = 0 ]; then
+    ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^pq[0-9]' | xargs -r -n1 ip netns del || true
+fi
+
+echo "== cargo test (workspace)"
+cargo test --workspace --locked
+
+echo "== fuzz: every decoder for a bounded time"
+FUZZ_SECONDS=${FUZZ_SECONDS:-20}
+(
+    cd paqet-userspace/fuzz
+    for t in $(cargo +nightly fuzz list); do
+        echo "-- fuzz $t (${FUZZ_SECONDS}s)"
+        cargo +nightly fuzz run "$t" -- -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -timeout=10 \
+            -malloc_limit_mb=512 -print_final_stats=0 2>&1 | tail -n 3
+    done
+)
+echo "fuzz: all targets ran without a crash"
