@@ -1,6 +1,8 @@
 //! Types shared by the XDP program (`paqet-ebpf`) and userspace (`paqet-userspace`).
 //!
 //! Everything here is `#[repr(C)]`/plain data so both sides agree on the layout of map keys and values.
+//! The eBPF side builds this crate without features (`no_std`, no allocation); the `user` feature adds
+//! userspace-only helpers (still `no_std`).
 #![no_std]
 
 /// Length of the optional guard prefix carried in front of every kcp-go datagram: `magic[4] | cookie[8]`.
@@ -8,26 +10,55 @@ pub const GUARD_PREFIX_LEN: usize = 12;
 /// Default guard magic.
 pub const GUARD_DEFAULT_MAGIC: [u8; 4] = *b"PQT1";
 
+/// Name of the XDP program inside the eBPF object.
+pub const PROG_NAME: &str = "paqet_xdp";
+/// Name of the `Array<SteerConfig>` map (one entry, index 0).
+pub const MAP_CONFIG: &str = "PAQET_CONFIG";
+/// Name of the `XskMap` keyed by RX queue index.
+pub const MAP_XSKS: &str = "PAQET_XSKS";
+/// Name of the `PerCpuArray<u64>` counters map, indexed by [`XdpCounter`].
+pub const MAP_COUNTERS: &str = "PAQET_COUNTERS";
+/// Name of the `Array<GuardTable>` map (one entry, index 0).
+pub const MAP_GUARD: &str = "PAQET_GUARD";
+
+/// Number of entries of the XSKMAP, i.e. the highest RX queue index that can be steered, plus one.
+pub const MAX_QUEUES: u32 = 64;
+
 /// Indices of the per-CPU counters kept by the XDP program.
+///
+/// Every frame the program sees is counted as `Seen` and then as exactly one of `Steered`, `Passed`
+/// or `GuardDropped`. `Malformed` and `NoSocket` are subsets of `Passed`: frames whose headers were
+/// truncated or inconsistent, and tunnel frames whose RX queue had no AF_XDP socket.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpCounter {
+    /// Every frame the program ran on.
     Seen = 0,
+    /// Tunnel frames redirected into an AF_XDP socket.
     Steered = 1,
+    /// Frames handed to the kernel stack (`XDP_PASS`).
     Passed = 2,
+    /// Frames whose Ethernet/IP/TCP headers were truncated or invalid (passed to the kernel).
     Malformed = 3,
+    /// Tunnel frames dropped because the guard is on and their prefix matched no valid cookie.
     GuardDropped = 4,
+    /// Tunnel frames whose RX queue had no AF_XDP socket (passed to the kernel).
+    NoSocket = 5,
 }
 
 impl XdpCounter {
-    pub const COUNT: u32 = 5;
-    pub const ALL: [XdpCounter; 5] = [
+    /// Number of counters (entries of the counters map).
+    pub const COUNT: u32 = 6;
+    /// All counters, in index order.
+    pub const ALL: [XdpCounter; XdpCounter::COUNT as usize] = [
         XdpCounter::Seen,
         XdpCounter::Steered,
         XdpCounter::Passed,
         XdpCounter::Malformed,
         XdpCounter::GuardDropped,
+        XdpCounter::NoSocket,
     ];
+    /// Metric-friendly name.
     pub const fn name(self) -> &'static str {
         match self {
             XdpCounter::Seen => "seen",
@@ -35,6 +66,161 @@ impl XdpCounter {
             XdpCounter::Passed => "passed",
             XdpCounter::Malformed => "malformed",
             XdpCounter::GuardDropped => "guard_dropped",
+            XdpCounter::NoSocket => "no_socket",
         }
+    }
+}
+
+/// Value of the `PAQET_CONFIG` map: which frames the XDP program steers into AF_XDP.
+///
+/// A TCP frame is steered when its destination port equals `port` (host order; `0` = steer nothing,
+/// the "disarmed" state) and, per IP family, that family is enabled in `flags` and the destination
+/// address matches `ipv4`/`ipv6` if the corresponding `*_ADDR` flag is set (otherwise any address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteerConfig {
+    /// Tunnel TCP destination port, host byte order; 0 = steer nothing.
+    pub port: u16,
+    /// `FLAG_*` bits.
+    pub flags: u16,
+    /// Guard magic (the first 4 bytes every valid guard prefix must carry); informational for the
+    /// program, which compares whole prefixes from [`GuardTable`].
+    pub guard_magic: [u8; 4],
+    /// Local IPv4 address (network order) to match when `FLAG_IPV4_ADDR` is set.
+    pub ipv4: [u8; 4],
+    /// Local IPv6 address (network order) to match when `FLAG_IPV6_ADDR` is set.
+    pub ipv6: [u8; 16],
+}
+
+impl SteerConfig {
+    /// Steer IPv4 frames.
+    pub const FLAG_IPV4: u16 = 1 << 0;
+    /// Steer IPv6 frames.
+    pub const FLAG_IPV6: u16 = 1 << 1;
+    /// Only IPv4 frames addressed to `ipv4`.
+    pub const FLAG_IPV4_ADDR: u16 = 1 << 2;
+    /// Only IPv6 frames addressed to `ipv6`.
+    pub const FLAG_IPV6_ADDR: u16 = 1 << 3;
+    /// Guard on: drop steered frames whose payload prefix matches no valid entry of [`GuardTable`].
+    pub const FLAG_GUARD: u16 = 1 << 4;
+
+    /// A config steering TCP to `port` on any address of both families, guard off.
+    pub const fn any(port: u16) -> Self {
+        SteerConfig {
+            port,
+            flags: Self::FLAG_IPV4 | Self::FLAG_IPV6,
+            guard_magic: GUARD_DEFAULT_MAGIC,
+            ipv4: [0; 4],
+            ipv6: [0; 16],
+        }
+    }
+
+    /// True when `flag` is set.
+    #[inline(always)]
+    pub const fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// Number of guard prefixes the program can hold (window skew ≤ 10, plus the current and next window,
+/// plus room to add new ones before old ones are removed).
+pub const GUARD_SLOTS: usize = 16;
+
+/// One accepted guard prefix, split for cheap comparison in the program: `magic` and `cookie` hold
+/// the raw prefix bytes reinterpreted in *native* byte order (both sides run on the same host).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardEntry {
+    /// Prefix bytes 0..4 (`magic`) as a native-endian `u32`.
+    pub magic: u32,
+    /// Non-zero when this slot holds a valid prefix.
+    pub valid: u32,
+    /// Prefix bytes 4..12 (`cookie`) as a native-endian `u64`.
+    pub cookie: u64,
+}
+
+impl GuardEntry {
+    /// The entry for a 12-byte prefix `magic[4] | cookie[8]`.
+    pub const fn from_prefix(p: &[u8; GUARD_PREFIX_LEN]) -> Self {
+        GuardEntry {
+            magic: u32::from_ne_bytes([p[0], p[1], p[2], p[3]]),
+            valid: 1,
+            cookie: u64::from_ne_bytes([p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11]]),
+        }
+    }
+
+    /// The 12-byte prefix this entry accepts.
+    pub const fn prefix(&self) -> [u8; GUARD_PREFIX_LEN] {
+        let m = self.magic.to_ne_bytes();
+        let c = self.cookie.to_ne_bytes();
+        [m[0], m[1], m[2], m[3], c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]
+    }
+
+    /// True when the slot is in use and its prefix equals (`magic`, `cookie`) read natively.
+    #[inline(always)]
+    pub const fn accepts(&self, magic: u32, cookie: u64) -> bool {
+        self.valid != 0 && self.magic == magic && self.cookie == cookie
+    }
+}
+
+/// Value of the `PAQET_GUARD` map: the currently valid guard prefixes. Userspace rewrites it every
+/// guard window, keeping unchanged prefixes in their slots so a concurrent reader never sees a
+/// still-valid prefix disappear.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardTable {
+    /// Slots; unused ones have `valid == 0`.
+    pub entries: [GuardEntry; GUARD_SLOTS],
+}
+
+impl GuardTable {
+    /// True when any valid slot accepts (`magic`, `cookie`).
+    #[inline(always)]
+    pub fn accepts(&self, magic: u32, cookie: u64) -> bool {
+        let mut i = 0;
+        while i < GUARD_SLOTS {
+            if self.entries[i].accepts(magic, cookie) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_stable() {
+        assert_eq!(core::mem::size_of::<SteerConfig>(), 28);
+        assert_eq!(core::mem::size_of::<GuardEntry>(), 16);
+        assert_eq!(core::mem::size_of::<GuardTable>(), 16 * GUARD_SLOTS);
+    }
+
+    #[test]
+    fn guard_entry_round_trips_and_matches() {
+        let p = *b"PQT1abcdefgh";
+        let e = GuardEntry::from_prefix(&p);
+        assert_eq!(e.prefix(), p);
+        let magic = u32::from_ne_bytes(*b"PQT1");
+        let cookie = u64::from_ne_bytes(*b"abcdefgh");
+        assert!(e.accepts(magic, cookie));
+        assert!(!e.accepts(magic, cookie ^ 1));
+        let mut t = GuardTable::default();
+        assert!(!t.accepts(magic, cookie));
+        t.entries[GUARD_SLOTS - 1] = e;
+        assert!(t.accepts(magic, cookie));
+        t.entries[GUARD_SLOTS - 1].valid = 0;
+        assert!(!t.accepts(magic, cookie));
+    }
+
+    #[test]
+    fn counters_are_indexed_in_order() {
+        for (i, c) in XdpCounter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+        assert_eq!(XdpCounter::GuardDropped.name(), "guard_dropped");
     }
 }

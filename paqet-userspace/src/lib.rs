@@ -8,8 +8,11 @@
 //! - [`io`]: the packet-I/O trait and its backends.
 //! - [`util`]: small helpers (pcap file reader for tests and `dump`).
 pub mod config;
+pub mod doctor;
 pub mod io;
+pub mod ops;
 pub mod proto;
+pub mod tools;
 pub mod util;
 pub mod wire;
 pub mod worker;

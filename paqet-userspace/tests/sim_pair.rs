@@ -18,6 +18,8 @@ const TOTAL: usize = 64 << 20;
 const STREAMS: usize = 4;
 const ONE_WAY_DELAY_US: u64 = 10_000;
 const JITTER_US: u64 = 3_000;
+/// Share of datagrams held back by up to JITTER_US (so they arrive after later ones: reordering).
+const REORDER_RATE: f64 = 0.03;
 const LINK_BYTES_PER_SEC: u64 = 100_000_000; // 800 Mbit/s
 const DUP_RATE: f64 = 0.01;
 
@@ -54,7 +56,8 @@ impl Link {
         let copies = if self.rng.gen_bool(DUP_RATE) { 2 } else { 1 };
         self.duplicated += copies - 1;
         for _ in 0..copies {
-            let at_us = start + tx_us + ONE_WAY_DELAY_US + self.rng.gen_range(0..=JITTER_US);
+            let extra = if self.rng.gen_bool(REORDER_RATE) { self.rng.gen_range(100..=JITTER_US) } else { 0 };
+            let at_us = start + tx_us + ONE_WAY_DELAY_US + extra;
             self.seq += 1;
             self.queue.push(Reverse(InFlight { at_us, seq: self.seq, to_server, bytes: bytes.to_vec() }));
         }
@@ -218,9 +221,10 @@ fn sixty_four_mib_through_lossy_reordering_duplicating_link() {
         ));
     }
     let header = format!(
-        "# Simulated goodput, 64 MiB in {STREAMS} streams, client → server\n\nKCP fast3, windows 1024/1024, mtu 1350, aes; link {} Mbit/s, {} ms one way + up to {} ms jitter, {:.0} % duplication.\n\n",
+        "# Simulated goodput, 64 MiB in {STREAMS} streams, client → server\n\nKCP fast3, windows 1024/1024, mtu 1350, aes; link {} Mbit/s, {} ms one way; {:.0} % of datagrams held back up to {} ms (reordered); {:.0} % duplicated.\n\n",
         LINK_BYTES_PER_SEC * 8 / 1_000_000,
         ONE_WAY_DELAY_US / 1000,
+        REORDER_RATE * 100.0,
         JITTER_US / 1000,
         DUP_RATE * 100.0
     );

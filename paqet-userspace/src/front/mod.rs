@@ -5,6 +5,7 @@
 //! server) and [`Tunnel::open_udp`](crate::worker::Tunnel::open_udp) for a datagram stream.
 //! - [`forward`]: fixed TCP and UDP port forwards (spec §4).
 pub mod forward;
+pub mod socks5; pub mod http; pub mod dial;
 
 /// Splits `host:port` (`[v6]:port` accepted) into the host string carried in the paqet header (IPv6 without
 /// brackets, spec §3.7) and the port.

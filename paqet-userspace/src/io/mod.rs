@@ -8,10 +8,12 @@
 //! - [`route`]: kernel lookups (MAC, addresses, next hop, neighbour MAC, ifindex, MTU) over rtnetlink.
 //! - [`netns`]: network-namespace helpers for root-only tests.
 
+pub mod afxdp;
 pub mod mem;
 pub mod netns;
 pub mod pcap;
 pub mod route;
+pub mod steer;
 
 use std::os::fd::RawFd;
 use std::time::Duration;
@@ -37,6 +39,18 @@ pub struct IoStats {
     pub if_drops: u64,
     /// Frames that arrived longer than the snap length and were truncated.
     pub rx_truncated: u64,
+    /// AF_XDP (`XDP_STATISTICS`): frames dropped by the kernel for this socket (`rx_dropped`).
+    pub xsk_rx_dropped: u64,
+    /// AF_XDP: frames dropped because the RX ring was full (`rx_ring_full`).
+    pub xsk_rx_ring_full: u64,
+    /// AF_XDP: times the kernel found the fill ring empty (`rx_fill_ring_empty_descs`).
+    pub xsk_fill_ring_empty: u64,
+    /// AF_XDP: invalid RX descriptors (`rx_invalid_descs`).
+    pub xsk_rx_invalid_descs: u64,
+    /// AF_XDP: invalid TX descriptors (`tx_invalid_descs`).
+    pub xsk_tx_invalid_descs: u64,
+    /// AF_XDP: times the kernel found the TX ring empty when woken (`tx_ring_empty_descs`).
+    pub xsk_tx_ring_empty: u64,
 }
 
 /// A packet-I/O backend. One instance is owned by one worker thread.

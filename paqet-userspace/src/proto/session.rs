@@ -130,8 +130,9 @@ pub struct Session {
     /// Bytes read out of KCP that smux did not take yet (its receive buffer was full).
     rx_pending: Vec<u8>,
     rx_pending_off: usize,
-    /// Scratch for smux → KCP.
+    /// smux frames on their way into KCP; `tx_scratch[tx_off..]` is not in KCP yet.
     tx_scratch: Vec<u8>,
+    tx_off: usize,
     /// Scratch for sealing datagrams that need a trailer (GCM).
     seal_scratch: Vec<u8>,
     /// Datagrams sealed by the last KCP flush, waiting for `poll_transmit` to hand them out.
@@ -165,7 +166,8 @@ impl Session {
             smux: Smux::new(smux_role, cfg.smux.clone(), now),
             rx_pending: Vec::with_capacity(64 * 1024),
             rx_pending_off: 0,
-            tx_scratch: Vec::with_capacity(64 * 1024),
+            tx_scratch: Vec::with_capacity(128 * 1024),
+            tx_off: 0,
             seal_scratch: vec![0u8; MAX_DATAGRAM + 64],
             out_queue: Vec::with_capacity(16 * MAX_DATAGRAM),
             out_lens: Vec::with_capacity(16),
@@ -292,19 +294,24 @@ impl Session {
         if self.smux.is_dead() {
             return;
         }
-        // smux → KCP, bounded by KCP's send capacity.
+        // smux → KCP, bounded by KCP's send capacity. smux emits whole frames (it may exceed the capacity
+        // once); what KCP does not take yet stays in `tx_scratch` for the next round.
         loop {
+            if self.tx_off < self.tx_scratch.len() {
+                self.tx_off += self.kcp.send(&self.tx_scratch[self.tx_off..]);
+                if self.tx_off < self.tx_scratch.len() {
+                    break;
+                }
+            }
+            self.tx_scratch.clear();
+            self.tx_off = 0;
             let cap = self.kcp.send_capacity();
             if cap == 0 || !self.smux.has_pending() {
                 break;
             }
-            self.tx_scratch.clear();
-            let n = self.smux.poll_transmit(&mut self.tx_scratch, cap);
-            if n == 0 {
+            if self.smux.poll_transmit(&mut self.tx_scratch, cap) == 0 {
                 break;
             }
-            let taken = self.kcp.send(&self.tx_scratch);
-            debug_assert_eq!(taken, self.tx_scratch.len());
         }
         let Session { kcp, fec_enc, crypto, seal_scratch, out_queue, out_lens, stats, .. } = self;
         out_queue.clear();

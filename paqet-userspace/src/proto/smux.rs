@@ -613,7 +613,7 @@ impl Smux {
         let Some(s) = self.streams.get_mut(&sid) else { return };
         s.num_read = s.num_read.wrapping_add(n as u32);
         s.incr = s.incr.wrapping_add(n as u32);
-        if s.incr >= half {
+        if s.incr >= half || s.num_read == n as u32 {
             s.incr = 0;
             if s.num_read != 0 {
                 s.upd_consumed = s.num_read;
@@ -903,7 +903,7 @@ mod tests {
 
         /// Moves bytes both ways until nothing moves.
         fn pump(&mut self) {
-            loop {
+            for _ in 0..1_000_000 {
                 let mut moved = false;
                 while self.c.has_pending() {
                     moved |= self.c.poll_transmit(&mut self.c2s, self.tx_max) > 0;
@@ -914,9 +914,10 @@ mod tests {
                 moved |= Self::feed(&mut self.s, &mut self.c2s, self.chunk);
                 moved |= Self::feed(&mut self.c, &mut self.s2c, self.chunk);
                 if !moved {
-                    break;
+                    return;
                 }
             }
+            panic!("pipes never settled");
         }
     }
 
@@ -1070,7 +1071,10 @@ mod tests {
         let mut upds_before = p.s.stats().upd_sent;
         assert_eq!(upds_before, 1);
         let mut max_buffered = 0;
-        while got.len() < total {
+        for _ in 0..100_000 {
+            if got.len() == total {
+                break;
+            }
             if sent < total {
                 sent += p.c.write(sid, &data[sent..]).unwrap();
             }
@@ -1239,6 +1243,7 @@ mod tests {
         let mut accepted = 0;
         while p.c.write_datagram(sid2, &big).unwrap() {
             accepted += 1;
+            assert!(accepted < 100, "window never closed");
             p.pump();
         }
         assert_eq!(accepted, INITIAL_PEER_WINDOW as usize / 65_535);
@@ -1321,11 +1326,15 @@ mod tests {
         let mut sent = 0;
         let mut got = 0;
         let mut buf = vec![0u8; 100_000];
-        while got < data.len() {
+        for _ in 0..1_000 {
+            if got == data.len() {
+                break;
+            }
             sent += p.c.write(sid, &data[sent..]).unwrap();
             p.pump();
             got += p.s.read(sid, &mut buf).unwrap();
         }
+        assert_eq!(got, data.len());
         assert_eq!(p.s.stats().upd_sent, 0);
         assert_eq!(p.c2s.first(), None);
     }

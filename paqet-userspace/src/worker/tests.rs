@@ -179,31 +179,49 @@ fn ping_gets_pong_and_ptcpf_is_stored() {
     });
 }
 
+/// Waits (bounded by the test's overall timeout) until `cond` holds on the server core.
+async fn until(server: &Shared, cond: impl Fn(&core::Core) -> bool) {
+    while !cond(&server.borrow()) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[test]
 fn stream_limit_closes_the_excess() {
-    // Each user stream costs three smux streams (probe, PTCPF, target); held streams count.
-    let limits = Limits { max_sessions: None, max_streams_total: None, max_streams_per_session: Some(2) };
+    // Each user stream costs three smux streams (probe, PTCPF, target), opened in one go; the probe and
+    // PTCPF streams end as soon as their handlers ran. With a per-session limit of 3 the first user stream
+    // fits; while it is held, the next one's target stream is the 4th and is closed by the server.
+    let limits = Limits { max_sessions: None, max_streams_total: None, max_streams_per_session: Some(3) };
     with_pair(limits, None, |tunnel, server| async move {
         let echo = echo_server().await;
+        // Let the session-start PTCPF stream come and go first.
+        until(&server, |c| c.session_count() == 1 && c.stream_count() == 0).await;
         let mut a = tunnel.open_tcp("127.0.0.1", echo.port()).await.unwrap();
         a.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         a.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+        until(&server, |c| c.stream_count() == 1).await;
         let mut b = tunnel.open_tcp("127.0.0.1", echo.port()).await.unwrap();
-        b.write_all(b"world").await.unwrap();
-        let mut buf2 = [0u8; 5];
-        b.read_exact(&mut buf2).await.unwrap();
-        // The third concurrent stream is over the limit: the server closes it, we read EOF.
-        let mut c = tunnel.open_tcp("127.0.0.1", echo.port()).await.unwrap();
-        let _ = c.write_all(b"x").await;
         let mut rest = Vec::new();
-        let n = c.read_to_end(&mut rest).await.unwrap_or(0);
-        assert_eq!(n, 0);
-        assert!(server.borrow().stats.streams_rejected >= 1);
-        // The admitted ones still work.
+        let n = b.read_to_end(&mut rest).await.unwrap_or(0);
+        assert_eq!(n, 0, "the stream over the limit must be closed without data");
+        assert_eq!(server.borrow().stats.streams_rejected, 1);
+        // The admitted stream still works.
         a.write_all(b"again").await.unwrap();
         a.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"again");
+    });
+}
+
+#[test]
+fn session_limit_refuses_new_sessions() {
+    let limits = Limits { max_sessions: Some(0), max_streams_total: None, max_streams_per_session: None };
+    with_pair(limits, None, |tunnel, server| async move {
+        let r = tokio::time::timeout(Duration::from_secs(2), tunnel.ping()).await;
+        assert!(!matches!(r, Ok(Ok(_))), "no PONG may come back from a server with max_sessions 0");
+        assert_eq!(server.borrow().session_count(), 0);
+        assert!(server.borrow().stats.sessions_rejected > 0);
     });
 }
 

@@ -1,0 +1,232 @@
+//! paqet-dp XDP program.
+//!
+//! Parses Ethernet (with up to two 802.1Q/802.1ad tags), IPv4 (any IHL, first fragments only) or
+//! IPv6 (fixed header, next header TCP), then TCP. A frame whose destination (address, port)
+//! matches [`SteerConfig`] is redirected into the AF_XDP socket of its RX queue (`PAQET_XSKS`, with
+//! `XDP_PASS` as the fallback when that queue has no socket). With the guard on, such a frame must
+//! start its TCP payload with a `magic | cookie` prefix listed in `PAQET_GUARD`, otherwise it is
+//! dropped here. Everything else goes to the kernel (`XDP_PASS`). Counters: [`XdpCounter`].
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray, XskMap},
+    programs::XdpContext,
+};
+use paqet_common::{GuardTable, SteerConfig, XdpCounter, GUARD_PREFIX_LEN, MAX_QUEUES};
+
+/// Index 0: what to steer. Port 0 (the initial all-zero value) steers nothing.
+#[map(name = "PAQET_CONFIG")]
+static PAQET_CONFIG: Array<SteerConfig> = Array::with_max_entries(1, 0);
+
+/// AF_XDP sockets keyed by RX queue index.
+#[map(name = "PAQET_XSKS")]
+static PAQET_XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
+
+/// Per-CPU counters indexed by [`XdpCounter`].
+#[map(name = "PAQET_COUNTERS")]
+static PAQET_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XdpCounter::COUNT, 0);
+
+/// Index 0: the currently valid guard prefixes (rotated by userspace).
+#[map(name = "PAQET_GUARD")]
+static PAQET_GUARD: Array<GuardTable> = Array::with_max_entries(1, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+const TCP_MIN_HLEN: usize = 20;
+
+/// What the parser concluded about a frame.
+enum Verdict {
+    /// Not a tunnel frame (or not parseable as one): hand to the kernel.
+    Pass,
+    /// Headers truncated or inconsistent: hand to the kernel, count as malformed.
+    Malformed,
+    /// A tunnel frame whose TCP payload starts at this offset from the frame start.
+    Tunnel(usize),
+}
+
+#[inline(always)]
+fn bump(c: XdpCounter) {
+    if let Some(p) = PAQET_COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot of this CPU; XDP programs are not preempted on it.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Reads a `T` at byte offset `off` of the frame, or `None` past the end.
+#[inline(always)]
+fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    // SAFETY: bounds checked against data_end just above (the verifier checks it too).
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+}
+
+#[xdp]
+pub fn paqet_xdp(ctx: XdpContext) -> u32 {
+    bump(XdpCounter::Seen);
+    let Some(cfg) = PAQET_CONFIG.get(0) else {
+        bump(XdpCounter::Passed);
+        return xdp_action::XDP_PASS;
+    };
+    if cfg.port == 0 {
+        // Disarmed: do not even parse.
+        bump(XdpCounter::Passed);
+        return xdp_action::XDP_PASS;
+    }
+    match classify(&ctx, cfg) {
+        Verdict::Pass => {
+            bump(XdpCounter::Passed);
+            xdp_action::XDP_PASS
+        }
+        Verdict::Malformed => {
+            bump(XdpCounter::Malformed);
+            bump(XdpCounter::Passed);
+            xdp_action::XDP_PASS
+        }
+        Verdict::Tunnel(payload) => {
+            if cfg.has(SteerConfig::FLAG_GUARD) && !guard_ok(&ctx, payload) {
+                bump(XdpCounter::GuardDropped);
+                return xdp_action::XDP_DROP;
+            }
+            // The low bits of flags are the action when the queue has no socket: pass, not abort.
+            match PAQET_XSKS.redirect(ctx.rx_queue_index(), xdp_action::XDP_PASS as u64) {
+                Ok(action) => {
+                    bump(XdpCounter::Steered);
+                    action
+                }
+                Err(action) => {
+                    bump(XdpCounter::NoSocket);
+                    bump(XdpCounter::Passed);
+                    action
+                }
+            }
+        }
+    }
+}
+
+/// Walks the headers; `None` means "ran off the end of the frame" (malformed).
+#[inline(always)]
+fn classify(ctx: &XdpContext, cfg: &SteerConfig) -> Verdict {
+    match parse(ctx, cfg) {
+        Some(v) => v,
+        None => Verdict::Malformed,
+    }
+}
+
+#[inline(always)]
+fn parse(ctx: &XdpContext, cfg: &SteerConfig) -> Option<Verdict> {
+    let mut l3 = ETH_HLEN;
+    let mut ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    // Up to two VLAN tags (802.1ad outer, 802.1Q inner, or QinQ with 0x8100 twice).
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = u16::from_be(load::<u16>(ctx, l3 + 2)?);
+        l3 += 4;
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            ethertype = u16::from_be(load::<u16>(ctx, l3 + 2)?);
+            l3 += 4;
+        }
+    }
+    let l4 = if ethertype == ETH_P_IP {
+        if !cfg.has(SteerConfig::FLAG_IPV4) {
+            return Some(Verdict::Pass);
+        }
+        let vihl: u8 = load(ctx, l3)?;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return None;
+        }
+        if load::<u8>(ctx, l3 + 9)? != IPPROTO_TCP {
+            return Some(Verdict::Pass);
+        }
+        // Non-first fragments carry no TCP header.
+        let frag = u16::from_be(load::<u16>(ctx, l3 + 6)?);
+        if frag & 0x1fff != 0 {
+            return Some(Verdict::Pass);
+        }
+        if cfg.has(SteerConfig::FLAG_IPV4_ADDR) {
+            let dst: [u8; 4] = load(ctx, l3 + 16)?;
+            if dst != cfg.ipv4 {
+                return Some(Verdict::Pass);
+            }
+        }
+        l3 + ihl
+    } else if ethertype == ETH_P_IPV6 {
+        if !cfg.has(SteerConfig::FLAG_IPV6) {
+            return Some(Verdict::Pass);
+        }
+        let ver: u8 = load(ctx, l3)?;
+        if ver >> 4 != 6 {
+            return None;
+        }
+        if load::<u8>(ctx, l3 + 6)? != IPPROTO_TCP {
+            return Some(Verdict::Pass);
+        }
+        if cfg.has(SteerConfig::FLAG_IPV6_ADDR) {
+            let hi: u64 = load(ctx, l3 + 24)?;
+            let lo: u64 = load(ctx, l3 + 32)?;
+            let want_hi = u64::from_ne_bytes([
+                cfg.ipv6[0], cfg.ipv6[1], cfg.ipv6[2], cfg.ipv6[3], cfg.ipv6[4], cfg.ipv6[5],
+                cfg.ipv6[6], cfg.ipv6[7],
+            ]);
+            let want_lo = u64::from_ne_bytes([
+                cfg.ipv6[8], cfg.ipv6[9], cfg.ipv6[10], cfg.ipv6[11], cfg.ipv6[12],
+                cfg.ipv6[13], cfg.ipv6[14], cfg.ipv6[15],
+            ]);
+            if hi != want_hi || lo != want_lo {
+                return Some(Verdict::Pass);
+            }
+        }
+        l3 + IPV6_HLEN
+    } else {
+        return Some(Verdict::Pass);
+    };
+    let dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
+    let doff: u8 = load(ctx, l4 + 12)?;
+    let thl = ((doff >> 4) as usize) * 4;
+    if thl < TCP_MIN_HLEN {
+        return None;
+    }
+    if dport != cfg.port {
+        return Some(Verdict::Pass);
+    }
+    // The whole TCP header must be inside the frame.
+    if ctx.data() + l4 + thl > ctx.data_end() {
+        return None;
+    }
+    Some(Verdict::Tunnel(l4 + thl))
+}
+
+/// True when the TCP payload at `payload` starts with a currently valid guard prefix.
+#[inline(always)]
+fn guard_ok(ctx: &XdpContext, payload: usize) -> bool {
+    let (Some(magic), Some(cookie)) = (load::<u32>(ctx, payload), load::<u64>(ctx, payload + 4))
+    else {
+        return false;
+    };
+    const _: () = assert!(GUARD_PREFIX_LEN == 12);
+    match PAQET_GUARD.get(0) {
+        Some(table) => table.accepts(magic, cookie),
+        None => false,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

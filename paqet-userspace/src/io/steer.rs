@@ -1,0 +1,554 @@
+//! XDP steering: loads the `paqet-ebpf` program (built by `build.rs`) with aya, attaches it to an
+//! interface through a bpf_link (detached when [`Steering`] is dropped or the process exits), and
+//! drives its maps: the AF_XDP socket per RX queue, the steering config, the guard prefixes and
+//! the per-CPU counters.
+//!
+//! Order of operations (spike pitfall 9): [`Steering::attach`] leaves the program *disarmed*
+//! (port 0: it passes everything), then the caller binds its AF_XDP sockets and
+//! [`Steering::register_socket`]s them, and only then [`Steering::arm`]s the config, so no tunnel
+//! frame ever finds an empty XSKMAP slot.
+
+use std::os::fd::AsRawFd;
+
+use aya::maps::{Array, MapError, PerCpuArray, XskMap};
+use aya::programs::{ProgramError, Xdp};
+use aya::{Ebpf, EbpfError};
+use paqet_common::{
+    GuardEntry, GuardTable, SteerConfig, XdpCounter, GUARD_PREFIX_LEN, GUARD_SLOTS, MAP_CONFIG,
+    MAP_COUNTERS, MAP_GUARD, MAP_XSKS, MAX_QUEUES, PROG_NAME,
+};
+
+/// Number of XDP counters, as an array length.
+pub const COUNTERS: usize = XdpCounter::COUNT as usize;
+
+/// How to attach the XDP program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Driver (native) mode: runs in the NIC driver before any skb exists.
+    Native,
+    /// Generic (SKB) mode: runs in the stack after skb allocation; works on any interface.
+    Generic,
+}
+
+/// How the program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// Attached in driver (native) mode.
+    Native,
+    /// Attached in generic (SKB) mode.
+    Generic,
+}
+
+impl XdpAttach {
+    /// "native" or "generic", for logs and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            XdpAttach::Native => "native",
+            XdpAttach::Generic => "generic",
+        }
+    }
+}
+
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        })
+    }
+}
+
+impl std::fmt::Display for XdpAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<XdpMode> for XdpAttach {
+    fn from(m: XdpMode) -> Self {
+        match m {
+            XdpMode::Native => XdpAttach::Native,
+            XdpMode::Generic => XdpAttach::Generic,
+        }
+    }
+}
+
+/// Errors of the XDP steering layer.
+#[derive(Debug, thiserror::Error)]
+pub enum SteerError {
+    /// Built without bpf-linker (or with `PAQET_NO_EBPF=1`).
+    #[error("this build has no XDP program: install bpf-linker (scripts/install-bpf-linker.sh) and rebuild")]
+    NoProgram,
+    /// The embedded object could not be parsed / its maps created.
+    #[error("loading the XDP object failed: {0}")]
+    Load(#[source] EbpfError),
+    /// The object lacks the program or a map (build mismatch).
+    #[error("the XDP object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    /// The kernel verifier (or BPF_PROG_LOAD) rejected the program.
+    #[error("the kernel rejected the XDP program {PROG_NAME}: {0}")]
+    Verify(#[source] ProgramError),
+    /// Attaching in one mode failed.
+    #[error("cannot attach XDP to interface {iface:?} in {mode} mode: {source}")]
+    Attach {
+        iface: String,
+        mode: XdpMode,
+        #[source]
+        source: ProgramError,
+    },
+    /// Auto mode: neither native nor generic attached.
+    #[error("cannot attach XDP to interface {iface:?}: native mode: {native}; generic mode: {generic}")]
+    AttachAuto { iface: String, native: String, generic: String },
+    /// A map operation failed.
+    #[error("XDP map {map}: {op} failed: {source}")]
+    Map {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+    /// RX queue index outside the XSKMAP.
+    #[error("RX queue {queue} is out of range: the XSKMAP has {MAX_QUEUES} entries")]
+    QueueOutOfRange { queue: u32 },
+    /// More guard prefixes than the program holds.
+    #[error("{given} guard prefixes given, the XDP program holds at most {max}")]
+    TooManyGuardPrefixes { given: usize, max: usize },
+}
+
+/// The XDP object, compiled for bpfel-unknown-none by aya-build in build.rs.
+#[cfg(not(paqet_no_ebpf))]
+fn ebpf_object() -> Result<&'static [u8], SteerError> {
+    Ok(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/paqet-xdp")))
+}
+
+#[cfg(paqet_no_ebpf)]
+fn ebpf_object() -> Result<&'static [u8], SteerError> {
+    Err(SteerError::NoProgram)
+}
+
+/// True when this build embeds the XDP program.
+pub const fn has_xdp_program() -> bool {
+    !cfg!(paqet_no_ebpf)
+}
+
+/// Map values must be `aya::Pod`; the shared types live in `paqet-common` (no aya there), so wrap them.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct PodConfig(SteerConfig);
+// SAFETY: `SteerConfig` is `#[repr(C)]` plain data (integers and byte arrays) without padding.
+unsafe impl aya::Pod for PodConfig {}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct PodGuard(GuardTable);
+// SAFETY: `GuardTable` is `#[repr(C)]` plain data (u32/u64 fields) without padding.
+unsafe impl aya::Pod for PodGuard {}
+
+/// A loaded and attached XDP program. Dropping it detaches the program (bpf_link).
+pub struct Steering {
+    ebpf: Ebpf,
+    iface: String,
+    attach: XdpAttach,
+    config: SteerConfig,
+    armed: bool,
+    guard: GuardTable,
+}
+
+impl std::fmt::Debug for Steering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Steering")
+            .field("iface", &self.iface)
+            .field("attach", &self.attach)
+            .field("config", &self.config)
+            .field("armed", &self.armed)
+            .finish_non_exhaustive()
+    }
+}
+
+fn load_program() -> Result<Ebpf, SteerError> {
+    let mut ebpf = Ebpf::load(ebpf_object()?).map_err(SteerError::Load)?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROG_NAME)
+        .ok_or(SteerError::Missing { kind: "program", name: PROG_NAME })?
+        .try_into()
+        .map_err(SteerError::Verify)?;
+    prog.load().map_err(SteerError::Verify)?;
+    Ok(ebpf)
+}
+
+fn xdp_prog(ebpf: &mut Ebpf) -> Result<&mut Xdp, SteerError> {
+    ebpf.program_mut(PROG_NAME)
+        .ok_or(SteerError::Missing { kind: "program", name: PROG_NAME })?
+        .try_into()
+        .map_err(SteerError::Verify)
+}
+
+fn attach_mode(ebpf: &mut Ebpf, iface: &str, mode: XdpMode) -> Result<(), SteerError> {
+    let aya_mode = match mode {
+        XdpMode::Native => aya::programs::XdpMode::Driver,
+        XdpMode::Generic => aya::programs::XdpMode::Skb,
+    };
+    xdp_prog(ebpf)?.attach(iface, aya_mode).map(|_| ()).map_err(|source| SteerError::Attach {
+        iface: iface.to_owned(),
+        mode,
+        source,
+    })
+}
+
+impl Steering {
+    /// Loads the program and attaches it to `iface` in `mode`, disarmed. `cfg` is remembered and
+    /// applied by [`Steering::arm`] once the AF_XDP sockets are registered.
+    pub fn attach(iface: &str, mode: XdpMode, cfg: SteerConfig) -> Result<Self, SteerError> {
+        let mut ebpf = load_program()?;
+        attach_mode(&mut ebpf, iface, mode)?;
+        Self::finish(ebpf, iface, mode.into(), cfg)
+    }
+
+    /// Like [`Steering::attach`], trying native mode first and generic mode second; reports which.
+    pub fn attach_auto(iface: &str, cfg: SteerConfig) -> Result<(Self, XdpAttach), SteerError> {
+        let mut ebpf = load_program()?;
+        let attach = match attach_mode(&mut ebpf, iface, XdpMode::Native) {
+            Ok(()) => XdpAttach::Native,
+            Err(native) => {
+                tracing::info!(iface, error = %native, "native XDP attach failed; trying generic mode");
+                match attach_mode(&mut ebpf, iface, XdpMode::Generic) {
+                    Ok(()) => XdpAttach::Generic,
+                    Err(generic) => {
+                        return Err(SteerError::AttachAuto {
+                            iface: iface.to_owned(),
+                            native: error_chain(&native),
+                            generic: error_chain(&generic),
+                        })
+                    }
+                }
+            }
+        };
+        let s = Self::finish(ebpf, iface, attach, cfg)?;
+        Ok((s, attach))
+    }
+
+    fn finish(
+        ebpf: Ebpf,
+        iface: &str,
+        attach: XdpAttach,
+        cfg: SteerConfig,
+    ) -> Result<Self, SteerError> {
+        let mut s = Steering {
+            ebpf,
+            iface: iface.to_owned(),
+            attach,
+            config: cfg,
+            armed: false,
+            guard: GuardTable::default(),
+        };
+        // Explicitly disarmed (the map starts zeroed anyway) and an empty guard table.
+        s.write_config(SteerConfig::default())?;
+        s.write_guard()?;
+        tracing::info!(iface, mode = %attach, "XDP program attached (disarmed)");
+        Ok(s)
+    }
+
+    /// The interface the program is attached to.
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    /// The mode the program is attached in.
+    pub fn attached(&self) -> XdpAttach {
+        self.attach
+    }
+
+    /// The remembered steering config.
+    pub fn config(&self) -> &SteerConfig {
+        &self.config
+    }
+
+    /// True after [`Steering::arm`] (and before [`Steering::disarm`]).
+    pub fn is_armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Puts the AF_XDP socket `fd` bound to RX queue `queue` into the XSKMAP.
+    pub fn register_socket(&mut self, queue: u32, fd: &impl AsRawFd) -> Result<(), SteerError> {
+        if queue >= MAX_QUEUES {
+            return Err(SteerError::QueueOutOfRange { queue });
+        }
+        let map = self
+            .ebpf
+            .map_mut(MAP_XSKS)
+            .ok_or(SteerError::Missing { kind: "map", name: MAP_XSKS })?;
+        let mut xsks = XskMap::try_from(map).map_err(|source| SteerError::Map {
+            map: MAP_XSKS,
+            op: "open",
+            source,
+        })?;
+        xsks.set(queue, fd.as_raw_fd(), 0).map_err(|source| SteerError::Map {
+            map: MAP_XSKS,
+            op: "set",
+            source,
+        })
+    }
+
+    /// Removes the socket of RX queue `queue` from the XSKMAP (its frames then pass to the kernel).
+    pub fn unregister_socket(&mut self, queue: u32) -> Result<(), SteerError> {
+        if queue >= MAX_QUEUES {
+            return Err(SteerError::QueueOutOfRange { queue });
+        }
+        let map = self
+            .ebpf
+            .map_mut(MAP_XSKS)
+            .ok_or(SteerError::Missing { kind: "map", name: MAP_XSKS })?;
+        let mut xsks = XskMap::try_from(map).map_err(|source| SteerError::Map {
+            map: MAP_XSKS,
+            op: "open",
+            source,
+        })?;
+        xsks.unset(queue).map_err(|source| SteerError::Map { map: MAP_XSKS, op: "unset", source })
+    }
+
+    /// Starts steering with the remembered config. Call after registering the sockets.
+    pub fn arm(&mut self) -> Result<(), SteerError> {
+        let cfg = self.config;
+        self.write_config(cfg)?;
+        self.armed = true;
+        tracing::info!(iface = %self.iface, port = cfg.port, flags = cfg.flags, "XDP steering armed");
+        Ok(())
+    }
+
+    /// Replaces the config; applied at once when armed, else at the next [`Steering::arm`].
+    pub fn set_config(&mut self, cfg: SteerConfig) -> Result<(), SteerError> {
+        self.config = cfg;
+        if self.armed {
+            self.write_config(cfg)?;
+        }
+        Ok(())
+    }
+
+    /// Stops steering (everything passes to the kernel) without detaching.
+    pub fn disarm(&mut self) -> Result<(), SteerError> {
+        self.write_config(SteerConfig::default())?;
+        self.armed = false;
+        Ok(())
+    }
+
+    fn write_config(&mut self, cfg: SteerConfig) -> Result<(), SteerError> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_CONFIG)
+            .ok_or(SteerError::Missing { kind: "map", name: MAP_CONFIG })?;
+        let mut arr: Array<_, PodConfig> = Array::try_from(map).map_err(|source| SteerError::Map {
+            map: MAP_CONFIG,
+            op: "open",
+            source,
+        })?;
+        arr.set(0, PodConfig(cfg), 0).map_err(|source| SteerError::Map {
+            map: MAP_CONFIG,
+            op: "set",
+            source,
+        })
+    }
+
+    /// Replaces the set of accepted guard prefixes (`magic[4] | cookie[8]`). Prefixes already in
+    /// the table keep their slot, so a concurrent reader never misses a prefix that stays valid;
+    /// new ones take free slots and dropped ones are cleared, all in one map update.
+    pub fn set_guard_cookies(
+        &mut self,
+        prefixes: &[[u8; GUARD_PREFIX_LEN]],
+    ) -> Result<(), SteerError> {
+        let next = plan_guard_table(&self.guard, prefixes)?;
+        if next != self.guard {
+            let old = std::mem::replace(&mut self.guard, next);
+            if let Err(e) = self.write_guard() {
+                self.guard = old;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The guard table as last written.
+    pub fn guard_table(&self) -> &GuardTable {
+        &self.guard
+    }
+
+    fn write_guard(&mut self) -> Result<(), SteerError> {
+        let table = self.guard;
+        let map = self
+            .ebpf
+            .map_mut(MAP_GUARD)
+            .ok_or(SteerError::Missing { kind: "map", name: MAP_GUARD })?;
+        let mut arr: Array<_, PodGuard> = Array::try_from(map).map_err(|source| SteerError::Map {
+            map: MAP_GUARD,
+            op: "open",
+            source,
+        })?;
+        arr.set(0, PodGuard(table), 0).map_err(|source| SteerError::Map {
+            map: MAP_GUARD,
+            op: "set",
+            source,
+        })
+    }
+
+    /// The XDP counters summed over CPUs, indexed by [`XdpCounter`].
+    pub fn counters(&self) -> Result<[u64; COUNTERS], SteerError> {
+        let map = self
+            .ebpf
+            .map(MAP_COUNTERS)
+            .ok_or(SteerError::Missing { kind: "map", name: MAP_COUNTERS })?;
+        let arr: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(|source| SteerError::Map {
+                map: MAP_COUNTERS,
+                op: "open",
+                source,
+            })?;
+        let mut out = [0u64; COUNTERS];
+        for c in XdpCounter::ALL {
+            let per_cpu = arr.get(&(c as u32), 0).map_err(|source| SteerError::Map {
+                map: MAP_COUNTERS,
+                op: "get",
+                source,
+            })?;
+            out[c as usize] = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Steering {
+    fn drop(&mut self) {
+        // The bpf_link held by `ebpf` detaches the program when it is dropped right after this.
+        tracing::info!(iface = %self.iface, mode = %self.attach, "detaching XDP program");
+    }
+}
+
+/// Computes the next guard table: keeps slots whose prefix is still wanted, clears the others and
+/// places new prefixes in free slots (lowest first). Duplicates in `prefixes` are ignored.
+pub fn plan_guard_table(
+    current: &GuardTable,
+    prefixes: &[[u8; GUARD_PREFIX_LEN]],
+) -> Result<GuardTable, SteerError> {
+    let distinct = prefixes.iter().enumerate().filter(|(k, p)| !prefixes[..*k].contains(p)).count();
+    if distinct > GUARD_SLOTS {
+        return Err(SteerError::TooManyGuardPrefixes { given: distinct, max: GUARD_SLOTS });
+    }
+    let mut next = GuardTable::default();
+    // Keep existing slots that stay valid.
+    for (i, e) in current.entries.iter().enumerate() {
+        if e.valid != 0 && prefixes.iter().any(|p| GuardEntry::from_prefix(p) == *e) {
+            next.entries[i] = *e;
+        }
+    }
+    // New prefixes take the lowest free slots; `distinct <= GUARD_SLOTS` guarantees one exists.
+    for p in prefixes {
+        let entry = GuardEntry::from_prefix(p);
+        if next.entries.contains(&entry) {
+            continue;
+        }
+        if let Some(slot) = next.entries.iter().position(|e| e.valid == 0) {
+            next.entries[slot] = entry;
+        }
+    }
+    Ok(next)
+}
+
+/// Collects the guard prefixes the XDP program should accept at `unix_secs`: the windows
+/// `now - skew ..= now + 1` (the next one too, so a peer whose clock runs slightly ahead or a
+/// window change between rotations is not dropped). `prefix_at(t, out)` writes the prefix a sender
+/// would use at unix time `t` (e.g. `worker::guard::Guard::write_prefix`).
+pub fn guard_prefixes(
+    unix_secs: u64,
+    window_secs: u64,
+    skew: u64,
+    mut prefix_at: impl FnMut(u64, &mut [u8; GUARD_PREFIX_LEN]),
+) -> Vec<[u8; GUARD_PREFIX_LEN]> {
+    let window = window_secs.max(1);
+    let now = unix_secs / window;
+    let first = now.saturating_sub(skew);
+    (first..=now + 1)
+        .map(|win| {
+            let mut p = [0u8; GUARD_PREFIX_LEN];
+            prefix_at(win * window, &mut p);
+            p
+        })
+        .collect()
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(tag: u8) -> [u8; GUARD_PREFIX_LEN] {
+        let mut x = *b"PQT1\0\0\0\0\0\0\0\0";
+        x[4] = tag;
+        x[11] = tag.wrapping_mul(7);
+        x
+    }
+
+    #[test]
+    fn guard_plan_keeps_slots_of_surviving_prefixes() {
+        let t0 = plan_guard_table(&GuardTable::default(), &[p(1), p(2), p(3)]).unwrap();
+        assert_eq!(t0.entries[0].prefix(), p(1));
+        assert_eq!(t0.entries[2].prefix(), p(3));
+        // Rotate: 1 expires, 4 arrives. 2 and 3 must stay where they were; 4 takes slot 0.
+        let t1 = plan_guard_table(&t0, &[p(2), p(3), p(4)]).unwrap();
+        assert_eq!(t1.entries[1], t0.entries[1]);
+        assert_eq!(t1.entries[2], t0.entries[2]);
+        assert_eq!(t1.entries[0].prefix(), p(4));
+        let valid = t1.entries.iter().filter(|e| e.valid != 0).count();
+        assert_eq!(valid, 3);
+        let m = |x: [u8; 12]| {
+            let e = GuardEntry::from_prefix(&x);
+            (e.magic, e.cookie)
+        };
+        let (a, b) = m(p(1));
+        assert!(!t1.accepts(a, b));
+        let (a, b) = m(p(4));
+        assert!(t1.accepts(a, b));
+    }
+
+    #[test]
+    fn guard_plan_ignores_duplicates_and_rejects_overflow() {
+        let t = plan_guard_table(&GuardTable::default(), &[p(1), p(1), p(1)]).unwrap();
+        assert_eq!(t.entries.iter().filter(|e| e.valid != 0).count(), 1);
+        let many: Vec<_> = (0..=GUARD_SLOTS as u8).map(p).collect();
+        assert!(matches!(
+            plan_guard_table(&GuardTable::default(), &many),
+            Err(SteerError::TooManyGuardPrefixes { max: GUARD_SLOTS, .. })
+        ));
+        let empty = plan_guard_table(&t, &[]).unwrap();
+        assert_eq!(empty, GuardTable::default());
+    }
+
+    #[test]
+    fn guard_prefixes_cover_skew_and_next_window() {
+        let mut seen = Vec::new();
+        let v = guard_prefixes(1000, 30, 2, |t, out| {
+            seen.push(t);
+            out[..8].copy_from_slice(&t.to_be_bytes());
+        });
+        // now = 33 → windows 31, 32, 33, 34.
+        assert_eq!(seen, vec![31 * 30, 32 * 30, 33 * 30, 34 * 30]);
+        assert_eq!(v.len(), 4);
+        assert_eq!(&v[3][..8], &(34u64 * 30).to_be_bytes());
+    }
+
+    #[test]
+    fn no_program_error_text_is_actionable() {
+        let t = SteerError::NoProgram.to_string();
+        assert!(t.contains("bpf-linker") && t.contains("scripts/install-bpf-linker.sh"));
+    }
+}

@@ -1,0 +1,14 @@
+//! Observability: Prometheus metrics, health endpoints and CPU/heap profiles in pprof format.
+//!
+//! - [`metrics`]: the metric families and the [`Snapshot`] the daemon fills on scrape.
+//! - [`http`]: the ops HTTP server (`/metrics`, `/healthz`, `/readyz`, `/debug/pprof/*`) on its own thread.
+//! - [`pprof`]: CPU profiles (99 Hz) and the sampling heap profiler ([`pprof::TrackingAlloc`]).
+pub mod http;
+pub mod metrics;
+pub mod pprof;
+
+pub use http::{readiness, serve, spawn_ops_thread, OpsState, ReadyFn, SnapshotFn};
+pub use metrics::{
+    AfXdpStats, DataPathMode, KcpRetrans, Metrics, RoleLabel, Snapshot, WorkerSnapshot, CONTENT_TYPE, METRIC_NAMES,
+};
+pub use pprof::TrackingAlloc;

@@ -1,0 +1,255 @@
+//! The ops HTTP server end to end on 127.0.0.1: metrics text, health, readiness, pprof profiles, 404.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use flate2::read::GzDecoder;
+use paqet::ops::metrics::{AfXdpStats, DataPathMode, RoleLabel, Snapshot, WorkerSnapshot, METRIC_NAMES};
+use paqet::ops::pprof::TrackingAlloc;
+use paqet::ops::{readiness, spawn_ops_thread, OpsState};
+use paqet_common::XdpCounter;
+use pprof::protos::{Message, Profile};
+
+#[global_allocator]
+static ALLOC: TrackingAlloc = TrackingAlloc;
+
+/// A snapshot exercising every family (two workers, XDP and AF_XDP counters present).
+fn fake_snapshot() -> Snapshot {
+    let w = |i: u64| WorkerSnapshot {
+        sessions: 1 + i,
+        streams: 3,
+        rx_packets: 100 * (i + 1),
+        rx_bytes: 100_000,
+        tx_packets: 90,
+        tx_bytes: 80_000,
+        guard_drops: 2,
+        pcap_ps_drop: 1,
+        afxdp: Some(AfXdpStats { rx_dropped: 1, rx_ring_full: 2, fill_ring_empty: 3, tx_invalid_descs: 0 }),
+        srtt_seconds: vec![0.002, 0.004],
+        ..Default::default()
+    };
+    let mut xdp = [0u64; XdpCounter::COUNT as usize];
+    xdp[XdpCounter::Seen as usize] = 500;
+    Snapshot { role: RoleLabel::Client, mode: DataPathMode::XdpNative, workers: vec![w(0), w(1)], xdp: Some(xdp) }
+}
+
+struct Server {
+    addr: SocketAddr,
+    state: Arc<OpsState>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(ready: Arc<AtomicBool>, pprof: bool) -> Server {
+        let state = Arc::new(
+            OpsState::new(
+                Box::new(fake_snapshot),
+                Box::new(move || {
+                    let sessions = u64::from(ready.load(Ordering::SeqCst));
+                    readiness(true, RoleLabel::Client, sessions)
+                }),
+            )
+            .with_pprof(pprof),
+        );
+        let (addr, thread) = spawn_ops_thread("127.0.0.1:0".parse().unwrap(), state.clone()).expect("ops server starts");
+        Server { addr, state, thread: Some(thread) }
+    }
+
+    /// One request; returns (status, headers, body).
+    fn get(&self, target: &str) -> (u16, String, Vec<u8>) {
+        self.request(&format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n"))
+    }
+
+    fn request(&self, raw: &str) -> (u16, String, Vec<u8>) {
+        let mut s = TcpStream::connect(self.addr).expect("connect to ops server");
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        let end = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("response head ends");
+        let head = String::from_utf8(resp[..end].to_vec()).unwrap();
+        let body = resp[end + 4..].to_vec();
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .expect("Content-Length header")
+            .parse()
+            .unwrap();
+        assert_eq!(len, body.len(), "Content-Length matches the body");
+        (status, head, body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.state.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn gunzip_profile(body: &[u8]) -> Profile {
+    assert_eq!(&body[..2], &[0x1f, 0x8b], "gzip magic");
+    let mut raw = Vec::new();
+    GzDecoder::new(body).read_to_end(&mut raw).expect("valid gzip");
+    Profile::decode(raw.as_slice()).expect("valid pprof protobuf")
+}
+
+fn sample_types(p: &Profile) -> Vec<(String, String)> {
+    p.sample_type
+        .iter()
+        .map(|v| (p.string_table[v.ty as usize].clone(), p.string_table[v.unit as usize].clone()))
+        .collect()
+}
+
+fn valid_metric_name(n: &str) -> bool {
+    let mut c = n.chars();
+    matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_' || ch == ':')
+        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
+}
+
+/// Checks one sample line `name{k="v",...} value` and returns its name.
+fn parse_sample(line: &str) -> String {
+    let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line:?}"));
+    let ok_value = value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value);
+    assert!(ok_value, "bad value in {line:?}");
+    let name = match series.split_once('{') {
+        None => series,
+        Some((name, rest)) => {
+            let labels = rest.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line:?}"));
+            for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+                assert!(valid_metric_name(k), "bad label name {k:?} in {line:?}");
+                assert!(!v.trim_end_matches('"').contains('"'), "unescaped quote in {line:?}");
+            }
+            name
+        }
+    };
+    assert!(valid_metric_name(name), "bad metric name in {line:?}");
+    name.to_string()
+}
+
+#[test]
+fn metrics_are_prometheus_text_with_every_name() {
+    let srv = Server::start(Arc::new(AtomicBool::new(true)), false);
+    let (status, head, body) = srv.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(head.contains("Content-Type: application/openmetrics-text"), "{head}");
+    let text = String::from_utf8(body).unwrap();
+    let mut names = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        names.push(parse_sample(line));
+    }
+    for n in METRIC_NAMES {
+        assert!(names.iter().any(|x| x == n), "{n} not exported:\n{text}");
+    }
+    for n in &names {
+        assert!(METRIC_NAMES.contains(&n.as_str()), "{n} exported but not in METRIC_NAMES");
+    }
+    assert!(text.contains("paqet_packets_total{direction=\"rx\"} 300\n"), "{text}");
+    assert!(text.contains("paqet_sessions{role=\"client\"} 3\n"), "{text}");
+    assert!(text.contains("paqet_xdp_packets_total{counter=\"seen\"} 500\n"), "{text}");
+}
+
+#[test]
+fn health_readiness_and_not_found() {
+    let ready = Arc::new(AtomicBool::new(false));
+    let srv = Server::start(ready.clone(), false);
+    assert_eq!(srv.get("/healthz"), (200, srv.get("/healthz").1, b"ok\n".to_vec()));
+    let (status, _, body) = srv.get("/readyz");
+    assert_eq!(status, 503);
+    assert!(String::from_utf8_lossy(&body).contains("no live session"), "{body:?}");
+    ready.store(true, Ordering::SeqCst);
+    assert_eq!(srv.get("/readyz").0, 200);
+    ready.store(false, Ordering::SeqCst);
+    assert_eq!(srv.get("/readyz").0, 503);
+    assert_eq!(srv.get("/nope").0, 404);
+    // Profiling endpoints are absent unless enabled.
+    assert_eq!(srv.get("/debug/pprof/heap").0, 404);
+    assert_eq!(srv.request("POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").0, 405);
+    assert_eq!(srv.request("garbage\r\n\r\n").0, 400);
+    // HEAD: headers with the GET's Content-Length, no body.
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    s.write_all(b"HEAD /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n") && resp.contains("Content-Length: 3\r\n") && resp.ends_with("\r\n\r\n"));
+}
+
+#[test]
+fn cpu_profile_is_gzipped_pprof() {
+    let srv = Server::start(Arc::new(AtomicBool::new(true)), true);
+    // Keep a core busy so the profile has samples to report.
+    let stop = Arc::new(AtomicBool::new(false));
+    let spin = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut x = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..10_000 {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            }
+            x
+        })
+    };
+    let (status, head, body) = srv.get("/debug/pprof/profile?seconds=1");
+    stop.store(true, Ordering::Relaxed);
+    spin.join().unwrap();
+    assert_eq!(status, 200, "{head} {}", String::from_utf8_lossy(&body));
+    let p = gunzip_profile(&body);
+    // As Go's CPU profiles: samples/count and cpu/nanoseconds, period in cpu nanoseconds.
+    assert_eq!(
+        sample_types(&p),
+        vec![("samples".to_string(), "count".to_string()), ("cpu".to_string(), "nanoseconds".to_string())]
+    );
+    let period = p.period_type.as_ref().expect("period type");
+    assert_eq!(p.string_table[period.ty as usize], "cpu");
+    assert!(p.period > 0);
+    assert!(!p.sample.is_empty(), "a busy second yields samples");
+    assert_eq!(srv.get("/debug/pprof/profile?seconds=0").0, 400);
+    assert_eq!(srv.get("/debug/pprof/profile?seconds=x").0, 400);
+}
+
+#[test]
+fn heap_profile_has_the_four_sample_types_and_live_data() {
+    let srv = Server::start(Arc::new(AtomicBool::new(true)), true);
+    // 64 live MiB: each 1 MiB block is sampled with probability 1 - e^-2 at the 512 KiB mean rate.
+    let keep: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 1 << 20]).collect();
+    let (status, _, body) = srv.get("/debug/pprof/heap");
+    assert_eq!(status, 200);
+    let p = gunzip_profile(&body);
+    let want: Vec<(String, String)> = [
+        ("alloc_objects", "count"),
+        ("alloc_space", "bytes"),
+        ("inuse_objects", "count"),
+        ("inuse_space", "bytes"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(sample_types(&p), want);
+    let inuse: i64 = p.sample.iter().map(|s| s.value[3]).sum();
+    assert!(inuse >= 16 << 20, "in-use estimate {inuse} for 64 MiB live");
+    assert!(p.sample.iter().all(|s| !s.location_id.is_empty() && s.value.len() == 4));
+    // Every location id a sample names exists, and functions are symbolized.
+    for s in &p.sample {
+        for id in &s.location_id {
+            assert!(p.location.iter().any(|l| l.id == *id), "missing location {id}");
+        }
+    }
+    assert!(p.string_table.iter().any(|s| s.contains("heap_profile_has_the_four_sample_types")), "test fn symbolized");
+    // Freed blocks leave the in-use figures but stay in the allocation totals.
+    let alloc: i64 = p.sample.iter().map(|s| s.value[1]).sum();
+    drop(keep);
+    let p2 = gunzip_profile(&srv.get("/debug/pprof/heap").2);
+    let inuse2: i64 = p2.sample.iter().map(|s| s.value[3]).sum();
+    let alloc2: i64 = p2.sample.iter().map(|s| s.value[1]).sum();
+    assert!(inuse2 + (16 << 20) <= inuse, "in-use {inuse} -> {inuse2} after freeing 64 MiB");
+    assert!(alloc2 >= alloc, "allocation totals never shrink: {alloc} -> {alloc2}");
+}
