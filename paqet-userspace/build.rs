@@ -28,20 +28,30 @@ fn main() {
     };
     // The object depends on the linker (tied to the nightly's LLVM) and on the shared types.
     println!("cargo:rerun-if-changed={}", linker.display());
-    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let common = manifest.join("../paqet-common/src");
     println!("cargo:rerun-if-changed={}", common.display());
     let root = manifest
         .join("../paqet-ebpf")
         .canonicalize()
-        .unwrap_or_else(|e| panic!("cannot find the {EBPF_PACKAGE} crate next to paqet-userspace: {e}"));
-    let root_str = root.to_str().expect("the paqet-ebpf path is valid UTF-8").to_owned();
+        .unwrap_or_else(|e| {
+            panic!("cannot find the {EBPF_PACKAGE} crate next to paqet-userspace: {e}")
+        });
+    let root_str = root
+        .to_str()
+        .expect("the paqet-ebpf path is valid UTF-8")
+        .to_owned();
 
     // aya-build runs `cargo build --package paqet-ebpf` in the current directory. paqet-ebpf is its
     // own workspace (excluded from ours), so run it from there: its own profile and Cargo.lock apply.
     std::env::set_current_dir(&root)
         .unwrap_or_else(|e| panic!("cannot enter {}: {e}", root.display()));
-    let pkg = aya_build::Package { name: EBPF_PACKAGE, root_dir: &root_str, ..Default::default() };
+    let pkg = aya_build::Package {
+        name: EBPF_PACKAGE,
+        root_dir: &root_str,
+        ..Default::default()
+    };
     if let Err(e) = aya_build::build_ebpf([pkg], aya_build::Toolchain::default()) {
         panic!(
             "building the XDP program ({EBPF_PACKAGE}) failed: {e:#}\n\

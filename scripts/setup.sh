@@ -15,6 +15,10 @@ fi
 # nightly + rust-src: the eBPF crate and cargo-fuzz build with the image's nightly (never `rustup update`).
 rustup component add rust-src --toolchain nightly >/dev/null 2>&1 || rustup component add rust-src --toolchain nightly
 
+# bpf-linker linked against the nightly's own LLVM (cached outside the clone), for the XDP program.
+BPF_BIN=$(scripts/install-bpf-linker.sh | tail -n 1)
+echo "$BPF_BIN" > "${TMPDIR:-/tmp}/paqet-dp-bpf-linker-path"
+
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "setup: cargo install cargo-fuzz"
     cargo install cargo-fuzz --locked --quiet

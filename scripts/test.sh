@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
 scripts/setup.sh
+export PATH="$(cat "${TMPDIR:-/tmp}/paqet-dp-bpf-linker-path"):$PATH"
+# In CI a build without the XDP program is an error, not a skip.
+if [ -n "${CI:-}" ]; then export PAQET_REQUIRE_XDP=1; fi
 
 # Namespaces left by an earlier run that was killed (our tests name theirs pq<pid>...).
 if [ "$(id -u)" = 0 ]; then

@@ -153,7 +153,9 @@ impl GuardEntry {
     pub const fn prefix(&self) -> [u8; GUARD_PREFIX_LEN] {
         let m = self.magic.to_ne_bytes();
         let c = self.cookie.to_ne_bytes();
-        [m[0], m[1], m[2], m[3], c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]
+        [
+            m[0], m[1], m[2], m[3], c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+        ]
     }
 
     /// True when the slot is in use and its prefix equals (`magic`, `cookie`) read natively.

@@ -176,12 +176,24 @@ fn parse(ctx: &XdpContext, cfg: &SteerConfig) -> Option<Verdict> {
             let hi: u64 = load(ctx, l3 + 24)?;
             let lo: u64 = load(ctx, l3 + 32)?;
             let want_hi = u64::from_ne_bytes([
-                cfg.ipv6[0], cfg.ipv6[1], cfg.ipv6[2], cfg.ipv6[3], cfg.ipv6[4], cfg.ipv6[5],
-                cfg.ipv6[6], cfg.ipv6[7],
+                cfg.ipv6[0],
+                cfg.ipv6[1],
+                cfg.ipv6[2],
+                cfg.ipv6[3],
+                cfg.ipv6[4],
+                cfg.ipv6[5],
+                cfg.ipv6[6],
+                cfg.ipv6[7],
             ]);
             let want_lo = u64::from_ne_bytes([
-                cfg.ipv6[8], cfg.ipv6[9], cfg.ipv6[10], cfg.ipv6[11], cfg.ipv6[12],
-                cfg.ipv6[13], cfg.ipv6[14], cfg.ipv6[15],
+                cfg.ipv6[8],
+                cfg.ipv6[9],
+                cfg.ipv6[10],
+                cfg.ipv6[11],
+                cfg.ipv6[12],
+                cfg.ipv6[13],
+                cfg.ipv6[14],
+                cfg.ipv6[15],
             ]);
             if hi != want_hi || lo != want_lo {
                 return Some(Verdict::Pass);

@@ -6,8 +6,8 @@
 //! in B and injected with an AF_PACKET socket; frames sent by A through AF_XDP are captured in B
 //! with the pcap backend. All addresses live inside the two namespaces.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -38,7 +38,9 @@ fn skip(test: &str) -> bool {
         if std::env::var("PAQET_REQUIRE_XDP").as_deref() == Ok("1") {
             panic!("{test}: PAQET_REQUIRE_XDP=1 but this build has no XDP program (bpf-linker missing?)");
         }
-        eprintln!("skipping {test}: this build has no XDP program (install bpf-linker and rebuild)");
+        eprintln!(
+            "skipping {test}: this build has no XDP program (install bpf-linker and rebuild)"
+        );
         return true;
     }
     false
@@ -63,10 +65,28 @@ impl Topo {
         let veth = VethPair::new(&ia, &ib, &a, &b).expect("create veth pair");
         veth.configure(&a, &b, &format!("{IP_A}/24"), &format!("{IP_B}/24"), true)
             .expect("configure veth");
-        a.exec(&["ip", "-6", "addr", "add", &format!("{IP6_A}/64"), "dev", &ia, "nodad"])
-            .expect("IPv6 on A");
-        b.exec(&["ip", "-6", "addr", "add", &format!("{IP6_B}/64"), "dev", &ib, "nodad"])
-            .expect("IPv6 on B");
+        a.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{IP6_A}/64"),
+            "dev",
+            &ia,
+            "nodad",
+        ])
+        .expect("IPv6 on A");
+        b.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{IP6_B}/64"),
+            "dev",
+            &ib,
+            "nodad",
+        ])
+        .expect("IPv6 on B");
         let mac_a = {
             let _g = a.enter().expect("enter A");
             route::mac(&ia).expect("MAC of A")
@@ -76,11 +96,35 @@ impl Topo {
             route::mac(&ib).expect("MAC of B")
         };
         // Static neighbours: the kernel paths need no ARP exchange.
-        a.exec(&["ip", "neigh", "replace", &IP_B.to_string(), "lladdr", &fmt_mac(&mac_b), "dev", &ia])
-            .expect("neigh A");
-        b.exec(&["ip", "neigh", "replace", &IP_A.to_string(), "lladdr", &fmt_mac(&mac_a), "dev", &ib])
-            .expect("neigh B");
-        Topo { veth, a, b, mac_a, mac_b }
+        a.exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            &IP_B.to_string(),
+            "lladdr",
+            &fmt_mac(&mac_b),
+            "dev",
+            &ia,
+        ])
+        .expect("neigh A");
+        b.exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            &IP_A.to_string(),
+            "lladdr",
+            &fmt_mac(&mac_a),
+            "dev",
+            &ib,
+        ])
+        .expect("neigh B");
+        Topo {
+            veth,
+            a,
+            b,
+            mac_a,
+            mac_b,
+        }
     }
 
     fn ia(&self) -> &str {
@@ -91,7 +135,9 @@ impl Topo {
     }
 
     fn link_a(&self) -> String {
-        self.a.exec(&["ip", "link", "show", "dev", self.ia()]).expect("ip link show")
+        self.a
+            .exec(&["ip", "link", "show", "dev", self.ia()])
+            .expect("ip link show")
     }
 
     /// Injects `frames` into B's veth end from inside B (AF_PACKET), optionally pinned to `cpu`.
@@ -114,7 +160,10 @@ impl Topo {
 }
 
 fn fmt_mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn pin_to_cpu(cpu: usize) {
@@ -133,7 +182,11 @@ fn pin_to_cpu(cpu: usize) {
 
 fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
     for c in data.chunks(2) {
-        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from(c[0]) << 8 };
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from(c[0]) << 8
+        };
         sum += u32::from(w);
     }
     sum
@@ -175,7 +228,13 @@ fn eth(dst: [u8; 6], src: [u8; 6], vlans: &[(u16, u16)], ethertype: u16) -> Vec<
 }
 
 /// Ethernet (+ VLAN tags) / IPv4 / TCP frame.
-fn tcp4(topo: &Topo, dst_ip: Ipv4Addr, dport: u16, payload: &[u8], vlans: &[(u16, u16)]) -> Vec<u8> {
+fn tcp4(
+    topo: &Topo,
+    dst_ip: Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+    vlans: &[(u16, u16)],
+) -> Vec<u8> {
     let (src, dst) = (IP_B.octets(), dst_ip.octets());
     let tcp_len = 20 + payload.len();
     let mut pseudo = csum_add(0, &src);
@@ -273,7 +332,10 @@ fn recv_payloads(io: &mut AfXdpIo, want: usize) -> Vec<Vec<u8>> {
     for _ in 0..POLLS {
         io.recv_batch(POLL, &mut |f| {
             let (port, p) = tcp_payload(f).expect("AF_XDP delivered a frame that is not TCP");
-            assert_eq!(port, TUNNEL_PORT, "AF_XDP delivered a frame for port {port}");
+            assert_eq!(
+                port, TUNNEL_PORT,
+                "AF_XDP delivered a frame for port {port}"
+            );
             got.push(p);
         })
         .expect("recv_batch");
@@ -282,13 +344,31 @@ fn recv_payloads(io: &mut AfXdpIo, want: usize) -> Vec<Vec<u8>> {
         }
     }
     // Anything extra that is already queued (must not exist).
-    io.recv_batch(Duration::from_millis(20), &mut |f| got.push(tcp_payload(f).map(|x| x.1).unwrap_or_default()))
-        .expect("recv_batch");
+    io.recv_batch(Duration::from_millis(20), &mut |f| {
+        got.push(tcp_payload(f).map(|x| x.1).unwrap_or_default())
+    })
+    .expect("recv_batch");
     got
 }
 
 fn counters(s: &Steering) -> [u64; COUNTERS] {
     s.counters().expect("read XDP counters")
+}
+
+/// Reads the counters until `done` holds (bounded; veth usually runs XDP inside the sender's
+/// syscall, but may defer it to its NAPI softirq).
+fn wait_counters(s: &Steering, done: impl Fn(&[u64; COUNTERS]) -> bool) -> [u64; COUNTERS] {
+    for _ in 0..POLLS {
+        let c = counters(s);
+        if done(&c) {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!(
+        "XDP counters never reached the expected state: {:?}",
+        counters(s)
+    );
 }
 
 fn delta(after: &[u64; COUNTERS], before: &[u64; COUNTERS], c: XdpCounter) -> u64 {
@@ -297,8 +377,13 @@ fn delta(after: &[u64; COUNTERS], before: &[u64; COUNTERS], c: XdpCounter) -> u6
 
 fn check_identity(c: &[u64; COUNTERS]) {
     let seen = c[XdpCounter::Seen as usize];
-    let sum = c[XdpCounter::Steered as usize] + c[XdpCounter::Passed as usize] + c[XdpCounter::GuardDropped as usize];
-    assert_eq!(seen, sum, "seen must equal steered + passed + guard_dropped: {c:?}");
+    let sum = c[XdpCounter::Steered as usize]
+        + c[XdpCounter::Passed as usize]
+        + c[XdpCounter::GuardDropped as usize];
+    assert_eq!(
+        seen, sum,
+        "seen must equal steered + passed + guard_dropped: {c:?}"
+    );
 }
 
 /// ICMP echo from B to A over a raw socket; true when A's kernel answered.
@@ -307,11 +392,27 @@ fn ping_from_b(topo: &Topo) -> bool {
         .spawn(|| {
             // SAFETY: plain socket syscalls on a descriptor we own and close.
             unsafe {
-                let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP);
-                assert!(fd >= 0, "raw ICMP socket: {}", std::io::Error::last_os_error());
-                let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
-                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32);
+                let fd = libc::socket(
+                    libc::AF_INET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    libc::IPPROTO_ICMP,
+                );
+                assert!(
+                    fd >= 0,
+                    "raw ICMP socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
                 let id: u16 = (std::process::id() & 0xffff) as u16;
                 let mut req = vec![8u8, 0, 0, 0];
                 req.extend_from_slice(&id.to_be_bytes());
@@ -322,8 +423,14 @@ fn ping_from_b(topo: &Topo) -> bool {
                 let mut sa: libc::sockaddr_in = std::mem::zeroed();
                 sa.sin_family = libc::AF_INET as u16;
                 sa.sin_addr.s_addr = u32::from_ne_bytes(IP_A.octets());
-                let sent = libc::sendto(fd, req.as_ptr().cast(), req.len(), 0,
-                    (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
+                let sent = libc::sendto(
+                    fd,
+                    req.as_ptr().cast(),
+                    req.len(),
+                    0,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                );
                 assert_eq!(sent as usize, req.len(), "send ICMP echo");
                 let mut ok = false;
                 let mut buf = [0u8; 1500];
@@ -334,7 +441,9 @@ fn ping_from_b(topo: &Topo) -> bool {
                     }
                     let n = n as usize;
                     let ihl = usize::from(buf[0] & 0x0f) * 4;
-                    if n >= ihl + 8 && buf[12..16] == IP_A.octets() && buf[ihl] == 0
+                    if n >= ihl + 8
+                        && buf[12..16] == IP_A.octets()
+                        && buf[ihl] == 0
                         && buf[ihl + 4..ihl + 6] == id.to_be_bytes()
                     {
                         ok = true;
@@ -353,15 +462,21 @@ fn ping_from_b(topo: &Topo) -> bool {
 /// Kernel TCP from B to A's `OTHER_PORT` (listener in A) while XDP is attached: round trip works.
 fn kernel_tcp_roundtrip(topo: &Topo, listener: &TcpListener) {
     let client = topo.b.spawn(|| {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::from((IP_A, OTHER_PORT)), Duration::from_secs(5))
-            .expect("kernel TCP connect from B to A");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((IP_A, OTHER_PORT)),
+            Duration::from_secs(5),
+        )
+        .expect("kernel TCP connect from B to A");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         s.write_all(b"ping-over-kernel").expect("write");
         let mut back = [0u8; 16];
         s.read_exact(&mut back).expect("read echo");
         back
     });
-    listener.set_nonblocking(true).expect("nonblocking listener");
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
     let mut conn = None;
     for _ in 0..POLLS {
         match listener.accept() {
@@ -373,9 +488,11 @@ fn kernel_tcp_roundtrip(topo: &Topo, listener: &TcpListener) {
             Err(e) => panic!("accept: {e}"),
         }
     }
-    let mut s = conn.expect("no kernel TCP connection arrived at A's other port while XDP was attached");
+    let mut s =
+        conn.expect("no kernel TCP connection arrived at A's other port while XDP was attached");
     s.set_nonblocking(false).expect("blocking");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let mut buf = [0u8; 16];
     s.read_exact(&mut buf).expect("read from B");
     s.write_all(&buf).expect("echo");
@@ -398,16 +515,22 @@ fn end_to_end(mode: XdpMode, tag: &str) {
     // Disarmed: tunnel frames go to the kernel, not to the socket.
     let c0 = counters(&steer);
     topo.inject(vec![tcp4(&topo, IP_A, TUNNEL_PORT, b"disarmed", &[])], None);
-    // veth runs XDP while the injecting send() executes, so the frame has been judged by now.
-    let c1 = counters(&steer);
-    let n = io.recv_batch(Duration::ZERO, &mut |f| panic!("a disarmed program steered {f:02x?}")).expect("recv");
+    let c1 = wait_counters(&steer, |c| delta(c, &c0, XdpCounter::Seen) >= 1);
+    let n = io
+        .recv_batch(Duration::ZERO, &mut |f| {
+            panic!("a disarmed program steered {f:02x?}")
+        })
+        .expect("recv");
     assert_eq!(n, 0);
     assert_eq!(delta(&c1, &c0, XdpCounter::Steered), 0);
     assert!(delta(&c1, &c0, XdpCounter::Passed) >= 1);
 
     steer.arm().expect("arm");
     let link = topo.link_a();
-    assert!(link.contains("xdp"), "ip link shows no XDP program while attached: {link}");
+    assert!(
+        link.contains("xdp"),
+        "ip link shows no XDP program while attached: {link}"
+    );
 
     // Tunnel frames: plain IPv4, 802.1Q, QinQ (802.1ad + 802.1Q), IPv6; and frames for other ports.
     let mut frames = Vec::new();
@@ -419,12 +542,24 @@ fn end_to_end(mode: XdpMode, tag: &str) {
     }
     frames.push(tcp4(&topo, IP_A, TUNNEL_PORT, b"vlan-1", &[(0x8100, 10)]));
     want.push(b"vlan-1".to_vec());
-    frames.push(tcp4(&topo, IP_A, TUNNEL_PORT, b"qinq-1", &[(0x88A8, 20), (0x8100, 10)]));
+    frames.push(tcp4(
+        &topo,
+        IP_A,
+        TUNNEL_PORT,
+        b"qinq-1",
+        &[(0x88A8, 20), (0x8100, 10)],
+    ));
     want.push(b"qinq-1".to_vec());
     frames.push(tcp6(&topo, TUNNEL_PORT, b"ipv6-1"));
     want.push(b"ipv6-1".to_vec());
     for i in 0..5 {
-        frames.push(tcp4(&topo, IP_A, OTHER_PORT + 1, format!("other-{i}").as_bytes(), &[]));
+        frames.push(tcp4(
+            &topo,
+            IP_A,
+            OTHER_PORT + 1,
+            format!("other-{i}").as_bytes(),
+            &[],
+        ));
     }
     frames.push(tcp6(&topo, OTHER_PORT + 1, b"other-v6"));
     // A truncated frame claiming IPv4 (malformed, passed).
@@ -437,21 +572,39 @@ fn end_to_end(mode: XdpMode, tag: &str) {
     got.sort();
     want.sort();
     assert_eq!(got, want, "AF_XDP must deliver exactly the tunnel frames");
-    let after = counters(&steer);
-    assert_eq!(delta(&after, &before, XdpCounter::Steered), want.len() as u64);
-    assert!(delta(&after, &before, XdpCounter::Passed) >= 7, "other-port and malformed frames pass");
-    assert!(delta(&after, &before, XdpCounter::Malformed) >= 1, "the truncated frame counts as malformed");
+    let after = wait_counters(&steer, |c| {
+        delta(c, &before, XdpCounter::Malformed) >= 1 && delta(c, &before, XdpCounter::Passed) >= 7
+    });
+    assert_eq!(
+        delta(&after, &before, XdpCounter::Steered),
+        want.len() as u64
+    );
+    assert!(
+        delta(&after, &before, XdpCounter::Passed) >= 7,
+        "other-port and malformed frames pass"
+    );
+    assert!(
+        delta(&after, &before, XdpCounter::Malformed) >= 1,
+        "the truncated frame counts as malformed"
+    );
     assert_eq!(after[XdpCounter::NoSocket as usize], 0);
     assert_eq!(after[XdpCounter::GuardDropped as usize], 0);
     check_identity(&after);
 
     // Other traffic reaches A's kernel untouched while steering is armed.
-    assert!(ping_from_b(&topo), "ICMP echo from B to A got no reply while XDP was attached");
+    assert!(
+        ping_from_b(&topo),
+        "ICMP echo from B to A got no reply while XDP was attached"
+    );
     let listener = TcpListener::bind((IP_A, OTHER_PORT)).expect("listen in A");
     let before = counters(&steer);
     kernel_tcp_roundtrip(&topo, &listener);
     let after = counters(&steer);
-    assert_eq!(delta(&after, &before, XdpCounter::Steered), 0, "kernel TCP to another port must not be steered");
+    assert_eq!(
+        delta(&after, &before, XdpCounter::Steered),
+        0,
+        "kernel TCP to another port must not be steered"
+    );
     assert!(delta(&after, &before, XdpCounter::Passed) >= 3);
 
     // TX: frames written into UMEM with send_with arrive at B (captured with the pcap backend).
@@ -462,18 +615,24 @@ fn end_to_end(mode: XdpMode, tag: &str) {
         ready_tx.send(()).expect("ready");
         let mut got: Vec<Vec<u8>> = Vec::new();
         for _ in 0..POLLS {
-            pc.recv_batch(POLL, &mut |f| got.push(tcp_payload(f).expect("TCP frame").1)).expect("pcap recv");
+            pc.recv_batch(POLL, &mut |f| {
+                got.push(tcp_payload(f).expect("TCP frame").1)
+            })
+            .expect("pcap recv");
             if got.len() >= 20 {
                 break;
             }
         }
         got
     });
-    ready_rx.recv_timeout(Duration::from_secs(10)).expect("pcap capture ready");
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("pcap capture ready");
     let mut sent = Vec::new();
     for i in 0..20 {
         let p = format!("from-a-{i:02}").into_bytes();
-        io.send_with(1514, &mut |buf| tcp4_a_to_b(&topo, &p, buf)).expect("send_with");
+        io.send_with(1514, &mut |buf| tcp4_a_to_b(&topo, &p, buf))
+            .expect("send_with");
         sent.push(p);
     }
     io.flush().expect("flush");
@@ -485,7 +644,10 @@ fn end_to_end(mode: XdpMode, tag: &str) {
     let mut rsts = 0;
     for _ in 0..POLLS {
         io.recv_batch(POLL, &mut |f| {
-            assert!(is_rst(f), "unexpected frame on the tunnel port after TX: {f:02x?}");
+            assert!(
+                is_rst(f),
+                "unexpected frame on the tunnel port after TX: {f:02x?}"
+            );
             rsts += 1;
         })
         .expect("recv RSTs");
@@ -493,7 +655,10 @@ fn end_to_end(mode: XdpMode, tag: &str) {
             break;
         }
     }
-    assert_eq!(rsts, 20, "each frame sent to B is answered by a RST steered to AF_XDP");
+    assert_eq!(
+        rsts, 20,
+        "each frame sent to B is answered by a RST steered to AF_XDP"
+    );
     let st = io.stats();
     assert_eq!(st.tx_frames, 20);
     assert_eq!(st.rx_frames, want.len() as u64 + 20);
@@ -513,18 +678,26 @@ fn end_to_end(mode: XdpMode, tag: &str) {
     topo.inject(
         vec![
             tcp4(&topo, IP_A, TUNNEL_PORT, b"to-a", &[]),
-            tcp4(&topo, Ipv4Addr::new(10, 231, 0, 99), TUNNEL_PORT, b"to-99", &[]),
+            tcp4(
+                &topo,
+                Ipv4Addr::new(10, 231, 0, 99),
+                TUNNEL_PORT,
+                b"to-99",
+                &[],
+            ),
         ],
         None,
     );
     assert_eq!(recv_payloads(&mut io, 1), vec![b"to-a".to_vec()]);
-    let after = counters(&steer);
+    let after = wait_counters(&steer, |c| delta(c, &before, XdpCounter::Seen) >= 2);
     assert_eq!(delta(&after, &before, XdpCounter::Steered), 1);
 
     // Guard: only payloads starting with a listed magic|cookie reach the socket.
     let good: [u8; 12] = *b"PQT1\x01\x02\x03\x04\x05\x06\x07\x08";
     let next: [u8; 12] = *b"PQT1\x11\x12\x13\x14\x15\x16\x17\x18";
-    steer.set_guard_cookies(&[good, next]).expect("guard cookies");
+    steer
+        .set_guard_cookies(&[good, next])
+        .expect("guard cookies");
     cfg.flags |= SteerConfig::FLAG_GUARD;
     steer.set_config(cfg).expect("guard on");
     let with_prefix = |pre: &[u8], body: &str| {
@@ -540,17 +713,32 @@ fn end_to_end(mode: XdpMode, tag: &str) {
         want.push(p);
     }
     for i in 0..3 {
-        frames.push(tcp4(&topo, IP_A, TUNNEL_PORT, &with_prefix(b"PQT1\x09\x09\x09\x09\x09\x09\x09\x09", &format!("bad-{i}")), &[]));
+        frames.push(tcp4(
+            &topo,
+            IP_A,
+            TUNNEL_PORT,
+            &with_prefix(b"PQT1\x09\x09\x09\x09\x09\x09\x09\x09", &format!("bad-{i}")),
+            &[],
+        ));
     }
-    frames.push(tcp4(&topo, IP_A, TUNNEL_PORT, &with_prefix(b"XXXX\x01\x02\x03\x04\x05\x06\x07\x08", "bad-magic"), &[]));
+    frames.push(tcp4(
+        &topo,
+        IP_A,
+        TUNNEL_PORT,
+        &with_prefix(b"XXXX\x01\x02\x03\x04\x05\x06\x07\x08", "bad-magic"),
+        &[],
+    ));
     frames.push(tcp4(&topo, IP_A, TUNNEL_PORT, b"short", &[]));
     let before = counters(&steer);
     topo.inject(frames, None);
     let mut got = recv_payloads(&mut io, want.len());
     got.sort();
     want.sort();
-    assert_eq!(got, want, "with the guard on only valid prefixes reach AF_XDP");
-    let after = counters(&steer);
+    assert_eq!(
+        got, want,
+        "with the guard on only valid prefixes reach AF_XDP"
+    );
+    let after = wait_counters(&steer, |c| delta(c, &before, XdpCounter::GuardDropped) >= 5);
     assert_eq!(delta(&after, &before, XdpCounter::GuardDropped), 5);
     assert_eq!(delta(&after, &before, XdpCounter::Steered), 4);
     check_identity(&after);
@@ -559,21 +747,43 @@ fn end_to_end(mode: XdpMode, tag: &str) {
     let before = counters(&steer);
     topo.inject(
         vec![
-            tcp4(&topo, IP_A, TUNNEL_PORT, &with_prefix(&good, "expired"), &[]),
-            tcp4(&topo, IP_A, TUNNEL_PORT, &with_prefix(&next, "current"), &[]),
+            tcp4(
+                &topo,
+                IP_A,
+                TUNNEL_PORT,
+                &with_prefix(&good, "expired"),
+                &[],
+            ),
+            tcp4(
+                &topo,
+                IP_A,
+                TUNNEL_PORT,
+                &with_prefix(&next, "current"),
+                &[],
+            ),
         ],
         None,
     );
-    assert_eq!(recv_payloads(&mut io, 1), vec![with_prefix(&next, "current")]);
-    let after = counters(&steer);
+    assert_eq!(
+        recv_payloads(&mut io, 1),
+        vec![with_prefix(&next, "current")]
+    );
+    let after = wait_counters(&steer, |c| delta(c, &before, XdpCounter::GuardDropped) >= 1);
     assert_eq!(delta(&after, &before, XdpCounter::GuardDropped), 1);
-    assert_eq!(io.refill_backlog(), 0, "all RX frames are back in the fill ring");
+    assert_eq!(
+        io.refill_backlog(),
+        0,
+        "all RX frames are back in the fill ring"
+    );
 
     // Dropping detaches the program.
     drop(io);
     drop(steer);
     let link = topo.link_a();
-    assert!(!link.contains("xdp"), "XDP program still attached after drop: {link}");
+    assert!(
+        !link.contains("xdp"),
+        "XDP program still attached after drop: {link}"
+    );
 }
 
 #[test]
@@ -601,33 +811,59 @@ fn xdp_afxdp_two_queues() {
     if skip("xdp_afxdp_two_queues") {
         return;
     }
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     if cpus < 2 {
         eprintln!("skipping xdp_afxdp_two_queues: needs 2 CPUs, have {cpus}");
         return;
     }
     let topo = Topo::new("xq");
     let (ia, ib) = (topo.ia().to_owned(), topo.ib().to_owned());
-    topo.a.exec(&["ethtool", "-L", &ia, "rx", "2", "tx", "2"]).expect("2 channels on A");
-    topo.b.exec(&["ethtool", "-L", &ib, "rx", "2", "tx", "2"]).expect("2 channels on B");
+    topo.a
+        .exec(&["ethtool", "-L", &ia, "rx", "2", "tx", "2"])
+        .expect("2 channels on A");
+    topo.b
+        .exec(&["ethtool", "-L", &ib, "rx", "2", "tx", "2"])
+        .expect("2 channels on B");
     let _in_a = topo.a.enter().expect("enter A");
-    let (mut steer, how) = Steering::attach_auto(&ia, SteerConfig::any(TUNNEL_PORT)).expect("attach XDP");
+    let (mut steer, how) =
+        Steering::attach_auto(&ia, SteerConfig::any(TUNNEL_PORT)).expect("attach XDP");
     assert_eq!(how, XdpAttach::Native, "veth supports native XDP");
     let mut q0 = AfXdpIo::open(AfXdpConfig::new(&ia, 0)).expect("socket on queue 0");
     steer.register_socket(0, &q0).expect("register queue 0");
     steer.arm().expect("arm");
 
     let batch = |cpu: usize| -> Vec<Vec<u8>> {
-        (0..8).map(|i| tcp4(&topo, IP_A, TUNNEL_PORT, format!("cpu{cpu}-{i}").as_bytes(), &[])).collect()
+        (0..8)
+            .map(|i| {
+                tcp4(
+                    &topo,
+                    IP_A,
+                    TUNNEL_PORT,
+                    format!("cpu{cpu}-{i}").as_bytes(),
+                    &[],
+                )
+            })
+            .collect()
     };
     // Only queue 0 has a socket: the frames landing on queue 1 are passed (no_socket).
     topo.inject(batch(0), Some(0));
     topo.inject(batch(1), Some(1));
-    let first = recv_payloads(&mut q0, 16);
-    let c = counters(&steer);
+    let c = wait_counters(&steer, |c| {
+        c[XdpCounter::Steered as usize] + c[XdpCounter::NoSocket as usize] >= 16
+    });
+    let first = recv_payloads(&mut q0, c[XdpCounter::Steered as usize] as usize);
     assert_eq!(c[XdpCounter::Steered as usize], first.len() as u64);
-    assert_eq!(first.len() as u64 + c[XdpCounter::NoSocket as usize], 16, "every tunnel frame is steered or passed");
-    assert!(c[XdpCounter::NoSocket as usize] > 0, "no frame landed on queue 1: {c:?}");
+    assert_eq!(
+        first.len() as u64 + c[XdpCounter::NoSocket as usize],
+        16,
+        "every tunnel frame is steered or passed"
+    );
+    assert!(
+        c[XdpCounter::NoSocket as usize] > 0,
+        "no frame landed on queue 1: {c:?}"
+    );
 
     let mut q1 = AfXdpIo::open(AfXdpConfig::new(&ia, 1)).expect("socket on queue 1");
     steer.register_socket(1, &q1).expect("register queue 1");
@@ -637,25 +873,42 @@ fn xdp_afxdp_two_queues() {
     let (mut got0, mut got1) = (Vec::new(), Vec::new());
     for _ in 0..POLLS {
         for (io, got) in [(&mut q0, &mut got0), (&mut q1, &mut got1)] {
-            io.recv_batch(Duration::from_millis(10), &mut |f| got.push(tcp_payload(f).expect("TCP").1))
-                .expect("recv");
+            io.recv_batch(Duration::from_millis(10), &mut |f| {
+                got.push(tcp_payload(f).expect("TCP").1)
+            })
+            .expect("recv");
         }
         if got0.len() + got1.len() >= 16 {
             break;
         }
     }
     let after = counters(&steer);
-    assert_eq!(got0.len() + got1.len(), 16, "all frames arrive on one of the two sockets");
-    assert!(!got0.is_empty() && !got1.is_empty(), "both queues received frames: q0={} q1={}", got0.len(), got1.len());
+    assert_eq!(
+        got0.len() + got1.len(),
+        16,
+        "all frames arrive on one of the two sockets"
+    );
+    assert!(
+        !got0.is_empty() && !got1.is_empty(),
+        "both queues received frames: q0={} q1={}",
+        got0.len(),
+        got1.len()
+    );
     assert_eq!(delta(&after, &before, XdpCounter::NoSocket), 0);
     assert_eq!(delta(&after, &before, XdpCounter::Steered), 16);
     // Frames from one CPU all land on the same queue.
     for got in [&got0, &got1] {
         let first = String::from_utf8_lossy(&got[0][..4]).into_owned();
-        assert!(got.iter().all(|p| p.starts_with(first.as_bytes())), "mixed CPUs on one queue: {got:?}");
+        assert!(
+            got.iter().all(|p| p.starts_with(first.as_bytes())),
+            "mixed CPUs on one queue: {got:?}"
+        );
     }
     drop(q0);
     drop(q1);
     drop(steer);
-    assert!(!topo.link_a().contains("xdp"), "XDP program still attached after drop");
+    assert!(
+        !topo.link_a().contains("xdp"),
+        "XDP program still attached after drop"
+    );
 }

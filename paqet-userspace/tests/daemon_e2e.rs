@@ -187,6 +187,8 @@ sndwnd = 1024
 rcvwnd = 1024
 block = "aes"
 key = "{KEY}"
+smuxkalive = 1
+smuxktimeout = 2
 "#
     );
     let (fwd_tcp, fwd_udp) = (18080u16, 18081u16);
@@ -210,6 +212,8 @@ sndwnd = 1024
 rcvwnd = 1024
 block = "aes"
 key = "{KEY}"
+smuxkalive = 1
+smuxktimeout = 2
 [[forward]]
 listen = "127.0.0.1:{fwd_tcp}"
 target = "127.0.0.1:{tcp_port}"
@@ -265,10 +269,48 @@ protocol = "udp"
         "16 MiB echoed through the TCP forward differ"
     );
     assert_eq!(reply, b"paqet-udp-probe-0001", "UDP echo through the UDP forward");
-    // Both daemons are still running (no crash on the way).
+    // Both daemons are still running (no crash on the way) and logged their sessions.
     let mut server = server;
     let mut client = client;
     assert!(server.child.try_wait().unwrap().is_none(), "server exited:\n{}", server.log_text());
+    assert!(client.child.try_wait().unwrap().is_none(), "client exited:\n{}", client.log_text());
+    assert!(client.log_text().contains("session dialled"), "client log:\n{}", client.log_text());
+    assert!(server.log_text().contains("new session"), "server log:\n{}", server.log_text());
+
+    // The server is stopped and started again: the client notices its sessions died (smux keepalive),
+    // re-dials by itself, and new connections work again.
+    drop(server);
+    let server = spawn_daemon(&ns_b, &dir, "server2", &server_cfg);
+    let recovered = ns_a
+        .spawn(move || -> std::io::Result<usize> {
+            let fwd: SocketAddr = format!("127.0.0.1:{fwd_tcp}").parse().unwrap();
+            let data = pattern(64 << 10);
+            let mut attempts = 0;
+            retry(Duration::from_secs(90), || {
+                attempts += 1;
+                let mut c = TcpStream::connect_timeout(&fwd, Duration::from_secs(2))?;
+                c.set_read_timeout(Some(Duration::from_secs(3)))?;
+                c.set_write_timeout(Some(Duration::from_secs(3)))?;
+                c.write_all(&data)?;
+                let mut got = vec![0u8; data.len()];
+                c.read_exact(&mut got)?;
+                if got != data {
+                    return Err(std::io::Error::other("echo differs"));
+                }
+                Ok(attempts)
+            })
+        })
+        .join()
+        .expect("client thread")
+        .expect("enter netns");
+    match recovered {
+        Ok(n) => eprintln!("recovered after {n} attempt(s)"),
+        Err(e) => panic!(
+            "no working connection after the server restart: {e}\n--- client log ---\n{}\n--- server2 log ---\n{}",
+            client.log_text(),
+            server.log_text()
+        ),
+    }
     assert!(client.child.try_wait().unwrap().is_none(), "client exited:\n{}", client.log_text());
     drop(client);
     drop(server);

@@ -30,6 +30,8 @@ struct PingStats {
     duplicates: u32,
     /// Smallest round trip in milliseconds.
     min_rtt_ms: f64,
+    /// Replies that arrived after a reply to a later request (reordering).
+    reordered: u32,
 }
 
 fn icmp_checksum(b: &[u8]) -> u16 {
@@ -63,6 +65,7 @@ fn ping(l: &ImpairedLink, count: u16, interval_ms: u64) -> PingStats {
         let mut next = 0u16;
         let end_of_sending = start + Duration::from_millis(interval_ms * u64::from(count));
         let mut buf = [0u8; 1500];
+        let mut max_seq: Option<usize> = None;
         loop {
             let now = Instant::now();
             if next < count && now >= start + Duration::from_millis(interval_ms * u64::from(next)) {
@@ -104,6 +107,10 @@ fn ping(l: &ImpairedLink, count: u16, interval_ms: u64) -> PingStats {
             let (Some(t), Some(s)) = (sent_at.get(seq).copied().flatten(), seen.get_mut(seq)) else { continue };
             *s += 1;
             if *s == 1 {
+                if max_seq.is_some_and(|m| seq < m) {
+                    stats.reordered += 1;
+                }
+                max_seq = max_seq.max(Some(seq));
                 stats.received += 1;
                 stats.min_rtt_ms = stats.min_rtt_ms.min(t.elapsed().as_secs_f64() * 1000.0);
             } else {
@@ -121,7 +128,7 @@ fn ping(l: &ImpairedLink, count: u16, interval_ms: u64) -> PingStats {
 
 #[test]
 fn delay_and_loss_are_applied_and_tcp_survives() {
-    let spec = LinkSpec { delay_ms: 20, jitter_ms: 5, loss_pct: 2.0, dup_pct: 0.0, seed: 42 };
+    let spec = LinkSpec { delay_ms: 20, jitter_ms: 8, loss_pct: 2.0, dup_pct: 0.0, seed: 42 };
     let Some(l) = link("i", spec) else { return };
     let p = ping(&l, 200, 10);
     let (received, min_rtt) = (p.received, p.min_rtt_ms);
@@ -130,8 +137,10 @@ fn delay_and_loss_are_applied_and_tcp_survives() {
     // does a broken one (probability of 0 losses is 0.96^200 ≈ 3e-4).
     assert!(received < 200, "no loss at all over 200 pings");
     assert!(received >= 170, "far too much loss: {received}/200");
-    // Each direction is held 20 ± 5 ms.
-    assert!(min_rtt >= 30.0, "min RTT {min_rtt} ms, want ≥ 2 × (20 - 5) ms");
+    // Each direction is held 20 ± 8 ms.
+    assert!(min_rtt >= 24.0, "min RTT {min_rtt} ms, want ≥ 2 × (20 - 8) ms");
+    // Requests 10 ms apart, each round trip 40 ± 16 ms: the jitter reorders some replies.
+    assert!(p.reordered > 0, "no reordering with 8 ms jitter: {p:?}");
     tcp_transfer(&l, 4 << 20);
 }
 

@@ -75,7 +75,11 @@ pub enum XskBindMode {
 pub enum AfXdpError {
     /// The configuration is not usable.
     #[error("AF_XDP socket for interface {iface:?} queue {queue}: {what}")]
-    Config { iface: String, queue: u32, what: String },
+    Config {
+        iface: String,
+        queue: u32,
+        what: String,
+    },
     /// A setup step (mmap, socket, ring setup, bind...) failed.
     #[error("AF_XDP socket for interface {iface:?} queue {queue}: {step} failed: {source}")]
     Setup {
@@ -87,7 +91,12 @@ pub enum AfXdpError {
     },
     /// Zero-copy was requested and neither zero-copy nor copy mode could bind.
     #[error("AF_XDP socket for interface {iface:?} queue {queue}: zero-copy bind failed ({zero_copy}) and copy-mode bind failed ({copy})")]
-    Bind { iface: String, queue: u32, zero_copy: String, copy: String },
+    Bind {
+        iface: String,
+        queue: u32,
+        zero_copy: String,
+        copy: String,
+    },
 }
 
 impl From<AfXdpError> for std::io::Error {
@@ -123,7 +132,8 @@ impl Area {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap returned NULL"))?;
+        let ptr = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned NULL"))?;
         Ok(Area { ptr, len })
     }
 }
@@ -187,12 +197,22 @@ impl AfXdpIo {
     /// Creates the UMEM, binds a socket to `cfg.queue` of `cfg.iface` (zero-copy first when
     /// `cfg.zero_copy`, else copy mode, always with `XDP_USE_NEED_WAKEUP`) and fills the fill ring.
     pub fn open(cfg: AfXdpConfig) -> Result<Self, AfXdpError> {
-        let conf_err = |what: String| AfXdpError::Config { iface: cfg.iface.clone(), queue: cfg.queue, what };
+        let conf_err = |what: String| AfXdpError::Config {
+            iface: cfg.iface.clone(),
+            queue: cfg.queue,
+            what,
+        };
         if cfg.frame_size != 2048 && cfg.frame_size != 4096 {
-            return Err(conf_err(format!("frame_size {} must be 2048 or 4096", cfg.frame_size)));
+            return Err(conf_err(format!(
+                "frame_size {} must be 2048 or 4096",
+                cfg.frame_size
+            )));
         }
         if cfg.frame_count < 64 || cfg.frame_count > (1 << 20) {
-            return Err(conf_err(format!("frame_count {} must be in 64..=1048576", cfg.frame_count)));
+            return Err(conf_err(format!(
+                "frame_count {} must be in 64..=1048576",
+                cfg.frame_count
+            )));
         }
         if cfg.rx_batch == 0 || cfg.tx_batch == 0 {
             return Err(conf_err("rx_batch and tx_batch must be at least 1".into()));
@@ -230,7 +250,12 @@ impl AfXdpIo {
             }
         } else {
             let r = bind_rings(&cfg, &c_iface, &area, copy_flags).map_err(|(step, source)| {
-                AfXdpError::Setup { iface: cfg.iface.clone(), queue: cfg.queue, step, source }
+                AfXdpError::Setup {
+                    iface: cfg.iface.clone(),
+                    queue: cfg.queue,
+                    step,
+                    source,
+                }
             })?;
             (r, XskBindMode::Copy)
         };
@@ -244,7 +269,9 @@ impl AfXdpIo {
             frame_mask: !(fs - 1),
             rx_addrs: Vec::with_capacity(cfg.rx_batch as usize),
             refill: (0..rx_frames).map(|i| i * fs).collect(),
-            tx_free: (rx_frames..u64::from(cfg.frame_count)).map(|i| i * fs).collect(),
+            tx_free: (rx_frames..u64::from(cfg.frame_count))
+                .map(|i| i * fs)
+                .collect(),
             tx_outstanding: 0,
             tx_unkicked: 0,
             rx_bad_desc: 0,
@@ -257,7 +284,10 @@ impl AfXdpIo {
                 iface: io.cfg.iface.clone(),
                 queue: io.cfg.queue,
                 step: "initial fill of the fill ring",
-                source: std::io::Error::other(format!("{} of {rx_frames} frames did not fit", io.refill.len())),
+                source: std::io::Error::other(format!(
+                    "{} of {rx_frames} frames did not fit",
+                    io.refill.len()
+                )),
             });
         }
         tracing::debug!(iface = %io.cfg.iface, queue = io.cfg.queue, mode = ?io.mode,
@@ -393,10 +423,13 @@ fn bind_rings(
     // returned `Umem` (AfXdpIo drops `rings` before `area`).
     let umem = unsafe { Umem::new(ucfg, slice) }.map_err(|e| ("UMEM registration", errno(e)))?;
     let mut info = IfInfo::invalid();
-    info.from_name(iface).map_err(|e| ("interface lookup", errno(e)))?;
+    info.from_name(iface)
+        .map_err(|e| ("interface lookup", errno(e)))?;
     info.set_queue(cfg.queue);
     let sock = Socket::with_shared(&info, &umem).map_err(|e| ("socket creation", errno(e)))?;
-    let dev = umem.fq_cq(&sock).map_err(|e| ("fill/completion ring setup", errno(e)))?;
+    let dev = umem
+        .fq_cq(&sock)
+        .map_err(|e| ("fill/completion ring setup", errno(e)))?;
     let user = umem
         .rx_tx(
             &sock,
@@ -410,7 +443,14 @@ fn bind_rings(
     let rx = user.map_rx().map_err(|e| ("RX ring mmap", errno(e)))?;
     let tx = user.map_tx().map_err(|e| ("TX ring mmap", errno(e)))?;
     umem.bind(&user).map_err(|e| ("bind", errno(e)))?;
-    Ok(Rings { rx, tx, dev, user, _sock: sock, _umem: umem })
+    Ok(Rings {
+        rx,
+        tx,
+        dev,
+        user,
+        _sock: sock,
+        _umem: umem,
+    })
 }
 
 impl PacketIo for AfXdpIo {
@@ -423,10 +463,10 @@ impl PacketIo for AfXdpIo {
         if self.tx_outstanding > 0 {
             self.reap_completions();
         }
-        if self.rings.rx.available() == 0 {
-            if timeout.is_zero() || !poll_readable(self.raw_socket_fd(), timeout)? {
-                return Ok(0);
-            }
+        if self.rings.rx.available() == 0
+            && (timeout.is_zero() || !poll_readable(self.raw_socket_fd(), timeout)?)
+        {
+            return Ok(0);
         }
         let base = self.area.ptr.as_ptr();
         let area_len = self.area.len as u64;
@@ -446,7 +486,8 @@ impl PacketIo for AfXdpIo {
                 // SAFETY: [addr, addr+len) lies inside the UMEM mapping (checked above); the kernel
                 // handed this frame to us through the RX ring and will not write it until we put
                 // it back into the fill ring, after the callback returns.
-                let frame = unsafe { std::slice::from_raw_parts(base.add(addr as usize), len as usize) };
+                let frame =
+                    unsafe { std::slice::from_raw_parts(base.add(addr as usize), len as usize) };
                 self.stats.rx_frames += 1;
                 self.stats.rx_bytes += u64::from(len);
                 delivered += 1;
@@ -488,7 +529,9 @@ impl PacketIo for AfXdpIo {
         };
         // SAFETY: `addr` is the start of a TX frame we own (free list), inside the mapping, and
         // max_len <= frame_size; the kernel does not touch it until we queue it below.
-        let buf = unsafe { std::slice::from_raw_parts_mut(self.area.ptr.as_ptr().add(addr as usize), max_len) };
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(self.area.ptr.as_ptr().add(addr as usize), max_len)
+        };
         let len = fill(buf);
         if len > max_len {
             self.tx_free.push(addr);
@@ -504,7 +547,11 @@ impl PacketIo for AfXdpIo {
         }
         let queued = {
             let mut w = self.rings.tx.transmit(1);
-            let ok = w.insert_once(XdpDesc { addr, len: len as u32, options: 0 });
+            let ok = w.insert_once(XdpDesc {
+                addr,
+                len: len as u32,
+                options: 0,
+            });
             w.commit();
             ok
         };
@@ -514,7 +561,10 @@ impl PacketIo for AfXdpIo {
             self.stats.tx_errors += 1;
             return Err(std::io::Error::new(
                 std::io::ErrorKind::WouldBlock,
-                format!("AF_XDP TX ring full on {} queue {}", self.cfg.iface, self.cfg.queue),
+                format!(
+                    "AF_XDP TX ring full on {} queue {}",
+                    self.cfg.iface, self.cfg.queue
+                ),
             ));
         }
         self.tx_outstanding += 1;
@@ -583,14 +633,18 @@ mod tests {
     fn rejects_bad_config_before_touching_the_kernel() {
         let mut c = AfXdpConfig::new("lo", 0);
         c.frame_size = 3000;
-        let e = AfXdpIo::open(c).err().expect("frame size 3000 must be rejected");
+        let e = AfXdpIo::open(c)
+            .err()
+            .expect("frame size 3000 must be rejected");
         assert!(e.to_string().contains("frame_size 3000"), "{e}");
         let mut c = AfXdpConfig::new("lo", 0);
         c.frame_count = 8;
         let e = AfXdpIo::open(c).err().expect("8 frames must be rejected");
         assert!(e.to_string().contains("frame_count 8"), "{e}");
         let c = AfXdpConfig::new("bad\0name", 0);
-        let e = AfXdpIo::open(c).err().expect("NUL in name must be rejected");
+        let e = AfXdpIo::open(c)
+            .err()
+            .expect("NUL in name must be rejected");
         assert!(matches!(e, AfXdpError::Config { .. }), "{e}");
         let io: std::io::Error = e.into();
         assert_eq!(io.kind(), std::io::ErrorKind::InvalidInput);
@@ -598,7 +652,9 @@ mod tests {
 
     #[test]
     fn unknown_interface_names_the_step() {
-        let e = AfXdpIo::open(AfXdpConfig::new("pqnosuchif0", 0)).err().expect("no such interface");
+        let e = AfXdpIo::open(AfXdpConfig::new("pqnosuchif0", 0))
+            .err()
+            .expect("no such interface");
         let t = e.to_string();
         assert!(t.contains("pqnosuchif0"), "{t}");
     }

@@ -84,7 +84,10 @@ pub enum SteerError {
     Load(#[source] EbpfError),
     /// The object lacks the program or a map (build mismatch).
     #[error("the XDP object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     /// The kernel verifier (or BPF_PROG_LOAD) rejected the program.
     #[error("the kernel rejected the XDP program {PROG_NAME}: {0}")]
     Verify(#[source] ProgramError),
@@ -97,8 +100,14 @@ pub enum SteerError {
         source: ProgramError,
     },
     /// Auto mode: neither native nor generic attached.
-    #[error("cannot attach XDP to interface {iface:?}: native mode: {native}; generic mode: {generic}")]
-    AttachAuto { iface: String, native: String, generic: String },
+    #[error(
+        "cannot attach XDP to interface {iface:?}: native mode: {native}; generic mode: {generic}"
+    )]
+    AttachAuto {
+        iface: String,
+        native: String,
+        generic: String,
+    },
     /// A map operation failed.
     #[error("XDP map {map}: {op} failed: {source}")]
     Map {
@@ -118,7 +127,10 @@ pub enum SteerError {
 /// The XDP object, compiled for bpfel-unknown-none by aya-build in build.rs.
 #[cfg(not(paqet_no_ebpf))]
 fn ebpf_object() -> Result<&'static [u8], SteerError> {
-    Ok(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/paqet-xdp")))
+    Ok(aya::include_bytes_aligned!(concat!(
+        env!("OUT_DIR"),
+        "/paqet-xdp"
+    )))
 }
 
 #[cfg(paqet_no_ebpf)]
@@ -169,7 +181,10 @@ fn load_program() -> Result<Ebpf, SteerError> {
     let mut ebpf = Ebpf::load(ebpf_object()?).map_err(SteerError::Load)?;
     let prog: &mut Xdp = ebpf
         .program_mut(PROG_NAME)
-        .ok_or(SteerError::Missing { kind: "program", name: PROG_NAME })?
+        .ok_or(SteerError::Missing {
+            kind: "program",
+            name: PROG_NAME,
+        })?
         .try_into()
         .map_err(SteerError::Verify)?;
     prog.load().map_err(SteerError::Verify)?;
@@ -178,7 +193,10 @@ fn load_program() -> Result<Ebpf, SteerError> {
 
 fn xdp_prog(ebpf: &mut Ebpf) -> Result<&mut Xdp, SteerError> {
     ebpf.program_mut(PROG_NAME)
-        .ok_or(SteerError::Missing { kind: "program", name: PROG_NAME })?
+        .ok_or(SteerError::Missing {
+            kind: "program",
+            name: PROG_NAME,
+        })?
         .try_into()
         .map_err(SteerError::Verify)
 }
@@ -188,11 +206,14 @@ fn attach_mode(ebpf: &mut Ebpf, iface: &str, mode: XdpMode) -> Result<(), SteerE
         XdpMode::Native => aya::programs::XdpMode::Driver,
         XdpMode::Generic => aya::programs::XdpMode::Skb,
     };
-    xdp_prog(ebpf)?.attach(iface, aya_mode).map(|_| ()).map_err(|source| SteerError::Attach {
-        iface: iface.to_owned(),
-        mode,
-        source,
-    })
+    xdp_prog(ebpf)?
+        .attach(iface, aya_mode)
+        .map(|_| ())
+        .map_err(|source| SteerError::Attach {
+            iface: iface.to_owned(),
+            mode,
+            source,
+        })
 }
 
 impl Steering {
@@ -273,20 +294,21 @@ impl Steering {
         if queue >= MAX_QUEUES {
             return Err(SteerError::QueueOutOfRange { queue });
         }
-        let map = self
-            .ebpf
-            .map_mut(MAP_XSKS)
-            .ok_or(SteerError::Missing { kind: "map", name: MAP_XSKS })?;
+        let map = self.ebpf.map_mut(MAP_XSKS).ok_or(SteerError::Missing {
+            kind: "map",
+            name: MAP_XSKS,
+        })?;
         let mut xsks = XskMap::try_from(map).map_err(|source| SteerError::Map {
             map: MAP_XSKS,
             op: "open",
             source,
         })?;
-        xsks.set(queue, fd.as_raw_fd(), 0).map_err(|source| SteerError::Map {
-            map: MAP_XSKS,
-            op: "set",
-            source,
-        })
+        xsks.set(queue, fd.as_raw_fd(), 0)
+            .map_err(|source| SteerError::Map {
+                map: MAP_XSKS,
+                op: "set",
+                source,
+            })
     }
 
     /// Removes the socket of RX queue `queue` from the XSKMAP (its frames then pass to the kernel).
@@ -294,16 +316,20 @@ impl Steering {
         if queue >= MAX_QUEUES {
             return Err(SteerError::QueueOutOfRange { queue });
         }
-        let map = self
-            .ebpf
-            .map_mut(MAP_XSKS)
-            .ok_or(SteerError::Missing { kind: "map", name: MAP_XSKS })?;
+        let map = self.ebpf.map_mut(MAP_XSKS).ok_or(SteerError::Missing {
+            kind: "map",
+            name: MAP_XSKS,
+        })?;
         let mut xsks = XskMap::try_from(map).map_err(|source| SteerError::Map {
             map: MAP_XSKS,
             op: "open",
             source,
         })?;
-        xsks.unset(queue).map_err(|source| SteerError::Map { map: MAP_XSKS, op: "unset", source })
+        xsks.unset(queue).map_err(|source| SteerError::Map {
+            map: MAP_XSKS,
+            op: "unset",
+            source,
+        })
     }
 
     /// Starts steering with the remembered config. Call after registering the sockets.
@@ -332,20 +358,22 @@ impl Steering {
     }
 
     fn write_config(&mut self, cfg: SteerConfig) -> Result<(), SteerError> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_CONFIG)
-            .ok_or(SteerError::Missing { kind: "map", name: MAP_CONFIG })?;
-        let mut arr: Array<_, PodConfig> = Array::try_from(map).map_err(|source| SteerError::Map {
-            map: MAP_CONFIG,
-            op: "open",
-            source,
+        let map = self.ebpf.map_mut(MAP_CONFIG).ok_or(SteerError::Missing {
+            kind: "map",
+            name: MAP_CONFIG,
         })?;
-        arr.set(0, PodConfig(cfg), 0).map_err(|source| SteerError::Map {
-            map: MAP_CONFIG,
-            op: "set",
-            source,
-        })
+        let mut arr: Array<_, PodConfig> =
+            Array::try_from(map).map_err(|source| SteerError::Map {
+                map: MAP_CONFIG,
+                op: "open",
+                source,
+            })?;
+        arr.set(0, PodConfig(cfg), 0)
+            .map_err(|source| SteerError::Map {
+                map: MAP_CONFIG,
+                op: "set",
+                source,
+            })
     }
 
     /// Replaces the set of accepted guard prefixes (`magic[4] | cookie[8]`). Prefixes already in
@@ -373,28 +401,30 @@ impl Steering {
 
     fn write_guard(&mut self) -> Result<(), SteerError> {
         let table = self.guard;
-        let map = self
-            .ebpf
-            .map_mut(MAP_GUARD)
-            .ok_or(SteerError::Missing { kind: "map", name: MAP_GUARD })?;
-        let mut arr: Array<_, PodGuard> = Array::try_from(map).map_err(|source| SteerError::Map {
-            map: MAP_GUARD,
-            op: "open",
-            source,
+        let map = self.ebpf.map_mut(MAP_GUARD).ok_or(SteerError::Missing {
+            kind: "map",
+            name: MAP_GUARD,
         })?;
-        arr.set(0, PodGuard(table), 0).map_err(|source| SteerError::Map {
-            map: MAP_GUARD,
-            op: "set",
-            source,
-        })
+        let mut arr: Array<_, PodGuard> =
+            Array::try_from(map).map_err(|source| SteerError::Map {
+                map: MAP_GUARD,
+                op: "open",
+                source,
+            })?;
+        arr.set(0, PodGuard(table), 0)
+            .map_err(|source| SteerError::Map {
+                map: MAP_GUARD,
+                op: "set",
+                source,
+            })
     }
 
     /// The XDP counters summed over CPUs, indexed by [`XdpCounter`].
     pub fn counters(&self) -> Result<[u64; COUNTERS], SteerError> {
-        let map = self
-            .ebpf
-            .map(MAP_COUNTERS)
-            .ok_or(SteerError::Missing { kind: "map", name: MAP_COUNTERS })?;
+        let map = self.ebpf.map(MAP_COUNTERS).ok_or(SteerError::Missing {
+            kind: "map",
+            name: MAP_COUNTERS,
+        })?;
         let arr: PerCpuArray<_, u64> =
             PerCpuArray::try_from(map).map_err(|source| SteerError::Map {
                 map: MAP_COUNTERS,
@@ -427,9 +457,16 @@ pub fn plan_guard_table(
     current: &GuardTable,
     prefixes: &[[u8; GUARD_PREFIX_LEN]],
 ) -> Result<GuardTable, SteerError> {
-    let distinct = prefixes.iter().enumerate().filter(|(k, p)| !prefixes[..*k].contains(p)).count();
+    let distinct = prefixes
+        .iter()
+        .enumerate()
+        .filter(|(k, p)| !prefixes[..*k].contains(p))
+        .count();
     if distinct > GUARD_SLOTS {
-        return Err(SteerError::TooManyGuardPrefixes { given: distinct, max: GUARD_SLOTS });
+        return Err(SteerError::TooManyGuardPrefixes {
+            given: distinct,
+            max: GUARD_SLOTS,
+        });
     }
     let mut next = GuardTable::default();
     // Keep existing slots that stay valid.
@@ -527,7 +564,10 @@ mod tests {
         let many: Vec<_> = (0..=GUARD_SLOTS as u8).map(p).collect();
         assert!(matches!(
             plan_guard_table(&GuardTable::default(), &many),
-            Err(SteerError::TooManyGuardPrefixes { max: GUARD_SLOTS, .. })
+            Err(SteerError::TooManyGuardPrefixes {
+                max: GUARD_SLOTS,
+                ..
+            })
         ));
         let empty = plan_guard_table(&t, &[]).unwrap();
         assert_eq!(empty, GuardTable::default());

@@ -122,7 +122,7 @@ pub fn heap_sample_rate() -> usize {
     SAMPLE_RATE.load(Ordering::Relaxed)
 }
 
-/// Whether [`TrackingAlloc`] is the global allocator (it has served at least one allocation).
+/// Whether [`TrackingAlloc`] is the global allocator (it has sampled at least one allocation).
 pub fn heap_tracking_installed() -> bool {
     INSTALLED.load(Ordering::Relaxed)
 }

@@ -187,8 +187,8 @@ impl Dumper {
                     let _ = write!(out, "  fec seqid={} {kind}", p.seqid);
                     if let Some((d, par)) = self.fec {
                         let n = (d + par) as u32;
-                        if n > 0 {
-                            let _ = write!(out, " (group {}, shard {})", p.seqid / n, p.seqid % n);
+                        if let (Some(g), Some(i)) = (p.seqid.checked_div(n), p.seqid.checked_rem(n)) {
+                            let _ = write!(out, " (group {g}, shard {i})");
                         }
                     }
                     let _ = writeln!(out, " {} bytes", p.payload.len());
@@ -340,21 +340,18 @@ impl Dumper {
 
 /// Appends a decoded paqet per-stream header if the PSH data starts with one.
 fn describe_paqet_header(out: &mut String, data: &[u8]) {
-    match header::Header::parse(data) {
-        Ok(Some((h, _))) => {
-            let _ = match h {
-                header::Header::Ping => write!(out, " paqet PPING"),
-                header::Header::Pong => write!(out, " paqet PPONG"),
-                header::Header::TcpFlags(f) => {
-                    let list: Vec<String> = f.iter().map(|b| TcpFlags(*b).to_string()).collect();
-                    write!(out, " paqet PTCPF [{}]", list.join(","))
-                }
-                header::Header::Tcp { host, port } => write!(out, " paqet PTCP {host}:{port}"),
-                header::Header::Udp { host, port } => write!(out, " paqet PUDP {host}:{port}"),
-            };
-        }
-        // Not a header (stream payload that happens to start with 'P'), or cut by the segment end.
-        Ok(None) | Err(_) => {}
+    // Not a header (stream payload that happens to start with 'P'), or cut by the segment end: nothing.
+    if let Ok(Some((h, _))) = header::Header::parse(data) {
+        let _ = match h {
+            header::Header::Ping => write!(out, " paqet PPING"),
+            header::Header::Pong => write!(out, " paqet PPONG"),
+            header::Header::TcpFlags(f) => {
+                let list: Vec<String> = f.iter().map(|b| TcpFlags(*b).to_string()).collect();
+                write!(out, " paqet PTCPF [{}]", list.join(","))
+            }
+            header::Header::Tcp { host, port } => write!(out, " paqet PTCP {host}:{port}"),
+            header::Header::Udp { host, port } => write!(out, " paqet PUDP {host}:{port}"),
+        };
     }
 }
 
@@ -454,7 +451,7 @@ pub fn run_live(
         match cap.next_packet() {
             Ok(p) => {
                 let ts = p.header.ts;
-                let micros = (ts.tv_sec as i64).max(0) as u64 * 1_000_000 + (ts.tv_usec as i64).max(0) as u64;
+                let micros = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(ts.tv_usec).unwrap_or(0);
                 let text = dumper.describe(micros, p.data);
                 out.write_all(text.as_bytes())?;
                 out.flush()?;

@@ -313,7 +313,7 @@ fn push_msg(out: &mut Vec<u8>, msg_type: u16, flags: u16, seq: u32, queue: u16, 
         out.extend_from_slice(&((4 + val.len()) as u16).to_ne_bytes());
         out.extend_from_slice(&ty.to_ne_bytes());
         out.extend_from_slice(val);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     }

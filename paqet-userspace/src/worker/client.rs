@@ -173,7 +173,44 @@ pub(crate) fn start(shared: &Shared, factory: IoFactory) -> Result<(), TunnelErr
     for slot in 0..n {
         dial_slot(shared, slot)?;
     }
+    tokio::task::spawn_local(maintain(shared.clone()));
     Ok(())
+}
+
+/// Dead slots whose backoff elapsed (their sessions were removed by the core).
+fn due_slots(shared: &Shared) -> Vec<usize> {
+    let c = shared.borrow();
+    let now = Instant::now();
+    c.client
+        .slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.session.is_none() && s.next_try <= now)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Re-dials dead slots whose backoff elapsed; a failed dial doubles the slot's backoff.
+fn redial_due(shared: &Shared) {
+    for slot in due_slots(shared) {
+        if let Err(e) = dial_slot(shared, slot) {
+            warn!(slot, error = %e, "re-dial failed");
+            let mut c = shared.borrow_mut();
+            if let Some(s) = c.client.slots.get_mut(slot) {
+                s.next_try = Instant::now() + s.backoff;
+                s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Background task: keeps `transport.conn` sessions up, so a dead one is replaced even while no new
+/// stream is being opened (the others keep working meanwhile).
+async fn maintain(shared: Shared) {
+    loop {
+        tokio::time::sleep(MIN_BACKOFF).await;
+        redial_due(&shared);
+    }
 }
 
 /// Handle the front ends use to open tunnel streams. Cheap to clone; `!Send` (lives on the worker).
@@ -231,30 +268,12 @@ impl Tunnel {
         let deadline = Instant::now() + OPEN_TIMEOUT;
         loop {
             // Re-dial dead slots whose backoff elapsed.
-            let redial: Vec<usize> = {
-                let c = self.shared.borrow();
-                if c.cfg.role != Role::Client {
+            {
+                if self.shared.borrow().cfg.role != Role::Client {
                     return Err(TunnelError::NotClient);
                 }
-                let now = Instant::now();
-                c.client
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.session.is_none() && s.next_try <= now)
-                    .map(|(i, _)| i)
-                    .collect()
-            };
-            for slot in redial {
-                if let Err(e) = dial_slot(&self.shared, slot) {
-                    warn!(slot, error = %e, "re-dial failed");
-                    let mut c = self.shared.borrow_mut();
-                    if let Some(s) = c.client.slots.get_mut(slot) {
-                        s.next_try = Instant::now() + s.backoff;
-                        s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
             }
+            redial_due(&self.shared);
             {
                 let mut guard = self.shared.borrow_mut();
                 let c = &mut *guard;

@@ -314,6 +314,10 @@ impl Core {
             slot.wake_all();
         }
         self.stats.sessions_closed += 1;
+        if self.cfg.role == Role::Server && !self.by_peer.keys().any(|(_, p)| *p == e.peer) {
+            // The client re-sends PTCPF at the start of any new session.
+            self.peer_flags.remove(&e.peer);
+        }
         info!(peer = %e.peer, conv = e.session.conv(), streams = e.streams.len(), reason = why, "session closed");
         if self.cfg.role == Role::Client {
             if let Some(l) = self.links.get(&e.link) {
@@ -374,9 +378,13 @@ impl Core {
             }
         }
         e.deadline = e.session.poll_deadline(now);
-        // Stream buffers may have drained or filled: let blocked tasks retry (they re-register if not).
+        // Blocked writers retry after every flush (KCP may have taken smux's queue, freeing send buffer);
+        // they re-register if still blocked. Readers are woken by smux's Readable/Fin events only, so idle
+        // streams cost nothing here.
         for slot in e.streams.values_mut() {
-            slot.wake_all();
+            if let Some(w) = slot.write.take() {
+                w.wake();
+            }
         }
         self.dispatch_events(id);
     }

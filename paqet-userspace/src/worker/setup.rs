@@ -139,6 +139,8 @@ pub fn pcap_factory(iface: String, sockbuf: usize) -> IoFactory {
     Box::new(move |port: u16| -> std::io::Result<Box<dyn PacketIo>> {
         let mut pc = PcapConfig::new(iface.clone(), port);
         pc.sockbuf = sockbuf;
+        // The worker flushes after every session transmit pass, so frames may be batched (sendmmsg).
+        pc.tx_batch = crate::io::pcap::MAX_TX_BATCH;
         let io = PcapIo::open(pc).map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Box::new(io))
     })
