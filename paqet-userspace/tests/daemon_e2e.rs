@@ -237,12 +237,15 @@ protocol = "udp"
             c.set_read_timeout(Some(Duration::from_secs(60)))?;
             c.set_write_timeout(Some(Duration::from_secs(60)))?;
             let data = pattern(16 << 20);
+            let t0 = Instant::now();
             let mut w = c.try_clone()?;
             let to_send = data.clone();
             let writer = std::thread::spawn(move || w.write_all(&to_send));
             let mut got = vec![0u8; data.len()];
             c.read_exact(&mut got)?;
             writer.join().expect("writer thread")?;
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!("16 MiB each way in {secs:.2} s ({:.1} MB/s per direction)", 16.0 * 1.048576 / secs);
             // UDP: one request/response through the UDP forward.
             let u = UdpSocket::bind("127.0.0.1:0")?;
             u.set_read_timeout(Some(Duration::from_secs(2)))?;

@@ -405,14 +405,14 @@ fn dev_counter(ns: &Netns, dev: &str, name: &str) -> u64 {
 /// (batch 32) and `pcap_sendpacket` with
 /// 1400-byte frames (3 rounds each, alternating) and checks every method delivers (B's veth RX
 /// counter). Frames carry a foreign destination MAC so B's stack drops them early and only the
-/// TX path is measured. Run with `--ignored --nocapture`.
+/// TX path is exercised. Every method must deliver every frame; the rates are printed for information
+/// only (`--nocapture`), never asserted.
 #[test]
-#[ignore = "measurement; run explicitly"]
-fn tx_methods_compare() {
+fn tx_methods_all_deliver() {
     if skip() {
         return;
     }
-    const N: u64 = 100_000;
+    const N: u64 = 5_000;
     let t = Topo::new("t");
     let _in_a = t.ns_a.enter().unwrap();
     let iface = t.veth.a.as_str();
@@ -423,7 +423,7 @@ fn tx_methods_compare() {
     build_frame(
         &mut frame, mac_a, foreign, t.ip_a, t.ip_b, 40000, PORT, &payload,
     );
-    for round in 0..3 {
+    for round in 0..1 {
         for (method, batch, bypass) in [
             (TxMethod::AfPacket, 1, false),
             (TxMethod::AfPacket, 1, true),
@@ -453,7 +453,7 @@ fn tx_methods_compare() {
                 N as f64 * 1400.0 * 8.0 / el.as_secs_f64() / 1e9,
             );
             assert_eq!(tx.stats().tx_frames, N);
-            assert!(delivered > 0, "{method:?}: nothing delivered");
+            assert!(delivered >= N, "{method:?}: only {delivered} of {N} frames delivered");
         }
     }
 }

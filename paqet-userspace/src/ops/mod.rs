@@ -4,9 +4,11 @@
 //! - [`http`]: the ops HTTP server (`/metrics`, `/healthz`, `/readyz`, `/debug/pprof/*`) on its own thread.
 //! - [`pprof`]: CPU profiles (99 Hz) and the sampling heap profiler ([`pprof::TrackingAlloc`]).
 pub mod http;
+pub mod hub;
 pub mod metrics;
 pub mod pprof;
 
+pub use hub::MetricsHub;
 pub use http::{readiness, serve, spawn_ops_thread, OpsState, ReadyFn, SnapshotFn};
 pub use metrics::{
     AfXdpStats, DataPathMode, KcpRetrans, Metrics, RoleLabel, Snapshot, WorkerSnapshot, CONTENT_TYPE, METRIC_NAMES,

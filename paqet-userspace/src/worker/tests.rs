@@ -330,3 +330,48 @@ fn client_stream_sequence_matches_upstream() {
         assert!(!data[&9].1, "the user stream stays open");
     });
 }
+
+/// Spec §3.5: the same source with a different conv and sn 0 replaces the old session (a client restarted
+/// with the same port); other conv changes mid-stream are not a new session.
+#[test]
+fn new_conversation_from_the_same_source_replaces_the_session() {
+    use crate::proto::session::Session;
+    use crate::wire::envelope::EnvelopeBuilder;
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let (mut a, b) = mem::pair(4096);
+        let server = start(cfg(Role::Server, Limits::default(), None), once(b)).expect("server start");
+        let shared = server.shared;
+        let scfg = session_cfg(BlockMode::Aes);
+        let mut env =
+            EnvelopeBuilder::new([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], CLIENT.parse().unwrap(), SERVER.parse().unwrap(), 1)
+                .unwrap();
+        let start_at = std::time::Instant::now();
+        // Opens a stream on a fresh client session with `conv` and pushes its datagrams to the server.
+        let mut push = |conv: u32| {
+            let now = start_at.elapsed().as_millis() as u32;
+            let mut s = Session::new(Role::Client, conv, &scfg, now);
+            let sid = s.open_stream().unwrap();
+            s.write(sid, &[0x50, 0x01, 0x01, 0x00, 0x00]).unwrap(); // PING
+            s.poll_transmit(now, &mut |dgram: &[u8]| {
+                let mut out = vec![0u8; 128 + dgram.len()];
+                let n = env.emit_with_payload(TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0), dgram, &mut out).unwrap();
+                a.send(&out[..n]).unwrap();
+            });
+        };
+        push(0x1111_1111);
+        until(&shared, |c| c.session_count() == 1).await;
+        let first = shared.borrow().sessions.values().next().unwrap().session.conv();
+        assert_eq!(first, 0x1111_1111);
+        // Restarted client, same address, new conv: the old session goes, the retransmission opens the new one.
+        push(0x2222_2222);
+        until(&shared, |c| c.stats.sessions_replaced == 1).await;
+        push(0x2222_2222);
+        until(&shared, |c| c.sessions.values().any(|e| e.session.conv() == 0x2222_2222)).await;
+        let c = shared.borrow();
+        assert_eq!(c.session_count(), 1);
+        assert_eq!(c.stats.sessions_opened, 2);
+    });
+}
