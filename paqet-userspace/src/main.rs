@@ -1,12 +1,21 @@
-//! `paqet-dp`: command-line entry point (spec §1 + issue 3).
-use std::path::PathBuf;
+//! `paqet-dp`: command-line entry point (spec §1 + issues 3 and 5).
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use paqet::config::{Config, LogLevel};
-use paqet::worker::setup;
+use paqet::config::{Config, ConfigError, IoBackend, LogLevel};
+use paqet::ops::{DataPathMode, MetricsHub};
+use paqet::worker::setup::{self, DaemonOptions, OpsServers, XdpMode};
+
+/// The sampling heap profiler behind `/debug/pprof/heap` (forwards every call to the system allocator).
+#[global_allocator]
+static ALLOC: paqet::ops::TrackingAlloc = paqet::ops::TrackingAlloc;
+
+const DEFAULT_CONFIG: &str = "/etc/paqet-dp/paqet.toml";
 
 #[derive(Parser)]
 #[command(name = "paqet-dp", about = "KCP transport over raw TCP packets (wire-compatible paqet)", version)]
@@ -15,11 +24,18 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// `run --mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum DataPlane {
-    /// pcap for now (the XDP data plane is not built yet).
+    /// `io.backend` from the config (`auto` = pcap until the XDP data plane is wired).
     Auto,
+    /// XDP + AF_XDP, native mode when the driver supports it, else generic.
     Xdp,
+    /// XDP + AF_XDP in driver (native) mode.
+    XdpNative,
+    /// XDP + AF_XDP in generic (skb) mode.
+    XdpGeneric,
+    /// libpcap capture and raw injection (upstream's data path).
     Pcap,
 }
 
@@ -28,7 +44,7 @@ enum Cmd {
     /// Run as client or server (per `role`) until SIGINT/SIGTERM.
     Run {
         /// Configuration file (TOML, or an upstream paqet YAML file).
-        #[arg(short = 'c', long = "config", default_value = "/etc/paqet-dp/paqet.toml")]
+        #[arg(short = 'c', long = "config", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Override `network.interface`.
         #[arg(long)]
@@ -36,18 +52,52 @@ enum Cmd {
         /// Packet data plane.
         #[arg(long, value_enum, default_value = "auto")]
         mode: DataPlane,
+        /// Add the iptables NOTRACK / RST-drop rules the host needs, and remove them on exit.
+        #[arg(long)]
+        manage_firewall: bool,
+        /// File whose content (trimmed) replaces `transport.kcp.key`.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Print a new random key (64 lowercase hex characters; used as text, never hex-decoded).
     Secret,
     /// A PING/PONG round trip through the tunnel (client config), printing the RTT.
     Ping {
-        #[arg(short = 'c', long = "config", default_value = "/etc/paqet-dp/paqet.toml")]
+        #[arg(short = 'c', long = "config", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         #[arg(long)]
         iface: Option<String>,
         /// Number of round trips.
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// File whose content (trimmed) replaces `transport.kcp.key`.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Capture tunnel packets and decode them with the configured key (envelope, crypto, KCP, smux).
+    Dump {
+        #[arg(short = 'c', long = "config", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        iface: Option<String>,
+        /// Stop after this many frames (default: until SIGINT).
+        #[arg(long)]
+        count: Option<usize>,
+        /// File whose content (trimmed) replaces `transport.kcp.key`.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Check the host against the production runbook (exit 0: fine, 1: warnings, 2: failures).
+    Doctor {
+        /// Interface to check (default: the default route's).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Configuration whose `network.interface` and `network.pcap.sockbuf` are checked.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
     },
     /// Print version information.
     Version,
@@ -60,12 +110,13 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ConfigCmd {
-    /// Validate a configuration file (all problems are listed).
+    /// Validate a configuration file (all problems are listed; exit 1 on errors).
     Check { file: PathBuf },
     /// Convert an upstream paqet YAML file to paqet-dp TOML (printed on stdout).
     Import { file: PathBuf },
 }
 
+/// Installs the log subscriber at `level` (upstream's names); `PAQET_LOG` (an `EnvFilter`) overrides.
 fn init_logs(level: LogLevel) {
     let filter = match level {
         LogLevel::None => "off",
@@ -81,11 +132,36 @@ fn init_logs(level: LogLevel) {
         .try_init();
 }
 
-fn load(path: &PathBuf) -> anyhow::Result<Config> {
-    let loaded = Config::load(path).with_context(|| format!("config {}", path.display()))?;
+/// Reads a key file: its content without surrounding whitespace, which must not be empty.
+fn read_key_file(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--key-file {}", path.display()))?;
+    let key = text.trim();
+    if key.is_empty() {
+        bail!("--key-file {}: the file is empty", path.display());
+    }
+    Ok(key.to_owned())
+}
+
+/// A load error naming the file once (a read error already names it).
+fn config_error(path: &Path, e: ConfigError) -> anyhow::Error {
+    match e {
+        ConfigError::Io { .. } => anyhow::anyhow!("{e}"),
+        other => anyhow::anyhow!("config {}: {other}", path.display()),
+    }
+}
+
+/// Loads `path` (TOML or upstream YAML), starts logging at its level, logs its warnings and applies
+/// `--key-file`.
+fn load(path: &Path, key_file: Option<&Path>) -> anyhow::Result<Config> {
+    let loaded = Config::load(path).map_err(|e| config_error(path, e))?;
     init_logs(loaded.config.log_level);
     loaded.log_warnings();
-    Ok(loaded.config)
+    let mut cfg = loaded.config;
+    if let Some(kf) = key_file {
+        cfg.transport.kcp.key = read_key_file(kf)?;
+        tracing::debug!(file = %kf.display(), "transport.kcp.key read from the key file");
+    }
+    Ok(cfg)
 }
 
 fn secret() -> anyhow::Result<()> {
@@ -94,6 +170,23 @@ fn secret() -> anyhow::Result<()> {
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
     println!("{hex}");
     Ok(())
+}
+
+fn version() {
+    let commit = option_env!("PAQET_GIT_COMMIT").or(option_env!("GIT_COMMIT")).unwrap_or("unknown");
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let env = if cfg!(target_env = "gnu") {
+        "-gnu"
+    } else if cfg!(target_env = "musl") {
+        "-musl"
+    } else {
+        ""
+    };
+    println!("paqet-dp {}", env!("CARGO_PKG_VERSION"));
+    println!("Wire: paqet v1.0.0-alpha.21");
+    println!("Commit: {commit}");
+    println!("Profile: {profile}");
+    println!("Target: {}-{}{env}", std::env::consts::ARCH, std::env::consts::OS);
 }
 
 fn ping(cfg: &Config, iface: &str, count: u32) -> anyhow::Result<()> {
@@ -107,34 +200,159 @@ fn ping(cfg: &Config, iface: &str, count: u32) -> anyhow::Result<()> {
     local.block_on(&rt, async move {
         let started = paqet::worker::start(wcfg, factory)?;
         let tunnel = started.tunnel.context("client worker without a tunnel")?;
+        let server = cfg.server.as_ref().map(|s| s.to_string()).unwrap_or_default();
         for i in 0..count.max(1) {
             let rtt = tokio::time::timeout(std::time::Duration::from_secs(10), tunnel.ping())
                 .await
                 .context("no PONG within 10 s")??;
-            println!("pong {} from {}: rtt {:.3} ms", i + 1, cfg.server.as_ref().map(|s| s.to_string()).unwrap_or_default(), rtt.as_secs_f64() * 1e3);
+            println!("pong {} from {server}: rtt {:.3} ms", i + 1, rtt.as_secs_f64() * 1e3);
         }
         Ok::<(), anyhow::Error>(())
     })
 }
 
-fn real_main() -> anyhow::Result<()> {
+/// Sets `flag` on the first SIGINT or SIGTERM (a helper thread with its own small runtime).
+fn stop_on_signal(flag: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    // Install the handlers before returning so an early SIGINT is not lost.
+    let (mut term, mut int) = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+    })?;
+    std::thread::Builder::new().name("paqet-signal".into()).spawn(move || {
+        rt.block_on(async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+        flag.store(true, Ordering::Relaxed);
+    })?;
+    Ok(())
+}
+
+fn dump(cfg: &Config, iface: &str, count: Option<usize>) -> anyhow::Result<()> {
+    let k = &cfg.transport.kcp;
+    let mode = k.block.parse().map_err(|e| anyhow::anyhow!("transport.kcp.block = {:?}: {e}", k.block))?;
+    let crypto = paqet::wire::crypt::Crypto::new(mode, &k.key).map_err(|e| anyhow::anyhow!("transport.kcp.key: {e}"))?;
+    let fec = cfg.fec().map(|(d, p)| (d as usize, p as usize));
+    // The tunnel port: the server's port on a client (its own is random), the listening port on a server.
+    let port = match &cfg.server {
+        Some(s) if cfg.is_client() => s.port,
+        _ => cfg.local_port(),
+    };
+    let mut dumper = paqet::tools::dump::Dumper::new(Some(crypto), fec, port);
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(stop.clone())?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let n = paqet::tools::dump::run_live(iface, port, &mut dumper, count, &stop, &mut out)?;
+    eprintln!("{n} frame(s) captured on {iface}");
+    Ok(())
+}
+
+fn doctor(iface: Option<String>, json: bool, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let mut opts = paqet::doctor::DoctorOptions { iface, ..Default::default() };
+    if let Some(path) = config {
+        let loaded = Config::load(&path).map_err(|e| config_error(&path, e))?;
+        if opts.iface.is_none() && !loaded.config.network.interface.is_empty() {
+            opts.iface = Some(loaded.config.network.interface.clone());
+        }
+        opts.pcap_sockbuf = Some(u64::from(loaded.config.network.pcap_sockbuf));
+    }
+    let report = paqet::doctor::run(&opts);
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(ExitCode::from(u8::try_from(report.exit_code()).unwrap_or(2)))
+}
+
+/// `config check`: "ok" and the warnings, or every error; exit 1 on errors.
+fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
+    match Config::load(file) {
+        Ok(loaded) => {
+            println!("ok: {} ({} role)", file.display(), loaded.config.role);
+            for w in &loaded.warnings {
+                println!("warning: {w}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ConfigError::Invalid { errors, warnings }) => {
+            println!("{}: {} error(s)", file.display(), errors.len());
+            for e in &errors {
+                println!("error: {e}");
+            }
+            for w in &warnings {
+                println!("warning: {w}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            // Read and syntax errors: the read error names the file; a syntax error needs it added.
+            match e {
+                ConfigError::Io { .. } => println!("error: {e}"),
+                other => println!("error: {}: {other}", file.display()),
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// `run`: loads the config, starts the ops servers and runs the chosen data plane until a signal.
+fn run(
+    config: &Path,
+    iface: Option<String>,
+    mode: DataPlane,
+    manage_firewall: bool,
+    key_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let cfg = load(config, key_file)?;
+    match paqet::io::route::raise_nofile_limit() {
+        Ok((soft, hard)) => tracing::debug!(soft, hard, "RLIMIT_NOFILE raised"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
+    let iface = iface.unwrap_or_else(|| cfg.network.interface.clone());
+    if iface.is_empty() {
+        bail!("no interface: set network.interface or pass --iface");
+    }
+    let xdp = match mode {
+        DataPlane::Pcap => None,
+        DataPlane::Xdp => Some(XdpMode::Any),
+        DataPlane::XdpNative => Some(XdpMode::Native),
+        DataPlane::XdpGeneric => Some(XdpMode::Generic),
+        DataPlane::Auto => match cfg.io.backend {
+            IoBackend::Afxdp => Some(XdpMode::Any),
+            // `auto` stays on pcap until the XDP data plane is wired into the daemon.
+            IoBackend::Auto | IoBackend::Pcap => None,
+        },
+    };
+    let dp = match xdp {
+        None => DataPathMode::Pcap,
+        Some(XdpMode::Generic) => DataPathMode::XdpGeneric,
+        Some(_) => DataPathMode::XdpNative,
+    };
+    let hub = MetricsHub::new(setup::role_label(&cfg), dp, 1);
+    let mut ops = OpsServers::start(&cfg, &hub)?;
+    let opts = DaemonOptions::new(hub).with_manage_firewall(manage_firewall);
+    let result = match xdp {
+        None => setup::run_daemon(&cfg, &iface, opts),
+        Some(m) => setup::run_xdp(&cfg, &iface, m, opts),
+    };
+    ops.shutdown();
+    result
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Secret => secret(),
+        Cmd::Secret => secret().map(|()| ExitCode::SUCCESS),
         Cmd::Version => {
-            println!("Version: {}", env!("CARGO_PKG_VERSION"));
-            println!("Wire: paqet v1.0.0-alpha.21");
-            println!("Platform: {}/{}", std::env::consts::OS, std::env::consts::ARCH);
-            Ok(())
+            version();
+            Ok(ExitCode::SUCCESS)
         }
-        Cmd::Config { cmd: ConfigCmd::Check { file } } => {
-            let loaded = Config::load(&file).with_context(|| format!("config {}", file.display()))?;
-            for w in &loaded.warnings {
-                eprintln!("warning: {w}");
-            }
-            println!("{}: OK ({} role)", file.display(), loaded.config.role);
-            Ok(())
-        }
+        Cmd::Config { cmd: ConfigCmd::Check { file } } => config_check(&file),
         Cmd::Config { cmd: ConfigCmd::Import { file } } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let loaded = Config::from_yaml_str(&text).with_context(|| format!("config {}", file.display()))?;
@@ -142,31 +360,28 @@ fn real_main() -> anyhow::Result<()> {
                 eprintln!("warning: {w}");
             }
             print!("{}", loaded.config.to_toml_string());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Cmd::Ping { config, iface, count } => {
-            let cfg = load(&config)?;
+        Cmd::Doctor { iface, json, config } => doctor(iface, json, config),
+        Cmd::Ping { config, iface, count, key_file } => {
+            let cfg = load(&config, key_file.as_deref())?;
             let iface = iface.unwrap_or_else(|| cfg.network.interface.clone());
-            ping(&cfg, &iface, count)
+            ping(&cfg, &iface, count).map(|()| ExitCode::SUCCESS)
         }
-        Cmd::Run { config, iface, mode } => {
-            if mode == DataPlane::Xdp {
-                bail!("XDP data plane not built yet (use --mode pcap or auto)");
-            }
-            let cfg = load(&config)?;
-            match paqet::io::route::raise_nofile_limit() {
-                Ok((soft, hard)) => tracing::debug!(soft, hard, "RLIMIT_NOFILE raised"),
-                Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
-            }
+        Cmd::Dump { config, iface, count, key_file } => {
+            let cfg = load(&config, key_file.as_deref())?;
             let iface = iface.unwrap_or_else(|| cfg.network.interface.clone());
-            setup::run_daemon(&cfg, &iface)
+            dump(&cfg, &iface, count).map(|()| ExitCode::SUCCESS)
+        }
+        Cmd::Run { config, iface, mode, manage_firewall, key_file } => {
+            run(&config, iface, mode, manage_firewall, key_file.as_deref()).map(|()| ExitCode::SUCCESS)
         }
     }
 }
 
 fn main() -> ExitCode {
     match real_main() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("paqet-dp: {e:#}");

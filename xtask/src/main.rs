@@ -1,88 +1,172 @@
 //! `cargo xtask <command>`: developer tasks that are more than one cargo call.
 //!
-//! - `bench [FILTER…]`: runs the criterion benchmarks of `paqet-userspace` and prints a markdown table of
-//!   throughput (bytes/s per core) from criterion's estimates, for `docs/benchmarks.md`.
+//! - `bench [micro|tunnel|all] [OPTIONS] [-- CRITERION ARGS]` (default `all`): benchmarks, reported as
+//!   figures measured side by side in one run (ratios), printed as markdown and written to
+//!   `target/bench-report.md`.
+//!   - `micro`: the criterion benches of `paqet-userspace` and a table of bytes/s per core.
+//!   - `tunnel` (root): plain TCP vs the tunnel (fast, fast3 with 2048-packet windows) on one veth pair in two
+//!     namespaces: bulk throughput + CPU, request latency, RSS with idle streams, per data-path mode.
+//! - `bench-report`: prints the criterion table from existing results only.
+mod flood;
+mod micro;
+mod sys;
+mod tunnel;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+const USAGE: &str = "usage: cargo xtask bench [micro|tunnel|all] [--modes pcap,xdp-native,xdp-generic] [--secs N]
+                        [--streams 1000,10000] [--requests N] [--flood-secs N] [--guard] [--bin PATH]
+                        [-- CRITERION ARGS]
+       cargo xtask bench-report";
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
-        Some("bench-report") => report(),
+        Some("bench-report") => {
+            print!("{}", micro::table(&root())?);
+            Ok(())
+        }
         _ => {
-            eprintln!("usage: cargo xtask bench [criterion filter…] | bench-report");
+            eprintln!("{USAGE}");
             std::process::exit(2)
         }
     }
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives inside the workspace").to_path_buf()
 }
 
-fn bench(filters: &[String]) -> Result<()> {
+fn parse_list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>> {
+    v.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.trim().parse::<T>().map_err(|_| anyhow::anyhow!("{flag} {v:?}: cannot parse {s:?}")))
+        .collect()
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let mut what = "all".to_string();
+    let mut opts = tunnel::Opts {
+        bin: String::new(),
+        modes: vec!["pcap".into()],
+        secs: 10,
+        streams: vec![1000, 10000],
+        latency_n: 200,
+        flood_secs: 5,
+        guard: false,
+    };
+    let mut criterion = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |flag: &str| it.next().cloned().with_context(|| format!("{flag} needs a value\n{USAGE}"));
+        match a.as_str() {
+            "micro" | "tunnel" | "all" => what = a.clone(),
+            "--modes" => {
+                opts.modes = parse_list("--modes", &val("--modes")?)?;
+                for m in &opts.modes {
+                    if !["pcap", "xdp-native", "xdp-generic", "xdp", "auto"].contains(&m.as_str()) {
+                        bail!("--modes: unknown mode {m:?} (pcap, xdp-native, xdp-generic, xdp, auto)");
+                    }
+                }
+            }
+            "--secs" => opts.secs = val("--secs")?.parse().context("--secs")?,
+            "--streams" => opts.streams = parse_list("--streams", &val("--streams")?)?,
+            "--requests" => opts.latency_n = val("--requests")?.parse().context("--requests")?,
+            "--flood-secs" => opts.flood_secs = val("--flood-secs")?.parse().context("--flood-secs")?,
+            "--guard" => opts.guard = true,
+            "--bin" => opts.bin = val("--bin")?,
+            "--" => criterion.extend(it.by_ref().cloned()),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if opts.modes.is_empty() || opts.secs == 0 || opts.latency_n == 0 {
+        bail!("--modes, --secs and --requests must be non-empty / non-zero");
+    }
+    let root = root();
+    let mut md = String::from("# paqet-dp benchmark report\n\n");
+    md.push_str(&machine());
+    if what == "micro" || what == "all" {
+        micro::run(&root, &criterion)?;
+        md.push_str("## Micro benchmarks (criterion, one thread = one core)\n\n");
+        md.push_str(&micro::table(&root)?);
+        md.push('\n');
+    }
+    if what == "tunnel" || what == "all" {
+        if !sys::is_root() {
+            bail!("`bench {what}`: the tunnel benches need root (network namespaces, veth, pcap/XDP, iptables). \
+                   Run `sudo -E cargo xtask bench tunnel`, or `cargo xtask bench micro` without root.");
+        }
+        if opts.bin.is_empty() {
+            build_release(&root)?;
+            opts.bin = root.join("target/release/paqet-dp").to_string_lossy().into_owned();
+        }
+        md.push_str(&tunnel::run(&opts)?);
+    }
+    let out = root.join("target/bench-report.md");
+    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
+    println!("{md}");
+    eprintln!("report written to {}", out.display());
+    Ok(())
+}
+
+/// The directory holding `bpf-linker` (needed for the XDP program), from `scripts/setup.sh`'s note in
+/// `$TMPDIR/paqet-dp-bpf-linker-path` or the tool cache of `scripts/install-bpf-linker.sh`.
+fn bpf_linker_dir() -> Option<PathBuf> {
+    let tmp = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
+    if let Ok(s) = std::fs::read_to_string(Path::new(&tmp).join("paqet-dp-bpf-linker-path")) {
+        let d = PathBuf::from(s.trim());
+        if d.join("bpf-linker").is_file() {
+            return Some(d);
+        }
+    }
+    let cache = std::env::var("PAQET_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/paqet-dp-tools"));
+    std::fs::read_dir(cache)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|d| d.join("bpf-linker").is_file())
+        .max_by_key(|d| d.metadata().and_then(|m| m.modified()).ok())
+}
+
+fn build_release(root: &Path) -> Result<()> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(root()).args(["bench", "-p", "paqet-userspace", "--"]);
-    cmd.args(filters);
-    let st = cmd.status().context("running cargo bench")?;
+    let path = std::env::var("PATH").unwrap_or_default();
+    let on_path = std::env::split_paths(&path).any(|d| d.join("bpf-linker").is_file());
+    if !on_path {
+        match bpf_linker_dir() {
+            Some(d) => {
+                cmd.env("PATH", format!("{}:{path}", d.display()));
+            }
+            None => eprintln!("bench: bpf-linker not found (run scripts/setup.sh): paqet-dp is built without XDP, XDP modes will fail"),
+        }
+    }
+    let st = cmd
+        .current_dir(root)
+        .args(["build", "--release", "-p", "paqet-userspace", "--bin", "paqet-dp"])
+        .status()
+        .context("running cargo build --release")?;
     if !st.success() {
-        bail!("cargo bench failed: {st}");
-    }
-    report()
-}
-
-/// Walks target/criterion/**/new/{estimates,benchmark}.json and prints one row per benchmark.
-fn report() -> Result<()> {
-    let dir = root().join("target/criterion");
-    let mut rows = Vec::new();
-    collect(&dir, &mut rows)?;
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    println!("| benchmark | time per iteration | throughput |");
-    println!("|---|---|---|");
-    for (name, ns, bytes) in rows {
-        let tp = match bytes {
-            Some(b) if ns > 0.0 => format!("{:.1} MB/s", b as f64 / ns * 1e9 / 1e6),
-            _ => "-".into(),
-        };
-        println!("| {name} | {} | {tp} |", fmt_ns(ns));
+        bail!("cargo build --release -p paqet-userspace --bin paqet-dp failed: {st}");
     }
     Ok(())
 }
 
-fn fmt_ns(ns: f64) -> String {
-    if ns >= 1e9 {
-        format!("{:.2} s", ns / 1e9)
-    } else if ns >= 1e6 {
-        format!("{:.2} ms", ns / 1e6)
-    } else if ns >= 1e3 {
-        format!("{:.2} µs", ns / 1e3)
-    } else {
-        format!("{ns:.0} ns")
-    }
-}
-
-fn collect(dir: &Path, rows: &mut Vec<(String, f64, Option<u64>)>) -> Result<()> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(()) };
-    for e in rd {
-        let p = e?.path();
-        if !p.is_dir() {
-            continue;
-        }
-        if p.file_name().and_then(|n| n.to_str()) == Some("new") {
-            let est: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(p.join("estimates.json"))?)?;
-            let bm: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(p.join("benchmark.json"))?)?;
-            let ns = est["mean"]["point_estimate"].as_f64().unwrap_or(0.0);
-            let bytes = bm["throughput"]["Bytes"].as_u64().or_else(|| bm["throughput"]["BytesDecimal"].as_u64());
-            let name = bm["full_id"].as_str().unwrap_or("?").to_string();
-            rows.push((name, ns, bytes));
-        } else if p.file_name().and_then(|n| n.to_str()) != Some("report") {
-            collect(&p, rows)?;
-        }
-    }
-    Ok(())
+/// A short description of the machine the figures come from.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "Machine: {cores} vCPU ({cpu}), Linux {}; shared and noisy, so compare figures of the same run (ratios).\n\n",
+        kernel.trim()
+    )
 }

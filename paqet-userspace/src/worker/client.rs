@@ -43,6 +43,8 @@ pub enum TunnelError {
     Session(#[from] SessionError),
     #[error("no PONG: {0}")]
     Ping(String),
+    #[error("local port {port} already carries a session to {server} (XDP mode steers one port)")]
+    PortBusy { port: u16, server: SocketAddr },
 }
 
 /// One `transport.conn` slot.
@@ -57,6 +59,14 @@ pub(crate) struct ClientState {
     slots: Vec<Slot>,
     rr: usize,
     pub(crate) factory: Option<IoFactory>,
+    /// XDP mode: the worker's shared link (all sessions ride on it) and the port plan.
+    shared: Option<SharedPorts>,
+}
+
+/// XDP mode: the worker's shared link, which carries every session of the worker.
+#[derive(Clone, Copy, Debug)]
+struct SharedPorts {
+    link: u64,
 }
 
 impl ClientState {
@@ -68,6 +78,7 @@ impl ClientState {
                 .collect(),
             rr: 0,
             factory: None,
+            shared: None,
         }
     }
 
@@ -140,17 +151,31 @@ pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError
             0 => rand::thread_rng().gen_range(32768..=65535u16),
             p => p,
         };
-        let factory = c.client.factory.as_mut().ok_or(TunnelError::NotClient)?;
-        let io = factory(port).map_err(|source| TunnelError::Io { port, source })?;
+        if let Some(sp) = c.client.shared {
+            // The XDP program steers one destination port: a second live session on it would share the
+            // 4-tuple with the first (the server would take it for a replacement).
+            if c.has_session_on(sp.link, port, server) {
+                return Err(TunnelError::PortBusy { port, server });
+            }
+        }
         let src = SocketAddr::new(fam.addr.ip(), port);
         let env = EnvelopeBuilder::new(c.cfg.local_mac, fam.router_mac, src, server, unix_now().as_millis() as u32)
             .map_err(|e| TunnelError::Envelope { src, dst: server, msg: e.to_string() })?;
-        let (env4, env6) = if server.is_ipv4() { (Some(env), None) } else { (None, Some(env)) };
-        let (link_id, fd, retire) = c.add_link(io, port, env4, env6);
+        let (link_id, fd, retire, own_env) = match c.client.shared {
+            // XDP: the worker's queue socket carries every session; the session keeps its own envelope.
+            Some(sp) => (sp.link, None, None, Some(env)),
+            None => {
+                let factory = c.client.factory.as_mut().ok_or(TunnelError::NotClient)?;
+                let io = factory(port).map_err(|source| TunnelError::Io { port, source })?;
+                let (env4, env6) = if server.is_ipv4() { (Some(env), None) } else { (None, Some(env)) };
+                let (link_id, fd, retire) = c.add_link(io, port, env4, env6);
+                (link_id, fd, Some(retire), None)
+            }
+        };
         let conv: u32 = rand::random();
         let now = c.now();
         let session = Session::new(Role::Client, conv, &c.cfg.session, now);
-        let id = c.add_session(link_id, server, session);
+        let id = c.add_session(link_id, port, server, session, own_env);
         if let Some(s) = c.client.slots.get_mut(slot) {
             s.session = Some(id);
         }
@@ -159,7 +184,9 @@ pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError
         info!(slot, local = %src, %server, conv, "session dialled");
         (link_id, fd, retire, id)
     };
-    spawn_link_rx(shared.clone(), link_id, fd, retire);
+    if let Some(retire) = retire {
+        spawn_link_rx(shared.clone(), link_id, fd, retire);
+    }
     Ok(id)
 }
 
@@ -168,6 +195,27 @@ pub(crate) fn start(shared: &Shared, factory: IoFactory) -> Result<(), TunnelErr
     let n = {
         let mut c = shared.borrow_mut();
         c.client.factory = Some(factory);
+        c.client.slots.len()
+    };
+    for slot in 0..n {
+        dial_slot(shared, slot)?;
+    }
+    tokio::task::spawn_local(maintain(shared.clone()));
+    Ok(())
+}
+
+/// XDP mode: starts a client worker whose sessions all ride on shared link `link` (already added with
+/// [`Core::add_shared_link`], its RX task started by the caller), on the configured local port (which
+/// must be non-zero: it is the port the XDP program steers). It keeps `slots` sessions up (0 = the worker
+/// only receives frames and hands them to their owner).
+pub(crate) fn start_shared(shared: &Shared, link: u64, slots: usize) -> Result<(), TunnelError> {
+    let n = {
+        let mut c = shared.borrow_mut();
+        if c.cfg.role != Role::Client {
+            return Err(TunnelError::NotClient);
+        }
+        c.client = ClientState::new(slots);
+        c.client.shared = Some(SharedPorts { link });
         c.client.slots.len()
     };
     for slot in 0..n {

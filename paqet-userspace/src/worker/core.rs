@@ -58,6 +58,13 @@ pub struct DaemonStats {
     pub streams_opened: u64,
     /// Server: streams closed at once by `max_streams_*`.
     pub streams_rejected: u64,
+    /// XDP mode: frames that landed on this worker's queue but belong to another worker's session
+    /// (handed to the owner through its mailbox).
+    pub rx_cross_worker: u64,
+    /// XDP mode: frames that could not be handed to their owner (its mailbox was full).
+    pub rx_handoff_drops: u64,
+    /// XDP mode: frames this worker received from other workers' queues.
+    pub rx_handed_in: u64,
 }
 
 /// Wakers of one stream's reader and writer.
@@ -82,7 +89,12 @@ impl StreamSlot {
 pub(crate) struct Entry {
     pub session: Session,
     pub link: u64,
+    /// Local TCP port the session's frames carry (the link's port, or on a shared link the session's own).
+    pub local_port: u16,
     pub peer: SocketAddr,
+    /// Envelope of a session on a shared link whose source port differs from the link's (client sessions
+    /// of an XDP worker); `None` = use the link's builders.
+    pub env: Option<EnvelopeBuilder>,
     pub streams: HashMap<u32, StreamSlot>,
     pub dirty: bool,
     pub deadline: u32,
@@ -91,7 +103,11 @@ pub(crate) struct Entry {
 /// One packet-I/O backend (a "socket" in upstream's terms) with its envelope builders.
 pub(crate) struct Link {
     pub io: Box<dyn PacketIo>,
+    /// Local TCP port the link captures; 0 = any port (a shared link: frames are dispatched by their
+    /// destination port).
     pub port: u16,
+    /// Carries many sessions (an AF_XDP queue socket): a session dying does not retire it.
+    pub shared: bool,
     pub env4: Option<EnvelopeBuilder>,
     pub env6: Option<EnvelopeBuilder>,
     /// Signalled when the link must stop (its RX task then removes it).
@@ -105,7 +121,8 @@ pub struct Core {
     pub(crate) links: HashMap<u64, Link>,
     next_link: u64,
     pub(crate) sessions: HashMap<u64, Entry>,
-    by_peer: HashMap<(u64, SocketAddr), u64>,
+    /// (link, local port, peer) → session.
+    by_peer: HashMap<(u64, u16, SocketAddr), u64>,
     next_session: u64,
     dirty: Vec<u64>,
     pub(crate) notify: Rc<Notify>,
@@ -122,6 +139,8 @@ pub struct Core {
     accept_tx: Option<mpsc::UnboundedSender<(u64, u32)>>,
     pub(crate) streams_total: usize,
     pub(crate) client: ClientState,
+    /// XDP mode: where frames of other workers' sessions go.
+    pub(crate) router: Option<super::xdp::Router>,
     pub stats: DaemonStats,
 }
 
@@ -163,6 +182,7 @@ impl Core {
             accept_tx: None,
             streams_total: 0,
             client: ClientState::new(conn),
+            router: None,
             stats: DaemonStats::default(),
         }))
     }
@@ -201,6 +221,12 @@ impl Core {
             s.kernel_drops += x.kernel_drops;
             s.if_drops += x.if_drops;
             s.rx_truncated += x.rx_truncated;
+            s.xsk_rx_dropped += x.xsk_rx_dropped;
+            s.xsk_rx_ring_full += x.xsk_rx_ring_full;
+            s.xsk_fill_ring_empty += x.xsk_fill_ring_empty;
+            s.xsk_rx_invalid_descs += x.xsk_rx_invalid_descs;
+            s.xsk_tx_invalid_descs += x.xsk_tx_invalid_descs;
+            s.xsk_tx_ring_empty += x.xsk_tx_ring_empty;
         }
         s
     }
@@ -237,21 +263,55 @@ impl Core {
         self.next_link += 1;
         let fd = io.raw_fd();
         let retire = Rc::new(Notify::new());
-        self.links.insert(id, Link { io, port, env4, env6, retire: retire.clone() });
+        self.links.insert(id, Link { io, port, shared: false, env4, env6, retire: retire.clone() });
         (id, fd, retire)
     }
 
-    /// Registers a new session on `link` for `peer`; returns its id.
-    pub(crate) fn add_session(&mut self, link: u64, peer: SocketAddr, session: Session) -> u64 {
+    /// Adds a shared link (one backend carrying many sessions, e.g. an AF_XDP queue socket). `port` is
+    /// the local port to accept (server) or 0 for any (client: frames are dispatched by destination port).
+    pub(crate) fn add_shared_link(
+        &mut self,
+        io: Box<dyn PacketIo>,
+        port: u16,
+        env4: Option<EnvelopeBuilder>,
+        env6: Option<EnvelopeBuilder>,
+    ) -> (u64, Option<RawFd>, Rc<Notify>) {
+        let r = self.add_link(io, port, env4, env6);
+        if let Some(l) = self.links.get_mut(&r.0) {
+            l.shared = true;
+        }
+        r
+    }
+
+    /// Installs the cross-worker router (XDP mode).
+    pub(crate) fn set_router(&mut self, router: super::xdp::Router) {
+        self.router = Some(router);
+    }
+
+    /// True if a live session uses local port `port` on link `link` towards `peer`.
+    pub(crate) fn has_session_on(&self, link: u64, port: u16, peer: SocketAddr) -> bool {
+        self.by_peer.contains_key(&(link, port, peer))
+    }
+
+    /// Registers a new session on `link` (local port `local_port`) for `peer`; returns its id. `env` is the
+    /// session's own envelope when its source port differs from the link's.
+    pub(crate) fn add_session(
+        &mut self,
+        link: u64,
+        local_port: u16,
+        peer: SocketAddr,
+        session: Session,
+        env: Option<EnvelopeBuilder>,
+    ) -> u64 {
         let id = self.next_session;
         self.next_session += 1;
         let now = self.now();
         let deadline = session.poll_deadline(now);
         self.sessions.insert(
             id,
-            Entry { session, link, peer, streams: HashMap::new(), dirty: false, deadline },
+            Entry { session, link, local_port, peer, env, streams: HashMap::new(), dirty: false, deadline },
         );
-        self.by_peer.insert((link, peer), id);
+        self.by_peer.insert((link, local_port, peer), id);
         self.stats.sessions_opened += 1;
         self.mark_dirty(id);
         id
@@ -308,19 +368,19 @@ impl Core {
     pub(crate) fn kill_session(&mut self, id: u64, why: &str) {
         let Some(mut e) = self.sessions.remove(&id) else { return };
         e.session.close();
-        self.by_peer.remove(&(e.link, e.peer));
+        self.by_peer.remove(&(e.link, e.local_port, e.peer));
         self.streams_total = self.streams_total.saturating_sub(e.streams.len());
         for slot in e.streams.values_mut() {
             slot.wake_all();
         }
         self.stats.sessions_closed += 1;
-        if self.cfg.role == Role::Server && !self.by_peer.keys().any(|(_, p)| *p == e.peer) {
+        if self.cfg.role == Role::Server && !self.by_peer.keys().any(|(_, _, p)| *p == e.peer) {
             // The client re-sends PTCPF at the start of any new session.
             self.peer_flags.remove(&e.peer);
         }
         info!(peer = %e.peer, conv = e.session.conv(), streams = e.streams.len(), reason = why, "session closed");
         if self.cfg.role == Role::Client {
-            if let Some(l) = self.links.get(&e.link) {
+            if let Some(l) = self.links.get(&e.link).filter(|l| !l.shared) {
                 l.retire.notify_one();
             }
             self.client.session_gone(id);
@@ -343,7 +403,11 @@ impl Core {
             };
             let peer = e.peer;
             let Link { io, env4, env6, .. } = link;
-            let env = if peer.is_ipv4() { env4.as_mut() } else { env6.as_mut() };
+            let env = match e.env.as_mut() {
+                Some(own) => Some(own),
+                None if peer.is_ipv4() => env4.as_mut(),
+                None => env6.as_mut(),
+            };
             if let Some(env) = env {
                 if env.destination() != peer {
                     let _ = env.set_destination(peer);
@@ -507,25 +571,65 @@ impl Core {
         }
         self.rx_arena = arena;
         self.rx_frames = frames;
+        if let Some(r) = self.router.as_mut() {
+            r.wake_owners();
+        }
+        self.flush_dirty(now, unix_secs);
+        n
+    }
+
+    /// Flushes the sessions marked dirty since the last pass (at the end of an RX batch).
+    fn flush_dirty(&mut self, now: u32, unix_secs: u64) {
         if !self.dirty.is_empty() {
-            let ids = std::mem::take(&mut self.dirty);
+            let mut ids = std::mem::take(&mut self.dirty);
             for &id in &ids {
                 self.flush_session(id, now, unix_secs);
             }
+            ids.clear();
+            if self.dirty.is_empty() {
+                self.dirty = ids; // keep the allocation
+            }
         }
+    }
+
+    /// XDP mode: processes up to one batch of frames other workers handed to this one (frames of sessions
+    /// this worker owns that landed on another queue). Returns the number processed.
+    pub(crate) fn rx_handoff(&mut self, link_id: u64) -> usize {
+        let Some(mut router) = self.router.take() else { return 0 };
+        let now = self.now();
+        let unix_secs = unix_now().as_secs();
+        let port = self.links.get(&link_id).map(|l| l.port).unwrap_or(0);
+        let n = router.drain_inbox(&mut |frame: &mut [u8]| {
+            self.stats.rx_handed_in += 1;
+            self.handle_frame(link_id, port, frame, now, unix_secs);
+        });
+        self.router = Some(router);
+        self.flush_dirty(now, unix_secs);
         n
     }
 
     fn handle_frame(&mut self, link_id: u64, port: u16, frame: &mut [u8], now: u32, unix_secs: u64) {
         self.stats.rx_frames += 1;
-        let (src, off, len) = match parse_frame(frame, Some(port)) {
-            Ok(p) => (p.src_addr(), p.payload.as_ptr() as usize - frame.as_ptr() as usize, p.payload.len()),
+        let want = (port != 0).then_some(port);
+        let (src, dst_port, off, len) = match parse_frame(frame, want) {
+            Ok(p) => (p.src_addr(), p.dst_port, p.payload.as_ptr() as usize - frame.as_ptr() as usize, p.payload.len()),
             Err(e) => {
                 self.stats.rx_bad_envelope += 1;
                 trace!(reason = e.reason(), "frame dropped");
                 return;
             }
         };
+        if let Some(r) = self.router.as_mut() {
+            let owner = r.owner(self.cfg.role, src, dst_port);
+            if owner != r.index() {
+                if r.hand_to(owner, frame) {
+                    self.stats.rx_cross_worker += 1;
+                } else {
+                    self.stats.rx_handoff_drops += 1;
+                }
+                return;
+            }
+        }
         let mut payload = &mut frame[off..off + len];
         if let Some(g) = self.guard.as_mut() {
             if !g.check(unix_secs, payload) {
@@ -539,9 +643,9 @@ impl Core {
             self.stats.rx_foreign += 1;
             return;
         }
-        match self.by_peer.get(&(link_id, src)).copied() {
+        match self.by_peer.get(&(link_id, dst_port, src)).copied() {
             Some(id) => self.input_existing(id, payload, now),
-            None if self.cfg.role == Role::Server => self.accept_new(link_id, src, payload, now),
+            None if self.cfg.role == Role::Server => self.accept_new(link_id, dst_port, src, payload, now),
             None => self.stats.rx_no_session += 1,
         }
     }
@@ -596,7 +700,7 @@ impl Core {
     }
 
     /// Server: an unknown source. Learn its conv from a decrypted copy and open a session.
-    fn accept_new(&mut self, link_id: u64, src: SocketAddr, payload: &mut [u8], now: u32) {
+    fn accept_new(&mut self, link_id: u64, local_port: u16, src: SocketAddr, payload: &mut [u8], now: u32) {
         if let Some(max) = self.cfg.limits.max_sessions {
             if self.sessions.len() >= max {
                 self.stats.sessions_rejected += 1;
@@ -630,7 +734,7 @@ impl Core {
             return;
         }
         info!(%src, conv, "new session");
-        self.add_session(link_id, src, session);
+        self.add_session(link_id, local_port, src, session, None);
     }
 }
 

@@ -18,6 +18,7 @@ pub mod guard;
 pub mod server;
 pub mod setup;
 pub mod stream;
+pub mod xdp;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -3,16 +3,19 @@
 //! PING → PONG; PTCPF → store the client's flag list; PTCP → dial TCP (8 s) and copy both ways until either
 //! side ends; PUDP → connected UDP socket, one datagram per smux frame both ways.
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{lookup_host, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info};
 
 use super::core::{spawn_link_rx, unix_now, Shared};
 use super::stream::TunnelStream;
 use super::{IoFactory, DIAL_TIMEOUT, MAX_UDP_DATAGRAM};
+use crate::io::PacketIo;
 use crate::proto::session::Role;
 use crate::wire::envelope::EnvelopeBuilder;
 use crate::wire::header::{Header, HeaderError};
@@ -38,6 +41,22 @@ pub enum StreamError {
 
 /// Opens the server's link on its tunnel port(s) and starts its RX and accept tasks.
 pub(crate) fn start(shared: &Shared, mut factory: IoFactory) -> std::io::Result<()> {
+    let port = shared.borrow().cfg.local_port();
+    let io = factory(port)?;
+    let (link_id, fd, retire) = start_on(shared, io, false)?;
+    spawn_link_rx(shared.clone(), link_id, fd, retire);
+    Ok(())
+}
+
+/// XDP mode: adds `io` (the worker's queue socket) as a shared link on the tunnel port and starts the
+/// accept task; the caller runs the link's RX task. Returns the link id and its readiness fd.
+pub(crate) fn start_shared(shared: &Shared, io: Box<dyn PacketIo>) -> std::io::Result<(u64, Option<RawFd>)> {
+    let (link_id, fd, _retire) = start_on(shared, io, true)?;
+    Ok((link_id, fd))
+}
+
+/// Adds the server link and the accept channel/task; returns what the RX task needs.
+fn start_on(shared: &Shared, io: Box<dyn PacketIo>, shared_link: bool) -> std::io::Result<(u64, Option<RawFd>, Rc<Notify>)> {
     let (link_id, fd, retire, accept_rx) = {
         let mut c = shared.borrow_mut();
         let cfg = c.cfg.clone();
@@ -45,7 +64,6 @@ pub(crate) fn start(shared: &Shared, mut factory: IoFactory) -> std::io::Result<
             return Err(std::io::Error::other("not a server worker"));
         }
         let port = cfg.local_port();
-        let io = factory(port)?;
         let t = unix_now().as_millis() as u32;
         let mk = |f: Option<&super::FamilyConfig>| {
             f.and_then(|f| {
@@ -60,15 +78,18 @@ pub(crate) fn start(shared: &Shared, mut factory: IoFactory) -> std::io::Result<
         };
         let env4 = mk(cfg.ipv4.as_ref());
         let env6 = mk(cfg.ipv6.as_ref());
-        let (link_id, fd, retire) = c.add_link(io, port, env4, env6);
+        let (link_id, fd, retire) = if shared_link {
+            c.add_shared_link(io, port, env4, env6)
+        } else {
+            c.add_link(io, port, env4, env6)
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         c.set_accept_channel(tx);
         info!(port, "server listening");
         (link_id, fd, retire, rx)
     };
-    spawn_link_rx(shared.clone(), link_id, fd, retire);
     tokio::task::spawn_local(accept_loop(shared.clone(), accept_rx));
-    Ok(())
+    Ok((link_id, fd, retire))
 }
 
 async fn accept_loop(shared: Shared, mut rx: mpsc::UnboundedReceiver<(u64, u32)>) {

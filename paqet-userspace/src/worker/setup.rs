@@ -1,15 +1,28 @@
 //! From a validated [`Config`] to a running daemon: resolve what the config may omit (interface MAC and
 //! address, `router_mac`) through [`crate::io::route`], build the [`WorkerConfig`], open the pcap backend,
-//! start the worker and the front ends, and run until SIGINT/SIGTERM.
+//! start the worker, its metrics publisher ([`publish_metrics`]) and the front ends, and run until
+//! SIGINT/SIGTERM. The ops HTTP servers ([`OpsServers`]) and the [`MetricsHub`] are process-wide and
+//! created by the caller ([`DaemonOptions`]).
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use super::core::{Core, Shared};
 use super::{FamilyConfig, GuardConfig, IoFactory, Limits, WorkerConfig};
 use crate::config::{Config, ForwardProtocol, Role as CfgRole};
 use crate::front::forward::{TcpForward, UdpForward};
+use crate::front::http::{self, HttpConfig};
+use crate::front::socks5::{self, Socks5Config};
+use crate::ops::hub::PUBLISH_INTERVAL_MS;
+use crate::ops::{spawn_ops_thread, DataPathMode, KcpRetrans, MetricsHub, OpsState, RoleLabel, WorkerSnapshot};
+use crate::tools::firewall::{self, FirewallRole};
 use crate::io::pcap::{PcapConfig, PcapIo};
 use crate::io::{route, PacketIo};
 use crate::proto::kcp::KcpConfig;
@@ -146,71 +159,355 @@ pub fn pcap_factory(iface: String, sockbuf: usize) -> IoFactory {
     })
 }
 
-/// The iptables rules a host needs so its kernel neither tracks nor resets tunnel packets (spec §2.4).
-pub fn firewall_rules(role: Role, port: u16, server: Option<SocketAddr>) -> Vec<String> {
-    match (role, server) {
-        (Role::Client, Some(s)) => {
-            let ipt = if s.is_ipv4() { "iptables" } else { "ip6tables" };
-            let (ip, p) = (s.ip(), s.port());
-            vec![
-                format!("{ipt} -t raw -A PREROUTING -p tcp -s {ip} --sport {p} -j NOTRACK"),
-                format!("{ipt} -t raw -A OUTPUT -p tcp -d {ip} --dport {p} -j NOTRACK"),
-                format!("{ipt} -t mangle -A OUTPUT -p tcp -d {ip} --dport {p} --tcp-flags RST RST -j DROP"),
-            ]
-        }
-        _ => vec![
-            format!("iptables -t raw -A PREROUTING -p tcp --dport {port} -j NOTRACK"),
-            format!("iptables -t raw -A OUTPUT -p tcp --sport {port} -j NOTRACK"),
-            format!("iptables -t mangle -A OUTPUT -p tcp --sport {port} --tcp-flags RST RST -j DROP"),
-        ],
+/// Which XDP attach flavour `run --mode` asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native when the driver supports it, else generic (`--mode xdp`).
+    Any,
+    /// Driver (native) mode only (`--mode xdp-native`).
+    Native,
+    /// Generic (skb) mode (`--mode xdp-generic`).
+    Generic,
+}
+
+/// What a daemon run needs besides the configuration: the process-wide metrics hub (one hub for all
+/// workers; this worker publishes into slot `worker`) and the host options.
+#[derive(Clone)]
+pub struct DaemonOptions {
+    /// Where the worker publishes its counters and its readiness.
+    pub hub: Arc<MetricsHub>,
+    /// This worker's slot in the hub.
+    pub worker: usize,
+    /// Apply the iptables rules the host needs at start and remove them on shutdown.
+    pub manage_firewall: bool,
+}
+
+impl DaemonOptions {
+    /// Options publishing into slot 0 of `hub`, firewall left alone.
+    pub fn new(hub: Arc<MetricsHub>) -> Self {
+        DaemonOptions { hub, worker: 0, manage_firewall: false }
+    }
+
+    /// Sets [`DaemonOptions::manage_firewall`].
+    pub fn with_manage_firewall(mut self, on: bool) -> Self {
+        self.manage_firewall = on;
+        self
     }
 }
 
-/// Runs the daemon for `cfg` on the current thread (pcap backend) until SIGINT/SIGTERM.
-pub fn run_daemon(cfg: &Config, iface: &str) -> anyhow::Result<()> {
+/// The metrics role label of `cfg`.
+pub fn role_label(cfg: &Config) -> RoleLabel {
+    match cfg.role {
+        CfgRole::Client => RoleLabel::Client,
+        CfgRole::Server => RoleLabel::Server,
+    }
+}
+
+/// The ops HTTP servers of a daemon (`metrics.listen`; `debug.pprof` with the profile endpoints). Each
+/// runs on its own thread; [`OpsServers::shutdown`] (or dropping) stops and joins them.
+pub struct OpsServers {
+    servers: Vec<(SocketAddr, Arc<OpsState>, Option<JoinHandle<()>>)>,
+}
+
+impl OpsServers {
+    /// Starts the servers `cfg` asks for, reading `hub`. `debug.pprof` must be a loopback address.
+    pub fn start(cfg: &Config, hub: &Arc<MetricsHub>) -> anyhow::Result<Self> {
+        let mut me = OpsServers { servers: Vec::new() };
+        if let Some(hp) = &cfg.metrics_listen {
+            let addr = hp.resolve().with_context(|| format!("metrics.listen {hp}"))?;
+            let state = Arc::new(hub.ops_state());
+            let (bound, h) = spawn_ops_thread(addr, state.clone()).with_context(|| format!("metrics.listen {hp}"))?;
+            info!(addr = %bound, "metrics, /healthz and /readyz served");
+            me.servers.push((bound, state, Some(h)));
+        }
+        if let Some(hp) = &cfg.debug_pprof {
+            let addr = hp.resolve().with_context(|| format!("debug.pprof {hp}"))?;
+            if !addr.ip().is_loopback() {
+                bail!("debug.pprof {hp}: profiles are only served on a loopback address");
+            }
+            let state = Arc::new(hub.ops_state().with_pprof(true));
+            let (bound, h) = spawn_ops_thread(addr, state.clone()).with_context(|| format!("debug.pprof {hp}"))?;
+            info!(addr = %bound, "CPU and heap profiles served under /debug/pprof/");
+            me.servers.push((bound, state, Some(h)));
+        }
+        Ok(me)
+    }
+
+    /// The bound addresses (metrics first, then pprof, as configured).
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.servers.iter().map(|s| s.0).collect()
+    }
+
+    /// Stops every server and waits for its thread.
+    pub fn shutdown(&mut self) {
+        for (_, state, _) in &self.servers {
+            state.shutdown();
+        }
+        for (addr, _, h) in &mut self.servers {
+            if let Some(h) = h.take() {
+                if h.join().is_err() {
+                    warn!(%addr, "ops server thread panicked");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for OpsServers {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The iptables rules the host of `wcfg` needs so its kernel neither tracks nor resets tunnel packets
+/// (spec §2.4). A client with a fixed local port gets rules for that port; with a random port (0) the
+/// rules match any local port towards `server.addr`, so that sessions re-dialled on new ports stay covered.
+pub fn firewall_role(wcfg: &WorkerConfig) -> Option<FirewallRole> {
+    match wcfg.role {
+        Role::Server => Some(FirewallRole::Server {
+            port: wcfg.local_port(),
+            ipv4: wcfg.ipv4.is_some(),
+            ipv6: wcfg.ipv6.is_some(),
+        }),
+        Role::Client => {
+            let server = wcfg.server_addr?;
+            let port = wcfg.local_port();
+            let local_ports = if port == 0 { Vec::new() } else { vec![port] };
+            Some(FirewallRole::Client { server, local_ports })
+        }
+    }
+}
+
+/// Watches the crypto-failure counter for the symptoms of a wrong `transport.kcp.key` / `block`: failures
+/// rising while nothing ever authenticated (client) or while no session exists (server). Says when to warn,
+/// at most once per [`CryptoWatch::EVERY`].
+#[derive(Debug, Default)]
+pub struct CryptoWatch {
+    last_failures: u64,
+    last_opens: u64,
+    authenticated: bool,
+    last_warn: Option<Instant>,
+}
+
+impl CryptoWatch {
+    /// Shortest time between two warnings.
+    pub const EVERY: Duration = Duration::from_secs(5);
+
+    /// Feeds one observation; returns the failure total to report when a warning is due.
+    /// `authenticated` = some datagram passed the crypto check since the worker started (client);
+    /// `live_sessions` / `sessions_opened` are the server's figures.
+    pub fn observe(
+        &mut self,
+        role: Role,
+        failures: u64,
+        authenticated: bool,
+        live_sessions: usize,
+        sessions_opened: u64,
+        now: Instant,
+    ) -> Option<u64> {
+        self.authenticated |= authenticated;
+        let rising = failures > self.last_failures;
+        let opened = sessions_opened > self.last_opens;
+        self.last_failures = failures;
+        self.last_opens = sessions_opened;
+        let suspicious = match role {
+            Role::Client => rising && !self.authenticated,
+            Role::Server => rising && live_sessions == 0 && !opened,
+        };
+        if !suspicious {
+            return None;
+        }
+        if self.last_warn.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            return None;
+        }
+        self.last_warn = Some(now);
+        Some(failures)
+    }
+}
+
+/// Builds this worker's [`WorkerSnapshot`]s: the core's counters plus per-session figures. KCP
+/// retransmission counters live in the sessions, so the totals of sessions that are gone are kept here
+/// (as last seen) to keep the exported counters monotonic.
+struct Publisher {
+    role: Role,
+    server: Option<SocketAddr>,
+    /// Last seen retransmission counters of every live session, by session id.
+    seen: HashMap<u64, KcpRetrans>,
+    /// Sum over sessions that are gone.
+    retired: KcpRetrans,
+    /// Wrong-key symptoms: crypto failures, and guard drops (the guard is keyed by the same key).
+    watch: CryptoWatch,
+    guard_watch: CryptoWatch,
+}
+
+fn add_retrans(a: &mut KcpRetrans, b: &KcpRetrans) {
+    a.timeout += b.timeout;
+    a.fast += b.fast;
+    a.early += b.early;
+}
+
+impl Publisher {
+    fn new(role: Role, server: Option<SocketAddr>) -> Self {
+        Publisher {
+            role,
+            server,
+            seen: HashMap::new(),
+            retired: KcpRetrans::default(),
+            watch: CryptoWatch::default(),
+            guard_watch: CryptoWatch::default(),
+        }
+    }
+
+    fn snapshot(&mut self, c: &Core) -> WorkerSnapshot {
+        let mut snap = WorkerSnapshot::from_daemon(&c.stats, &c.io_stats());
+        snap.sessions = c.session_count() as u64;
+        snap.streams = c.stream_count() as u64;
+        let mut live = KcpRetrans::default();
+        let mut authenticated = false;
+        let mut srtt = Vec::with_capacity(c.sessions.len());
+        for (&id, e) in &c.sessions {
+            let k = e.session.kcp().stats();
+            let r = KcpRetrans { timeout: k.lost_segs, fast: k.fast_retrans_segs, early: k.early_retrans_segs };
+            add_retrans(&mut live, &r);
+            self.seen.insert(id, r);
+            srtt.push(f64::from(e.session.kcp().srtt()) / 1000.0);
+            authenticated |= e.session.stats().datagrams_in > 0;
+        }
+        let retired = &mut self.retired;
+        self.seen.retain(|id, r| {
+            let keep = c.sessions.contains_key(id);
+            if !keep {
+                add_retrans(retired, r);
+            }
+            keep
+        });
+        add_retrans(&mut live, &self.retired);
+        snap.kcp_retrans = live;
+        snap.srtt_seconds = srtt;
+        let now = Instant::now();
+        let (live_sessions, opened) = (c.session_count(), c.stats.sessions_opened);
+        let who = || match self.server {
+            Some(s) => s.to_string(),
+            None => "new clients".to_string(),
+        };
+        let crypto = c.stats.rx_crypto_failures;
+        if let Some(n) = self.watch.observe(self.role, crypto, authenticated, live_sessions, opened, now) {
+            warn!("datagrams from {} failed the crypto check ({n} so far): wrong transport.kcp.key or block?", who());
+        }
+        let guard = c.stats.rx_guard_drops;
+        if let Some(n) = self.guard_watch.observe(self.role, guard, authenticated, live_sessions, opened, now) {
+            warn!(
+                "datagrams from {} failed the guard check ({n} so far): wrong transport.kcp.key, or \
+                 transport.kcp.guard on at one end only?",
+                who()
+            );
+        }
+        snap
+    }
+}
+
+/// Publishes the worker's snapshot into `hub` slot `index` every [`PUBLISH_INTERVAL_MS`] (a local task).
+pub async fn publish_metrics(shared: Shared, hub: Arc<MetricsHub>, index: usize) {
+    let (role, server) = {
+        let c = shared.borrow();
+        (c.config().role, c.config().server_addr)
+    };
+    let mut p = Publisher::new(role, server);
+    let mut tick = tokio::time::interval(Duration::from_millis(PUBLISH_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let snap = p.snapshot(&shared.borrow());
+        hub.publish(index, snap);
+    }
+}
+
+/// Runs the daemon for `cfg` on the current thread (pcap backend) until SIGINT/SIGTERM: prints (and with
+/// `opts.manage_firewall` applies, then removes) the host's iptables rules, starts the worker, its metrics
+/// publisher and the client front ends.
+pub fn run_daemon(cfg: &Config, iface: &str, opts: DaemonOptions) -> anyhow::Result<()> {
     let wcfg = worker_config(cfg, iface)?;
     let role = wcfg.role;
-    for r in firewall_rules(role, wcfg.local_port(), wcfg.server_addr) {
+    let rules = firewall_role(&wcfg).map(|r| firewall::rules(&r)).unwrap_or_default();
+    for r in &rules {
         info!("host firewall rule needed: {r}");
     }
+    let mut fw_guard = if opts.manage_firewall {
+        Some(firewall::apply(&rules).context("--manage-firewall: applying the iptables rules")?)
+    } else {
+        None
+    };
     let factory = pcap_factory(iface.to_owned(), cfg.network.pcap_sockbuf as usize);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
+    let hub = opts.hub.clone();
+    hub.set_mode(DataPathMode::Pcap);
+    let result = local.block_on(&rt, async {
         let started = super::start(wcfg, factory)?;
+        hub.set_attached(true);
+        tokio::task::spawn_local(publish_metrics(started.shared.clone(), hub.clone(), opts.worker));
         if let Some(tunnel) = started.tunnel.clone() {
             start_front_ends(cfg, tunnel).await?;
         }
-        info!(role = %role, "paqet-dp running");
+        info!(role = %role, iface, "paqet-dp running");
         wait_for_signal().await?;
         info!("shutting down");
         Ok::<(), anyhow::Error>(())
-    })?;
+    });
+    hub.set_attached(false);
     // Dropping the LocalSet and runtime ends every task and closes every socket.
-    Ok(())
+    drop(local);
+    drop(rt);
+    if let Some(g) = fw_guard.as_mut() {
+        if let Err(e) = g.remove() {
+            warn!(error = %e, "--manage-firewall: removing the iptables rules");
+        }
+    }
+    result
 }
 
-/// Binds and spawns the client front ends the config lists (forwards; SOCKS5/HTTP when built).
+/// The XDP data plane entry point (`run --mode xdp|xdp-native|xdp-generic`).
+pub fn run_xdp(cfg: &Config, iface: &str, mode: XdpMode, opts: DaemonOptions) -> anyhow::Result<()> {
+    let _ = (cfg, opts);
+    Err(anyhow!("XDP data plane not wired yet (asked: {mode:?} on {iface}); use --mode pcap"))
+}
+
+/// Binds and spawns the client front ends the config lists: TCP/UDP forwards, SOCKS5 and HTTP proxy
+/// listeners, all dialling through `tunnel`. A listener that cannot bind is an error naming its key.
 pub async fn start_front_ends(cfg: &Config, tunnel: super::Tunnel) -> anyhow::Result<()> {
     for (i, f) in cfg.forward.iter().enumerate() {
         let listen = f.listen.resolve().with_context(|| format!("forward[{i}].listen {}", f.listen))?;
         let (host, port) = (f.target.host.clone(), f.target.port);
         match f.protocol {
             ForwardProtocol::Tcp => {
-                let fw = TcpForward::bind(listen, host, port).await?;
+                let fw = TcpForward::bind(listen, host, port)
+                    .await
+                    .with_context(|| format!("forward[{i}].listen {listen}"))?;
                 tokio::task::spawn_local(fw.run(tunnel.clone()));
             }
             ForwardProtocol::Udp => {
-                let fw = UdpForward::bind(listen, host, port).await?;
+                let fw = UdpForward::bind(listen, host, port)
+                    .await
+                    .with_context(|| format!("forward[{i}].listen {listen}"))?;
                 tokio::task::spawn_local(fw.run(tunnel.clone()));
             }
         }
     }
-    if !cfg.socks5.is_empty() {
-        warn!("socks5 listeners are configured but this build has no SOCKS5 front end yet; they are not served");
+    let dialer = Rc::new(tunnel);
+    for (i, s) in cfg.socks5.iter().enumerate() {
+        let listen = s.listen.resolve().with_context(|| format!("socks5[{i}].listen {}", s.listen))?;
+        let l = TcpListener::bind(listen).await.with_context(|| format!("socks5[{i}].listen {listen}"))?;
+        let sc = Socks5Config { username: s.username.clone(), password: s.password.clone() };
+        tokio::task::spawn_local(socks5::serve(l, sc, dialer.clone()));
     }
-    if !cfg.http.is_empty() {
-        warn!("http listeners are configured but this build has no HTTP proxy front end yet; they are not served");
+    for (i, h) in cfg.http.iter().enumerate() {
+        let listen = h.listen.resolve().with_context(|| format!("http[{i}].listen {}", h.listen))?;
+        let l = TcpListener::bind(listen).await.with_context(|| format!("http[{i}].listen {listen}"))?;
+        let hc = HttpConfig {
+            username: h.username.clone().unwrap_or_default(),
+            password: h.password.clone().unwrap_or_default(),
+        };
+        tokio::task::spawn_local(http::serve(l, hc, dialer.clone()));
     }
     Ok(())
 }
@@ -227,4 +524,76 @@ pub async fn wait_for_signal() -> anyhow::Result<()> {
     // Give the driver one tick to push out FINs queued by dropped streams.
     tokio::time::sleep(Duration::from_millis(20)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Config {
+        Config::from_toml_str(text).expect("test config").config
+    }
+
+    const KEY: &str = "setup-test-key";
+
+    fn server_cfg() -> Config {
+        cfg(&format!(
+            "role = \"server\"\n[listen]\naddr = \":9999\"\n[network]\ninterface = \"lo\"\n\
+             [network.ipv4]\naddr = \"127.0.0.1:9999\"\nrouter_mac = \"02:00:00:00:00:01\"\n\
+             [transport]\nprotocol = \"kcp\"\n[transport.kcp]\nkey = \"{KEY}\"\n"
+        ))
+    }
+
+    fn client_cfg(port: u16) -> Config {
+        cfg(&format!(
+            "role = \"client\"\n[server]\naddr = \"127.0.0.2:9999\"\n[[socks5]]\nlisten = \"127.0.0.1:1080\"\n\
+             [network]\ninterface = \"lo\"\n[network.ipv4]\naddr = \"127.0.0.1:{port}\"\n\
+             router_mac = \"02:00:00:00:00:01\"\n[transport]\nprotocol = \"kcp\"\n[transport.kcp]\nkey = \"{KEY}\"\n"
+        ))
+    }
+
+    #[test]
+    fn firewall_rules_follow_the_role_and_ports() {
+        let s = worker_config(&server_cfg(), "lo").expect("server worker config");
+        assert_eq!(firewall_role(&s), Some(FirewallRole::Server { port: 9999, ipv4: true, ipv6: false }));
+        let rules: Vec<String> = firewall::rules(&firewall_role(&s).unwrap()).iter().map(|r| r.to_shell()).collect();
+        assert_eq!(rules.len(), 3);
+        assert!(rules.iter().all(|r| r.contains("9999")), "{rules:?}");
+
+        let server: SocketAddr = "127.0.0.2:9999".parse().unwrap();
+        let c = worker_config(&client_cfg(0), "lo").expect("client worker config");
+        assert_eq!(firewall_role(&c), Some(FirewallRole::Client { server, local_ports: vec![] }));
+        let c = worker_config(&client_cfg(40000), "lo").expect("client worker config");
+        assert_eq!(firewall_role(&c), Some(FirewallRole::Client { server, local_ports: vec![40000] }));
+    }
+
+    #[test]
+    fn crypto_watch_client_warns_until_something_authenticates() {
+        let t0 = Instant::now();
+        let mut w = CryptoWatch::default();
+        assert_eq!(w.observe(Role::Client, 0, false, 1, 1, t0), None, "no failures yet");
+        assert_eq!(w.observe(Role::Client, 3, false, 1, 1, t0), Some(3));
+        // Rising again within the rate-limit window: silent; after it: warns with the new total.
+        assert_eq!(w.observe(Role::Client, 7, false, 1, 1, t0 + Duration::from_secs(1)), None);
+        assert_eq!(w.observe(Role::Client, 9, false, 1, 1, t0 + CryptoWatch::EVERY), Some(9));
+        // Not rising: silent even after the window.
+        assert_eq!(w.observe(Role::Client, 9, false, 1, 1, t0 + 3 * CryptoWatch::EVERY), None);
+        // Once a datagram authenticated, later failures (e.g. junk) are not blamed on the key.
+        assert_eq!(w.observe(Role::Client, 9, true, 1, 1, t0 + 4 * CryptoWatch::EVERY), None);
+        assert_eq!(w.observe(Role::Client, 20, false, 1, 1, t0 + 6 * CryptoWatch::EVERY), None);
+    }
+
+    #[test]
+    fn crypto_watch_server_warns_only_without_sessions() {
+        let t0 = Instant::now();
+        let mut w = CryptoWatch::default();
+        assert_eq!(w.observe(Role::Server, 4, false, 0, 0, t0), Some(4));
+        let t1 = t0 + CryptoWatch::EVERY;
+        // A session opened in this interval: the failures may be someone else's junk, not the key.
+        assert_eq!(w.observe(Role::Server, 6, false, 0, 1, t1), None);
+        // Live sessions: silent.
+        assert_eq!(w.observe(Role::Server, 8, false, 1, 1, t1 + CryptoWatch::EVERY), None);
+        // Back to no session, failures rising, nothing opened: warns.
+        assert_eq!(w.observe(Role::Server, 10, false, 0, 1, t1 + 2 * CryptoWatch::EVERY), Some(10));
+    }
 }

@@ -375,3 +375,18 @@ fn new_conversation_from_the_same_source_replaces_the_session() {
         assert_eq!(c.stats.sessions_opened, 2);
     });
 }
+
+#[test]
+fn xdp_steer_config_matches_address_port_and_guard() {
+    use paqet_common::SteerConfig;
+    let g = GuardConfig { magic: *b"ABCD", window_secs: 30, skew: 1 };
+    let sc = super::xdp::steer_config(&cfg(Role::Server, Limits::default(), Some((g, "k".into()))));
+    assert_eq!(sc.port, 9999);
+    assert_eq!(sc.ipv4, [10, 9, 0, 2]);
+    assert!(sc.has(SteerConfig::FLAG_IPV4) && sc.has(SteerConfig::FLAG_IPV4_ADDR));
+    assert!(!sc.has(SteerConfig::FLAG_IPV6) && !sc.has(SteerConfig::FLAG_IPV6_ADDR));
+    assert!(sc.has(SteerConfig::FLAG_GUARD));
+    assert_eq!(&sc.guard_magic, b"ABCD");
+    let off = super::xdp::steer_config(&cfg(Role::Server, Limits::default(), None));
+    assert!(!off.has(SteerConfig::FLAG_GUARD));
+}

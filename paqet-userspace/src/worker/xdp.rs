@@ -1,0 +1,851 @@
+//! The multi-queue XDP data plane: the `paqet-ebpf` program steers tunnel frames into one AF_XDP socket
+//! per RX queue, and one worker thread per queue (pinned to a core, with its own current-thread tokio
+//! runtime and `LocalSet`) owns that socket, its sessions, their timers and stream sockets, and on a client
+//! its own front-end listeners (`SO_REUSEPORT`, so the kernel spreads accepted connections over workers).
+//!
+//! Session ownership is a pure function of the frame, so no table is shared between workers:
+//! - server: `owner = (fold(peer ip) + peer port) % workers`;
+//! - client: `owner = local port % workers` (the session's local port, i.e. the frame's destination port).
+//!
+//! A frame that lands on another worker's queue (veth delivers by sending CPU, not by RSS hash: spike
+//! pitfall 7) is copied into the owner's [`Mailbox`], a bounded lock-free queue with recycled buffers, and
+//! the owner is woken through an eventfd once per RX batch. Such frames are counted as
+//! [`DaemonStats::rx_cross_worker`](super::DaemonStats::rx_cross_worker) by the receiver.
+//!
+//! Order of operations (spike pitfall 9): attach disarmed → open and register every queue's socket → arm
+//! → start the workers. On exit the workers stop first, then the [`Steering`] is dropped (detached).
+//!
+//! Limitation: the XDP program steers one destination port. A client therefore runs its sessions on one
+//! local port (the configured one, or one picked at start), which allows one session per client address:
+//! `transport.conn` above 1 is reduced to 1 in XDP mode (logged).
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use crossbeam_queue::ArrayQueue;
+use paqet_common::{SteerConfig, GUARD_PREFIX_LEN};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::core::{drive, unix_now, Core, Shared};
+use super::guard::Guard;
+use super::setup::worker_config;
+use super::{Tunnel, WorkerConfig};
+use crate::config::{Config, ForwardProtocol};
+use crate::io::afxdp::{AfXdpConfig, AfXdpIo};
+use crate::io::steer::{guard_prefixes, Steering, XdpAttach, XdpMode, COUNTERS};
+use crate::io::PacketIo;
+use crate::ops::hub::{MetricsHub, PUBLISH_INTERVAL_MS};
+use crate::ops::metrics::{AfXdpStats, DataPathMode, WorkerSnapshot};
+use crate::proto::session::Role;
+
+/// Frames each mailbox holds before hand-offs to it are dropped (counted).
+pub const MAILBOX_FRAMES: usize = 4096;
+/// Largest frame handed between workers (an AF_XDP frame is at most 4096 bytes).
+const HANDOFF_FRAME: usize = 4096;
+/// Frames a worker takes from its mailbox before yielding to its other tasks.
+const HANDOFF_BATCH: usize = 64;
+
+/// Which XDP attach mode the caller wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpWant {
+    /// Native (driver) mode, falling back to generic mode.
+    Auto,
+    /// Native mode only: fail if the driver cannot run XDP.
+    Native,
+    /// Generic (SKB) mode only.
+    Generic,
+}
+
+/// Stops a running [`run_xdp_daemon`] from another thread (or, with [`XdpStop::with_signals`], on
+/// SIGINT/SIGTERM as well). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct XdpStop {
+    tx: Arc<watch::Sender<bool>>,
+    signals: bool,
+}
+
+impl XdpStop {
+    /// A stop handle that only [`XdpStop::stop`] triggers.
+    pub fn new() -> Self {
+        XdpStop { tx: Arc::new(watch::channel(false).0), signals: false }
+    }
+
+    /// A stop handle that SIGINT and SIGTERM trigger too (what the binary uses).
+    pub fn with_signals() -> Self {
+        XdpStop { signals: true, ..Self::new() }
+    }
+
+    /// Asks the daemon to stop: workers end, then the program is detached.
+    pub fn stop(&self) {
+        self.tx.send_replace(true);
+    }
+
+    fn subscribe(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+}
+
+impl Default for XdpStop {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How [`run_xdp_daemon`] runs.
+#[derive(Clone, Debug)]
+pub struct XdpOptions {
+    /// Attach mode.
+    pub want: XdpWant,
+    /// Serve the client front ends the config lists (forwards, SOCKS5, HTTP).
+    pub front: bool,
+    /// Pin worker `i` to the `i`-th allowed CPU (off for tests running several daemons in one process).
+    pub pin: bool,
+    /// When to stop.
+    pub stop: XdpStop,
+}
+
+impl XdpOptions {
+    /// Front ends on, pinning on, stopping on SIGINT/SIGTERM: what the binary runs.
+    pub fn new(want: XdpWant) -> Self {
+        XdpOptions { want, front: true, pin: true, stop: XdpStop::with_signals() }
+    }
+}
+
+/// What a finished [`run_xdp_daemon`] reports.
+#[derive(Clone, Debug)]
+pub struct XdpOutcome {
+    /// The mode the program was attached in.
+    pub attach: XdpAttach,
+    /// Number of workers (= RX queues).
+    pub workers: usize,
+    /// Final XDP counters, indexed by [`XdpCounter`].
+    pub counters: [u64; COUNTERS],
+    /// Each worker's last snapshot.
+    pub snapshots: Vec<WorkerSnapshot>,
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Cross-worker hand-off
+// ----------------------------------------------------------------------------------------------------
+
+/// One worker's inbox: frames other workers received for its sessions. Lock-free (bounded array
+/// queues); buffers travel back through `free`, so steady state allocates nothing.
+pub struct Mailbox {
+    queue: ArrayQueue<Vec<u8>>,
+    free: ArrayQueue<Vec<u8>>,
+    /// Non-blocking eventfd the owner polls; written once per sender batch.
+    wake: OwnedFd,
+}
+
+impl Mailbox {
+    /// A mailbox for `frames` frames.
+    pub fn new(frames: usize) -> std::io::Result<Self> {
+        // SAFETY: plain syscall; the returned descriptor is checked and owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(e.kind(), format!("eventfd for a worker mailbox: {e}")));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Mailbox { queue: ArrayQueue::new(frames.max(1)), free: ArrayQueue::new(frames.max(1)), wake })
+    }
+
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd. EAGAIN (counter saturated) only means
+        // the owner is already signalled.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn clear_signal(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+/// A worker's view of every mailbox: decides the owner of a frame and hands frames over.
+pub struct Router {
+    index: usize,
+    boxes: Arc<[Mailbox]>,
+    /// Owners that got frames since the last [`Router::wake_owners`].
+    pending: Vec<bool>,
+    any_pending: bool,
+}
+
+/// Adds up an address's bytes (the server-side owner hash; cheap and deterministic).
+fn fold_ip(ip: IpAddr) -> u32 {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().iter().map(|&b| u32::from(b)).sum(),
+        IpAddr::V6(v6) => v6.octets().iter().map(|&b| u32::from(b)).sum(),
+    }
+}
+
+/// The worker owning a frame (see the module docs). `workers` ≥ 1.
+pub fn owner_of(role: Role, src: SocketAddr, dst_port: u16, workers: usize) -> usize {
+    let n = workers.max(1) as u32;
+    let h = match role {
+        Role::Server => fold_ip(src.ip()).wrapping_add(u32::from(src.port())),
+        Role::Client => u32::from(dst_port),
+    };
+    (h % n) as usize
+}
+
+impl Router {
+    /// Routers for `boxes.len()` workers, one per worker index.
+    pub fn for_workers(boxes: Arc<[Mailbox]>) -> Vec<Router> {
+        (0..boxes.len())
+            .map(|index| Router { index, boxes: boxes.clone(), pending: vec![false; boxes.len()], any_pending: false })
+            .collect()
+    }
+
+    /// This worker's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        self.boxes.len()
+    }
+
+    /// The worker that owns a frame from `src` to local port `dst_port`.
+    pub fn owner(&self, role: Role, src: SocketAddr, dst_port: u16) -> usize {
+        owner_of(role, src, dst_port, self.boxes.len())
+    }
+
+    /// Copies `frame` into `owner`'s mailbox; false if it is full (or the frame too long).
+    pub fn hand_to(&mut self, owner: usize, frame: &[u8]) -> bool {
+        let Some(mb) = self.boxes.get(owner) else { return false };
+        if frame.len() > HANDOFF_FRAME {
+            return false;
+        }
+        let mut buf = mb.free.pop().unwrap_or_else(|| Vec::with_capacity(HANDOFF_FRAME));
+        buf.clear();
+        buf.extend_from_slice(frame);
+        if mb.queue.push(buf).is_err() {
+            return false;
+        }
+        self.pending[owner] = true;
+        self.any_pending = true;
+        true
+    }
+
+    /// Wakes every owner that got frames since the last call (once per RX batch).
+    pub fn wake_owners(&mut self) {
+        if !self.any_pending {
+            return;
+        }
+        self.any_pending = false;
+        for (i, p) in self.pending.iter_mut().enumerate() {
+            if std::mem::take(p) {
+                self.boxes[i].signal();
+            }
+        }
+    }
+
+    /// Hands up to one batch of this worker's mailbox frames to `f`; returns how many.
+    pub fn drain_inbox(&mut self, f: &mut dyn FnMut(&mut [u8])) -> usize {
+        let mb = &self.boxes[self.index];
+        let mut n = 0;
+        while n < HANDOFF_BATCH {
+            let Some(mut buf) = mb.queue.pop() else { break };
+            f(&mut buf);
+            let _ = mb.free.push(buf);
+            n += 1;
+        }
+        n
+    }
+
+    /// Clears the wake-up signal (call before draining, so a later hand-off signals again).
+    fn clear_signal(&self) {
+        self.boxes[self.index].clear_signal();
+    }
+
+    fn wake_fd(&self) -> RawFd {
+        self.boxes[self.index].wake.as_raw_fd()
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Host helpers
+// ----------------------------------------------------------------------------------------------------
+
+/// Number of RX queues of `iface`: the ethtool channel count (`ETHTOOL_GCHANNELS`, rx + combined), which
+/// works in the calling thread's network namespace; else the `rx-*` entries under
+/// /sys/class/net/IF/queues (sysfs shows the namespace it was mounted in). At least 1.
+pub fn rx_queue_count(iface: &str) -> std::io::Result<usize> {
+    match ethtool_rx_channels(iface) {
+        Ok(n) if n > 0 => return Ok(n),
+        Ok(_) => {}
+        Err(e) => debug!(iface, error = %e, "ETHTOOL_GCHANNELS failed; reading sysfs"),
+    }
+    let dir = format!("/sys/class/net/{iface}/queues");
+    let n = std::fs::read_dir(&dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{dir}: {e}")))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().is_some_and(|s| s.starts_with("rx-")))
+        .count();
+    Ok(n.max(1))
+}
+
+/// `struct ethtool_channels` (linux/ethtool.h).
+#[repr(C)]
+#[derive(Default)]
+struct EthtoolChannels {
+    cmd: u32,
+    max_rx: u32,
+    max_tx: u32,
+    max_other: u32,
+    max_combined: u32,
+    rx_count: u32,
+    tx_count: u32,
+    other_count: u32,
+    combined_count: u32,
+}
+
+const ETHTOOL_GCHANNELS: u32 = 0x3c;
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+
+/// rx + combined channels of `iface` through the ethtool ioctl.
+fn ethtool_rx_channels(iface: &str) -> std::io::Result<usize> {
+    if iface.is_empty() || iface.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad interface name {iface:?}")));
+    }
+    // SAFETY: plain socket syscall; the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptor.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut ch = EthtoolChannels { cmd: ETHTOOL_GCHANNELS, ..Default::default() };
+    // SAFETY: ifreq is plain data; the name is NUL-terminated (length checked above) and ifru_data
+    // points at `ch`, which outlives the ioctl.
+    let r = unsafe {
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(iface.as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_data = (&mut ch as *mut EthtoolChannels).cast();
+        libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL as _, &mut ifr)
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("ETHTOOL_GCHANNELS on {iface}: {e}")));
+    }
+    Ok((ch.rx_count + ch.combined_count) as usize)
+}
+
+/// The CPUs this process may run on (sched_getaffinity), in ascending order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most size_of::<cpu_set_t>() bytes.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        let v: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect();
+        if v.is_empty() {
+            vec![0]
+        } else {
+            v
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: as above; `set` is a valid cpu_set_t and pid 0 means the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(e.kind(), format!("pinning a worker to CPU {cpu}: {e}")));
+        }
+    }
+    Ok(())
+}
+
+/// A TCP listener on `addr` with `SO_REUSEPORT`, so every worker can listen on the same address and the
+/// kernel spreads new connections over them.
+pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(addr).map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr} (SO_REUSEPORT): {e}")))?;
+    s.listen(1024)
+}
+
+/// The steering config for a worker configuration: the tunnel port on the configured families/addresses.
+pub fn steer_config(wcfg: &WorkerConfig) -> SteerConfig {
+    let mut sc = SteerConfig::any(wcfg.local_port());
+    sc.flags = 0;
+    if let Some(f) = wcfg.ipv4 {
+        sc.flags |= SteerConfig::FLAG_IPV4;
+        if let IpAddr::V4(ip) = f.addr.ip() {
+            if !ip.is_unspecified() {
+                sc.flags |= SteerConfig::FLAG_IPV4_ADDR;
+                sc.ipv4 = ip.octets();
+            }
+        }
+    }
+    if let Some(f) = wcfg.ipv6 {
+        sc.flags |= SteerConfig::FLAG_IPV6;
+        if let IpAddr::V6(ip) = f.addr.ip() {
+            if !ip.is_unspecified() {
+                sc.flags |= SteerConfig::FLAG_IPV6_ADDR;
+                sc.ipv6 = ip.octets();
+            }
+        }
+    }
+    if let Some((g, _)) = &wcfg.guard {
+        sc.flags |= SteerConfig::FLAG_GUARD;
+        sc.guard_magic = g.magic;
+    }
+    sc
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Entry point
+// ----------------------------------------------------------------------------------------------------
+
+/// Runs the daemon for `cfg` on `iface` with the XDP data plane until `opts.stop` fires (or, for
+/// [`XdpStop::with_signals`], SIGINT/SIGTERM). Blocks the calling thread, which becomes the control thread
+/// (XDP counters into `hub` every 500 ms, guard cookie rotation); the workers (one per RX queue, publishing
+/// their snapshots into `hub` under their index) run on their own threads, created in the calling thread's
+/// network namespace. Sets the hub's mode (`XdpNative`/`XdpGeneric`) and attached flag. Errors: the
+/// program cannot attach in the wanted mode (with the reason), an AF_XDP socket cannot be opened, or a
+/// worker fails to start; the program is detached in every case.
+pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: XdpOptions) -> anyhow::Result<XdpOutcome> {
+    let XdpOptions { want, front, pin, stop } = opts;
+    let mut wcfg = worker_config(cfg, iface)?;
+    let role = wcfg.role;
+    if role == Role::Client {
+        // One steered port: pick it now (the program must know it before arming).
+        let port = match wcfg.local_port() {
+            0 => rand::Rng::gen_range(&mut rand::thread_rng(), 32768..=65535u16),
+            p => p,
+        };
+        for f in [wcfg.ipv4.as_mut(), wcfg.ipv6.as_mut()].into_iter().flatten() {
+            f.addr.set_port(port);
+        }
+        if wcfg.conn > 1 {
+            warn!(
+                conn = wcfg.conn,
+                port, "XDP mode steers one local port: running 1 session instead of transport.conn"
+            );
+            wcfg.conn = 1;
+        }
+    }
+    let sc = steer_config(&wcfg);
+    let mut steering = match want {
+        XdpWant::Auto => Steering::attach_auto(iface, sc).map(|(s, _)| s),
+        XdpWant::Native => Steering::attach(iface, XdpMode::Native, sc),
+        XdpWant::Generic => Steering::attach(iface, XdpMode::Generic, sc),
+    }
+    .with_context(|| format!("XDP data plane on {iface}"))?;
+    let attach = steering.attached();
+    hub.set_mode(match attach {
+        XdpAttach::Native => DataPathMode::XdpNative,
+        XdpAttach::Generic => DataPathMode::XdpGeneric,
+    });
+    info!(iface, mode = %attach, port = sc.port, "XDP program attached");
+
+    let queues = rx_queue_count(iface).with_context(|| format!("RX queues of {iface}"))?;
+    let cpus = allowed_cpus();
+    if queues > cpus.len() {
+        warn!(queues, cpus = cpus.len(), "more RX queues than CPUs: workers share cores (consider ethtool -L)");
+    }
+    let mut socks = Vec::with_capacity(queues);
+    for q in 0..queues {
+        let io = AfXdpIo::open(AfXdpConfig::new(iface, q as u32))
+            .with_context(|| format!("AF_XDP socket on {iface} queue {q}"))?;
+        steering.register_socket(q as u32, &io).with_context(|| format!("registering {iface} queue {q}"))?;
+        socks.push(io);
+    }
+    // Guard cookies before arming, so valid frames are never dropped at start.
+    let mut guard = wcfg.guard.as_ref().map(|(g, key)| Guard::new(g.clone(), key));
+    if let Some(g) = guard.as_mut() {
+        rotate_guard(&mut steering, g, &wcfg)?;
+    }
+    steering.arm().context("arming the XDP program")?;
+    hub.set_attached(true);
+
+    let boxes: Vec<Mailbox> =
+        (0..queues).map(|_| Mailbox::new(MAILBOX_FRAMES)).collect::<std::io::Result<_>>()?;
+    let routers = Router::for_workers(boxes.into());
+    // Client sessions: the owner of the steered port runs them all.
+    let session_owner = owner_of(role, SocketAddr::from(([0, 0, 0, 0], 0)), wcfg.local_port(), queues);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, anyhow::Result<()>)>();
+    let cfg_arc = Arc::new(cfg.clone());
+    let mut handles = Vec::with_capacity(queues);
+    for (i, (io, router)) in socks.into_iter().zip(routers).enumerate() {
+        let slots = match role {
+            Role::Client if i == session_owner => wcfg.conn,
+            _ => 0,
+        };
+        let ctx = WorkerCtx {
+            index: i,
+            cpu: pin.then(|| cpus[i % cpus.len()]),
+            wcfg: wcfg.clone(),
+            io,
+            router,
+            slots,
+            hub: hub.clone(),
+            cfg: cfg_arc.clone(),
+            front: front && slots > 0,
+            stop: stop.subscribe(),
+            ready: ready_tx.clone(),
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("paqet-xdp-{i}"))
+            .spawn(move || worker_thread(ctx))
+            .context("spawning a worker thread")?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    let mut start_err = None;
+    for _ in 0..queues {
+        match ready_rx.recv() {
+            Ok((_, Ok(()))) => {}
+            Ok((i, Err(e))) => {
+                start_err.get_or_insert(e.context(format!("worker {i}")));
+            }
+            Err(_) => {
+                start_err.get_or_insert(anyhow!("a worker thread ended before starting"));
+                break;
+            }
+        }
+    }
+    if start_err.is_none() {
+        info!(role = %role, workers = queues, mode = %attach, "paqet-dp running (XDP)");
+        if let Err(e) = control_loop(&mut steering, guard.as_mut(), &wcfg, &hub, &stop) {
+            start_err = Some(e);
+        }
+    }
+    stop.stop();
+    for h in handles {
+        if h.join().is_err() {
+            warn!("a worker thread panicked");
+        }
+    }
+    let counters = steering.counters().unwrap_or([0; COUNTERS]);
+    hub.set_xdp(counters);
+    hub.set_attached(false);
+    let snapshots = hub.snapshot().workers;
+    drop(steering); // detaches the program, after every socket is closed
+    if let Some(e) = start_err {
+        return Err(e);
+    }
+    info!("XDP data plane stopped");
+    Ok(XdpOutcome { attach, workers: queues, counters, snapshots })
+}
+
+/// Writes the guard prefixes valid around now into the program's table.
+fn rotate_guard(steering: &mut Steering, g: &mut Guard, wcfg: &WorkerConfig) -> anyhow::Result<()> {
+    let Some((gc, _)) = &wcfg.guard else { return Ok(()) };
+    let prefixes = guard_prefixes(unix_now().as_secs(), gc.window_secs, gc.skew, |t, out: &mut [u8; GUARD_PREFIX_LEN]| {
+        g.write_prefix(t, out)
+    });
+    steering.set_guard_cookies(&prefixes).context("rotating the XDP guard cookies")
+}
+
+/// The control thread: publishes the XDP counters and rotates guard cookies until stopped.
+fn control_loop(
+    steering: &mut Steering,
+    mut guard: Option<&mut Guard>,
+    wcfg: &WorkerConfig,
+    hub: &MetricsHub,
+    stop: &XdpStop,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let mut rx = stop.subscribe();
+    let signals = stop.signals;
+    rt.block_on(async {
+        let mut tick = tokio::time::interval(Duration::from_millis(PUBLISH_INTERVAL_MS));
+        let sig = async {
+            if signals {
+                super::setup::wait_for_signal().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::pin!(sig);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    match steering.counters() {
+                        Ok(c) => hub.set_xdp(c),
+                        Err(e) => debug!(error = %e, "reading the XDP counters failed"),
+                    }
+                    if let Some(g) = guard.as_deref_mut() {
+                        rotate_guard(steering, g, wcfg)?;
+                    }
+                }
+                r = rx.wait_for(|s| *s) => { let _ = r; return Ok(()); }
+                r = &mut sig => { r?; info!("shutting down"); return Ok(()); }
+            }
+        }
+    })
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Workers
+// ----------------------------------------------------------------------------------------------------
+
+struct WorkerCtx {
+    index: usize,
+    cpu: Option<usize>,
+    wcfg: WorkerConfig,
+    io: AfXdpIo,
+    router: Router,
+    slots: usize,
+    hub: Arc<MetricsHub>,
+    cfg: Arc<Config>,
+    front: bool,
+    stop: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<(usize, anyhow::Result<()>)>,
+}
+
+fn worker_thread(ctx: WorkerCtx) {
+    let index = ctx.index;
+    let ready = ctx.ready.clone();
+    if let Err(e) = worker_main(ctx) {
+        // Reported to the control thread if start-up had not finished; logged either way.
+        warn!(worker = index, error = %format!("{e:#}"), "worker stopped");
+        let _ = ready.send((index, Err(e)));
+    }
+}
+
+fn worker_main(ctx: WorkerCtx) -> anyhow::Result<()> {
+    let WorkerCtx { index, cpu, wcfg, io, router, slots, hub, cfg, front, mut stop, ready } = ctx;
+    if let Some(Err(e)) = cpu.map(pin_current_thread) {
+        warn!(worker = index, error = %e, "worker not pinned");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let role = wcfg.role;
+        let shared = Core::new(wcfg);
+        tokio::task::spawn_local(drive(shared.clone()));
+        let inbox_fd = router.wake_fd();
+        shared.borrow_mut().set_router(router);
+        let io: Box<dyn PacketIo> = Box::new(io);
+        let (link, fd) = match role {
+            Role::Server => super::server::start_shared(&shared, io)?,
+            Role::Client => {
+                let (link, fd, _retire) = shared.borrow_mut().add_shared_link(io, 0, None, None);
+                (link, fd)
+            }
+        };
+        let fd = fd.ok_or_else(|| anyhow!("the AF_XDP backend has no readiness descriptor"))?;
+        tokio::task::spawn_local(shared_rx(shared.clone(), link, fd, inbox_fd));
+        if role == Role::Client {
+            super::client::start_shared(&shared, link, slots)?;
+            if front {
+                start_worker_front_ends(&cfg, Tunnel::new(shared.clone()), index).await?;
+            }
+        }
+        tokio::task::spawn_local(publish(shared.clone(), hub.clone(), index));
+        info!(worker = index, cpu = ?cpu, sessions = slots, "XDP worker running");
+        let _ = ready.send((index, Ok(())));
+        let _ = stop.wait_for(|s| *s).await;
+        // Give the driver a moment to push out FINs of dropped streams, then publish the final counters.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        hub.publish(index, worker_snapshot(&shared.borrow()));
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+/// The RX task of a worker's queue socket and mailbox.
+async fn shared_rx(shared: Shared, link: u64, fd: RawFd, inbox_fd: RawFd) {
+    if let Err(e) = shared_rx_loop(&shared, link, fd, inbox_fd).await {
+        warn!(error = %e, "XDP worker receive failed; link stopped");
+    }
+}
+
+/// A raw fd that tokio's reactor watches (the owner keeps it open for the worker's lifetime).
+struct Watched(RawFd);
+
+impl AsRawFd for Watched {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+async fn shared_rx_loop(shared: &Shared, link: u64, fd: RawFd, inbox_fd: RawFd) -> std::io::Result<()> {
+    // SAFETY (both): the socket lives in the core's link table and the eventfd in the router's mailbox
+    // until the worker's runtime is dropped, which drops this task (and the registrations) first.
+    let xsk = unsafe { AsyncFd::register_with_interest(Watched(fd), Interest::READABLE)? };
+    let inbox = unsafe { AsyncFd::register_with_interest(Watched(inbox_fd), Interest::READABLE)? };
+    loop {
+        tokio::select! {
+            g = xsk.readable() => {
+                let mut g = g?;
+                loop {
+                    let n = shared.borrow_mut().rx_link(link)?;
+                    if n == 0 {
+                        g.clear_ready();
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+            g = inbox.readable() => {
+                let mut g = g?;
+                g.clear_ready();
+                if let Some(r) = shared.borrow().router.as_ref() {
+                    r.clear_signal();
+                }
+                while shared.borrow_mut().rx_handoff(link) > 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+}
+
+/// A worker's snapshot: daemon counters, its socket's statistics, sessions and streams.
+pub fn worker_snapshot(c: &Core) -> WorkerSnapshot {
+    let io = c.io_stats();
+    let mut s = WorkerSnapshot::from_daemon(&c.stats, &io);
+    s.sessions = c.session_count() as u64;
+    s.streams = c.stream_count() as u64;
+    s.afxdp = Some(AfXdpStats {
+        rx_dropped: io.xsk_rx_dropped,
+        rx_ring_full: io.xsk_rx_ring_full,
+        fill_ring_empty: io.xsk_fill_ring_empty,
+        tx_invalid_descs: io.xsk_tx_invalid_descs,
+    });
+    s
+}
+
+/// Publishes the worker's snapshot every [`PUBLISH_INTERVAL_MS`] (and once at once).
+async fn publish(shared: Shared, hub: Arc<MetricsHub>, index: usize) {
+    let mut tick = tokio::time::interval(Duration::from_millis(PUBLISH_INTERVAL_MS));
+    loop {
+        tick.tick().await;
+        let snap = worker_snapshot(&shared.borrow());
+        hub.publish(index, snap);
+    }
+}
+
+/// The client front ends of one worker: TCP forwards, SOCKS5 and HTTP on `SO_REUSEPORT` listeners (every
+/// session-owning worker binds them); UDP forwards only on worker `index` 's first owner (a UDP source's
+/// state must stay in one worker).
+async fn start_worker_front_ends(cfg: &Config, tunnel: Tunnel, index: usize) -> anyhow::Result<()> {
+    use crate::front::forward::UdpForward;
+    use crate::front::{http, socks5};
+    use std::rc::Rc;
+    for (i, f) in cfg.forward.iter().enumerate() {
+        let listen = f.listen.resolve().with_context(|| format!("forward[{i}].listen {}", f.listen))?;
+        let (host, port) = (f.target.host.clone(), f.target.port);
+        match f.protocol {
+            ForwardProtocol::Tcp => {
+                let l = reuseport_listener(listen).with_context(|| format!("forward[{i}]"))?;
+                tokio::task::spawn_local(serve_tcp_forward(l, tunnel.clone(), host, port));
+            }
+            ForwardProtocol::Udp => {
+                let fw = UdpForward::bind(listen, host, port).await?;
+                tokio::task::spawn_local(fw.run(tunnel.clone()));
+            }
+        }
+    }
+    let dialer = Rc::new(tunnel);
+    for (i, s) in cfg.socks5.iter().enumerate() {
+        let listen = s.listen.resolve().with_context(|| format!("socks5[{i}].listen {}", s.listen))?;
+        let l = reuseport_listener(listen).with_context(|| format!("socks5[{i}]"))?;
+        let sc = socks5::Socks5Config { username: s.username.clone(), password: s.password.clone() };
+        tokio::task::spawn_local(socks5::serve(l, sc, dialer.clone()));
+    }
+    for (i, h) in cfg.http.iter().enumerate() {
+        let listen = h.listen.resolve().with_context(|| format!("http[{i}].listen {}", h.listen))?;
+        let l = reuseport_listener(listen).with_context(|| format!("http[{i}]"))?;
+        let hc = http::HttpConfig {
+            username: h.username.clone().unwrap_or_default(),
+            password: h.password.clone().unwrap_or_default(),
+        };
+        tokio::task::spawn_local(http::serve(l, hc, dialer.clone()));
+    }
+    debug!(worker = index, "front ends started");
+    Ok(())
+}
+
+/// Accepts connections on `l` and carries each to `host:port` through the tunnel.
+async fn serve_tcp_forward(l: tokio::net::TcpListener, tunnel: Tunnel, host: String, port: u16) {
+    info!(listen = ?l.local_addr().ok(), target = %format!("{host}:{port}"), "tcp forward ready (XDP worker)");
+    let host = std::rc::Rc::new(host);
+    loop {
+        let (conn, from) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "tcp forward: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = conn.set_nodelay(true);
+        let (tunnel, host) = (tunnel.clone(), host.clone());
+        tokio::task::spawn_local(async move {
+            match tunnel.open_tcp(&host, port).await {
+                Ok(stream) => super::copy_until_either_ends(stream, conn).await,
+                Err(e) => warn!(%from, error = %e, "tcp forward: cannot open a tunnel stream"),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_owner_spreads_ports_and_is_deterministic() {
+        let ip = IpAddr::from([10, 0, 0, 7]);
+        let a = owner_of(Role::Server, SocketAddr::new(ip, 40000), 9999, 2);
+        let b = owner_of(Role::Server, SocketAddr::new(ip, 40001), 9999, 2);
+        assert_ne!(a, b, "consecutive client ports must land on different workers of 2");
+        assert_eq!(a, owner_of(Role::Server, SocketAddr::new(ip, 40000), 1, 2), "dst port is irrelevant");
+        assert_eq!(owner_of(Role::Server, SocketAddr::new(ip, 40000), 9999, 1), 0);
+    }
+
+    #[test]
+    fn client_owner_is_the_local_port_residue() {
+        let s: SocketAddr = "10.0.0.1:9999".parse().unwrap();
+        assert_eq!(owner_of(Role::Client, s, 40001, 4), 1);
+        assert_eq!(owner_of(Role::Client, s, 40004, 4), 0);
+    }
+
+    #[test]
+    fn mailbox_hands_frames_over_and_recycles_buffers() {
+        let boxes: Vec<Mailbox> = (0..2).map(|_| Mailbox::new(2).unwrap()).collect();
+        let mut routers = Router::for_workers(boxes.into());
+        let mut r1 = routers.pop().unwrap();
+        let mut r0 = routers.pop().unwrap();
+        assert!(r0.hand_to(1, b"one"));
+        assert!(r0.hand_to(1, b"two"));
+        assert!(!r0.hand_to(1, b"three"), "a full mailbox refuses");
+        assert!(!r0.hand_to(1, &vec![0u8; HANDOFF_FRAME + 1]), "oversized frames are refused");
+        r0.wake_owners();
+        // The owner's eventfd is readable now.
+        assert!(crate::io::poll_readable(r1.wake_fd(), Duration::ZERO).unwrap());
+        r1.clear_signal();
+        assert!(!crate::io::poll_readable(r1.wake_fd(), Duration::ZERO).unwrap());
+        let mut got = Vec::new();
+        assert_eq!(r1.drain_inbox(&mut |f: &mut [u8]| got.push(f.to_vec())), 2);
+        assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(r1.drain_inbox(&mut |_: &mut [u8]| panic!("empty")), 0);
+        // The buffers came back to the free list: the next hand-off reuses one.
+        assert_eq!(r0.boxes[1].free.len(), 2);
+        assert!(r0.hand_to(1, b"four"));
+        assert_eq!(r0.boxes[1].free.len(), 1);
+    }
+}
