@@ -73,9 +73,16 @@ impl XdpCounter {
 
 /// Value of the `PAQET_CONFIG` map: which frames the XDP program steers into AF_XDP.
 ///
-/// A TCP frame is steered when its destination port equals `port` (host order; `0` = steer nothing,
-/// the "disarmed" state) and, per IP family, that family is enabled in `flags` and the destination
-/// address matches `ipv4`/`ipv6` if the corresponding `*_ADDR` flag is set (otherwise any address).
+/// A TCP frame is a tunnel frame when its IP family is enabled in `flags`, its destination address
+/// matches `ipv4`/`ipv6` if the corresponding `*_ADDR` flag is set (otherwise any address), and
+/// either
+/// - (server side) its destination port equals `port` (host order; `0` = no destination match), or
+/// - (client side) `FLAG_SRC_IPV4`/`FLAG_SRC_IPV6` is set for its family and its source (address,
+///   port) is (`src_ipv4`/`src_ipv6`, `src_port`): every frame from the server's endpoint, whatever
+///   local port it is addressed to.
+///
+/// A config that can match nothing (`port == 0` and no `FLAG_SRC_*`) is the "disarmed" state: the
+/// program passes everything without parsing ([`SteerConfig::is_armed`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SteerConfig {
@@ -90,6 +97,12 @@ pub struct SteerConfig {
     pub ipv4: [u8; 4],
     /// Local IPv6 address (network order) to match when `FLAG_IPV6_ADDR` is set.
     pub ipv6: [u8; 16],
+    /// Source TCP port (host order) of the peer endpoint matched by `FLAG_SRC_IPV4`/`FLAG_SRC_IPV6`.
+    pub src_port: u16,
+    /// Source IPv4 address (network order) matched when `FLAG_SRC_IPV4` is set.
+    pub src_ipv4: [u8; 4],
+    /// Source IPv6 address (network order) matched when `FLAG_SRC_IPV6` is set.
+    pub src_ipv6: [u8; 16],
 }
 
 impl SteerConfig {
@@ -103,6 +116,12 @@ impl SteerConfig {
     pub const FLAG_IPV6_ADDR: u16 = 1 << 3;
     /// Guard on: drop steered frames whose payload prefix matches no valid entry of [`GuardTable`].
     pub const FLAG_GUARD: u16 = 1 << 4;
+    /// Client-side steering: IPv4 frames from (`src_ipv4`, `src_port`) are tunnel frames, whatever
+    /// their destination port (the family must be enabled with `FLAG_IPV4` too).
+    pub const FLAG_SRC_IPV4: u16 = 1 << 5;
+    /// Client-side steering: IPv6 frames from (`src_ipv6`, `src_port`) are tunnel frames, whatever
+    /// their destination port (the family must be enabled with `FLAG_IPV6` too).
+    pub const FLAG_SRC_IPV6: u16 = 1 << 6;
 
     /// A config steering TCP to `port` on any address of both families, guard off.
     pub const fn any(port: u16) -> Self {
@@ -112,7 +131,47 @@ impl SteerConfig {
             guard_magic: GUARD_DEFAULT_MAGIC,
             ipv4: [0; 4],
             ipv6: [0; 16],
+            src_port: 0,
+            src_ipv4: [0; 4],
+            src_ipv6: [0; 16],
         }
+    }
+
+    /// A client-side config: steer IPv4 TCP frames whose source is the peer endpoint (`ip` in
+    /// network order, `port`), to any local address and port, guard off. No destination-port match
+    /// (`port` = 0).
+    pub const fn from_peer_v4(ip: [u8; 4], port: u16) -> Self {
+        SteerConfig {
+            port: 0,
+            flags: Self::FLAG_IPV4 | Self::FLAG_SRC_IPV4,
+            guard_magic: GUARD_DEFAULT_MAGIC,
+            ipv4: [0; 4],
+            ipv6: [0; 16],
+            src_port: port,
+            src_ipv4: ip,
+            src_ipv6: [0; 16],
+        }
+    }
+
+    /// Like [`SteerConfig::from_peer_v4`] for an IPv6 peer.
+    pub const fn from_peer_v6(ip: [u8; 16], port: u16) -> Self {
+        SteerConfig {
+            port: 0,
+            flags: Self::FLAG_IPV6 | Self::FLAG_SRC_IPV6,
+            guard_magic: GUARD_DEFAULT_MAGIC,
+            ipv4: [0; 4],
+            ipv6: [0; 16],
+            src_port: port,
+            src_ipv4: [0; 4],
+            src_ipv6: ip,
+        }
+    }
+
+    /// True when the config can match a frame: a destination port is set, or source matching is on
+    /// for a family (with a non-zero source port). False = disarmed (the program passes everything).
+    #[inline(always)]
+    pub const fn is_armed(&self) -> bool {
+        self.port != 0 || (self.src_port != 0 && self.has(Self::FLAG_SRC_IPV4 | Self::FLAG_SRC_IPV6))
     }
 
     /// True when `flag` is set.
@@ -196,7 +255,9 @@ mod tests {
 
     #[test]
     fn layouts_are_stable() {
-        assert_eq!(core::mem::size_of::<SteerConfig>(), 28);
+        // No padding anywhere (userspace hands the bytes to the kernel as they are).
+        assert_eq!(core::mem::size_of::<SteerConfig>(), 50);
+        assert_eq!(core::mem::align_of::<SteerConfig>(), 2);
         assert_eq!(core::mem::size_of::<GuardEntry>(), 16);
         assert_eq!(core::mem::size_of::<GuardTable>(), 16 * GUARD_SLOTS);
     }
@@ -216,6 +277,23 @@ mod tests {
         assert!(t.accepts(magic, cookie));
         t.entries[GUARD_SLOTS - 1].valid = 0;
         assert!(!t.accepts(magic, cookie));
+    }
+
+    #[test]
+    fn armed_state_needs_a_port_or_a_source_match() {
+        assert!(!SteerConfig::default().is_armed());
+        assert!(SteerConfig::any(9999).is_armed());
+        let c = SteerConfig::from_peer_v4([10, 0, 0, 2], 9999);
+        assert!(c.is_armed() && c.port == 0);
+        assert!(c.has(SteerConfig::FLAG_IPV4) && c.has(SteerConfig::FLAG_SRC_IPV4));
+        assert!(!c.has(SteerConfig::FLAG_SRC_IPV6));
+        // A source flag without a source port matches nothing.
+        assert!(!SteerConfig::from_peer_v6([0; 16], 0).is_armed());
+        let mut d = SteerConfig::any(0);
+        d.flags |= SteerConfig::FLAG_SRC_IPV6;
+        assert!(!d.is_armed());
+        d.src_port = 443;
+        assert!(d.is_armed());
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! Parses Ethernet (with up to two 802.1Q/802.1ad tags), IPv4 (any IHL, first fragments only) or
 //! IPv6 (fixed header, next header TCP), then TCP. A frame whose destination (address, port)
-//! matches [`SteerConfig`] is redirected into the AF_XDP socket of its RX queue (`PAQET_XSKS`, with
-//! `XDP_PASS` as the fallback when that queue has no socket). With the guard on, such a frame must
+//! matches [`SteerConfig`] (server side), or whose source (address, port) is the configured peer
+//! endpoint and whose destination address matches (client side, `FLAG_SRC_*`), is redirected into
+//! the AF_XDP socket of its RX queue (`PAQET_XSKS`, with `XDP_PASS` as the fallback when that
+//! queue has no socket). With the guard on, such a frame must
 //! start its TCP payload with a `magic | cookie` prefix listed in `PAQET_GUARD`, otherwise it is
 //! dropped here. Everything else goes to the kernel (`XDP_PASS`). Counters: [`XdpCounter`].
 #![no_std]
@@ -17,7 +19,7 @@ use aya_ebpf::{
 };
 use paqet_common::{GuardTable, SteerConfig, XdpCounter, GUARD_PREFIX_LEN, MAX_QUEUES};
 
-/// Index 0: what to steer. Port 0 (the initial all-zero value) steers nothing.
+/// Index 0: what to steer. The initial all-zero value steers nothing (disarmed).
 #[map(name = "PAQET_CONFIG")]
 static PAQET_CONFIG: Array<SteerConfig> = Array::with_max_entries(1, 0);
 
@@ -79,7 +81,7 @@ pub fn paqet_xdp(ctx: XdpContext) -> u32 {
         bump(XdpCounter::Passed);
         return xdp_action::XDP_PASS;
     };
-    if cfg.port == 0 {
+    if !cfg.is_armed() {
         // Disarmed: do not even parse.
         bump(XdpCounter::Passed);
         return xdp_action::XDP_PASS;
@@ -137,6 +139,8 @@ fn parse(ctx: &XdpContext, cfg: &SteerConfig) -> Option<Verdict> {
             l3 += 4;
         }
     }
+    // Set when the source address is the configured peer's (client-side steering).
+    let mut src_ok = false;
     let l4 = if ethertype == ETH_P_IP {
         if !cfg.has(SteerConfig::FLAG_IPV4) {
             return Some(Verdict::Pass);
@@ -160,6 +164,10 @@ fn parse(ctx: &XdpContext, cfg: &SteerConfig) -> Option<Verdict> {
                 return Some(Verdict::Pass);
             }
         }
+        if cfg.has(SteerConfig::FLAG_SRC_IPV4) {
+            let src: [u8; 4] = load(ctx, l3 + 12)?;
+            src_ok = src == cfg.src_ipv4;
+        }
         l3 + ihl
     } else if ethertype == ETH_P_IPV6 {
         if !cfg.has(SteerConfig::FLAG_IPV6) {
@@ -172,44 +180,27 @@ fn parse(ctx: &XdpContext, cfg: &SteerConfig) -> Option<Verdict> {
         if load::<u8>(ctx, l3 + 6)? != IPPROTO_TCP {
             return Some(Verdict::Pass);
         }
-        if cfg.has(SteerConfig::FLAG_IPV6_ADDR) {
-            let hi: u64 = load(ctx, l3 + 24)?;
-            let lo: u64 = load(ctx, l3 + 32)?;
-            let want_hi = u64::from_ne_bytes([
-                cfg.ipv6[0],
-                cfg.ipv6[1],
-                cfg.ipv6[2],
-                cfg.ipv6[3],
-                cfg.ipv6[4],
-                cfg.ipv6[5],
-                cfg.ipv6[6],
-                cfg.ipv6[7],
-            ]);
-            let want_lo = u64::from_ne_bytes([
-                cfg.ipv6[8],
-                cfg.ipv6[9],
-                cfg.ipv6[10],
-                cfg.ipv6[11],
-                cfg.ipv6[12],
-                cfg.ipv6[13],
-                cfg.ipv6[14],
-                cfg.ipv6[15],
-            ]);
-            if hi != want_hi || lo != want_lo {
-                return Some(Verdict::Pass);
-            }
+        // Destination at l3 + 24, source at l3 + 8.
+        if cfg.has(SteerConfig::FLAG_IPV6_ADDR) && !ipv6_eq(ctx, l3 + 24, &cfg.ipv6)? {
+            return Some(Verdict::Pass);
+        }
+        if cfg.has(SteerConfig::FLAG_SRC_IPV6) {
+            src_ok = ipv6_eq(ctx, l3 + 8, &cfg.src_ipv6)?;
         }
         l3 + IPV6_HLEN
     } else {
         return Some(Verdict::Pass);
     };
+    let sport = u16::from_be(load::<u16>(ctx, l4)?);
     let dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
     let doff: u8 = load(ctx, l4 + 12)?;
     let thl = ((doff >> 4) as usize) * 4;
     if thl < TCP_MIN_HLEN {
         return None;
     }
-    if dport != cfg.port {
+    let to_port = cfg.port != 0 && dport == cfg.port;
+    let from_peer = src_ok && cfg.src_port != 0 && sport == cfg.src_port;
+    if !to_port && !from_peer {
         return Some(Verdict::Pass);
     }
     // The whole TCP header must be inside the frame.
@@ -217,6 +208,20 @@ fn parse(ctx: &XdpContext, cfg: &SteerConfig) -> Option<Verdict> {
         return None;
     }
     Some(Verdict::Tunnel(l4 + thl))
+}
+
+/// Whether the 16 bytes at `off` equal `want` (`None` past the end of the frame).
+#[inline(always)]
+fn ipv6_eq(ctx: &XdpContext, off: usize, want: &[u8; 16]) -> Option<bool> {
+    let hi: u64 = load(ctx, off)?;
+    let lo: u64 = load(ctx, off + 8)?;
+    let want_hi = u64::from_ne_bytes([
+        want[0], want[1], want[2], want[3], want[4], want[5], want[6], want[7],
+    ]);
+    let want_lo = u64::from_ne_bytes([
+        want[8], want[9], want[10], want[11], want[12], want[13], want[14], want[15],
+    ]);
+    Some(hi == want_hi && lo == want_lo)
 }
 
 /// True when the TCP payload at `payload` starts with a currently valid guard prefix.

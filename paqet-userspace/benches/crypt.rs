@@ -77,8 +77,14 @@ fn ours_vs_crates(c: &mut Criterion) {
         }};
     }
     both!("twofish-ours", Twofish::new(&key));
-    both!("twofish-crate", twofish::Twofish::new_from_slice(&key).expect("32-byte key"));
-    both!("3des-ours", TripleDes::new(&std::array::from_fn(|i| key[i])));
+    both!(
+        "twofish-crate",
+        twofish::Twofish::new_from_slice(&key).expect("32-byte key")
+    );
+    both!(
+        "3des-ours",
+        TripleDes::new(&std::array::from_fn(|i| key[i]))
+    );
     both!("3des-crate", des::TdesEde3::new(&k24));
     group.finish();
 }

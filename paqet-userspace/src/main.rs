@@ -211,7 +211,13 @@ fn ping(cfg: &Config, iface: &str, count: u32) -> anyhow::Result<()> {
     })
 }
 
-/// Sets `flag` on the first SIGINT or SIGTERM (a helper thread with its own small runtime).
+/// How long `dump` may take to notice the stop flag before the process exits anyway: libpcap's read
+/// timeout does not fire in immediate mode on an idle link, so the capture can stay blocked.
+const DUMP_STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Sets `flag` on the first SIGINT or SIGTERM (a helper thread with its own small runtime); if the main
+/// thread has not finished [`DUMP_STOP_GRACE`] later, exits the process (every described frame has been
+/// flushed already).
 fn stop_on_signal(flag: Arc<AtomicBool>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     // Install the handlers before returning so an early SIGINT is not lost.
@@ -227,6 +233,9 @@ fn stop_on_signal(flag: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
         });
         flag.store(true, Ordering::Relaxed);
+        std::thread::sleep(DUMP_STOP_GRACE);
+        eprintln!("paqet-dp dump: stopped");
+        std::process::exit(0);
     })?;
     Ok(())
 }
@@ -323,9 +332,8 @@ fn run(
         DataPlane::XdpNative => Some(XdpMode::Native),
         DataPlane::XdpGeneric => Some(XdpMode::Generic),
         DataPlane::Auto => match cfg.io.backend {
-            IoBackend::Afxdp => Some(XdpMode::Any),
-            // `auto` stays on pcap until the XDP data plane is wired into the daemon.
-            IoBackend::Auto | IoBackend::Pcap => None,
+            IoBackend::Afxdp | IoBackend::Auto => Some(XdpMode::Any),
+            IoBackend::Pcap => None,
         },
     };
     let dp = match xdp {
@@ -336,9 +344,22 @@ fn run(
     let hub = MetricsHub::new(setup::role_label(&cfg), dp, 1);
     let mut ops = OpsServers::start(&cfg, &hub)?;
     let opts = DaemonOptions::new(hub).with_manage_firewall(manage_firewall);
+    let auto = matches!(mode, DataPlane::Auto) && !matches!(cfg.io.backend, IoBackend::Afxdp);
     let result = match xdp {
         None => setup::run_daemon(&cfg, &iface, opts),
-        Some(m) => setup::run_xdp(&cfg, &iface, m, opts),
+        Some(m) => {
+            let hub = opts.hub.clone();
+            match setup::run_xdp(&cfg, &iface, m, opts.clone()) {
+                // `auto`: native XDP, then generic XDP, then pcap. Fall back only when the XDP data path
+                // never came up (attach or AF_XDP socket failed); a failure after that is an error.
+                Err(e) if auto && !hub.is_attached() => {
+                    tracing::warn!("XDP data plane unavailable on {iface}: {e:#}; falling back to pcap");
+                    hub.set_mode(DataPathMode::Pcap);
+                    setup::run_daemon(&cfg, &iface, opts)
+                }
+                r => r,
+            }
+        }
     };
     ops.shutdown();
     result

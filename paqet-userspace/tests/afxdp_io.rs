@@ -227,7 +227,7 @@ fn eth(dst: [u8; 6], src: [u8; 6], vlans: &[(u16, u16)], ethertype: u16) -> Vec<
     f
 }
 
-/// Ethernet (+ VLAN tags) / IPv4 / TCP frame.
+/// Ethernet (+ VLAN tags) / IPv4 / TCP frame from (IP_B, PEER_PORT).
 fn tcp4(
     topo: &Topo,
     dst_ip: Ipv4Addr,
@@ -235,12 +235,24 @@ fn tcp4(
     payload: &[u8],
     vlans: &[(u16, u16)],
 ) -> Vec<u8> {
-    let (src, dst) = (IP_B.octets(), dst_ip.octets());
+    tcp4_from(topo, (IP_B, PEER_PORT), dst_ip, dport, payload, vlans)
+}
+
+/// Ethernet (+ VLAN tags) / IPv4 / TCP frame from `from` (address, port) to (`dst_ip`, `dport`).
+fn tcp4_from(
+    topo: &Topo,
+    from: (Ipv4Addr, u16),
+    dst_ip: Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+    vlans: &[(u16, u16)],
+) -> Vec<u8> {
+    let (src, dst) = (from.0.octets(), dst_ip.octets());
     let tcp_len = 20 + payload.len();
     let mut pseudo = csum_add(0, &src);
     pseudo = csum_add(pseudo, &dst);
     pseudo += 6 + tcp_len as u32;
-    let seg = tcp_segment(PEER_PORT, dport, payload, pseudo);
+    let seg = tcp_segment(from.1, dport, payload, pseudo);
     let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0];
     ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
     ip.extend_from_slice(&src);
@@ -253,14 +265,19 @@ fn tcp4(
     f
 }
 
-/// Ethernet / IPv6 / TCP frame.
+/// Ethernet / IPv6 / TCP frame from (IP6_B, PEER_PORT) to (IP6_A, `dport`).
 fn tcp6(topo: &Topo, dport: u16, payload: &[u8]) -> Vec<u8> {
+    tcp6_from(topo, PEER_PORT, dport, payload)
+}
+
+/// Ethernet / IPv6 / TCP frame from (IP6_B, `sport`) to (IP6_A, `dport`).
+fn tcp6_from(topo: &Topo, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let (src, dst) = (IP6_B.octets(), IP6_A.octets());
     let tcp_len = 20 + payload.len();
     let mut pseudo = csum_add(0, &src);
     pseudo = csum_add(pseudo, &dst);
     pseudo += 6 + tcp_len as u32;
-    let seg = tcp_segment(PEER_PORT, dport, payload, pseudo);
+    let seg = tcp_segment(sport, dport, payload, pseudo);
     let mut ip = vec![0x60, 0, 0, 0];
     ip.extend_from_slice(&(tcp_len as u16).to_be_bytes());
     ip.push(6);
@@ -911,4 +928,111 @@ fn xdp_afxdp_two_queues() {
         !topo.link_a().contains("xdp"),
         "XDP program still attached after drop"
     );
+}
+
+/// Receives until `want` frames arrived or the bounded wait ends (plus whatever else is queued);
+/// returns (destination port, TCP payload) of each.
+fn recv_any_port(io: &mut AfXdpIo, want: usize) -> Vec<(u16, Vec<u8>)> {
+    let mut got = Vec::new();
+    for _ in 0..POLLS {
+        io.recv_batch(POLL, &mut |f| {
+            got.push(tcp_payload(f).expect("AF_XDP delivered a frame that is not TCP"))
+        })
+        .expect("recv_batch");
+        if got.len() >= want {
+            break;
+        }
+    }
+    io.recv_batch(Duration::from_millis(20), &mut |f| {
+        got.push(tcp_payload(f).unwrap_or_default())
+    })
+    .expect("recv_batch");
+    got.sort();
+    got
+}
+
+/// Client-side steering (`FLAG_SRC_*`): every frame from the server endpoint (IP_B / IP6_B, PEER_PORT)
+/// to our address reaches the socket whatever its destination port; frames from another source port or
+/// address, or to another destination address, pass to the kernel. The guard applies to them too.
+#[test]
+fn xdp_afxdp_client_source_match() {
+    if skip("xdp_afxdp_client_source_match") {
+        return;
+    }
+    let topo = Topo::new("xc");
+    let ia = topo.ia().to_owned();
+    let _in_a = topo.a.enter().expect("enter A");
+    let mut cfg = SteerConfig::from_peer_v4(IP_B.octets(), PEER_PORT);
+    cfg.flags |= SteerConfig::FLAG_IPV4_ADDR | SteerConfig::FLAG_IPV6 | SteerConfig::FLAG_SRC_IPV6;
+    cfg.ipv4 = IP_A.octets();
+    cfg.src_ipv6 = IP6_B.octets();
+    assert_eq!(cfg.port, 0, "no destination-port match on a client");
+    let mut steer = Steering::attach(&ia, XdpMode::Native, cfg).expect("attach XDP");
+    let mut io = AfXdpIo::open(AfXdpConfig::new(&ia, 0)).expect("open AF_XDP socket");
+    steer.register_socket(0, &io).expect("register socket");
+    steer.arm().expect("arm");
+
+    let server = (IP_B, PEER_PORT);
+    let mut frames = Vec::new();
+    let mut want = Vec::new();
+    for (i, dport) in [40001u16, 40002, 50000, 65535, TUNNEL_PORT, 1].into_iter().enumerate() {
+        let p = format!("from-server-{i}").into_bytes();
+        frames.push(tcp4_from(&topo, server, IP_A, dport, &p, &[]));
+        want.push((dport, p));
+    }
+    frames.push(tcp4_from(&topo, server, IP_A, 40003, b"vlan-from-server", &[(0x8100, 7)]));
+    want.push((40003, b"vlan-from-server".to_vec()));
+    frames.push(tcp6_from(&topo, PEER_PORT, 40004, b"v6-from-server"));
+    want.push((40004, b"v6-from-server".to_vec()));
+    // Not from the server endpoint, or not to our address: passed.
+    let others = vec![
+        tcp4_from(&topo, (IP_B, PEER_PORT + 1), IP_A, 40001, b"other-sport", &[]),
+        tcp4_from(&topo, (Ipv4Addr::new(10, 231, 0, 77), PEER_PORT), IP_A, 40001, b"other-src", &[]),
+        tcp4_from(&topo, server, Ipv4Addr::new(10, 231, 0, 99), 40001, b"other-dst", &[]),
+        tcp6_from(&topo, PEER_PORT + 1, 40004, b"v6-other-sport"),
+    ];
+    let n_others = others.len() as u64;
+    frames.extend(others);
+    let before = counters(&steer);
+    topo.inject(frames, None);
+    let got = recv_any_port(&mut io, want.len());
+    want.sort();
+    assert_eq!(got, want, "AF_XDP must deliver exactly the frames from the server endpoint");
+    let after = wait_counters(&steer, |c| delta(c, &before, XdpCounter::Passed) >= n_others);
+    assert_eq!(delta(&after, &before, XdpCounter::Steered), want.len() as u64);
+    assert_eq!(delta(&after, &before, XdpCounter::Malformed), 0);
+    check_identity(&after);
+
+    // The guard applies to client-side steering too.
+    let good: [u8; 12] = *b"PQT1\x21\x22\x23\x24\x25\x26\x27\x28";
+    steer.set_guard_cookies(&[good]).expect("guard cookies");
+    cfg.flags |= SteerConfig::FLAG_GUARD;
+    steer.set_config(cfg).expect("guard on");
+    let mut with_good = good.to_vec();
+    with_good.extend_from_slice(b"guarded");
+    let before = counters(&steer);
+    topo.inject(
+        vec![
+            tcp4_from(&topo, server, IP_A, 40011, &with_good, &[]),
+            tcp4_from(&topo, server, IP_A, 40012, b"PQT1\x00\x00\x00\x00\x00\x00\x00\x00bad", &[]),
+            tcp4_from(&topo, server, IP_A, 40013, b"short", &[]),
+        ],
+        None,
+    );
+    assert_eq!(recv_any_port(&mut io, 1), vec![(40011, with_good)]);
+    let after = wait_counters(&steer, |c| delta(c, &before, XdpCounter::GuardDropped) >= 2);
+    assert_eq!(delta(&after, &before, XdpCounter::GuardDropped), 2);
+    assert_eq!(delta(&after, &before, XdpCounter::Steered), 1);
+    check_identity(&after);
+
+    // Disarmed (all-zero config): nothing is steered, not even frames from the server.
+    steer.disarm().expect("disarm");
+    let before = counters(&steer);
+    topo.inject(vec![tcp4_from(&topo, server, IP_A, 40001, &good, &[])], None);
+    let after = wait_counters(&steer, |c| delta(c, &before, XdpCounter::Seen) >= 1);
+    assert_eq!(delta(&after, &before, XdpCounter::Steered), 0);
+    assert_eq!(io.recv_batch(Duration::from_millis(20), &mut |f| panic!("steered while disarmed: {f:02x?}")).unwrap(), 0);
+    drop(io);
+    drop(steer);
+    assert!(!topo.link_a().contains("xdp"), "XDP program still attached after drop");
 }

@@ -185,6 +185,10 @@ fn via_http_connect(proxy: SocketAddr, target: SocketAddr, msg: &[u8]) -> std::i
     echo_round(&mut c, msg)
 }
 
+/// What the client namespace observed: echoes via SOCKS5 and HTTP, `/metrics` (status, body), `/readyz`
+/// status, and the status of `/metrics` on the pprof server.
+type ClientSide = (Vec<u8>, Vec<u8>, (u16, String), u16, u16);
+
 #[test]
 fn front_ends_metrics_firewall_and_wrong_key() {
     if !is_root() {
@@ -324,7 +328,7 @@ pprof = "127.0.0.1:{pprof}"
         client.log_text()
     );
     let r = ns_a
-        .spawn(move || -> std::io::Result<(Vec<u8>, Vec<u8>, (u16, String), u16, u16)> {
+        .spawn(move || -> std::io::Result<ClientSide> {
             let socks: SocketAddr = "127.0.0.1:11080".parse().unwrap();
             let http: SocketAddr = "127.0.0.1:18088".parse().unwrap();
             let a = retry(Duration::from_secs(20), || via_socks5(socks, echo, b"hello through socks5"))?;

@@ -280,33 +280,40 @@ fn max_streams_per_session_rejects_the_excess() {
         let rejected_before = metric_sum(&scrape(t.net.server()), "paqet_limit_rejections_total");
         let gate = t.http.gate.clone();
         let len = 2 * MIB;
-        let jobs: Vec<_> = (0..6u64)
-            .map(|i| {
-                let mut c = curl_cmd(t.net.client(), t.socks(), 90);
-                c.arg(t.url(&format!("/hold/{}/{len}", 70 + i)));
-                (i, spawn_fetch(c))
-            })
-            .collect();
-        // Four requests reach the HTTP server and are held there; the two over the limit are refused.
-        let held = poll(Duration::from_secs(30), || (gate.held.load(Ordering::SeqCst) >= 4).then_some(()));
-        let finished_early = poll(Duration::from_secs(30), || {
-            (jobs.iter().filter(|(_, j)| j.is_finished()).count() >= 2).then_some(())
-        });
-        let held_now = gate.held.load(Ordering::SeqCst);
-        gate.release.store(true, Ordering::SeqCst);
-        assert!(held.is_some() && finished_early.is_some(), "held {held_now}, early finishers missing");
-        assert_eq!(held_now, 4, "exactly max_streams_per_session requests reach the target");
-        let mut ok = 0;
-        for (i, j) in jobs {
-            let f = j.join().expect("fetch thread");
-            if f.ok && f.len == len {
-                assert_eq!(f.sha256, pattern_sha256(70 + i, len), "admitted download {i}: sha256");
-                ok += 1;
-            } else {
-                eprintln!("download {i} refused: {} bytes, {}", f.len, f.stderr.trim());
+        let start = |i: u64, max_secs: u64| {
+            let mut c = curl_cmd(t.net.client(), t.socks(), max_secs);
+            c.arg(t.url(&format!("/hold/{}/{len}", 70 + i)));
+            spawn_fetch(c)
+        };
+        // Four streams, one after the other, each held at the target once it arrived there.
+        let mut admitted = Vec::new();
+        for i in 0..4u64 {
+            admitted.push(start(i, 90));
+            let arrived = poll(Duration::from_secs(15), || (gate.held.load(Ordering::SeqCst) > i as usize).then_some(()));
+            if arrived.is_none() {
+                gate.release.store(true, Ordering::SeqCst);
+                panic!(
+                    "stream {} of max_streams_per_session = 4 never reached the target ({} held); server metrics:\n{}",
+                    i + 1,
+                    gate.held.load(Ordering::SeqCst),
+                    scrape(t.net.server())
+                );
             }
         }
-        assert_eq!(ok, 4, "the admitted streams complete");
+        // Two more while the four are open: refused (the download ends without data), never reach the target.
+        for i in 4..6u64 {
+            let f = start(i, 15).join().expect("fetch thread");
+            assert!(!(f.ok && f.len > 0), "stream {} over the limit carried data: {f:?}", i + 1);
+            eprintln!("stream {} refused: {}", i + 1, f.stderr.trim());
+        }
+        let held_now = gate.held.load(Ordering::SeqCst);
+        gate.release.store(true, Ordering::SeqCst);
+        assert_eq!(held_now, 4, "exactly max_streams_per_session requests reach the target");
+        for (i, j) in admitted.into_iter().enumerate() {
+            let f = j.join().expect("fetch thread");
+            assert!(f.ok && f.len == len, "admitted download {i}: {f:?}");
+            assert_eq!(f.sha256, pattern_sha256(70 + i as u64, len), "admitted download {i}: sha256");
+        }
         let rejected = metric_sum(&scrape(t.net.server()), "paqet_limit_rejections_total") - rejected_before;
         assert!(rejected >= 2.0, "paqet_limit_rejections_total rose by {rejected}, want >= 2");
         // Below the limit again: new streams work.

@@ -3,8 +3,12 @@
 //! drives its maps: the AF_XDP socket per RX queue, the steering config, the guard prefixes and
 //! the per-CPU counters.
 //!
+//! What is steered is [`SteerConfig`]: on a server, frames to the tunnel port; on a client
+//! (`FLAG_SRC_IPV4`/`FLAG_SRC_IPV6`), frames from the server's endpoint to any local port, so a
+//! client can run many sessions on many local ports.
+//!
 //! Order of operations (spike pitfall 9): [`Steering::attach`] leaves the program *disarmed*
-//! (port 0: it passes everything), then the caller binds its AF_XDP sockets and
+//! (an all-zero config: it passes everything), then the caller binds its AF_XDP sockets and
 //! [`Steering::register_socket`]s them, and only then [`Steering::arm`]s the config, so no tunnel
 //! frame ever finds an empty XSKMAP slot.
 
@@ -337,7 +341,13 @@ impl Steering {
         let cfg = self.config;
         self.write_config(cfg)?;
         self.armed = true;
-        tracing::info!(iface = %self.iface, port = cfg.port, flags = cfg.flags, "XDP steering armed");
+        tracing::info!(
+            iface = %self.iface,
+            port = cfg.port,
+            src_port = cfg.src_port,
+            flags = cfg.flags,
+            "XDP steering armed"
+        );
         Ok(())
     }
 

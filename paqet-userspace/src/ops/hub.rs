@@ -46,6 +46,11 @@ impl MetricsHub {
         self.attached.store(attached, Ordering::Release);
     }
 
+    /// Whether the data path is attached.
+    pub fn is_attached(&self) -> bool {
+        self.attached.load(Ordering::Acquire)
+    }
+
     /// Replaces worker `index`'s slot (grows the table if needed).
     pub fn publish(&self, index: usize, snap: WorkerSnapshot) {
         let mut w = self.workers.lock().unwrap_or_else(|p| p.into_inner());

@@ -43,6 +43,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "paqet_pcap_kernel_drops_total",
     "paqet_worker_packets_total",
     "paqet_worker_sessions",
+    "paqet_worker_handoffs_total",
     "paqet_xdp_packets_total",
     "paqet_afxdp_socket_events_total",
 ];
@@ -155,6 +156,11 @@ pub struct WorkerSnapshot {
     pub pcap_ps_drop: u64,
     /// pcap `ps_ifdrop`.
     pub pcap_ps_ifdrop: u64,
+    /// XDP mode: frames that landed on this worker's queue and were handed to the worker owning their
+    /// session (through its mailbox).
+    pub rx_cross_worker: u64,
+    /// XDP mode: frames that could not be handed to their owner (its mailbox was full) and were dropped.
+    pub rx_handoff_drops: u64,
     /// AF_XDP socket statistics (XDP mode only).
     pub afxdp: Option<AfXdpStats>,
     /// Smoothed RTT of each live session, in seconds (for `paqet_kcp_srtt_seconds`).
@@ -187,6 +193,8 @@ impl WorkerSnapshot {
             limit_max_streams: d.streams_rejected,
             pcap_ps_drop: io.kernel_drops,
             pcap_ps_ifdrop: io.if_drops,
+            rx_cross_worker: d.rx_cross_worker,
+            rx_handoff_drops: d.rx_handoff_drops,
             ..WorkerSnapshot::default()
         }
     }
@@ -250,6 +258,7 @@ pub struct Metrics {
     pcap_drops: CounterFamily,
     worker_packets: CounterFamily,
     worker_sessions: GaugeFamily,
+    worker_handoffs: CounterFamily,
     xdp: CounterFamily,
     afxdp: CounterFamily,
 }
@@ -288,6 +297,7 @@ impl Metrics {
             pcap_drops: Family::default(),
             worker_packets: Family::default(),
             worker_sessions: Family::default(),
+            worker_handoffs: Family::default(),
             xdp: Family::default(),
             afxdp: Family::default(),
         };
@@ -340,6 +350,11 @@ impl Metrics {
         );
         r.register("worker_packets", "Tunnel frames per worker and direction", m.worker_packets.clone());
         r.register("worker_sessions", "Live sessions per worker", m.worker_sessions.clone());
+        r.register(
+            "worker_handoffs",
+            "XDP mode: frames a worker received for another worker's session (result: handed, dropped)",
+            m.worker_handoffs.clone(),
+        );
         r.register("xdp_packets", "XDP program counters (counter: seen, steered, passed, malformed, guard_dropped)", m.xdp.clone());
         r.register(
             "afxdp_socket_events",
@@ -445,12 +460,15 @@ impl Metrics {
         // Per-worker series: the worker set can change between scrapes, so rebuild them.
         self.worker_packets.clear();
         self.worker_sessions.clear();
+        self.worker_handoffs.clear();
         self.afxdp.clear();
         for (i, w) in s.workers.iter().enumerate() {
             let id = i.to_string();
             set_c(&self.worker_packets, &l2("worker", &id, "direction", "rx"), w.rx_packets);
             set_c(&self.worker_packets, &l2("worker", &id, "direction", "tx"), w.tx_packets);
             set_g(&self.worker_sessions, &l1("worker", &id), w.sessions);
+            set_c(&self.worker_handoffs, &l2("worker", &id, "result", "handed"), w.rx_cross_worker);
+            set_c(&self.worker_handoffs, &l2("worker", &id, "result", "dropped"), w.rx_handoff_drops);
             if let Some(a) = &w.afxdp {
                 set_c(&self.afxdp, &l2("worker", &id, "counter", "rx_dropped"), a.rx_dropped);
                 set_c(&self.afxdp, &l2("worker", &id, "counter", "rx_ring_full"), a.rx_ring_full);
@@ -480,7 +498,13 @@ mod tests {
     #[test]
     fn totals_and_labels() {
         let mut w0 = WorkerSnapshot::from_daemon(
-            &DaemonStats { rx_guard_drops: 7, sessions_rejected: 2, ..Default::default() },
+            &DaemonStats {
+                rx_guard_drops: 7,
+                sessions_rejected: 2,
+                rx_cross_worker: 11,
+                rx_handoff_drops: 1,
+                ..Default::default()
+            },
             &IoStats { rx_frames: 10, rx_bytes: 1000, kernel_drops: 3, ..Default::default() },
         );
         w0.sessions = 2;
@@ -512,6 +536,18 @@ mod tests {
             Some("4")
         );
         assert_eq!(sample_value(&t, "paqet_worker_sessions{worker=\"0\"}").as_deref(), Some("2"));
+        assert_eq!(
+            sample_value(&t, "paqet_worker_handoffs_total{worker=\"0\",result=\"handed\"}").as_deref(),
+            Some("11")
+        );
+        assert_eq!(
+            sample_value(&t, "paqet_worker_handoffs_total{worker=\"0\",result=\"dropped\"}").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            sample_value(&t, "paqet_worker_handoffs_total{worker=\"1\",result=\"handed\"}").as_deref(),
+            Some("0")
+        );
         let mean: f64 = sample_value(&t, "paqet_kcp_srtt_seconds{stat=\"mean\"}").unwrap().parse().unwrap();
         assert!((mean - 0.020).abs() < 1e-9, "mean srtt {mean}");
         for name in METRIC_NAMES {

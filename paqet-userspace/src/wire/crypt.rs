@@ -590,9 +590,7 @@ impl Crypto {
             BlockMode::Blowfish => {
                 Engine::Blowfish(Box::new(Blowfish::new_from_slice(dkey).map_err(&err)?))
             }
-            BlockMode::Twofish => {
-                Engine::Twofish(Box::new(Twofish::new(dkey)))
-            }
+            BlockMode::Twofish => Engine::Twofish(Box::new(Twofish::new(dkey))),
             BlockMode::Cast5 => Engine::Cast5(Cast5::new_from_slice(k16).map_err(&err)?),
             BlockMode::TripleDes => {
                 let k24: &[u8; 24] = &std::array::from_fn(|i| dkey[i]);

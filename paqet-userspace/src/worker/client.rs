@@ -43,7 +43,7 @@ pub enum TunnelError {
     Session(#[from] SessionError),
     #[error("no PONG: {0}")]
     Ping(String),
-    #[error("local port {port} already carries a session to {server} (XDP mode steers one port)")]
+    #[error("local port {port} already carries a session to {server} (XDP mode: no free local port owned by this worker)")]
     PortBusy { port: u16, server: SocketAddr },
 }
 
@@ -147,9 +147,16 @@ pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError
             family: if server.is_ipv4() { "IPv4" } else { "IPv6" },
             server,
         })?;
-        let port = match fam.addr.port() {
-            0 => rand::thread_rng().gen_range(32768..=65535u16),
-            p => p,
+        let port = match (c.client.shared, c.router.as_ref()) {
+            // XDP: a port this worker owns (owner = local port % workers) that no live session uses,
+            // counting up from the configured (base) port.
+            (Some(sp), Some(r)) => r
+                .client_port(fam.addr.port(), |p| c.has_session_on(sp.link, p, server))
+                .ok_or(TunnelError::PortBusy { port: fam.addr.port(), server })?,
+            _ => match fam.addr.port() {
+                0 => rand::thread_rng().gen_range(32768..=65535u16),
+                p => p,
+            },
         };
         if let Some(sp) = c.client.shared {
             // The XDP program steers one destination port: a second live session on it would share the

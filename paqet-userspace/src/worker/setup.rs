@@ -278,9 +278,11 @@ pub fn firewall_role(wcfg: &WorkerConfig) -> Option<FirewallRole> {
     }
 }
 
-/// Watches the crypto-failure counter for the symptoms of a wrong `transport.kcp.key` / `block`: failures
-/// rising while nothing ever authenticated (client) or while no session exists (server). Says when to warn,
-/// at most once per [`CryptoWatch::EVERY`].
+/// Watches a rejection counter (crypto failures, or guard drops: the guard is keyed by the same key) for
+/// the symptoms of a wrong `transport.kcp.key` / `block`: rejections rising while nothing ever
+/// authenticated (client) or while no session exists and none opened (server). Core keeps no per-peer
+/// counters, so this works on the worker's totals. Says when to warn, at most once per
+/// [`CryptoWatch::EVERY`].
 #[derive(Debug, Default)]
 pub struct CryptoWatch {
     last_failures: u64,
@@ -468,8 +470,18 @@ pub fn run_daemon(cfg: &Config, iface: &str, opts: DaemonOptions) -> anyhow::Res
 
 /// The XDP data plane entry point (`run --mode xdp|xdp-native|xdp-generic`).
 pub fn run_xdp(cfg: &Config, iface: &str, mode: XdpMode, opts: DaemonOptions) -> anyhow::Result<()> {
-    let _ = (cfg, opts);
-    Err(anyhow!("XDP data plane not wired yet (asked: {mode:?} on {iface}); use --mode pcap"))
+    use super::xdp::{run_xdp_daemon, XdpOptions, XdpWant};
+    let want = match mode {
+        XdpMode::Any => XdpWant::Auto,
+        XdpMode::Native => XdpWant::Native,
+        XdpMode::Generic => XdpWant::Generic,
+    };
+    if opts.manage_firewall {
+        info!("XDP mode: tunnel packets never reach the kernel's stack, so no iptables rules are needed");
+    }
+    let out = run_xdp_daemon(cfg, iface, opts.hub.clone(), XdpOptions::new(want))?;
+    info!(mode = %out.attach, workers = out.workers, "XDP data plane stopped");
+    Ok(())
 }
 
 /// Binds and spawns the client front ends the config lists: TCP/UDP forwards, SOCKS5 and HTTP proxy

@@ -7,6 +7,12 @@
 //! - server: `owner = (fold(peer ip) + peer port) % workers`;
 //! - client: `owner = local port % workers` (the session's local port, i.e. the frame's destination port).
 //!
+//! A server steers frames to its tunnel port. A client steers every frame from the server's endpoint
+//! (`SteerConfig::FLAG_SRC_*`), whatever its local port, and runs all `transport.conn` sessions: they are
+//! spread over the workers (worker `i` runs `conn / N` of them, one more for `i < conn % N`), and each
+//! worker dials its sessions from local ports it owns ([`Router::client_port`]: `port % N == i`, counting up
+//! from one base port: the configured one, or one picked at random at start).
+//!
 //! A frame that lands on another worker's queue (veth delivers by sending CPU, not by RSS hash: spike
 //! pitfall 7) is copied into the owner's [`Mailbox`], a bounded lock-free queue with recycled buffers, and
 //! the owner is woken through an eventfd once per RX batch. Such frames are counted as
@@ -14,10 +20,6 @@
 //!
 //! Order of operations (spike pitfall 9): attach disarmed → open and register every queue's socket → arm
 //! → start the workers. On exit the workers stop first, then the [`Steering`] is dropped (detached).
-//!
-//! Limitation: the XDP program steers one destination port. A client therefore runs its sessions on one
-//! local port (the configured one, or one picked at start), which allows one session per client address:
-//! `transport.conn` above 1 is reduced to 1 in XDP mode (logged).
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
@@ -49,6 +51,11 @@ pub const MAILBOX_FRAMES: usize = 4096;
 const HANDOFF_FRAME: usize = 4096;
 /// Frames a worker takes from its mailbox before yielding to its other tasks.
 const HANDOFF_BATCH: usize = 64;
+/// Lowest local port [`Router::client_port`] hands out (it wraps around to here after 65535).
+pub const CLIENT_PORT_MIN: u16 = 1024;
+/// Random client base ports are drawn from `32768..=CLIENT_BASE_MAX`, leaving room above for the
+/// sessions' ports (`transport.conn` plus the worker count) before wrapping.
+const CLIENT_BASE_MAX: u16 = 65535 - 4096;
 
 /// Which XDP attach mode the caller wants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,6 +204,22 @@ pub fn owner_of(role: Role, src: SocketAddr, dst_port: u16, workers: usize) -> u
     (h % n) as usize
 }
 
+/// [`Router::client_port`] for worker `index` of `workers`.
+pub fn client_port_for(index: usize, workers: usize, base: u16, busy: impl Fn(u16) -> bool) -> Option<u16> {
+    let n = workers.max(1) as u32;
+    let want = index as u32 % n;
+    let base = base.max(CLIENT_PORT_MIN);
+    let owned = |p: &u16| u32::from(*p) % n == want;
+    (base..=u16::MAX).chain(CLIENT_PORT_MIN..base).filter(owned).find(|&p| !busy(p))
+}
+
+/// How many of `conn` client sessions worker `index` of `workers` runs (spread evenly, the first
+/// `conn % workers` workers running one more).
+pub fn client_slots(conn: usize, workers: usize, index: usize) -> usize {
+    let n = workers.max(1);
+    conn / n + usize::from(index < conn % n)
+}
+
 impl Router {
     /// Routers for `boxes.len()` workers, one per worker index.
     pub fn for_workers(boxes: Arc<[Mailbox]>) -> Vec<Router> {
@@ -218,6 +241,13 @@ impl Router {
     /// The worker that owns a frame from `src` to local port `dst_port`.
     pub fn owner(&self, role: Role, src: SocketAddr, dst_port: u16) -> usize {
         owner_of(role, src, dst_port, self.boxes.len())
+    }
+
+    /// Client: the local port for a new session of this worker: the first port counting up from `base`
+    /// (wrapping from 65535 to [`CLIENT_PORT_MIN`]) that this worker owns (`port % workers == index`) and
+    /// for which `busy` is false. `None` when every such port is busy.
+    pub fn client_port(&self, base: u16, busy: impl Fn(u16) -> bool) -> Option<u16> {
+        client_port_for(self.index, self.boxes.len(), base, busy)
     }
 
     /// Copies `frame` into `owner`'s mailbox; false if it is full (or the frame too long).
@@ -384,10 +414,27 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpLi
     s.listen(1024)
 }
 
-/// The steering config for a worker configuration: the tunnel port on the configured families/addresses.
+/// The steering config for a worker configuration, on the configured families and local addresses: a
+/// server steers its tunnel port; a client steers every frame from `server.addr` (any local port).
 pub fn steer_config(wcfg: &WorkerConfig) -> SteerConfig {
     let mut sc = SteerConfig::any(wcfg.local_port());
     sc.flags = 0;
+    if wcfg.role == Role::Client {
+        sc.port = 0;
+        if let Some(server) = wcfg.server_addr {
+            sc.src_port = server.port();
+            match server.ip() {
+                IpAddr::V4(ip) => {
+                    sc.flags |= SteerConfig::FLAG_SRC_IPV4;
+                    sc.src_ipv4 = ip.octets();
+                }
+                IpAddr::V6(ip) => {
+                    sc.flags |= SteerConfig::FLAG_SRC_IPV6;
+                    sc.src_ipv6 = ip.octets();
+                }
+            }
+        }
+    }
     if let Some(f) = wcfg.ipv4 {
         sc.flags |= SteerConfig::FLAG_IPV4;
         if let IpAddr::V4(ip) = f.addr.ip() {
@@ -429,20 +476,13 @@ pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: Xdp
     let mut wcfg = worker_config(cfg, iface)?;
     let role = wcfg.role;
     if role == Role::Client {
-        // One steered port: pick it now (the program must know it before arming).
+        // The base of the sessions' local ports (each worker counts up from it to ports it owns).
         let port = match wcfg.local_port() {
-            0 => rand::Rng::gen_range(&mut rand::thread_rng(), 32768..=65535u16),
+            0 => rand::Rng::gen_range(&mut rand::thread_rng(), 32768..=CLIENT_BASE_MAX),
             p => p,
         };
         for f in [wcfg.ipv4.as_mut(), wcfg.ipv6.as_mut()].into_iter().flatten() {
             f.addr.set_port(port);
-        }
-        if wcfg.conn > 1 {
-            warn!(
-                conn = wcfg.conn,
-                port, "XDP mode steers one local port: running 1 session instead of transport.conn"
-            );
-            wcfg.conn = 1;
         }
     }
     let sc = steer_config(&wcfg);
@@ -457,7 +497,7 @@ pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: Xdp
         XdpAttach::Native => DataPathMode::XdpNative,
         XdpAttach::Generic => DataPathMode::XdpGeneric,
     });
-    info!(iface, mode = %attach, port = sc.port, "XDP program attached");
+    info!(iface, mode = %attach, port = sc.port, src_port = sc.src_port, "XDP program attached");
 
     let queues = rx_queue_count(iface).with_context(|| format!("RX queues of {iface}"))?;
     let cpus = allowed_cpus();
@@ -482,15 +522,16 @@ pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: Xdp
     let boxes: Vec<Mailbox> =
         (0..queues).map(|_| Mailbox::new(MAILBOX_FRAMES)).collect::<std::io::Result<_>>()?;
     let routers = Router::for_workers(boxes.into());
-    // Client sessions: the owner of the steered port runs them all.
-    let session_owner = owner_of(role, SocketAddr::from(([0, 0, 0, 0], 0)), wcfg.local_port(), queues);
+    if role == Role::Client {
+        info!(conn = wcfg.conn, workers = queues, base_port = wcfg.local_port(), "client sessions spread over the workers");
+    }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, anyhow::Result<()>)>();
     let cfg_arc = Arc::new(cfg.clone());
     let mut handles = Vec::with_capacity(queues);
     for (i, (io, router)) in socks.into_iter().zip(routers).enumerate() {
         let slots = match role {
-            Role::Client if i == session_owner => wcfg.conn,
-            _ => 0,
+            Role::Client => client_slots(wcfg.conn, queues, i),
+            Role::Server => 0,
         };
         let ctx = WorkerCtx {
             index: i,
@@ -502,6 +543,8 @@ pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: Xdp
             hub: hub.clone(),
             cfg: cfg_arc.clone(),
             front: front && slots > 0,
+            // UDP forwards keep per-source state: only the first session-running worker binds them.
+            udp_front: i == 0,
             stop: stop.subscribe(),
             ready: ready_tx.clone(),
         };
@@ -611,6 +654,7 @@ struct WorkerCtx {
     hub: Arc<MetricsHub>,
     cfg: Arc<Config>,
     front: bool,
+    udp_front: bool,
     stop: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<(usize, anyhow::Result<()>)>,
 }
@@ -626,7 +670,7 @@ fn worker_thread(ctx: WorkerCtx) {
 }
 
 fn worker_main(ctx: WorkerCtx) -> anyhow::Result<()> {
-    let WorkerCtx { index, cpu, wcfg, io, router, slots, hub, cfg, front, mut stop, ready } = ctx;
+    let WorkerCtx { index, cpu, wcfg, io, router, slots, hub, cfg, front, udp_front, mut stop, ready } = ctx;
     if let Some(Err(e)) = cpu.map(pin_current_thread) {
         warn!(worker = index, error = %e, "worker not pinned");
     }
@@ -651,7 +695,7 @@ fn worker_main(ctx: WorkerCtx) -> anyhow::Result<()> {
         if role == Role::Client {
             super::client::start_shared(&shared, link, slots)?;
             if front {
-                start_worker_front_ends(&cfg, Tunnel::new(shared.clone()), index).await?;
+                start_worker_front_ends(&cfg, Tunnel::new(shared.clone()), index, udp_front).await?;
             }
         }
         tokio::task::spawn_local(publish(shared.clone(), hub.clone(), index));
@@ -739,9 +783,9 @@ async fn publish(shared: Shared, hub: Arc<MetricsHub>, index: usize) {
 }
 
 /// The client front ends of one worker: TCP forwards, SOCKS5 and HTTP on `SO_REUSEPORT` listeners (every
-/// session-owning worker binds them); UDP forwards only on worker `index` 's first owner (a UDP source's
-/// state must stay in one worker).
-async fn start_worker_front_ends(cfg: &Config, tunnel: Tunnel, index: usize) -> anyhow::Result<()> {
+/// session-running worker binds them); UDP forwards only when `udp` (one worker: a UDP source's state must
+/// stay in one worker).
+async fn start_worker_front_ends(cfg: &Config, tunnel: Tunnel, index: usize, udp: bool) -> anyhow::Result<()> {
     use crate::front::forward::UdpForward;
     use crate::front::{http, socks5};
     use std::rc::Rc;
@@ -753,6 +797,7 @@ async fn start_worker_front_ends(cfg: &Config, tunnel: Tunnel, index: usize) -> 
                 let l = reuseport_listener(listen).with_context(|| format!("forward[{i}]"))?;
                 tokio::task::spawn_local(serve_tcp_forward(l, tunnel.clone(), host, port));
             }
+            ForwardProtocol::Udp if !udp => {}
             ForwardProtocol::Udp => {
                 let fw = UdpForward::bind(listen, host, port).await?;
                 tokio::task::spawn_local(fw.run(tunnel.clone()));
@@ -822,6 +867,81 @@ mod tests {
         let s: SocketAddr = "10.0.0.1:9999".parse().unwrap();
         assert_eq!(owner_of(Role::Client, s, 40001, 4), 1);
         assert_eq!(owner_of(Role::Client, s, 40004, 4), 0);
+    }
+
+    #[test]
+    fn client_ports_are_owned_by_their_worker_and_skip_busy_ones() {
+        // Worker 1 of 2 from base 40000: odd ports counting up.
+        assert_eq!(client_port_for(1, 2, 40000, |_| false), Some(40001));
+        assert_eq!(client_port_for(0, 2, 40000, |_| false), Some(40000));
+        let busy = [40001u16, 40003];
+        assert_eq!(client_port_for(1, 2, 40000, |p| busy.contains(&p)), Some(40005));
+        // Every port a worker hands out routes back to it.
+        for (i, n) in [(0usize, 1usize), (2, 3), (3, 4), (1, 4)] {
+            let p = client_port_for(i, n, 50001, |_| false).unwrap();
+            assert_eq!(owner_of(Role::Client, "10.0.0.1:9999".parse().unwrap(), p, n), i, "port {p}");
+            assert!(p >= 50001 && p < 50001 + n as u16);
+        }
+        // Past 65535 the search wraps to CLIENT_PORT_MIN (1024 is even: worker 0 of 2).
+        assert_eq!(client_port_for(0, 2, 65535, |_| false), Some(CLIENT_PORT_MIN));
+        assert_eq!(client_port_for(1, 2, 65534, |p| p == 65535), Some(CLIENT_PORT_MIN + 1));
+        // A base below the minimum starts at the minimum; port 0 is never handed out.
+        assert_eq!(client_port_for(0, 1, 0, |_| false), Some(CLIENT_PORT_MIN));
+        // All owned ports busy: none.
+        assert_eq!(client_port_for(0, 2, 40000, |_| true), None);
+    }
+
+    #[test]
+    fn client_slots_spread_conn_over_workers() {
+        assert_eq!((0..2).map(|i| client_slots(4, 2, i)).collect::<Vec<_>>(), vec![2, 2]);
+        assert_eq!((0..3).map(|i| client_slots(4, 3, i)).collect::<Vec<_>>(), vec![2, 1, 1]);
+        assert_eq!((0..4).map(|i| client_slots(1, 4, i)).collect::<Vec<_>>(), vec![1, 0, 0, 0]);
+        assert_eq!(client_slots(5, 1, 0), 5);
+    }
+
+    #[test]
+    fn client_steering_matches_the_server_endpoint_not_a_port() {
+        let wcfg = test_wcfg(Role::Client, "10.0.0.1:41000", Some("10.0.0.2:9999"));
+        let sc = steer_config(&wcfg);
+        assert_eq!(sc.port, 0, "a client steers no destination port");
+        assert!(sc.is_armed());
+        assert!(sc.has(SteerConfig::FLAG_IPV4 | SteerConfig::FLAG_IPV4_ADDR | SteerConfig::FLAG_SRC_IPV4));
+        assert!(!sc.has(SteerConfig::FLAG_SRC_IPV6));
+        assert_eq!((sc.src_ipv4, sc.src_port), ([10, 0, 0, 2], 9999));
+        assert_eq!(sc.ipv4, [10, 0, 0, 1]);
+        let srv = steer_config(&test_wcfg(Role::Server, "0.0.0.0:9999", None));
+        assert_eq!(srv.port, 9999);
+        assert!(srv.has(SteerConfig::FLAG_IPV4) && !srv.has(SteerConfig::FLAG_IPV4_ADDR));
+        assert!(!srv.has(SteerConfig::FLAG_SRC_IPV4 | SteerConfig::FLAG_SRC_IPV6));
+    }
+
+    fn test_wcfg(role: Role, local: &str, server: Option<&str>) -> WorkerConfig {
+        use crate::proto::kcp::{KcpConfig, KcpMode};
+        use crate::proto::session::SessionConfig;
+        use crate::proto::smux::SmuxConfig;
+        use crate::wire::crypt::{BlockMode, Crypto};
+        let session = SessionConfig {
+            crypto: Crypto::from_derived(BlockMode::Aes, &[0x42; 32]).expect("crypto"),
+            dshard: 0,
+            pshard: 0,
+            kcp: KcpConfig::preset(KcpMode::Fast3),
+            smux: SmuxConfig::default(),
+            mtu: 1350,
+        };
+        WorkerConfig {
+            role,
+            session,
+            local_mac: [2, 0, 0, 0, 0, 1],
+            ipv4: Some(super::super::FamilyConfig { addr: local.parse().unwrap(), router_mac: [2, 0, 0, 0, 0, 2] }),
+            ipv6: None,
+            server_addr: server.map(|s| s.parse().unwrap()),
+            conn: 4,
+            local_flags: Vec::new(),
+            remote_flags: Vec::new(),
+            guard: None,
+            limits: Default::default(),
+            header_timeout: Duration::from_secs(10),
+        }
     }
 
     #[test]

@@ -530,6 +530,7 @@ impl Daemon {
             .command(BIN)
             .args(args)
             .env("RUST_BACKTRACE", "1")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -2,7 +2,8 @@
 //!
 //! CFB decryption encrypts independent ciphertext blocks (see `cfb_decrypt`), so `encrypt_blocks` gets a
 //! backend that runs [`LANES`] blocks interleaved: these ciphers are long serial dependency chains, and
-//! interleaving lets the CPU overlap them (measured ~2.5x for 3DES on the seal+open bench).
+//! interleaving lets the CPU overlap them (bench `block_cipher/3des-ours`: 33 MiB/s chained vs
+//! 108 MiB/s independent; XTEA seal+open 51 → 64-70 MiB/s).
 
 /// Blocks processed together by the parallel encryption backend.
 pub(super) const LANES: usize = 4;

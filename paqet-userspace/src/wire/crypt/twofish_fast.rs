@@ -202,8 +202,14 @@ impl Twofish {
     #[inline(always)]
     fn encrypt_lanes<const N: usize>(&self, p: [[u32; 4]; N]) -> [[u32; 4]; N] {
         let k = &self.k;
-        let mut st: [[u32; 4]; N] =
-            std::array::from_fn(|l| [p[l][0] ^ k[0], p[l][1] ^ k[1], p[l][2] ^ k[2], p[l][3] ^ k[3]]);
+        let mut st: [[u32; 4]; N] = std::array::from_fn(|l| {
+            [
+                p[l][0] ^ k[0],
+                p[l][1] ^ k[1],
+                p[l][2] ^ k[2],
+                p[l][3] ^ k[3],
+            ]
+        });
         // Two rounds per iteration so that the halves never need swapping.
         for rk in k[8..].chunks_exact(4) {
             for [a, b, c, d] in st.iter_mut() {
@@ -242,7 +248,9 @@ impl Twofish {
 }
 
 fn load(b: &[u8]) -> [u32; 4] {
-    std::array::from_fn(|i| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+    })
 }
 
 fn store(b: &mut [u8], w: [u32; 4]) {
