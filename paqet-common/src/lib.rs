@@ -171,7 +171,8 @@ impl SteerConfig {
     /// for a family (with a non-zero source port). False = disarmed (the program passes everything).
     #[inline(always)]
     pub const fn is_armed(&self) -> bool {
-        self.port != 0 || (self.src_port != 0 && self.has(Self::FLAG_SRC_IPV4 | Self::FLAG_SRC_IPV6))
+        self.port != 0
+            || (self.src_port != 0 && self.has(Self::FLAG_SRC_IPV4 | Self::FLAG_SRC_IPV6))
     }
 
     /// True when `flag` is set.

@@ -204,7 +204,7 @@ fn flood(
                 sent.store(n, Ordering::Relaxed);
             }
             // About 6,000 frames per second at most: a flood, not a CPU hog on two cores.
-            if attempts % 32 == 0 {
+            if attempts.is_multiple_of(32) {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }

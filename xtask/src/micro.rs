@@ -9,10 +9,22 @@ use anyhow::{bail, Context, Result};
 /// Per-core target for the aes session pipeline and aes seal+open (issue 3/4: ≥ 400 MB/s per core).
 const AES_TARGET_MBPS: f64 = 400.0;
 
-/// Runs `cargo bench -p paqet-userspace --benches -- ARGS` (criterion arguments: filters, `--measurement-time`…).
+/// Runs `cargo bench -p paqet-userspace --bench NAME… -- ARGS` (criterion arguments: filters, `--measurement-time`…).
 pub fn run(root: &Path, criterion_args: &[String]) -> Result<()> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(root).args(["bench", "-p", "paqet-userspace", "--benches", "--"]);
+    cmd.current_dir(root).args(["bench", "-p", "paqet-userspace"]);
+    // Only the criterion targets (`--benches` would also run the lib's libtest harness, which rejects
+    // criterion's flags).
+    let mut names: Vec<String> = std::fs::read_dir(root.join("paqet-userspace/benches"))
+        .context("listing paqet-userspace/benches")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".rs").map(str::to_owned))
+        .collect();
+    names.sort();
+    for n in &names {
+        cmd.args(["--bench", n]);
+    }
+    cmd.arg("--");
     if criterion_args.is_empty() {
         // Short but stable enough on this machine; pass your own criterion flags to override.
         cmd.args(["--warm-up-time", "1", "--measurement-time", "3"]);

@@ -159,8 +159,8 @@ pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError
             },
         };
         if let Some(sp) = c.client.shared {
-            // The XDP program steers one destination port: a second live session on it would share the
-            // 4-tuple with the first (the server would take it for a replacement).
+            // A second live session on one local port would share the 4-tuple with the first (the
+            // server would take it for a replacement).
             if c.has_session_on(sp.link, port, server) {
                 return Err(TunnelError::PortBusy { port, server });
             }
@@ -212,9 +212,10 @@ pub(crate) fn start(shared: &Shared, factory: IoFactory) -> Result<(), TunnelErr
 }
 
 /// XDP mode: starts a client worker whose sessions all ride on shared link `link` (already added with
-/// [`Core::add_shared_link`], its RX task started by the caller), on the configured local port (which
-/// must be non-zero: it is the port the XDP program steers). It keeps `slots` sessions up (0 = the worker
-/// only receives frames and hands them to their owner).
+/// [`Core::add_shared_link`], its RX task started by the caller), each on its own local port owned by this
+/// worker, counting up from the configured (base) port (`xdp::Router::client_port`; the XDP program steers
+/// every frame from the server). It keeps `slots` sessions up (0 = the worker only receives frames and hands
+/// them to their owner).
 pub(crate) fn start_shared(shared: &Shared, link: u64, slots: usize) -> Result<(), TunnelError> {
     let n = {
         let mut c = shared.borrow_mut();

@@ -13,7 +13,7 @@
 //! Every wait is bounded; nothing is sent anywhere but loopback and the test's own namespaces.
 #![allow(dead_code)] // every test binary uses a different subset
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -1150,9 +1150,4 @@ pub fn wait_metric(ns: &Netns, within: Duration, pred: impl Fn(&str) -> bool) ->
         Ok((200, t)) if pred(&t) => Some(t),
         _ => None,
     })
-}
-
-/// Reads lines of a child's piped output (helper for tools that print progress).
-pub fn read_lines(r: impl Read) -> Vec<String> {
-    BufReader::new(r).lines().map_while(Result::ok).collect()
 }
