@@ -26,8 +26,10 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
+        // Internal: the idle-stream target the tunnel bench runs in its server namespace.
+        Some("__idle-target") if args.len() == 2 => tunnel::idle_target_main(&args[1]),
         Some("bench-report") => {
-            print!("{}", micro::table(&root())?);
+            print!("{}", micro::table(&root(), None)?);
             Ok(())
         }
         _ => {
@@ -90,9 +92,10 @@ fn bench(args: &[String]) -> Result<()> {
     let mut md = String::from("# paqet-dp benchmark report\n\n");
     md.push_str(&machine());
     if what == "micro" || what == "all" {
+        let started = std::time::SystemTime::now();
         micro::run(&root, &criterion)?;
         md.push_str("## Micro benchmarks (criterion, one thread = one core)\n\n");
-        md.push_str(&micro::table(&root)?);
+        md.push_str(&micro::table(&root, Some(started))?);
         md.push('\n');
     }
     if what == "tunnel" || what == "all" {

@@ -3,6 +3,7 @@
 //! every throughput is bytes per second per core.
 use std::path::Path;
 use std::process::Command;
+use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
 
@@ -43,6 +44,7 @@ struct Row {
     name: String,
     ns: f64,
     bytes: Option<u64>,
+    written: SystemTime,
 }
 
 impl Row {
@@ -55,9 +57,14 @@ impl Row {
 }
 
 /// The markdown table of every criterion result under `target/criterion`, plus the aes target check.
-pub fn table(root: &Path) -> Result<String> {
+/// With `since`, only results written after it (this run's) are listed; stale results of benchmarks
+/// that no longer exist stay out of the table.
+pub fn table(root: &Path, since: Option<SystemTime>) -> Result<String> {
     let mut rows = Vec::new();
     collect(&root.join("target/criterion"), &mut rows)?;
+    if let Some(t) = since {
+        rows.retain(|r| r.written >= t);
+    }
     rows.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out = String::new();
     if rows.is_empty() {
@@ -108,7 +115,9 @@ fn collect(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
             };
             let est = read("estimates.json")?;
             let bm = read("benchmark.json")?;
+            let written = p.join("estimates.json").metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
             rows.push(Row {
+                written,
                 name: bm["full_id"].as_str().unwrap_or("?").to_string(),
                 ns: est["mean"]["point_estimate"].as_f64().unwrap_or(0.0),
                 bytes: bm["throughput"]["Bytes"].as_u64().or_else(|| bm["throughput"]["BytesDecimal"].as_u64()),

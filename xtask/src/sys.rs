@@ -142,10 +142,16 @@ pub fn raise_nofile(want: u64) -> Result<u64> {
     let target = want.max(r.rlim_cur as u64);
     let n = libc::rlimit { rlim_cur: target as libc::rlim_t, rlim_max: (target as libc::rlim_t).max(r.rlim_max) };
     // SAFETY: valid pointer.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &n) } != 0 {
-        bail!("setrlimit(RLIMIT_NOFILE, {target}): {}", std::io::Error::last_os_error());
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &n) } == 0 {
+        return Ok(target);
     }
-    Ok(target)
+    // Without CAP_SYS_RESOURCE (containers) the hard limit is a ceiling: go as high as it allows.
+    let n = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+    // SAFETY: valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &n) } != 0 {
+        bail!("setrlimit(RLIMIT_NOFILE, {}): {}", r.rlim_max, std::io::Error::last_os_error());
+    }
+    Ok(r.rlim_max as u64)
 }
 
 /// Clock ticks per second of `/proc/*/stat` times.

@@ -14,7 +14,7 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -86,8 +86,91 @@ impl Front {
 /// Target servers living in the server namespace (threads of this process).
 struct Targets {
     source_tid: AtomicI32,
-    idle_accepted: AtomicUsize,
-    idle_held: Mutex<Vec<TcpStream>>,
+}
+
+/// The idle-stream target: a child process (`xtask __idle-target PORT`) in the server namespace that
+/// accepts and holds connections and prints how many it holds, so its descriptors do not count against
+/// this process's RLIMIT_NOFILE. Killed (closing every held connection) when dropped.
+struct IdleTarget {
+    child: std::process::Child,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl IdleTarget {
+    fn spawn(ns: &Netns) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the xtask binary")?;
+        let mut child = ns
+            .command(exe.to_str().context("xtask path")?)
+            .args(["__idle-target", &IDLE_PORT.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("spawning the idle target")?;
+        let out = child.stdout.take().context("idle target stdout")?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if line == "listening" {
+                    let _ = ready_tx.send(());
+                } else if let Ok(n) = line.trim().parse() {
+                    a.store(n, Ordering::SeqCst);
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).context("the idle target did not start listening")?;
+        Ok(Self { child, accepted })
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for IdleTarget {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `xtask __idle-target PORT`: accepts on 0.0.0.0:PORT and holds every connection; prints `listening`,
+/// then the number held whenever it changed (at most every 50 ms). Runs until killed.
+pub fn idle_target_main(port: &str) -> Result<()> {
+    let port: u16 = port.parse().with_context(|| format!("idle target port {port:?}"))?;
+    sys::raise_nofile(1 << 20)?;
+    let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding idle target port {port}"))?;
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming() {
+            match s {
+                Ok(s) => {
+                    held.push(s);
+                    c.store(held.len(), Ordering::SeqCst);
+                }
+                Err(e) => {
+                    eprintln!("idle target: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    });
+    let mut out = std::io::stdout();
+    writeln!(out, "listening")?;
+    out.flush()?;
+    let mut last = usize::MAX;
+    loop {
+        let n = count.load(Ordering::SeqCst);
+        if n != last {
+            writeln!(out, "{n}")?;
+            out.flush()?;
+            last = n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Namespaces, veth and target servers. Field order = drop order: the veth goes before the namespaces.
@@ -134,11 +217,7 @@ impl Topo {
         ] {
             ns_c.exec(&r)?;
         }
-        let targets = Arc::new(Targets {
-            source_tid: AtomicI32::new(0),
-            idle_accepted: AtomicUsize::new(0),
-            idle_held: Mutex::new(Vec::new()),
-        });
+        let targets = Arc::new(Targets { source_tid: AtomicI32::new(0) });
         let t = targets.clone();
         ns_s.run(move || start_targets(t))?;
         Ok(Self { veth, ns_c, ns_s, ip_c, ip_s, targets })
@@ -162,8 +241,8 @@ impl Topo {
 /// Binds the source (endless data), echo and idle-holding servers on 0.0.0.0 of the current namespace.
 fn start_targets(t: Arc<Targets>) -> Result<()> {
     let bind = |p: u16| TcpListener::bind(("0.0.0.0", p)).with_context(|| format!("binding target port {p}"));
-    let (src, echo, idle) = (bind(SOURCE_PORT)?, bind(ECHO_PORT)?, bind(IDLE_PORT)?);
-    let ts = t.clone();
+    let (src, echo) = (bind(SOURCE_PORT)?, bind(ECHO_PORT)?);
+    let ts = t;
     std::thread::spawn(move || {
         for c in src.incoming().flatten() {
             let ts = ts.clone();
@@ -191,12 +270,6 @@ fn start_targets(t: Arc<Targets>) -> Result<()> {
                     }
                 }
             });
-        }
-    });
-    std::thread::spawn(move || {
-        for c in idle.incoming().flatten() {
-            t.idle_held.lock().unwrap().push(c);
-            t.idle_accepted.fetch_add(1, Ordering::SeqCst);
         }
     });
     Ok(())
@@ -506,7 +579,7 @@ impl Pair {
 
 /// Opens idle streams until `total` are held, waits until the server's target has accepted them all, and
 /// returns (client RSS KiB, server RSS KiB).
-fn rss_at(topo: &Topo, pair: &mut Pair, held: &mut Vec<TcpStream>, base: usize, total: usize) -> Result<(u64, u64)> {
+fn rss_at(topo: &Topo, pair: &mut Pair, idle: &IdleTarget, held: &mut Vec<TcpStream>, total: usize) -> Result<(u64, u64)> {
     let need = total.saturating_sub(held.len());
     let (front, ip_s) = (pair.front, topo.ip_s);
     let threads = 8usize;
@@ -526,7 +599,7 @@ fn rss_at(topo: &Topo, pair: &mut Pair, held: &mut Vec<TcpStream>, base: usize, 
     held.extend(opened);
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let got = topo.targets.idle_accepted.load(Ordering::SeqCst) - base;
+        let got = idle.accepted();
         if got >= total {
             break;
         }
@@ -611,7 +684,11 @@ pub fn run(opts: &Opts) -> Result<String> {
     if !sys::is_root() {
         bail!("`cargo xtask bench tunnel` needs root (network namespaces, veth, pcap/XDP, iptables); run it with sudo, or use `cargo xtask bench micro`");
     }
-    let nofile = sys::raise_nofile(2 * opts.streams.iter().copied().max().unwrap_or(0) as u64 + 8192)?;
+    let max_streams = opts.streams.iter().copied().max().unwrap_or(0);
+    let nofile = sys::raise_nofile(max_streams as u64 + 8192)?;
+    if (nofile as usize) < max_streams + 512 {
+        bail!("RLIMIT_NOFILE can only be raised to {nofile}, too few for {max_streams} idle streams (lower --streams)");
+    }
     let dir = TempDir::new("tunnel")?;
     let topo = Topo::new()?;
     let mut md = String::new();
@@ -680,13 +757,19 @@ pub fn run(opts: &Opts) -> Result<String> {
             let tunnel_lat = latency(&topo, pair.front, opts.latency_n);
             lat_rows.push((format!("{label} ({})", pair.front.name()), tunnel_lat, direct_now));
             if mi == 0 {
-                let base = topo.targets.idle_accepted.load(Ordering::SeqCst);
+                let idle = match IdleTarget::spawn(&topo.ns_s) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        notes.push(format!("{label}: no idle target: {e:#}"));
+                        continue;
+                    }
+                };
                 let mut held = Vec::new();
                 let mut streams = opts.streams.clone();
                 streams.sort_unstable();
                 for n in streams {
                     eprintln!("bench: {label}: {n} idle streams");
-                    let r = rss_at(&topo, &mut pair, &mut held, base, n);
+                    let r = rss_at(&topo, &mut pair, &idle, &mut held, n);
                     let failed = r.is_err();
                     rss_rows.push((format!("{label} ({})", pair.front.name()), n, r));
                     if failed {
@@ -694,7 +777,7 @@ pub fn run(opts: &Opts) -> Result<String> {
                     }
                 }
                 drop(held);
-                topo.targets.idle_held.lock().unwrap().clear();
+                drop(idle);
                 std::thread::sleep(Duration::from_secs(1));
             }
             if k.wnd.is_some() && opts.flood_secs > 0 {

@@ -114,6 +114,9 @@ pub struct AfXdpStats {
 pub struct WorkerSnapshot {
     /// Live sessions.
     pub sessions: u64,
+    /// Sessions that authenticated a datagram within the smux keepalive timeout (readiness; not exported
+    /// as its own family).
+    pub live_sessions: u64,
     /// Open streams.
     pub streams: u64,
     pub session_opens: u64,

@@ -96,9 +96,16 @@ pub(crate) struct Entry {
     /// of an XDP worker); `None` = use the link's builders.
     pub env: Option<EnvelopeBuilder>,
     pub streams: HashMap<u32, StreamSlot>,
+    /// Proxied streams (PTCP/PUDP past their header) counted against `max_streams_per_session`.
+    pub data_streams: usize,
+    /// When a datagram of this session last authenticated (worker ms clock); `None` = never.
+    pub last_rx: Option<u32>,
     pub dirty: bool,
     pub deadline: u32,
 }
+
+/// Streams beyond the stream limits that may wait for their header (control streams, slow headers).
+const PENDING_STREAM_SLACK: usize = 64;
 
 /// One packet-I/O backend (a "socket" in upstream's terms) with its envelope builders.
 pub(crate) struct Link {
@@ -138,6 +145,11 @@ pub struct Core {
     /// Server: streams the peer opened, handed to the accept task.
     accept_tx: Option<mpsc::UnboundedSender<(u64, u32)>>,
     pub(crate) streams_total: usize,
+    /// Proxied streams of all sessions (`max_streams_total`).
+    pub(crate) data_streams_total: usize,
+    /// Sources whose datagrams failed the guard or crypto check before any session of theirs existed
+    /// (a wrong key or guard setting): source → failures. Bounded; read by the metrics publisher.
+    pub(crate) bad_sources: HashMap<SocketAddr, u64>,
     pub(crate) client: ClientState,
     /// XDP mode: where frames of other workers' sessions go.
     pub(crate) router: Option<super::xdp::Router>,
@@ -181,6 +193,8 @@ impl Core {
             scratch: Vec::with_capacity(2048),
             accept_tx: None,
             streams_total: 0,
+            data_streams_total: 0,
+            bad_sources: HashMap::new(),
             client: ClientState::new(conn),
             router: None,
             stats: DaemonStats::default(),
@@ -197,9 +211,62 @@ impl Core {
         &self.cfg
     }
 
-    /// Number of live sessions.
+    /// Number of sessions (live or still dialling).
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Sessions that authenticated a datagram within the last `window_ms` (a client counts as
+    /// connected only through these).
+    pub fn live_sessions(&self, window_ms: u32) -> usize {
+        let now = self.now();
+        self.sessions.values().filter(|e| e.last_rx.is_some_and(|t| now.wrapping_sub(t) <= window_ms)).count()
+    }
+
+    /// True when this worker drives shared links (AF_XDP queue sockets).
+    pub fn uses_shared_links(&self) -> bool {
+        self.links.values().any(|l| l.shared)
+    }
+
+    /// Records a datagram from `src` that failed the guard or crypto check with no session of its own.
+    fn note_bad_source(&mut self, src: SocketAddr) {
+        const MAX_BAD_SOURCES: usize = 256;
+        let n = self.bad_sources.len();
+        if let Some(c) = self.bad_sources.get_mut(&src) {
+            *c += 1;
+        } else if n < MAX_BAD_SOURCES {
+            self.bad_sources.insert(src, 1);
+        }
+    }
+
+    /// Server: a stream's header asked for a proxied connection (PTCP/PUDP). Applies
+    /// `max_streams_per_session` and `max_streams_total` to proxied streams only (the PTCPF and liveness
+    /// streams upstream clients open around every connection are control traffic, not counted). Returns
+    /// false (and counts the rejection) when a limit is reached; on true the caller must call
+    /// [`Core::end_data_stream`] when the stream ends.
+    pub(crate) fn admit_data_stream(&mut self, id: u64) -> bool {
+        let limits = self.cfg.limits;
+        let total = self.data_streams_total;
+        let Some(e) = self.sessions.get_mut(&id) else { return false };
+        let over_session = limits.max_streams_per_session.is_some_and(|m| e.data_streams >= m);
+        let over_total = limits.max_streams_total.is_some_and(|m| total >= m);
+        if over_session || over_total {
+            self.stats.streams_rejected += 1;
+            debug!(peer = %e.peer, over_session, over_total, "proxied stream rejected by a stream limit");
+            return false;
+        }
+        e.data_streams += 1;
+        self.data_streams_total += 1;
+        true
+    }
+
+    /// A proxied stream admitted by [`Core::admit_data_stream`] ended.
+    /// (When the session is gone, `kill_session` already took its streams off the total.)
+    pub(crate) fn end_data_stream(&mut self, id: u64) {
+        if let Some(e) = self.sessions.get_mut(&id) {
+            e.data_streams = e.data_streams.saturating_sub(1);
+            self.data_streams_total = self.data_streams_total.saturating_sub(1);
+        }
     }
 
     /// Number of open streams (all sessions).
@@ -309,7 +376,20 @@ impl Core {
         let deadline = session.poll_deadline(now);
         self.sessions.insert(
             id,
-            Entry { session, link, local_port, peer, env, streams: HashMap::new(), dirty: false, deadline },
+            Entry {
+                session,
+                link,
+                local_port,
+                peer,
+                env,
+                streams: HashMap::new(),
+                data_streams: 0,
+                // A server session exists because its first datagram authenticated; a client's has heard
+                // nothing yet.
+                last_rx: (self.cfg.role == Role::Server).then_some(now),
+                dirty: false,
+                deadline,
+            },
         );
         self.by_peer.insert((link, local_port, peer), id);
         self.stats.sessions_opened += 1;
@@ -370,6 +450,7 @@ impl Core {
         e.session.close();
         self.by_peer.remove(&(e.link, e.local_port, e.peer));
         self.streams_total = self.streams_total.saturating_sub(e.streams.len());
+        self.data_streams_total = self.data_streams_total.saturating_sub(e.data_streams);
         for slot in e.streams.values_mut() {
             slot.wake_all();
         }
@@ -497,8 +578,11 @@ impl Core {
         let role = self.cfg.role;
         let total = self.streams_total;
         let Some(e) = self.sessions.get_mut(&id) else { return };
-        let over_session = limits.max_streams_per_session.is_some_and(|m| e.streams.len() >= m);
-        let over_total = limits.max_streams_total.is_some_and(|m| total >= m);
+        // Proxied streams are limited once their header is read (`admit_data_stream`); here only a bound
+        // on streams of any kind, so a peer opening streams without headers cannot pile them up.
+        let over_session =
+            limits.max_streams_per_session.is_some_and(|m| e.streams.len() >= m.saturating_add(PENDING_STREAM_SLACK));
+        let over_total = limits.max_streams_total.is_some_and(|m| total >= m.saturating_add(PENDING_STREAM_SLACK));
         if role != Role::Server || over_session || over_total || self.accept_tx.is_none() {
             e.session.close_stream(sid);
             self.stats.streams_rejected += 1;
@@ -634,6 +718,7 @@ impl Core {
         if let Some(g) = self.guard.as_mut() {
             if !g.check(unix_secs, payload) {
                 self.stats.rx_guard_drops += 1;
+                self.note_bad_source(src);
                 trace!(%src, "guard check failed");
                 return;
             }
@@ -655,6 +740,7 @@ impl Core {
         let Some(e) = self.sessions.get_mut(&id) else { return };
         match e.session.handle_datagram(now, payload) {
             Ok(()) => {
+                e.last_rx = Some(now);
                 if role == Role::Client {
                     self.client.session_alive(id);
                 }
@@ -723,6 +809,7 @@ impl Core {
             }
             Err(err) => {
                 self.stats.rx_crypto_failures += 1;
+                self.note_bad_source(src);
                 trace!(%src, error = %err, "datagram from an unknown source failed the crypto check");
                 return;
             }

@@ -143,11 +143,39 @@ async fn handle_stream(shared: &Shared, mut s: TunnelStream) -> Result<(), Strea
             }
             Ok(())
         }
-        Header::Tcp { host, port } => relay_tcp(s, &host, port).await,
-        Header::Udp { host, port } => relay_udp(s, &host, port).await,
+        Header::Tcp { host, port } => {
+            let Some(_permit) = DataStreamPermit::take(shared, &s) else { return Ok(()) };
+            relay_tcp(s, &host, port).await
+        }
+        Header::Udp { host, port } => {
+            let Some(_permit) = DataStreamPermit::take(shared, &s) else { return Ok(()) };
+            relay_udp(s, &host, port).await
+        }
         Header::Pong => {
             debug!("unexpected PONG from a client");
             Ok(())
+        }
+    }
+}
+
+/// A proxied stream's place under the stream limits, given back when the relay ends.
+struct DataStreamPermit {
+    shared: Shared,
+    session: u64,
+}
+
+impl DataStreamPermit {
+    /// `None` (the stream is then closed by dropping it) when a stream limit is reached.
+    fn take(shared: &Shared, s: &TunnelStream) -> Option<Self> {
+        let session = s.session_id();
+        shared.borrow_mut().admit_data_stream(session).then(|| DataStreamPermit { shared: shared.clone(), session })
+    }
+}
+
+impl Drop for DataStreamPermit {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.shared.try_borrow_mut() {
+            c.end_data_stream(self.session);
         }
     }
 }

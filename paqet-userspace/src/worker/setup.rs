@@ -340,6 +340,12 @@ struct Publisher {
     /// Wrong-key symptoms: crypto failures, and guard drops (the guard is keyed by the same key).
     watch: CryptoWatch,
     guard_watch: CryptoWatch,
+    /// Bad-source counts at the last warning (server: which sources keep failing).
+    bad_seen: HashMap<SocketAddr, u64>,
+    last_bad_warn: Option<Instant>,
+    /// Client: since when no session has been live (for the "nothing heard from the server" warning).
+    silent_since: Option<Instant>,
+    last_silent_warn: Option<Instant>,
 }
 
 fn add_retrans(a: &mut KcpRetrans, b: &KcpRetrans) {
@@ -357,13 +363,27 @@ impl Publisher {
             retired: KcpRetrans::default(),
             watch: CryptoWatch::default(),
             guard_watch: CryptoWatch::default(),
+            bad_seen: HashMap::new(),
+            last_bad_warn: None,
+            silent_since: None,
+            last_silent_warn: None,
         }
     }
 
     fn snapshot(&mut self, c: &Core) -> WorkerSnapshot {
         let mut snap = WorkerSnapshot::from_daemon(&c.stats, &c.io_stats());
         snap.sessions = c.session_count() as u64;
+        snap.live_sessions = c.live_sessions(c.config().session.smux.keepalive_timeout_ms) as u64;
         snap.streams = c.stream_count() as u64;
+        if c.uses_shared_links() {
+            let io = c.io_stats();
+            snap.afxdp = Some(crate::ops::AfXdpStats {
+                rx_dropped: io.xsk_rx_dropped,
+                rx_ring_full: io.xsk_rx_ring_full,
+                fill_ring_empty: io.xsk_fill_ring_empty,
+                tx_invalid_descs: io.xsk_tx_invalid_descs,
+            });
+        }
         let mut live = KcpRetrans::default();
         let mut authenticated = false;
         let mut srtt = Vec::with_capacity(c.sessions.len());
@@ -404,7 +424,59 @@ impl Publisher {
                 who()
             );
         }
+        self.warn_bad_sources(c, now);
+        self.warn_silence(c, snap.live_sessions, now);
         snap
+    }
+
+    /// Server (or any role with the guard on): sources whose datagrams keep failing the guard or crypto
+    /// check while they have no session: the signature of a peer with another key or guard setting.
+    fn warn_bad_sources(&mut self, c: &Core, now: Instant) {
+        let rising: Vec<(SocketAddr, u64)> = c
+            .bad_sources
+            .iter()
+            .filter(|(a, n)| self.bad_seen.get(*a).is_none_or(|seen| **n > *seen))
+            .filter(|(a, _)| !c.sessions.values().any(|e| e.peer == **a))
+            .map(|(a, n)| (*a, *n))
+            .collect();
+        if rising.is_empty() || self.last_bad_warn.is_some_and(|t| now.duration_since(t) < CryptoWatch::EVERY) {
+            return;
+        }
+        self.last_bad_warn = Some(now);
+        let mut list: Vec<String> = rising.iter().take(4).map(|(a, n)| format!("{a} ({n})")).collect();
+        if rising.len() > 4 {
+            list.push(format!("and {} more", rising.len() - 4));
+        }
+        warn!(
+            "datagrams from {} failed the guard/crypto check with no session: a peer using another \
+             transport.kcp.key, block or guard setting?",
+            list.join(", ")
+        );
+        for (a, n) in rising {
+            self.bad_seen.insert(a, n);
+        }
+    }
+
+    /// Client: sessions exist but none has authenticated a datagram for a while.
+    fn warn_silence(&mut self, c: &Core, live: u64, now: Instant) {
+        const AFTER: Duration = Duration::from_secs(10);
+        const EVERY: Duration = Duration::from_secs(30);
+        if self.role != Role::Client || live > 0 || c.session_count() == 0 {
+            self.silent_since = None;
+            return;
+        }
+        let since = *self.silent_since.get_or_insert(now);
+        if now.duration_since(since) < AFTER || self.last_silent_warn.is_some_and(|t| now.duration_since(t) < EVERY) {
+            return;
+        }
+        self.last_silent_warn = Some(now);
+        let server = self.server.map(|s| s.to_string()).unwrap_or_else(|| "the server".into());
+        warn!(
+            "no datagram from {server} has passed the guard/crypto check for {} s ({} sent): server down or \
+             unreachable, or it uses another transport.kcp.key, block or guard setting",
+            now.duration_since(since).as_secs(),
+            c.stats.tx_datagrams
+        );
     }
 }
 

@@ -188,10 +188,10 @@ async fn until(server: &Shared, cond: impl Fn(&core::Core) -> bool) {
 
 #[test]
 fn stream_limit_closes_the_excess() {
-    // Each user stream costs three smux streams (probe, PTCPF, target), opened in one go; the probe and
-    // PTCPF streams end as soon as their handlers ran. With a per-session limit of 3 the first user stream
-    // fits; while it is held, the next one's target stream is the 4th and is closed by the server.
-    let limits = Limits { max_sessions: None, max_streams_total: None, max_streams_per_session: Some(3) };
+    // Each user stream costs three smux streams (probe, PTCPF, target), opened in one go. The limits count
+    // proxied (PTCP/PUDP) streams only: with a per-session limit of 1 the first user stream fits; while it
+    // is held, the next one's target stream is closed by the server after its header.
+    let limits = Limits { max_sessions: None, max_streams_total: None, max_streams_per_session: Some(1) };
     with_pair(limits, None, |tunnel, server| async move {
         let echo = echo_server().await;
         // Let the session-start PTCPF stream come and go first.

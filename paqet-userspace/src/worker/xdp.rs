@@ -698,7 +698,7 @@ fn worker_main(ctx: WorkerCtx) -> anyhow::Result<()> {
                 start_worker_front_ends(&cfg, Tunnel::new(shared.clone()), index, udp_front).await?;
             }
         }
-        tokio::task::spawn_local(publish(shared.clone(), hub.clone(), index));
+        tokio::task::spawn_local(super::setup::publish_metrics(shared.clone(), hub.clone(), index));
         info!(worker = index, cpu = ?cpu, sessions = slots, "XDP worker running");
         let _ = ready.send((index, Ok(())));
         let _ = stop.wait_for(|s| *s).await;
@@ -772,15 +772,6 @@ pub fn worker_snapshot(c: &Core) -> WorkerSnapshot {
     s
 }
 
-/// Publishes the worker's snapshot every [`PUBLISH_INTERVAL_MS`] (and once at once).
-async fn publish(shared: Shared, hub: Arc<MetricsHub>, index: usize) {
-    let mut tick = tokio::time::interval(Duration::from_millis(PUBLISH_INTERVAL_MS));
-    loop {
-        tick.tick().await;
-        let snap = worker_snapshot(&shared.borrow());
-        hub.publish(index, snap);
-    }
-}
 
 /// The client front ends of one worker: TCP forwards, SOCKS5 and HTTP on `SO_REUSEPORT` listeners (every
 /// session-running worker binds them); UDP forwards only when `udp` (one worker: a UDP source's state must
