@@ -193,10 +193,10 @@ where
     let (mut br, mut bw) = tokio::io::split(b);
     let mut counts = (0, 0);
     tokio::select! {
-        r = tokio::io::copy(&mut ar, &mut bw) => {
+        r = crate::util::lazycopy::copy_lazy(&mut ar, &mut bw) => {
             if let Ok(n) = r { counts.0 = n; }
         }
-        r = tokio::io::copy(&mut br, &mut aw) => {
+        r = crate::util::lazycopy::copy_lazy(&mut br, &mut aw) => {
             if let Ok(n) = r { counts.1 = n; }
         }
     }

@@ -900,11 +900,20 @@ impl Kcp {
         .then_some(idx)
     }
 
+    /// Without `ack_nodelay` (modes normal and fast), ACKs still leave as soon as this many are pending
+    /// rather than waiting for the next interval: timing is not part of the wire, and holding a whole
+    /// window's ACKs for up to `interval` ms is what capped upstream's throughput in these modes. One
+    /// datagram carries up to ~55 ACKs, so this batches them without stalling the sender.
+    fn eager_ack_batch(&self) -> usize {
+        ((self.rcv_wnd as usize) / 4).clamp(1, 32)
+    }
+
     /// Something must go out now (new data fits the window, ACKs with ack_nodelay, a probe answer, a fast
     /// retransmit, an expired RTO or window probe).
     fn urgent(&self) -> bool {
         self.probe != 0
             || (self.ack_nodelay && !self.acklist.is_empty())
+            || self.acklist.len() >= self.eager_ack_batch()
             || self.can_send_new()
             || !self.fast_q.is_empty()
             || self

@@ -207,8 +207,8 @@ pub async fn copy_until_either_ends(s: TunnelStream, tcp: TcpStream) {
     let (mut tr, mut tw) = tcp.into_split();
     let (mut sr, mut sw) = tokio::io::split(s);
     tokio::select! {
-        _ = tokio::io::copy(&mut sr, &mut tw) => {}
-        _ = tokio::io::copy(&mut tr, &mut sw) => {}
+        _ = crate::util::lazycopy::copy_lazy(&mut sr, &mut tw) => {}
+        _ = crate::util::lazycopy::copy_lazy(&mut tr, &mut sw) => {}
     }
     let _ = tw.shutdown().await;
 }
