@@ -28,6 +28,15 @@ for tool in ip iptables ethtool curl python3 sha256sum cargo; do
     fi
 done
 
+# bpf-linker (installed by scripts/setup.sh) lets the build include the XDP program (DEMO_MODE=auto|xdp-*).
+if [[ -f ${TMPDIR:-/tmp}/paqet-dp-bpf-linker-path ]]; then
+    PATH="$(cat "${TMPDIR:-/tmp}/paqet-dp-bpf-linker-path"):$PATH"
+else
+    for d in "${PAQET_TOOLS:-$HOME/.cache/paqet-dp-tools}"/*/bin; do
+        [[ -x $d/bpf-linker ]] && PATH="$d:$PATH"
+    done
+fi
+export PATH
 echo "demo: building paqet-dp (release)"
 cargo build --release --quiet -p paqet-userspace --bin paqet-dp
 BIN=$ROOT/target/release/paqet-dp
@@ -146,13 +155,14 @@ mkdir -p "$WORK/www"
 head -c $((MB << 20)) /dev/urandom >"$WORK/www/file.bin"
 printf 'hello through paqet-dp\n' >"$WORK/www/hello.txt"
 WANT=$(sha256sum "$WORK/www/file.bin" | cut -d' ' -f1)
-in_s python3 -m http.server 8000 --bind 127.0.0.1 --directory "$WORK/www" >"$WORK/http.log" 2>&1 &
+# Background processes are started with `ip netns exec` directly (it execs in place), so $! is their pid.
+ip netns exec "$NS_S" python3 -m http.server 8000 --bind 127.0.0.1 --directory "$WORK/www" >"$WORK/http.log" 2>&1 &
 PIDS+=($!)
 
 echo "demo: starting paqet-dp server and client (mode fast3, 2048-packet windows, aes, data path $MODE)"
-in_s "$BIN" run -c "$WORK/server.toml" --mode "$MODE" 2>"$WORK/server.log" &
+ip netns exec "$NS_S" "$BIN" run -c "$WORK/server.toml" --mode "$MODE" >/dev/null 2>"$WORK/server.log" &
 PIDS+=($!)
-in_c "$BIN" run -c "$WORK/client.toml" --mode "$MODE" 2>"$WORK/client.log" &
+ip netns exec "$NS_C" "$BIN" run -c "$WORK/client.toml" --mode "$MODE" >/dev/null 2>"$WORK/client.log" &
 PIDS+=($!)
 
 # Ready when a small request makes it through the forward (bounded wait).

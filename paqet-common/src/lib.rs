@@ -20,6 +20,18 @@ pub const MAP_XSKS: &str = "PAQET_XSKS";
 pub const MAP_COUNTERS: &str = "PAQET_COUNTERS";
 /// Name of the `Array<GuardTable>` map (one entry, index 0).
 pub const MAP_GUARD: &str = "PAQET_GUARD";
+/// Name of the `Array<u64>` bitmap of local session ports ([`PORT_WORDS`] words, bit `port % 64` of
+/// word `port / 64`) that client-side (source-matched) steering accepts as destination ports.
+pub const MAP_PORTS: &str = "PAQET_PORTS";
+
+/// Number of 64-bit words of the [`MAP_PORTS`] bitmap (one bit per TCP port).
+pub const PORT_WORDS: u32 = 65536 / 64;
+
+/// The bitmap word index and bit mask of `port` in the [`MAP_PORTS`] bitmap.
+#[inline(always)]
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1u64 << (port & 63))
+}
 
 /// Number of entries of the XSKMAP, i.e. the highest RX queue index that can be steered, plus one.
 pub const MAX_QUEUES: u32 = 64;
@@ -77,9 +89,10 @@ impl XdpCounter {
 /// matches `ipv4`/`ipv6` if the corresponding `*_ADDR` flag is set (otherwise any address), and
 /// either
 /// - (server side) its destination port equals `port` (host order; `0` = no destination match), or
-/// - (client side) `FLAG_SRC_IPV4`/`FLAG_SRC_IPV6` is set for its family and its source (address,
-///   port) is (`src_ipv4`/`src_ipv6`, `src_port`): every frame from the server's endpoint, whatever
-///   local port it is addressed to.
+/// - (client side) `FLAG_SRC_IPV4`/`FLAG_SRC_IPV6` is set for its family, its source (address,
+///   port) is (`src_ipv4`/`src_ipv6`, `src_port`) and its destination port is one of the local
+///   session ports listed in the [`MAP_PORTS`] bitmap: frames from the server's endpoint to *our*
+///   sessions, not to other clients on the same host (a second client, an upstream paqet client).
 ///
 /// A config that can match nothing (`port == 0` and no `FLAG_SRC_*`) is the "disarmed" state: the
 /// program passes everything without parsing ([`SteerConfig::is_armed`]).
@@ -116,11 +129,11 @@ impl SteerConfig {
     pub const FLAG_IPV6_ADDR: u16 = 1 << 3;
     /// Guard on: drop steered frames whose payload prefix matches no valid entry of [`GuardTable`].
     pub const FLAG_GUARD: u16 = 1 << 4;
-    /// Client-side steering: IPv4 frames from (`src_ipv4`, `src_port`) are tunnel frames, whatever
-    /// their destination port (the family must be enabled with `FLAG_IPV4` too).
+    /// Client-side steering: IPv4 frames from (`src_ipv4`, `src_port`) to a destination port listed
+    /// in the [`MAP_PORTS`] bitmap are tunnel frames (the family must be enabled with `FLAG_IPV4` too).
     pub const FLAG_SRC_IPV4: u16 = 1 << 5;
-    /// Client-side steering: IPv6 frames from (`src_ipv6`, `src_port`) are tunnel frames, whatever
-    /// their destination port (the family must be enabled with `FLAG_IPV6` too).
+    /// Client-side steering: IPv6 frames from (`src_ipv6`, `src_port`) to a destination port listed
+    /// in the [`MAP_PORTS`] bitmap are tunnel frames (the family must be enabled with `FLAG_IPV6` too).
     pub const FLAG_SRC_IPV6: u16 = 1 << 6;
 
     /// A config steering TCP to `port` on any address of both families, guard off.
@@ -138,8 +151,8 @@ impl SteerConfig {
     }
 
     /// A client-side config: steer IPv4 TCP frames whose source is the peer endpoint (`ip` in
-    /// network order, `port`), to any local address and port, guard off. No destination-port match
-    /// (`port` = 0).
+    /// network order, `port`), to any local address and to the local ports listed in the
+    /// [`MAP_PORTS`] bitmap, guard off. No server-side destination-port match (`port` = 0).
     pub const fn from_peer_v4(ip: [u8; 4], port: u16) -> Self {
         SteerConfig {
             port: 0,
@@ -295,6 +308,15 @@ mod tests {
         assert!(!d.is_armed());
         d.src_port = 443;
         assert!(d.is_armed());
+    }
+
+    #[test]
+    fn port_bits_cover_every_port_once() {
+        assert_eq!(port_bit(0), (0, 1));
+        assert_eq!(port_bit(63), (0, 1 << 63));
+        assert_eq!(port_bit(64), (1, 1));
+        assert_eq!(port_bit(40001), (625, 1 << 1));
+        assert_eq!(port_bit(u16::MAX), (PORT_WORDS - 1, 1 << 63));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Parses Ethernet (with up to two 802.1Q/802.1ad tags), IPv4 (any IHL, first fragments only) or
 //! IPv6 (fixed header, next header TCP), then TCP. A frame whose destination (address, port)
 //! matches [`SteerConfig`] (server side), or whose source (address, port) is the configured peer
-//! endpoint and whose destination address matches (client side, `FLAG_SRC_*`), is redirected into
+//! endpoint, whose destination address matches and whose destination port is one of our session
+//! ports listed in `PAQET_PORTS` (client side, `FLAG_SRC_*`), is redirected into
 //! the AF_XDP socket of its RX queue (`PAQET_XSKS`, with `XDP_PASS` as the fallback when that
 //! queue has no socket). With the guard on, such a frame must
 //! start its TCP payload with a `magic | cookie` prefix listed in `PAQET_GUARD`, otherwise it is
@@ -17,7 +18,9 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, XskMap},
     programs::XdpContext,
 };
-use paqet_common::{GuardTable, SteerConfig, XdpCounter, GUARD_PREFIX_LEN, MAX_QUEUES};
+use paqet_common::{
+    port_bit, GuardTable, SteerConfig, XdpCounter, GUARD_PREFIX_LEN, MAX_QUEUES, PORT_WORDS,
+};
 
 /// Index 0: what to steer. The initial all-zero value steers nothing (disarmed).
 #[map(name = "PAQET_CONFIG")]
@@ -34,6 +37,11 @@ static PAQET_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XdpCount
 /// Index 0: the currently valid guard prefixes (rotated by userspace).
 #[map(name = "PAQET_GUARD")]
 static PAQET_GUARD: Array<GuardTable> = Array::with_max_entries(1, 0);
+
+/// Bitmap of our local session ports (client side): bit `port % 64` of word `port / 64`.
+/// Source-matched frames to a port not set here belong to someone else and pass to the kernel.
+#[map(name = "PAQET_PORTS")]
+static PAQET_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -199,7 +207,7 @@ fn parse(ctx: &XdpContext, cfg: &SteerConfig) -> Option<Verdict> {
         return None;
     }
     let to_port = cfg.port != 0 && dport == cfg.port;
-    let from_peer = src_ok && cfg.src_port != 0 && sport == cfg.src_port;
+    let from_peer = src_ok && cfg.src_port != 0 && sport == cfg.src_port && our_port(dport);
     if !to_port && !from_peer {
         return Some(Verdict::Pass);
     }
@@ -208,6 +216,16 @@ fn parse(ctx: &XdpContext, cfg: &SteerConfig) -> Option<Verdict> {
         return None;
     }
     Some(Verdict::Tunnel(l4 + thl))
+}
+
+/// True when `port` is one of our session ports (its bit is set in `PAQET_PORTS`).
+#[inline(always)]
+fn our_port(port: u16) -> bool {
+    let (word, mask) = port_bit(port);
+    match PAQET_PORTS.get(word) {
+        Some(w) => *w & mask != 0,
+        None => false,
+    }
 }
 
 /// Whether the 16 bytes at `off` equal `want` (`None` past the end of the frame).

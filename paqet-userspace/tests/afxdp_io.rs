@@ -951,9 +951,10 @@ fn recv_any_port(io: &mut AfXdpIo, want: usize) -> Vec<(u16, Vec<u8>)> {
     got
 }
 
-/// Client-side steering (`FLAG_SRC_*`): every frame from the server endpoint (IP_B / IP6_B, PEER_PORT)
-/// to our address reaches the socket whatever its destination port; frames from another source port or
-/// address, or to another destination address, pass to the kernel. The guard applies to them too.
+/// Client-side steering (`FLAG_SRC_*`): frames from the server endpoint (IP_B / IP6_B, PEER_PORT) to our
+/// address and to one of our session ports (the port set) reach the socket; frames from the server to a
+/// port NOT in the set (another client on this host), from another source port or address, or to another
+/// destination address, pass to the kernel. The guard applies to them too.
 #[test]
 fn xdp_afxdp_client_source_match() {
     if skip("xdp_afxdp_client_source_match") {
@@ -970,6 +971,19 @@ fn xdp_afxdp_client_source_match() {
     let mut steer = Steering::attach(&ia, XdpMode::Native, cfg).expect("attach XDP");
     let mut io = AfXdpIo::open(AfXdpConfig::new(&ia, 0)).expect("open AF_XDP socket");
     steer.register_socket(0, &io).expect("register socket");
+    // Our session ports; 40005 is added and removed again, so it ends up not ours.
+    let ours = [40001u16, 40002, 40003, 40004, 40011, 40012, 40013, 50000, 65535, TUNNEL_PORT, 1];
+    steer.add_ports(ours.iter().copied().chain([40005])).expect("session ports");
+    {
+        let set = steer.port_set();
+        let mut set = set.lock().unwrap();
+        assert!(set.remove(40005).expect("remove port"));
+        assert!(!set.insert(40001).expect("insert again"), "40001 was already in the set");
+        assert!(set.insert(0).is_err(), "port 0 must be refused");
+        let mut sorted = ours.to_vec();
+        sorted.sort();
+        assert_eq!(set.ports(), sorted);
+    }
     steer.arm().expect("arm");
 
     let server = (IP_B, PEER_PORT);
@@ -984,8 +998,12 @@ fn xdp_afxdp_client_source_match() {
     want.push((40003, b"vlan-from-server".to_vec()));
     frames.push(tcp6_from(&topo, PEER_PORT, 40004, b"v6-from-server"));
     want.push((40004, b"v6-from-server".to_vec()));
-    // Not from the server endpoint, or not to our address: passed.
+    // Not from the server endpoint, not to our address, or from the server to a port that is not one of
+    // our sessions' (another client on this host): passed.
     let others = vec![
+        tcp4_from(&topo, server, IP_A, 40005, b"not-our-port", &[]),
+        tcp4_from(&topo, server, IP_A, 40000, b"not-our-port-2", &[]),
+        tcp6_from(&topo, PEER_PORT, 40006, b"v6-not-our-port"),
         tcp4_from(&topo, (IP_B, PEER_PORT + 1), IP_A, 40001, b"other-sport", &[]),
         tcp4_from(&topo, (Ipv4Addr::new(10, 231, 0, 77), PEER_PORT), IP_A, 40001, b"other-src", &[]),
         tcp4_from(&topo, server, Ipv4Addr::new(10, 231, 0, 99), 40001, b"other-dst", &[]),

@@ -90,6 +90,55 @@ fn udp_through_socks5_associate_and_forward() {
     }
 }
 
+/// A second client on the same interface as the main one (in pcap mode next to an XDP client: one XDP
+/// daemon per interface) works at the same time as the main client: an XDP client steers only frames to
+/// its own session ports, so the server's frames to the other client still reach the kernel and pcap.
+#[test]
+fn two_clients_on_one_interface_work_at_once() {
+    if skip("two_clients_on_one_interface_work_at_once", &["curl", "iptables", "ethtool"]) {
+        return;
+    }
+    let _serial = serial();
+    for &modes in MODES {
+        eprintln!("== modes {modes:?} (second client in {:?} mode)", modes.1.beside());
+        let t = Tunnel::start("t2c", Opts::new(modes));
+        let mut second = t.spawn_client("client-second", ClientPorts::SECOND, KEY);
+        let up = poll(READY_WITHIN, || {
+            second.assert_running();
+            t.probe(ClientPorts::SECOND.fwd_http).ok()
+        });
+        if up.is_none() {
+            panic!(
+                "the second client never carried a request: {:?}\n--- second client ---\n{}\n--- main client ---\n{}",
+                t.probe(ClientPorts::SECOND.fwd_http),
+                second.log_text(),
+                t.client.log_text()
+            );
+        }
+        // Both carry data at once, byte-exact.
+        let len = 16 * MIB;
+        let jobs: Vec<_> = [(ClientPorts::MAIN.socks, 11u64), (ClientPorts::SECOND.socks, 12u64)]
+            .into_iter()
+            .map(|(port, seed)| {
+                let mut c = curl_cmd(t.net.client(), Via::Socks5(port), 120);
+                c.arg(t.url(&format!("/gen/{seed}/{len}")));
+                (port, seed, spawn_fetch(c))
+            })
+            .collect();
+        for (port, seed, j) in jobs {
+            let f = j.join().expect("fetch thread");
+            assert!(f.ok && f.len == len, "download through the client on SOCKS5 port {port}: {f:?}");
+            assert_eq!(f.sha256, pattern_sha256(seed, len), "download through the client on SOCKS5 port {port}: sha256");
+        }
+        // And the main client still works after the second one stops.
+        second.stop();
+        t.download_checked(t.socks(), 13, MIB, 30);
+        let mut t = t;
+        t.client.assert_running();
+        t.server.assert_running();
+    }
+}
+
 #[test]
 fn health_endpoints_follow_the_server() {
     if skip("health_endpoints_follow_the_server", &["iptables", "ethtool"]) {
@@ -298,13 +347,13 @@ transport:
 fn import(dir: &std::path::Path, name: &str, yaml: &str) -> String {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, yaml).unwrap();
-    let out = std::process::Command::new(BIN).args(["config", "import"]).arg(&path).output().expect("run config import");
+    let out = std::process::Command::new(bin()).args(["config", "import"]).arg(&path).output().expect("run config import");
     assert!(out.status.success(), "config import {name}: {}", String::from_utf8_lossy(&out.stderr));
     let toml = String::from_utf8(out.stdout).expect("UTF-8 TOML");
     // The imported TOML passes `config check` too.
     let tpath = dir.join(format!("{name}-imported.toml"));
     std::fs::write(&tpath, &toml).unwrap();
-    let chk = std::process::Command::new(BIN).args(["config", "check"]).arg(&tpath).output().expect("run config check");
+    let chk = std::process::Command::new(bin()).args(["config", "check"]).arg(&tpath).output().expect("run config check");
     assert!(chk.status.success(), "config check of imported {name}: {}\n{toml}", String::from_utf8_lossy(&chk.stderr));
     toml
 }

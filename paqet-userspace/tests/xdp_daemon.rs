@@ -808,7 +808,7 @@ fn xdp_client_runs_all_conn_sessions_over_both_workers() {
 
 /// Both ends XDP on 2-queue veths with the guard on: the client's four sessions (two per worker) reach the
 /// server's two workers and carry parallel transfers byte-exact; the client-side steering (frames from the
-/// server endpoint to any local port) passes the guard check in the program.
+/// server endpoint to the client's session ports) passes the guard check in the program.
 #[test]
 fn xdp_pair_with_conn_4_and_guard_on_two_queues() {
     if skip() {

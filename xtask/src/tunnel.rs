@@ -141,6 +141,9 @@ pub fn idle_target_main(port: &str) -> Result<()> {
     let port: u16 = port.parse().with_context(|| format!("idle target port {port:?}"))?;
     sys::raise_nofile(1 << 20)?;
     let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding idle target port {port}"))?;
+    // std listens with a backlog of 128; thousands of dials arrive at once here.
+    // SAFETY: re-listening on our own listening socket only changes its backlog.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 8192) };
     let count = Arc::new(AtomicUsize::new(0));
     let c = count.clone();
     std::thread::spawn(move || {
@@ -577,9 +580,17 @@ impl Pair {
     }
 }
 
-/// Opens idle streams until `total` are held, waits until the server's target has accepted them all, and
-/// returns (client RSS KiB, server RSS KiB).
-fn rss_at(topo: &Topo, pair: &mut Pair, idle: &IdleTarget, held: &mut Vec<TcpStream>, total: usize) -> Result<(u64, u64)> {
+/// VmRSS of both daemons with idle streams open.
+struct Rss {
+    client_kib: u64,
+    server_kib: u64,
+    /// Streams that reached the server's target (less than asked when some never arrived).
+    reached: usize,
+}
+
+/// Opens idle streams until `total` are held, waits (≤ 180 s) until the server's target has accepted them
+/// all, and reads both daemons' RSS (also when some streams never arrived: `reached` says how many did).
+fn rss_at(topo: &Topo, pair: &mut Pair, idle: &IdleTarget, held: &mut Vec<TcpStream>, total: usize) -> Result<Rss> {
     let need = total.saturating_sub(held.len());
     let (front, ip_s) = (pair.front, topo.ip_s);
     let threads = 8usize;
@@ -605,14 +616,14 @@ fn rss_at(topo: &Topo, pair: &mut Pair, idle: &IdleTarget, held: &mut Vec<TcpStr
         }
         pair.alive()?;
         if Instant::now() > deadline {
-            bail!("only {got} of {total} idle streams reached the server's target within 180 s");
+            break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(2));
     pair.alive()?;
     let (c, s) = pair.pids();
-    Ok((sys::rss_kib(c)?, sys::rss_kib(s)?))
+    Ok(Rss { client_kib: sys::rss_kib(c)?, server_kib: sys::rss_kib(s)?, reached: idle.accepted() })
 }
 
 /// Result of the flood against the server.
@@ -713,7 +724,7 @@ pub fn run(opts: &Opts) -> Result<String> {
         ("plain TCP, veth TX offloads on (kernel default)".to_string(), Some(plain_offload)),
     ];
     let mut lat_rows: Vec<(String, Result<Latency>, Option<Latency>)> = vec![("direct TCP".into(), Ok(direct_lat), None)];
-    let mut rss_rows: Vec<(String, usize, Result<(u64, u64)>)> = Vec::new();
+    let mut rss_rows: Vec<(String, usize, Result<Rss>)> = Vec::new();
     let mut flood_rows: Vec<(String, Result<Flood>)> = Vec::new();
     let mut mode_rows: Vec<(String, Option<Bulk>)> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
@@ -770,7 +781,7 @@ pub fn run(opts: &Opts) -> Result<String> {
                 for n in streams {
                     eprintln!("bench: {label}: {n} idle streams");
                     let r = rss_at(&topo, &mut pair, &idle, &mut held, n);
-                    let failed = r.is_err();
+                    let failed = !matches!(&r, Ok(x) if x.reached >= n);
                     rss_rows.push((format!("{label} ({})", pair.front.name()), n, r));
                     if failed {
                         break;
@@ -846,14 +857,16 @@ pub fn run(opts: &Opts) -> Result<String> {
     for (l, n, r) in &rss_rows {
         let target = if *n <= 1000 { 32.0 } else { 128.0 };
         match r {
-            Ok((c, s)) => {
-                let ok = mib(*c) <= target && mib(*s) <= target;
-                md.push_str(&format!(
-                    "| {l} | {n} | {:.1} | {:.1} | ≤ {target} MiB: {} |\n",
-                    mib(*c),
-                    mib(*s),
-                    if ok { "met" } else { "NOT met" }
-                ));
+            Ok(x) => {
+                let (c, s) = (mib(x.client_kib), mib(x.server_kib));
+                let verdict = if x.reached < *n {
+                    format!("incomplete: only {} of {n} streams reached the target within 180 s", x.reached)
+                } else if c <= target && s <= target {
+                    "met".into()
+                } else {
+                    "NOT met".into()
+                };
+                md.push_str(&format!("| {l} | {n} | {c:.1} | {s:.1} | ≤ {target} MiB: {verdict} |\n"));
             }
             Err(e) => md.push_str(&format!("| {l} | {n} | failed: {e:#} | | |\n")),
         }

@@ -4,8 +4,13 @@
 //! the per-CPU counters.
 //!
 //! What is steered is [`SteerConfig`]: on a server, frames to the tunnel port; on a client
-//! (`FLAG_SRC_IPV4`/`FLAG_SRC_IPV6`), frames from the server's endpoint to any local port, so a
-//! client can run many sessions on many local ports.
+//! (`FLAG_SRC_IPV4`/`FLAG_SRC_IPV6`), frames from the server's endpoint to one of the client's own
+//! session ports, listed in the program's port bitmap ([`PortSet`]), so a client can run many
+//! sessions on many local ports while frames from the same server to other clients on this host
+//! (a second paqet client, an upstream client) still reach the kernel.
+//!
+//! Only one XDP program can be attached to an interface: one XDP daemon per interface (a second
+//! daemon on the same interface must run in pcap mode; with the port bitmap both coexist).
 //!
 //! Order of operations (spike pitfall 9): [`Steering::attach`] leaves the program *disarmed*
 //! (an all-zero config: it passes everything), then the caller binds its AF_XDP sockets and
@@ -13,13 +18,14 @@
 //! frame ever finds an empty XSKMAP slot.
 
 use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
 
-use aya::maps::{Array, MapError, PerCpuArray, XskMap};
+use aya::maps::{Array, MapData, MapError, PerCpuArray, XskMap};
 use aya::programs::{ProgramError, Xdp};
 use aya::{Ebpf, EbpfError};
 use paqet_common::{
-    GuardEntry, GuardTable, SteerConfig, XdpCounter, GUARD_PREFIX_LEN, GUARD_SLOTS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_GUARD, MAP_XSKS, MAX_QUEUES, PROG_NAME,
+    port_bit, GuardEntry, GuardTable, SteerConfig, XdpCounter, GUARD_PREFIX_LEN, GUARD_SLOTS,
+    MAP_CONFIG, MAP_COUNTERS, MAP_GUARD, MAP_PORTS, MAP_XSKS, MAX_QUEUES, PORT_WORDS, PROG_NAME,
 };
 
 /// Number of XDP counters, as an array length.
@@ -123,6 +129,12 @@ pub enum SteerError {
     /// RX queue index outside the XSKMAP.
     #[error("RX queue {queue} is out of range: the XSKMAP has {MAX_QUEUES} entries")]
     QueueOutOfRange { queue: u32 },
+    /// Port 0 cannot be a session port.
+    #[error("port 0 cannot be added to the XDP session port set")]
+    PortZero,
+    /// The shared port set's lock was poisoned (a thread panicked while holding it).
+    #[error("the XDP session port set is unusable: a thread panicked while updating it")]
+    PortsPoisoned,
     /// More guard prefixes than the program holds.
     #[error("{given} guard prefixes given, the XDP program holds at most {max}")]
     TooManyGuardPrefixes { given: usize, max: usize },
@@ -160,9 +172,113 @@ struct PodGuard(GuardTable);
 // SAFETY: `GuardTable` is `#[repr(C)]` plain data (u32/u64 fields) without padding.
 unsafe impl aya::Pod for PodGuard {}
 
+/// The client's local session ports: the program's `PAQET_PORTS` bitmap plus a userspace copy, so
+/// adding a port is one map update (no read back). Source-matched frames (client side) are steered
+/// only to these destination ports. Shared with the workers as a [`SharedPorts`] handle, locked only
+/// when a session is dialled on a port outside the set planned at start (never per packet).
+pub struct PortSet {
+    map: Array<MapData, u64>,
+    words: Box<[u64]>,
+    len: usize,
+}
+
+/// A [`PortSet`] shared between the control thread and the workers.
+pub type SharedPorts = Arc<Mutex<PortSet>>;
+
+impl std::fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortSet").field("ports", &self.ports()).finish()
+    }
+}
+
+impl PortSet {
+    fn open(ebpf: &mut Ebpf) -> Result<Self, SteerError> {
+        let map = ebpf.take_map(MAP_PORTS).ok_or(SteerError::Missing {
+            kind: "map",
+            name: MAP_PORTS,
+        })?;
+        let map = Array::try_from(map).map_err(|source| SteerError::Map {
+            map: MAP_PORTS,
+            op: "open",
+            source,
+        })?;
+        let mut set = PortSet {
+            map,
+            words: vec![0u64; PORT_WORDS as usize].into_boxed_slice(),
+            len: 0,
+        };
+        // The map starts zeroed; clear it explicitly anyway so the copy is exact.
+        for w in 0..PORT_WORDS {
+            set.write_word(w, 0)?;
+        }
+        Ok(set)
+    }
+
+    fn write_word(&mut self, word: u32, value: u64) -> Result<(), SteerError> {
+        self.map
+            .set(word, value, 0)
+            .map_err(|source| SteerError::Map {
+                map: MAP_PORTS,
+                op: "set",
+                source,
+            })
+    }
+
+    /// True when `port` is in the set.
+    pub fn contains(&self, port: u16) -> bool {
+        let (w, m) = port_bit(port);
+        self.words[w as usize] & m != 0
+    }
+
+    /// Adds `port` (port 0 is refused: no session uses it). Returns true if it was not there yet.
+    pub fn insert(&mut self, port: u16) -> Result<bool, SteerError> {
+        if port == 0 {
+            return Err(SteerError::PortZero);
+        }
+        let (w, m) = port_bit(port);
+        let old = self.words[w as usize];
+        if old & m != 0 {
+            return Ok(false);
+        }
+        self.write_word(w, old | m)?;
+        self.words[w as usize] = old | m;
+        self.len += 1;
+        Ok(true)
+    }
+
+    /// Removes `port`. Returns true if it was there.
+    pub fn remove(&mut self, port: u16) -> Result<bool, SteerError> {
+        let (w, m) = port_bit(port);
+        let old = self.words[w as usize];
+        if old & m == 0 {
+            return Ok(false);
+        }
+        self.write_word(w, old & !m)?;
+        self.words[w as usize] = old & !m;
+        self.len -= 1;
+        Ok(true)
+    }
+
+    /// Number of ports in the set.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the set is empty (source-matched steering then steers nothing).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The ports in the set, ascending.
+    pub fn ports(&self) -> Vec<u16> {
+        (0..=u16::MAX).filter(|&p| self.contains(p)).collect()
+    }
+}
+
 /// A loaded and attached XDP program. Dropping it detaches the program (bpf_link).
 pub struct Steering {
     ebpf: Ebpf,
+    ports: SharedPorts,
     iface: String,
     attach: XdpAttach,
     config: SteerConfig,
@@ -253,13 +369,15 @@ impl Steering {
     }
 
     fn finish(
-        ebpf: Ebpf,
+        mut ebpf: Ebpf,
         iface: &str,
         attach: XdpAttach,
         cfg: SteerConfig,
     ) -> Result<Self, SteerError> {
+        let ports = Arc::new(Mutex::new(PortSet::open(&mut ebpf)?));
         let mut s = Steering {
             ebpf,
+            ports,
             iface: iface.to_owned(),
             attach,
             config: cfg,
@@ -286,6 +404,20 @@ impl Steering {
     /// The remembered steering config.
     pub fn config(&self) -> &SteerConfig {
         &self.config
+    }
+
+    /// A handle on the client's session port set (see [`PortSet`]); cheap to clone.
+    pub fn port_set(&self) -> SharedPorts {
+        self.ports.clone()
+    }
+
+    /// Adds `ports` to the session port set (call before [`Steering::arm`] on a client).
+    pub fn add_ports(&self, ports: impl IntoIterator<Item = u16>) -> Result<(), SteerError> {
+        let mut set = self.ports.lock().map_err(|_| SteerError::PortsPoisoned)?;
+        for p in ports {
+            set.insert(p)?;
+        }
+        Ok(())
     }
 
     /// True after [`Steering::arm`] (and before [`Steering::disarm`]).
@@ -341,11 +473,13 @@ impl Steering {
         let cfg = self.config;
         self.write_config(cfg)?;
         self.armed = true;
+        let session_ports = self.ports.lock().map(|p| p.len()).unwrap_or(0);
         tracing::info!(
             iface = %self.iface,
             port = cfg.port,
             src_port = cfg.src_port,
             flags = cfg.flags,
+            session_ports,
             "XDP steering armed"
         );
         Ok(())

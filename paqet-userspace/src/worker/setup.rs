@@ -457,11 +457,13 @@ impl Publisher {
         }
     }
 
-    /// Client: sessions exist but none has authenticated a datagram for a while.
+    /// Client: no session has authenticated a datagram for a while.
     fn warn_silence(&mut self, c: &Core, live: u64, now: Instant) {
         const AFTER: Duration = Duration::from_secs(10);
         const EVERY: Duration = Duration::from_secs(30);
-        if self.role != Role::Client || live > 0 || c.session_count() == 0 {
+        // Sessions that time out are re-dialled, so the count may briefly be 0: what matters is that none
+        // has been live for a while.
+        if self.role != Role::Client || live > 0 {
             self.silent_since = None;
             return;
         }

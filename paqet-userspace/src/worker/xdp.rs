@@ -7,11 +7,18 @@
 //! - server: `owner = (fold(peer ip) + peer port) % workers`;
 //! - client: `owner = local port % workers` (the session's local port, i.e. the frame's destination port).
 //!
-//! A server steers frames to its tunnel port. A client steers every frame from the server's endpoint
-//! (`SteerConfig::FLAG_SRC_*`), whatever its local port, and runs all `transport.conn` sessions: they are
-//! spread over the workers (worker `i` runs `conn / N` of them, one more for `i < conn % N`), and each
-//! worker dials its sessions from local ports it owns ([`Router::client_port`]: `port % N == i`, counting up
-//! from one base port: the configured one, or one picked at random at start).
+//! A server steers frames to its tunnel port. A client steers frames from the server's endpoint
+//! (`SteerConfig::FLAG_SRC_*`) to its own session ports only (the program's port bitmap,
+//! [`PortSet`](crate::io::steer::PortSet)), so other clients of the same server on this host keep
+//! working; it runs all `transport.conn` sessions: they are spread over the workers (worker `i` runs
+//! `conn / N` of them, one more for `i < conn % N`), and each worker dials its sessions from local ports it
+//! owns ([`Router::client_port`]: `port % N == i`, counting up from one base port: the configured one, or
+//! one picked at random at start). Every port the workers will dial is computed at start
+//! ([`client_port_plan`]) and put into the bitmap before arming; a dial on a port outside the plan adds it
+//! first (under the set's lock, only at dial time).
+//!
+//! Only one XDP program can be attached per interface: run one XDP daemon per interface (another daemon on
+//! the same interface must use pcap mode; with the port bitmap an XDP client and a pcap client coexist).
 //!
 //! A frame that lands on another worker's queue (veth delivers by sending CPU, not by RSS hash: spike
 //! pitfall 7) is copied into the owner's [`Mailbox`], a bounded lock-free queue with recycled buffers, and
@@ -27,7 +34,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use crossbeam_queue::ArrayQueue;
-use paqet_common::{SteerConfig, GUARD_PREFIX_LEN};
+use paqet_common::{SteerConfig, XdpCounter, GUARD_PREFIX_LEN};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::watch;
@@ -39,7 +46,7 @@ use super::setup::worker_config;
 use super::{Tunnel, WorkerConfig};
 use crate::config::{Config, ForwardProtocol};
 use crate::io::afxdp::{AfXdpConfig, AfXdpIo};
-use crate::io::steer::{guard_prefixes, Steering, XdpAttach, XdpMode, COUNTERS};
+use crate::io::steer::{guard_prefixes, SharedPorts, Steering, XdpAttach, XdpMode, COUNTERS};
 use crate::io::PacketIo;
 use crate::ops::hub::{MetricsHub, PUBLISH_INTERVAL_MS};
 use crate::ops::metrics::{AfXdpStats, DataPathMode, WorkerSnapshot};
@@ -184,6 +191,9 @@ pub struct Router {
     /// Owners that got frames since the last [`Router::wake_owners`].
     pending: Vec<bool>,
     any_pending: bool,
+    /// Client: the XDP program's session port set; ports handed out by [`Router::client_port`] are added
+    /// to it (a no-op for the ports planned at start).
+    ports: Option<SharedPorts>,
 }
 
 /// Adds up an address's bytes (the server-side owner hash; cheap and deterministic).
@@ -213,6 +223,26 @@ pub fn client_port_for(index: usize, workers: usize, base: u16, busy: impl Fn(u1
     (base..=u16::MAX).chain(CLIENT_PORT_MIN..base).filter(owned).find(|&p| !busy(p))
 }
 
+/// The local ports each worker's client sessions will be dialled from, indexed by worker: exactly the
+/// ports [`Router::client_port`] hands out when worker `i` dials its [`client_slots`] sessions one after
+/// the other (each dial sees the previous ones busy), and which re-dials reuse (a dead session frees its
+/// port, the lowest free one of the plan). A worker with no free owned port gets fewer ports.
+pub fn client_port_plan(conn: usize, workers: usize, base: u16) -> Vec<Vec<u16>> {
+    let n = workers.max(1);
+    (0..n)
+        .map(|i| {
+            let mut ports: Vec<u16> = Vec::with_capacity(client_slots(conn, n, i));
+            for _ in 0..client_slots(conn, n, i) {
+                match client_port_for(i, n, base, |p| ports.contains(&p)) {
+                    Some(p) => ports.push(p),
+                    None => break,
+                }
+            }
+            ports
+        })
+        .collect()
+}
+
 /// How many of `conn` client sessions worker `index` of `workers` runs (spread evenly, the first
 /// `conn % workers` workers running one more).
 pub fn client_slots(conn: usize, workers: usize, index: usize) -> usize {
@@ -224,8 +254,20 @@ impl Router {
     /// Routers for `boxes.len()` workers, one per worker index.
     pub fn for_workers(boxes: Arc<[Mailbox]>) -> Vec<Router> {
         (0..boxes.len())
-            .map(|index| Router { index, boxes: boxes.clone(), pending: vec![false; boxes.len()], any_pending: false })
+            .map(|index| Router {
+                index,
+                boxes: boxes.clone(),
+                pending: vec![false; boxes.len()],
+                any_pending: false,
+                ports: None,
+            })
             .collect()
+    }
+
+    /// Client: makes [`Router::client_port`] add the ports it hands out to `ports` (the XDP program's
+    /// session port set), so frames to them are steered.
+    pub fn set_port_set(&mut self, ports: SharedPorts) {
+        self.ports = Some(ports);
     }
 
     /// This worker's index.
@@ -245,9 +287,26 @@ impl Router {
 
     /// Client: the local port for a new session of this worker: the first port counting up from `base`
     /// (wrapping from 65535 to [`CLIENT_PORT_MIN`]) that this worker owns (`port % workers == index`) and
-    /// for which `busy` is false. `None` when every such port is busy.
+    /// for which `busy` is false. `None` when every such port is busy, or when the port cannot be added to
+    /// the XDP program's session port set (logged). Called at dial time only: it may take the port set's
+    /// lock (uncontended; planned ports are already in the set and only checked).
     pub fn client_port(&self, base: u16, busy: impl Fn(u16) -> bool) -> Option<u16> {
-        client_port_for(self.index, self.boxes.len(), base, busy)
+        let port = client_port_for(self.index, self.boxes.len(), base, busy)?;
+        if let Some(ports) = &self.ports {
+            let added = match ports.lock() {
+                Ok(mut set) => set.insert(port),
+                Err(_) => Err(crate::io::steer::SteerError::PortsPoisoned),
+            };
+            match added {
+                Ok(false) => {}
+                Ok(true) => info!(worker = self.index, port, "session port outside the start plan added to XDP steering"),
+                Err(e) => {
+                    warn!(worker = self.index, port, error = %e, "cannot steer a new session port; not dialling on it");
+                    return None;
+                }
+            }
+        }
+        Some(port)
     }
 
     /// Copies `frame` into `owner`'s mailbox; false if it is full (or the frame too long).
@@ -516,15 +575,24 @@ pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: Xdp
     if let Some(g) = guard.as_mut() {
         rotate_guard(&mut steering, g, &wcfg)?;
     }
+    let boxes: Vec<Mailbox> =
+        (0..queues).map(|_| Mailbox::new(MAILBOX_FRAMES)).collect::<std::io::Result<_>>()?;
+    let mut routers = Router::for_workers(boxes.into());
+    if role == Role::Client {
+        // Session ports before arming: only frames from the server to these ports are steered.
+        let plan = client_port_plan(wcfg.conn, queues, wcfg.local_port());
+        steering
+            .add_ports(plan.iter().flatten().copied())
+            .context("writing the session ports into the XDP program")?;
+        let ports = steering.port_set();
+        for r in &mut routers {
+            r.set_port_set(ports.clone());
+        }
+        info!(conn = wcfg.conn, workers = queues, base_port = wcfg.local_port(), ports = ?plan, "client sessions spread over the workers");
+    }
     steering.arm().context("arming the XDP program")?;
     hub.set_attached(true);
 
-    let boxes: Vec<Mailbox> =
-        (0..queues).map(|_| Mailbox::new(MAILBOX_FRAMES)).collect::<std::io::Result<_>>()?;
-    let routers = Router::for_workers(boxes.into());
-    if role == Role::Client {
-        info!(conn = wcfg.conn, workers = queues, base_port = wcfg.local_port(), "client sessions spread over the workers");
-    }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, anyhow::Result<()>)>();
     let cfg_arc = Arc::new(cfg.clone());
     let mut handles = Vec::with_capacity(queues);
@@ -601,6 +669,37 @@ fn rotate_guard(steering: &mut Steering, g: &mut Guard, wcfg: &WorkerConfig) -> 
     steering.set_guard_cookies(&prefixes).context("rotating the XDP guard cookies")
 }
 
+/// Warns when the XDP program drops frames for a bad guard cookie: those never reach userspace, so the
+/// workers' "failed the guard/crypto check" warnings cannot name them. At most one warning per
+/// [`GuardDropWarn::EVERY`], the first as soon as drops start.
+#[derive(Debug, Default)]
+struct GuardDropWarn {
+    /// Counter value at the last warning.
+    reported: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl GuardDropWarn {
+    const EVERY: Duration = Duration::from_secs(30);
+
+    /// Feeds the program's current `guard_dropped` total; returns the number of new drops when it warned.
+    fn observe(&mut self, total: u64, now: std::time::Instant) -> Option<u64> {
+        let new = total.checked_sub(self.reported).filter(|&n| n > 0)?;
+        if self.last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            return None;
+        }
+        self.last = Some(now);
+        self.reported = total;
+        warn!(
+            dropped = new,
+            total,
+            "{new} frames to the tunnel failed the guard check in the XDP program (dropped before userspace): \
+             a peer using another transport.kcp.key, or transport.kcp.guard on at one end only? (or a flood)"
+        );
+        Some(new)
+    }
+}
+
 /// The control thread: publishes the XDP counters and rotates guard cookies until stopped.
 fn control_loop(
     steering: &mut Steering,
@@ -622,11 +721,15 @@ fn control_loop(
             }
         };
         tokio::pin!(sig);
+        let mut guard_warn = GuardDropWarn::default();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     match steering.counters() {
-                        Ok(c) => hub.set_xdp(c),
+                        Ok(c) => {
+                            hub.set_xdp(c);
+                            guard_warn.observe(c[XdpCounter::GuardDropped as usize], std::time::Instant::now());
+                        }
                         Err(e) => debug!(error = %e, "reading the XDP counters failed"),
                     }
                     if let Some(g) = guard.as_deref_mut() {
@@ -880,6 +983,42 @@ mod tests {
         assert_eq!(client_port_for(0, 1, 0, |_| false), Some(CLIENT_PORT_MIN));
         // All owned ports busy: none.
         assert_eq!(client_port_for(0, 2, 40000, |_| true), None);
+    }
+
+    #[test]
+    fn port_plan_is_what_the_workers_dial() {
+        // 5 sessions over 2 workers from 40000: worker 0 dials 3 even ports, worker 1 two odd ones.
+        let plan = client_port_plan(5, 2, 40000);
+        assert_eq!(plan, vec![vec![40000, 40002, 40004], vec![40001, 40003]]);
+        // Replaying the dials (each sees the earlier ones busy) gives exactly the plan, and a re-dial after
+        // any one session died reuses its port.
+        for (i, ports) in plan.iter().enumerate() {
+            let mut live: Vec<u16> = Vec::new();
+            for _ in 0..client_slots(5, 2, i) {
+                live.push(client_port_for(i, 2, 40000, |p| live.contains(&p)).unwrap());
+            }
+            assert_eq!(&live, ports);
+            for dead in 0..live.len() {
+                let mut rest = live.clone();
+                let gone = rest.remove(dead);
+                assert_eq!(client_port_for(i, 2, 40000, |p| rest.contains(&p)), Some(gone));
+            }
+        }
+        // Wrapping past 65535 and a single worker.
+        assert_eq!(client_port_plan(3, 1, 65534), vec![vec![65534, 65535, CLIENT_PORT_MIN]]);
+        // More workers than sessions: idle workers dial nothing.
+        assert_eq!(client_port_plan(1, 3, 50000), vec![vec![50001], vec![], vec![]]);
+    }
+
+    #[test]
+    fn guard_drop_warnings_start_at_once_and_are_rate_limited() {
+        let t0 = std::time::Instant::now();
+        let mut w = GuardDropWarn::default();
+        assert_eq!(w.observe(0, t0), None, "no drops, no warning");
+        assert_eq!(w.observe(5, t0), Some(5), "the first drops warn at once");
+        assert_eq!(w.observe(9, t0 + Duration::from_secs(1)), None, "rate-limited");
+        assert_eq!(w.observe(12, t0 + GuardDropWarn::EVERY), Some(7), "counts every drop since the last warning");
+        assert_eq!(w.observe(12, t0 + 3 * GuardDropWarn::EVERY), None, "no new drops");
     }
 
     #[test]

@@ -28,6 +28,12 @@ use sha2::{Digest, Sha256};
 
 /// The daemon under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_paqet-dp");
+
+/// The `paqet-dp` binary the tests run: `$PAQET_DP_BIN` when set (e.g. a copy built with the XDP program,
+/// safe from concurrent rebuilds of the shared target directory), else the one cargo built ([`BIN`]).
+pub fn bin() -> String {
+    std::env::var("PAQET_DP_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
 /// The impairment relay (NFQUEUE) binary.
 pub const RELAY: &str = env!("CARGO_BIN_EXE_paqet-impair");
 /// The shared secret both daemons use unless a test says otherwise.
@@ -59,11 +65,27 @@ impl Mode {
     pub fn needs_firewall(self) -> bool {
         self == Mode::Pcap
     }
+
+    /// The mode of a second daemon on the same interface as a daemon running in `self`: only one XDP
+    /// program can be attached per interface (a second XDP attach fails with EBUSY), so next to an XDP
+    /// daemon the extra one runs in pcap mode. One XDP daemon per interface; an XDP client steers only
+    /// its own session ports, so a pcap client next to it keeps receiving its frames.
+    pub fn beside(self) -> Mode {
+        match self {
+            Mode::Pcap | Mode::XdpNative | Mode::XdpGeneric => Mode::Pcap,
+        }
+    }
 }
 
-/// `(server mode, client mode)` pairs every end-to-end test runs with. Extend this list to run the whole
-/// suite in XDP mode, e.g. `(Mode::XdpNative, Mode::XdpNative)`, `(Mode::XdpGeneric, Mode::Pcap)`.
-pub const MODES: &[(Mode, Mode)] = &[(Mode::Pcap, Mode::Pcap)];
+/// `(server mode, client mode)` pairs every end-to-end test runs with: pcap, XDP native, XDP generic, and
+/// mixed pairs (an XDP server with a pcap client and the other way round).
+pub const MODES: &[(Mode, Mode)] = &[
+    (Mode::Pcap, Mode::Pcap),
+    (Mode::XdpNative, Mode::XdpNative),
+    (Mode::XdpGeneric, Mode::XdpGeneric),
+    (Mode::XdpNative, Mode::Pcap),
+    (Mode::Pcap, Mode::XdpGeneric),
+];
 
 /// True (after printing why) when the test must be skipped: not root, or a tool it needs is missing.
 pub fn skip(test: &str, tools: &[&str]) -> bool {
@@ -492,7 +514,7 @@ impl UdpEcho {
 pub fn run_supports(flag: &str) -> bool {
     static HELP: OnceLock<String> = OnceLock::new();
     let help = HELP.get_or_init(|| {
-        Command::new(BIN)
+        Command::new(bin())
             .args(["run", "--help"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -527,7 +549,7 @@ impl Daemon {
         let out = std::fs::File::create(&log).expect("create log");
         let err = out.try_clone().expect("clone log fd");
         let child = ns
-            .command(BIN)
+            .command(&bin())
             .args(args)
             .env("RUST_BACKTRACE", "1")
             .env("NO_COLOR", "1")
@@ -619,6 +641,14 @@ pub fn scrape(ns: &Netns) -> String {
         Ok((200, body)) => body,
         other => panic!("GET /metrics in {}: {other:?}", ns.name()),
     }
+}
+
+/// Sum of the samples of one exact series, e.g. `paqet_xdp_packets_total{counter="malformed"}` (0 when
+/// absent, as in pcap mode).
+pub fn series_sum(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split_whitespace().next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Sum of every sample of metric `name` (exact sample name, any labels) in a scrape.
@@ -957,16 +987,23 @@ listen = "127.0.0.1:{metrics}"
         )
     }
 
-    /// Starts another client daemon in the client namespace with `ports` and `key`.
+    /// Starts another client daemon in the client namespace, on the main client's interface, with `ports`
+    /// and `key`. It runs in the main client's mode when that is pcap, and in pcap mode next to an XDP
+    /// client ([`Mode::beside`]: one XDP daemon per interface).
     pub fn spawn_client(&self, name: &str, ports: ClientPorts, key: &str) -> Daemon {
         let cfg = Self::client_config(&self.net, &self.opts, &self.http, &self.udp, ports, key);
+        let mode = self.opts.client_mode.beside();
+        if mode.needs_firewall() && !self.opts.client_mode.needs_firewall() && !self.manage_firewall {
+            // The tunnel was built without the client's rules (XDP client): the pcap client needs them.
+            self.net.apply_firewall(false, true);
+        }
         Daemon::spawn(
             self.net.client(),
             self.dir.path(),
             name,
             &cfg,
-            self.opts.client_mode,
-            self.manage_firewall && self.opts.client_mode.needs_firewall(),
+            mode,
+            self.manage_firewall && mode.needs_firewall(),
         )
     }
 
