@@ -345,7 +345,9 @@ struct RstCapture {
 
 impl RstCapture {
     fn start(ns: &Netns, dev: &str, file: PathBuf) -> RstCapture {
-        let filter = format!("tcp src port {PORT} and tcp[tcpflags] & tcp-rst != 0");
+        // All packets from the tunnel port; RSTs are counted when reading (a `tcp[tcpflags]` capture filter
+        // matched nothing here even when RSTs were on the wire).
+        let filter = format!("tcp src port {PORT}");
         let child = ns
             .command("tcpdump")
             .args(["-i", dev, "-U", "-n", "-w", file.to_str().unwrap(), &filter])
@@ -367,7 +369,7 @@ impl RstCapture {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
         let out = std::process::Command::new("tcpdump").args(["-n", "-r"]).arg(&self.file).output().expect("tcpdump -r");
-        String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("Flags [R")).count()
     }
 }
 

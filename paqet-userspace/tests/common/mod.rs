@@ -796,6 +796,8 @@ pub struct Opts {
     pub smuxktimeout: u32,
     /// Extra lines appended to the server's `[transport.kcp]` table (limits ...).
     pub server_kcp_extra: String,
+    /// Install the iptables NOTRACK/RST rules pcap mode needs (off: to show what happens without them).
+    pub firewall: bool,
 }
 
 impl Opts {
@@ -812,6 +814,7 @@ impl Opts {
             smuxkalive: 1,
             smuxktimeout: 4,
             server_kcp_extra: String::new(),
+            firewall: true,
         }
     }
 }
@@ -858,8 +861,8 @@ impl Tunnel {
         let http = HttpServer::start(net.server());
         let udp = UdpEcho::start(net.server());
         // The daemons manage their own rules when the binary can; otherwise the test applies them.
-        let manage_firewall = run_supports("--manage-firewall");
-        if !manage_firewall {
+        let manage_firewall = opts.firewall && run_supports("--manage-firewall");
+        if opts.firewall && !manage_firewall {
             net.apply_firewall(opts.server_mode.needs_firewall(), opts.client_mode.needs_firewall());
         }
         let (scfg, ccfg) = match configs {
