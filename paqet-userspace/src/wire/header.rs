@@ -242,6 +242,10 @@ impl Header {
                 if host_len > MAX_HOST {
                     return Err(HeaderError::HostTooLong(host_len));
                 }
+                if host_len == 0 {
+                    // Nothing to dial (and `try_emit` refuses it): an error, not a header.
+                    return Err(HeaderError::EmptyHost);
+                }
                 if body_len != 1 + host_len + 2 {
                     return Err(mismatch(1 + host_len + 2));
                 }
@@ -279,6 +283,15 @@ mod tests {
 
     fn unhex(s: &str) -> Vec<u8> {
         hex::decode(s.replace(' ', "")).unwrap()
+    }
+
+    /// Found by `cargo fuzz run header`: PUDP with an empty host parsed, then failed to re-encode.
+    #[test]
+    fn empty_host_is_an_error_not_a_header() {
+        let crash = unhex("5001050003000100508f01ff41");
+        assert_eq!(Header::parse(&crash), Err(HeaderError::EmptyHost));
+        assert_eq!(Header::parse(&unhex("5001040003000050")), Err(HeaderError::EmptyHost));
+        fuzz_parse(&crash);
     }
 
     fn golden(h: Header, bytes: &str) {
