@@ -812,7 +812,7 @@ impl Opts {
             server_key: KEY.into(),
             client_key: KEY.into(),
             smuxkalive: 1,
-            smuxktimeout: 4,
+            smuxktimeout: 8,
             server_kcp_extra: String::new(),
             firewall: true,
         }
