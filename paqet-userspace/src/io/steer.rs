@@ -502,22 +502,15 @@ impl Steering {
     }
 
     fn write_config(&mut self, cfg: SteerConfig) -> Result<(), SteerError> {
-        let map = self.ebpf.map_mut(MAP_CONFIG).ok_or(SteerError::Missing {
-            kind: "map",
-            name: MAP_CONFIG,
-        })?;
-        let mut arr: Array<_, PodConfig> =
-            Array::try_from(map).map_err(|source| SteerError::Map {
-                map: MAP_CONFIG,
-                op: "open",
-                source,
-            })?;
-        arr.set(0, PodConfig(cfg), 0)
-            .map_err(|source| SteerError::Map {
-                map: MAP_CONFIG,
-                op: "set",
-                source,
-            })
+        self.set_slot0(MAP_CONFIG, PodConfig(cfg))
+    }
+
+    /// Writes `value` into slot 0 of the one-entry array map `name`.
+    fn set_slot0<T: aya::Pod>(&mut self, name: &'static str, value: T) -> Result<(), SteerError> {
+        let map = self.ebpf.map_mut(name).ok_or(SteerError::Missing { kind: "map", name })?;
+        let mut arr: Array<_, T> =
+            Array::try_from(map).map_err(|source| SteerError::Map { map: name, op: "open", source })?;
+        arr.set(0, value, 0).map_err(|source| SteerError::Map { map: name, op: "set", source })
     }
 
     /// Replaces the set of accepted guard prefixes (`magic[4] | cookie[8]`). Prefixes already in
@@ -545,22 +538,7 @@ impl Steering {
 
     fn write_guard(&mut self) -> Result<(), SteerError> {
         let table = self.guard;
-        let map = self.ebpf.map_mut(MAP_GUARD).ok_or(SteerError::Missing {
-            kind: "map",
-            name: MAP_GUARD,
-        })?;
-        let mut arr: Array<_, PodGuard> =
-            Array::try_from(map).map_err(|source| SteerError::Map {
-                map: MAP_GUARD,
-                op: "open",
-                source,
-            })?;
-        arr.set(0, PodGuard(table), 0)
-            .map_err(|source| SteerError::Map {
-                map: MAP_GUARD,
-                op: "set",
-                source,
-            })
+        self.set_slot0(MAP_GUARD, PodGuard(table))
     }
 
     /// The XDP counters summed over CPUs, indexed by [`XdpCounter`].

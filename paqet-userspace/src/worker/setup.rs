@@ -484,6 +484,17 @@ impl Publisher {
 
 /// Publishes the worker's snapshot into `hub` slot `index` every [`PUBLISH_INTERVAL_MS`] (a local task).
 pub async fn publish_metrics(shared: Shared, hub: Arc<MetricsHub>, index: usize) {
+    publish_metrics_until(shared, hub, index, std::future::pending()).await
+}
+
+/// Like [`publish_metrics`], until `stop` completes; then publishes the final snapshot (same publisher,
+/// so the exported counters stay monotonic) and returns.
+pub async fn publish_metrics_until(
+    shared: Shared,
+    hub: Arc<MetricsHub>,
+    index: usize,
+    stop: impl std::future::Future<Output = ()>,
+) {
     let (role, server) = {
         let c = shared.borrow();
         (c.config().role, c.config().server_addr)
@@ -491,8 +502,15 @@ pub async fn publish_metrics(shared: Shared, hub: Arc<MetricsHub>, index: usize)
     let mut p = Publisher::new(role, server);
     let mut tick = tokio::time::interval(Duration::from_millis(PUBLISH_INTERVAL_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tokio::pin!(stop);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop => {
+                hub.publish(index, p.snapshot(&shared.borrow()));
+                return;
+            }
+        }
         let snap = p.snapshot(&shared.borrow());
         hub.publish(index, snap);
     }

@@ -49,7 +49,7 @@ use crate::io::afxdp::{AfXdpConfig, AfXdpIo};
 use crate::io::steer::{guard_prefixes, SharedPorts, Steering, XdpAttach, XdpMode, COUNTERS};
 use crate::io::PacketIo;
 use crate::ops::hub::{MetricsHub, PUBLISH_INTERVAL_MS};
-use crate::ops::metrics::{AfXdpStats, DataPathMode, WorkerSnapshot};
+use crate::ops::metrics::{DataPathMode, WorkerSnapshot};
 use crate::proto::session::Role;
 
 /// Frames each mailbox holds before hand-offs to it are dropped (counted).
@@ -801,13 +801,22 @@ fn worker_main(ctx: WorkerCtx) -> anyhow::Result<()> {
                 start_worker_front_ends(&cfg, Tunnel::new(shared.clone()), index, udp_front).await?;
             }
         }
-        tokio::task::spawn_local(super::setup::publish_metrics(shared.clone(), hub.clone(), index));
+        // Publishes every PUBLISH_INTERVAL_MS and, once the worker is told to stop (after a moment for the
+        // driver to push out FINs of dropped streams), the final counters.
+        let mut stop_publisher = stop.clone();
+        let publisher = tokio::task::spawn_local(super::setup::publish_metrics_until(
+            shared.clone(),
+            hub.clone(),
+            index,
+            async move {
+                let _ = stop_publisher.wait_for(|s| *s).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            },
+        ));
         info!(worker = index, cpu = ?cpu, sessions = slots, "XDP worker running");
         let _ = ready.send((index, Ok(())));
         let _ = stop.wait_for(|s| *s).await;
-        // Give the driver a moment to push out FINs of dropped streams, then publish the final counters.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        hub.publish(index, worker_snapshot(&shared.borrow()));
+        let _ = publisher.await;
         Ok::<(), anyhow::Error>(())
     })
 }
@@ -859,22 +868,6 @@ async fn shared_rx_loop(shared: &Shared, link: u64, fd: RawFd, inbox_fd: RawFd) 
         }
     }
 }
-
-/// A worker's snapshot: daemon counters, its socket's statistics, sessions and streams.
-pub fn worker_snapshot(c: &Core) -> WorkerSnapshot {
-    let io = c.io_stats();
-    let mut s = WorkerSnapshot::from_daemon(&c.stats, &io);
-    s.sessions = c.session_count() as u64;
-    s.streams = c.stream_count() as u64;
-    s.afxdp = Some(AfXdpStats {
-        rx_dropped: io.xsk_rx_dropped,
-        rx_ring_full: io.xsk_rx_ring_full,
-        fill_ring_empty: io.xsk_fill_ring_empty,
-        tx_invalid_descs: io.xsk_tx_invalid_descs,
-    });
-    s
-}
-
 
 /// The client front ends of one worker: TCP forwards, SOCKS5 and HTTP on `SO_REUSEPORT` listeners (every
 /// session-running worker binds them); UDP forwards only when `udp` (one worker: a UDP source's state must
