@@ -133,8 +133,6 @@ pub struct Session {
     /// smux frames on their way into KCP; `tx_scratch[tx_off..]` is not in KCP yet.
     tx_scratch: Vec<u8>,
     tx_off: usize,
-    /// Scratch for sealing datagrams that need a trailer (GCM).
-    seal_scratch: Vec<u8>,
     /// Datagrams sealed by the last KCP flush, waiting for `poll_transmit` to hand them out.
     out_queue: Vec<u8>,
     out_lens: Vec<usize>,
@@ -168,7 +166,6 @@ impl Session {
             rx_pending_off: 0,
             tx_scratch: Vec::with_capacity(128 * 1024),
             tx_off: 0,
-            seal_scratch: vec![0u8; MAX_DATAGRAM + 64],
             out_queue: Vec::with_capacity(16 * MAX_DATAGRAM),
             out_lens: Vec::with_capacity(16),
             stats: SessionStats::default(),
@@ -313,35 +310,17 @@ impl Session {
                 break;
             }
         }
-        let Session { kcp, fec_enc, crypto, seal_scratch, out_queue, out_lens, stats, .. } = self;
+        let Session { kcp, fec_enc, crypto, out_queue, out_lens, stats, .. } = self;
         out_queue.clear();
         out_lens.clear();
         let crypt_hdr = crypto.header_len();
         let trailer = crypto.trailer_len();
-        let mut seal_out = |crypto: &mut Crypto, buf: &mut [u8], len: usize| {
-            // `buf[..len]` = crypto header space + body.
-            let body_len = len - crypt_hdr;
-            let total = if trailer == 0 {
-                match crypto.seal(&mut buf[..len], body_len) {
-                    Ok(t) => {
-                        out_queue.extend_from_slice(&buf[..t]);
-                        t
-                    }
-                    Err(_) => return,
-                }
-            } else {
-                seal_scratch[..len].copy_from_slice(&buf[..len]);
-                match crypto.seal(&mut seal_scratch[..], body_len) {
-                    Ok(t) => {
-                        out_queue.extend_from_slice(&seal_scratch[..t]);
-                        t
-                    }
-                    Err(_) => return,
-                }
-            };
-            out_lens.push(total);
-            stats.datagrams_out += 1;
-            stats.bytes_out += total as u64;
+        // Every datagram of this flush is queued unsealed (crypto header space + body + trailer space),
+        // then all are sealed together: the AES modes encrypt several datagrams side by side.
+        let mut queue_raw = |buf: &[u8], len: usize| {
+            out_queue.extend_from_slice(&buf[..len]);
+            out_queue.resize(out_queue.len() + trailer, 0);
+            out_lens.push(len + trailer);
         };
         let rto = kcp.rto();
         let mut emit = |buf: &mut [u8]| {
@@ -353,20 +332,34 @@ impl Session {
                     let used = enc.encode(buf, kcp_len, now, rto, &mut |p: &mut [u8]| {
                         parity.push((p.to_vec(), p.len()));
                     });
-                    seal_out(crypto, buf, used);
-                    for (mut p, l) in parity {
-                        p.resize(l + trailer, 0);
-                        seal_out(crypto, &mut p, l);
+                    queue_raw(buf, used);
+                    for (p, l) in parity {
+                        queue_raw(&p, l);
                     }
                 }
-                None => seal_out(crypto, buf, len),
+                None => queue_raw(buf, len),
             }
         };
         kcp.update(now, &mut emit);
-        let mut off = 0;
+        if out_lens.is_empty() {
+            return;
+        }
+        let mut slots: Vec<&mut [u8]> = Vec::with_capacity(out_lens.len());
+        let mut rest = &mut out_queue[..];
         for &l in out_lens.iter() {
-            transmit(&out_queue[off..off + l]);
-            off += l;
+            let (slot, tail) = rest.split_at_mut(l);
+            slots.push(slot);
+            rest = tail;
+        }
+        if crypto.seal_batch(&mut slots).is_err() {
+            // Only a slot shorter than the crypto header can fail, which KCP never emits; send nothing
+            // rather than anything unsealed.
+            return;
+        }
+        for slot in slots {
+            stats.datagrams_out += 1;
+            stats.bytes_out += slot.len() as u64;
+            transmit(slot);
         }
     }
 
