@@ -457,3 +457,65 @@ fn tx_methods_all_deliver() {
         }
     }
 }
+
+/// A burst the size of a fast3 KCP window (2,000 MTU-sized frames) arrives while nobody reads: the default
+/// 4 MiB capture buffer must hold all of it. With upstream's snap length of 65536 and GSO on (veth's and
+/// most NICs' default), libpcap's immediate-mode ring has ~64 KiB slots and keeps only ~64 of them.
+#[test]
+fn default_capture_buffer_holds_a_window_burst() {
+    if skip() {
+        return;
+    }
+    const BURST: u32 = 2000;
+    let t = Topo::new("w");
+    t.ns_b
+        .exec(&["ethtool", "-K", &t.veth.b, "gso", "on", "gro", "on"])
+        .expect("turn GSO/GRO on for the receiver");
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let iface_b = t.veth.b.clone();
+    let rx = t.ns_b.spawn(move || {
+        let cfg = PcapConfig::new(iface_b, PORT);
+        assert_eq!(cfg.sockbuf, 4 * 1024 * 1024, "upstream's client default");
+        let mut io = PcapIo::open(cfg).unwrap_or_else(|e| panic!("open receiver: {e}"));
+        ready_tx.send(()).expect("signal ready");
+        // Not reading until the whole burst has been sent.
+        go_rx.recv().expect("burst sent");
+        std::thread::sleep(Duration::from_millis(200));
+        let mut frames = 0u64;
+        let limit = Instant::now() + Duration::from_secs(20);
+        while frames < u64::from(BURST) && Instant::now() < limit {
+            io.recv_batch(Duration::from_millis(100), &mut |_f: &[u8]| frames += 1)
+                .expect("capture read");
+        }
+        (frames, io.stats().kernel_drops)
+    });
+    ready_rx.recv().expect("receiver ready");
+    let mac = |ns: &Netns, dev: &str| -> [u8; 6] {
+        let j = ns.exec(&["ip", "-j", "link", "show", dev]).unwrap();
+        let s = json_strings(&j, "address")[0].clone();
+        let v: Vec<u8> = s.split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+        v.try_into().unwrap()
+    };
+    let (mac_a, mac_b) = (mac(&t.ns_a, &t.veth.a), mac(&t.ns_b, &t.veth.b));
+    {
+        let _in_a = t.ns_a.enter().expect("enter netns A");
+        let mut tx = PcapIo::open(PcapConfig::new(t.veth.a.as_str(), 40001)).unwrap();
+        let payload = vec![0x3cu8; 1500 - 40];
+        for _ in 0..BURST {
+            tx.send_with(1514, &mut |buf: &mut [u8]| {
+                build_frame(buf, mac_a, mac_b, t.ip_a, t.ip_b, 40001, PORT, &payload)
+            })
+            .unwrap();
+        }
+        tx.flush().unwrap();
+        assert_eq!(tx.stats().tx_errors, 0);
+    }
+    go_tx.send(()).unwrap();
+    let (frames, drops) = rx.join().expect("receiver thread").expect("receiver netns");
+    assert_eq!(
+        (frames, drops),
+        (u64::from(BURST), 0),
+        "frames received / dropped by the kernel from a {BURST}-frame burst into the default buffer"
+    );
+}
