@@ -730,6 +730,7 @@ pub fn run(opts: &Opts) -> Result<String> {
     let mut mode_rows: Vec<(String, Option<(Bulk, Bulk)>)> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     let mut fronts: Vec<String> = Vec::new();
+    let mut loss_notes: Vec<String> = Vec::new();
 
     for (mi, mode) in opts.modes.iter().enumerate() {
         for k in CONFIGS {
@@ -771,6 +772,22 @@ pub fn run(opts: &Opts) -> Result<String> {
                     }
                 }
             }
+            // What the transfer cost in losses: capture drops and KCP retransmissions of both daemons.
+            let (mc, ms) = (scrape(&topo.ns_c), scrape(&topo.ns_s));
+            let count = |t: &Option<String>, name: &str, label: &str| {
+                t.as_deref().and_then(|t| metric(t, name, label)).map_or("n/a".to_string(), |v| format!("{v:.0}"))
+            };
+            loss_notes.push(format!(
+                "| {label} | {} | {} | {} / {} / {} | {} / {} / {} |",
+                count(&mc, "paqet_pcap_kernel_drops_total", "ps_drop"),
+                count(&ms, "paqet_pcap_kernel_drops_total", "ps_drop"),
+                count(&ms, "paqet_kcp_retransmissions_total", "timeout"),
+                count(&ms, "paqet_kcp_retransmissions_total", "fast"),
+                count(&ms, "paqet_kcp_retransmissions_total", "early"),
+                count(&mc, "paqet_kcp_retransmissions_total", "timeout"),
+                count(&mc, "paqet_kcp_retransmissions_total", "fast"),
+                count(&mc, "paqet_kcp_retransmissions_total", "early"),
+            ));
             // Direct TCP again at the same moment, so the two latencies share the machine's current noise.
             let direct_now = latency(&topo, Front::Direct, opts.latency_n).ok();
             let tunnel_lat = latency(&topo, pair.front, opts.latency_n);
@@ -845,6 +862,17 @@ pub fn run(opts: &Opts) -> Result<String> {
                 5.0
             };
             md.push_str(&format!("- {l}: {pct:.2} % of plain TCP, target ≥ {target} %: {}\n", if pct >= target { "met" } else { "NOT met" }));
+        }
+    }
+
+    if !loss_notes.is_empty() {
+        md.push_str(
+            "\nLosses behind the bulk figures (counters since the daemons started, read right after each bulk run):\n\n\
+             | path | client pcap ps_drop | server pcap ps_drop | server KCP retransmissions timeout / fast / early | client KCP retransmissions timeout / fast / early |\n|---|---|---|---|---|\n",
+        );
+        for l in &loss_notes {
+            md.push_str(l);
+            md.push('\n');
         }
     }
 
