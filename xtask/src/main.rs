@@ -18,7 +18,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str = "usage: cargo xtask bench [micro|tunnel|all] [--modes pcap,xdp-native,xdp-generic] [--secs N]
-                        [--streams 1000,10000] [--requests N] [--flood-secs N] [--guard] [--bin PATH]
+                        [--streams 1000,10000] [--requests N] [--flood-secs N] [--guard] [--share-cpus] [--bin PATH]
                         [-- CRITERION ARGS]
        cargo xtask bench-report";
 
@@ -60,6 +60,7 @@ fn bench(args: &[String]) -> Result<()> {
         latency_n: 200,
         flood_secs: 5,
         guard: false,
+        share_cpus: false,
     };
     let mut criterion = Vec::new();
     let mut it = args.iter();
@@ -80,6 +81,7 @@ fn bench(args: &[String]) -> Result<()> {
             "--requests" => opts.latency_n = val("--requests")?.parse().context("--requests")?,
             "--flood-secs" => opts.flood_secs = val("--flood-secs")?.parse().context("--flood-secs")?,
             "--guard" => opts.guard = true,
+            "--share-cpus" => opts.share_cpus = true,
             "--bin" => opts.bin = val("--bin")?,
             "--" => criterion.extend(it.by_ref().cloned()),
             other => bail!("unknown argument {other:?}\n{USAGE}"),

@@ -211,14 +211,22 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `bin run -c CONFIG --mode MODE` inside `ns`, logging to `dir/NAME.log`.
-    pub fn spawn(ns: &Netns, bin: &str, dir: &std::path::Path, name: &str, config: &str, mode: &str) -> Result<Self> {
+    /// Starts `bin run -c CONFIG --mode MODE` inside `ns` (on CPU `cpu` only, through `taskset`, when
+    /// given), logging to `dir/NAME.log`.
+    pub fn spawn(ns: &Netns, bin: &str, dir: &std::path::Path, name: &str, config: &str, mode: &str, cpu: Option<usize>) -> Result<Self> {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, config).with_context(|| format!("writing {}", cfg.display()))?;
         let log = dir.join(format!("{name}.log"));
         let logf = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = ns
-            .command(bin)
+        let mut cmd = match cpu {
+            Some(c) => {
+                let mut cmd = ns.command("taskset");
+                cmd.args(["-c", &c.to_string(), bin]);
+                cmd
+            }
+            None => ns.command(bin),
+        };
+        let child = cmd
             .args(["run", "-c", cfg.to_str().context("config path")?, "--mode", mode])
             .stdout(Stdio::null())
             .stderr(logf)
@@ -277,5 +285,17 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The CPUs this process may run on (its affinity mask), ascending.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most size_of::<cpu_set_t>() bytes.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
     }
 }

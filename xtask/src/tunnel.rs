@@ -50,6 +50,8 @@ pub struct Opts {
     pub latency_n: usize,
     pub flood_secs: u64,
     pub guard: bool,
+    /// Let both daemons float over all CPUs instead of one core each.
+    pub share_cpus: bool,
 }
 
 /// A tunnel configuration under test.
@@ -528,6 +530,20 @@ fn metric(text: &str, name: &str, label: &str) -> Option<f64> {
     found
 }
 
+/// The cores the server and the client daemon run on: the first and the last CPU this process may use,
+/// as two hosts would give each daemon its own (XDP workers pin themselves inside their process's CPU
+/// set). `None` with `--share-cpus` or on a one-CPU machine.
+fn daemon_cpus(opts: &Opts) -> Option<(usize, usize)> {
+    if opts.share_cpus {
+        return None;
+    }
+    let cpus = sys::allowed_cpus();
+    match (cpus.first(), cpus.last()) {
+        (Some(&a), Some(&b)) if a != b => Some((a, b)),
+        _ => None,
+    }
+}
+
 /// Running daemons of one (mode, config) pair.
 struct Pair {
     client: Daemon,
@@ -538,8 +554,9 @@ struct Pair {
 impl Pair {
     fn start(topo: &Topo, opts: &Opts, dir: &TempDir, mode: &str, k: Kcp) -> Result<Self> {
         let tag = format!("{mode}-{}", k.mode);
+        let cpus = daemon_cpus(opts);
         let mut server =
-            Daemon::spawn(&topo.ns_s, &opts.bin, &dir.0, &format!("server-{tag}"), &server_config(&topo.veth.b, topo.ip_s, k, opts.guard), mode)?;
+            Daemon::spawn(&topo.ns_s, &opts.bin, &dir.0, &format!("server-{tag}"), &server_config(&topo.veth.b, topo.ip_s, k, opts.guard), mode, cpus.map(|c| c.0))?;
         let mut client = Daemon::spawn(
             &topo.ns_c,
             &opts.bin,
@@ -547,6 +564,7 @@ impl Pair {
             &format!("client-{tag}"),
             &client_config(&topo.veth.a, topo.ip_c, topo.ip_s, k, opts.guard),
             mode,
+            cpus.map(|c| c.1),
         )?;
         // Ready when a request makes it through the forward.
         let ip_s = topo.ip_s;
@@ -706,9 +724,16 @@ pub fn run(opts: &Opts) -> Result<String> {
     md.push_str(&format!(
         "## Tunnel benches\n\nOne veth pair between two namespaces; bulk = one TCP stream downloading from the server side for {} s \
          (after 1 s warm-up); cipher aes; guard {}; RLIMIT_NOFILE {nofile}. CPU % is utime+stime of each daemon process \
-         (for plain TCP: the reading and writing threads); CPU/MB counts both sides.\n\n",
+         (for plain TCP: the reading and writing threads); CPU/MB counts both sides. Daemons: {}.\n\n",
         opts.secs,
-        if opts.guard { "on" } else { "off (upstream's exact wire)" }
+        if opts.guard { "on" } else { "off (upstream's exact wire)" },
+        match daemon_cpus(opts) {
+            Some((s, c)) => format!(
+                "server on CPU {s}, client on CPU {c} (`taskset`, as two hosts would give each its own core; the traffic \
+                 endpoints float)"
+            ),
+            None => "sharing all CPUs with the traffic endpoints (`--share-cpus` or one CPU)".to_string(),
+        }
     ));
 
     // Plain TCP: with TX offloads on (the kernel default) and off (the setting the tunnel runs with).

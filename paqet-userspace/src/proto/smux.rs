@@ -34,7 +34,10 @@
 //! accepted whole is exactly one frame, so datagram boundaries survive. [`Smux::poll_transmit`] emits
 //! control frames (SYN, UPD, NOP) first, then serves streams round-robin one frame at a time.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+/// Stream table (looked up per frame): foldhash, randomly seeded per process.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use thiserror::Error;
 
@@ -348,7 +351,7 @@ impl Smux {
                 Role::Client => 1,
                 Role::Server => 0,
             },
-            streams: HashMap::new(),
+            streams: HashMap::default(),
             open_count: 0,
             go_away: false,
             bucket: cfg.max_receive_buffer as i64,
@@ -477,7 +480,7 @@ impl Smux {
                 match self.streams.get_mut(&sid) {
                     Some(s) if !s.closing => {
                         let was_empty = s.recv.is_empty();
-                        s.recv.extend(data.iter().copied());
+                        s.recv.extend(data); // `&[u8]` takes std's memcpy path (`.copied()` went byte by byte)
                         s.recv_frames.push_back(data.len() as u32);
                         self.bucket -= data.len() as i64;
                         self.stats.bytes_in += data.len() as u64;
@@ -545,7 +548,7 @@ impl Smux {
     fn enqueue(&mut self, sid: u32, data: &[u8]) {
         let max = self.cfg.max_frame_size;
         let Some(s) = self.streams.get_mut(&sid) else { return };
-        s.send.extend(data.iter().copied());
+        s.send.extend(data);
         for chunk in data.chunks(max) {
             s.send_frames.push_back(chunk.len() as u32);
         }

@@ -753,7 +753,10 @@ impl Crypto {
                         min: CFB_HEADER_LEN,
                     });
                 }
-                engine.cfb_family(pkt, true);
+                match &self.fast {
+                    Some(fast) => fast.cfb_decrypt(&CFB_IV, pkt),
+                    None => engine.cfb_family(pkt, true),
+                }
                 let stored = u32::from_le_bytes([pkt[16], pkt[17], pkt[18], pkt[19]]);
                 let computed = crc32fast::hash(&pkt[CFB_HEADER_LEN..]);
                 if stored != computed {

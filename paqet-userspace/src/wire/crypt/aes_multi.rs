@@ -55,6 +55,16 @@ impl AesMulti {
         }
     }
 
+    /// CFB-decrypts one datagram in place from `iv`. Every keystream block depends only on ciphertext, so
+    /// the blocks of one datagram go through the AES unit [`LANES`] at a time.
+    pub fn cfb_decrypt(&self, iv: &Iv, pkt: &mut [u8]) {
+        // SAFETY: `self` exists only if `available()` was true.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            cfb_decrypt_one(self, iv, pkt)
+        }
+    }
+
     #[cfg(test)]
     /// One block (tests and the key-schedule check): CFB of 16 zero bytes from IV = block is E(block).
     pub fn encrypt_block(&self, block: &mut [u8; 16]) {
@@ -173,6 +183,50 @@ unsafe fn cfb_encrypt_group(key: &AesMulti, iv: &Iv, group: &mut [&mut [u8]]) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "aes,sse2")]
+unsafe fn cfb_decrypt_one(key: &AesMulti, iv: &Iv, pkt: &mut [u8]) {
+    let mut rk = [_mm_setzero_si128(); 15];
+    for (d, s) in rk.iter_mut().zip(&key.rk).take(key.rounds + 1) {
+        *d = _mm_loadu_si128(s.as_ptr().cast());
+    }
+    let mut prev = _mm_loadu_si128(iv.as_ptr().cast());
+    let full = pkt.len() / 16;
+    let base = pkt.as_mut_ptr().cast::<__m128i>();
+    let mut i = 0;
+    while i < full {
+        let k = LANES.min(full - i);
+        // Keystream inputs: the previous ciphertext block of each block in this group. (Plain index
+        // loops: an iterator chain here was not inlined into this target-feature function.)
+        let mut ks = [prev; LANES];
+        let mut j = 1;
+        while j < k {
+            // SAFETY: block i + j - 1 < full.
+            ks[j] = _mm_loadu_si128(base.add(i + j - 1));
+            j += 1;
+        }
+        prev = _mm_loadu_si128(base.add(i + k - 1));
+        encrypt_lanes(&rk, key.rounds, &mut ks);
+        let mut j = 0;
+        while j < k {
+            let p = base.add(i + j);
+            _mm_storeu_si128(p, _mm_xor_si128(_mm_loadu_si128(p), ks[j]));
+            j += 1;
+        }
+        i += k;
+    }
+    let tail = &mut pkt[full * 16..];
+    if !tail.is_empty() {
+        let mut ks = [prev; LANES];
+        encrypt_lanes(&rk, key.rounds, &mut ks);
+        let mut b = [0u8; 16];
+        _mm_storeu_si128(b.as_mut_ptr().cast(), ks[0]);
+        for (d, k) in tail.iter_mut().zip(b) {
+            *d ^= k;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,9 +300,14 @@ mod tests {
                 for p in &mut want {
                     reference_cfb(&key, &iv, p);
                 }
+                let plain = pkts.clone();
                 let mut views: Vec<&mut [u8]> = pkts.iter_mut().map(|p| &mut p[..]).collect();
                 k.cfb_encrypt(&iv, &mut views);
                 assert_eq!(pkts, want, "AES-{} with {count} datagrams", len * 8);
+                for (p, orig) in pkts.iter_mut().zip(&plain) {
+                    k.cfb_decrypt(&iv, p);
+                    assert_eq!(p, orig, "AES-{} decrypt of {} bytes", len * 8, orig.len());
+                }
             }
         }
     }
