@@ -342,7 +342,18 @@ pprof = "127.0.0.1:{pprof}"
                     _ => Err(std::io::Error::other(format!("no live session in /metrics yet:\n{body}"))),
                 }
             })?;
-            let ready = http_get(metrics, "/readyz")?.0;
+            // Readiness is read from the workers' published snapshots too: on a loaded machine the first
+            // answer may predate the snapshot above, so wait (bounded) for 200 and keep the last answer.
+            let mut ready = 0;
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while ready != 200 && std::time::Instant::now() < until {
+                let (st, body) = http_get(metrics, "/readyz")?;
+                ready = st;
+                if st != 200 {
+                    eprintln!("/readyz: {st} {body}");
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
             let pprof_metrics = http_get("127.0.0.1:19102".parse().unwrap(), "/metrics")?.0;
             Ok((a, b, m, ready, pprof_metrics))
         })

@@ -47,12 +47,15 @@ pub struct AfXdpConfig {
 }
 
 impl AfXdpConfig {
-    /// Defaults: 4096-byte frames × 8192, copy mode, batches of 64 RX / 32 TX frames.
+    /// Defaults: 2048-byte frames × 8192 (a 16 MiB UMEM), copy mode, batches of 64 RX / 32 TX frames.
+    /// 2048 bytes hold every tunnel frame (`transport.kcp.mtu` ≤ 1500 plus Ethernet, IPv6 and TCP with
+    /// options, ≤ 1590 bytes); only steered (tunnel) frames ever reach the UMEM. 4096-byte frames doubled
+    /// the daemon's RSS (measured 58–63 MiB with 10 idle streams) for nothing.
     pub fn new(iface: impl Into<String>, queue: u32) -> Self {
         AfXdpConfig {
             iface: iface.into(),
             queue,
-            frame_size: 4096,
+            frame_size: 2048,
             frame_count: 8192,
             zero_copy: false,
             rx_batch: 64,
