@@ -48,20 +48,11 @@ impl TcpForward {
         let local = self.listener.local_addr().ok();
         info!(listen = ?local, target = %format!("{}:{}", self.host, self.port), "tcp forward ready");
         let host = Rc::new(self.host);
-        loop {
-            let (conn, from) = match self.listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "tcp forward: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = conn.set_nodelay(true);
+        let port = self.port;
+        super::accept_loop(&self.listener, "tcp forward", |conn, from| {
             let tunnel = tunnel.clone();
             let host = host.clone();
-            let port = self.port;
-            tokio::task::spawn_local(async move {
+            async move {
                 match tunnel.open_tcp(&host, port).await {
                     Ok(stream) => {
                         debug!(%from, sid = stream.sid(), "tcp forward: stream opened");
@@ -69,8 +60,9 @@ impl TcpForward {
                     }
                     Err(e) => warn!(%from, error = %e, "tcp forward: cannot open a tunnel stream"),
                 }
-            });
-        }
+            }
+        })
+        .await
     }
 }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::dial::{relay, target_text, Dialer};
 
@@ -336,24 +336,16 @@ async fn linger(conn: &mut TcpStream) {
 pub async fn serve<D: Dialer + 'static>(listener: TcpListener, cfg: HttpConfig, dialer: Rc<D>) {
     let cfg = Rc::new(cfg);
     info!(listen = ?listener.local_addr().ok(), auth = cfg.auth_required(), "http proxy ready");
-    loop {
-        let (conn, from) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "http proxy: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = conn.set_nodelay(true);
+    super::accept_loop(&listener, "http proxy", |conn, from| {
         let cfg = cfg.clone();
         let dialer = dialer.clone();
-        tokio::task::spawn_local(async move {
+        async move {
             if let Err(e) = handle_conn(conn, &cfg, &*dialer).await {
                 debug!(%from, error = %e, "http proxy connection ended");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// Serves one proxy connection; error replies (400/407/408/431/502) are written before returning the error.

@@ -7,6 +7,34 @@
 pub mod forward;
 pub mod socks5; pub mod http; pub mod dial;
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+
+/// Accepts connections on `listener` until the task is dropped: sets `TCP_NODELAY` on each and runs
+/// `serve(conn, from)` on a local task of its own. Accept errors (e.g. out of descriptors) are logged under
+/// `what` and retried after 50 ms, so one bad moment never ends the listener.
+pub(crate) async fn accept_loop<F, Fut>(listener: &TcpListener, what: &'static str, mut serve: F)
+where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((conn, from)) => {
+                let _ = conn.set_nodelay(true);
+                tokio::task::spawn_local(serve(conn, from));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "{what}: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Splits `host:port` (`[v6]:port` accepted) into the host string carried in the paqet header (IPv6 without
 /// brackets, spec §3.7) and the port.
 pub fn split_target(target: &str) -> Result<(String, u16), String> {

@@ -341,24 +341,16 @@ pub fn parse_udp_header(p: &[u8]) -> Result<UdpHeader, Socks5Error> {
 pub async fn serve<D: Dialer + 'static>(listener: TcpListener, cfg: Socks5Config, dialer: Rc<D>) {
     let cfg = Rc::new(cfg);
     info!(listen = ?listener.local_addr().ok(), auth = cfg.method() == METHOD_USERPASS, "socks5 ready");
-    loop {
-        let (conn, from) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "socks5: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = conn.set_nodelay(true);
+    super::accept_loop(&listener, "socks5", |conn, from| {
         let cfg = cfg.clone();
         let dialer = dialer.clone();
-        tokio::task::spawn_local(async move {
+        async move {
             if let Err(e) = handle_conn(conn, &cfg, dialer).await {
                 debug!(%from, error = %e, "socks5 connection ended");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// Serves one SOCKS5 connection: negotiation, request, then CONNECT relay or UDP association.

@@ -425,8 +425,8 @@ impl Steering {
         self.armed
     }
 
-    /// Puts the AF_XDP socket `fd` bound to RX queue `queue` into the XSKMAP.
-    pub fn register_socket(&mut self, queue: u32, fd: &impl AsRawFd) -> Result<(), SteerError> {
+    /// The XSKMAP, for queue `queue` (checked against [`MAX_QUEUES`]).
+    fn xsk_map(&mut self, queue: u32) -> Result<XskMap<&mut aya::maps::MapData>, SteerError> {
         if queue >= MAX_QUEUES {
             return Err(SteerError::QueueOutOfRange { queue });
         }
@@ -434,12 +434,17 @@ impl Steering {
             kind: "map",
             name: MAP_XSKS,
         })?;
-        let mut xsks = XskMap::try_from(map).map_err(|source| SteerError::Map {
+        XskMap::try_from(map).map_err(|source| SteerError::Map {
             map: MAP_XSKS,
             op: "open",
             source,
-        })?;
-        xsks.set(queue, fd.as_raw_fd(), 0)
+        })
+    }
+
+    /// Puts the AF_XDP socket `fd` bound to RX queue `queue` into the XSKMAP.
+    pub fn register_socket(&mut self, queue: u32, fd: &impl AsRawFd) -> Result<(), SteerError> {
+        self.xsk_map(queue)?
+            .set(queue, fd.as_raw_fd(), 0)
             .map_err(|source| SteerError::Map {
                 map: MAP_XSKS,
                 op: "set",
@@ -449,19 +454,7 @@ impl Steering {
 
     /// Removes the socket of RX queue `queue` from the XSKMAP (its frames then pass to the kernel).
     pub fn unregister_socket(&mut self, queue: u32) -> Result<(), SteerError> {
-        if queue >= MAX_QUEUES {
-            return Err(SteerError::QueueOutOfRange { queue });
-        }
-        let map = self.ebpf.map_mut(MAP_XSKS).ok_or(SteerError::Missing {
-            kind: "map",
-            name: MAP_XSKS,
-        })?;
-        let mut xsks = XskMap::try_from(map).map_err(|source| SteerError::Map {
-            map: MAP_XSKS,
-            op: "open",
-            source,
-        })?;
-        xsks.unset(queue).map_err(|source| SteerError::Map {
+        self.xsk_map(queue)?.unset(queue).map_err(|source| SteerError::Map {
             map: MAP_XSKS,
             op: "unset",
             source,
