@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use super::raw::*;
 use super::schema::{info, Issues, Mode};
-use super::types::{BLOCK_MODES, TCP_FLAG_LETTERS};
+use super::types::{CpuPin, BLOCK_MODES, TCP_FLAG_LETTERS};
 use super::{
     Config, FamilyConfig, ForwardProtocol, ForwardRule, HostPort, HttpListener, IoBackend,
     IoConfig, KcpConfig, KcpMode, Limit, LogLevel, MacAddr, NetworkConfig, Role, Socks5Listener,
@@ -683,6 +683,7 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
     let backend = enumv(is, "io.backend", io.backend.as_ref(), Some(IoBackend::Auto))
         .unwrap_or(IoBackend::Auto);
     let workers = int(is, "io.workers", io.workers, 0, 0, 256);
+    let cpus = enumv(is, "io.cpus", io.cpus.as_ref(), Some(CpuPin::Auto)).unwrap_or_default();
 
     let role = role?;
     Some(Config {
@@ -738,6 +739,7 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
         io: IoConfig {
             backend,
             workers: workers as u32,
+            cpus,
         },
     })
 }
@@ -832,6 +834,7 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
         io: Some(RawIo {
             backend: Some(c.io.backend.to_string()),
             workers: Some(i64::from(c.io.workers)),
+            cpus: Some(c.io.cpus.to_string()),
         }),
         socks5: c
             .socks5

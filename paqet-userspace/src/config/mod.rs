@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use schema::{key_info, schema, KeyInfo, KeyType, Scope};
 pub use types::{
-    ForwardProtocol, HostPort, IoBackend, KcpMode, LogLevel, MacAddr, Role, BLOCK_MODES,
+    CpuPin, ForwardProtocol, HostPort, IoBackend, KcpMode, LogLevel, MacAddr, Role, BLOCK_MODES,
     TCP_FLAG_LETTERS,
 };
 
@@ -262,6 +262,8 @@ pub struct IoConfig {
     pub backend: IoBackend,
     /// Worker threads (0 = automatic).
     pub workers: u32,
+    /// Where XDP workers pin themselves (`io.cpus`).
+    pub cpus: CpuPin,
 }
 
 /// A validated configuration with every default applied.

@@ -226,4 +226,6 @@ pub struct RawIo {
     pub backend: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<String>,
 }

@@ -194,6 +194,8 @@ static SCHEMA: &[KeyInfo] = &[
       "Packet I/O backend; `auto` prefers AF_XDP and falls back to pcap."),
     k("io.workers", Int, "integer", "0", "0 (one per RX queue, capped by CPU cores) or 1..=256", Any, false,
       "Number of packet worker threads."),
+    k("io.cpus", Str, "string", "auto", "auto, none, or a CPU list such as \"0-3,6\" (CPUs 0..=1023)", Any, false,
+      "CPUs the XDP workers pin to: worker i on the i-th CPU (wrapping). auto = the process's CPU affinity mask (taskset, systemd CPUAffinity=, a cpuset); none = no pinning."),
 ];
 
 /// Every leaf key the configuration knows, in documentation order.

@@ -347,7 +347,8 @@ fn defaults_per_role_are_upstreams() {
         c.io,
         IoConfig {
             backend: IoBackend::Auto,
-            workers: 0
+            workers: 0,
+            cpus: CpuPin::Auto,
         }
     );
     assert_eq!(c.metrics_listen, None);
@@ -649,7 +650,8 @@ fn debug_and_metrics_addresses() {
         c.io,
         IoConfig {
             backend: IoBackend::Pcap,
-            workers: 2
+            workers: 2,
+            cpus: CpuPin::Auto,
         }
     );
     assert_eq!(&toml_ok(&c.to_toml_string()).config, &c);

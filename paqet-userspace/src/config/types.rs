@@ -205,6 +205,72 @@ str_enum!(
     }
 );
 
+/// `io.cpus`: where the XDP workers pin themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CpuPin {
+    /// Worker *i* on the *i*-th CPU of the process's affinity mask (wrapping).
+    #[default]
+    Auto,
+    /// No pinning: the scheduler places the workers.
+    None,
+    /// Worker *i* on the *i*-th CPU of this list (wrapping), in the order given.
+    Cpus(Vec<u32>),
+}
+
+/// Highest CPU number `io.cpus` accepts (the kernel's default `CONFIG_NR_CPUS` ceiling for `cpu_set_t`).
+pub const MAX_CPU: u32 = 1023;
+
+impl FromStr for CpuPin {
+    type Err = String;
+    /// `auto`, `none`, or a Linux CPU list: comma-separated CPUs and inclusive ranges (`0-3,6`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: String| format!("{why}; must be auto, none or a CPU list such as \"0-3,6\" (CPUs 0..={MAX_CPU})");
+        match s.trim() {
+            "auto" => return Ok(CpuPin::Auto),
+            "none" => return Ok(CpuPin::None),
+            "" => return Err(bad("empty".into())),
+            _ => {}
+        }
+        let cpu = |t: &str| -> Result<u32, String> {
+            t.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|&c| c <= MAX_CPU)
+                .ok_or_else(|| bad(format!("{t:?} is not a CPU number")))
+        };
+        let mut out: Vec<u32> = Vec::new();
+        for part in s.split(',') {
+            let (a, b) = match part.split_once('-') {
+                Some((a, b)) => (cpu(a)?, cpu(b)?),
+                None => (cpu(part)?, cpu(part)?),
+            };
+            if a > b {
+                return Err(bad(format!("range {part:?} runs backwards")));
+            }
+            for c in a..=b {
+                if out.contains(&c) {
+                    return Err(bad(format!("CPU {c} is listed twice")));
+                }
+                out.push(c);
+            }
+        }
+        Ok(CpuPin::Cpus(out))
+    }
+}
+
+impl fmt::Display for CpuPin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CpuPin::Auto => f.write_str("auto"),
+            CpuPin::None => f.write_str("none"),
+            CpuPin::Cpus(v) => {
+                let parts: Vec<String> = v.iter().map(u32::to_string).collect();
+                f.write_str(&parts.join(","))
+            }
+        }
+    }
+}
+
 /// The block ciphers kcp-go knows (`transport.kcp.block`); the crypt module parses the string.
 pub const BLOCK_MODES: &[&str] = &[
     "aes",
@@ -273,5 +339,56 @@ mod tests {
         ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod cpu_pin_tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn cpu_lists_parse_like_taskset() {
+        assert_eq!("auto".parse::<CpuPin>().unwrap(), CpuPin::Auto);
+        assert_eq!("none".parse::<CpuPin>().unwrap(), CpuPin::None);
+        assert_eq!("3".parse::<CpuPin>().unwrap(), CpuPin::Cpus(vec![3]));
+        assert_eq!("0-3,6".parse::<CpuPin>().unwrap(), CpuPin::Cpus(vec![0, 1, 2, 3, 6]));
+        assert_eq!("6, 2-3".parse::<CpuPin>().unwrap(), CpuPin::Cpus(vec![6, 2, 3]));
+        assert_eq!(CpuPin::Cpus(vec![0, 1, 2, 3, 6]).to_string(), "0,1,2,3,6");
+    }
+
+    #[test]
+    fn bad_cpu_lists_say_what_is_wrong() {
+        for (text, why) in [
+            ("", "empty"),
+            ("x", "\"x\" is not a CPU number"),
+            ("3-1", "range \"3-1\" runs backwards"),
+            ("1,1", "CPU 1 is listed twice"),
+            ("1024", "\"1024\" is not a CPU number"),
+            ("0-", "\"\" is not a CPU number"),
+        ] {
+            let e = text.parse::<CpuPin>().unwrap_err();
+            assert!(e.starts_with(why) && e.contains("CPUs 0..=1023"), "{text:?}: {e}");
+        }
+    }
+
+    fn server(io: &str) -> String {
+        format!(
+            "role = \"server\"\n[listen]\naddr = \":9999\"\n[network]\ninterface = \"eth0\"\n[network.ipv4]\n\
+             addr = \"10.0.0.2:9999\"\nrouter_mac = \"02:00:00:00:00:01\"\n[transport]\nprotocol = \"kcp\"\n\
+             [transport.kcp]\nkey = \"k\"\n[io]\n{io}\n"
+        )
+    }
+
+    #[test]
+    fn io_cpus_key_defaults_validates_and_round_trips() {
+        let d = Config::from_toml_str(&server("")).unwrap().config;
+        assert_eq!(d.io.cpus, CpuPin::Auto);
+        let c = Config::from_toml_str(&server("cpus = \"1-2\"")).unwrap().config;
+        assert_eq!(c.io.cpus, CpuPin::Cpus(vec![1, 2]));
+        let again = Config::from_toml_str(&c.to_toml_string()).unwrap().config;
+        assert_eq!(again.io.cpus, c.io.cpus);
+        let e = Config::from_toml_str(&server("cpus = \"2-1\"")).unwrap_err().to_string();
+        assert!(e.contains("io.cpus = \"2-1\": range \"2-1\" runs backwards"), "{e}");
     }
 }

@@ -44,7 +44,7 @@ use super::core::{drive, unix_now, Core, Shared};
 use super::guard::Guard;
 use super::setup::worker_config;
 use super::{Tunnel, WorkerConfig};
-use crate::config::{Config, ForwardProtocol};
+use crate::config::{Config, CpuPin, ForwardProtocol};
 use crate::io::afxdp::{AfXdpConfig, AfXdpIo};
 use crate::io::steer::{guard_prefixes, SharedPorts, Steering, XdpAttach, XdpMode, COUNTERS};
 use crate::io::PacketIo;
@@ -449,6 +449,24 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// The CPUs the workers pin to, worker *i* on entry `i % len` (`io.cpus`); empty = no pinning. A listed
+/// CPU outside the process's affinity mask is an error naming the key (pinning there would fail).
+pub fn worker_cpus(pin: &CpuPin, allowed: &[usize]) -> anyhow::Result<Vec<usize>> {
+    match pin {
+        CpuPin::Auto => Ok(allowed.to_vec()),
+        CpuPin::None => Ok(Vec::new()),
+        CpuPin::Cpus(list) => {
+            let list: Vec<usize> = list.iter().map(|&c| c as usize).collect();
+            if let Some(c) = list.iter().find(|c| !allowed.contains(c)) {
+                anyhow::bail!(
+                    "io.cpus = \"{pin}\": CPU {c} is not available to this process (its CPU affinity allows {allowed:?})"
+                );
+            }
+            Ok(list)
+        }
+    }
+}
+
 /// Pins the calling thread to `cpu`.
 pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     // SAFETY: as above; `set` is a valid cpu_set_t and pid 0 means the calling thread.
@@ -559,9 +577,9 @@ pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: Xdp
     info!(iface, mode = %attach, port = sc.port, src_port = sc.src_port, "XDP program attached");
 
     let queues = rx_queue_count(iface).with_context(|| format!("RX queues of {iface}"))?;
-    let cpus = allowed_cpus();
-    if queues > cpus.len() {
-        warn!(queues, cpus = cpus.len(), "more RX queues than CPUs: workers share cores (consider ethtool -L)");
+    let cpus = if pin { worker_cpus(&cfg.io.cpus, &allowed_cpus())? } else { Vec::new() };
+    if !cpus.is_empty() && queues > cpus.len() {
+        warn!(queues, cpus = cpus.len(), "more RX queues than CPUs: workers share cores (consider ethtool -L or io.cpus)");
     }
     let mut socks = Vec::with_capacity(queues);
     for q in 0..queues {
@@ -603,7 +621,7 @@ pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: Xdp
         };
         let ctx = WorkerCtx {
             index: i,
-            cpu: pin.then(|| cpus[i % cpus.len()]),
+            cpu: (!cpus.is_empty()).then(|| cpus[i % cpus.len()]),
             wcfg: wcfg.clone(),
             io,
             router,
@@ -947,6 +965,16 @@ mod tests {
         assert_ne!(a, b, "consecutive client ports must land on different workers of 2");
         assert_eq!(a, owner_of(Role::Server, SocketAddr::new(ip, 40000), 1, 2), "dst port is irrelevant");
         assert_eq!(owner_of(Role::Server, SocketAddr::new(ip, 40000), 9999, 1), 0);
+    }
+
+    #[test]
+    fn worker_cpus_follow_io_cpus() {
+        let allowed = [0usize, 1, 2, 3];
+        assert_eq!(worker_cpus(&CpuPin::Auto, &allowed).unwrap(), vec![0, 1, 2, 3]);
+        assert!(worker_cpus(&CpuPin::None, &allowed).unwrap().is_empty());
+        assert_eq!(worker_cpus(&CpuPin::Cpus(vec![3, 1]), &allowed).unwrap(), vec![3, 1]);
+        let e = worker_cpus(&CpuPin::Cpus(vec![1, 7]), &allowed).unwrap_err().to_string();
+        assert_eq!(e, "io.cpus = \"1,7\": CPU 7 is not available to this process (its CPU affinity allows [0, 1, 2, 3])");
     }
 
     #[test]
