@@ -60,6 +60,18 @@ impl Netns {
         c
     }
 
+    /// `program` inside this namespace, restricted to CPU `cpu` (through `taskset`) when given.
+    pub fn command_on(&self, cpu: Option<usize>, program: &str) -> Command {
+        match cpu {
+            Some(c) => {
+                let mut cmd = self.command("taskset");
+                cmd.args(["-c", &c.to_string(), program]);
+                cmd
+            }
+            None => self.command(program),
+        }
+    }
+
     /// Runs `f` on a new thread that stays inside this namespace (threads it spawns inherit it).
     pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> JoinHandle<Result<T>> {
         let path = format!("/run/netns/{}", self.name);
@@ -218,15 +230,8 @@ impl Daemon {
         std::fs::write(&cfg, config).with_context(|| format!("writing {}", cfg.display()))?;
         let log = dir.join(format!("{name}.log"));
         let logf = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = match cpu {
-            Some(c) => {
-                let mut cmd = ns.command("taskset");
-                cmd.args(["-c", &c.to_string(), bin]);
-                cmd
-            }
-            None => ns.command(bin),
-        };
-        let child = cmd
+        let child = ns
+            .command_on(cpu, bin)
             .args(["run", "-c", cfg.to_str().context("config path")?, "--mode", mode])
             .stdout(Stdio::null())
             .stderr(logf)

@@ -31,6 +31,9 @@ const FWD_ECHO: u16 = 18002;
 const FWD_IDLE: u16 = 18003;
 const SOCKS_PORT: u16 = 11080;
 const METRICS_PORT: u16 = 19090;
+/// kcptun reference run: its UDP port on the server side and its local TCP port on the client side.
+const KCPTUN_PORT: u16 = 29900;
+const KCPTUN_LOCAL: u16 = 18010;
 const KEY: &str = "paqet-dp-bench-key";
 const MAC_C: &str = "02:00:00:be:0c:01";
 const MAC_S: &str = "02:00:00:be:0c:02";
@@ -73,6 +76,8 @@ enum Front {
     Direct,
     Forward,
     Socks5,
+    /// kcptun-client's local port (bulk source only).
+    Kcptun,
 }
 
 impl Front {
@@ -81,6 +86,7 @@ impl Front {
             Front::Direct => "direct TCP",
             Front::Forward => "TCP forward",
             Front::Socks5 => "SOCKS5",
+            Front::Kcptun => "kcptun-client",
         }
     }
 }
@@ -355,6 +361,8 @@ fn open(front: Front, ip_s: Ipv4Addr, port: u16) -> Result<TcpStream> {
     let lo = Ipv4Addr::LOCALHOST;
     match front {
         Front::Direct => connect(SocketAddr::new(ip_s.into(), port)),
+        Front::Kcptun if port == SOURCE_PORT => connect(SocketAddr::new(lo.into(), KCPTUN_LOCAL)),
+        Front::Kcptun => bail!("the kcptun reference only carries the bulk source"),
         Front::Forward => {
             let f = match port {
                 SOURCE_PORT => FWD_SOURCE,
@@ -542,6 +550,74 @@ fn daemon_cpus(opts: &Opts) -> Option<(usize, usize)> {
         (Some(&a), Some(&b)) if a != b => Some((a, b)),
         _ => None,
     }
+}
+
+/// A child process killed (and reaped) when dropped.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The Go reference: Debian's kcptun (kcp-go + smux v2 with kcp-go's AES-CFB framing: upstream paqet's
+/// protocol core, carried over UDP instead of pcap) with the same KCP settings, on the same veth and the same
+/// CPU placement, moving the same bulk stream. `None` when kcptun is not installed.
+fn kcptun_bulk(topo: &Topo, opts: &Opts) -> Option<Result<Bulk>> {
+    if std::process::Command::new("kcptun-server").arg("--version").output().is_err() {
+        return None;
+    }
+    Some((|| -> Result<Bulk> {
+        let common = [
+            "--key", KEY, "--crypt", "aes", "--mode", "fast3", "--sndwnd", "2048", "--rcvwnd", "2048", "--nocomp",
+            "--smuxver", "2", "--ds", "0", "--ps", "0", "--keepalive", "10", "--quiet",
+        ];
+        let cpus = daemon_cpus(opts);
+        let listen = format!("{}:{KCPTUN_PORT}", topo.ip_s);
+        let target = format!("127.0.0.1:{SOURCE_PORT}");
+        let server = Proc(
+            topo.ns_s
+                .command_on(cpus.map(|c| c.0), "kcptun-server")
+                .args(common)
+                .args(["--listen", &listen, "--target", &target])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting kcptun-server")?,
+        );
+        let local = format!("127.0.0.1:{KCPTUN_LOCAL}");
+        let client = Proc(
+            topo.ns_c
+                .command_on(cpus.map(|c| c.1), "kcptun-client")
+                .args(common)
+                .args(["--localaddr", &local, "--remoteaddr", &listen])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting kcptun-client")?,
+        );
+        // Ready when a byte of the source arrives through it.
+        let ip_s = topo.ip_s;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let ok = topo.ns_c.run(move || {
+                let mut s = open(Front::Kcptun, ip_s, SOURCE_PORT)?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b)?;
+                Ok(())
+            });
+            if ok.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("no data through kcptun within 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bulk(topo, Front::Kcptun, opts.secs, Some((client.0.id(), server.0.id())))
+    })())
 }
 
 /// Running daemons of one (mode, config) pair.
@@ -757,6 +833,12 @@ pub fn run(opts: &Opts) -> Result<String> {
     let mut fronts: Vec<String> = Vec::new();
     let mut loss_notes: Vec<String> = Vec::new();
 
+    eprintln!("bench: kcptun reference (fast3, 2048-packet windows)");
+    let kcptun = kcptun_bulk(&topo, opts).map(|k| {
+        let p = bulk(&topo, Front::Direct, opts.secs, None);
+        k.and_then(|k| Ok((k, p?)))
+    });
+
     for (mi, mode) in opts.modes.iter().enumerate() {
         for k in CONFIGS {
             let label = format!("{mode} / {}", k.label);
@@ -898,6 +980,42 @@ pub fn run(opts: &Opts) -> Result<String> {
         for l in &loss_notes {
             md.push_str(l);
             md.push('\n');
+        }
+    }
+
+    md.push_str(
+        "\n### Go reference: kcptun (fast3, 2048-packet windows)\n\n\
+         Debian's kcptun is kcp-go + smux v2 with kcp-go's AES-CFB framing, the protocol core upstream paqet is built \
+         on, carried over UDP sockets instead of pcap; same cipher, KCP mode, windows, veth and CPU placement, no FEC, \
+         no compression. Upstream paqet adds its pcap capture and injection on top, so its CPU per MB is at least \
+         this core's. Plain TCP measured right after it.\n\n",
+    );
+    match &kcptun {
+        None => md.push_str("kcptun is not installed (`apt-get install kcptun`): not measured.\n"),
+        Some(Err(e)) => md.push_str(&format!("kcptun run failed: {e:#}\n")),
+        Some(Ok((k, p))) => {
+            md.push_str(
+                "| path | MB/s | plain TCP, MB/s | % of plain TCP | client CPU % | server CPU % | CPU ms per MB |\n|---|---|---|---|---|---|---|\n",
+            );
+            md.push_str(&format!(
+                "| kcptun (kcp-go + smux, UDP) | {:.1} | {:.1} | {:.2} % | {:.0} | {:.0} | {:.2} |\n\n",
+                k.mb_per_s,
+                p.mb_per_s,
+                k.mb_per_s / p.mb_per_s * 100.0,
+                k.cpu_pct.0,
+                k.cpu_pct.1,
+                k.cpu_ms_per_mb
+            ));
+            for (l, b) in bulk_rows.iter().skip(2) {
+                if let Some((b, _)) = b.as_ref().filter(|_| l.contains("fast3")) {
+                    md.push_str(&format!(
+                        "- {l}: {:.2} CPU ms per MB = {:.2}× kcptun's ({})\n",
+                        b.cpu_ms_per_mb,
+                        b.cpu_ms_per_mb / k.cpu_ms_per_mb,
+                        if b.cpu_ms_per_mb < k.cpu_ms_per_mb { "less CPU per MB than upstream's core" } else { "NOT less" }
+                    ));
+                }
+            }
         }
     }
 
