@@ -7,59 +7,10 @@ use std::process::{Command, Output};
 const KEY: &str = "0edb843fa5d512bbb688b437e6035b4965731b527bf229f2eed94185f23a3740";
 
 /// Spec §2.3 (upstream's full client example), verbatim except the key placeholder.
-const SPEC_CLIENT_YAML: &str = r#"
-role: "client"
-log: { level: "info" }
-socks5:
-  - listen: "127.0.0.1:1080"
-    username: ""            # both empty = no auth
-    password: ""
-forward:
-  - { listen: "127.0.0.1:8080", target: "10.0.0.5:80", protocol: "tcp" }
-  - { listen: "127.0.0.1:5353", target: "1.1.1.1:53",  protocol: "udp" }
-network:
-  interface: "eth0"
-  # guid: '\Device\NPF_{...}'          # Windows only (required there)
-  ipv4: { addr: "192.168.1.100:0", router_mac: "aa:bb:cc:dd:ee:ff" }
-  # ipv6: { addr: "[2001:db8::1]:0", router_mac: "aa:bb:cc:dd:ee:ff" }
-  tcp:  { local_flag: ["PA"], remote_flag: ["PA"] }
-  pcap: { sockbuf: 4194304 }
-server: { addr: "203.0.113.10:9999" }
-transport:
-  protocol: "kcp"
-  conn: 1
-  kcp:
-    mode: "fast"       # manual → nodelay/interval/resend/nocongestion/wdelay/acknodelay
-    mtu: 1350
-    rcvwnd: 512
-    sndwnd: 128
-    dshard: 0
-    pshard: 0
-    block: "aes"
-    key: "<output of paqet secret>"
-    smuxbuf: 4194304
-    streambuf: 2097152
-    smuxkalive: 2
-    smuxktimeout: 8
-"#;
+const SPEC_CLIENT_YAML: &str = include_str!("data/spec_client.yaml");
 
 /// Spec §2.4 (upstream's full server example), verbatim except the key placeholder.
-const SPEC_SERVER_YAML: &str = r#"
-role: "server"
-log: { level: "info" }
-listen: { addr: ":9999" }            # cosmetic; port must equal network.ipv4.addr port
-network:
-  interface: "eth0"
-  ipv4: { addr: "203.0.113.10:9999", router_mac: "aa:bb:cc:dd:ee:ff" }
-  # ipv6: { addr: "[2001:db8::10]:9999", router_mac: "..." }   # same port
-  tcp:  { local_flag: ["PA"] }      # used only for clients that sent no PTCPF
-  pcap: { sockbuf: 8388608 }
-transport:
-  protocol: "kcp"
-  kcp: { mode: "fast", mtu: 1350, rcvwnd: 1024, sndwnd: 1024, block: "aes",
-         key: "<same secret>", smuxbuf: 4194304, streambuf: 2097152,
-         smuxkalive: 2, smuxktimeout: 8 }
-"#;
+const SPEC_SERVER_YAML: &str = include_str!("data/spec_server.yaml");
 
 /// A scratch directory unique to this process and test, removed on drop.
 struct TempDir(PathBuf);

@@ -6,112 +6,77 @@
 //! side only. The XDP side never gets any iptables rule. The server namespace runs a TCP echo server on
 //! loopback; the client forwards 127.0.0.1:FWD to it. Every wait is bounded; `Drop` stops daemons and
 //! deletes namespaces. The tests run one at a time (a lock): each one moves 16 MiB each way.
+mod common;
+
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::*;
 use paqet::config::Config;
-use paqet::io::netns::{is_root, Netns, VethPair};
+use paqet::io::netns::Netns;
 use paqet::ops::hub::MetricsHub;
 use paqet::ops::metrics::{DataPathMode, RoleLabel};
 use paqet::worker::xdp::{run_xdp_daemon, XdpOptions, XdpOutcome, XdpStop, XdpWant};
 use paqet_common::XdpCounter;
 use sha2::{Digest, Sha256};
 
-const PORT: u16 = 9999;
-const KEY: &str = "paqet-dp-xdp-test-key";
 const MIB16: usize = 16 << 20;
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("skipped: xdp_daemon needs root (network namespaces, XDP, AF_XDP)");
-        return true;
-    }
-    if !paqet::io::steer::has_xdp_program() {
-        eprintln!("skipped: this build has no XDP program (bpf-linker missing at build time)");
-        return true;
-    }
-    false
-}
-
-/// Two namespaces and a veth pair with fixed MACs and addresses; checksum offload off (spike pitfall 10).
+/// Client (A) and server (B) namespaces joined by a veth pair with `queues` queues ([`Net::direct_queues`],
+/// TX checksum offload off: spike pitfall 10), a TCP echo server on B's loopback, and a temp dir.
 struct Topo {
-    a: Netns,
-    b: Netns,
-    dev_a: String,
-    dev_b: String,
-    ip_a: String,
-    ip_b: String,
-    mac_a: &'static str,
-    mac_b: &'static str,
-    dir: PathBuf,
-    _veth: VethPair,
+    net: Net,
+    echo: SocketAddr,
+    dir: TempDir,
 }
 
 impl Topo {
-    fn new(tag: char, queues: u32) -> Topo {
-        let pid = std::process::id();
-        let k = (pid % 200) as u8 + (tag as u8 % 50);
-        let (ip_a, ip_b) = (format!("10.215.{k}.1"), format!("10.215.{k}.2"));
-        let (mac_a, mac_b) = ("02:00:00:e3:e0:01", "02:00:00:e3:e0:02");
-        let a = Netns::new(&format!("x{tag}a")).expect("netns a");
-        let b = Netns::new(&format!("x{tag}b")).expect("netns b");
-        let (dev_a, dev_b) = (format!("px{pid}{tag}a"), format!("px{pid}{tag}b"));
-        let veth = VethPair::new(&dev_a, &dev_b, &a, &b).expect("veth");
-        a.exec(&["ip", "link", "set", &dev_a, "address", mac_a]).unwrap();
-        b.exec(&["ip", "link", "set", &dev_b, "address", mac_b]).unwrap();
-        if queues > 1 {
-            let q = queues.to_string();
-            for (ns, dev) in [(&a, &dev_a), (&b, &dev_b)] {
-                ns.exec(&["ethtool", "-L", dev, "rx", &q, "tx", &q]).expect("ethtool -L");
-            }
-        }
-        veth.configure(&a, &b, &format!("{ip_a}/24"), &format!("{ip_b}/24"), true).expect("addresses");
-        for (ns, dev) in [(&a, &dev_a), (&b, &dev_b)] {
-            let _ = ns.exec(&["ethtool", "-K", dev, "tx", "off"]);
-        }
-        let dir = std::env::temp_dir().join(format!("paqet-xdp-{pid}-{tag}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Topo { a, b, dev_a, dev_b, ip_a, ip_b, mac_a, mac_b, dir, _veth: veth }
+    fn new(tag: &str, queues: u32) -> Topo {
+        let net = Net::direct_queues(tag, queues);
+        let echo = tcp_echo(net.server());
+        Topo { net, echo, dir: TempDir::new(tag) }
+    }
+
+    /// The client namespace.
+    fn a(&self) -> &Netns {
+        self.net.client()
+    }
+
+    /// The server namespace.
+    fn b(&self) -> &Netns {
+        self.net.server()
     }
 
     fn server_cfg(&self, guard: bool) -> String {
         format!(
             r#"role = "server"
 [listen]
-addr = ":{PORT}"
+addr = ":{TUNNEL_PORT}"
 [network]
 interface = "{dev}"
 [network.ipv4]
-addr = "{ip}:{PORT}"
+addr = "{ip}:{TUNNEL_PORT}"
 router_mac = "{mac}"
 [transport]
 protocol = "kcp"
-[transport.kcp]
-mode = "fast3"
-sndwnd = 1024
-rcvwnd = 1024
-block = "aes"
-key = "{KEY}"
-guard = {guard}
-"#,
-            dev = self.dev_b,
-            ip = self.ip_b,
-            mac = self.mac_a,
+{kcp}"#,
+            dev = self.net.server_if,
+            ip = self.net.server_ip,
+            mac = self.net.server_gw_mac,
+            kcp = kcp_table(guard),
         )
     }
 
-    fn client_cfg(&self, local_port: u16, fwd: u16, echo: SocketAddr, guard: bool) -> String {
+    /// A client on local port `local_port` (0: any) forwarding 127.0.0.1:`fwd` to the echo server.
+    fn client_cfg(&self, local_port: u16, fwd: u16, guard: bool) -> String {
         format!(
             r#"role = "client"
 [server]
-addr = "{ip_b}:{PORT}"
+addr = "{ip_b}:{TUNNEL_PORT}"
 [network]
 interface = "{dev}"
 [network.ipv4]
@@ -120,53 +85,44 @@ router_mac = "{mac}"
 [transport]
 protocol = "kcp"
 conn = 1
-[transport.kcp]
-mode = "fast3"
-sndwnd = 1024
-rcvwnd = 1024
-block = "aes"
-key = "{KEY}"
-guard = {guard}
-[[forward]]
+{kcp}[[forward]]
 listen = "127.0.0.1:{fwd}"
-target = "127.0.0.1:{echo_port}"
+target = "{echo}"
 protocol = "tcp"
 "#,
-            ip_b = self.ip_b,
-            ip_a = self.ip_a,
-            dev = self.dev_a,
-            mac = self.mac_b,
-            echo_port = echo.port(),
+            ip_b = self.net.server_ip,
+            ip_a = self.net.client_ip,
+            dev = self.net.client_if,
+            mac = self.net.client_gw_mac,
+            echo = self.echo,
+            kcp = kcp_table(guard),
         )
     }
 
-    /// A TCP echo server on the server namespace's loopback.
-    fn echo(&self) -> SocketAddr {
-        self.b
-            .spawn(|| {
-                let l = TcpListener::bind("127.0.0.1:0").unwrap();
-                let addr = l.local_addr().unwrap();
-                std::thread::spawn(move || {
-                    for c in l.incoming() {
-                        let Ok(mut c) = c else { return };
-                        std::thread::spawn(move || {
-                            let mut w = c.try_clone().unwrap();
-                            let _ = std::io::copy(&mut c, &mut w);
-                        });
-                    }
-                });
-                addr
-            })
-            .join()
-            .unwrap()
-            .expect("echo server")
+    /// A `paqet-dp run --mode pcap` child on `toml` in the server namespace (`server`) or the client one.
+    /// The iptables rules it needs are the test's to apply ([`Net::apply_firewall`]).
+    fn pcap_daemon(&self, server: bool, name: &str, toml: &str) -> Daemon {
+        let ns = if server { self.b() } else { self.a() };
+        Daemon::spawn(ns, self.dir.path(), name, toml, Mode::Pcap, false)
     }
 }
 
-impl Drop for Topo {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+/// The `[transport.kcp]` table of both sides.
+fn kcp_table(guard: bool) -> String {
+    format!("[transport.kcp]\nmode = \"fast3\"\nsndwnd = 1024\nrcvwnd = 1024\nblock = \"aes\"\nkey = \"{KEY}\"\nguard = {guard}\n")
+}
+
+/// The serial lock and a fresh topology, or `None` (after saying why) when `test` must be skipped.
+fn setup(test: &str, tag: &str, queues: u32) -> Option<(MutexGuard<'static, ()>, Topo)> {
+    if skip(test, &[]) {
+        return None;
     }
+    if !paqet::io::steer::has_xdp_program() {
+        eprintln!("skipped {test}: this build has no XDP program (bpf-linker missing at build time)");
+        return None;
+    }
+    let serial = serial();
+    Some((serial, Topo::new(tag, queues)))
 }
 
 /// An in-process XDP daemon on a thread inside its namespace; stopped (and joined) on drop.
@@ -177,7 +133,8 @@ struct XdpDaemon {
 }
 
 impl XdpDaemon {
-    fn start(ns: &Netns, toml: &str, iface: &str, want: XdpWant) -> XdpDaemon {
+    /// Starts the daemon and waits until its data path is attached ([`wait_attached`](Self::wait_attached)).
+    fn attached(ns: &Netns, toml: &str, iface: &str, want: XdpWant) -> XdpDaemon {
         let cfg = Config::from_toml_str(toml).expect("config").config;
         let role = if toml.starts_with("role = \"server\"") { RoleLabel::Server } else { RoleLabel::Client };
         let hub = MetricsHub::new(role, DataPathMode::Pcap, 1);
@@ -185,7 +142,9 @@ impl XdpDaemon {
         let opts = XdpOptions { want, front: true, pin: false, stop: stop.clone() };
         let (h, iface) = (hub.clone(), iface.to_owned());
         let thread = ns.spawn(move || run_xdp_daemon(&cfg, &iface, h, opts));
-        XdpDaemon { hub, stop, thread: Some(thread) }
+        let mut d = XdpDaemon { hub, stop, thread: Some(thread) };
+        d.wait_attached();
+        d
     }
 
     /// Waits until the data path is attached (the program is armed) or the daemon failed.
@@ -218,166 +177,46 @@ impl Drop for XdpDaemon {
     }
 }
 
-/// A `paqet-dp run --mode pcap` child with its iptables rules; killed on drop.
-struct PcapDaemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl PcapDaemon {
-    fn start(ns: &Netns, topo: &Topo, name: &str, toml: &str, rules: &[String]) -> PcapDaemon {
-        for r in rules {
-            let args: Vec<&str> = r.split_whitespace().collect();
-            ns.exec(&args).unwrap_or_else(|e| panic!("{r}: {e}"));
-        }
-        let cfg = topo.dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, toml).unwrap();
-        let log = topo.dir.join(format!("{name}.log"));
-        let child = ns
-            .command(env!("CARGO_BIN_EXE_paqet-dp"))
-            .args(["run", "-c", cfg.to_str().unwrap(), "--mode", "pcap"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn paqet-dp");
-        PcapDaemon { child, log }
-    }
-}
-
-impl Drop for PcapDaemon {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("---- pcap daemon log ----\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-        }
-    }
-}
-
-fn server_rules(port: u16) -> Vec<String> {
-    vec![
-        format!("iptables -t raw -A PREROUTING -p tcp --dport {port} -j NOTRACK"),
-        format!("iptables -t raw -A OUTPUT -p tcp --sport {port} -j NOTRACK"),
-        format!("iptables -t mangle -A OUTPUT -p tcp --sport {port} --tcp-flags RST RST -j DROP"),
-    ]
-}
-
-fn client_rules(server_ip: &str, port: u16) -> Vec<String> {
-    vec![
-        format!("iptables -t raw -A PREROUTING -p tcp -s {server_ip} --sport {port} -j NOTRACK"),
-        format!("iptables -t raw -A OUTPUT -p tcp -d {server_ip} --dport {port} -j NOTRACK"),
-        format!("iptables -t mangle -A OUTPUT -p tcp -d {server_ip} --dport {port} --tcp-flags RST RST -j DROP"),
-    ]
-}
-
-fn pattern(n: usize, seed: u32) -> Vec<u8> {
-    let mut x: u32 = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
-fn retry<T>(within: Duration, mut f: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
+/// Writes `data` on a new connection to `addr` (connect bound `connect`, 90 s I/O bounds) while reading as many
+/// bytes back; returns what came back.
+fn echo_bytes(addr: SocketAddr, connect: Duration, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = TcpStream::connect_timeout(&addr, connect)?;
+    c.set_read_timeout(Some(Duration::from_secs(90)))?;
+    c.set_write_timeout(Some(Duration::from_secs(90)))?;
+    let mut w = c.try_clone()?;
+    let out = data.to_vec();
+    let writer = std::thread::spawn(move || w.write_all(&out));
+    let mut got = vec![0u8; data.len()];
+    c.read_exact(&mut got)?;
+    writer.join().expect("writer")?;
+    Ok(got)
 }
 
 /// Sends `n` bytes through the forward on 127.0.0.1:`fwd` (in `ns`) and checks the echo byte for byte.
-fn echo_through(ns: &Netns, fwd: u16, n: usize, seed: u32) {
-    let r = ns
-        .spawn(move || -> std::io::Result<(String, String)> {
-            let addr: SocketAddr = format!("127.0.0.1:{fwd}").parse().unwrap();
-            // The first exchange proves the tunnel is up (retried while sessions come up).
-            retry(Duration::from_secs(30), || {
-                let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-                c.set_read_timeout(Some(Duration::from_secs(3)))?;
-                c.write_all(b"ping")?;
-                let mut b = [0u8; 4];
-                c.read_exact(&mut b)?;
-                if &b != b"ping" {
-                    return Err(std::io::Error::other("probe echo differs"));
-                }
-                Ok(())
-            })?;
+fn echo_through(ns: &Netns, fwd: u16, n: usize, seed: u64) {
+    let r = in_ns(ns, move || -> std::io::Result<(String, String)> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], fwd));
+        // The first exchange proves the tunnel is up (retried while sessions come up).
+        retry(Duration::from_secs(30), || {
             let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            c.set_read_timeout(Some(Duration::from_secs(90)))?;
-            c.set_write_timeout(Some(Duration::from_secs(90)))?;
-            let data = pattern(n, seed);
-            let t0 = Instant::now();
-            let mut w = c.try_clone()?;
-            let out = data.clone();
-            let writer = std::thread::spawn(move || w.write_all(&out));
-            let mut got = vec![0u8; n];
-            c.read_exact(&mut got)?;
-            writer.join().expect("writer")?;
-            let secs = t0.elapsed().as_secs_f64();
-            eprintln!("{} MiB each way in {secs:.2} s", n >> 20);
-            Ok((hex::encode(Sha256::digest(&data)), hex::encode(Sha256::digest(&got))))
-        })
-        .join()
-        .expect("client thread")
-        .expect("netns");
+            c.set_read_timeout(Some(Duration::from_secs(3)))?;
+            c.write_all(b"ping")?;
+            let mut b = [0u8; 4];
+            c.read_exact(&mut b)?;
+            if &b != b"ping" {
+                return Err(std::io::Error::other("probe echo differs"));
+            }
+            Ok(())
+        })?;
+        let data = pattern_bytes(seed, n);
+        let t0 = Instant::now();
+        let got = echo_bytes(addr, Duration::from_secs(2), &data)?;
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!("{} MiB each way in {secs:.2} s", n >> 20);
+        Ok((hex::encode(Sha256::digest(&data)), hex::encode(Sha256::digest(&got))))
+    });
     let (sent, got) = r.unwrap_or_else(|e| panic!("transfer through the tunnel failed: {e}"));
     assert_eq!(sent, got, "{n} bytes echoed through the tunnel differ");
-}
-
-/// A `tcpdump` capturing RSTs sent from the tunnel port on `dev` in `ns`.
-struct RstCapture {
-    child: Child,
-    file: PathBuf,
-}
-
-impl RstCapture {
-    fn start(ns: &Netns, dev: &str, file: PathBuf) -> RstCapture {
-        // All packets from the tunnel port; RSTs are counted when reading (a `tcp[tcpflags]` capture filter
-        // matched nothing here even when RSTs were on the wire).
-        let filter = format!("tcp src port {PORT}");
-        let child = ns
-            .command("tcpdump")
-            .args(["-i", dev, "-U", "-n", "-w", file.to_str().unwrap(), &filter])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump");
-        // Wait until tcpdump has created its file (it does so once the capture is open).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !file.exists() {
-            assert!(Instant::now() < deadline, "tcpdump did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        RstCapture { child, file }
-    }
-
-    /// Stops the capture and returns the number of packets it holds.
-    fn packets(mut self) -> usize {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-        let out = std::process::Command::new("tcpdump").args(["-n", "-r"]).arg(&self.file).output().expect("tcpdump -r");
-        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("Flags [R")).count()
-    }
-}
-
-impl Drop for RstCapture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// One ICMP echo request/reply with `dst` over a raw socket (root), bounded by a 5 s receive timeout.
@@ -444,27 +283,23 @@ fn counter(o: &XdpOutcome, c: XdpCounter) -> u64 {
 
 /// Both ends XDP in `want` mode: 16 MiB each way; on the server no RST leaves the tunnel port (no iptables
 /// rules anywhere); other TCP and ICMP still reach the server's stack.
-fn xdp_pair(tag: char, want: XdpWant, expect: DataPathMode) {
-    let topo = Topo::new(tag, 1);
-    let echo = topo.echo();
-    let mut server = XdpDaemon::start(&topo.b, &topo.server_cfg(false), &topo.dev_b, want);
-    server.wait_attached();
+fn xdp_pair(topo: &Topo, want: XdpWant, expect: DataPathMode) {
+    let server = XdpDaemon::attached(topo.b(), &topo.server_cfg(false), &topo.net.server_if, want);
     assert_eq!(server.hub.snapshot().mode, expect);
     let fwd = 18180;
-    let mut client = XdpDaemon::start(&topo.a, &topo.client_cfg(0, fwd, echo, false), &topo.dev_a, want);
-    client.wait_attached();
+    let client = XdpDaemon::attached(topo.a(), &topo.client_cfg(0, fwd, false), &topo.net.client_if, want);
     assert_eq!(client.hub.snapshot().mode, expect);
-    let cap = RstCapture::start(&topo.b, &topo.dev_b, topo.dir.join("rst.pcap"));
-    echo_through(&topo.a, fwd, MIB16, 0x1234_5678);
-    let rsts = cap.packets();
+    let cap = RstCapture::start(topo.b(), &topo.net.server_if, topo.dir.path().join("rst.pcap"));
+    echo_through(topo.a(), fwd, MIB16, 0x1234_5678);
+    let (_, rsts) = cap.count();
     assert_eq!(rsts, 0, "RSTs left the tunnel port on the XDP server");
 
     // Other TCP (a listener on the server's address) and ICMP pass to the kernel untouched.
-    let ip_b = topo.ip_b.clone();
+    let ip_b = topo.net.server_ip;
     let other = topo
-        .b
+        .b()
         .spawn(move || {
-            let l = TcpListener::bind((ip_b.as_str(), 0)).unwrap();
+            let l = TcpListener::bind((ip_b, 0)).unwrap();
             let port = l.local_addr().unwrap().port();
             let t = std::thread::spawn(move || {
                 let (mut c, _) = l.accept().unwrap();
@@ -477,9 +312,8 @@ fn xdp_pair(tag: char, want: XdpWant, expect: DataPathMode) {
         .join()
         .unwrap()
         .unwrap();
-    let ip_b = topo.ip_b.clone();
     let echoed = topo
-        .a
+        .a()
         .spawn(move || -> std::io::Result<[u8; 5]> {
             let mut c = TcpStream::connect_timeout(&format!("{ip_b}:{}", other.0).parse().unwrap(), Duration::from_secs(5))?;
             c.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -494,8 +328,7 @@ fn xdp_pair(tag: char, want: XdpWant, expect: DataPathMode) {
         .expect("TCP to another port while the tunnel runs");
     assert_eq!(&echoed, b"hello");
     other.1.join().unwrap();
-    let ip_b: std::net::Ipv4Addr = topo.ip_b.parse().unwrap();
-    topo.a.spawn(move || icmp_echo(ip_b)).join().unwrap().unwrap().expect("ICMP to the server while the tunnel runs");
+    topo.a().spawn(move || icmp_echo(ip_b)).join().unwrap().unwrap().expect("ICMP to the server while the tunnel runs");
 
     let c = client.finish();
     let s = server.finish();
@@ -507,80 +340,57 @@ fn xdp_pair(tag: char, want: XdpWant, expect: DataPathMode) {
 
 #[test]
 fn native_pair_moves_16_mib_each_way_without_rsts() {
-    if skip() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    xdp_pair('n', XdpWant::Native, DataPathMode::XdpNative);
+    let Some((_serial, topo)) = setup("native_pair_moves_16_mib_each_way_without_rsts", "xn", 1) else { return };
+    xdp_pair(&topo, XdpWant::Native, DataPathMode::XdpNative);
 }
 
 #[test]
 fn generic_pair_moves_16_mib_each_way_without_rsts() {
-    if skip() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    xdp_pair('g', XdpWant::Generic, DataPathMode::XdpGeneric);
+    let Some((_serial, topo)) = setup("generic_pair_moves_16_mib_each_way_without_rsts", "xg", 1) else { return };
+    xdp_pair(&topo, XdpWant::Generic, DataPathMode::XdpGeneric);
+}
+
+/// An XDP daemon (`want`) on one side and the pcap binary (with its iptables rules) on the other, the XDP
+/// one on the server side when `xdp_server`: 16 MiB each way, steered by the XDP side's program.
+fn mixed_pair(topo: &Topo, xdp_server: bool, want: XdpWant, fwd: u16, seed: u64) {
+    let (xdp, _pcap) = if xdp_server {
+        let xdp = XdpDaemon::attached(topo.b(), &topo.server_cfg(false), &topo.net.server_if, want);
+        topo.net.apply_firewall(false, true);
+        (xdp, topo.pcap_daemon(false, "client", &topo.client_cfg(0, fwd, false)))
+    } else {
+        topo.net.apply_firewall(true, false);
+        let pcap = topo.pcap_daemon(true, "server", &topo.server_cfg(false));
+        (XdpDaemon::attached(topo.a(), &topo.client_cfg(0, fwd, false), &topo.net.client_if, want), pcap)
+    };
+    echo_through(topo.a(), fwd, MIB16, seed);
+    let o = xdp.finish();
+    assert!(counter(&o, XdpCounter::Steered) > 10_000, "{:?}", o.counters);
 }
 
 #[test]
 fn xdp_server_with_pcap_client() {
-    if skip() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let topo = Topo::new('s', 1);
-    let echo = topo.echo();
-    let mut server = XdpDaemon::start(&topo.b, &topo.server_cfg(false), &topo.dev_b, XdpWant::Auto);
-    server.wait_attached();
-    let fwd = 18181;
-    let _client = PcapDaemon::start(
-        &topo.a,
-        &topo,
-        "client",
-        &topo.client_cfg(0, fwd, echo, false),
-        &client_rules(&topo.ip_b, PORT),
-    );
-    echo_through(&topo.a, fwd, MIB16, 0x0bad_cafe);
-    let s = server.finish();
-    assert!(counter(&s, XdpCounter::Steered) > 10_000, "{:?}", s.counters);
+    let Some((_serial, topo)) = setup("xdp_server_with_pcap_client", "xs", 1) else { return };
+    mixed_pair(&topo, true, XdpWant::Auto, 18181, 0x0bad_cafe);
 }
 
 #[test]
 fn pcap_server_with_xdp_client() {
-    if skip() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let topo = Topo::new('c', 1);
-    let echo = topo.echo();
-    let _server = PcapDaemon::start(&topo.b, &topo, "server", &topo.server_cfg(false), &server_rules(PORT));
-    let fwd = 18182;
-    let mut client = XdpDaemon::start(&topo.a, &topo.client_cfg(0, fwd, echo, false), &topo.dev_a, XdpWant::Generic);
-    client.wait_attached();
-    echo_through(&topo.a, fwd, MIB16, 0x5eed_0001);
-    let c = client.finish();
-    assert!(counter(&c, XdpCounter::Steered) > 10_000, "{:?}", c.counters);
+    let Some((_serial, topo)) = setup("pcap_server_with_xdp_client", "xc", 1) else { return };
+    mixed_pair(&topo, false, XdpWant::Generic, 18182, 0x5eed_0001);
 }
 
 #[test]
 fn two_queues_spread_sessions_over_both_workers() {
-    if skip() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let topo = Topo::new('q', 2);
-    let echo = topo.echo();
-    let mut server = XdpDaemon::start(&topo.b, &topo.server_cfg(false), &topo.dev_b, XdpWant::Native);
-    server.wait_attached();
+    let Some((_serial, topo)) = setup("two_queues_spread_sessions_over_both_workers", "xq", 2) else { return };
+    let server = XdpDaemon::attached(topo.b(), &topo.server_cfg(false), &topo.net.server_if, XdpWant::Native);
     // Two pcap clients on consecutive local ports: the server's owner hash puts them on different workers.
     let (f1, f2) = (18183, 18184);
-    let rules = client_rules(&topo.ip_b, PORT);
-    let _c1 = PcapDaemon::start(&topo.a, &topo, "client1", &topo.client_cfg(40000, f1, echo, false), &rules);
-    let _c2 = PcapDaemon::start(&topo.a, &topo, "client2", &topo.client_cfg(40001, f2, echo, false), &[]);
+    topo.net.apply_firewall(false, true);
+    let _c1 = topo.pcap_daemon(false, "client1", &topo.client_cfg(40000, f1, false));
+    let _c2 = topo.pcap_daemon(false, "client2", &topo.client_cfg(40001, f2, false));
     std::thread::scope(|sc| {
-        let t1 = sc.spawn(|| echo_through(&topo.a, f1, 8 << 20, 11));
-        echo_through(&topo.a, f2, 8 << 20, 22);
+        let t1 = sc.spawn(|| echo_through(topo.a(), f1, 8 << 20, 11));
+        echo_through(topo.a(), f2, 8 << 20, 22);
         t1.join().expect("first client transfer");
     });
     let s = server.finish();
@@ -597,18 +407,11 @@ fn two_queues_spread_sessions_over_both_workers() {
 
 #[test]
 fn guard_flood_is_dropped_in_xdp() {
-    if skip() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let topo = Topo::new('f', 1);
-    let echo = topo.echo();
-    let mut server = XdpDaemon::start(&topo.b, &topo.server_cfg(true), &topo.dev_b, XdpWant::Native);
-    server.wait_attached();
+    let Some((_serial, topo)) = setup("guard_flood_is_dropped_in_xdp", "xf", 1) else { return };
+    let server = XdpDaemon::attached(topo.b(), &topo.server_cfg(true), &topo.net.server_if, XdpWant::Native);
     let fwd = 18185;
-    let mut client = XdpDaemon::start(&topo.a, &topo.client_cfg(0, fwd, echo, true), &topo.dev_a, XdpWant::Native);
-    client.wait_attached();
-    echo_through(&topo.a, fwd, 1 << 20, 7);
+    let client = XdpDaemon::attached(topo.a(), &topo.client_cfg(0, fwd, true), &topo.net.client_if, XdpWant::Native);
+    echo_through(topo.a(), fwd, 1 << 20, 7);
     let client_out = client.finish();
     assert!(counter(&client_out, XdpCounter::Steered) > 0);
     // Wait for a snapshot taken after the client stopped: the worker's rx count then stays put.
@@ -617,9 +420,10 @@ fn guard_flood_is_dropped_in_xdp() {
 
     // Flood: 20 000 frames to the tunnel port with payloads that carry no valid guard cookie.
     const FLOOD: u64 = 20_000;
-    let (dev, src, dst) = (topo.dev_a.clone(), topo.ip_a.clone(), topo.ip_b.clone());
-    let (mac_a, mac_b) = (topo.mac_a, topo.mac_b);
-    topo.a
+    let (dev, src, dst) = (topo.net.client_if.clone(), topo.net.client_ip, topo.net.server_ip);
+    // The client's own MAC (next hop of the server) and the server's.
+    let (mac_a, mac_b) = (topo.net.server_gw_mac.clone(), topo.net.client_gw_mac.clone());
+    topo.a()
         .spawn(move || {
             use paqet::io::pcap::{PcapConfig, PcapIo};
             use paqet::io::PacketIo;
@@ -630,15 +434,15 @@ fn guard_flood_is_dropped_in_xdp() {
             };
             let mut io = PcapIo::open(PcapConfig::new(dev, 45000)).expect("pcap injector");
             let mut env = EnvelopeBuilder::new(
-                mac(mac_a),
-                mac(mac_b),
+                mac(&mac_a),
+                mac(&mac_b),
                 format!("{src}:45000").parse().unwrap(),
-                format!("{dst}:{PORT}").parse().unwrap(),
+                format!("{dst}:{TUNNEL_PORT}").parse().unwrap(),
                 1,
             )
             .unwrap();
             let flags = TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0);
-            let body = pattern(200, 99);
+            let body = pattern_bytes(99, 200);
             for i in 0..FLOOD {
                 let hl = env.header_len(flags);
                 let total = hl + body.len();
@@ -685,16 +489,8 @@ fn parallel_echo(ns: &Netns, fwd: u16, conns: usize, n: usize) {
             let mut threads = Vec::new();
             for k in 0..conns {
                 threads.push(std::thread::spawn(move || -> std::io::Result<(usize, bool)> {
-                    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-                    c.set_read_timeout(Some(Duration::from_secs(90)))?;
-                    c.set_write_timeout(Some(Duration::from_secs(90)))?;
-                    let data = pattern(n, 0x7700 + k as u32);
-                    let mut w = c.try_clone()?;
-                    let out = data.clone();
-                    let writer = std::thread::spawn(move || w.write_all(&out));
-                    let mut got = vec![0u8; n];
-                    c.read_exact(&mut got)?;
-                    writer.join().expect("writer")?;
+                    let data = pattern_bytes(0x7700 + k as u64, n);
+                    let got = echo_bytes(addr, Duration::from_secs(5), &data)?;
                     Ok((k, Sha256::digest(&data) == Sha256::digest(&got)))
                 }));
             }
@@ -710,54 +506,23 @@ fn parallel_echo(ns: &Netns, fwd: u16, conns: usize, n: usize) {
     }
 }
 
-/// Tunnel frames a client at `ip` sends to the server port, captured with `tcpdump` (headers only).
-struct TunnelCapture {
-    child: Child,
-    file: PathBuf,
-    client_ip: String,
+/// Captures (headers only) the tunnel frames a client at `client_ip` sends to the server port on `dev` in `ns`.
+fn tunnel_capture(ns: &Netns, dev: &str, file: std::path::PathBuf, client_ip: Ipv4Addr) -> Tcpdump {
+    Tcpdump::start(ns, dev, file, &["-s", "96"], &format!("tcp and src host {client_ip} and dst port {TUNNEL_PORT}"))
 }
 
-impl TunnelCapture {
-    fn start(ns: &Netns, dev: &str, file: PathBuf, client_ip: &str) -> TunnelCapture {
-        let filter = format!("tcp and src host {client_ip} and dst port {PORT}");
-        let child = ns
-            .command("tcpdump")
-            .args(["-i", dev, "-U", "-n", "-s", "96", "-w", file.to_str().unwrap(), &filter])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !file.exists() {
-            assert!(Instant::now() < deadline, "tcpdump did not start");
-            std::thread::sleep(Duration::from_millis(20));
+/// Stops `cap` (from [`tunnel_capture`]); returns the number of frames per client source port.
+fn frames_per_port(cap: Tcpdump, client_ip: Ipv4Addr) -> BTreeMap<u16, usize> {
+    let prefix = format!("{client_ip}.");
+    let mut per_port = BTreeMap::new();
+    for line in cap.finish().lines() {
+        // "12:00:00.000000 IP 10.215.9.1.40001 > 10.215.9.2.9999: Flags [P.], ..."
+        let Some(src) = line.split_whitespace().find(|w| w.starts_with(&prefix)) else { continue };
+        if let Ok(port) = src[prefix.len()..].parse::<u16>() {
+            *per_port.entry(port).or_insert(0) += 1;
         }
-        TunnelCapture { child, file, client_ip: client_ip.to_owned() }
     }
-
-    /// Stops the capture; returns the number of frames per client source port.
-    fn frames_per_port(mut self) -> std::collections::BTreeMap<u16, usize> {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-        let out = std::process::Command::new("tcpdump").args(["-n", "-r"]).arg(&self.file).output().expect("tcpdump -r");
-        let prefix = format!("{}.", self.client_ip);
-        let mut per_port = std::collections::BTreeMap::new();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            // "12:00:00.000000 IP 10.215.9.1.40001 > 10.215.9.2.9999: Flags [P.], ..."
-            let Some(src) = line.split_whitespace().find(|w| w.starts_with(&prefix)) else { continue };
-            if let Ok(port) = src[prefix.len()..].parse::<u16>() {
-                *per_port.entry(port).or_insert(0) += 1;
-            }
-        }
-        per_port
-    }
-}
-
-impl Drop for TunnelCapture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    per_port
 }
 
 /// An XDP client with `transport.conn = 4` on a 2-queue veth: all four sessions come up on four local ports,
@@ -766,24 +531,19 @@ impl Drop for TunnelCapture {
 /// the sessions apart by their source ports.
 #[test]
 fn xdp_client_runs_all_conn_sessions_over_both_workers() {
-    if skip() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let topo = Topo::new('m', 2);
-    let echo = topo.echo();
-    let _server = PcapDaemon::start(&topo.b, &topo, "server", &topo.server_cfg(false), &server_rules(PORT));
+    let Some((_serial, topo)) = setup("xdp_client_runs_all_conn_sessions_over_both_workers", "xm", 2) else { return };
+    topo.net.apply_firewall(true, false);
+    let _server = topo.pcap_daemon(true, "server", &topo.server_cfg(false));
     let fwd = 18186;
-    let cfg = topo.client_cfg(0, fwd, echo, false).replace("conn = 1\n", "conn = 4\n");
+    let cfg = topo.client_cfg(0, fwd, false).replace("conn = 1\n", "conn = 4\n");
     assert!(cfg.contains("conn = 4\n"));
-    let mut client = XdpDaemon::start(&topo.a, &cfg, &topo.dev_a, XdpWant::Native);
-    client.wait_attached();
+    let client = XdpDaemon::attached(topo.a(), &cfg, &topo.net.client_if, XdpWant::Native);
     // The tunnel is up (one small exchange), then the capture runs over the parallel transfer.
-    echo_through(&topo.a, fwd, 4096, 3);
-    let cap = TunnelCapture::start(&topo.b, &topo.dev_b, topo.dir.join("tunnel.pcap"), &topo.ip_a);
+    echo_through(topo.a(), fwd, 4096, 3);
+    let cap = tunnel_capture(topo.b(), &topo.net.server_if, topo.dir.path().join("tunnel.pcap"), topo.net.client_ip);
     const CONNS: usize = 24;
-    parallel_echo(&topo.a, fwd, CONNS, 1 << 20);
-    let per_port = cap.frames_per_port();
+    parallel_echo(topo.a(), fwd, CONNS, 1 << 20);
+    let per_port = frames_per_port(cap, topo.net.client_ip);
     // The final snapshots are taken when the daemon stops, sessions still up.
     let c = client.finish();
     let live: Vec<u64> = c.snapshots.iter().map(|w| w.sessions).collect();
@@ -813,20 +573,13 @@ fn xdp_client_runs_all_conn_sessions_over_both_workers() {
 /// server endpoint to the client's session ports) passes the guard check in the program.
 #[test]
 fn xdp_pair_with_conn_4_and_guard_on_two_queues() {
-    if skip() {
-        return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let topo = Topo::new('k', 2);
-    let echo = topo.echo();
-    let mut server = XdpDaemon::start(&topo.b, &topo.server_cfg(true), &topo.dev_b, XdpWant::Native);
-    server.wait_attached();
+    let Some((_serial, topo)) = setup("xdp_pair_with_conn_4_and_guard_on_two_queues", "xk", 2) else { return };
+    let server = XdpDaemon::attached(topo.b(), &topo.server_cfg(true), &topo.net.server_if, XdpWant::Native);
     let fwd = 18187;
-    let cfg = topo.client_cfg(0, fwd, echo, true).replace("conn = 1\n", "conn = 4\n");
-    let mut client = XdpDaemon::start(&topo.a, &cfg, &topo.dev_a, XdpWant::Native);
-    client.wait_attached();
-    echo_through(&topo.a, fwd, 4096, 5);
-    parallel_echo(&topo.a, fwd, 8, 1 << 20);
+    let cfg = topo.client_cfg(0, fwd, true).replace("conn = 1\n", "conn = 4\n");
+    let client = XdpDaemon::attached(topo.a(), &cfg, &topo.net.client_if, XdpWant::Native);
+    echo_through(topo.a(), fwd, 4096, 5);
+    parallel_echo(topo.a(), fwd, 8, 1 << 20);
     // The final snapshots are taken when the daemons stop, sessions still up.
     let c = client.finish();
     let s = server.finish();
@@ -839,4 +592,56 @@ fn xdp_pair_with_conn_4_and_guard_on_two_queues() {
     assert_eq!(counter(&c, XdpCounter::GuardDropped), 0, "valid frames dropped by the client's guard");
     assert_eq!(counter(&s, XdpCounter::GuardDropped), 0, "valid frames dropped by the server's guard");
     assert!(counter(&c, XdpCounter::Steered) > 5_000, "client steered {:?}", c.counters);
+}
+
+/// `Cpus_allowed_list` of every `paqet-xdp-N` worker thread of process `pid`, by thread name.
+fn worker_cpu_lists(pid: u32) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if !comm.starts_with("paqet-xdp-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
+            out.insert(comm.to_owned(), l.trim().to_owned());
+        }
+    }
+    out
+}
+
+/// `io.cpus` places the workers of the real binary: a listed CPU pins both workers of a two-queue veth there
+/// (wrapping), `none` leaves them on the whole process mask, and a CPU outside the mask stops the start with
+/// an error naming the key.
+#[test]
+fn io_cpus_places_the_workers_of_the_binary() {
+    let Some((_serial, topo)) = setup("io_cpus_places_the_workers_of_the_binary", "xc", 2) else { return };
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let mask = own.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_owned();
+    let last = *paqet::worker::xdp::allowed_cpus().last().unwrap();
+    for (i, (cpus, want)) in [(last.to_string(), last.to_string()), ("none".to_string(), mask.clone())].into_iter().enumerate() {
+        let cfg = format!("{}[io]\ncpus = \"{cpus}\"\n", topo.server_cfg(false));
+        let mut d = Daemon::spawn(topo.b(), topo.dir.path(), &format!("server-cpus-{i}"), &cfg, Mode::XdpNative, false);
+        let lists = poll(Duration::from_secs(30), || {
+            d.assert_running();
+            let m = worker_cpu_lists(d.pid());
+            (m.len() == 2).then_some(m)
+        })
+        .unwrap_or_else(|| panic!("io.cpus = {cpus:?}: no two XDP workers within 30 s:\n{}", d.log_text()));
+        for (name, list) in &lists {
+            assert_eq!(list, &want, "io.cpus = {cpus:?}: {name} may run on CPUs {list}");
+        }
+        d.stop();
+    }
+    let cfg = format!("{}[io]\ncpus = \"1023\"\n", topo.server_cfg(false));
+    let mut d = Daemon::spawn(topo.b(), topo.dir.path(), "server-cpus-bad", &cfg, Mode::XdpNative, false);
+    let exited = poll(Duration::from_secs(30), || (!d.running()).then_some(()));
+    let log = d.log_text();
+    assert!(exited.is_some(), "a daemon pinned to CPU 1023 kept running:\n{log}");
+    assert!(
+        log.contains("io.cpus = \"1023\": CPU 1023 is not available to this process"),
+        "the start-up error does not name io.cpus:\n{log}"
+    );
 }

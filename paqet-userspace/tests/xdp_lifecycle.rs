@@ -8,57 +8,10 @@
 //! where every packet the server host sends arrives.
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use paqet::io::netns::Netns;
-
-/// A `tcpdump` capturing RSTs sent from the tunnel port on `dev` in `ns`.
-struct RstCapture {
-    child: Child,
-    file: PathBuf,
-}
-
-impl RstCapture {
-    fn start(ns: &Netns, dev: &str, file: PathBuf) -> RstCapture {
-        // Capture everything from the tunnel port; RSTs are picked out when reading (see `count`).
-        let filter = format!("tcp src port {TUNNEL_PORT}");
-        let child = ns
-            .command("tcpdump")
-            .args(["-i", dev, "-U", "-n", "-w", file.to_str().unwrap(), &filter])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tcpdump");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !file.exists() {
-            assert!(Instant::now() < deadline, "tcpdump did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        RstCapture { child, file }
-    }
-
-    /// Stops the capture; (packets from the tunnel port, of which RSTs).
-    fn count(mut self) -> (usize, usize) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-        let out = std::process::Command::new("tcpdump").args(["-n", "-r"]).arg(&self.file).output().expect("tcpdump -r");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<&str> = text.lines().filter(|l| l.contains(&format!(".{TUNNEL_PORT} > "))).collect();
-        let rsts = lines.iter().filter(|l| l.contains("Flags [R")).count();
-        (lines.len(), rsts)
-    }
-}
-
-impl Drop for RstCapture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// RSTs from the server's tunnel port during an 8 MiB download, with no iptables rules anywhere.
 fn rsts_without_rules(tag: &str, server: Mode) -> usize {

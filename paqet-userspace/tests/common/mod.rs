@@ -192,6 +192,13 @@ pub fn write_pattern_file(path: &Path, seed: u64, len: u64) -> String {
     pattern_sha256(seed, len)
 }
 
+/// `len` bytes of content `seed` (see [`fill_pattern`]) in a new buffer.
+pub fn pattern_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    fill_pattern(seed, 0, &mut v);
+    v
+}
+
 /// Runs `f` on a thread inside `ns` and returns its result.
 pub fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
     ns.spawn(f)
@@ -244,11 +251,24 @@ pub fn if_with_addr(ns: &Netns, ip: Ipv4Addr) -> String {
 impl Net {
     /// Client and server namespaces joined by one veth pair. `tag` (≤ 4 bytes) must be unique per test.
     pub fn direct(tag: &str) -> Net {
+        Self::direct_queues(tag, 1)
+    }
+
+    /// Like [`direct`](Self::direct), with `queues` RX/TX queues on both veth ends (`ethtool -L`, set before
+    /// the addresses) when more than one.
+    pub fn direct_queues(tag: &str, queues: u32) -> Net {
         let pid = std::process::id();
         let client = Netns::new(&format!("{tag}c")).expect("client netns");
         let server = Netns::new(&format!("{tag}s")).expect("server netns");
         let (cif, sif) = (format!("{tag}{pid}c"), format!("{tag}{pid}s"));
         let veth = VethPair::new(&cif, &sif, &client, &server).expect("veth pair");
+        if queues > 1 {
+            let q = queues.to_string();
+            for (ns, dev) in [(&client, &cif), (&server, &sif)] {
+                ns.exec(&["ethtool", "-L", dev, "rx", &q, "tx", &q])
+                    .unwrap_or_else(|e| panic!("ethtool -L {dev} rx {q} tx {q}: {e}"));
+            }
+        }
         let (cip, sip) = (Ipv4Addr::new(10, 216, 0, 1), Ipv4Addr::new(10, 216, 0, 2));
         veth.configure(&client, &server, &format!("{cip}/24"), &format!("{sip}/24"), true)
             .expect("veth addresses / ethtool -K tx off");
@@ -484,6 +504,22 @@ fn serve_http(mut c: TcpStream, gate: &HoldGate) -> std::io::Result<()> {
     }
 }
 
+/// Starts a TCP echo server (one thread per connection) on the loopback of `ns`; returns its address.
+pub fn tcp_echo(ns: &Netns) -> SocketAddr {
+    // A socket stays in the namespace it was made in: only the bind needs a thread inside `ns`.
+    let l = in_ns(ns, || TcpListener::bind("127.0.0.1:0").expect("bind TCP echo"));
+    let addr = l.local_addr().expect("TCP echo address");
+    std::thread::spawn(move || {
+        for mut c in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let Ok(mut w) = c.try_clone() else { return };
+                let _ = std::io::copy(&mut c, &mut w);
+            });
+        }
+    });
+    addr
+}
+
 /// A UDP echo server on the server namespace's loopback.
 pub struct UdpEcho {
     pub addr: SocketAddr,
@@ -491,16 +527,13 @@ pub struct UdpEcho {
 
 impl UdpEcho {
     pub fn start(ns: &Netns) -> UdpEcho {
-        let addr = in_ns(ns, || {
-            let u = UdpSocket::bind("127.0.0.1:0").expect("bind UDP echo");
-            let addr = u.local_addr().unwrap();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                while let Ok((n, from)) = u.recv_from(&mut buf) {
-                    let _ = u.send_to(&buf[..n], from);
-                }
-            });
-            addr
+        let u = in_ns(ns, || UdpSocket::bind("127.0.0.1:0").expect("bind UDP echo"));
+        let addr = u.local_addr().expect("UDP echo address");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok((n, from)) = u.recv_from(&mut buf) {
+                let _ = u.send_to(&buf[..n], from);
+            }
         });
         UdpEcho { addr }
     }
@@ -534,16 +567,22 @@ impl Daemon {
     /// Writes `config` to `DIR/NAME.toml` and starts `paqet-dp run -c` on it inside `ns` with `--mode mode`
     /// (plus `--manage-firewall` when `manage_firewall`); stdout and stderr go to `DIR/NAME.log`.
     pub fn spawn(ns: &Netns, dir: &Path, name: &str, config: &str, mode: Mode, manage_firewall: bool) -> Daemon {
+        let extra: &[&str] = if manage_firewall { &["--manage-firewall"] } else { &[] };
+        Self::spawn_with(ns, dir, name, config, mode, extra)
+    }
+
+    /// Like [`spawn`](Self::spawn) with `extra` arguments after `--mode mode` (e.g. `--manage-firewall`,
+    /// `--key-file PATH`).
+    pub fn spawn_with(ns: &Netns, dir: &Path, name: &str, config: &str, mode: Mode, extra: &[&str]) -> Daemon {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, config).expect("write config");
         let mut args = vec!["run".to_owned(), "-c".into(), cfg.to_string_lossy().into_owned(), "--mode".into(), mode.arg().into()];
-        if manage_firewall {
-            args.push("--manage-firewall".into());
-        }
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         Self::spawn_args(ns, dir, name, &args)
     }
 
-    /// Starts `paqet-dp ARGS` inside `ns`, logging to `DIR/NAME.log`.
+    /// Starts `paqet-dp ARGS` inside `ns`, logging to `DIR/NAME.log`. The daemon logs at its config's level:
+    /// an inherited `PAQET_LOG` (which would override it) is removed, as tests read the log.
     pub fn spawn_args(ns: &Netns, dir: &Path, name: &str, args: &[String]) -> Daemon {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("create log");
@@ -553,6 +592,7 @@ impl Daemon {
             .args(args)
             .env("RUST_BACKTRACE", "1")
             .env("NO_COLOR", "1")
+            .env_remove("PAQET_LOG")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -563,6 +603,11 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The daemon's pid (`ip netns exec` execs in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// True while the process has not exited.
@@ -585,19 +630,26 @@ impl Daemon {
 
     /// SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
+        self.terminate();
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; returns whether the process exited by itself (true as well when it
+    /// had already exited).
+    pub fn terminate(&mut self) -> bool {
         if !self.running() {
-            return;
+            return true;
         }
         // SAFETY: plain kill(2) on our own child's pid (ip netns exec execs in place).
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if !self.running() {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         self.kill();
+        false
     }
 }
 
@@ -677,6 +729,18 @@ pub fn poll<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> 
             return None;
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Retries `f` every 100 ms until it returns `Ok` or `within` passes; then the last error.
+pub fn retry<T, E>(within: Duration, mut f: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let deadline = Instant::now() + within;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
     }
 }
 
@@ -934,6 +998,19 @@ listen = "127.0.0.1:{METRICS_PORT}"
 
     /// A client's TOML config with the listeners of `ports` and key `key`.
     pub fn client_config(net: &Net, o: &Opts, http: &HttpServer, udp: &UdpEcho, ports: ClientPorts, key: &str) -> String {
+        Self::client_config_to(net, o, http.addr, udp.addr, ports, key)
+    }
+
+    /// A client's TOML config whose TCP forward (`ports.fwd_http`) goes to `tcp_target` and UDP forward
+    /// (`ports.fwd_udp`) to `udp_target`, with the other listeners of `ports` and key `key`.
+    pub fn client_config_to(
+        net: &Net,
+        o: &Opts,
+        tcp_target: SocketAddr,
+        udp_target: SocketAddr,
+        ports: ClientPorts,
+        key: &str,
+    ) -> String {
         format!(
             r#"role = "client"
 [log]
@@ -946,11 +1023,11 @@ listen = "127.0.0.1:{socks}"
 listen = "127.0.0.1:{hport}"
 [[forward]]
 listen = "127.0.0.1:{fwd_http}"
-target = "{http_addr}"
+target = "{tcp_target}"
 protocol = "tcp"
 [[forward]]
 listen = "127.0.0.1:{fwd_udp}"
-target = "{udp_addr}"
+target = "{udp_target}"
 protocol = "udp"
 [network]
 interface = "{cif}"
@@ -977,8 +1054,6 @@ listen = "127.0.0.1:{metrics}"
             fwd_http = ports.fwd_http,
             fwd_udp = ports.fwd_udp,
             metrics = ports.metrics,
-            http_addr = http.addr,
-            udp_addr = udp.addr,
             cif = net.client_if,
             cip = net.client_ip,
             gw = net.client_gw_mac,
@@ -1190,4 +1265,74 @@ pub fn wait_metric(ns: &Netns, within: Duration, pred: impl Fn(&str) -> bool) ->
         Ok((200, t)) if pred(&t) => Some(t),
         _ => None,
     })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Packet captures
+// ---------------------------------------------------------------------------------------------------------
+
+/// A `tcpdump` writing what `filter` matches on `dev` in `ns` to a file; killed on drop.
+pub struct Tcpdump {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Tcpdump {
+    /// Starts `tcpdump -i DEV -U -n [ARGS] -w FILE FILTER` and waits (bounded) until the capture is open.
+    pub fn start(ns: &Netns, dev: &str, file: PathBuf, args: &[&str], filter: &str) -> Tcpdump {
+        let child = ns
+            .command("tcpdump")
+            .args(["-i", dev, "-U", "-n"])
+            .args(args)
+            .arg("-w")
+            .arg(&file)
+            .arg(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tcpdump");
+        // tcpdump creates its file once the capture is open.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !file.exists() {
+            assert!(Instant::now() < deadline, "tcpdump on {dev} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Tcpdump { child, file }
+    }
+
+    /// Stops the capture (SIGINT) and returns it as `tcpdump -n -r` prints it, one packet a line.
+    pub fn finish(mut self) -> String {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        let out = Command::new("tcpdump").args(["-n", "-r"]).arg(&self.file).output().expect("tcpdump -r");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Tcpdump {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A capture of every packet sent from the tunnel port ([`TUNNEL_PORT`]) on `dev` in `ns`, RSTs included.
+pub struct RstCapture(Tcpdump);
+
+impl RstCapture {
+    pub fn start(ns: &Netns, dev: &str, file: PathBuf) -> RstCapture {
+        // Everything from the tunnel port; RSTs are picked out when reading (a `tcp[tcpflags]` capture filter
+        // matched nothing even when RSTs were on the wire).
+        RstCapture(Tcpdump::start(ns, dev, file, &[], &format!("tcp src port {TUNNEL_PORT}")))
+    }
+
+    /// Stops the capture; (packets from the tunnel port, of which RSTs).
+    pub fn count(self) -> (usize, usize) {
+        let text = self.0.finish();
+        let from_port = format!(".{TUNNEL_PORT} > ");
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(&from_port)).collect();
+        let rsts = lines.iter().filter(|l| l.contains("Flags [R")).count();
+        (lines.len(), rsts)
+    }
 }
