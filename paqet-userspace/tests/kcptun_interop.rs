@@ -133,7 +133,7 @@ fn drive(
                     if session.is_none() {
                         // Server: the first datagram from a new source opens the session with its conv.
                         let mut probe = buf[..n].to_vec();
-                        let mut c = cfg.crypto.clone();
+                        let c = cfg.crypto.clone();
                         let Ok(r) = c.open(&mut probe) else { continue };
                         let body = &probe[r];
                         let kcp = if cfg.dshard > 0 && paqet::wire::fec::is_fec(body) {

@@ -4,6 +4,7 @@
 //!   the packets;
 //! - a daemon killed with SIGKILL leaves no XDP program attached (the program hangs on a bpf_link owned by
 //!   the process).
+//!
 //! Root only (own namespaces); skips with a message otherwise. The capture runs on the client's side,
 //! where every packet the server host sends arrives.
 mod common;
