@@ -90,11 +90,14 @@ in_s ip link set "$DEV_S" up
 in_c ethtool -K "$DEV_C" tx off >/dev/null
 in_s ethtool -K "$DEV_S" tx off >/dev/null
 
-# The host rules of the pcap path (spec §2.4): no conntrack and no RSTs for tunnel packets.
+# The host rules of the pcap path (spec §2.4 plus paqet-dp's raw PREROUTING DROP): no conntrack, no RSTs,
+# and the kernel's stack never processes tunnel packets (the capture tap runs before netfilter).
 in_s iptables -t raw -A PREROUTING -p tcp --dport $PORT -j NOTRACK
+in_s iptables -t raw -A PREROUTING -p tcp --dport $PORT -j DROP
 in_s iptables -t raw -A OUTPUT -p tcp --sport $PORT -j NOTRACK
 in_s iptables -t mangle -A OUTPUT -p tcp --sport $PORT --tcp-flags RST RST -j DROP
 in_c iptables -t raw -A PREROUTING -p tcp -s $IP_S --sport $PORT -j NOTRACK
+in_c iptables -t raw -A PREROUTING -p tcp -s $IP_S --sport $PORT -j DROP
 in_c iptables -t raw -A OUTPUT -p tcp -d $IP_S --dport $PORT -j NOTRACK
 in_c iptables -t mangle -A OUTPUT -p tcp -d $IP_S --dport $PORT --tcp-flags RST RST -j DROP
 

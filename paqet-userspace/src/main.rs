@@ -52,7 +52,7 @@ enum Cmd {
         /// Packet data plane.
         #[arg(long, value_enum, default_value = "auto")]
         mode: DataPlane,
-        /// Add the iptables NOTRACK / RST-drop rules the host needs, and remove them on exit.
+        /// Add the iptables rules the host needs in pcap mode (NOTRACK, drop before the IP stack, RST drop), and remove them on exit.
         #[arg(long)]
         manage_firewall: bool,
         /// File whose content (trimmed) replaces `transport.kcp.key`.

@@ -160,7 +160,7 @@ pprof = "127.0.0.1:{pprof}"
 
     let mut server = spawn_daemon(ns_b, &dir, "server", &server_cfg, &[]);
     assert!(
-        wait_until(Duration::from_secs(10), || our_rules(ns_b).len() == 3),
+        wait_until(Duration::from_secs(10), || our_rules(ns_b).len() == 4),
         "server rules not applied: {:?}\n{}",
         our_rules(ns_b),
         server.log_text()
@@ -194,7 +194,7 @@ pprof = "127.0.0.1:{pprof}"
         &["--key-file", &key_arg],
     );
     assert!(
-        wait_until(Duration::from_secs(10), || our_rules(ns_a).len() == 3),
+        wait_until(Duration::from_secs(10), || our_rules(ns_a).len() == 4),
         "client rules not applied: {:?}\n{}",
         our_rules(ns_a),
         client.log_text()

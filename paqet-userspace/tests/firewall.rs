@@ -30,6 +30,7 @@ fn apply_and_remove_in_a_namespace() {
         }
         let raw = paqet::io::netns::run("iptables", &["-t", "raw", "-S"]).unwrap();
         assert!(raw.contains("-A PREROUTING -p tcp -m tcp --dport 9999 -m comment --comment paqet-dp -j NOTRACK"), "{raw}");
+        assert!(raw.contains("-A PREROUTING -p tcp -m tcp --dport 9999 -m comment --comment paqet-dp -j DROP"), "{raw}");
         let raw6 = paqet::io::netns::run("ip6tables", &["-t", "raw", "-S"]).unwrap();
         assert!(raw6.contains("--sport 9999 -m comment --comment paqet-dp -j NOTRACK"), "{raw6}");
         // Applying again adds nothing.

@@ -211,11 +211,13 @@ impl Topo {
             &format!("{ip_c}/24"),
             &format!("{ip_s}/24"),
         )?;
-        // Firewall rules the pcap path needs (spec §2.4); harmless in XDP modes.
+        // The rules `paqet-dp run --manage-firewall` applies in pcap mode (spec §2.4 plus the raw PREROUTING
+        // DROP that keeps the kernel's stack off tunnel packets); harmless in XDP modes.
         let port = PORT.to_string();
         let ip_s_txt = ip_s.to_string();
         for r in [
             vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", &port, "-j", "NOTRACK"],
+            vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", &port, "-j", "DROP"],
             vec!["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "--sport", &port, "-j", "NOTRACK"],
             vec!["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--sport", &port, "--tcp-flags", "RST", "RST", "-j", "DROP"],
         ] {
@@ -223,6 +225,7 @@ impl Topo {
         }
         for r in [
             vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "-s", &ip_s_txt, "--sport", &port, "-j", "NOTRACK"],
+            vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "-s", &ip_s_txt, "--sport", &port, "-j", "DROP"],
             vec!["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "-d", &ip_s_txt, "--dport", &port, "-j", "NOTRACK"],
             vec!["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "-d", &ip_s_txt, "--dport", &port, "--tcp-flags", "RST", "RST", "-j", "DROP"],
         ] {

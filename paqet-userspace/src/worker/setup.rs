@@ -661,7 +661,7 @@ mod tests {
         let s = worker_config(&server_cfg(), "lo").expect("server worker config");
         assert_eq!(firewall_role(&s), Some(FirewallRole::Server { port: 9999, ipv4: true, ipv6: false }));
         let rules: Vec<String> = firewall::rules(&firewall_role(&s).unwrap()).iter().map(|r| r.to_shell()).collect();
-        assert_eq!(rules.len(), 3);
+        assert_eq!(rules.len(), 4);
         assert!(rules.iter().all(|r| r.contains("9999")), "{rules:?}");
 
         let server: SocketAddr = "127.0.0.2:9999".parse().unwrap();
