@@ -17,7 +17,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask bench [micro|tunnel|all] [--modes pcap,xdp-native,xdp-generic] [--secs N]
+const USAGE: &str = "usage: cargo xtask bench [micro|tunnel|all] [--modes pcap,pcap-upstream-rules,xdp-native,xdp-generic] [--secs N]
                         [--streams 1000,10000] [--requests N] [--flood-secs N] [--guard] [--share-cpus] [--bin PATH]
                         [-- CRITERION ARGS]
        cargo xtask bench-report";
@@ -71,8 +71,8 @@ fn bench(args: &[String]) -> Result<()> {
             "--modes" => {
                 opts.modes = parse_list("--modes", &val("--modes")?)?;
                 for m in &opts.modes {
-                    if !["pcap", "xdp-native", "xdp-generic", "xdp", "auto"].contains(&m.as_str()) {
-                        bail!("--modes: unknown mode {m:?} (pcap, xdp-native, xdp-generic, xdp, auto)");
+                    if !["pcap", "pcap-upstream-rules", "xdp-native", "xdp-generic", "xdp", "auto"].contains(&m.as_str()) {
+                        bail!("--modes: unknown mode {m:?} (pcap, pcap-upstream-rules, xdp-native, xdp-generic, xdp, auto)");
                     }
                 }
             }
