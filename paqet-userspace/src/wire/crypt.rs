@@ -507,6 +507,13 @@ impl Engine {
     }
 }
 
+/// Writes a CFB-family datagram's header in place: a fresh random nonce, then the CRC-32 of the body.
+fn stamp_cfb_header(rng: &mut SmallRng, pkt: &mut [u8]) {
+    rng.fill_bytes(&mut pkt[..NONCE_LEN]);
+    let crc = crc32fast::hash(&pkt[CFB_HEADER_LEN..]);
+    pkt[NONCE_LEN..CFB_HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+}
+
 fn fresh_rng() -> Result<SmallRng, CryptError> {
     SmallRng::from_rng(OsRng).map_err(|e| CryptError::Entropy(e.to_string()))
 }
@@ -676,9 +683,7 @@ impl Crypto {
                 tag_out.copy_from_slice(&tag);
             }
             engine => {
-                self.rng.fill_bytes(&mut pkt[..NONCE_LEN]);
-                let crc = crc32fast::hash(&pkt[CFB_HEADER_LEN..]);
-                pkt[NONCE_LEN..CFB_HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+                stamp_cfb_header(&mut self.rng, pkt);
                 match &self.fast {
                     Some(fast) => fast.cfb_encrypt(&CFB_IV, &mut [pkt]),
                     None => engine.cfb_family(pkt, false),
@@ -693,7 +698,7 @@ impl Crypto {
     /// eight datagrams side by side (CFB is serial within one datagram; see `crypt/aes_multi.rs`).
     pub fn seal_batch(&mut self, pkts: &mut [&mut [u8]]) -> Result<(), CryptError> {
         let overhead = self.overhead();
-        let Some(fast) = self.fast.clone() else {
+        let Crypto { mode, fast: Some(fast), rng, .. } = self else {
             for p in pkts.iter_mut() {
                 let body_len = p.len().checked_sub(overhead).ok_or(CryptError::BufferTooSmall {
                     mode: self.mode,
@@ -707,14 +712,12 @@ impl Crypto {
         for p in pkts.iter_mut() {
             if p.len() < CFB_HEADER_LEN {
                 return Err(CryptError::BufferTooSmall {
-                    mode: self.mode,
+                    mode: *mode,
                     need: CFB_HEADER_LEN,
                     have: p.len(),
                 });
             }
-            self.rng.fill_bytes(&mut p[..NONCE_LEN]);
-            let crc = crc32fast::hash(&p[CFB_HEADER_LEN..]);
-            p[NONCE_LEN..CFB_HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+            stamp_cfb_header(rng, p);
         }
         fast.cfb_encrypt(&CFB_IV, pkts);
         Ok(())

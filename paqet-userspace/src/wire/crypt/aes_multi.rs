@@ -1,14 +1,15 @@
-//! Multi-buffer AES-CFB encryption with AES-NI: up to [`LANES`] datagrams encrypted side by side.
+//! AES-CFB with AES-NI: encryption of up to [`LANES`] datagrams side by side, and decryption of one
+//! datagram [`LANES`] blocks at a time.
 //!
 //! CFB encryption is serial within one datagram (each block's input is the previous ciphertext block), so
 //! one datagram alone runs at the AESENC *latency* (≈ 4 cycles per round): about 600 MB/s for AES-256 on
 //! the machines here. The datagrams of one KCP flush are independent chains, though, so interleaving the
 //! rounds of several of them fills the AES unit's pipeline and runs at its *throughput* instead. This is
-//! what makes the sending side of a bulk transfer cheap (see `docs/benchmarks.md`, `crypt_seal_batch`).
+//! what makes the sending side of a bulk transfer cheap (see `docs/benchmarks.md`, `crypt_seal_flush`).
+//! CFB decryption is parallel within a datagram (every keystream block depends only on ciphertext).
 //!
-//! Only the encryption direction lives here: CFB decryption is already parallel within a datagram and
-//! uses the `aes` crate's 8-block pipeline. The key schedule is FIPS-197's, with SubWord taken from
-//! `AESKEYGENASSIST`; the tests check every key size against the `aes` crate.
+//! The key schedule is FIPS-197's, with SubWord taken from `AESKEYGENASSIST`; the tests check every key
+//! size against the `aes` crate, the portable path used when the CPU has no AES-NI.
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
@@ -145,23 +146,31 @@ unsafe fn encrypt_lanes(rk: &[__m128i; 15], rounds: usize, b: &mut [__m128i; LAN
     }
 }
 
+/// The round keys in registers (the unused tail of the array stays zero).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "aes,sse2")]
-unsafe fn cfb_encrypt_group(key: &AesMulti, iv: &Iv, group: &mut [&mut [u8]]) {
-    debug_assert!(group.len() <= LANES);
+#[inline]
+unsafe fn round_keys(key: &AesMulti) -> [__m128i; 15] {
     let mut rk = [_mm_setzero_si128(); 15];
     for (d, s) in rk.iter_mut().zip(&key.rk).take(key.rounds + 1) {
         *d = _mm_loadu_si128(s.as_ptr().cast());
     }
+    rk
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "aes,sse2")]
+unsafe fn cfb_encrypt_group(key: &AesMulti, iv: &Iv, group: &mut [&mut [u8]]) {
+    debug_assert!(group.len() <= LANES);
+    let rk = round_keys(key);
     let ivv = _mm_loadu_si128(iv.as_ptr().cast());
     let mut fb = [ivv; LANES];
     let mut off = [0usize; LANES];
-    let n = group.len();
     let longest = group.iter().map(|p| p.len()).max().unwrap_or(0);
     let steps = longest.div_ceil(16);
     for _ in 0..steps {
         encrypt_lanes(&rk, key.rounds, &mut fb);
-        for (lane, pkt) in group.iter_mut().enumerate().take(n) {
+        for (lane, pkt) in group.iter_mut().enumerate() {
             let o = off[lane];
             let rest = pkt.len() - o;
             if rest >= 16 {
@@ -186,10 +195,7 @@ unsafe fn cfb_encrypt_group(key: &AesMulti, iv: &Iv, group: &mut [&mut [u8]]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "aes,sse2")]
 unsafe fn cfb_decrypt_one(key: &AesMulti, iv: &Iv, pkt: &mut [u8]) {
-    let mut rk = [_mm_setzero_si128(); 15];
-    for (d, s) in rk.iter_mut().zip(&key.rk).take(key.rounds + 1) {
-        *d = _mm_loadu_si128(s.as_ptr().cast());
-    }
+    let rk = round_keys(key);
     let mut prev = _mm_loadu_si128(iv.as_ptr().cast());
     let full = pkt.len() / 16;
     let base = pkt.as_mut_ptr().cast::<__m128i>();
