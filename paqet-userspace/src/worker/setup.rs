@@ -371,12 +371,13 @@ impl Publisher {
     }
 
     fn snapshot(&mut self, c: &Core) -> WorkerSnapshot {
-        let mut snap = WorkerSnapshot::from_daemon(&c.stats, &c.io_stats());
+        // Once per publish: for AF_XDP links this reads the sockets' kernel statistics (a syscall each).
+        let io = c.io_stats();
+        let mut snap = WorkerSnapshot::from_daemon(&c.stats, &io);
         snap.sessions = c.session_count() as u64;
         snap.live_sessions = c.live_sessions(c.config().session.smux.keepalive_timeout_ms) as u64;
         snap.streams = c.stream_count() as u64;
         if c.uses_shared_links() {
-            let io = c.io_stats();
             snap.afxdp = Some(crate::ops::AfXdpStats {
                 rx_dropped: io.xsk_rx_dropped,
                 rx_ring_full: io.xsk_rx_ring_full,
