@@ -202,16 +202,13 @@ impl PortSet {
             op: "open",
             source,
         })?;
-        let mut set = PortSet {
+        // The map was just created by this load (it is not pinned), and the kernel zero-fills new array
+        // maps: an all-zero copy is exact without writing the 1024 words back.
+        Ok(PortSet {
             map,
             words: vec![0u64; PORT_WORDS as usize].into_boxed_slice(),
             len: 0,
-        };
-        // The map starts zeroed; clear it explicitly anyway so the copy is exact.
-        for w in 0..PORT_WORDS {
-            set.write_word(w, 0)?;
-        }
-        Ok(set)
+        })
     }
 
     fn write_word(&mut self, word: u32, value: u64) -> Result<(), SteerError> {
@@ -235,27 +232,29 @@ impl PortSet {
         if port == 0 {
             return Err(SteerError::PortZero);
         }
-        let (w, m) = port_bit(port);
-        let old = self.words[w as usize];
-        if old & m != 0 {
-            return Ok(false);
-        }
-        self.write_word(w, old | m)?;
-        self.words[w as usize] = old | m;
-        self.len += 1;
-        Ok(true)
+        self.set_bit(port, true)
     }
 
     /// Removes `port`. Returns true if it was there.
     pub fn remove(&mut self, port: u16) -> Result<bool, SteerError> {
+        self.set_bit(port, false)
+    }
+
+    /// Sets `port`'s bit to `on` in the map, then in the copy; true if that changed it.
+    fn set_bit(&mut self, port: u16, on: bool) -> Result<bool, SteerError> {
         let (w, m) = port_bit(port);
         let old = self.words[w as usize];
-        if old & m == 0 {
+        let new = if on { old | m } else { old & !m };
+        if new == old {
             return Ok(false);
         }
-        self.write_word(w, old & !m)?;
-        self.words[w as usize] = old & !m;
-        self.len -= 1;
+        self.write_word(w, new)?;
+        self.words[w as usize] = new;
+        if on {
+            self.len += 1;
+        } else {
+            self.len -= 1;
+        }
         Ok(true)
     }
 
