@@ -213,13 +213,12 @@ impl Topo {
             &format!("{ip_c}/24"),
             &format!("{ip_s}/24"),
         )?;
-        // The rules `paqet-dp run --manage-firewall` applies in pcap mode (spec §2.4 plus the raw PREROUTING
-        // DROP that keeps the kernel's stack off tunnel packets); harmless in XDP modes.
+        // Upstream's host rules of the pcap path (spec §2.4); harmless in XDP modes. The raw PREROUTING DROP
+        // `paqet-dp run --manage-firewall` adds beside them is set per mode (`Topo::stack_drop`).
         let port = PORT.to_string();
         let ip_s_txt = ip_s.to_string();
         for r in [
             vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", &port, "-j", "NOTRACK"],
-            vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", &port, "-j", "DROP"],
             vec!["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "--sport", &port, "-j", "NOTRACK"],
             vec!["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--sport", &port, "--tcp-flags", "RST", "RST", "-j", "DROP"],
         ] {
@@ -227,7 +226,6 @@ impl Topo {
         }
         for r in [
             vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "-s", &ip_s_txt, "--sport", &port, "-j", "NOTRACK"],
-            vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "-s", &ip_s_txt, "--sport", &port, "-j", "DROP"],
             vec!["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "-d", &ip_s_txt, "--dport", &port, "-j", "NOTRACK"],
             vec!["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "-d", &ip_s_txt, "--dport", &port, "--tcp-flags", "RST", "RST", "-j", "DROP"],
         ] {
@@ -601,27 +599,20 @@ fn kcptun_bulk(topo: &Topo, opts: &Opts) -> Option<Result<Bulk>> {
         let cpus = daemon_cpus(opts);
         let listen = format!("{}:{KCPTUN_PORT}", topo.ip_s);
         let target = format!("127.0.0.1:{SOURCE_PORT}");
-        let server = Proc(
-            topo.ns_s
-                .command_on(cpus.map(|c| c.0), "kcptun-server")
+        let start = |ns: &Netns, cpu: Option<usize>, program: &str, ends: [&str; 4]| -> Result<Proc> {
+            let child = ns
+                .command_on(cpu, program)
                 .args(common)
-                .args(["--listen", &listen, "--target", &target])
+                .args(ends)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
-                .context("starting kcptun-server")?,
-        );
+                .with_context(|| format!("starting {program}"))?;
+            Ok(Proc(child))
+        };
         let local = format!("127.0.0.1:{KCPTUN_LOCAL}");
-        let client = Proc(
-            topo.ns_c
-                .command_on(cpus.map(|c| c.1), "kcptun-client")
-                .args(common)
-                .args(["--localaddr", &local, "--remoteaddr", &listen])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .context("starting kcptun-client")?,
-        );
+        let server = start(&topo.ns_s, cpus.map(|c| c.0), "kcptun-server", ["--listen", &listen, "--target", &target])?;
+        let client = start(&topo.ns_c, cpus.map(|c| c.1), "kcptun-client", ["--localaddr", &local, "--remoteaddr", &listen])?;
         // Ready when a byte of the source arrives through it.
         let ip_s = topo.ip_s;
         let deadline = Instant::now() + Duration::from_secs(15);
