@@ -40,17 +40,12 @@ fn tcp_and_udp_forwards_through_two_daemons() {
     let result = in_ns(net.client(), move || -> std::io::Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
         // TCP: 16 MiB out and back, concurrently.
         let fwd = SocketAddr::from(([127, 0, 0, 1], fwd_tcp));
-        let mut c = retry(Duration::from_secs(20), || TcpStream::connect_timeout(&fwd, Duration::from_secs(2)))?;
+        let c = retry(Duration::from_secs(20), || TcpStream::connect_timeout(&fwd, Duration::from_secs(2)))?;
         c.set_read_timeout(Some(Duration::from_secs(60)))?;
         c.set_write_timeout(Some(Duration::from_secs(60)))?;
         let data = pattern_bytes(0x1234_5678, 16 << 20);
         let t0 = Instant::now();
-        let mut w = c.try_clone()?;
-        let to_send = data.clone();
-        let writer = std::thread::spawn(move || w.write_all(&to_send));
-        let mut got = vec![0u8; data.len()];
-        c.read_exact(&mut got)?;
-        writer.join().expect("writer thread")?;
+        let got = echo_exchange(&c, &data)?;
         report("16 MiB each way (per direction)", 16 << 20, t0.elapsed());
         // UDP: one request/response through the UDP forward.
         let u = UdpSocket::bind("127.0.0.1:0")?;

@@ -180,16 +180,10 @@ impl Drop for XdpDaemon {
 /// Writes `data` on a new connection to `addr` (connect bound `connect`, 90 s I/O bounds) while reading as many
 /// bytes back; returns what came back.
 fn echo_bytes(addr: SocketAddr, connect: Duration, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut c = TcpStream::connect_timeout(&addr, connect)?;
+    let c = TcpStream::connect_timeout(&addr, connect)?;
     c.set_read_timeout(Some(Duration::from_secs(90)))?;
     c.set_write_timeout(Some(Duration::from_secs(90)))?;
-    let mut w = c.try_clone()?;
-    let out = data.to_vec();
-    let writer = std::thread::spawn(move || w.write_all(&out));
-    let mut got = vec![0u8; data.len()];
-    c.read_exact(&mut got)?;
-    writer.join().expect("writer")?;
-    Ok(got)
+    echo_exchange(&c, data)
 }
 
 /// Sends `n` bytes through the forward on 127.0.0.1:`fwd` (in `ns`) and checks the echo byte for byte.

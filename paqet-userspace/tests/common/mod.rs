@@ -192,6 +192,18 @@ pub fn write_pattern_file(path: &Path, seed: u64, len: u64) -> String {
     pattern_sha256(seed, len)
 }
 
+/// Writes `data` to `c` on a second thread while reading as many bytes back (an echo through the tunnel in
+/// both directions at once); returns what came back. `c`'s timeouts bound both directions.
+pub fn echo_exchange(c: &TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut w = c.try_clone()?;
+    let out = data.to_vec();
+    let writer = std::thread::spawn(move || w.write_all(&out));
+    let mut got = vec![0u8; data.len()];
+    (&mut &*c).read_exact(&mut got)?;
+    writer.join().expect("echo writer thread")?;
+    Ok(got)
+}
+
 /// `len` bytes of content `seed` (see [`fill_pattern`]) in a new buffer.
 pub fn pattern_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
