@@ -30,6 +30,7 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+use crate::proto::cc::CcConfig;
 use crate::wire::kcp::{Cmd, KcpWireError, SegmentHeader, OVERHEAD};
 
 const RTO_NDL: u32 = 30;
@@ -73,6 +74,22 @@ pub struct KcpConfig {
     pub mtu: usize,
     /// Stream mode (frg always 0, writes coalesced into mss-sized segments).
     pub stream: bool,
+    /// Congestion control and pacing (sender side; the wire is unchanged). [`CcConfig::OFF`] is upstream's
+    /// behaviour.
+    pub cc: CcConfig,
+    /// Window auto-tuning: which of `sndwnd` / `rcvwnd` start at their value and grow to fit the path.
+    pub autotune: Autotune,
+}
+
+/// Window auto-tuning (`sndwnd` / `rcvwnd` = `auto`): the window starts at its configured value and doubles
+/// while the path needs more (send: the congestion window wants more than half of it; receive: the peer
+/// fills three quarters of it while the application keeps up), never beyond `max_wnd` segments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Autotune {
+    pub sndwnd: bool,
+    pub rcvwnd: bool,
+    /// Upper bound of an auto-tuned window, segments (from `transport.kcp.window_mem` / mtu).
+    pub max_wnd: u32,
 }
 
 /// Upstream `kcp.mode` names (spec §2.2).
@@ -144,6 +161,8 @@ impl KcpConfig {
             rcvwnd: 512,
             mtu: 1330,
             stream: true,
+            cc: CcConfig::OFF,
+            autotune: Autotune::default(),
         }
     }
 }

@@ -1,4 +1,5 @@
 //! Sans-IO protocol state machines: fed bytes and `now` (milliseconds), emitting datagrams and events.
+pub mod cc;
 pub mod fec;
 pub mod kcp;
 pub mod smux;

@@ -27,6 +27,8 @@ use crate::io::pcap::{PcapConfig, PcapIo};
 use crate::io::{route, PacketIo};
 use crate::proto::kcp::KcpConfig;
 use crate::proto::session::{Role, SessionConfig};
+use crate::proto::cc::CcConfig;
+use crate::proto::kcp::Autotune;
 use crate::proto::smux::SmuxConfig;
 use crate::wire::crypt::{BlockMode, Crypto};
 use crate::wire::envelope::TcpFlags;
@@ -54,6 +56,8 @@ pub fn session_config(cfg: &Config) -> anyhow::Result<SessionConfig> {
         rcvwnd: k.rcvwnd,
         mtu: k.mtu as usize, // the session replaces it with the KCP share
         stream: true,
+        cc: CcConfig::OFF,
+        autotune: Autotune::default(),
     };
     let smux = SmuxConfig {
         version: 2,
