@@ -30,7 +30,7 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
-use crate::proto::cc::CcConfig;
+use crate::proto::cc::{CcAlgorithm, CcConfig, CcStats};
 use crate::wire::kcp::{Cmd, KcpWireError, SegmentHeader, OVERHEAD};
 
 const RTO_NDL: u32 = 30;
@@ -451,6 +451,26 @@ impl Kcp {
     /// Counters.
     pub fn stats(&self) -> &KcpStats {
         &self.stats
+    }
+
+    /// Congestion-control and window state (for metrics and `dump`).
+    pub fn cc_stats(&self) -> CcStats {
+        let sent = self.stats.out_segs.max(1) as f64;
+        CcStats {
+            algorithm: CcAlgorithm::Off,
+            state: "off",
+            srtt_ms: self.srtt(),
+            rttvar_ms: self.rx_rttvar.max(0) as u32,
+            rto_ms: self.rx_rto,
+            cwnd_bytes: u64::MAX,
+            sndwnd: self.snd_wnd,
+            rcvwnd: self.rcv_wnd,
+            rmt_wnd: self.rmt_wnd,
+            bytes_sent: self.stats.out_bytes,
+            loss_ratio: self.stats.lost_segs as f64 / sent,
+            retrans_ratio: self.stats.retrans_segs as f64 / sent,
+            ..CcStats::default()
+        }
     }
 
     /// Extends the wrapping `now` onto the internal monotonic clock (a step backwards is ignored).

@@ -12,6 +12,7 @@ use std::fmt;
 
 use thiserror::Error;
 
+use crate::proto::cc::CcStats;
 use crate::proto::fec::{FecDecoder, FecEncoder};
 use crate::proto::kcp::{Kcp, KcpConfig, KcpError};
 use crate::proto::smux::{Role as SmuxRole, Smux, SmuxConfig, SmuxError, SmuxEvent};
@@ -187,6 +188,11 @@ impl Session {
 
     pub fn kcp(&self) -> &Kcp {
         &self.kcp
+    }
+
+    /// Congestion-control, RTT and window state of the sending side (see [`CcStats`]).
+    pub fn cc_stats(&self) -> CcStats {
+        self.kcp.cc_stats()
     }
 
     pub fn smux(&self) -> &Smux {
