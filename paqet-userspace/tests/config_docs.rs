@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use paqet::config::{key_info, schema, Config, Role};
+use paqet::config::{key_info, schema, CcAlgorithm, Config, Role};
 
 fn doc() -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
@@ -12,6 +12,14 @@ fn doc() -> String {
 
 /// One row of the key table: (key, type, default, range).
 fn rows(doc: &str) -> Vec<(String, String, String, String)> {
+    full_rows(doc)
+        .into_iter()
+        .map(|(key, ty, default, range, _)| (key, ty, default, range))
+        .collect()
+}
+
+/// One row of the key table: (key, type, default, range, meaning).
+fn full_rows(doc: &str) -> Vec<(String, String, String, String, String)> {
     doc.lines()
         .filter(|l| l.starts_with("| `"))
         .map(|l| {
@@ -33,6 +41,7 @@ fn rows(doc: &str) -> Vec<(String, String, String, String)> {
                 cells[1].to_string(),
                 unquote(cells[2]),
                 cells[3].to_string(),
+                cells[4..].join("|"),
             )
         })
         .collect()
@@ -82,6 +91,50 @@ fn key_table_matches_schema() {
 }
 
 #[test]
+fn key_meanings_match_schema_and_mark_paqet_dp_keys() {
+    let doc = doc();
+    let mut problems = Vec::new();
+    for (key, _, _, _, meaning) in full_rows(&doc) {
+        let Some(info) = key_info(&key) else { continue };
+        let expected = if info.upstream {
+            info.doc.to_string()
+        } else {
+            format!("{} *paqet-dp*", info.doc)
+        };
+        if meaning != expected {
+            problems.push(format!("{key}: doc meaning {meaning:?}, code {expected:?}"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/configuration.md meanings are out of date:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn doc_has_the_congestion_control_section() {
+    let doc = doc();
+    let start = doc
+        .find("### Congestion control and windows")
+        .expect("a \"Congestion control and windows\" section");
+    let section = &doc[start..];
+    let section = &section[..section[4..].find("\n## ").map_or(section.len(), |i| i + 4)];
+    for needle in [
+        "`cc = \"bbr\"`",
+        "`cc = \"fixed\"`",
+        "`cc = \"off\"`",
+        "the wire is unchanged",
+        "`auto`",
+        "window_mem",
+        "Imported YAML",
+        "`sndwnd: auto`",
+    ] {
+        assert!(section.contains(needle), "section lacks {needle:?}");
+    }
+}
+
+#[test]
 fn doc_examples_are_valid_toml_configs() {
     let doc = doc();
     let mut blocks = Vec::new();
@@ -107,9 +160,12 @@ fn doc_examples_are_valid_toml_configs() {
                     "example has warnings {:?}:\n{block}",
                     loaded.warnings
                 );
-                // The examples use upstream's values explicitly; they must equal the defaults for their role.
+                // The examples write the defaults explicitly; they must equal the defaults for their role.
                 let c = &loaded.config;
                 assert_eq!(c.transport.kcp.mtu, 1350);
+                assert_eq!(c.transport.kcp.cc, CcAlgorithm::Bbr);
+                assert_eq!(c.transport.kcp.bandwidth, None);
+                assert!(c.transport.kcp.sndwnd_auto && c.transport.kcp.rcvwnd_auto);
                 let (rcv, snd, sockbuf) = if c.role == Role::Server {
                     (1024, 1024, 8 << 20)
                 } else {
@@ -206,12 +262,13 @@ transport.kcp.key = "k"
                 continue;
             }
             let mut expected = info.default.to_string();
+            // "X (TOML), Y (imported YAML)": these configs are TOML.
+            if let Some((toml_default, _)) = expected.split_once(" (TOML)") {
+                expected = toml_default.to_string();
+            }
             if let Some(rest) = expected.strip_prefix("server ") {
                 let (s, c) = rest.split_once(", client ").expect("per-role default text");
                 expected = if role == "server" { s } else { c }.to_string();
-            }
-            if info.path == "transport.kcp.guard" {
-                expected = "true".to_string(); // TOML default
             }
             let value = lookup(&explicit, info.path)
                 .unwrap_or_else(|| panic!("{role}: {} not in output", info.path));

@@ -8,12 +8,15 @@ use super::raw::*;
 use super::schema::{info, Issues, Mode};
 use super::types::{CpuPin, BLOCK_MODES, TCP_FLAG_LETTERS};
 use super::{
-    Config, FamilyConfig, ForwardProtocol, ForwardRule, HostPort, HttpListener, IoBackend,
-    IoConfig, KcpConfig, KcpMode, Limit, LogLevel, MacAddr, NetworkConfig, Role, Socks5Listener,
-    TransportConfig,
+    CcAlgorithm, Config, FamilyConfig, ForwardProtocol, ForwardRule, HostPort, HttpListener,
+    IoBackend, IoConfig, KcpConfig, KcpMode, Limit, LogLevel, MacAddr, NetworkConfig, Role,
+    Socks5Listener, TransportConfig, MAX_WND,
 };
+use crate::proto::cc::parse_bandwidth;
 
 const MIB: i64 = 1024 * 1024;
+/// Default `transport.kcp.window_mem`.
+const WINDOW_MEM_DEFAULT: i64 = 32 * MIB;
 
 /// Quotes a string value for messages the way TOML writes it.
 fn q(s: &str) -> String {
@@ -48,6 +51,35 @@ fn limit(is: &mut Issues, path: &str, v: Option<i64>, default: u32, hi: i64) -> 
             Some(default)
         }
     }
+}
+
+/// A KCP window key: an integer 1..=32768 is a fixed window, `"auto"` an auto-tuned one starting at
+/// `default`; unset = `default`, auto-tuned when `unset_auto` (TOML) and fixed otherwise (imported YAML
+/// keeps upstream's window). Returns `(window, auto)`.
+fn window(
+    is: &mut Issues,
+    path: &str,
+    v: Option<&IntOrString>,
+    default: u32,
+    unset_auto: bool,
+) -> (u32, bool) {
+    match v {
+        None => (default, unset_auto),
+        Some(IntOrString::Int(x)) if (1..=i64::from(MAX_WND)).contains(x) => (*x as u32, false),
+        Some(IntOrString::Str(s)) if s == "auto" => (default, true),
+        Some(other) => {
+            is.error(path, Some(other.to_string()), must(path));
+            (default, unset_auto)
+        }
+    }
+}
+
+fn window_raw(wnd: u32, auto: bool) -> Option<IntOrString> {
+    Some(if auto {
+        IntOrString::Str("auto".to_string())
+    } else {
+        IntOrString::Int(i64::from(wnd))
+    })
 }
 
 /// A string enum key with an optional default.
@@ -452,21 +484,21 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
         }
     }
     let mtu = int(is, "transport.kcp.mtu", k.mtu, 1350, 50, 1500);
-    let rcvwnd = int(
+    // Unset windows: auto-tuned in TOML; upstream's fixed windows in imported YAML (unless `auto`).
+    let unset_auto = mode == Mode::Strict;
+    let (rcvwnd, rcvwnd_auto) = window(
         is,
         "transport.kcp.rcvwnd",
-        k.rcvwnd,
+        k.rcvwnd.as_ref(),
         if server { 1024 } else { 512 },
-        1,
-        32768,
+        unset_auto,
     );
-    let sndwnd = int(
+    let (sndwnd, sndwnd_auto) = window(
         is,
         "transport.kcp.sndwnd",
-        k.sndwnd,
+        k.sndwnd.as_ref(),
         if server { 1024 } else { 128 },
-        1,
-        32768,
+        unset_auto,
     );
     let dshard = int(is, "transport.kcp.dshard", k.dshard, 0, 0, 255);
     let pshard = int(is, "transport.kcp.pshard", k.pshard, 0, 0, 255);
@@ -563,6 +595,73 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
             8.max(smuxkalive)
         }
     };
+    // Congestion control (sender side only: the wire is unchanged).
+    let cc_path = "transport.kcp.cc";
+    let (cc, cc_ok) = match &k.cc {
+        None => (CcAlgorithm::Bbr, true),
+        Some(c) => match c.parse::<CcAlgorithm>() {
+            Ok(a) => (a, true),
+            Err(_) => {
+                is.error(
+                    cc_path,
+                    Some(q(c)),
+                    format!("must be one of {}", info(cc_path).range),
+                );
+                (CcAlgorithm::Bbr, false)
+            }
+        },
+    };
+    let bw_path = "transport.kcp.bandwidth";
+    let bandwidth = k.bandwidth.as_ref().and_then(|b| {
+        let text = match b {
+            IntOrString::Int(i) => i.to_string(),
+            IntOrString::Str(s) => s.clone(),
+        };
+        match parse_bandwidth(&text) {
+            Ok(rate) => Some(rate),
+            Err(_) => {
+                is.error(bw_path, Some(b.to_string()), must(bw_path));
+                None
+            }
+        }
+    });
+    let bandwidth = match cc {
+        CcAlgorithm::Fixed => {
+            if k.bandwidth.is_none() {
+                is.error(
+                    bw_path,
+                    None,
+                    "required for cc = \"fixed\": the pacing rate, e.g. \"100mbit\"",
+                );
+            }
+            bandwidth
+        }
+        other => {
+            if let (Some(b), Some(_), true) = (&k.bandwidth, bandwidth, cc_ok) {
+                is.warn(
+                    bw_path,
+                    Some(b.to_string()),
+                    format!("ignored: only used when transport.kcp.cc = \"fixed\" (cc is {other})"),
+                );
+            }
+            None
+        }
+    };
+    let window_mem = int(
+        is,
+        "transport.kcp.window_mem",
+        k.window_mem,
+        WINDOW_MEM_DEFAULT,
+        MIB,
+        1024 * MIB,
+    );
+    if !sndwnd_auto && !rcvwnd_auto && k.window_mem.is_some_and(|v| v != WINDOW_MEM_DEFAULT) {
+        is.warn(
+            "transport.kcp.window_mem",
+            Some(window_mem.to_string()),
+            "ignored: only caps an auto-tuned window (sndwnd and rcvwnd are both fixed)",
+        );
+    }
     let guard_magic = match &k.guard_magic {
         None => *b"PQT1",
         Some(m) => match <[u8; 4]>::try_from(m.as_bytes()) {
@@ -714,8 +813,11 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
                 wdelay: k.wdelay.unwrap_or(false),
                 acknodelay: k.acknodelay.unwrap_or(false),
                 mtu: mtu as u32,
-                rcvwnd: rcvwnd as u32,
-                sndwnd: sndwnd as u32,
+                rcvwnd,
+                rcvwnd_auto,
+                sndwnd,
+                sndwnd_auto,
+                window_mem: window_mem as u32,
                 dshard: dshard as u32,
                 pshard: pshard as u32,
                 block,
@@ -724,6 +826,8 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
                 streambuf: streambuf as u32,
                 smuxkalive: smuxkalive as u32,
                 smuxktimeout: smuxktimeout as u32,
+                cc,
+                bandwidth,
                 guard,
                 guard_magic,
                 guard_window: guard_window as u32,
@@ -805,8 +909,8 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
                 wdelay: Some(k.wdelay),
                 acknodelay: Some(k.acknodelay),
                 mtu: Some(i64::from(k.mtu)),
-                rcvwnd: Some(i64::from(k.rcvwnd)),
-                sndwnd: Some(i64::from(k.sndwnd)),
+                rcvwnd: window_raw(k.rcvwnd, k.rcvwnd_auto),
+                sndwnd: window_raw(k.sndwnd, k.sndwnd_auto),
                 dshard: Some(i64::from(k.dshard)),
                 pshard: Some(i64::from(k.pshard)),
                 block: Some(k.block.clone()),
@@ -815,6 +919,12 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
                 streambuf: Some(i64::from(k.streambuf)),
                 smuxkalive: Some(i64::from(k.smuxkalive)),
                 smuxktimeout: Some(i64::from(k.smuxktimeout)),
+                cc: Some(k.cc.to_string()),
+                bandwidth: k
+                    .bandwidth
+                    .and_then(|b| i64::try_from(b).ok())
+                    .map(IntOrString::Int),
+                window_mem: Some(i64::from(k.window_mem)),
                 guard: Some(k.guard),
                 guard_magic: Some(String::from_utf8_lossy(&k.guard_magic).into_owned()),
                 guard_window: Some(i64::from(k.guard_window)),

@@ -20,6 +20,8 @@ pub use types::{
     TCP_FLAG_LETTERS,
 };
 
+pub use crate::proto::cc::CcAlgorithm;
+
 use schema::{Issues, Mode};
 
 /// One configuration problem: the full key path, the offending value (if any) and what is allowed.
@@ -208,10 +210,18 @@ pub struct KcpConfig {
     pub acknodelay: bool,
     /// MTU (bytes of TCP payload).
     pub mtu: u32,
-    /// Receive window (packets).
+    /// Receive window (packets): the fixed window, or where an auto-tuned one starts.
     pub rcvwnd: u32,
-    /// Send window (packets).
+    /// `rcvwnd = "auto"` (the TOML default): the receive window grows from `rcvwnd` up to
+    /// [`KcpConfig::max_wnd`].
+    pub rcvwnd_auto: bool,
+    /// Send window (packets): the fixed window, or where an auto-tuned one starts.
     pub sndwnd: u32,
+    /// `sndwnd = "auto"` (the TOML default): the send window grows from `sndwnd` up to
+    /// [`KcpConfig::max_wnd`].
+    pub sndwnd_auto: bool,
+    /// Memory cap of an auto-tuned window (bytes).
+    pub window_mem: u32,
     /// FEC data shards.
     pub dshard: u32,
     /// FEC parity shards.
@@ -228,6 +238,10 @@ pub struct KcpConfig {
     pub smuxkalive: u32,
     /// smux keep-alive timeout (s).
     pub smuxktimeout: u32,
+    /// Sender congestion control and pacing.
+    pub cc: CcAlgorithm,
+    /// Pacing rate of `cc = "fixed"` in bytes per second (`None` with any other `cc`).
+    pub bandwidth: Option<u64>,
     /// Packet guard on.
     pub guard: bool,
     /// Guard magic.
@@ -244,6 +258,25 @@ pub struct KcpConfig {
     pub max_streams_per_session: Limit,
     /// Server: header read timeout (s).
     pub header_timeout: u32,
+}
+
+/// Largest KCP window (packets) the configuration accepts, and the ceiling of an auto-tuned window.
+pub const MAX_WND: u32 = 32768;
+
+impl KcpConfig {
+    /// The largest size an auto-tuned window may reach (packets): `min(32768, window_mem / mtu)`, never
+    /// below the starting value of a window that is auto-tuned.
+    pub fn max_wnd(&self) -> u32 {
+        let by_mem = self.window_mem / self.mtu.max(1);
+        let mut max = by_mem.min(MAX_WND);
+        if self.sndwnd_auto {
+            max = max.max(self.sndwnd);
+        }
+        if self.rcvwnd_auto {
+            max = max.max(self.rcvwnd);
+        }
+        max
+    }
 }
 
 /// `transport.*`

@@ -4,6 +4,26 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A value that may be written as an integer or as a string (`sndwnd = "auto"`, `bandwidth = "100mbit"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    /// An integer as written.
+    Int(i64),
+    /// A string as written.
+    Str(String),
+}
+
+impl std::fmt::Display for IntOrString {
+    /// As the file writes it (strings quoted), for messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IntOrString::Int(i) => write!(f, "{i}"),
+            IntOrString::Str(s) => write!(f, "{}", toml::Value::String(s.clone())),
+        }
+    }
+}
+
 /// Top level of the configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -144,7 +164,7 @@ pub struct RawTransport {
     pub kcp: Option<RawKcp>,
 }
 
-/// `[transport.kcp]` (upstream keys, then paqet-dp's guard and limit keys).
+/// `[transport.kcp]` (upstream keys, then paqet-dp's congestion-control, guard and limit keys).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RawKcp {
@@ -165,9 +185,9 @@ pub struct RawKcp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mtu: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rcvwnd: Option<i64>,
+    pub rcvwnd: Option<IntOrString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sndwnd: Option<i64>,
+    pub sndwnd: Option<IntOrString>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dshard: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -184,6 +204,12 @@ pub struct RawKcp {
     pub smuxkalive: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub smuxktimeout: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cc: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<IntOrString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_mem: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -14,6 +14,9 @@ pub enum KeyType {
     Bool,
     /// An array of strings.
     StrList,
+    /// An integer or a string (`sndwnd = "auto"`, `bandwidth = "100mbit"`); the value's meaning is checked
+    /// by validation.
+    IntOrStr,
 }
 
 impl KeyType {
@@ -24,6 +27,7 @@ impl KeyType {
             KeyType::Int => "an integer",
             KeyType::Bool => "a boolean",
             KeyType::StrList => "an array of strings",
+            KeyType::IntOrStr => "an integer or a string",
         }
     }
 }
@@ -74,7 +78,7 @@ const fn k(
     doc: &'static str,
 ) -> KeyInfo {
     // Upstream keys of type int/string take Go zero values as "unset".
-    let zero_is_unset = upstream && matches!(kind, KeyType::Int | KeyType::Str);
+    let zero_is_unset = upstream && matches!(kind, KeyType::Int | KeyType::Str | KeyType::IntOrStr);
     KeyInfo {
         path,
         kind,
@@ -88,11 +92,15 @@ const fn k(
     }
 }
 
-use KeyType::{Bool, Int, Str, StrList};
+use KeyType::{Bool, Int, IntOrStr, Str, StrList};
 use Scope::{Any, Client, Server};
 
 const R_PORT: &str = "host:port, port 1..=65535";
 const FLAG_RANGE: &str = "1..=64 strings of letters F S R P A U E C N";
+/// Allowed values of `transport.kcp.bandwidth` (what `proto::cc::parse_bandwidth` accepts).
+const BW_RANGE: &str = "a number with a unit: kbit, mbit, gbit (bits/s) or kb, mb, gb, kib, mib, gib (bytes/s), e.g. \"100mbit\", \"12.5mb\"; or an integer of bytes/s; 1..=1000000000000 bytes/s";
+/// Type text of `sndwnd`/`rcvwnd`.
+const WND_TYPE: &str = "integer (packets) or auto";
 
 static SCHEMA: &[KeyInfo] = &[
     k("role", Str, "string", "—", "client, server", Any, true, "Which end this process is (required)."),
@@ -152,10 +160,12 @@ static SCHEMA: &[KeyInfo] = &[
       "Send ACKs immediately (manual mode only)."),
     k("transport.kcp.mtu", Int, "integer (bytes)", "1350", "50..=1500", Any, true,
       "Largest TCP payload, including crypto/FEC headers."),
-    k("transport.kcp.rcvwnd", Int, "integer (packets)", "server 1024, client 512", "1..=32768", Any, true,
-      "KCP receive window."),
-    k("transport.kcp.sndwnd", Int, "integer (packets)", "server 1024, client 128", "1..=32768", Any, true,
-      "KCP send window."),
+    k("transport.kcp.rcvwnd", IntOrStr, WND_TYPE, "auto (TOML), server 1024, client 512 (imported YAML)",
+      "1..=32768, or auto", Any, true,
+      "KCP receive window. `auto` starts at server 1024, client 512 and grows up to `window_mem`; an integer is a fixed window (upstream)."),
+    k("transport.kcp.sndwnd", IntOrStr, WND_TYPE, "auto (TOML), server 1024, client 128 (imported YAML)",
+      "1..=32768, or auto", Any, true,
+      "KCP send window. `auto` starts at server 1024, client 128 and grows up to `window_mem`; an integer is a fixed window (upstream)."),
     k("transport.kcp.dshard", Int, "integer", "0", "0..=255", Any, true,
       "FEC data shards; FEC is on only when dshard and pshard are both > 0 (must match the peer)."),
     k("transport.kcp.pshard", Int, "integer", "0", "0..=255, dshard + pshard <= 256", Any, true,
@@ -172,6 +182,12 @@ static SCHEMA: &[KeyInfo] = &[
     k("transport.kcp.smuxkalive", Int, "integer (s)", "2", "1..=3600", Any, true, "smux keep-alive interval."),
     k("transport.kcp.smuxktimeout", Int, "integer (s)", "8", "smuxkalive..=86400", Any, true,
       "smux keep-alive timeout (session closed when nothing is received for this long)."),
+    k("transport.kcp.cc", Str, "string", "bbr", "bbr, fixed, off", Any, false,
+      "Sender congestion control and pacing: `bbr` estimates the path, `fixed` paces at `bandwidth`, `off` is upstream's unpaced window bursts. The wire is unchanged."),
+    k("transport.kcp.bandwidth", IntOrStr, "rate or integer (bytes/s)", "— (required for cc = fixed)", BW_RANGE, Any, false,
+      "Pacing rate of `cc = \"fixed\"` (ignored with a warning for other cc)."),
+    k("transport.kcp.window_mem", Int, "integer (bytes)", "33554432", "1048576..=1073741824", Any, false,
+      "Memory cap of an auto-tuned window: it grows to at most min(32768, window_mem / mtu) packets (never below its start)."),
     k("transport.kcp.guard", Bool, "bool", "true (TOML), false (imported YAML)", "true, false", Any, false,
       "Prefix every datagram with magic + rotating HMAC cookie; drops foreign packets before decryption. Not upstream-compatible."),
     k("transport.kcp.guard_magic", Str, "string", "PQT1", "exactly 4 bytes", Any, false, "Guard magic prefix."),
@@ -387,6 +403,8 @@ fn check_leaf(
         | (KeyType::Int, V::Integer(_))
         | (KeyType::Bool, V::Boolean(_)) => Some(v.clone()),
         (KeyType::StrList, V::Array(items)) if items.iter().all(|i| i.is_str()) => Some(v.clone()),
+        (KeyType::IntOrStr, V::Integer(_) | V::String(_)) => Some(v.clone()),
+        (KeyType::IntOrStr, V::Float(f)) if mode == Mode::Lenient => Some(V::String(f.to_string())),
         // Upstream YAML: Go unmarshals plain scalars into string fields.
         (KeyType::Str, V::Integer(i)) if mode == Mode::Lenient => Some(V::String(i.to_string())),
         (KeyType::Str, V::Float(f)) if mode == Mode::Lenient => Some(V::String(f.to_string())),

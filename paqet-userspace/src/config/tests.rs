@@ -641,3 +641,307 @@ fn load_picks_format_by_extension_and_content() {
     let err = Config::load(&missing).unwrap_err().to_string();
     assert!(err.contains("missing.toml"), "{err}");
 }
+
+/// The windows and congestion control of a loaded configuration:
+/// `(cc, bandwidth, (sndwnd, auto), (rcvwnd, auto))`.
+fn cc_windows(c: &Config) -> (CcAlgorithm, Option<u64>, (u32, bool), (u32, bool)) {
+    let k = &c.transport.kcp;
+    (
+        k.cc,
+        k.bandwidth,
+        (k.sndwnd, k.sndwnd_auto),
+        (k.rcvwnd, k.rcvwnd_auto),
+    )
+}
+
+/// `to_toml_string` reads back to the same configuration, without warnings.
+fn assert_round_trips(c: &Config) -> toml::Table {
+    let text = c.to_toml_string();
+    let back = toml_ok(&text);
+    assert_eq!(&back.config, c, "TOML round trip changed the config:\n{text}");
+    assert!(back.warnings.is_empty(), "{:?}\n{text}", back.warnings);
+    text.parse().expect("own TOML parses")
+}
+
+fn kcp_value<'a>(t: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    t.get("transport")?.get("kcp")?.get(key)
+}
+
+#[test]
+fn toml_defaults_are_bbr_and_auto_windows() {
+    let c = toml_ok(&client_toml("")).config;
+    assert_eq!(
+        cc_windows(&c),
+        (CcAlgorithm::Bbr, None, (128, true), (512, true))
+    );
+    let k = &c.transport.kcp;
+    assert_eq!(k.window_mem, 32 * 1024 * 1024);
+    // min(32768, 32 MiB / 1350) packets.
+    assert_eq!(k.max_wnd(), 33_554_432 / 1350);
+    let explicit = assert_round_trips(&c);
+    assert_eq!(kcp_value(&explicit, "cc").and_then(|v| v.as_str()), Some("bbr"));
+    assert_eq!(kcp_value(&explicit, "sndwnd").and_then(|v| v.as_str()), Some("auto"));
+    assert_eq!(kcp_value(&explicit, "rcvwnd").and_then(|v| v.as_str()), Some("auto"));
+    assert_eq!(
+        kcp_value(&explicit, "window_mem").and_then(|v| v.as_integer()),
+        Some(33_554_432)
+    );
+    assert_eq!(kcp_value(&explicit, "bandwidth"), None);
+
+    let s = toml_ok(&server_toml("")).config;
+    assert_eq!(
+        cc_windows(&s),
+        (CcAlgorithm::Bbr, None, (1024, true), (1024, true))
+    );
+    assert_round_trips(&s);
+
+    // An integer is a fixed window; "auto" written out is the default.
+    let fixed = toml_ok(&client_toml("sndwnd = 256\nrcvwnd = \"auto\"")).config;
+    assert_eq!(cc_windows(&fixed).2, (256, false));
+    assert_eq!(cc_windows(&fixed).3, (512, true));
+    let explicit = assert_round_trips(&fixed);
+    assert_eq!(kcp_value(&explicit, "sndwnd").and_then(|v| v.as_integer()), Some(256));
+}
+
+#[test]
+fn yaml_import_keeps_upstream_windows_unless_auto() {
+    // Spec client: windows written (512/128), cc unset → bbr, windows fixed.
+    let c = Config::from_yaml_str(&spec_client_yaml()).unwrap().config;
+    assert_eq!(
+        cc_windows(&c),
+        (CcAlgorithm::Bbr, None, (128, false), (512, false))
+    );
+    let explicit = assert_round_trips(&c);
+    assert_eq!(kcp_value(&explicit, "sndwnd").and_then(|v| v.as_integer()), Some(128));
+    assert_eq!(kcp_value(&explicit, "cc").and_then(|v| v.as_str()), Some("bbr"));
+
+    // Windows left out (or Go's zero value): upstream's fixed values, no auto-tuning.
+    let unset = spec_client_yaml()
+        .replace("    rcvwnd: 512\n", "")
+        .replace("sndwnd: 128", "sndwnd: 0");
+    let c = Config::from_yaml_str(&unset).unwrap().config;
+    assert_eq!(
+        cc_windows(&c),
+        (CcAlgorithm::Bbr, None, (128, false), (512, false))
+    );
+    let s = Config::from_yaml_str(&spec_server_yaml()).unwrap().config;
+    assert_eq!(cc_windows(&s).2, (1024, false));
+    assert_eq!(cc_windows(&s).3, (1024, false));
+
+    // `auto` written in the YAML: that window is auto-tuned from the role's default; the other stays fixed.
+    let auto = spec_client_yaml().replace("sndwnd: 128", "sndwnd: auto");
+    let loaded = Config::from_yaml_str(&auto).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert_eq!(
+        cc_windows(&loaded.config),
+        (CcAlgorithm::Bbr, None, (128, true), (512, false))
+    );
+    // `config import` output keeps it.
+    let explicit = assert_round_trips(&loaded.config);
+    assert_eq!(kcp_value(&explicit, "sndwnd").and_then(|v| v.as_str()), Some("auto"));
+    assert_eq!(kcp_value(&explicit, "rcvwnd").and_then(|v| v.as_integer()), Some(512));
+
+    // The paqet-dp keys are read from YAML too (a float rate is taken as written, as a string would be).
+    let fixed = auto.replace(
+        "    smuxbuf:",
+        "    cc: fixed\n    bandwidth: 100mbit\n    window_mem: 8388608\n    smuxbuf:",
+    );
+    let c = Config::from_yaml_str(&fixed).unwrap().config;
+    assert_eq!(
+        cc_windows(&c),
+        (CcAlgorithm::Fixed, Some(12_500_000), (128, true), (512, false))
+    );
+    assert_eq!(c.transport.kcp.window_mem, 8_388_608);
+    let explicit = assert_round_trips(&c);
+    assert_eq!(
+        kcp_value(&explicit, "bandwidth").and_then(|v| v.as_integer()),
+        Some(12_500_000)
+    );
+    let float = fixed.replace("bandwidth: 100mbit", "bandwidth: 1.5e6");
+    assert_eq!(
+        Config::from_yaml_str(&float).unwrap().config.transport.kcp.bandwidth,
+        Some(1_500_000)
+    );
+}
+
+#[test]
+fn cc_and_window_errors_name_key_value_and_range() {
+    let errors = toml_errors(&client_toml(
+        "cc = \"cubic\"\nbandwidth = \"fast\"\nwindow_mem = 1024\nsndwnd = \"autox\"\nrcvwnd = 0",
+    ));
+    let expect = [
+        "transport.kcp.cc = \"cubic\": must be one of bbr, fixed, off",
+        "transport.kcp.bandwidth = \"fast\": must be a number with a unit: kbit, mbit, gbit (bits/s) or kb, mb, gb, kib, mib, gib (bytes/s)",
+        "transport.kcp.window_mem = 1024: must be 1048576..=1073741824",
+        "transport.kcp.sndwnd = \"autox\": must be 1..=32768, or auto",
+        "transport.kcp.rcvwnd = 0: must be 1..=32768, or auto",
+    ];
+    for e in expect {
+        assert_has(&errors, e);
+    }
+    assert_eq!(errors.len(), expect.len(), "{}", errors.join("\n"));
+
+    // cc = "fixed" needs a rate.
+    let errors = toml_errors(&client_toml("cc = \"fixed\""));
+    assert_eq!(
+        errors,
+        ["transport.kcp.bandwidth: required for cc = \"fixed\": the pacing rate, e.g. \"100mbit\""]
+    );
+    // Bad rates: zero, negative, no number, unknown unit, too large; a bad rate is an error whatever cc is.
+    for (written, shown) in [
+        ("0", "0"),
+        ("-5", "-5"),
+        ("\"0kbit\"", "\"0kbit\""),
+        ("\"mbit\"", "\"mbit\""),
+        ("\"100 furlongs\"", "\"100 furlongs\""),
+        ("\"2000gb\"", "\"2000gb\""),
+    ] {
+        for cc in ["fixed", "bbr"] {
+            let errors = toml_errors(&client_toml(&format!("cc = \"{cc}\"\nbandwidth = {written}")));
+            assert_has(&errors, &format!("transport.kcp.bandwidth = {shown}: must be"));
+            assert_eq!(errors.len(), 1, "{}", errors.join("\n"));
+        }
+    }
+    // Wrong types and out-of-range windows.
+    assert_has(
+        &toml_errors(&client_toml("sndwnd = true")),
+        "transport.kcp.sndwnd = true: must be an integer or a string (1..=32768, or auto)",
+    );
+    assert_has(
+        &toml_errors(&client_toml("rcvwnd = 32769")),
+        "transport.kcp.rcvwnd = 32769: must be 1..=32768, or auto",
+    );
+    assert_has(
+        &toml_errors(&client_toml("sndwnd = \"AUTO\"")),
+        "transport.kcp.sndwnd = \"AUTO\": must be 1..=32768, or auto",
+    );
+    assert_has(
+        &toml_errors(&client_toml("window_mem = 1073741825")),
+        "transport.kcp.window_mem = 1073741825: must be 1048576..=1073741824",
+    );
+    assert_has(
+        &toml_errors(&client_toml("cc = 1")),
+        "transport.kcp.cc = 1: must be a string (bbr, fixed, off)",
+    );
+    // Imported YAML reports the same problems.
+    let yaml = spec_client_yaml().replace("sndwnd: 128", "sndwnd: autox\n    cc: reno");
+    match Config::from_yaml_str(&yaml) {
+        Err(ConfigError::Invalid { errors, .. }) => {
+            let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            assert_has(&errors, "transport.kcp.sndwnd = \"autox\": must be 1..=32768, or auto");
+            assert_has(&errors, "transport.kcp.cc = \"reno\": must be one of bbr, fixed, off");
+            assert_eq!(errors.len(), 2, "{}", errors.join("\n"));
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn bandwidth_units() {
+    let rate = |written: &str| {
+        let loaded = toml_ok(&client_toml(&format!("cc = \"fixed\"\nbandwidth = {written}")));
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_round_trips(&loaded.config);
+        loaded.config.transport.kcp.bandwidth
+    };
+    for (written, bytes_per_sec) in [
+        ("\"100mbit\"", 12_500_000),
+        ("\"1.5gbit\"", 187_500_000),
+        ("\"800kbit\"", 100_000),
+        ("\"100Mbps\"", 12_500_000),
+        ("\"12.5mb\"", 12_500_000),
+        ("\"500kb\"", 500_000),
+        ("\"1gb\"", 1_000_000_000),
+        ("\"2mib\"", 2 * 1024 * 1024),
+        ("\"4000000\"", 4_000_000),
+        ("4000000", 4_000_000),
+        ("1", 1),
+        ("1000000000000", 1_000_000_000_000),
+    ] {
+        assert_eq!(rate(written), Some(bytes_per_sec), "bandwidth = {written}");
+    }
+}
+
+#[test]
+fn bandwidth_without_fixed_is_ignored_with_a_warning() {
+    for cc in ["bbr", "off"] {
+        let loaded = toml_ok(&client_toml(&format!("cc = \"{cc}\"\nbandwidth = \"100mbit\"")));
+        assert_eq!(loaded.config.transport.kcp.bandwidth, None);
+        assert_eq!(loaded.config.transport.kcp.cc.to_string(), cc);
+        let w: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(
+            w,
+            [format!("transport.kcp.bandwidth = \"100mbit\": ignored: only used when transport.kcp.cc = \"fixed\" (cc is {cc})")]
+        );
+        // The ignored rate is not exported, so the import output loads without the warning.
+        assert_round_trips(&loaded.config);
+    }
+    // cc = "off" alone: upstream's behaviour, nothing else changes.
+    let off = toml_ok(&client_toml("cc = \"off\"")).config;
+    assert_eq!(
+        cc_windows(&off),
+        (CcAlgorithm::Off, None, (128, true), (512, true))
+    );
+}
+
+#[test]
+fn window_mem_caps_auto_windows() {
+    let max_wnd = |extra: &str, server: bool| {
+        let text = if server { server_toml(extra) } else { client_toml(extra) };
+        toml_ok(&text).config.transport.kcp.max_wnd()
+    };
+    // 1 MiB / 1350 = 776 packets.
+    assert_eq!(max_wnd("window_mem = 1048576", false), 776);
+    // Never below the starting window (server starts at 1024).
+    assert_eq!(max_wnd("window_mem = 1048576", true), 1024);
+    // Never above 32768 packets.
+    assert_eq!(max_wnd("window_mem = 1073741824", false), 32768);
+    // The mtu counts: 1 MiB / 500 = 2097.
+    assert_eq!(max_wnd("window_mem = 1048576\nmtu = 500", false), 2097);
+    // Only the auto windows' starts raise it: a fixed 4096 sndwnd does not.
+    assert_eq!(max_wnd("window_mem = 1048576\nsndwnd = 4096", false), 776);
+    assert_eq!(max_wnd("window_mem = 1048576\nsndwnd = 4096\nrcvwnd = \"auto\"", true), 1024);
+
+    // A non-default window_mem with both windows fixed has no effect: warned about.
+    let loaded = toml_ok(&client_toml("window_mem = 1048576\nsndwnd = 128\nrcvwnd = 512"));
+    assert!(
+        loaded.warnings.iter().any(|w| w.key == "transport.kcp.window_mem"
+            && w.message.contains("ignored")),
+        "{:?}",
+        loaded.warnings
+    );
+    // The explicit default (as `config import` writes it) is not.
+    let loaded = toml_ok(&client_toml("window_mem = 33554432\nsndwnd = 128\nrcvwnd = 512"));
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+}
+
+#[test]
+fn session_config_carries_cc_and_autotune() {
+    use crate::proto::cc::CcConfig;
+    use crate::proto::kcp::Autotune;
+    use crate::worker::setup::session_config;
+    let kcp = |text: &str| match session_config(&toml_ok(text).config) {
+        Ok(s) => s.kcp,
+        Err(e) => panic!("session_config: {e}"),
+    };
+    let k = kcp(&client_toml(""));
+    assert_eq!(k.cc, CcConfig::BBR);
+    assert_eq!(
+        (k.sndwnd, k.rcvwnd, k.autotune),
+        (128, 512, Autotune { sndwnd: true, rcvwnd: true, max_wnd: 33_554_432 / 1350 })
+    );
+    let k = kcp(&server_toml("cc = \"fixed\"\nbandwidth = \"80mbit\"\nsndwnd = 2048"));
+    assert_eq!(k.cc, CcConfig::fixed(10_000_000));
+    assert_eq!(
+        (k.sndwnd, k.rcvwnd, k.autotune),
+        (2048, 1024, Autotune { sndwnd: false, rcvwnd: true, max_wnd: 33_554_432 / 1350 })
+    );
+    let k = kcp(&client_toml("cc = \"off\"\nsndwnd = 128\nrcvwnd = 512"));
+    assert_eq!(k.cc, CcConfig::OFF);
+    assert!(!k.autotune.sndwnd && !k.autotune.rcvwnd);
+    // Imported YAML: upstream's fixed windows, bbr.
+    let yaml = Config::from_yaml_str(&spec_client_yaml()).unwrap().config;
+    let k = session_config(&yaml).unwrap().kcp;
+    assert_eq!((k.cc, k.sndwnd, k.rcvwnd), (CcConfig::BBR, 128, 512));
+    assert!(!k.autotune.sndwnd && !k.autotune.rcvwnd);
+}

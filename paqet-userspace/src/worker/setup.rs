@@ -39,7 +39,7 @@ fn flags(list: &[String], key: &str) -> anyhow::Result<Vec<TcpFlags>> {
         .collect()
 }
 
-/// The session settings (crypto, FEC, KCP preset, smux) of `cfg`.
+/// The session settings (crypto, FEC, KCP preset, congestion control, window auto-tuning, smux) of `cfg`.
 pub fn session_config(cfg: &Config) -> anyhow::Result<SessionConfig> {
     let k = &cfg.transport.kcp;
     let mode: BlockMode = k.block.parse().map_err(|e| anyhow!("transport.kcp.block = {:?}: {e}", k.block))?;
@@ -56,8 +56,12 @@ pub fn session_config(cfg: &Config) -> anyhow::Result<SessionConfig> {
         rcvwnd: k.rcvwnd,
         mtu: k.mtu as usize, // the session replaces it with the KCP share
         stream: true,
-        cc: CcConfig::OFF,
-        autotune: Autotune::default(),
+        cc: CcConfig {
+            algorithm: k.cc,
+            // Validation guarantees a rate with `fixed` and none otherwise.
+            bandwidth: k.bandwidth.unwrap_or(0),
+        },
+        autotune: Autotune { sndwnd: k.sndwnd_auto, rcvwnd: k.rcvwnd_auto, max_wnd: k.max_wnd() },
     };
     let smux = SmuxConfig {
         version: 2,
