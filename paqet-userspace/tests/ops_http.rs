@@ -5,14 +5,42 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use flate2::read::GzDecoder;
-use paqet::ops::metrics::{AfXdpStats, DataPathMode, RoleLabel, Snapshot, WorkerSnapshot, METRIC_NAMES};
+use paqet::ops::metrics::{AfXdpStats, CcSnapshot, DataPathMode, RoleLabel, Snapshot, WorkerSnapshot, METRIC_NAMES};
 use paqet::ops::pprof::TrackingAlloc;
 use paqet::ops::{readiness, spawn_ops_thread, OpsState};
+use paqet::proto::cc::{CcAlgorithm, CcStats};
 use paqet_common::XdpCounter;
 use pprof::protos::{Message, Profile};
 
 #[global_allocator]
 static ALLOC: TrackingAlloc = TrackingAlloc;
+
+/// Congestion-control figures of worker `i`: one BBR session from peer 10.0.0.`i`:5000.
+fn fake_cc(i: u64) -> CcSnapshot {
+    let mut cc = CcSnapshot::default();
+    let stats = CcStats {
+        algorithm: CcAlgorithm::Bbr,
+        state: "probe_bw",
+        pacing_rate: 1_250_000 * (i + 1),
+        btl_bw: 1_000_000 * (i + 1),
+        delivery_rate: 1_000_000 * (i + 1),
+        min_rtt_ms: 20,
+        srtt_ms: 25,
+        cwnd_bytes: 50_000,
+        inflight_bytes: 40_000,
+        bytes_sent: 1_100_000,
+        bytes_delivered: 1_000_000,
+        loss_ratio: 0.01,
+        retrans_ratio: 0.1,
+        spurious_retrans: 5,
+        window_limited_by: Some("sndwnd"),
+        ..CcStats::default()
+    };
+    cc.add_session(format!("10.0.0.{i}:5000").parse().unwrap(), &stats);
+    cc.window_limited_total = [1, 0];
+    cc.finish();
+    cc
+}
 
 /// A snapshot exercising every family (two workers, XDP and AF_XDP counters present).
 fn fake_snapshot() -> Snapshot {
@@ -27,6 +55,7 @@ fn fake_snapshot() -> Snapshot {
         pcap_ps_drop: 1,
         afxdp: Some(AfXdpStats { rx_dropped: 1, rx_ring_full: 2, fill_ring_empty: 3, tx_invalid_descs: 0 }),
         srtt_seconds: vec![0.002, 0.004],
+        cc: fake_cc(i),
         ..Default::default()
     };
     let mut xdp = [0u64; XdpCounter::COUNT as usize];
@@ -154,6 +183,18 @@ fn metrics_are_prometheus_text_with_every_name() {
     assert!(text.contains("paqet_packets_total{direction=\"rx\"} 300\n"), "{text}");
     assert!(text.contains("paqet_sessions{role=\"client\"} 3\n"), "{text}");
     assert!(text.contains("paqet_xdp_packets_total{counter=\"seen\"} 500\n"), "{text}");
+    // Congestion control: aggregates over both workers' sessions, the top list ranked by delivery rate.
+    assert!(text.contains("paqet_cc_sessions{algorithm=\"bbr\",state=\"probe_bw\"} 2\n"), "{text}");
+    assert!(text.contains("paqet_cc_delivery_rate_bytes_per_second 3000000\n"), "{text}");
+    assert!(text.contains("paqet_cc_sent_bytes_total 2200000\n"), "{text}");
+    assert!(text.contains("paqet_cc_delivered_bytes_total 2000000\n"), "{text}");
+    assert!(text.contains("paqet_cc_window_limited_sessions{by=\"sndwnd\"} 2\n"), "{text}");
+    assert!(text.contains("paqet_cc_window_limited_total{by=\"sndwnd\"} 2\n"), "{text}");
+    assert!(
+        text.contains("paqet_cc_top_delivery_rate_bytes_per_second{rank=\"1\",peer=\"10.0.0.1:5000\"} 2000000\n"),
+        "{text}"
+    );
+    assert!(text.contains("paqet_cc_top_min_rtt_seconds{rank=\"2\",peer=\"10.0.0.0:5000\"} 0.02\n"), "{text}");
 }
 
 #[test]

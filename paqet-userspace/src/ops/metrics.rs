@@ -4,6 +4,12 @@
 //! [`Snapshot`] when it is scraped (a callback, see [`super::OpsState`]), and [`Metrics::encode`] copies the
 //! snapshot into `prometheus-client` metric families and renders them as OpenMetrics text (which Prometheus
 //! scrapes like text format 0.0.4). Every exported sample name is listed in [`METRIC_NAMES`].
+//!
+//! Congestion-control figures (`paqet_cc_*`) have bounded cardinality: aggregates over all live sessions,
+//! plus the [`CC_TOP_N`] sessions with the highest delivery rate labelled by `rank` and `peer` (series of
+//! a session that leaves the top list or goes away are removed at the next scrape).
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -15,6 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::io::IoStats;
+use crate::proto::cc::{CcAlgorithm, CcStats};
 use crate::worker::core::DaemonStats;
 
 /// `Content-Type` of [`Metrics::encode`]'s output.
@@ -46,7 +53,143 @@ pub const METRIC_NAMES: &[&str] = &[
     "paqet_worker_handoffs_total",
     "paqet_xdp_packets_total",
     "paqet_afxdp_socket_events_total",
+    "paqet_cc_sessions",
+    "paqet_cc_pacing_rate_bytes_per_second",
+    "paqet_cc_delivery_rate_bytes_per_second",
+    "paqet_cc_srtt_seconds",
+    "paqet_cc_min_rtt_seconds",
+    "paqet_cc_sent_bytes_total",
+    "paqet_cc_delivered_bytes_total",
+    "paqet_cc_spurious_retransmissions_total",
+    "paqet_cc_window_limited_sessions",
+    "paqet_cc_window_limited_total",
+    "paqet_cc_top_pacing_rate_bytes_per_second",
+    "paqet_cc_top_btl_bw_bytes_per_second",
+    "paqet_cc_top_delivery_rate_bytes_per_second",
+    "paqet_cc_top_min_rtt_seconds",
+    "paqet_cc_top_srtt_seconds",
+    "paqet_cc_top_loss_ratio",
+    "paqet_cc_top_retrans_ratio",
+    "paqet_cc_top_cwnd_bytes",
+    "paqet_cc_top_inflight_bytes",
 ];
+
+/// How many sessions the `paqet_cc_top_*` families list (label `rank` = 1..=CC_TOP_N, by delivery rate).
+pub const CC_TOP_N: usize = 5;
+
+/// Values of the `by` label of the window-limited families, in [`CcSnapshot::window_limited`] order:
+/// our send window (`transport.kcp.sndwnd`) or the peer's advertised receive window.
+pub const WINDOW_LIMITED_BY: [&str; 2] = ["sndwnd", "peer_rcvwnd"];
+
+/// Index of a [`CcStats::window_limited_by`] value in [`WINDOW_LIMITED_BY`] (None for a value this
+/// exporter does not know).
+pub fn window_limited_index(by: &str) -> Option<usize> {
+    WINDOW_LIMITED_BY.iter().position(|b| *b == by)
+}
+
+/// One session of a worker's congestion-control top list.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CcTopSession {
+    pub peer: SocketAddr,
+    pub stats: CcStats,
+}
+
+/// Congestion-control figures of one worker's sessions, gathered periodically from
+/// [`crate::proto::session::Session::cc_stats`] (never per packet). Build it with
+/// [`CcSnapshot::add_session`] per live session, [`CcSnapshot::add_retired`] for the sessions that are
+/// gone, then [`CcSnapshot::finish`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CcSnapshot {
+    /// Live sessions per (algorithm, state).
+    pub states: Vec<(CcAlgorithm, &'static str, u64)>,
+    /// Sum of the live sessions' pacing rates, bytes/s.
+    pub pacing_rate: u64,
+    /// Sum of the live sessions' latest delivery rates, bytes/s.
+    pub delivery_rate: u64,
+    /// Smoothed RTT of each live session that has one (srtt > 0), seconds.
+    pub srtt_seconds: Vec<f64>,
+    /// Minimum RTT of each live session that has one (min_rtt > 0), seconds.
+    pub min_rtt_seconds: Vec<f64>,
+    /// KCP PUSH payload bytes sent (retransmissions included), cumulative over live and gone sessions.
+    pub bytes_sent: u64,
+    /// KCP PUSH payload bytes acknowledged, cumulative over live and gone sessions.
+    pub bytes_delivered: u64,
+    /// Retransmissions found spurious, cumulative over live and gone sessions.
+    pub spurious_retrans: u64,
+    /// Live sessions currently held below the path's BDP by a window, by [`WINDOW_LIMITED_BY`].
+    pub window_limited: [u64; 2],
+    /// Sessions that became window-limited (each counted once, by the first window seen), by
+    /// [`WINDOW_LIMITED_BY`]; cumulative.
+    pub window_limited_total: [u64; 2],
+    /// The worker's sessions with the highest delivery rate, highest first, at most [`CC_TOP_N`] after
+    /// [`CcSnapshot::finish`].
+    pub top: Vec<CcTopSession>,
+}
+
+/// Order of the top lists: delivery rate, then pacing rate (both descending), then peer.
+fn top_order(a: &CcTopSession, b: &CcTopSession) -> std::cmp::Ordering {
+    b.stats
+        .delivery_rate
+        .cmp(&a.stats.delivery_rate)
+        .then(b.stats.pacing_rate.cmp(&a.stats.pacing_rate))
+        .then(a.peer.cmp(&b.peer))
+}
+
+fn sort_top(top: &mut Vec<CcTopSession>) {
+    top.sort_by(top_order);
+    top.truncate(CC_TOP_N);
+}
+
+impl CcSnapshot {
+    /// Adds one live session's figures.
+    pub fn add_session(&mut self, peer: SocketAddr, s: &CcStats) {
+        match self.states.iter_mut().find(|(a, st, _)| *a == s.algorithm && *st == s.state) {
+            Some((_, _, n)) => *n += 1,
+            None => self.states.push((s.algorithm, s.state, 1)),
+        }
+        self.pacing_rate = self.pacing_rate.saturating_add(s.pacing_rate);
+        self.delivery_rate = self.delivery_rate.saturating_add(s.delivery_rate);
+        if s.srtt_ms > 0 {
+            self.srtt_seconds.push(f64::from(s.srtt_ms) / 1000.0);
+        }
+        if s.min_rtt_ms > 0 {
+            self.min_rtt_seconds.push(f64::from(s.min_rtt_ms) / 1000.0);
+        }
+        self.add_retired(s.bytes_sent, s.bytes_delivered, s.spurious_retrans);
+        if let Some(i) = s.window_limited_by.and_then(window_limited_index) {
+            self.window_limited[i] += 1;
+        }
+        self.top.push(CcTopSession { peer, stats: *s });
+        // Keep the candidate list short on workers with many sessions (amortised: sort every N pushes).
+        if self.top.len() >= 2 * CC_TOP_N {
+            sort_top(&mut self.top);
+        }
+    }
+
+    /// Adds the cumulative counters of sessions that are gone.
+    pub fn add_retired(&mut self, bytes_sent: u64, bytes_delivered: u64, spurious_retrans: u64) {
+        self.bytes_sent = self.bytes_sent.saturating_add(bytes_sent);
+        self.bytes_delivered = self.bytes_delivered.saturating_add(bytes_delivered);
+        self.spurious_retrans = self.spurious_retrans.saturating_add(spurious_retrans);
+    }
+
+    /// Sorts and bounds the top list.
+    pub fn finish(&mut self) {
+        sort_top(&mut self.top);
+    }
+}
+
+/// (min, median, max) of `v` (0 for all three when empty); non-finite values are ignored.
+pub fn min_median_max(v: &[f64]) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    (v[0], median, v[n - 1])
+}
 
 /// The process role (label `role` of `paqet_sessions`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -168,11 +311,14 @@ pub struct WorkerSnapshot {
     pub afxdp: Option<AfXdpStats>,
     /// Smoothed RTT of each live session, in seconds (for `paqet_kcp_srtt_seconds`).
     pub srtt_seconds: Vec<f64>,
+    /// Congestion-control figures of the worker's sessions (`paqet_cc_*`).
+    pub cc: CcSnapshot,
 }
 
 impl WorkerSnapshot {
-    /// Fills the counters a worker keeps in [`DaemonStats`] and its I/O backends' [`IoStats`]; the gauges
-    /// (`sessions`, `streams`), KCP figures and AF_XDP statistics are set by the caller.
+    /// Fills the counters a worker keeps in [`DaemonStats`] (with the congestion-control figures its driver
+    /// gathered last, [`DaemonStats::cc`]) and its I/O backends' [`IoStats`]; the gauges (`sessions`,
+    /// `streams`), KCP figures and AF_XDP statistics are set by the caller.
     pub fn from_daemon(d: &DaemonStats, io: &IoStats) -> Self {
         WorkerSnapshot {
             session_opens: d.sessions_opened,
@@ -198,6 +344,7 @@ impl WorkerSnapshot {
             pcap_ps_ifdrop: io.if_drops,
             rx_cross_worker: d.rx_cross_worker,
             rx_handoff_drops: d.rx_handoff_drops,
+            cc: d.cc.clone(),
             ..WorkerSnapshot::default()
         }
     }
@@ -264,6 +411,103 @@ pub struct Metrics {
     worker_handoffs: CounterFamily,
     xdp: CounterFamily,
     afxdp: CounterFamily,
+    cc_sessions: GaugeFamily,
+    cc_pacing_rate: Gauge<i64, AtomicI64>,
+    cc_delivery_rate: Gauge<i64, AtomicI64>,
+    cc_srtt: FloatGaugeFamily,
+    cc_min_rtt: FloatGaugeFamily,
+    cc_sent_bytes: Counter<u64, AtomicU64>,
+    cc_delivered_bytes: Counter<u64, AtomicU64>,
+    cc_spurious: Counter<u64, AtomicU64>,
+    cc_window_limited: GaugeFamily,
+    cc_window_limited_total: CounterFamily,
+    cc_top: CcTopFamilies,
+}
+
+/// The per-session (`rank`, `peer`) families of the top list.
+#[derive(Default)]
+struct CcTopFamilies {
+    pacing_rate: GaugeFamily,
+    btl_bw: GaugeFamily,
+    delivery_rate: GaugeFamily,
+    min_rtt: FloatGaugeFamily,
+    srtt: FloatGaugeFamily,
+    loss_ratio: FloatGaugeFamily,
+    retrans_ratio: FloatGaugeFamily,
+    cwnd: GaugeFamily,
+    inflight: GaugeFamily,
+}
+
+impl CcTopFamilies {
+    fn clear(&self) {
+        for f in [&self.pacing_rate, &self.btl_bw, &self.delivery_rate, &self.cwnd, &self.inflight] {
+            f.clear();
+        }
+        for f in [&self.min_rtt, &self.srtt, &self.loss_ratio, &self.retrans_ratio] {
+            f.clear();
+        }
+    }
+
+    fn register(&self, r: &mut Registry) {
+        let top = " of the sessions with the highest delivery rate (labels rank 1..5, peer ip:port)";
+        r.register(
+            "cc_top_pacing_rate_bytes_per_second",
+            format!("Pacing rate, bytes/s (0 = not paced){top}"),
+            self.pacing_rate.clone(),
+        );
+        r.register(
+            "cc_top_btl_bw_bytes_per_second",
+            format!("Estimated bottleneck bandwidth, bytes/s{top}"),
+            self.btl_bw.clone(),
+        );
+        r.register(
+            "cc_top_delivery_rate_bytes_per_second",
+            format!("Latest delivery-rate sample, bytes/s{top}"),
+            self.delivery_rate.clone(),
+        );
+        r.register("cc_top_min_rtt_seconds", format!("Minimum RTT (0 = no sample yet){top}"), self.min_rtt.clone());
+        r.register("cc_top_srtt_seconds", format!("Smoothed RTT{top}"), self.srtt.clone());
+        r.register(
+            "cc_top_loss_ratio",
+            format!("Segments declared lost / segments sent{top}"),
+            self.loss_ratio.clone(),
+        );
+        r.register(
+            "cc_top_retrans_ratio",
+            format!("Retransmitted segments / segments sent{top}"),
+            self.retrans_ratio.clone(),
+        );
+        r.register(
+            "cc_top_cwnd_bytes",
+            format!("Congestion window, bytes (absent: no congestion window){top}"),
+            self.cwnd.clone(),
+        );
+        r.register("cc_top_inflight_bytes", format!("Unacknowledged bytes in flight{top}"), self.inflight.clone());
+    }
+
+    fn set(&self, rank: usize, t: &CcTopSession) {
+        let l = l2("rank", &rank.to_string(), "peer", &t.peer.to_string());
+        let s = &t.stats;
+        set_g(&self.pacing_rate, &l, s.pacing_rate);
+        set_g(&self.btl_bw, &l, s.btl_bw);
+        set_g(&self.delivery_rate, &l, s.delivery_rate);
+        self.min_rtt.get_or_create(&l).set(f64::from(s.min_rtt_ms) / 1000.0);
+        self.srtt.get_or_create(&l).set(f64::from(s.srtt_ms) / 1000.0);
+        self.loss_ratio.get_or_create(&l).set(finite_or_zero(s.loss_ratio));
+        self.retrans_ratio.get_or_create(&l).set(finite_or_zero(s.retrans_ratio));
+        if s.cwnd_bytes != u64::MAX {
+            set_g(&self.cwnd, &l, s.cwnd_bytes);
+        }
+        set_g(&self.inflight, &l, s.inflight_bytes);
+    }
+}
+
+fn finite_or_zero(v: f64) -> f64 {
+    if v.is_finite() {
+        v
+    } else {
+        0.0
+    }
 }
 
 impl Default for Metrics {
@@ -303,6 +547,17 @@ impl Metrics {
             worker_handoffs: Family::default(),
             xdp: Family::default(),
             afxdp: Family::default(),
+            cc_sessions: Family::default(),
+            cc_pacing_rate: Gauge::default(),
+            cc_delivery_rate: Gauge::default(),
+            cc_srtt: Family::default(),
+            cc_min_rtt: Family::default(),
+            cc_sent_bytes: Counter::default(),
+            cc_delivered_bytes: Counter::default(),
+            cc_spurious: Counter::default(),
+            cc_window_limited: Family::default(),
+            cc_window_limited_total: Family::default(),
+            cc_top: CcTopFamilies::default(),
         };
         r.register("build_info", "Always 1; label version is the paqet-dp version", m.build_info.clone());
         r.register("datapath_mode", "1 for the packet path in use (label mode), 0 for the others", m.mode.clone());
@@ -364,6 +619,57 @@ impl Metrics {
             "AF_XDP socket statistics per worker (counter: rx_dropped, rx_ring_full, fill_ring_empty, tx_invalid_descs)",
             m.afxdp.clone(),
         );
+        r.register(
+            "cc_sessions",
+            "Live KCP sessions by congestion control algorithm (bbr, fixed, off) and state",
+            m.cc_sessions.clone(),
+        );
+        r.register(
+            "cc_pacing_rate_bytes_per_second",
+            "Sum of the live sessions' pacing rates, bytes/s (unpaced sessions count 0)",
+            m.cc_pacing_rate.clone(),
+        );
+        r.register(
+            "cc_delivery_rate_bytes_per_second",
+            "Sum of the live sessions' latest delivery-rate samples, bytes/s",
+            m.cc_delivery_rate.clone(),
+        );
+        r.register(
+            "cc_srtt_seconds",
+            "Smoothed RTT over live sessions with a sample (stat: min, median, max)",
+            m.cc_srtt.clone(),
+        );
+        r.register(
+            "cc_min_rtt_seconds",
+            "Minimum RTT (propagation delay estimate) over live sessions with a sample (stat: min, median, max)",
+            m.cc_min_rtt.clone(),
+        );
+        r.register(
+            "cc_sent_bytes",
+            "KCP data (PUSH payload) bytes sent, retransmissions included",
+            m.cc_sent_bytes.clone(),
+        );
+        r.register(
+            "cc_delivered_bytes",
+            "KCP data (PUSH payload) bytes acknowledged by the peer",
+            m.cc_delivered_bytes.clone(),
+        );
+        r.register(
+            "cc_spurious_retransmissions",
+            "KCP retransmissions found spurious (the original transmission was acknowledged)",
+            m.cc_spurious.clone(),
+        );
+        r.register(
+            "cc_window_limited_sessions",
+            "Live sessions held below the path's bandwidth-delay product by a window (by: sndwnd, peer_rcvwnd)",
+            m.cc_window_limited.clone(),
+        );
+        r.register(
+            "cc_window_limited",
+            "Sessions that became window-limited, each counted once (by: sndwnd, peer_rcvwnd)",
+            m.cc_window_limited_total.clone(),
+        );
+        m.cc_top.register(&mut r);
         Metrics { registry: r, ..m }
     }
 
@@ -377,6 +683,61 @@ impl Metrics {
             tracing::warn!(error = %e, "metrics encoding failed");
         }
         out
+    }
+
+    /// The `paqet_cc_*` families: aggregates over every worker's sessions and the global top list.
+    fn update_cc(&self, s: &Snapshot) {
+        let mut states: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+        let (mut pacing, mut delivery, mut sent, mut delivered, mut spurious) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut limited, mut limited_total) = ([0u64; 2], [0u64; 2]);
+        let mut srtt = Vec::new();
+        let mut min_rtt = Vec::new();
+        let mut top = Vec::with_capacity(s.workers.len() * CC_TOP_N);
+        for w in &s.workers {
+            let c = &w.cc;
+            for (alg, state, n) in &c.states {
+                *states.entry((alg.to_string(), state)).or_default() += n;
+            }
+            pacing = pacing.saturating_add(c.pacing_rate);
+            delivery = delivery.saturating_add(c.delivery_rate);
+            sent = sent.saturating_add(c.bytes_sent);
+            delivered = delivered.saturating_add(c.bytes_delivered);
+            spurious = spurious.saturating_add(c.spurious_retrans);
+            for i in 0..WINDOW_LIMITED_BY.len() {
+                limited[i] += c.window_limited[i];
+                limited_total[i] += c.window_limited_total[i];
+            }
+            srtt.extend_from_slice(&c.srtt_seconds);
+            min_rtt.extend_from_slice(&c.min_rtt_seconds);
+            // Each worker's list is its own top N, so the global top N is among their union.
+            top.extend(c.top.iter().take(CC_TOP_N).copied());
+        }
+        // Algorithm/state pairs that no session is in any more lose their series (like vanished workers).
+        self.cc_sessions.clear();
+        for ((alg, state), n) in &states {
+            set_g(&self.cc_sessions, &l2("algorithm", alg, "state", state), *n);
+        }
+        self.cc_pacing_rate.set(i64::try_from(pacing).unwrap_or(i64::MAX));
+        self.cc_delivery_rate.set(i64::try_from(delivery).unwrap_or(i64::MAX));
+        for (fam, v) in [(&self.cc_srtt, &srtt), (&self.cc_min_rtt, &min_rtt)] {
+            let (min, median, max) = min_median_max(v);
+            fam.get_or_create(&l1("stat", "min")).set(min);
+            fam.get_or_create(&l1("stat", "median")).set(median);
+            fam.get_or_create(&l1("stat", "max")).set(max);
+        }
+        self.cc_sent_bytes.inner().store(sent, Ordering::Relaxed);
+        self.cc_delivered_bytes.inner().store(delivered, Ordering::Relaxed);
+        self.cc_spurious.inner().store(spurious, Ordering::Relaxed);
+        for (i, by) in WINDOW_LIMITED_BY.iter().enumerate() {
+            set_g(&self.cc_window_limited, &l1("by", by), limited[i]);
+            set_c(&self.cc_window_limited_total, &l1("by", by), limited_total[i]);
+        }
+        // Sessions that left the top list or went away lose their series: rebuild them.
+        sort_top(&mut top);
+        self.cc_top.clear();
+        for (i, t) in top.iter().enumerate() {
+            self.cc_top.set(i + 1, t);
+        }
     }
 
     fn update(&self, s: &Snapshot) {
@@ -413,6 +774,7 @@ impl Metrics {
             t.pcap_ps_ifdrop += w.pcap_ps_ifdrop;
             srtt.extend(w.srtt_seconds.iter().copied().filter(|v| v.is_finite()));
         }
+        self.update_cc(s);
 
         set_g(&self.build_info, &l1("version", env!("CARGO_PKG_VERSION")), 1);
         for m in DataPathMode::ALL {
@@ -512,6 +874,8 @@ mod tests {
         );
         w0.sessions = 2;
         w0.srtt_seconds = vec![0.010, 0.030];
+        w0.cc.add_session("10.0.0.9:4000".parse().unwrap(), &cc(CcAlgorithm::Bbr, "probe_bw", 1_000, 20, 4096));
+        w0.cc.finish();
         let mut w1 = WorkerSnapshot { rx_packets: 5, rx_bytes: 500, sessions: 1, ..Default::default() };
         w1.afxdp = Some(AfXdpStats { rx_ring_full: 4, ..Default::default() });
         let mut xdp = [0u64; XdpCounter::COUNT as usize];
@@ -560,6 +924,173 @@ mod tests {
             );
         }
         assert!(t.ends_with("# EOF\n"));
+    }
+
+    /// Session figures with the fields the tests vary.
+    fn cc(algorithm: CcAlgorithm, state: &'static str, delivery_rate: u64, srtt_ms: u32, cwnd_bytes: u64) -> CcStats {
+        CcStats {
+            algorithm,
+            state,
+            pacing_rate: delivery_rate + delivery_rate / 4,
+            btl_bw: delivery_rate,
+            delivery_rate,
+            min_rtt_ms: srtt_ms / 2,
+            srtt_ms,
+            cwnd_bytes,
+            inflight_bytes: cwnd_bytes / 2,
+            bytes_sent: 1000,
+            bytes_delivered: 900,
+            loss_ratio: 0.01,
+            retrans_ratio: 0.02,
+            spurious_retrans: 3,
+            ..CcStats::default()
+        }
+    }
+
+    fn peer(i: usize) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], 40_000 + i as u16))
+    }
+
+    fn worker_with(sessions: &[(SocketAddr, CcStats)]) -> WorkerSnapshot {
+        let mut w = WorkerSnapshot { sessions: sessions.len() as u64, ..Default::default() };
+        for (p, s) in sessions {
+            w.cc.add_session(*p, s);
+        }
+        w.cc.finish();
+        w
+    }
+
+    fn value(text: &str, series: &str) -> f64 {
+        sample_value(text, series).unwrap_or_else(|| panic!("{series} missing in:\n{text}")).parse().unwrap()
+    }
+
+    #[test]
+    fn cc_aggregates() {
+        let mut limited = cc(CcAlgorithm::Bbr, "startup", 2_000_000, 40, 100_000);
+        limited.window_limited_by = Some("sndwnd");
+        let mut peer_limited = cc(CcAlgorithm::Fixed, "fixed", 500_000, 10, 50_000);
+        peer_limited.window_limited_by = Some("peer_rcvwnd");
+        let mut w0 = worker_with(&[
+            (peer(1), cc(CcAlgorithm::Bbr, "probe_bw", 1_000_000, 20, 64_000)),
+            (peer(2), limited),
+            (peer(3), cc(CcAlgorithm::Off, "off", 0, 0, u64::MAX)),
+        ]);
+        w0.cc.add_retired(5_000, 4_000, 7);
+        w0.cc.window_limited_total = [2, 0];
+        let fast = cc(CcAlgorithm::Bbr, "probe_bw", 3_000_000, 30, 1);
+        let mut w1 = worker_with(&[(peer(4), peer_limited), (peer(5), fast)]);
+        w1.cc.window_limited_total = [0, 1];
+        let m = Metrics::new();
+        let t = m.encode(&Snapshot { workers: vec![w0, w1], ..Default::default() });
+        assert_eq!(value(&t, "paqet_cc_sessions{algorithm=\"bbr\",state=\"probe_bw\"}"), 2.0);
+        assert_eq!(value(&t, "paqet_cc_sessions{algorithm=\"bbr\",state=\"startup\"}"), 1.0);
+        assert_eq!(value(&t, "paqet_cc_sessions{algorithm=\"fixed\",state=\"fixed\"}"), 1.0);
+        assert_eq!(value(&t, "paqet_cc_sessions{algorithm=\"off\",state=\"off\"}"), 1.0);
+        assert_eq!(value(&t, "paqet_cc_delivery_rate_bytes_per_second"), 6_500_000.0);
+        assert_eq!(value(&t, "paqet_cc_pacing_rate_bytes_per_second"), (6_500_000 + 6_500_000 / 4) as f64);
+        // srtt: the off session has no sample (0): 10, 20, 30, 40 ms.
+        assert_eq!(value(&t, "paqet_cc_srtt_seconds{stat=\"min\"}"), 0.010);
+        assert!((value(&t, "paqet_cc_srtt_seconds{stat=\"median\"}") - 0.025).abs() < 1e-12);
+        assert_eq!(value(&t, "paqet_cc_srtt_seconds{stat=\"max\"}"), 0.040);
+        assert_eq!(value(&t, "paqet_cc_min_rtt_seconds{stat=\"median\"}"), 0.0125);
+        // 5 live sessions × 1000 / 900 plus the retired counters.
+        assert_eq!(value(&t, "paqet_cc_sent_bytes_total"), 10_000.0);
+        assert_eq!(value(&t, "paqet_cc_delivered_bytes_total"), 8_500.0);
+        assert_eq!(value(&t, "paqet_cc_spurious_retransmissions_total"), 22.0);
+        assert_eq!(value(&t, "paqet_cc_window_limited_sessions{by=\"sndwnd\"}"), 1.0);
+        assert_eq!(value(&t, "paqet_cc_window_limited_sessions{by=\"peer_rcvwnd\"}"), 1.0);
+        assert_eq!(value(&t, "paqet_cc_window_limited_total{by=\"sndwnd\"}"), 2.0);
+        assert_eq!(value(&t, "paqet_cc_window_limited_total{by=\"peer_rcvwnd\"}"), 1.0);
+        // The top list, by delivery rate across workers.
+        let top = |f: &str, rank: usize, p: usize| {
+            value(&t, &format!("paqet_cc_top_{f}{{rank=\"{rank}\",peer=\"{}\"}}", peer(p)))
+        };
+        assert_eq!(top("delivery_rate_bytes_per_second", 1, 5), 3_000_000.0);
+        assert_eq!(top("delivery_rate_bytes_per_second", 2, 2), 2_000_000.0);
+        assert_eq!(top("delivery_rate_bytes_per_second", 3, 1), 1_000_000.0);
+        assert_eq!(top("delivery_rate_bytes_per_second", 4, 4), 500_000.0);
+        assert_eq!(top("delivery_rate_bytes_per_second", 5, 3), 0.0);
+        assert_eq!(top("pacing_rate_bytes_per_second", 2, 2), 2_500_000.0);
+        assert_eq!(top("btl_bw_bytes_per_second", 2, 2), 2_000_000.0);
+        assert_eq!(top("srtt_seconds", 2, 2), 0.040);
+        assert_eq!(top("min_rtt_seconds", 2, 2), 0.020);
+        assert_eq!(top("loss_ratio", 2, 2), 0.01);
+        assert_eq!(top("retrans_ratio", 2, 2), 0.02);
+        assert_eq!(top("cwnd_bytes", 2, 2), 100_000.0);
+        assert_eq!(top("inflight_bytes", 2, 2), 50_000.0);
+        // No congestion window (cc off): no cwnd series for that rank.
+        assert!(sample_value(&t, &format!("paqet_cc_top_cwnd_bytes{{rank=\"5\",peer=\"{}\"}}", peer(3))).is_none());
+    }
+
+    #[test]
+    fn cc_top_list_is_bounded() {
+        // 12 sessions over 3 workers with distinct delivery rates; each worker keeps at most CC_TOP_N.
+        let mut workers = Vec::new();
+        for w in 0..3 {
+            let sessions: Vec<(SocketAddr, CcStats)> = (0..4)
+                .map(|i| {
+                    let n = w * 4 + i;
+                    (peer(n), cc(CcAlgorithm::Bbr, "probe_bw", 1_000 * (n as u64 + 1), 10, 1_000))
+                })
+                .collect();
+            let w = worker_with(&sessions);
+            assert!(w.cc.top.len() <= CC_TOP_N);
+            workers.push(w);
+        }
+        let mut many = CcSnapshot::default();
+        for i in 0..1000 {
+            many.add_session(peer(i % 60_000), &cc(CcAlgorithm::Bbr, "probe_bw", i as u64, 10, 1));
+            assert!(many.top.len() < 2 * CC_TOP_N, "candidate list stays short");
+        }
+        many.finish();
+        let rates: Vec<u64> = many.top.iter().map(|t| t.stats.delivery_rate).collect();
+        assert_eq!(rates, vec![999, 998, 997, 996, 995]);
+        let m = Metrics::new();
+        let t = m.encode(&Snapshot { workers, ..Default::default() });
+        for f in ["delivery_rate_bytes_per_second", "srtt_seconds", "loss_ratio", "inflight_bytes"] {
+            let name = format!("paqet_cc_top_{f}{{");
+            let n = t.lines().filter(|l| l.starts_with(&name)).count();
+            assert_eq!(n, CC_TOP_N, "{f}:\n{t}");
+        }
+        for (rank, n) in (1..=CC_TOP_N).zip((7..12).rev()) {
+            let series = format!("paqet_cc_top_delivery_rate_bytes_per_second{{rank=\"{rank}\",peer=\"{}\"}}", peer(n));
+            assert_eq!(value(&t, &series), 1_000.0 * (n as f64 + 1.0));
+        }
+    }
+
+    #[test]
+    fn cc_series_of_gone_sessions_disappear() {
+        let m = Metrics::new();
+        let both = worker_with(&[
+            (peer(1), cc(CcAlgorithm::Bbr, "startup", 9_000, 10, 1_000)),
+            (peer(2), cc(CcAlgorithm::Fixed, "fixed", 1_000, 10, 1_000)),
+        ]);
+        let t = m.encode(&Snapshot { workers: vec![both], ..Default::default() });
+        assert!(t.contains(&format!("rank=\"1\",peer=\"{}\"", peer(1))));
+        assert!(t.contains(&format!("rank=\"2\",peer=\"{}\"", peer(2))));
+        assert!(t.contains("paqet_cc_sessions{algorithm=\"bbr\",state=\"startup\"} 1"));
+        // Session 1 goes; session 2 moves up to rank 1.
+        let one = worker_with(&[(peer(2), cc(CcAlgorithm::Fixed, "fixed", 1_000, 10, 1_000))]);
+        let t = m.encode(&Snapshot { workers: vec![one], ..Default::default() });
+        assert!(!t.contains(&format!("peer=\"{}\"", peer(1))), "{t}");
+        assert!(!t.contains("rank=\"2\""), "{t}");
+        assert!(t.contains(&format!("paqet_cc_top_srtt_seconds{{rank=\"1\",peer=\"{}\"}}", peer(2))), "{t}");
+        assert!(!t.contains("state=\"startup\""), "{t}");
+        // No session at all: no per-session series (an empty family is not rendered), aggregates at 0.
+        let t = m.encode(&Snapshot { workers: vec![WorkerSnapshot::default()], ..Default::default() });
+        assert!(!t.contains("rank=\""), "{t}");
+        assert!(!t.contains("paqet_cc_sessions{"), "{t}");
+        assert_eq!(value(&t, "paqet_cc_delivery_rate_bytes_per_second"), 0.0);
+        assert_eq!(value(&t, "paqet_cc_srtt_seconds{stat=\"median\"}"), 0.0);
+        assert_eq!(value(&t, "paqet_cc_window_limited_sessions{by=\"sndwnd\"}"), 0.0);
+    }
+
+    #[test]
+    fn median_of_odd_and_even_sets() {
+        assert_eq!(min_median_max(&[]), (0.0, 0.0, 0.0));
+        assert_eq!(min_median_max(&[3.0, 1.0, 2.0]), (1.0, 2.0, 3.0));
+        assert_eq!(min_median_max(&[4.0, 1.0, 3.0, 2.0]), (1.0, 2.5, 4.0));
+        assert_eq!(min_median_max(&[f64::NAN, 5.0]), (5.0, 5.0, 5.0));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! Everything lives in one `Rc<RefCell<Core>>` owned by the worker thread. Tasks borrow it briefly and never
 //! across an `.await`. The RX task of each link drains its backend in batches ([`Core::rx_link`]); the driver
-//! task ([`drive`]) runs session timers and flushes sessions that stream tasks touched ("dirty").
+//! task ([`drive`]) runs session timers and flushes sessions that stream tasks touched ("dirty"); every
+//! [`CC_REFRESH_MS`] it also gathers the sessions' congestion-control figures for the metrics publisher
+//! ([`Core::refresh_cc`], off the per-packet path).
 use std::cell::RefCell;
 /// The worker's maps are looked up per frame: foldhash (randomly seeded per process) instead of SipHash,
 /// which showed up at ~10 % of a receiving worker's CPU.
@@ -22,6 +24,8 @@ use super::client::ClientState;
 use super::guard::{Guard, GUARD_LEN};
 use super::WorkerConfig;
 use crate::io::PacketIo;
+use crate::ops::metrics::{window_limited_index, CcSnapshot};
+use crate::proto::cc::CcStats;
 use crate::proto::session::{Role, Session, SessionError};
 use crate::proto::smux::SmuxEvent;
 use crate::wire::crypt::Crypto;
@@ -33,8 +37,12 @@ pub type Shared = Rc<RefCell<Core>>;
 /// Longest the driver sleeps without a deadline (keeps the clock moving for keepalives).
 const MAX_IDLE_WAIT: Duration = Duration::from_millis(1000);
 
+/// How often the driver gathers the sessions' congestion-control figures into [`DaemonStats::cc`] (the
+/// metrics publishing interval).
+pub const CC_REFRESH_MS: u32 = crate::ops::hub::PUBLISH_INTERVAL_MS as u32;
+
 /// Daemon-level counters (summed into metrics by whoever exports them).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct DaemonStats {
     pub rx_frames: u64,
     /// Frames the envelope parser rejected (not Ethernet/IP/TCP, wrong port, empty payload ...).
@@ -67,6 +75,9 @@ pub struct DaemonStats {
     pub rx_handoff_drops: u64,
     /// XDP mode: frames this worker received from other workers' queues.
     pub rx_handed_in: u64,
+    /// Congestion-control figures of the live sessions (plus cumulative counters of the gone ones), as
+    /// of the driver's last [`Core::refresh_cc`] (at most [`CC_REFRESH_MS`] old while the worker runs).
+    pub cc: CcSnapshot,
 }
 
 /// Wakers of one stream's reader and writer.
@@ -104,6 +115,8 @@ pub(crate) struct Entry {
     pub last_rx: Option<u32>,
     pub dirty: bool,
     pub deadline: u32,
+    /// The "held below the BDP by a window" warning was logged for this session (once per session).
+    pub cc_window_warned: bool,
 }
 
 /// Streams beyond the stream limits that may wait for their header (control streams, slow headers).
@@ -156,6 +169,57 @@ pub struct Core {
     /// XDP mode: where frames of other workers' sessions go.
     pub(crate) router: Option<super::xdp::Router>,
     pub stats: DaemonStats,
+    /// When [`Core::refresh_cc`] last ran (worker ms clock).
+    cc_refreshed: Option<u32>,
+    /// Cumulative congestion-control counters of sessions that are gone.
+    cc_retired: CcRetired,
+    /// Sessions that became window-limited, by [`WINDOW_LIMITED_BY`](crate::ops::metrics::WINDOW_LIMITED_BY).
+    cc_window_limited_total: [u64; 2],
+}
+
+/// Cumulative [`CcStats`] counters of the sessions a worker dropped (keeps the exported counters
+/// monotonic when sessions go).
+#[derive(Clone, Copy, Debug, Default)]
+struct CcRetired {
+    bytes_sent: u64,
+    bytes_delivered: u64,
+    spurious_retrans: u64,
+}
+
+/// The once-per-session "window-limited" check: when `s` says a window keeps the sender below the path's
+/// bandwidth-delay product and `warned` is not set yet, sets it, counts the session in `totals` (by
+/// [`WINDOW_LIMITED_BY`](crate::ops::metrics::WINDOW_LIMITED_BY)) and returns the warning to log.
+pub(crate) fn window_limited_warning(
+    peer: SocketAddr,
+    conv: u32,
+    s: &CcStats,
+    warned: &mut bool,
+    totals: &mut [u64; 2],
+) -> Option<String> {
+    let by = s.window_limited_by?;
+    if *warned {
+        return None;
+    }
+    *warned = true;
+    if let Some(i) = window_limited_index(by) {
+        totals[i] += 1;
+    }
+    let bdp = s.bdp_segments;
+    let msg = match by {
+        "sndwnd" => format!(
+            "session {peer} (conv {conv:08x}): our send window transport.kcp.sndwnd = {} segments keeps the \
+             sender below the path's bandwidth-delay product ({bdp} segments); set transport.kcp.sndwnd = \
+             \"auto\" or at least {bdp}",
+            s.sndwnd
+        ),
+        _ => format!(
+            "session {peer} (conv {conv:08x}): the peer's receive window ({} segments advertised) keeps the \
+             sender below the path's bandwidth-delay product ({bdp} segments); set transport.kcp.rcvwnd = \
+             \"auto\" or at least {bdp} on the peer",
+            s.rmt_wnd
+        ),
+    };
+    Some(msg)
 }
 
 /// Milliseconds since the Unix epoch.
@@ -200,6 +264,9 @@ impl Core {
             client: ClientState::new(conn),
             router: None,
             stats: DaemonStats::default(),
+            cc_refreshed: None,
+            cc_retired: CcRetired::default(),
+            cc_window_limited_total: [0; 2],
         }))
     }
 
@@ -391,6 +458,7 @@ impl Core {
                 last_rx: (self.cfg.role == Role::Server).then_some(now),
                 dirty: false,
                 deadline,
+                cc_window_warned: false,
             },
         );
         self.by_peer.insert((link, local_port, peer), id);
@@ -449,6 +517,11 @@ impl Core {
     /// Drops session `id`: wakes every task waiting on it; on a client also retires its link.
     pub(crate) fn kill_session(&mut self, id: u64, why: &str) {
         let Some(mut e) = self.sessions.remove(&id) else { return };
+        let cc = e.session.cc_stats();
+        let r = &mut self.cc_retired;
+        r.bytes_sent = r.bytes_sent.saturating_add(cc.bytes_sent);
+        r.bytes_delivered = r.bytes_delivered.saturating_add(cc.bytes_delivered);
+        r.spurious_retrans = r.spurious_retrans.saturating_add(cc.spurious_retrans);
         e.session.close();
         self.by_peer.remove(&(e.link, e.local_port, e.peer));
         self.streams_total = self.streams_total.saturating_sub(e.streams.len());
@@ -598,10 +671,41 @@ impl Core {
         }
     }
 
+    /// Gathers every live session's congestion-control figures into [`DaemonStats::cc`] (for the metrics
+    /// publisher) and logs, once per session, a window that keeps a sender below the path's
+    /// bandwidth-delay product. The driver calls it every [`CC_REFRESH_MS`].
+    pub fn refresh_cc(&mut self) {
+        let mut snap = CcSnapshot::default();
+        for e in self.sessions.values_mut() {
+            let s = e.session.cc_stats();
+            let conv = e.session.conv();
+            if let Some(msg) =
+                window_limited_warning(e.peer, conv, &s, &mut e.cc_window_warned, &mut self.cc_window_limited_total)
+            {
+                warn!(
+                    peer = %e.peer,
+                    window = s.window_limited_by.unwrap_or_default(),
+                    bdp_segments = s.bdp_segments,
+                    "{msg}"
+                );
+            }
+            snap.add_session(e.peer, &s);
+        }
+        let r = self.cc_retired;
+        snap.add_retired(r.bytes_sent, r.bytes_delivered, r.spurious_retrans);
+        snap.window_limited_total = self.cc_window_limited_total;
+        snap.finish();
+        self.stats.cc = snap;
+        self.cc_refreshed = Some(self.now());
+    }
+
     /// Flushes every dirty session and every session whose deadline passed.
     pub(crate) fn service(&mut self) {
         let now = self.now();
         let unix_secs = unix_now().as_secs();
+        if self.cc_refreshed.is_none_or(|t| now.wrapping_sub(t) >= CC_REFRESH_MS) {
+            self.refresh_cc();
+        }
         let mut ids = std::mem::take(&mut self.dirty);
         for (&id, e) in self.sessions.iter() {
             if !e.dirty && due(e.deadline, now) {
@@ -927,5 +1031,94 @@ pub(crate) async fn drive(shared: Shared) {
             _ = notify.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod cc_tests {
+    use super::*;
+    use crate::proto::kcp::{KcpConfig, KcpMode};
+    use crate::proto::session::SessionConfig;
+    use crate::proto::smux::SmuxConfig;
+    use crate::wire::crypt::BlockMode;
+
+    fn server_core() -> Shared {
+        Core::new(WorkerConfig {
+            role: Role::Server,
+            session: SessionConfig {
+                crypto: Crypto::from_derived(BlockMode::Aes, &[7; 32]).expect("crypto"),
+                dshard: 0,
+                pshard: 0,
+                kcp: KcpConfig::preset(KcpMode::Fast),
+                smux: SmuxConfig::default(),
+                mtu: 1350,
+            },
+            local_mac: [2, 0, 0, 0, 0, 2],
+            ipv4: None,
+            ipv6: None,
+            server_addr: None,
+            conn: 1,
+            local_flags: vec![TcpFlags::PSH_ACK],
+            remote_flags: vec![],
+            guard: None,
+            limits: super::super::Limits::default(),
+            header_timeout: Duration::from_secs(10),
+        })
+    }
+
+    #[test]
+    fn window_limited_is_warned_once_per_session() {
+        let peer: SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        let mut s = CcStats { sndwnd: 32, rmt_wnd: 128, bdp_segments: 900, ..CcStats::default() };
+        let (mut warned, mut totals) = (false, [0u64; 2]);
+        assert_eq!(window_limited_warning(peer, 1, &s, &mut warned, &mut totals), None, "not limited");
+        assert!(!warned);
+        s.window_limited_by = Some("sndwnd");
+        let msg = window_limited_warning(peer, 0xab, &s, &mut warned, &mut totals).expect("first time");
+        assert!(msg.contains("transport.kcp.sndwnd = 32 segments"), "{msg}");
+        assert!(msg.contains("bandwidth-delay product (900 segments)"), "{msg}");
+        assert!(msg.contains("\"auto\" or at least 900"), "{msg}");
+        assert!(msg.contains("10.0.0.1:4000") && msg.contains("000000ab"), "{msg}");
+        assert_eq!(totals, [1, 0]);
+        // Never again for this session, whichever window limits it later.
+        assert_eq!(window_limited_warning(peer, 0xab, &s, &mut warned, &mut totals), None);
+        s.window_limited_by = Some("peer_rcvwnd");
+        assert_eq!(window_limited_warning(peer, 0xab, &s, &mut warned, &mut totals), None);
+        assert_eq!(totals, [1, 0]);
+        // Another session limited by the peer's window.
+        let mut other = false;
+        let msg = window_limited_warning(peer, 2, &s, &mut other, &mut totals).expect("another session");
+        assert!(msg.contains("the peer's receive window (128 segments advertised)"), "{msg}");
+        assert!(msg.contains("transport.kcp.rcvwnd = \"auto\" or at least 900 on the peer"), "{msg}");
+        assert_eq!(totals, [1, 1]);
+    }
+
+    #[test]
+    fn refresh_gathers_sessions_and_keeps_counters_of_gone_ones() {
+        let shared = server_core();
+        let mut c = shared.borrow_mut();
+        c.refresh_cc();
+        assert_eq!(c.stats.cc, CcSnapshot::default(), "no session");
+        let peer: SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        let mut session = Session::new(Role::Server, 0x1234, &c.cfg.session, 0);
+        let sid = session.open_stream().expect("stream");
+        assert!(session.write(sid, &[0x55; 4000]).expect("write") > 0);
+        session.poll_transmit(10, &mut |_| {});
+        let sent = session.cc_stats().bytes_sent;
+        assert!(sent > 0, "the session sent data");
+        let id = c.add_session(1, 9999, peer, session, None);
+        c.refresh_cc();
+        let cc = c.stats.cc.clone();
+        assert_eq!(cc.states.iter().map(|(_, _, n)| n).sum::<u64>(), 1);
+        assert_eq!(cc.bytes_sent, sent);
+        assert_eq!(cc.top.len(), 1);
+        assert_eq!(cc.top[0].peer, peer);
+        // The snapshot the publisher builds carries it.
+        let w = crate::ops::WorkerSnapshot::from_daemon(&c.stats, &crate::io::IoStats::default());
+        assert_eq!(w.cc, cc);
+        c.kill_session(id, "test");
+        c.refresh_cc();
+        assert!(c.stats.cc.top.is_empty() && c.stats.cc.states.is_empty(), "the gone session left the lists");
+        assert_eq!(c.stats.cc.bytes_sent, sent, "sent bytes stay counted after the session went");
     }
 }
