@@ -1,5 +1,6 @@
 //! Fault tests through the real `paqet-dp` binary (root only; skipped otherwise): an impaired path (20 ms
-//! delay, 2 % loss, reordering), the server killed and restarted mid-transfer, a wrong key, a flood of
+//! delay, 2 % loss, reordering) with the default congestion control, with `cc = "fixed"` and with
+//! `cc = "off"`, the server killed and restarted mid-transfer, a wrong key, a flood of
 //! random and truncated packets at the server port from a third party, and the server's session/stream
 //! limits.
 //!
@@ -10,6 +11,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,23 @@ fn has_nfqueue() -> bool {
     ok
 }
 
+/// 20 ms ± 5 ms per direction (jitter reorders packets), 2 % loss per direction.
+const LOSSY: LinkSpec = LinkSpec { delay_ms: 20, jitter_ms: 5, loss_pct: 2.0, dup_pct: 0.0, seed: 7 };
+
+/// Starts a tunnel from the common configs with `kcp_lines` in the `[transport.kcp]` table of both the
+/// server (`Opts::server_kcp_extra`) and the client (added to `Tunnel::client_config`'s text).
+fn start_with_kcp_lines(tag: &str, mut o: Opts, kcp_lines: &str) -> Tunnel {
+    o.server_kcp_extra = format!("{}\n{kcp_lines}", o.server_kcp_extra);
+    let opts = o.clone();
+    let configs = move |net: &Net, http: &HttpServer, udp: &UdpEcho, _: &Path| {
+        let client = Tunnel::client_config(net, &opts, http, udp, ClientPorts::MAIN, &opts.client_key);
+        let table = "[transport.kcp]\n";
+        assert!(client.contains(table), "client config has no {table:?}:\n{client}");
+        (Tunnel::server_config(net, &opts), client.replacen(table, &format!("{table}{kcp_lines}\n"), 1))
+    };
+    Tunnel::start_with(tag, o, Some(&configs))
+}
+
 #[test]
 fn lossy_delayed_reordering_link_carries_200mib_byte_exact() {
     if skip("lossy_delayed_reordering_link_carries_200mib_byte_exact", &["curl", "iptables", "ethtool"]) || !has_nfqueue() {
@@ -37,8 +56,7 @@ fn lossy_delayed_reordering_link_carries_200mib_byte_exact() {
     for &modes in MODES {
         eprintln!("== modes {modes:?}");
         let mut o = Opts::new(modes);
-        // 20 ms ± 5 ms per direction (jitter reorders packets), 2 % loss per direction.
-        o.link = Some(LinkSpec { delay_ms: 20, jitter_ms: 5, loss_pct: 2.0, dup_pct: 0.0, seed: 7 });
+        o.link = Some(LOSSY);
         o.wnd = 2048;
         o.smuxktimeout = 10;
         let t = Tunnel::start("flo", o);
@@ -57,6 +75,55 @@ fn lossy_delayed_reordering_link_carries_200mib_byte_exact() {
             Some(r) => eprintln!("KCP retransmissions over the lossy link: {r}"),
             None => panic!("2 % loss but no KCP retransmission counted"),
         }
+    }
+}
+
+#[test]
+fn lossy_link_with_fixed_rate_cc_carries_data_byte_exact() {
+    if skip("lossy_link_with_fixed_rate_cc_carries_data_byte_exact", &["curl", "iptables", "ethtool"]) || !has_nfqueue() {
+        return;
+    }
+    let _serial = serial();
+    // 40 mbit/s = 5 MB/s on the wire per session, well below what the impaired link carries.
+    const RATE: u64 = 5_000_000;
+    for &modes in MODES {
+        eprintln!("== modes {modes:?}");
+        let mut o = Opts::new(modes);
+        o.link = Some(LOSSY);
+        let t = start_with_kcp_lines("fcf", o, "cc = \"fixed\"\nbandwidth = \"40mbit\"");
+        // One transfer is one stream on one session, paced by its sender at the rate (headers and
+        // retransmissions included): it cannot take much less than len / rate.
+        let paced = |what: &str, len: u64, took: Duration| {
+            report(&format!("{what} over the impaired link, cc = fixed 40mbit"), len, took);
+            let floor = Duration::from_secs_f64(0.8 * len as f64 / RATE as f64);
+            assert!(took >= floor, "{what} in {took:?} at a fixed 40 mbit/s (at least {floor:?} expected): not paced");
+        };
+        // Down: the server's sender; up: the client's.
+        paced("8 MiB down", 8 * MIB, t.download_checked(t.socks(), 91, 8 * MIB, 60));
+        paced("4 MiB up", 4 * MIB, t.upload_checked(t.http_proxy(), 92, 4 * MIB, 60));
+        let mut t = t;
+        t.server.assert_running();
+        t.client.assert_running();
+    }
+}
+
+#[test]
+fn lossy_link_with_cc_off_carries_data_byte_exact() {
+    if skip("lossy_link_with_cc_off_carries_data_byte_exact", &["curl", "iptables", "ethtool"]) || !has_nfqueue() {
+        return;
+    }
+    let _serial = serial();
+    for &modes in MODES {
+        eprintln!("== modes {modes:?}");
+        let mut o = Opts::new(modes);
+        o.link = Some(LOSSY);
+        let t = start_with_kcp_lines("fco", o, "cc = \"off\"");
+        let len = 8 * MIB;
+        report("8 MiB down over the impaired link, cc = off", len, t.download_checked(t.socks(), 93, len, 60));
+        report("4 MiB up over the impaired link, cc = off", 4 * MIB, t.upload_checked(t.http_proxy(), 94, 4 * MIB, 60));
+        let mut t = t;
+        t.server.assert_running();
+        t.client.assert_running();
     }
 }
 
