@@ -16,6 +16,29 @@
 //! segment is still to come, so a frame is shown in the segment where it starts. A segment that
 //! arrives out of order is decoded best effort from its first byte. Anything that cannot be decoded
 //! is shown as a hex dump. Decoding never panics on arbitrary bytes.
+//!
+//! ## Congestion figures per flow
+//!
+//! For each flow (direction source → destination, conv) the dumper also measures what the packets show
+//! of its sender's congestion behaviour, and prints a summary line per flow every second of capture time
+//! (for the second that ended, flows with segments in it), and at the end ([`Dumper::finish`]: the last,
+//! partial second and the totals over the whole capture):
+//!
+//! ```text
+//! [12:34:57.068875] summary 10.200.0.2:9999 -> 10.200.0.1:35748 conv=552f9463 | 1.000 s | data 65536 B/s, 49 segs | retrans 2/49 (4.1 %) | rtt 2.101 ms (min 1.900, max 2.500, 12 samples) | wnd 512, peer wnd 1024
+//! ```
+//!
+//! - **data**: PUSH payload bytes per second (retransmissions included) and PUSH segments.
+//! - **retrans**: PUSH segments whose `sn` was already seen on the flow / all PUSH segments. The flow
+//!   remembers the last [`SN_HISTORY`] sequence numbers below the highest seen; an `sn` older than that
+//!   counts as a retransmission.
+//! - **rtt**: an ACK echoes the `ts` of the PUSH it acknowledges, so RTT at the capture point = capture
+//!   time of the ACK − capture time of that PUSH transmission (a retransmission whose ACK echoes another
+//!   transmission's `ts` gives no sample). Captured at the sender this is the path RTT; at the receiver,
+//!   only its ACK delay. At most [`MAX_PENDING_PUSH`] PUSH transmissions per flow wait for their ACK (a
+//!   sample of the window when more are in flight); the peer's `una` retires the acknowledged ones.
+//! - **wnd**: the receive window the flow's source last advertised; **peer wnd**: the one the other
+//!   direction advertised (what limits this flow's sender).
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -29,8 +52,15 @@ use crate::wire::{fec, header, kcp, smux};
 
 /// smux protocol version paqet uses.
 const SMUX_VERSION: u8 = 2;
-/// Flows (source address, conv) tracked for smux reassembly before the table is reset.
+/// Flows (source address, destination address, conv) tracked for smux reassembly and congestion figures
+/// before the table is reset.
 const MAX_FLOWS: usize = 4096;
+/// Sequence numbers below the highest one seen that a flow remembers to tell retransmissions (bits).
+pub const SN_HISTORY: u32 = 4096;
+/// PUSH transmissions per flow waiting for their ACK (RTT samples).
+pub const MAX_PENDING_PUSH: usize = 64;
+/// Default summary interval: one second of capture time.
+pub const SUMMARY_INTERVAL_MICROS: u64 = 1_000_000;
 
 /// Errors of the live capture.
 #[derive(Debug, Error)]
@@ -47,7 +77,7 @@ pub enum DumpError {
     Output(#[from] std::io::Error),
 }
 
-/// Where a flow's smux byte stream stands.
+/// Where a flow's smux byte stream stands, and its congestion figures.
 #[derive(Debug, Clone, Default)]
 struct FlowState {
     /// The next in-order KCP `sn` expected on this flow.
@@ -56,6 +86,144 @@ struct FlowState {
     skip: usize,
     /// Bytes of a frame header that were cut at the end of the previous segment.
     partial: Vec<u8>,
+    cc: FlowCc,
+}
+
+/// Counters over an interval of capture time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Tally {
+    /// Segments of any command.
+    segments: u64,
+    push_segments: u64,
+    /// PUSH segments whose `sn` was already seen.
+    retrans_segments: u64,
+    /// PUSH payload bytes.
+    push_bytes: u64,
+    rtt_samples: u64,
+    rtt_sum_us: u64,
+    rtt_min_us: u64,
+    rtt_max_us: u64,
+}
+
+impl Tally {
+    fn add_rtt(&mut self, us: u64) {
+        self.rtt_min_us = if self.rtt_samples == 0 { us } else { self.rtt_min_us.min(us) };
+        self.rtt_max_us = self.rtt_max_us.max(us);
+        self.rtt_samples += 1;
+        self.rtt_sum_us = self.rtt_sum_us.saturating_add(us);
+    }
+}
+
+/// Which sequence numbers a flow has seen: the highest, and a bitmap of the [`SN_HISTORY`] below it.
+#[derive(Debug, Clone, Default)]
+struct SnSet {
+    highest: Option<u32>,
+    /// Bit `sn % SN_HISTORY`; allocated at the first PUSH.
+    bits: Vec<u64>,
+}
+
+impl SnSet {
+    fn bit(&mut self, sn: u32) -> (&mut u64, u64) {
+        let i = (sn % SN_HISTORY) as usize;
+        (&mut self.bits[i / 64], 1u64 << (i % 64))
+    }
+
+    /// Records `sn`; returns true if it was seen before (or is older than the history).
+    fn insert(&mut self, sn: u32) -> bool {
+        if self.bits.is_empty() {
+            self.bits = vec![0; SN_HISTORY as usize / 64];
+        }
+        let Some(high) = self.highest else {
+            self.highest = Some(sn);
+            let (w, m) = self.bit(sn);
+            *w |= m;
+            return false;
+        };
+        let ahead = sn.wrapping_sub(high);
+        if ahead != 0 && ahead <= u32::MAX / 2 {
+            // A new highest sn: forget the bits it moves past.
+            if ahead >= SN_HISTORY {
+                self.bits.iter_mut().for_each(|w| *w = 0);
+            } else {
+                for k in 1..=ahead {
+                    let (w, m) = self.bit(high.wrapping_add(k));
+                    *w &= !m;
+                }
+            }
+            self.highest = Some(sn);
+            let (w, m) = self.bit(sn);
+            *w |= m;
+            return false;
+        }
+        if high.wrapping_sub(sn) >= SN_HISTORY {
+            return true;
+        }
+        let (w, m) = self.bit(sn);
+        let seen = *w & m != 0;
+        *w |= m;
+        seen
+    }
+}
+
+/// Congestion figures of one flow (see the module docs).
+#[derive(Debug, Clone, Default)]
+struct FlowCc {
+    /// Capture times (µs) of the flow's first and last segment.
+    first_us: u64,
+    last_us: u64,
+    /// Over the whole capture.
+    total: Tally,
+    /// Over the current summary interval.
+    interval: Tally,
+    /// `wnd` of the last segment this flow's source sent.
+    wnd: Option<u16>,
+    seen: SnSet,
+    /// PUSH transmissions waiting for their ACK: (sn, ts, capture time µs).
+    pending: Vec<(u32, u32, u64)>,
+}
+
+/// A flow's congestion figures over the whole capture (see [`Dumper::flow_summaries`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowSummary {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub conv: u32,
+    /// Capture times (µs) of the flow's first and last segment.
+    pub first_micros: u64,
+    pub last_micros: u64,
+    /// Segments of any command.
+    pub segments: u64,
+    pub push_segments: u64,
+    /// PUSH segments whose `sn` was already seen on the flow.
+    pub retrans_segments: u64,
+    /// PUSH payload bytes (retransmissions included).
+    pub push_bytes: u64,
+    /// RTT samples at the capture point (PUSH → its ACK), microseconds.
+    pub rtt_samples: u64,
+    pub rtt_min_micros: u64,
+    pub rtt_avg_micros: u64,
+    pub rtt_max_micros: u64,
+    /// Receive window the flow's source last advertised, segments.
+    pub wnd: Option<u16>,
+    /// Receive window the reverse direction last advertised, segments.
+    pub peer_wnd: Option<u16>,
+}
+
+impl FlowSummary {
+    /// PUSH payload bytes per second between the flow's first and last segment (None if they coincide).
+    pub fn data_rate(&self) -> Option<f64> {
+        let span = self.last_micros.checked_sub(self.first_micros).filter(|d| *d > 0)?;
+        Some(self.push_bytes as f64 * 1e6 / span as f64)
+    }
+
+    /// Retransmitted PUSH segments / PUSH segments (0 without PUSH).
+    pub fn retrans_ratio(&self) -> f64 {
+        if self.push_segments == 0 {
+            0.0
+        } else {
+            self.retrans_segments as f64 / self.push_segments as f64
+        }
+    }
 }
 
 /// A stateful frame describer (see the module docs).
@@ -65,8 +233,17 @@ pub struct Dumper {
     port: u16,
     /// Reused buffer the payload is decrypted in.
     buf: Vec<u8>,
-    flows: HashMap<(SocketAddr, u32), FlowState>,
+    flows: HashMap<FlowKey, FlowState>,
+    /// Summary interval (µs of capture time); None = no periodic summaries.
+    summary_every: Option<u64>,
+    /// Start of the current summary interval (capture time µs); None before the first frame.
+    interval_start: Option<u64>,
+    /// Capture time of the latest frame.
+    last_ts: u64,
 }
+
+/// (source, destination, conv): one direction of one KCP conversation.
+type FlowKey = (SocketAddr, SocketAddr, u32);
 
 impl Dumper {
     /// `crypto`: the configured block crypto (`None`: the payload is taken as a plain body, like
@@ -80,7 +257,17 @@ impl Dumper {
             port,
             buf: Vec::with_capacity(2048),
             flows: HashMap::new(),
+            summary_every: Some(SUMMARY_INTERVAL_MICROS),
+            interval_start: None,
+            last_ts: 0,
         }
+    }
+
+    /// Sets the interval of the periodic per-flow summary lines in microseconds of capture time
+    /// (default [`SUMMARY_INTERVAL_MICROS`]); `None` or 0 turns them off ([`Dumper::finish`] still
+    /// reports the totals).
+    pub fn set_summary_interval(&mut self, micros: Option<u64>) {
+        self.summary_every = micros.filter(|m| *m > 0);
     }
 
     /// The tunnel port this dumper was made for.
@@ -90,8 +277,10 @@ impl Dumper {
 
     /// Describes one Ethernet frame captured at `ts_micros` (microseconds since the Unix epoch).
     /// The result ends with a newline.
+    /// When the frame starts a new summary interval, the summary lines of the one that ended come first.
     pub fn describe(&mut self, ts_micros: u64, frame: &[u8]) -> String {
         let mut out = String::with_capacity(256);
+        self.roll_interval(&mut out, ts_micros);
         write_time(&mut out, ts_micros);
         match envelope::parse_frame(frame, None) {
             Ok(p) => {
@@ -105,7 +294,7 @@ impl Dumper {
                     p.flags,
                     p.payload.len()
                 );
-                self.describe_payload(&mut out, p.src_addr(), p.payload);
+                self.describe_payload(&mut out, (p.src_addr(), p.dst_addr(), ts_micros), p.payload);
             }
             Err(EnvelopeError::EmptyPayload) => match peek_tcp(frame) {
                 Some((src, dst, flags)) => {
@@ -138,8 +327,8 @@ impl Dumper {
         }
     }
 
-    /// Crypto check, then FEC, then KCP/smux.
-    fn describe_payload(&mut self, out: &mut String, src: SocketAddr, payload: &[u8]) {
+    /// Crypto check, then FEC, then KCP/smux. `at`: the frame's source, destination and capture time.
+    fn describe_payload(&mut self, out: &mut String, at: (SocketAddr, SocketAddr, u64), payload: &[u8]) {
         self.buf.clear();
         self.buf.extend_from_slice(payload);
         let body = match &self.crypto {
@@ -172,11 +361,12 @@ impl Dumper {
         };
         // Move the decrypted body out of `self.buf` for the borrow checker, and put it back after.
         let buf = std::mem::take(&mut self.buf);
-        self.describe_body(out, src, &buf[body]);
+        self.describe_body(out, at, &buf[body]);
         self.buf = buf;
     }
 
-    fn describe_body(&mut self, out: &mut String, src: SocketAddr, body: &[u8]) {
+    fn describe_body(&mut self, out: &mut String, at: (SocketAddr, SocketAddr, u64), body: &[u8]) {
+        let (src, dst, ts) = at;
         let kcp_bytes = if fec::is_fec(body) {
             match fec::parse(body) {
                 Ok(p) => {
@@ -211,6 +401,8 @@ impl Dumper {
             return;
         }
         let mut rest = kcp_bytes;
+        // The sender's cumulative ack, applied to the reverse flow once every ACK of the datagram matched.
+        let mut una: Option<(u32, u32)> = None;
         while !rest.is_empty() {
             match kcp::SegmentHeader::parse(rest) {
                 Ok((h, data, after)) => {
@@ -225,26 +417,205 @@ impl Dumper {
                         "  kcp conv={:08x} {cmd} sn={} una={} wnd={} ts={} frg={} len={}",
                         h.conv, h.sn, h.una, h.wnd, h.ts, h.frg, h.len
                     );
+                    self.account(src, dst, ts, &h, data.len());
+                    una = Some((h.conv, h.una));
                     if h.cmd == kcp::Cmd::Push && !data.is_empty() {
-                        self.describe_push(out, src, h.conv, h.sn, data);
+                        self.describe_push(out, (src, dst, h.conv), h.sn, data);
                     }
                     rest = after;
                 }
                 Err(e) => {
                     let _ = writeln!(out, "  kcp: {e}");
                     hex_dump(out, rest);
-                    return;
+                    break;
                 }
+            }
+        }
+        if let Some((conv, una)) = una {
+            if let Some(f) = self.flows.get_mut(&(dst, src, conv)) {
+                // PUSH transmissions below the peer's una are delivered: no ACK of theirs will be matched.
+                f.cc.pending.retain(|&(sn, _, _)| una.wrapping_sub(sn) == 0 || una.wrapping_sub(sn) > u32::MAX / 2);
             }
         }
     }
 
-    /// Lists the smux frames that start inside one PUSH segment's data.
-    fn describe_push(&mut self, out: &mut String, src: SocketAddr, conv: u32, sn: u32, data: &[u8]) {
-        if self.flows.len() >= MAX_FLOWS && !self.flows.contains_key(&(src, conv)) {
+    /// The flow `key`, created if new (the table is reset when full, as the smux state).
+    fn flow(&mut self, key: FlowKey) -> &mut FlowState {
+        if self.flows.len() >= MAX_FLOWS && !self.flows.contains_key(&key) {
             self.flows.clear();
         }
-        let flow = self.flows.entry((src, conv)).or_default();
+        self.flows.entry(key).or_default()
+    }
+
+    /// Congestion figures of one segment `src` → `dst` captured at `ts` (µs).
+    fn account(&mut self, src: SocketAddr, dst: SocketAddr, ts: u64, h: &kcp::SegmentHeader, len: usize) {
+        let f = &mut self.flow((src, dst, h.conv)).cc;
+        if f.total.segments == 0 {
+            f.first_us = ts;
+        }
+        f.last_us = f.last_us.max(ts);
+        f.wnd = Some(h.wnd);
+        f.total.segments += 1;
+        f.interval.segments += 1;
+        match h.cmd {
+            kcp::Cmd::Push => {
+                let again = f.seen.insert(h.sn);
+                for t in [&mut f.total, &mut f.interval] {
+                    t.push_segments += 1;
+                    t.push_bytes = t.push_bytes.saturating_add(len as u64);
+                    t.retrans_segments += u64::from(again);
+                }
+                match f.pending.iter().position(|p| p.0 == h.sn) {
+                    // The same transmission captured twice: keep the first time.
+                    Some(i) if f.pending[i].1 == h.ts => {}
+                    // A retransmission with a new ts: its ACK will echo one of them, time the newest.
+                    Some(i) => f.pending[i] = (h.sn, h.ts, ts),
+                    None if f.pending.len() < MAX_PENDING_PUSH => f.pending.push((h.sn, h.ts, ts)),
+                    None => {}
+                }
+            }
+            kcp::Cmd::Ack => {
+                let Some(fwd) = self.flows.get_mut(&(dst, src, h.conv)) else { return };
+                let c = &mut fwd.cc;
+                if let Some(i) = c.pending.iter().position(|p| p.0 == h.sn) {
+                    let (_, sent_ts, sent_at) = c.pending.swap_remove(i);
+                    // An ACK echoing another transmission's ts (or a capture clock going back) gives no sample.
+                    if sent_ts == h.ts {
+                        if let Some(rtt) = ts.checked_sub(sent_at) {
+                            c.total.add_rtt(rtt);
+                            c.interval.add_rtt(rtt);
+                        }
+                    }
+                }
+            }
+            kcp::Cmd::Wask | kcp::Cmd::Wins => {}
+        }
+    }
+
+    /// Starts the summary interval containing `ts`; if that ends the current one, writes its summary.
+    fn roll_interval(&mut self, out: &mut String, ts: u64) {
+        self.last_ts = self.last_ts.max(ts);
+        let Some(every) = self.summary_every else { return };
+        let Some(start) = self.interval_start else {
+            self.interval_start = Some(ts);
+            return;
+        };
+        let Some(elapsed) = ts.checked_sub(start).filter(|e| *e >= every) else { return };
+        let end = start.saturating_add(every);
+        self.write_summaries(out, end, every, false);
+        self.interval_start = Some(start.saturating_add(elapsed - elapsed % every));
+    }
+
+    /// Writes one summary line per flow with segments in the current interval (`totals`: over the whole
+    /// capture instead, every flow) stamped `at`, rates over `span_us`; resets the interval counters.
+    fn write_summaries(&mut self, out: &mut String, at: u64, span_us: u64, totals: bool) {
+        let mut keys: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| if totals { f.cc.total.segments > 0 } else { f.cc.interval.segments > 0 })
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort();
+        for key in keys {
+            let peer_wnd = self.flows.get(&(key.1, key.0, key.2)).and_then(|f| f.cc.wnd);
+            let Some(f) = self.flows.get(&key) else { continue };
+            let c = &f.cc;
+            let (t, span) = if totals {
+                (c.total, c.last_us.saturating_sub(c.first_us))
+            } else {
+                (c.interval, span_us)
+            };
+            write_time(out, at);
+            let what = if totals { "summary total" } else { "summary" };
+            let secs = span as f64 / 1e6;
+            let _ = write!(out, " {what} {} -> {} conv={:08x} | {secs:.3} s | data ", key.0, key.1, key.2);
+            if span > 0 {
+                let _ = write!(out, "{:.0} B/s", t.push_bytes as f64 * 1e6 / span as f64);
+            } else {
+                let _ = write!(out, "{} B", t.push_bytes);
+            }
+            let _ = write!(out, ", {} segs | retrans {}/{}", t.push_segments, t.retrans_segments, t.push_segments);
+            if t.push_segments > 0 {
+                let _ = write!(out, " ({:.1} %)", 100.0 * t.retrans_segments as f64 / t.push_segments as f64);
+            }
+            out.push_str(" | rtt ");
+            if t.rtt_samples > 0 {
+                let ms = |us: u64| us as f64 / 1000.0;
+                let _ = write!(
+                    out,
+                    "{:.3} ms (min {:.3}, max {:.3}, {} samples)",
+                    ms(t.rtt_sum_us / t.rtt_samples),
+                    ms(t.rtt_min_us),
+                    ms(t.rtt_max_us),
+                    t.rtt_samples
+                );
+            } else {
+                out.push('-');
+            }
+            match c.wnd {
+                Some(w) => {
+                    let _ = write!(out, " | wnd {w}");
+                }
+                None => out.push_str(" | wnd -"),
+            }
+            if let Some(w) = peer_wnd {
+                let _ = write!(out, ", peer wnd {w}");
+            }
+            out.push('\n');
+        }
+        for f in self.flows.values_mut() {
+            f.cc.interval = Tally::default();
+        }
+    }
+
+    /// Ends the capture: the summary of the last (partial) interval, then one `summary total` line per
+    /// flow over the whole capture (rates between the flow's first and last segment). The periodic
+    /// counters restart; the totals go on if more frames follow.
+    pub fn finish(&mut self) -> String {
+        let mut out = String::new();
+        if let (Some(_), Some(start)) = (self.summary_every, self.interval_start) {
+            let span = self.last_ts.saturating_sub(start);
+            self.write_summaries(&mut out, self.last_ts, span, false);
+            self.interval_start = Some(self.last_ts);
+        }
+        self.write_summaries(&mut out, self.last_ts, 0, true);
+        out
+    }
+
+    /// Every flow's figures over the whole capture, sorted by (source, destination, conv).
+    pub fn flow_summaries(&self) -> Vec<FlowSummary> {
+        let mut v: Vec<FlowSummary> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.cc.total.segments > 0)
+            .map(|(&(src, dst, conv), f)| {
+                let (c, t) = (&f.cc, &f.cc.total);
+                FlowSummary {
+                    src,
+                    dst,
+                    conv,
+                    first_micros: c.first_us,
+                    last_micros: c.last_us,
+                    segments: t.segments,
+                    push_segments: t.push_segments,
+                    retrans_segments: t.retrans_segments,
+                    push_bytes: t.push_bytes,
+                    rtt_samples: t.rtt_samples,
+                    rtt_min_micros: t.rtt_min_us,
+                    rtt_avg_micros: t.rtt_sum_us.checked_div(t.rtt_samples).unwrap_or(0),
+                    rtt_max_micros: t.rtt_max_us,
+                    wnd: c.wnd,
+                    peer_wnd: self.flows.get(&(dst, src, conv)).and_then(|r| r.cc.wnd),
+                }
+            })
+            .collect();
+        v.sort_by_key(|f| (f.src, f.dst, f.conv));
+        v
+    }
+
+    /// Lists the smux frames that start inside one PUSH segment's data.
+    fn describe_push(&mut self, out: &mut String, key: FlowKey, sn: u32, data: &[u8]) {
+        let flow = self.flow(key);
         let in_order = sn == flow.next_sn;
         if !in_order && sn.wrapping_sub(flow.next_sn) > u32::MAX / 2 {
             let _ = writeln!(out, "    (retransmission: sn {sn} < next expected {})", flow.next_sn);
@@ -418,7 +789,8 @@ fn peek_tcp(frame: &[u8]) -> Option<(SocketAddr, SocketAddr, TcpFlags)> {
 }
 
 /// Captures on `iface` in both directions (BPF `tcp port <port>`), writes one description per frame
-/// to `out`, and returns the number of frames described. Stops after `count` frames (if given) or
+/// (and the periodic per-flow summaries) to `out`, then the final summaries ([`Dumper::finish`]), and
+/// returns the number of frames described. Stops after `count` frames (if given) or
 /// when `stop` becomes true (checked at least every 100 ms).
 pub fn run_live(
     iface: &str,
@@ -461,6 +833,8 @@ pub fn run_live(
             Err(e) => return Err(err("read")(e)),
         }
     }
+    out.write_all(dumper.finish().as_bytes())?;
+    out.flush()?;
     Ok(n)
 }
 
