@@ -309,3 +309,137 @@ fn heap_profile_has_the_four_sample_types_and_live_data() {
     assert!(inuse2 + (16 << 20) <= inuse, "in-use {inuse} -> {inuse2} after freeing 64 MiB");
     assert!(alloc2 >= alloc, "allocation totals never shrink: {alloc} -> {alloc2}");
 }
+
+/// A client and a server worker joined by the in-memory packet backend, each publishing into its own
+/// hub like the daemon does; the client's `/metrics` is served by the ops server and scraped over HTTP
+/// after 1 MiB went through the tunnel: the congestion-control families describe the live session.
+#[test]
+fn daemon_pair_exports_congestion_control_figures() {
+    use paqet::io::{mem, PacketIo};
+    use paqet::ops::MetricsHub;
+    use paqet::proto::kcp::{KcpConfig, KcpMode};
+    use paqet::proto::session::{Role, SessionConfig};
+    use paqet::proto::smux::SmuxConfig;
+    use paqet::wire::crypt::{BlockMode, Crypto};
+    use paqet::wire::envelope::TcpFlags;
+    use paqet::worker::{self, FamilyConfig, IoFactory, Limits, WorkerConfig};
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const CLIENT: &str = "10.9.0.1:40000";
+    const SERVER: &str = "10.9.0.2:9999";
+    let cfg = |role: Role| {
+        let (me, mac, peer_mac) = match role {
+            Role::Client => (CLIENT, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]),
+            Role::Server => (SERVER, [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]),
+        };
+        WorkerConfig {
+            role,
+            session: SessionConfig {
+                crypto: Crypto::from_derived(BlockMode::Aes, &[0x42; 32]).expect("crypto"),
+                dshard: 0,
+                pshard: 0,
+                kcp: KcpConfig::preset(KcpMode::Fast3),
+                smux: SmuxConfig::default(),
+                mtu: 1350,
+            },
+            local_mac: mac,
+            ipv4: Some(FamilyConfig { addr: me.parse().unwrap(), router_mac: peer_mac }),
+            ipv6: None,
+            server_addr: (role == Role::Client).then(|| SERVER.parse().unwrap()),
+            conn: 1,
+            local_flags: vec![TcpFlags::PSH_ACK],
+            remote_flags: vec![TcpFlags::ACK],
+            guard: None,
+            limits: Limits::default(),
+            header_timeout: Duration::from_secs(10),
+        }
+    };
+    let once = |io: mem::MemIo| -> IoFactory {
+        let mut slot = Some(io);
+        Box::new(move |_port| {
+            slot.take()
+                .map(|io| Box::new(io) as Box<dyn PacketIo>)
+                .ok_or_else(|| std::io::Error::other("test backend already used"))
+        })
+    };
+    let hub = MetricsHub::new(RoleLabel::Client, DataPathMode::Pcap, 1);
+    hub.set_attached(true);
+    let server_hub = MetricsHub::new(RoleLabel::Server, DataPathMode::Pcap, 1);
+    let state = Arc::new(hub.ops_state());
+    let (addr, thread) = spawn_ops_thread("127.0.0.1:0".parse().unwrap(), state.clone()).expect("ops server");
+    let srv = Server { addr, state, thread: Some(thread) };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let local = tokio::task::LocalSet::new();
+    let text = local.block_on(&rt, async {
+        let (a, b) = mem::pair(4096);
+        let server = worker::start(cfg(Role::Server), once(b)).expect("server start");
+        let client = worker::start(cfg(Role::Client), once(a)).expect("client start");
+        tokio::task::spawn_local(worker::setup::publish_metrics(server.shared.clone(), server_hub.clone(), 0));
+        tokio::task::spawn_local(worker::setup::publish_metrics(client.shared.clone(), hub.clone(), 0));
+        let tunnel = client.tunnel.expect("client tunnel");
+        // An echo target: 1 MiB goes up and comes back.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo = l.local_addr().unwrap();
+        tokio::task::spawn_local(async move {
+            let Ok((mut c, _)) = l.accept().await else { return };
+            let (mut r, mut w) = c.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        let s = tunnel.open_tcp("127.0.0.1", echo.port()).await.expect("open_tcp");
+        let (mut r, mut w) = tokio::io::split(s);
+        let data: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
+        let n = data.len();
+        let writer = async move {
+            w.write_all(&data).await.expect("tunnel write");
+            w
+        };
+        let reader = async move {
+            let mut got = vec![0u8; n];
+            r.read_exact(&mut got).await.expect("tunnel read");
+            got
+        };
+        let (_w, got) = tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(writer, reader) })
+            .await
+            .expect("echo within 60 s");
+        assert_eq!(got.len(), n);
+        // Scrape until the publisher carried the figures gathered after the transfer (bounded wait).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, _, body) = srv.get("/metrics");
+            assert_eq!(status, 200);
+            let text = String::from_utf8(body).unwrap();
+            let sent = text
+                .lines()
+                .find_map(|l| l.strip_prefix("paqet_cc_sent_bytes_total "))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if sent >= n as f64 {
+                break text;
+            }
+            assert!(Instant::now() < deadline, "paqet_cc_sent_bytes_total stays below {n}:\n{text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    drop(srv);
+    let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    let value = |prefix: &str| -> Vec<f64> {
+        samples
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+            .collect()
+    };
+    assert_eq!(value("paqet_cc_sessions{").iter().sum::<f64>(), 1.0, "one live session:\n{text}");
+    assert_eq!(value("paqet_cc_window_limited_sessions{").len(), 2, "{text}");
+    assert_eq!(value("paqet_cc_srtt_seconds{").len(), 3, "{text}");
+    // The only session is rank 1 of the top list, labelled with its peer (the server).
+    for family in ["delivery_rate_bytes_per_second", "srtt_seconds", "retrans_ratio", "inflight_bytes"] {
+        let series = format!("paqet_cc_top_{family}{{rank=\"1\",peer=\"{SERVER}\"}} ");
+        assert!(text.contains(&series), "{series} missing:\n{text}");
+    }
+    assert!(!text.contains("rank=\"2\""), "{text}");
+    for s in &samples {
+        parse_sample(s);
+    }
+}
