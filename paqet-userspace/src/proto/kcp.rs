@@ -30,12 +30,15 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
-use crate::proto::cc::{CcAlgorithm, CcConfig, CcStats};
+use crate::proto::cc::{new_controller, CcAlgorithm, CcConfig, CcStats, Controller, Pacer, RateSample};
 use crate::wire::kcp::{Cmd, KcpWireError, SegmentHeader, OVERHEAD};
 
 const RTO_NDL: u32 = 30;
 const RTO_MIN: u32 = 100;
 const RTO_DEF: u32 = 200;
+/// Initial RTO with a congestion controller (RFC 6298's 1 s): ikcp's 200 ms fires spuriously on every
+/// path with a longer RTT, and a start-up that reads those as losses leaves the path half used.
+const RTO_DEF_CC: u32 = 1_000;
 const RTO_MAX: u32 = 60_000;
 const ASK_SEND: u8 = 1;
 const ASK_TELL: u8 = 2;
@@ -50,6 +53,13 @@ const PROBE_LIMIT: u64 = 120_000;
 const MIN_MTU: usize = 50;
 /// Largest fragment count of one message (message mode, `frg` is a u8).
 const MAX_FRAGMENTS: usize = 255;
+/// Bytes of Ethernet + IPv4 + TCP (with the timestamp option) around every datagram: fixed pacing rates
+/// are wire rates.
+const ENVELOPE_OVERHEAD: usize = 66;
+/// Largest multiple of the base reordering window after spurious retransmissions.
+const REO_MULT_MAX: u32 = 16;
+/// Fast retransmissions without a spurious one before the reordering window shrinks a step.
+const REO_DECAY: u32 = 64;
 
 /// KCP tuning (upstream `transport.kcp` after `aplConf`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -258,7 +268,25 @@ struct SndSlot {
     /// The slot index is queued in `fast_q` / `early_q` (each slot is queued at most once per queue).
     in_fast_q: bool,
     in_early_q: bool,
+    /// The last retransmission was a fast one (reordering-window adaptation looks at those only).
+    fast_rtx: bool,
     data: Vec<u8>,
+    // delivery-rate state at the last transmission (congestion control)
+    sent_at: u64,
+    s_delivered: u64,
+    s_delivered_time: u64,
+    s_first_sent: u64,
+    s_app_limited: bool,
+}
+
+/// The newest-sent segment acknowledged by the ACK datagram being processed (the rate sample's packet).
+#[derive(Clone, Copy)]
+struct SampleSrc {
+    delivered: u64,
+    delivered_time: u64,
+    first_sent: u64,
+    sent_at: u64,
+    app_limited: bool,
 }
 
 /// One receive ring slot (either in order, waiting for `recv`, or buffered out of order).
@@ -338,6 +366,31 @@ pub struct Kcp {
     obuf: Vec<u8>,
     olen: usize,
     stats: KcpStats,
+
+    // congestion control (None = upstream's behaviour)
+    cc: Option<Box<dyn Controller>>,
+    cc_algorithm: CcAlgorithm,
+    pacer: Pacer,
+    autotune: Autotune,
+    /// Payload bytes of live (sent, unacknowledged) segments.
+    inflight: u64,
+    /// Payload bytes acknowledged so far, and when the last were.
+    delivered: u64,
+    delivered_time: u64,
+    first_sent_time: u64,
+    /// Non-zero: samples are application-limited until `delivered` passes this mark.
+    app_limited: u64,
+    sample: Option<SampleSrc>,
+    acked_now: u64,
+    last_rate: u64,
+    /// Reordering window multiplier (time-based fast retransmit) and its decay counter.
+    reo_mult: u32,
+    reo_clean: u32,
+    spurious: u64,
+    /// Highest PUSH sn received (receive-window auto-tuning).
+    rcv_hi: u32,
+    /// Largest window the peer advertised.
+    rmt_wnd_max: u32,
 }
 
 /// Wrapping "a − b" as a signed distance (ikcp `_itimediff`).
@@ -369,7 +422,8 @@ impl Kcp {
             nodelay: cfg.nodelay,
             interval: cfg.interval.clamp(10, 5000),
             fastresend: cfg.resend,
-            nocwnd: cfg.nocwnd,
+            // Our controller replaces ikcp's loss-based window.
+            nocwnd: cfg.nocwnd || cfg.cc.algorithm != CcAlgorithm::Off,
             ack_nodelay: cfg.ack_nodelay,
             snd_wnd,
             rcv_wnd,
@@ -379,7 +433,7 @@ impl Kcp {
             incr: 0,
             rx_srtt: 0,
             rx_rttvar: 0,
-            rx_rto: RTO_DEF,
+            rx_rto: if cfg.cc.algorithm == CcAlgorithm::Off { RTO_DEF } else { RTO_DEF_CC },
             rx_minrto: if cfg.nodelay { RTO_NDL } else { RTO_MIN },
             clock: 0,
             last_now: 0,
@@ -410,6 +464,23 @@ impl Kcp {
             obuf: vec![0u8; reserved + mtu],
             olen: 0,
             stats: KcpStats::default(),
+            cc: new_controller(&cfg.cc, mss, mtu + reserved + ENVELOPE_OVERHEAD),
+            cc_algorithm: cfg.cc.algorithm,
+            pacer: Pacer::default(),
+            autotune: cfg.autotune,
+            inflight: 0,
+            delivered: 0,
+            delivered_time: 0,
+            first_sent_time: 0,
+            app_limited: 0,
+            sample: None,
+            acked_now: 0,
+            last_rate: 0,
+            reo_mult: 1,
+            reo_clean: 0,
+            spurious: 0,
+            rcv_hi: 0,
+            rmt_wnd_max: 0,
         }
     }
 
@@ -426,6 +497,16 @@ impl Kcp {
     /// Segments waiting: in flight (unacknowledged) plus queued (ikcp `WaitSnd`).
     pub fn wait_snd(&self) -> usize {
         self.snd_nxt.wrapping_sub(self.snd_una) as usize + self.snd_queue.len()
+    }
+
+    /// Our receive window (segments): grows when auto-tuned.
+    pub fn rcv_wnd(&self) -> u32 {
+        self.rcv_wnd
+    }
+
+    /// Our send window (segments): grows when auto-tuned.
+    pub fn snd_wnd(&self) -> u32 {
+        self.snd_wnd
     }
 
     /// Current retransmission timeout (ms).
@@ -456,20 +537,43 @@ impl Kcp {
     /// Congestion-control and window state (for metrics and `dump`).
     pub fn cc_stats(&self) -> CcStats {
         let sent = self.stats.out_segs.max(1) as f64;
+        let (btl_bw, min_rtt_ms) = self.cc.as_ref().map_or((0, 0), |c| c.model());
+        let bdp_segments = if btl_bw > 0 && min_rtt_ms > 0 {
+            (btl_bw * min_rtt_ms as u64 / 1000).div_ceil(self.mss as u64) as u32
+        } else {
+            0
+        };
+        let window_limited_by = if bdp_segments == 0 {
+            None
+        } else if !self.autotune.sndwnd && self.snd_wnd < bdp_segments {
+            Some("sndwnd")
+        } else if self.rmt_wnd_max > 0 && self.rmt_wnd_max < bdp_segments {
+            Some("peer_rcvwnd")
+        } else {
+            None
+        };
         CcStats {
-            algorithm: CcAlgorithm::Off,
-            state: "off",
+            algorithm: self.cc_algorithm,
+            state: self.cc.as_ref().map_or("off", |c| c.state()),
+            pacing_rate: self.cc.as_ref().map_or(0, |c| c.pacing_rate()),
+            btl_bw,
+            delivery_rate: self.last_rate,
+            min_rtt_ms,
             srtt_ms: self.srtt(),
             rttvar_ms: self.rx_rttvar.max(0) as u32,
             rto_ms: self.rx_rto,
-            cwnd_bytes: u64::MAX,
+            cwnd_bytes: self.cc.as_ref().map_or(u64::MAX, |c| c.cwnd()),
+            inflight_bytes: self.inflight,
             sndwnd: self.snd_wnd,
             rcvwnd: self.rcv_wnd,
             rmt_wnd: self.rmt_wnd,
+            bdp_segments,
             bytes_sent: self.stats.out_bytes,
-            loss_ratio: self.stats.lost_segs as f64 / sent,
+            bytes_delivered: self.delivered,
+            loss_ratio: self.stats.lost_segs.saturating_add(self.stats.fast_retrans_segs) as f64 / sent,
             retrans_ratio: self.stats.retrans_segs as f64 / sent,
-            ..CcStats::default()
+            spurious_retrans: self.spurious,
+            window_limited_by,
         }
     }
 
@@ -500,9 +604,13 @@ impl Kcp {
     /// `2 × sndwnd` segments: in stream mode the bound is `2 × sndwnd × mss` bytes minus `in_flight × mss`
     /// minus the bytes queued; in message mode `(2 × sndwnd − wait_snd) × mss`, at most one 255-fragment
     /// message.
+    ///
+    /// With a congestion controller the bytes queued but not yet sent are also bounded by one congestion
+    /// window (at least 32 segments): the pacer sends them within a round trip, and what the application
+    /// wrote beyond that stays in smux, whose per-stream window would otherwise be spent on a queue here.
     pub fn send_capacity(&self) -> usize {
         let in_flight = self.snd_nxt.wrapping_sub(self.snd_una) as usize;
-        if self.stream {
+        let cap = if self.stream {
             (self.max_queue_segs() * self.mss)
                 .saturating_sub(in_flight * self.mss + self.snd_bytes.len())
         } else {
@@ -511,6 +619,13 @@ impl Kcp {
                 .saturating_sub(in_flight + self.snd_queue.len())
                 * self.mss)
                 .min(MAX_FRAGMENTS * self.mss)
+        };
+        match &self.cc {
+            None => cap,
+            Some(c) => {
+                let queue_max = (c.cwnd().min(1 << 30) as usize).max(32 * self.mss);
+                cap.min(queue_max.saturating_sub(self.snd_queue.len() * self.mss))
+            }
         }
     }
 
@@ -562,11 +677,99 @@ impl Kcp {
         c
     }
 
-    /// New data is queued and the window has room.
+    /// New data is queued and the windows (ARQ and congestion) have room.
     #[inline]
     fn can_send_new(&self) -> bool {
         !self.snd_queue.is_empty()
             && self.snd_nxt.wrapping_sub(self.snd_una) < self.effective_cwnd()
+            && self.cc_window_open()
+    }
+
+    /// The congestion controller lets one more segment into flight (always, without one).
+    #[inline]
+    fn cc_window_open(&self) -> bool {
+        self.cc.as_ref().is_none_or(|c| self.inflight < c.cwnd())
+    }
+
+    /// The pacer lets a data segment leave at `clock` (always without a controller).
+    #[inline]
+    fn pace_ready_at(&self, clock: u64) -> bool {
+        match &self.cc {
+            None => true,
+            Some(c) => self.pacer.tokens_at(clock, c.pacing_rate(), self.mss) >= 0.0,
+        }
+    }
+
+    /// Within a flush (after the pacer's refill): may another data segment leave?
+    #[inline]
+    fn pace_budget(&self) -> bool {
+        self.cc.is_none() || self.pacer.ready()
+    }
+
+    /// Base reordering window of the time-based fast retransmit (ms): a quarter of the min RTT (at least
+    /// 1 ms), times the multiplier raised by spurious retransmissions, at most the smoothed RTT.
+    fn reo_wnd(&self) -> u32 {
+        let min_rtt = self.cc.as_ref().map_or(0, |c| c.model().1);
+        let base = if min_rtt > 0 { min_rtt } else { self.srtt() };
+        ((base / 4).max(1) * self.reo_mult).min(self.srtt().max(1))
+    }
+
+    /// Doubles-up the send window (auto-tuning) to `wnd` segments, re-indexing the send ring.
+    fn grow_snd_wnd(&mut self, wnd: u32) {
+        let wnd = wnd.min(65_535);
+        if wnd <= self.snd_wnd {
+            return;
+        }
+        self.snd_wnd = wnd;
+        let cap = (wnd as usize).next_power_of_two();
+        if cap <= self.snd_ring.len() {
+            return;
+        }
+        let old = std::mem::take(&mut self.snd_ring);
+        let mask = (cap - 1) as u32;
+        let requeue = |q: &VecDeque<u32>| -> Vec<u32> {
+            q.iter().filter(|&&i| old[i as usize].live).map(|&i| old[i as usize].sn & mask).collect()
+        };
+        let fast: Vec<u32> = requeue(&self.fast_q);
+        let early: Vec<u32> = requeue(&self.early_q);
+        let mut ring = Vec::with_capacity(cap);
+        ring.resize_with(cap, SndSlot::default);
+        for slot in old.into_iter().filter(|s| s.live) {
+            let idx = (slot.sn & mask) as usize;
+            ring[idx] = slot;
+        }
+        self.snd_ring = ring;
+        self.snd_mask = mask;
+        self.fast_q = fast.into();
+        self.early_q = early.into();
+    }
+
+    /// Grows the receive window (auto-tuning) to `wnd` segments, re-indexing the receive ring.
+    fn grow_rcv_wnd(&mut self, wnd: u32) {
+        let wnd = wnd.min(65_535);
+        if wnd <= self.rcv_wnd {
+            return;
+        }
+        self.rcv_wnd = wnd;
+        let cap = (2 * wnd as usize).next_power_of_two();
+        if cap <= self.rcv_ring.len() {
+            return;
+        }
+        let mut old = std::mem::take(&mut self.rcv_ring);
+        let old_mask = self.rcv_mask;
+        let mask = (cap - 1) as u32;
+        let mut ring = Vec::with_capacity(cap);
+        ring.resize_with(cap, RcvSlot::default);
+        // Every present slot holds an sn in [read_sn, read_sn + old capacity).
+        for i in 0..old.len() as u32 {
+            let sn = self.read_sn.wrapping_add(i);
+            let slot = std::mem::take(&mut old[(sn & old_mask) as usize]);
+            if slot.present {
+                ring[(sn & mask) as usize] = slot;
+            }
+        }
+        self.rcv_ring = ring;
+        self.rcv_mask = mask;
     }
 
     // ---------------------------------------------------------------------------------------------------
@@ -651,6 +854,9 @@ impl Kcp {
         self.advance(now);
         self.stats.in_datagrams += 1;
         let old_una = self.snd_una;
+        let prior_inflight = self.inflight;
+        self.sample = None;
+        self.acked_now = 0;
         let mut have_ack = false;
         let mut latest: u32 = 0;
         self.ack_scratch.clear();
@@ -662,11 +868,12 @@ impl Kcp {
             rest = next;
             self.stats.in_segs += 1;
             self.rmt_wnd = h.wnd as u32;
+            self.rmt_wnd_max = self.rmt_wnd_max.max(self.rmt_wnd);
             self.parse_una(h.una);
             match h.cmd {
                 Cmd::Ack => {
                     self.stats.acks_received += 1;
-                    self.parse_ack(h.sn);
+                    self.parse_ack(h.sn, h.ts);
                     self.ack_scratch.push(h.sn);
                     if !have_ack || diff(h.ts, latest) > 0 {
                         latest = h.ts;
@@ -677,6 +884,9 @@ impl Kcp {
                     if diff(h.sn, self.rcv_nxt.wrapping_add(self.rcv_wnd)) < 0 {
                         self.acklist.push((h.sn, h.ts));
                         if diff(h.sn, self.rcv_nxt) >= 0 {
+                            if diff(h.sn, self.rcv_hi) > 0 {
+                                self.rcv_hi = h.sn;
+                            }
                             self.store(h.sn, payload);
                         } else {
                             self.stats.repeat_segs += 1;
@@ -689,12 +899,27 @@ impl Kcp {
                 Cmd::Wins => {}
             }
         }
+        let mut rtt_sample = None;
         if have_ack {
             let rtt = diff(self.last_now, latest);
             if rtt >= 0 {
                 self.update_rtt(rtt);
+                rtt_sample = Some(rtt as u32);
             }
             self.parse_fastack(latest);
+        }
+        if self.acked_now > 0 {
+            self.on_rate_sample(prior_inflight, rtt_sample);
+        }
+        if self.autotune.rcvwnd && self.rcv_wnd < self.autotune.max_wnd {
+            // The peer fills three quarters of our window while the application keeps up: double it.
+            let span = self.rcv_hi.wrapping_sub(self.read_sn).wrapping_add(1);
+            if diff(self.rcv_hi, self.read_sn) >= 0
+                && span >= self.rcv_wnd / 4 * 3
+                && self.nrcv_que() <= self.rcv_wnd / 4
+            {
+                self.grow_rcv_wnd((self.rcv_wnd * 2).min(self.autotune.max_wnd));
+            }
         }
         if !self.nocwnd && diff(self.snd_una, old_una) > 0 && self.cwnd < self.rmt_wnd {
             let mss = self.mss as u32;
@@ -775,21 +1000,97 @@ impl Kcp {
         let upto = una.wrapping_sub(self.snd_una).min(in_flight);
         for i in 0..upto {
             let sn = self.snd_una.wrapping_add(i);
-            self.snd_ring[(sn & self.snd_mask) as usize].live = false;
+            let idx = (sn & self.snd_mask) as usize;
+            if self.snd_ring[idx].live {
+                self.on_delivered(idx);
+            }
         }
         self.snd_una = self.snd_una.wrapping_add(upto);
         self.shrink();
     }
 
-    /// Selective acknowledgement of one sn.
-    fn parse_ack(&mut self, sn: u32) {
+    /// Selective acknowledgement of one sn; `ts` is the echoed timestamp of the transmission it acknowledges.
+    fn parse_ack(&mut self, sn: u32, ts: u32) {
         if sn.wrapping_sub(self.snd_una) >= self.snd_nxt.wrapping_sub(self.snd_una) {
             return;
         }
-        let slot = &mut self.snd_ring[(sn & self.snd_mask) as usize];
+        let idx = (sn & self.snd_mask) as usize;
+        let slot = &self.snd_ring[idx];
         if slot.live && slot.sn == sn {
-            slot.live = false;
+            if slot.xmit > 1 && diff(ts, slot.ts) < 0 && self.cc.is_some() {
+                // An earlier transmission arrived: the last retransmission was spurious. If it was a fast
+                // one, reordering outlasted the window: widen it (a DSACK-less version of RACK's
+                // adaptation). Timeouts say nothing about reordering (a lost ACK causes most of them).
+                self.spurious += 1;
+                if slot.fast_rtx {
+                    self.reo_mult = (self.reo_mult + 1).min(REO_MULT_MAX);
+                    self.reo_clean = 0;
+                }
+                let len = slot.data.len() as u64;
+                if let Some(c) = self.cc.as_mut() {
+                    c.on_spurious(len);
+                }
+            }
+            self.on_delivered(idx);
             self.shrink();
+        }
+    }
+
+    /// A live segment was acknowledged: count it delivered and keep it as the rate sample's packet if it
+    /// is the newest sent so far in this ACK datagram.
+    fn on_delivered(&mut self, idx: usize) {
+        let slot = &mut self.snd_ring[idx];
+        slot.live = false;
+        let len = slot.data.len() as u64;
+        self.inflight = self.inflight.saturating_sub(len);
+        self.delivered += len;
+        self.acked_now += len;
+        self.delivered_time = self.clock;
+        if self.cc.is_some() {
+            let newer = self
+                .sample
+                .is_none_or(|b| slot.s_delivered > b.delivered || (slot.s_delivered == b.delivered && slot.sent_at > b.sent_at));
+            if newer {
+                self.sample = Some(SampleSrc {
+                    delivered: slot.s_delivered,
+                    delivered_time: slot.s_delivered_time,
+                    first_sent: slot.s_first_sent,
+                    sent_at: slot.sent_at,
+                    app_limited: slot.s_app_limited,
+                });
+            }
+        }
+    }
+
+    /// Builds the delivery-rate sample of this ACK datagram and feeds the controller; auto-tunes the send
+    /// window from the controller's window.
+    fn on_rate_sample(&mut self, prior_inflight: u64, rtt_ms: Option<u32>) {
+        let Some(p) = self.sample.take() else { return };
+        let Some(cc) = self.cc.as_mut() else { return };
+        let send_elapsed = p.sent_at.saturating_sub(p.first_sent);
+        let ack_elapsed = self.delivered_time.saturating_sub(p.delivered_time);
+        self.first_sent_time = p.sent_at;
+        if self.app_limited != 0 && self.delivered > self.app_limited {
+            self.app_limited = 0;
+        }
+        let rs = RateSample {
+            delivered: self.delivered,
+            prior_delivered: p.delivered,
+            delivered_in_interval: self.delivered - p.delivered,
+            interval_ms: send_elapsed.max(ack_elapsed).max(1),
+            acked: self.acked_now,
+            rtt_ms,
+            app_limited: p.app_limited,
+            prior_inflight,
+            inflight: self.inflight,
+        };
+        self.last_rate = rs.rate();
+        cc.on_ack(self.clock, &rs);
+        if self.autotune.sndwnd && self.snd_wnd < self.autotune.max_wnd {
+            let want = (2 * cc.cwnd() / self.mss as u64).min(u64::from(self.autotune.max_wnd)) as u32;
+            if want > self.snd_wnd {
+                self.grow_snd_wnd(want.next_power_of_two().min(self.autotune.max_wnd));
+            }
         }
     }
 
@@ -816,6 +1117,13 @@ impl Kcp {
         };
         let mut j = 0; // acks[..j] have distance <= d
         let total = self.ack_scratch.len();
+        // With a congestion controller, fast retransmit is also time-based (RACK-like): a later segment sent
+        // at least the reordering window after this one was acknowledged, so reordering alone (jitter on
+        // the path) does not trigger it. Early retransmit is upstream's only.
+        let (paced, reo) = match self.cc {
+            Some(_) => (true, self.reo_wnd() as i32),
+            None => (false, 0),
+        };
         for d in 0..max_d {
             while j < total && self.ack_scratch[j] <= d {
                 j += 1;
@@ -826,9 +1134,12 @@ impl Kcp {
                 continue;
             }
             slot.fastack = slot.fastack.saturating_add((total - j) as u32);
-            if slot.fastack > 0 && !slot.in_early_q {
+            if slot.fastack > 0 && !slot.in_early_q && !paced {
                 slot.in_early_q = true;
                 self.early_q.push_back(idx);
+            }
+            if paced && diff(latest, slot.ts) < reo {
+                continue;
             }
             if slot.fastack >= resent && !slot.in_fast_q {
                 slot.in_fast_q = true;
@@ -853,8 +1164,16 @@ impl Kcp {
                 self.rx_rttvar += (delta - self.rx_rttvar) >> 2;
             }
         }
-        let rto = (self.rx_srtt.max(0) as u32)
-            .saturating_add(self.interval.max((self.rx_rttvar.max(0) as u32) << 2));
+        let srtt = self.rx_srtt.max(0) as u32;
+        let mut margin = self.interval.max((self.rx_rttvar.max(0) as u32) << 2);
+        if self.cc.is_some() {
+            // With a congestion controller the time-based fast retransmit finds losses within an RTT plus
+            // the reordering window; the timeout is for tail losses and must not race it (paced senders
+            // also probe with a standing queue of up to a quarter BDP, start-up with more): at least
+            // 2 × srtt.
+            margin = margin.max(srtt);
+        }
+        let rto = srtt.saturating_add(margin);
         self.rx_rto = rto.clamp(self.rx_minrto, RTO_MAX);
     }
 
@@ -904,6 +1223,22 @@ impl Kcp {
         let now = self.last_now;
         let una = self.rcv_nxt;
         let slot = &mut self.snd_ring[idx];
+        if slot.xmit == 0 {
+            if self.inflight == 0 {
+                // A fresh flight: the rate sample's intervals start now.
+                self.first_sent_time = self.clock;
+                self.delivered_time = self.clock;
+            }
+            self.inflight += len as u64;
+        }
+        slot.sent_at = self.clock;
+        slot.s_delivered = self.delivered;
+        slot.s_delivered_time = self.delivered_time;
+        slot.s_first_sent = self.first_sent_time;
+        slot.s_app_limited = self.app_limited != 0;
+        if self.cc.is_some() {
+            self.pacer.spend(len + OVERHEAD);
+        }
         slot.xmit += 1;
         slot.ts = now;
         let h = SegmentHeader {
@@ -950,16 +1285,25 @@ impl Kcp {
     /// Something must go out now (new data fits the window, ACKs with ack_nodelay, a probe answer, a fast
     /// retransmit, an expired RTO or window probe).
     fn urgent(&self) -> bool {
+        self.urgent_ctrl() || (self.data_due() && self.pace_ready_at(self.clock))
+    }
+
+    /// Control segments are due (ACKs, probe answers, window probes): never paced.
+    fn urgent_ctrl(&self) -> bool {
         self.probe != 0
             || (self.ack_nodelay && !self.acklist.is_empty())
             || self.acklist.len() >= self.eager_ack_batch()
-            || self.can_send_new()
+            || (self.rmt_wnd == 0 && self.probe_wait != 0 && self.clock >= self.ts_probe)
+    }
+
+    /// Data segments are due (new data fits the windows, a fast retransmit, an expired RTO).
+    fn data_due(&self) -> bool {
+        self.can_send_new()
             || !self.fast_q.is_empty()
             || self
                 .timers
                 .peek()
                 .is_some_and(|Reverse((at, _, _))| *at <= self.clock)
-            || (self.rmt_wnd == 0 && self.probe_wait != 0 && self.clock >= self.ts_probe)
     }
 
     /// Sends everything due now: ACKs, window probes, retransmissions (timeout, fast, early) and new data
@@ -1021,6 +1365,9 @@ impl Kcp {
 
         let cwnd = self.effective_cwnd();
         let new_possible = self.can_send_new();
+        if let Some(c) = &self.cc {
+            self.pacer.refill(self.clock, c.pacing_rate(), self.mss);
+        }
         let resent = if self.fastresend == 0 {
             u32::MAX
         } else {
@@ -1031,7 +1378,7 @@ impl Kcp {
 
         // RTO expiries
         while let Some(&Reverse((at, sn, xmit))) = self.timers.peek() {
-            if at > self.clock {
+            if at > self.clock || !self.pace_budget() {
                 break;
             }
             self.timers.pop();
@@ -1049,6 +1396,11 @@ impl Kcp {
             let slot = &mut self.snd_ring[idx];
             slot.rto = slot.rto.saturating_add(step);
             slot.resend_at = self.clock + slot.rto as u64;
+            slot.fast_rtx = false;
+            let len = slot.data.len() as u64;
+            if let Some(c) = self.cc.as_mut() {
+                c.on_loss(self.clock, len, self.inflight);
+            }
             self.transmit(sn, wnd, out);
             lost += 1;
             self.stats.lost_segs += 1;
@@ -1056,7 +1408,8 @@ impl Kcp {
         }
 
         // fast retransmit
-        while let Some(i) = self.fast_q.pop_front() {
+        while self.pace_budget() {
+            let Some(i) = self.fast_q.pop_front() else { break };
             let idx = i as usize;
             let slot = &mut self.snd_ring[idx];
             slot.in_fast_q = false;
@@ -1064,6 +1417,16 @@ impl Kcp {
                 continue;
             }
             let sn = slot.sn;
+            let len = slot.data.len() as u64;
+            slot.fast_rtx = true;
+            if let Some(c) = self.cc.as_mut() {
+                c.on_loss(self.clock, len, self.inflight);
+                self.reo_clean += 1;
+                if self.reo_clean >= REO_DECAY {
+                    self.reo_clean = 0;
+                    self.reo_mult = (self.reo_mult - 1).max(1);
+                }
+            }
             self.rearm(idx);
             self.transmit(sn, wnd, out);
             change += 1;
@@ -1072,7 +1435,7 @@ impl Kcp {
         }
 
         // early retransmit (only when no new data goes out, like kcp-go, and only on interval ticks)
-        if tick && !new_possible {
+        if tick && !new_possible && self.cc.is_none() {
             while let Some(i) = self.early_q.pop_front() {
                 let idx = i as usize;
                 let slot = &mut self.snd_ring[idx];
@@ -1090,7 +1453,11 @@ impl Kcp {
         }
 
         // new data
-        while !self.snd_queue.is_empty() && self.snd_nxt.wrapping_sub(self.snd_una) < cwnd {
+        while !self.snd_queue.is_empty()
+            && self.snd_nxt.wrapping_sub(self.snd_una) < cwnd
+            && self.cc_window_open()
+            && self.pace_budget()
+        {
             let q = self
                 .snd_queue
                 .pop_front()
@@ -1116,6 +1483,11 @@ impl Kcp {
             slot.rto = rto;
             slot.resend_at = clock + rto as u64;
             self.transmit(sn, wnd, out);
+        }
+        if self.snd_queue.is_empty() && self.cc_window_open() {
+            // Nothing more to send although the window has room: the samples that follow measure the
+            // application, not the path.
+            self.app_limited = (self.delivered + self.inflight).max(1);
         }
         self.emit_pending(out);
 
@@ -1187,6 +1559,12 @@ impl Kcp {
         }
         let clock = self.clock + d as u64;
         let mut at = self.ts_flush;
+        if let Some(c) = &self.cc {
+            if self.data_due() {
+                // Only the pacer holds data back: wake when it releases the next segment.
+                at = at.min(self.pacer.release_at(self.clock, c.pacing_rate(), self.mss));
+            }
+        }
         if let Some(Reverse((t, _, _))) = self.timers.peek() {
             at = at.min(*t);
         }

@@ -139,6 +139,8 @@ pub struct Session {
     out_lens: Vec<usize>,
     stats: SessionStats,
     dead: bool,
+    /// Largest smux receive window (per stream) auto-tuning may advertise, bytes; 0 = no auto-tuning.
+    smux_auto_max: usize,
 }
 
 impl Session {
@@ -171,6 +173,7 @@ impl Session {
             out_lens: Vec::with_capacity(16),
             stats: SessionStats::default(),
             dead: false,
+            smux_auto_max: if kcfg.autotune.rcvwnd { kcfg.autotune.max_wnd as usize * kcfg.mtu } else { 0 },
         }
     }
 
@@ -243,6 +246,7 @@ impl Session {
                 }
             }
         }
+        self.tune_smux();
         if let Some(e) = kerr {
             self.stats.kcp_errors += 1;
             // Deliver what did arrive before reporting.
@@ -250,6 +254,20 @@ impl Session {
             return Err(e.into());
         }
         self.pump_rx(now)
+    }
+
+    /// Receive-window auto-tuning reaches smux: its per-stream window must cover what KCP's receive window
+    /// lets in flight (twice, since smux's window updates come every half window), or a stream stalls on
+    /// smux flow control below the path's bandwidth-delay product. The session buffer follows at twice
+    /// the stream window. Both stay within the auto-tuning memory cap.
+    fn tune_smux(&mut self) {
+        if self.smux_auto_max == 0 {
+            return;
+        }
+        let want = (2 * self.kcp.rcv_wnd() as usize * self.kcp.mss()).min(self.smux_auto_max);
+        if want > self.smux.receive_buffers().0 {
+            self.smux.grow_receive_buffers(want, 2 * want);
+        }
     }
 
     /// Move ordered bytes from KCP into smux while smux has room (its session buffer is the back-pressure).

@@ -606,6 +606,38 @@ impl Smux {
         Ok(true)
     }
 
+    /// Receive buffers now: (per-stream window we advertise, session buffer).
+    pub fn receive_buffers(&self) -> (usize, usize) {
+        (self.cfg.max_stream_buffer, self.cfg.max_receive_buffer)
+    }
+
+    /// Raises the per-stream window we advertise (sent with the next UPD of each stream) and the session
+    /// receive buffer, for window auto-tuning; never lowers them. The session buffer stays ≥ the stream
+    /// window.
+    pub fn grow_receive_buffers(&mut self, stream: usize, session: usize) {
+        let stream = stream.min(i32::MAX as usize);
+        let session = session.max(stream).min(i32::MAX as usize);
+        if session > self.cfg.max_receive_buffer {
+            self.bucket += (session - self.cfg.max_receive_buffer) as i64;
+            self.cfg.max_receive_buffer = session;
+        }
+        if stream > self.cfg.max_stream_buffer {
+            self.cfg.max_stream_buffer = stream;
+            if self.cfg.version == 2 {
+                // Announce the larger window now: the next regular UPD only comes after half of it
+                // was read, and a peer that used up the old window waits for one.
+                for (sid, s) in self.streams.iter_mut() {
+                    s.upd_consumed = s.num_read;
+                    s.incr = 0;
+                    if !s.upd_queued {
+                        s.upd_queued = true;
+                        self.ctrl.push_back(Ctrl::Upd(*sid));
+                    }
+                }
+            }
+        }
+    }
+
     /// Book-keeping after the application took `n > 0` bytes from `sid`: return tokens, maybe queue UPD.
     fn after_read(&mut self, sid: u32, n: usize) {
         self.bucket += n as i64;
