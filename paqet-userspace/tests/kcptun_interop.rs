@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use paqet::proto::cc::CcConfig;
 use paqet::proto::kcp::{KcpConfig, KcpMode};
 use paqet::proto::session::{Role, Session, SessionConfig};
 use paqet::proto::smux::{SmuxConfig, SmuxEvent};
@@ -54,6 +55,8 @@ fn session_config(block: BlockMode, fec: bool) -> SessionConfig {
     let mut kcp = KcpConfig::preset(KcpMode::Fast);
     kcp.sndwnd = 1024;
     kcp.rcvwnd = 1024;
+    // The daemon's default congestion control: our sender paces, the wire stays kcp-go's.
+    kcp.cc = CcConfig::BBR;
     let smux = SmuxConfig {
         version: 2,
         keepalive_interval_ms: 10_000,
