@@ -33,7 +33,7 @@ const SOCKS_PORT: u16 = 11080;
 const METRICS_PORT: u16 = 19090;
 /// kcptun reference run: its UDP port on the server side and its local TCP port on the client side.
 const KCPTUN_PORT: u16 = 29900;
-const KCPTUN_LOCAL: u16 = 18010;
+pub(crate) const KCPTUN_LOCAL: u16 = 18010;
 /// Bench mode: `paqet-dp --mode pcap` with upstream's three iptables rules only (no raw PREROUTING DROP).
 const UPSTREAM_RULES: &str = "pcap-upstream-rules";
 const KEY: &str = "paqet-dp-bench-key";
@@ -74,7 +74,7 @@ const CONFIGS: [Kcp; 2] = [
 
 /// How the client side reaches a target on the server side.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Front {
+pub(crate) enum Front {
     Direct,
     Forward,
     Socks5,
@@ -83,7 +83,7 @@ enum Front {
 }
 
 impl Front {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Front::Direct => "direct TCP",
             Front::Forward => "TCP forward",
@@ -215,48 +215,20 @@ impl Topo {
         )?;
         // Upstream's host rules of the pcap path (spec §2.4); harmless in XDP modes. The raw PREROUTING DROP
         // `paqet-dp run --manage-firewall` adds beside them is set per mode (`Topo::stack_drop`).
-        let port = PORT.to_string();
-        let ip_s_txt = ip_s.to_string();
-        for r in [
-            vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", &port, "-j", "NOTRACK"],
-            vec!["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "--sport", &port, "-j", "NOTRACK"],
-            vec!["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--sport", &port, "--tcp-flags", "RST", "RST", "-j", "DROP"],
-        ] {
-            ns_s.exec(&r)?;
-        }
-        for r in [
-            vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "-s", &ip_s_txt, "--sport", &port, "-j", "NOTRACK"],
-            vec!["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "-d", &ip_s_txt, "--dport", &port, "-j", "NOTRACK"],
-            vec!["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "-d", &ip_s_txt, "--dport", &port, "--tcp-flags", "RST", "RST", "-j", "DROP"],
-        ] {
-            ns_c.exec(&r)?;
-        }
+        host_rules(&ns_c, &ns_s, ip_s)?;
         let targets = Arc::new(Targets { source_tid: AtomicI32::new(0) });
         let t = targets.clone();
         ns_s.run(move || start_targets(t))?;
         Ok(Self { veth, ns_c, ns_s, ip_c, ip_s, targets })
     }
 
-    /// Sets TX checksum offload (and with it TSO/GSO) on both veth ends.
     /// Adds (`on`) or removes the raw PREROUTING DROP rules `paqet-dp --manage-firewall` puts beside
     /// upstream's three (the kernel's stack then never processes tunnel packets in pcap mode).
     fn stack_drop(&self, on: bool) -> Result<()> {
-        let port = PORT.to_string();
-        let ip_s = self.ip_s.to_string();
-        let server: Vec<&str> = vec!["PREROUTING", "-p", "tcp", "--dport", &port, "-j", "DROP"];
-        let client: Vec<&str> = vec!["PREROUTING", "-p", "tcp", "-s", &ip_s, "--sport", &port, "-j", "DROP"];
-        for (ns, spec) in [(&self.ns_s, server), (&self.ns_c, client)] {
-            let cmd = |op: &'static str| -> Vec<&str> { [&["iptables", "-t", "raw", op][..], &spec[..]].concat() };
-            let present = ns.exec(&cmd("-C")).is_ok();
-            if on && !present {
-                ns.exec(&cmd("-A"))?;
-            } else if !on && present {
-                ns.exec(&cmd("-D"))?;
-            }
-        }
-        Ok(())
+        stack_drop(&self.ns_c, &self.ns_s, self.ip_s, on)
     }
 
+    /// Sets TX checksum offload (and with it TSO/GSO) on both veth ends.
     fn tx_offload(&self, on: bool) -> Result<()> {
         let v = if on { "on" } else { "off" };
         self.ns_c.exec(&["ethtool", "-K", &self.veth.a, "tx", v])?;
@@ -269,6 +241,47 @@ impl Topo {
         let s = self.ns_s.exec(&["cat", &p])?;
         s.trim().parse().with_context(|| format!("{p}: {s:?}"))
     }
+}
+
+/// Upstream's three host rules of the pcap path (spec §2.4) on both ends: NOTRACK for the tunnel's packets
+/// and a mangle OUTPUT DROP of the RSTs the kernel would send; harmless in XDP modes.
+pub(crate) fn host_rules(ns_c: &Netns, ns_s: &Netns, ip_s: Ipv4Addr) -> Result<()> {
+    let port = PORT.to_string();
+    let ip_s_txt = ip_s.to_string();
+    for r in [
+        vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", &port, "-j", "NOTRACK"],
+        vec!["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "--sport", &port, "-j", "NOTRACK"],
+        vec!["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--sport", &port, "--tcp-flags", "RST", "RST", "-j", "DROP"],
+    ] {
+        ns_s.exec(&r)?;
+    }
+    for r in [
+        vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "-s", &ip_s_txt, "--sport", &port, "-j", "NOTRACK"],
+        vec!["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "-d", &ip_s_txt, "--dport", &port, "-j", "NOTRACK"],
+        vec!["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "-d", &ip_s_txt, "--dport", &port, "--tcp-flags", "RST", "RST", "-j", "DROP"],
+    ] {
+        ns_c.exec(&r)?;
+    }
+    Ok(())
+}
+
+/// Adds (`on`) or removes the raw PREROUTING DROP rules `paqet-dp --manage-firewall` puts beside
+/// upstream's three (the kernel's stack then never processes tunnel packets in pcap mode).
+pub(crate) fn stack_drop(ns_c: &Netns, ns_s: &Netns, ip_s: Ipv4Addr, on: bool) -> Result<()> {
+    let port = PORT.to_string();
+    let ip_s = ip_s.to_string();
+    let server: Vec<&str> = vec!["PREROUTING", "-p", "tcp", "--dport", &port, "-j", "DROP"];
+    let client: Vec<&str> = vec!["PREROUTING", "-p", "tcp", "-s", &ip_s, "--sport", &port, "-j", "DROP"];
+    for (ns, spec) in [(ns_s, server), (ns_c, client)] {
+        let cmd = |op: &'static str| -> Vec<&str> { [&["iptables", "-t", "raw", op][..], &spec[..]].concat() };
+        let present = ns.exec(&cmd("-C")).is_ok();
+        if on && !present {
+            ns.exec(&cmd("-A"))?;
+        } else if !on && present {
+            ns.exec(&cmd("-D"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Binds the source (endless data), echo and idle-holding servers on 0.0.0.0 of the current namespace.
@@ -308,8 +321,23 @@ fn start_targets(t: Arc<Targets>) -> Result<()> {
     Ok(())
 }
 
-fn server_config(dev: &str, ip_s: Ipv4Addr, k: Kcp, guard: bool) -> String {
+/// The `[transport.kcp]` lines before `block` of configuration `k`: its mode and windows.
+fn kcp_lines(k: Kcp) -> String {
     let wnd = k.wnd.map(|w| format!("sndwnd = {w}\nrcvwnd = {w}\n")).unwrap_or_default();
+    format!("mode = \"{}\"\n{wnd}", k.mode)
+}
+
+fn server_config(dev: &str, ip_s: Ipv4Addr, k: Kcp, guard: bool) -> String {
+    server_toml(dev, ip_s, MAC_C, &kcp_lines(k), guard)
+}
+
+fn client_config(dev: &str, ip_c: Ipv4Addr, ip_s: Ipv4Addr, k: Kcp, guard: bool) -> String {
+    client_toml(dev, ip_c, ip_s, MAC_S, &kcp_lines(k), guard)
+}
+
+/// The bench's server configuration on interface `dev` with address `ip_s`, sending to `router_mac`;
+/// `kcp` is the `[transport.kcp]` text before `block` (newline-terminated lines: mode, windows, …).
+pub(crate) fn server_toml(dev: &str, ip_s: Ipv4Addr, router_mac: &str, kcp: &str, guard: bool) -> String {
     format!(
         r#"role = "server"
 [log]
@@ -320,25 +348,24 @@ addr = ":{PORT}"
 interface = "{dev}"
 [network.ipv4]
 addr = "{ip_s}:{PORT}"
-router_mac = "{MAC_C}"
+router_mac = "{router_mac}"
 [transport]
 protocol = "kcp"
 [transport.kcp]
-mode = "{mode}"
-{wnd}block = "aes"
+{kcp}block = "aes"
 key = "{KEY}"
 guard = {guard}
 max_streams_total = -1
 max_streams_per_session = -1
 [metrics]
 listen = "127.0.0.1:{METRICS_PORT}"
-"#,
-        mode = k.mode
+"#
     )
 }
 
-fn client_config(dev: &str, ip_c: Ipv4Addr, ip_s: Ipv4Addr, k: Kcp, guard: bool) -> String {
-    let wnd = k.wnd.map(|w| format!("sndwnd = {w}\nrcvwnd = {w}\n")).unwrap_or_default();
+/// The bench's client configuration (SOCKS5 and TCP forwards to the source, echo and idle targets; more
+/// `[[forward]]` tables may be appended), arguments as for [`server_toml`].
+pub(crate) fn client_toml(dev: &str, ip_c: Ipv4Addr, ip_s: Ipv4Addr, router_mac: &str, kcp: &str, guard: bool) -> String {
     let mut s = format!(
         r#"role = "client"
 [log]
@@ -349,20 +376,18 @@ addr = "{ip_s}:{PORT}"
 interface = "{dev}"
 [network.ipv4]
 addr = "{ip_c}:0"
-router_mac = "{MAC_S}"
+router_mac = "{router_mac}"
 [transport]
 protocol = "kcp"
 [transport.kcp]
-mode = "{mode}"
-{wnd}block = "aes"
+{kcp}block = "aes"
 key = "{KEY}"
 guard = {guard}
 [metrics]
 listen = "127.0.0.1:{METRICS_PORT}"
 [[socks5]]
 listen = "127.0.0.1:{SOCKS_PORT}"
-"#,
-        mode = k.mode
+"#
     );
     for (l, t) in [(FWD_SOURCE, SOURCE_PORT), (FWD_ECHO, ECHO_PORT), (FWD_IDLE, IDLE_PORT)] {
         s.push_str(&format!("[[forward]]\nlisten = \"127.0.0.1:{l}\"\ntarget = \"127.0.0.1:{t}\"\nprotocol = \"tcp\"\n"));
@@ -372,7 +397,7 @@ listen = "127.0.0.1:{SOCKS_PORT}"
 
 /// Opens a connection from the client namespace (calling thread) to target port `port` of the server
 /// side through `front`, SOCKS5 handshake included.
-fn open(front: Front, ip_s: Ipv4Addr, port: u16) -> Result<TcpStream> {
+pub(crate) fn open(front: Front, ip_s: Ipv4Addr, port: u16) -> Result<TcpStream> {
     let connect = |a: SocketAddr| -> Result<TcpStream> {
         let s = TcpStream::connect_timeout(&a, IO_TIMEOUT).with_context(|| format!("connecting to {a}"))?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -575,7 +600,7 @@ fn daemon_cpus(opts: &Opts) -> Option<(usize, usize)> {
 }
 
 /// A child process killed (and reaped) when dropped.
-struct Proc(std::process::Child);
+pub(crate) struct Proc(pub(crate) std::process::Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -588,31 +613,12 @@ impl Drop for Proc {
 /// protocol core, carried over UDP instead of pcap) with the same KCP settings, on the same veth and the same
 /// CPU placement, moving the same bulk stream. `None` when kcptun is not installed.
 fn kcptun_bulk(topo: &Topo, opts: &Opts) -> Option<Result<Bulk>> {
-    if std::process::Command::new("kcptun-server").arg("--version").output().is_err() {
+    if !kcptun_installed() {
         return None;
     }
     Some((|| -> Result<Bulk> {
-        let common = [
-            "--key", KEY, "--crypt", "aes", "--mode", "fast3", "--sndwnd", "2048", "--rcvwnd", "2048", "--nocomp",
-            "--smuxver", "2", "--ds", "0", "--ps", "0", "--keepalive", "10", "--quiet",
-        ];
-        let cpus = daemon_cpus(opts);
-        let listen = format!("{}:{KCPTUN_PORT}", topo.ip_s);
         let target = format!("127.0.0.1:{SOURCE_PORT}");
-        let start = |ns: &Netns, cpu: Option<usize>, program: &str, ends: [&str; 4]| -> Result<Proc> {
-            let child = ns
-                .command_on(cpu, program)
-                .args(common)
-                .args(ends)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting {program}"))?;
-            Ok(Proc(child))
-        };
-        let local = format!("127.0.0.1:{KCPTUN_LOCAL}");
-        let server = start(&topo.ns_s, cpus.map(|c| c.0), "kcptun-server", ["--listen", &listen, "--target", &target])?;
-        let client = start(&topo.ns_c, cpus.map(|c| c.1), "kcptun-client", ["--localaddr", &local, "--remoteaddr", &listen])?;
+        let (server, client) = start_kcptun(&topo.ns_c, &topo.ns_s, topo.ip_s, daemon_cpus(opts), &target, 2048)?;
         // Ready when a byte of the source arrives through it.
         let ip_s = topo.ip_s;
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -633,6 +639,45 @@ fn kcptun_bulk(topo: &Topo, opts: &Opts) -> Option<Result<Bulk>> {
         }
         bulk(topo, Front::Kcptun, opts.secs, Some((client.0.id(), server.0.id())))
     })())
+}
+
+/// True when Debian's kcptun (`kcptun-server`, `kcptun-client`) is on the PATH.
+pub(crate) fn kcptun_installed() -> bool {
+    std::process::Command::new("kcptun-server").arg("--version").output().is_ok()
+}
+
+/// Starts kcptun-server in `ns_s` (UDP `ip_s:KCPTUN_PORT`, dialling `target`) and kcptun-client in `ns_c`
+/// (TCP `127.0.0.1:KCPTUN_LOCAL`) with the bench's KCP settings (fast3, aes, no compression, no FEC, smux v2)
+/// and `wnd`-packet windows, on CPUs `cpus` = (server, client) when given; returns (server, client).
+pub(crate) fn start_kcptun(
+    ns_c: &Netns,
+    ns_s: &Netns,
+    ip_s: Ipv4Addr,
+    cpus: Option<(usize, usize)>,
+    target: &str,
+    wnd: u32,
+) -> Result<(Proc, Proc)> {
+    let wnd = wnd.to_string();
+    let common = [
+        "--key", KEY, "--crypt", "aes", "--mode", "fast3", "--sndwnd", &wnd, "--rcvwnd", &wnd, "--nocomp",
+        "--smuxver", "2", "--ds", "0", "--ps", "0", "--keepalive", "10", "--quiet",
+    ];
+    let listen = format!("{ip_s}:{KCPTUN_PORT}");
+    let start = |ns: &Netns, cpu: Option<usize>, program: &str, ends: [&str; 4]| -> Result<Proc> {
+        let child = ns
+            .command_on(cpu, program)
+            .args(common)
+            .args(ends)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        Ok(Proc(child))
+    };
+    let local = format!("127.0.0.1:{KCPTUN_LOCAL}");
+    let server = start(ns_s, cpus.map(|c| c.0), "kcptun-server", ["--listen", &listen, "--target", target])?;
+    let client = start(ns_c, cpus.map(|c| c.1), "kcptun-client", ["--localaddr", &local, "--remoteaddr", &listen])?;
+    Ok((server, client))
 }
 
 /// Running daemons of one (mode, config) pair.
