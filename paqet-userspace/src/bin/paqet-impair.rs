@@ -2,8 +2,8 @@
 //!
 //! Run inside the middle namespace, with an `iptables -A FORWARD -j NFQUEUE --queue-num N` rule: it
 //! binds queue N and accepts each packet after `delay ± jitter` ms (out-of-order verdicts reorder), and
-//! sends a copy of `dup-pct` % of IPv4 packets. Prints `ready` on stdout once the queue is bound; runs
-//! until killed (SIGINT/SIGTERM stop it cleanly).
+//! sends a copy of `dup-pct` % of IPv4 packets. Prints `ready` on stdout once the queue is bound (then, with
+//! `--stats-ms`, a `stats …` line per interval); runs until killed (SIGINT/SIGTERM stop it cleanly).
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -31,6 +31,10 @@ struct Args {
     /// Kernel queue length in packets.
     #[arg(long, default_value_t = 65536)]
     max_len: u32,
+    /// Print `stats held=H verdicts=N late_mean_us=M late_max_us=X` on stdout every this many milliseconds
+    /// (packets held, verdicts issued in the interval, how long after their due time); 0 = never.
+    #[arg(long, default_value_t = 0)]
+    stats_ms: u64,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -55,6 +59,7 @@ fn main() {
         dup_pct: a.dup_pct,
         seed: a.seed,
         max_len: a.max_len,
+        stats_every: (a.stats_ms > 0).then(|| std::time::Duration::from_millis(a.stats_ms)),
     };
     let ready = || {
         let mut out = std::io::stdout().lock();

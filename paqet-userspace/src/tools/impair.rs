@@ -14,7 +14,8 @@
 //! each direction, and every surviving packet goes to an NFQUEUE. The `paqet-impair` binary (spawned
 //! inside M, killed on drop) binds that queue over raw netlink and issues each packet's ACCEPT verdict
 //! `delay ± jitter` ms after it arrived; verdicts are issued in due-time order, not arrival order, so
-//! jitter larger than the packet spacing reorders packets. Duplication: NFQUEUE cannot reinject a
+//! jitter larger than the packet spacing reorders packets (without jitter and duplication packets fall due
+//! in the kernel's id order, and one batch verdict per wake-up accepts all that are due). Duplication: NFQUEUE cannot reinject a
 //! packet, so the relay sends a copy of a `dup_pct` % share of IPv4 packets through a raw
 //! `IPPROTO_RAW` socket in M at its own due time; the kernel routes it out towards its destination
 //! (the copy traverses M's OUTPUT path, not FORWARD, so it is not queued again and its TTL is not
@@ -270,6 +271,9 @@ pub struct RelayConfig {
     pub seed: u64,
     /// Kernel queue length (packets held at once).
     pub max_len: u32,
+    /// Print a `stats …` line on stdout this often (packets held, verdicts issued, how late they were);
+    /// `None` = never.
+    pub stats_every: Option<Duration>,
 }
 
 const NETLINK_NETFILTER: i32 = 12;
@@ -279,6 +283,7 @@ const NFNL_SUBSYS_QUEUE: u16 = 3;
 const NFQNL_MSG_PACKET: u16 = 0;
 const NFQNL_MSG_VERDICT: u16 = 1;
 const NFQNL_MSG_CONFIG: u16 = 2;
+const NFQNL_MSG_VERDICT_BATCH: u16 = 3;
 const NFQA_PACKET_HDR: u16 = 1;
 const NFQA_VERDICT_HDR: u16 = 2;
 const NFQA_PAYLOAD: u16 = 10;
@@ -376,9 +381,21 @@ fn parse_packet(msg: &[u8]) -> Option<(u32, &[u8])> {
     id.map(|id| (id, payload))
 }
 
+/// Lateness of the verdicts issued since the last `stats` line.
+#[derive(Default)]
+struct Lateness {
+    n: u64,
+    sum_us: u64,
+    max_us: u64,
+}
+
 /// The relay's state: netlink socket, raw socket for copies, the heap of due actions.
 struct Relay {
     cfg: RelayConfig,
+    /// Packets become due in the order the kernel numbered them (no jitter, no copies): one batch verdict
+    /// ("accept every id up to N") per flush instead of one message per packet.
+    in_order: bool,
+    late: Lateness,
     nl: OwnedFd,
     raw: Option<OwnedFd>,
     rng: SmallRng,
@@ -432,6 +449,8 @@ impl Relay {
         };
         let mut relay = Relay {
             cfg,
+            in_order: cfg.jitter_ms == 0 && cfg.dup_pct == 0.0,
+            late: Lateness::default(),
             nl,
             raw,
             rng: SmallRng::seed_from_u64(cfg.seed),
@@ -549,13 +568,20 @@ impl Relay {
         }
     }
 
-    /// Issues every verdict and copy that is due, verdicts batched into one send.
+    /// Issues every verdict and copy that is due, verdicts batched into one send (one batch verdict when
+    /// packets are due in id order).
     fn flush_due(&mut self) -> Result<(), ImpairError> {
         let now = Instant::now();
         self.tx.clear();
+        let mut last_id = None;
         while self.heap.peek().is_some_and(|d| d.at <= now) {
             let d = self.heap.pop().expect("peeked");
+            let late = now.saturating_duration_since(d.at).as_micros() as u64;
+            self.late.n += 1;
+            self.late.sum_us += late;
+            self.late.max_us = self.late.max_us.max(late);
             match d.action {
+                Action::Accept(id) if self.in_order => last_id = Some(id),
                 Action::Accept(id) => {
                     let mut v = [0u8; 8];
                     v[..4].copy_from_slice(&NF_ACCEPT.to_be_bytes());
@@ -568,6 +594,12 @@ impl Relay {
                 }
                 Action::SendCopy(pkt) => self.send_copy(&pkt),
             }
+        }
+        if let Some(id) = last_id {
+            let mut v = [0u8; 8];
+            v[..4].copy_from_slice(&NF_ACCEPT.to_be_bytes());
+            v[4..].copy_from_slice(&id.to_be_bytes());
+            push_msg(&mut self.tx, NFQNL_MSG_VERDICT_BATCH, NLM_F_REQUEST, 0, self.cfg.queue, &[(NFQA_VERDICT_HDR, &v)]);
         }
         if !self.tx.is_empty() {
             self.send(&self.tx).map_err(nl_err("send verdicts"))?;
@@ -597,14 +629,34 @@ impl Relay {
         }
     }
 
+    /// Prints `stats held=H verdicts=N late_mean_us=M late_max_us=X` (lateness: how long after its due time
+    /// each action of the interval was issued) and starts a new interval.
+    fn print_stats(&mut self) {
+        use std::io::Write;
+        let l = std::mem::take(&mut self.late);
+        let mean = l.sum_us.checked_div(l.n).unwrap_or(0);
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "stats held={} verdicts={} late_mean_us={mean} late_max_us={}", self.heap.len(), l.n, l.max_us);
+        let _ = out.flush();
+    }
+
     fn run(&mut self, stop: &std::sync::atomic::AtomicBool) -> Result<(), ImpairError> {
+        let mut next_stats = self.cfg.stats_every.map(|d| Instant::now() + d);
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let wait = self
+            let mut wait = self
                 .heap
                 .peek()
                 .map(|d| d.at.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_millis(200))
                 .min(Duration::from_millis(200));
+            if let (Some(at), Some(every)) = (next_stats, self.cfg.stats_every) {
+                let now = Instant::now();
+                if now >= at {
+                    self.print_stats();
+                    next_stats = Some(now.checked_sub(every).map_or(at, |t| at.max(t)) + every);
+                }
+                wait = wait.min(next_stats.expect("set").saturating_duration_since(now));
+            }
             let ts = libc::timespec { tv_sec: wait.as_secs() as libc::time_t, tv_nsec: wait.subsec_nanos() as libc::c_long };
             let mut pfd = libc::pollfd { fd: self.nl.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd, valid timespec, no signal mask.
@@ -654,6 +706,13 @@ mod tests {
         assert_eq!(&out[18..20], &[0, 7], "queue number big-endian in res_id");
         assert_eq!(u16::from_ne_bytes([out[20], out[21]]), 12, "attribute length");
         assert_eq!(&out[24..32], &v);
+    }
+
+    #[test]
+    fn batch_verdict_message_type() {
+        let mut out = Vec::new();
+        push_msg(&mut out, NFQNL_MSG_VERDICT_BATCH, NLM_F_REQUEST, 0, 7, &[(NFQA_VERDICT_HDR, &[0, 0, 0, 1, 0, 0, 0, 9])]);
+        assert_eq!(u16::from_ne_bytes([out[4], out[5]]), 0x0303);
     }
 
     #[test]
