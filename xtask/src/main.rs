@@ -6,11 +6,15 @@
 //!   - `micro`: the criterion benches of `paqet-userspace` and a table of bytes/s per core.
 //!   - `tunnel` (root): plain TCP vs the tunnel (fast, fast3 with 2048-packet windows) on one veth pair in two
 //!     namespaces: bulk throughput + CPU, request latency, RSS with idle streams, per data-path mode.
+//! - `bench wan [OPTIONS]` (root): goodput, queueing delay, bytes sent per byte delivered and fairness of
+//!   paqet-dp (cc bbr / fixed / off), kcptun and plain TCP (bbr, cubic) over emulated WAN paths (bottleneck
+//!   rate × RTT × random loss, three namespaces); written to `target/bench-wan.md`. Not part of `all`.
 //! - `bench-report`: prints the criterion table from existing results only.
 mod flood;
 mod micro;
 mod sys;
 mod tunnel;
+mod wan;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,6 +24,9 @@ use anyhow::{bail, Context, Result};
 const USAGE: &str = "usage: cargo xtask bench [micro|tunnel|all] [--modes pcap,pcap-upstream-rules,xdp-native,xdp-generic] [--secs N]
                         [--streams 1000,10000] [--requests N] [--flood-secs N] [--guard] [--share-cpus] [--bin PATH]
                         [-- CRITERION ARGS]
+       cargo xtask bench wan [--rates 20,100,500] [--rtts 20,100,200] [--losses 0,1,5]
+                        [--rows bbr,fixed,off,kcptun,tcp-bbr,tcp-cubic] [--secs N] [--parallel N]
+                        [--mode xdp-native|xdp-generic|pcap] [--windows N] [--bin PATH]
        cargo xtask bench-report";
 
 fn main() -> Result<()> {
@@ -51,6 +58,9 @@ fn parse_list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) == Some("wan") {
+        return bench_wan(&args[1..]);
+    }
     let mut what = "all".to_string();
     let mut opts = tunnel::Opts {
         bin: String::new(),
@@ -106,7 +116,7 @@ fn bench(args: &[String]) -> Result<()> {
                    Run `sudo -E cargo xtask bench tunnel`, or `cargo xtask bench micro` without root.");
         }
         if opts.bin.is_empty() {
-            build_release(&root)?;
+            build_release(&root, &["--bin", "paqet-dp"])?;
             opts.bin = root.join("target/release/paqet-dp").to_string_lossy().into_owned();
         }
         md.push_str(&tunnel::run(&opts)?);
@@ -139,7 +149,66 @@ fn bpf_linker_dir() -> Option<PathBuf> {
         .max_by_key(|d| d.metadata().and_then(|m| m.modified()).ok())
 }
 
-fn build_release(root: &Path) -> Result<()> {
+/// `bench wan`: parses its options, builds `paqet-dp` and the `paqet-impair` relay unless given, runs the
+/// matrix and writes `target/bench-wan.md`.
+fn bench_wan(args: &[String]) -> Result<()> {
+    let mut opts = wan::Opts::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |flag: &str| it.next().cloned().with_context(|| format!("{flag} needs a value\n{USAGE}"));
+        match a.as_str() {
+            "--rates" => opts.rates = parse_list("--rates", &val("--rates")?)?,
+            "--rtts" => opts.rtts = parse_list("--rtts", &val("--rtts")?)?,
+            "--losses" => opts.losses = parse_list("--losses", &val("--losses")?)?,
+            "--rows" => {
+                opts.rows = val("--rows")?.split(',').filter(|s| !s.is_empty()).map(|s| wan::Row::parse(s.trim())).collect::<Result<_>>()?
+            }
+            "--secs" => opts.secs = val("--secs")?.parse().context("--secs")?,
+            "--parallel" => opts.parallel = val("--parallel")?.parse().context("--parallel")?,
+            "--mode" => {
+                opts.mode = val("--mode")?;
+                if !["xdp-native", "xdp-generic", "pcap"].contains(&opts.mode.as_str()) {
+                    bail!("--mode: {:?} is not one of xdp-native, xdp-generic, pcap", opts.mode);
+                }
+            }
+            "--windows" => opts.windows = Some(val("--windows")?.parse().context("--windows")?),
+            "--bin" => opts.bin = val("--bin")?,
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if opts.rates.is_empty() || opts.rtts.is_empty() || opts.losses.is_empty() || opts.rows.is_empty() || opts.secs == 0 {
+        bail!("--rates, --rtts, --losses, --rows and --secs must be non-empty / non-zero");
+    }
+    if opts.rates.contains(&0) || opts.losses.iter().any(|l| !(0.0..100.0).contains(l)) || opts.windows == Some(0) {
+        bail!("rates and windows must be > 0, losses in 0..100 %");
+    }
+    if !sys::is_root() {
+        eprintln!("bench wan: skipped: it needs root (network namespaces, veth, tbf, iptables, NFQUEUE, XDP); run `sudo -E cargo xtask bench wan`");
+        return Ok(());
+    }
+    let root = root();
+    if opts.bin.is_empty() {
+        build_release(&root, &["--bins"])?;
+        opts.bin = root.join("target/release/paqet-dp").to_string_lossy().into_owned();
+    }
+    opts.relay = match wan::relay_beside(&opts.bin) {
+        Some(r) => r,
+        None => {
+            build_release(&root, &["--bin", "paqet-impair"])?;
+            root.join("target/release/paqet-impair").to_string_lossy().into_owned()
+        }
+    };
+    let Some(report) = wan::run(&opts)? else { return Ok(()) };
+    let md = format!("# paqet-dp WAN benchmark report\n\n{}{report}", machine());
+    let out = root.join("target/bench-wan.md");
+    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
+    println!("{md}");
+    eprintln!("report written to {}", out.display());
+    Ok(())
+}
+
+/// `cargo build --release -p paqet-userspace ARGS` (e.g. `--bin paqet-dp`, `--bins`) with bpf-linker on the PATH.
+fn build_release(root: &Path, what: &[&str]) -> Result<()> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     let path = std::env::var("PATH").unwrap_or_default();
     let on_path = std::env::split_paths(&path).any(|d| d.join("bpf-linker").is_file());
@@ -153,11 +222,12 @@ fn build_release(root: &Path) -> Result<()> {
     }
     let st = cmd
         .current_dir(root)
-        .args(["build", "--release", "-p", "paqet-userspace", "--bin", "paqet-dp"])
+        .args(["build", "--release", "-p", "paqet-userspace"])
+        .args(what)
         .status()
         .context("running cargo build --release")?;
     if !st.success() {
-        bail!("cargo build --release -p paqet-userspace --bin paqet-dp failed: {st}");
+        bail!("cargo build --release -p paqet-userspace {} failed: {st}", what.join(" "));
     }
     Ok(())
 }
