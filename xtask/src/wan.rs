@@ -412,7 +412,7 @@ impl Topo {
         self.ns_m.exec(&["tc", "-s", "qdisc", "show", "dev", &self.mc_if]).ok().and_then(|o| parse_tbf_dropped(&o)).unwrap_or(0)
     }
 
-    /// Packets the relay's queue dropped (queue full or relay too slow), since it started.
+    /// Packets the relays' queues dropped (queue full or relay too slow), since they started.
     fn relay_drops(&self) -> u64 {
         self.ns_m.exec(&["cat", "/proc/net/netfilter/nfnetlink_queue"]).ok().map(|o| parse_nfqueue_drops(&o)).unwrap_or(0)
     }
@@ -657,6 +657,7 @@ fn warmup(cell: Cell) -> Duration {
 fn measure(path: &Topo, via: Front, src: u8, cell: Cell, secs: u64, parallel: usize) -> Result<Measured> {
     let ip_s = path.ip_s;
     let mut m = Measured { front: via.name().into(), ..Default::default() };
+    let relay_drops0 = path.relay_drops();
     let mut ps = path.ns_c.run(move || open_via(via, ip_s, b'E'))?;
     let mut idle = Vec::with_capacity(IDLE_PROBES);
     for _ in 0..IDLE_PROBES {
@@ -756,7 +757,7 @@ fn measure(path: &Topo, via: Front, src: u8, cell: Cell, secs: u64, parallel: us
             max_share: share(f64::max, 0.0),
         });
     }
-    m.relay_drops = path.relay_drops();
+    m.relay_drops = path.relay_drops().saturating_sub(relay_drops0);
     Ok(m)
 }
 
@@ -1088,7 +1089,7 @@ fn render(
                 }
                 if m.relay_drops > 0 {
                     notes.push(format!(
-                        "{} / {}: the relay's queue dropped {} packets since the relay started (extra loss)",
+                        "{} / {}: the relays' queues dropped {} packets during this row's measurements (extra loss)",
                         cell.label(),
                         row.name(),
                         m.relay_drops
