@@ -597,6 +597,15 @@ fn spawn_reader(mut s: TcpStream, stop: Arc<AtomicBool>) -> Result<Reader> {
     Ok(Reader { bytes, handle })
 }
 
+/// Sets its flag when dropped: readers stop even when a measurement returns early with an error.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn join_reader(r: Reader) -> Result<()> {
     r.handle.join().map_err(|_| anyhow::anyhow!("reader thread panicked"))?
 }
@@ -670,6 +679,7 @@ fn measure(path: &Topo, via: Front, src: u8, cell: Cell, secs: u64, parallel: us
     // One download, probes beside it after the warm-up. The bytes-per-byte ratio covers the whole transfer: from
     // before the connection opens until the source has stopped and everything it wrote arrived (EOF).
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_guard = StopOnDrop(stop.clone());
     STOP_SOURCES.store(false, Ordering::Relaxed);
     let c_start = path.down_counter()?;
     let bulk = path.ns_c.run(move || open_via(via, ip_s, src))?;
@@ -728,6 +738,7 @@ fn measure(path: &Topo, via: Front, src: u8, cell: Cell, secs: u64, parallel: us
     if parallel > 0 {
         path.wait_quiet(Duration::from_secs(10));
         let stop = Arc::new(AtomicBool::new(false));
+        let _stop_guard = StopOnDrop(stop.clone());
         STOP_SOURCES.store(false, Ordering::Relaxed);
         let streams = path.ns_c.run(move || (0..parallel).map(|_| open_via(via, ip_s, src)).collect::<Result<Vec<_>>>())?;
         let readers = streams.into_iter().map(|s| spawn_reader(s, stop.clone())).collect::<Result<Vec<_>>>()?;
@@ -870,6 +881,7 @@ fn relay_check(path: &mut Topo, delay_ms: u32, n: usize, secs: u64) -> Result<Re
     let d0 = path.relay_drops();
     let r = (|| -> Result<RelayCheck> {
         let stop = Arc::new(AtomicBool::new(false));
+        let _stop_guard = StopOnDrop(stop.clone());
         STOP_SOURCES.store(false, Ordering::Relaxed);
         let streams = path.ns_c.run(move || (0..n).map(|_| open_via(Front::Direct, ip_s, b'B')).collect::<Result<Vec<_>>>())?;
         let readers = streams.into_iter().map(|s| spawn_reader(s, stop.clone())).collect::<Result<Vec<_>>>()?;
