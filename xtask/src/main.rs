@@ -22,7 +22,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str = "usage: cargo xtask bench [micro|tunnel|all] [--modes pcap,pcap-upstream-rules,xdp-native,xdp-generic] [--secs N]
-                        [--streams 1000,10000] [--requests N] [--flood-secs N] [--guard] [--share-cpus] [--bin PATH]
+                        [--streams 1000,10000] [--requests N] [--flood-secs N] [--guard] [--share-cpus] [--cc bbr,off] [--bin PATH]
                         [-- CRITERION ARGS]
        cargo xtask bench wan [--rates 20,100,500] [--rtts 20,100,200] [--losses 0,1,5]
                         [--rows bbr,fixed,off,kcptun,tcp-bbr,tcp-cubic] [--secs N] [--parallel N]
@@ -71,6 +71,7 @@ fn bench(args: &[String]) -> Result<()> {
         flood_secs: 5,
         guard: false,
         share_cpus: false,
+        ccs: vec!["bbr".into()],
     };
     let mut criterion = Vec::new();
     let mut it = args.iter();
@@ -92,6 +93,14 @@ fn bench(args: &[String]) -> Result<()> {
             "--flood-secs" => opts.flood_secs = val("--flood-secs")?.parse().context("--flood-secs")?,
             "--guard" => opts.guard = true,
             "--share-cpus" => opts.share_cpus = true,
+            "--cc" => {
+                opts.ccs = parse_list("--cc", &val("--cc")?)?;
+                for c in &opts.ccs {
+                    if !tunnel::CCS.contains(&c.as_str()) {
+                        bail!("--cc: unknown congestion control {c:?} (bbr, off)");
+                    }
+                }
+            }
             "--bin" => opts.bin = val("--bin")?,
             "--" => criterion.extend(it.by_ref().cloned()),
             other => bail!("unknown argument {other:?}\n{USAGE}"),

@@ -57,6 +57,8 @@ pub struct Opts {
     pub guard: bool,
     /// Let both daemons float over all CPUs instead of one core each.
     pub share_cpus: bool,
+    /// Congestion controls to run every configuration with (`transport.kcp.cc`), side by side.
+    pub ccs: Vec<String>,
 }
 
 /// A tunnel configuration under test.
@@ -64,13 +66,33 @@ pub struct Opts {
 struct Kcp {
     label: &'static str,
     mode: &'static str,
+    /// Fixed windows on both ends; None = upstream's fixed defaults per role (server 1024/1024, client
+    /// 128/512), written out because a TOML config now auto-tunes unset windows.
     wnd: Option<u32>,
+    /// `transport.kcp.cc`.
+    cc: &'static str,
 }
 
 const CONFIGS: [Kcp; 2] = [
-    Kcp { label: "fast (upstream default windows)", mode: "fast", wnd: None },
-    Kcp { label: "fast3, 2048-packet windows", mode: "fast3", wnd: Some(2048) },
+    Kcp { label: "fast (upstream default windows)", mode: "fast", wnd: None, cc: "bbr" },
+    Kcp { label: "fast3, 2048-packet windows", mode: "fast3", wnd: Some(2048), cc: "bbr" },
 ];
+
+/// The congestion-control names `--cc` accepts (fixed needs a link rate, which a veth does not have).
+pub const CCS: [&str; 2] = ["bbr", "off"];
+
+impl Kcp {
+    fn with_cc(self, cc: &str) -> Kcp {
+        Kcp { cc: CCS.into_iter().find(|c| *c == cc).unwrap_or("bbr"), ..self }
+    }
+    fn name(&self, many_ccs: bool) -> String {
+        if many_ccs {
+            format!("{}, cc {}", self.label, self.cc)
+        } else {
+            self.label.to_string()
+        }
+    }
+}
 
 /// How the client side reaches a target on the server side.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -322,17 +344,21 @@ fn start_targets(t: Arc<Targets>) -> Result<()> {
 }
 
 /// The `[transport.kcp]` lines before `block` of configuration `k`: its mode and windows.
-fn kcp_lines(k: Kcp) -> String {
-    let wnd = k.wnd.map(|w| format!("sndwnd = {w}\nrcvwnd = {w}\n")).unwrap_or_default();
-    format!("mode = \"{}\"\n{wnd}", k.mode)
+fn kcp_lines(k: Kcp, server: bool) -> String {
+    let (snd, rcv) = match (k.wnd, server) {
+        (Some(w), _) => (w, w),
+        (None, true) => (1024, 1024),
+        (None, false) => (128, 512),
+    };
+    format!("mode = \"{}\"\ncc = \"{}\"\nsndwnd = {snd}\nrcvwnd = {rcv}\n", k.mode, k.cc)
 }
 
 fn server_config(dev: &str, ip_s: Ipv4Addr, k: Kcp, guard: bool) -> String {
-    server_toml(dev, ip_s, MAC_C, &kcp_lines(k), guard)
+    server_toml(dev, ip_s, MAC_C, &kcp_lines(k, true), guard)
 }
 
 fn client_config(dev: &str, ip_c: Ipv4Addr, ip_s: Ipv4Addr, k: Kcp, guard: bool) -> String {
-    client_toml(dev, ip_c, ip_s, MAC_S, &kcp_lines(k), guard)
+    client_toml(dev, ip_c, ip_s, MAC_S, &kcp_lines(k, false), guard)
 }
 
 /// The bench's server configuration on interface `dev` with address `ip_s`, sending to `router_mac`;
@@ -689,7 +715,7 @@ struct Pair {
 
 impl Pair {
     fn start(topo: &Topo, opts: &Opts, dir: &TempDir, mode: &str, k: Kcp) -> Result<Self> {
-        let tag = format!("{mode}-{}", k.mode);
+        let tag = format!("{mode}-{}-{}", k.mode, k.cc);
         let cpus = daemon_cpus(opts);
         // `pcap-upstream-rules` is the pcap data path with only upstream's three host rules (see `stack_drop`).
         let mode = if mode == UPSTREAM_RULES { "pcap" } else { mode };
@@ -903,8 +929,9 @@ pub fn run(opts: &Opts) -> Result<String> {
 
     for (mi, mode) in opts.modes.iter().enumerate() {
         topo.stack_drop(mode != UPSTREAM_RULES)?;
-        for k in CONFIGS {
-            let label = format!("{mode} / {}", k.label);
+        let many = opts.ccs.len() > 1;
+        for (k, first_cc) in opts.ccs.iter().enumerate().flat_map(|(i, cc)| CONFIGS.map(|k| (k.with_cc(cc), i == 0))) {
+            let label = format!("{mode} / {}", k.name(many));
             eprintln!("bench: {label}");
             // Plain TCP right before, with no daemon running (an attached XDP program changes how the veth
             // carries plain TCP too), so each ratio compares figures taken under the same machine load.
@@ -914,7 +941,7 @@ pub fn run(opts: &Opts) -> Result<String> {
                 Err(e) => {
                     notes.push(format!("{label}: the tunnel did not come up: {e:#}"));
                     bulk_rows.push((label.clone(), None));
-                    if k.wnd.is_some() {
+                    if k.wnd.is_some() && first_cc {
                         mode_rows.push((mode.clone(), None));
                     }
                     continue;
@@ -929,7 +956,7 @@ pub fn run(opts: &Opts) -> Result<String> {
             });
             match b {
                 Ok(b) => {
-                    if k.wnd.is_some() {
+                    if k.wnd.is_some() && first_cc {
                         mode_rows.push((mode.clone(), Some(b)));
                     }
                     bulk_rows.push((label.clone(), Some(b)));
@@ -937,7 +964,7 @@ pub fn run(opts: &Opts) -> Result<String> {
                 Err(e) => {
                     notes.push(format!("{label}: bulk failed: {e:#}"));
                     bulk_rows.push((label.clone(), None));
-                    if k.wnd.is_some() {
+                    if k.wnd.is_some() && first_cc {
                         mode_rows.push((mode.clone(), None));
                     }
                 }
@@ -962,7 +989,7 @@ pub fn run(opts: &Opts) -> Result<String> {
             let direct_now = latency(&topo, Front::Direct, opts.latency_n).ok();
             let tunnel_lat = latency(&topo, pair.front, opts.latency_n);
             lat_rows.push((format!("{label} ({})", pair.front.name()), tunnel_lat, direct_now));
-            if mi == 0 {
+            if mi == 0 && first_cc {
                 let idle = match IdleTarget::spawn(&topo.ns_s) {
                     Ok(i) => i,
                     Err(e) => {
@@ -986,7 +1013,7 @@ pub fn run(opts: &Opts) -> Result<String> {
                 drop(idle);
                 std::thread::sleep(Duration::from_secs(1));
             }
-            if k.wnd.is_some() && opts.flood_secs > 0 {
+            if k.wnd.is_some() && first_cc && opts.flood_secs > 0 {
                 eprintln!("bench: {label}: small-packet flood");
                 flood_rows.push((mode.clone(), flood(&topo, &pair, opts.flood_secs)));
             }
@@ -1207,9 +1234,10 @@ mod tests {
     fn configs_name_the_mode_and_windows() {
         let ip = Ipv4Addr::new(10, 0, 0, 2);
         let s = server_config("v0", ip, CONFIGS[1], false);
-        assert!(s.contains("mode = \"fast3\"\nsndwnd = 2048\nrcvwnd = 2048\nblock"), "{s}");
-        let c = client_config("v1", Ipv4Addr::new(10, 0, 0, 1), ip, CONFIGS[0], true);
-        assert!(c.contains("mode = \"fast\"\nblock") && c.contains("guard = true"), "{c}");
+        assert!(s.contains("mode = \"fast3\"\ncc = \"bbr\"\nsndwnd = 2048\nrcvwnd = 2048\nblock"), "{s}");
+        let c = client_config("v1", Ipv4Addr::new(10, 0, 0, 1), ip, CONFIGS[0].with_cc("off"), true);
+        assert!(c.contains("mode = \"fast\"\ncc = \"off\"\nsndwnd = 128\nrcvwnd = 512\nblock") && c.contains("guard = true"), "{c}");
+        assert!(server_config("v0", ip, CONFIGS[0], false).contains("sndwnd = 1024\nrcvwnd = 1024\n"));
         assert_eq!(c.matches("[[forward]]").count(), 3);
     }
 }

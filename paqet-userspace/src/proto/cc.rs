@@ -382,6 +382,10 @@ pub struct Bbr {
     /// Cap on the data in flight after a round with excess loss (BBR v2's `inflight_hi`).
     inflight_hi: Option<u64>,
     last_inflight: u64,
+    /// Largest in-flight seen since the last loss evaluation (what the losses were sent under).
+    peak_inflight: u64,
+    /// Smallest RTT sample of the current round (start-up's queue-growth exit).
+    round_min_rtt: Option<u32>,
 }
 
 impl Bbr {
@@ -414,6 +418,8 @@ impl Bbr {
             sample_delivered: 0,
             inflight_hi: None,
             last_inflight: 0,
+            peak_inflight: 0,
+            round_min_rtt: None,
         }
     }
 
@@ -483,8 +489,12 @@ impl Bbr {
         }
         let share = self.lost_bytes as f64 / total as f64;
         if share > LOSS_THRESHOLD {
-            let cap = ((inflight.max(self.last_inflight) as f64) * BBR_LOSS_BETA) as u64;
-            self.inflight_hi = Some(cap.max(BBR_MIN_CWND_SEGS * self.mss));
+            // Cap at 70 % of what was in flight while the losses were sent, never below one BDP of the
+            // model (the pipe itself): after a burst of losses the flight collapses, and a cap taken
+            // from that would starve the path for many round trips.
+            let peak = inflight.max(self.last_inflight).max(self.peak_inflight);
+            let cap = ((peak as f64) * BBR_LOSS_BETA) as u64;
+            self.inflight_hi = Some(cap.max(self.bdp(1.0)).max(BBR_MIN_CWND_SEGS * self.mss));
             if self.mode == BbrMode::Startup {
                 self.filled_pipe = true;
             }
@@ -496,6 +506,23 @@ impl Bbr {
         }
         self.lost_bytes = 0;
         self.sample_delivered = 0;
+        self.peak_inflight = 0;
+    }
+
+    /// Start-up ends when a queue persists through a whole round: the round's smallest RTT exceeds the
+    /// min RTT by an eighth of it (4..=16 ms, HyStart's delay threshold). A shallow bottleneck buffer is
+    /// full long before the bandwidth stops growing by 25 % per round, and start-up's 2.89× pacing would
+    /// then overflow it by a large factor.
+    fn check_startup_queue(&mut self, round_start: bool) {
+        if !round_start {
+            return;
+        }
+        if let Some(r) = self.round_min_rtt.take() {
+            let thresh = (self.min_rtt / 8).clamp(4, 16);
+            if self.mode == BbrMode::Startup && self.have_rtt && r > self.min_rtt + thresh {
+                self.filled_pipe = true;
+            }
+        }
     }
 }
 
@@ -504,6 +531,7 @@ impl Controller for Bbr {
         self.delivered = rs.delivered;
         self.sample_delivered += rs.acked;
         self.last_inflight = rs.prior_inflight;
+        self.peak_inflight = self.peak_inflight.max(rs.prior_inflight);
         // round counting
         let round_start = rs.prior_delivered >= self.next_round_delivered;
         if round_start {
@@ -529,6 +557,10 @@ impl Controller for Bbr {
             }
         }
         self.check_loss(round_start, rs.inflight);
+        self.check_startup_queue(round_start);
+        if let Some(r) = rs.rtt_ms {
+            self.round_min_rtt = Some(self.round_min_rtt.map_or(r, |m| m.min(r)));
+        }
         // drain
         if self.mode == BbrMode::Startup && self.filled_pipe {
             self.mode = BbrMode::Drain;
@@ -672,5 +704,120 @@ impl Controller for Fixed {
     }
     fn state(&self) -> &'static str {
         "fixed"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bandwidth_units() {
+        assert_eq!(parse_bandwidth("100mbit"), Ok(12_500_000));
+        assert_eq!(parse_bandwidth("1.5Gbit"), Ok(187_500_000));
+        assert_eq!(parse_bandwidth("800kbps"), Ok(100_000));
+        assert_eq!(parse_bandwidth("12.5mb"), Ok(12_500_000));
+        assert_eq!(parse_bandwidth("2mib"), Ok(2 * 1024 * 1024));
+        assert_eq!(parse_bandwidth("5000"), Ok(5000));
+        for bad in ["", "fast", "10 parsecs", "-1mbit", "0", "1e99gbit"] {
+            assert!(parse_bandwidth(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!("fixed".parse::<CcAlgorithm>(), Ok(CcAlgorithm::Fixed));
+        assert!("cubic".parse::<CcAlgorithm>().is_err());
+    }
+
+    #[test]
+    fn pacer_releases_at_the_rate_with_a_bounded_burst() {
+        let (rate, mss) = (1_000_000u64, 1000usize); // 1000 bytes per ms
+        let mut p = Pacer::default();
+        p.refill(0, rate, mss);
+        // Initial burst: max(4 ms of rate, 8 segments) = 8000 bytes; a segment leaves while the balance is
+        // not negative, so 9.
+        let mut sent = 0;
+        while p.ready() {
+            p.spend(mss);
+            sent += 1;
+        }
+        assert_eq!(sent, 9);
+        assert_eq!(p.release_at(0, rate, mss), 1);
+        // Over 100 ms it sends 100 ms of the rate (plus the burst it started with), never more.
+        let mut total = 0;
+        for t in 1..=100 {
+            p.refill(t, rate, mss);
+            while p.ready() {
+                p.spend(mss);
+                total += 1;
+            }
+        }
+        assert!((99..=101).contains(&total), "{total}");
+        // Idle for a second: the burst stays bounded.
+        p.refill(1100, rate, mss);
+        let mut burst = 0;
+        while p.ready() {
+            p.spend(mss);
+            burst += 1;
+        }
+        assert_eq!(burst, 9);
+    }
+
+    fn sample(delivered: u64, prior: u64, interval_ms: u64, rtt: u32, inflight: u64) -> RateSample {
+        RateSample {
+            delivered,
+            prior_delivered: prior,
+            delivered_in_interval: delivered - prior,
+            interval_ms,
+            acked: delivered - prior,
+            rtt_ms: Some(rtt),
+            app_limited: false,
+            prior_inflight: inflight,
+            inflight,
+        }
+    }
+
+    #[test]
+    fn bbr_learns_the_bottleneck_and_leaves_startup() {
+        let mss = 1000;
+        let mut b = Bbr::new(mss);
+        let (rate, rtt) = (10_000_000u64, 50u32); // 10 MB/s, 50 ms: BDP 500 kB
+        let mut delivered = 0u64;
+        let mut now = 0u64;
+        for _ in 0..40 {
+            // one round: delivered grows by rate × rtt
+            let prior = delivered;
+            delivered += rate * rtt as u64 / 1000;
+            now += rtt as u64;
+            b.on_ack(now, &sample(delivered, prior, rtt as u64, rtt, 400_000));
+        }
+        assert_eq!(b.model(), (rate, rtt));
+        assert_eq!(b.state(), "probe_bw");
+        let bdp = rate * rtt as u64 / 1000;
+        assert!(b.cwnd() >= 2 * bdp && b.cwnd() <= 2 * bdp + 4 * mss, "cwnd {}", b.cwnd());
+        assert!(b.pacing_rate() >= rate * 3 / 4 && b.pacing_rate() <= rate * 5 / 4);
+        // Random loss below the threshold changes nothing; a round losing more than 20 % caps in-flight.
+        b.on_loss(now, 10 * mss, 600_000);
+        let prior = delivered;
+        delivered += bdp;
+        now += rtt as u64;
+        b.on_ack(now, &sample(delivered, prior, rtt as u64, rtt, 600_000));
+        assert!(b.inflight_hi.is_none());
+        b.on_loss(now, bdp, 600_000);
+        let prior = delivered;
+        delivered += bdp;
+        now += rtt as u64;
+        b.on_ack(now, &sample(delivered, prior, rtt as u64, rtt, 600_000));
+        assert!(b.inflight_hi.is_some() && b.cwnd() < 2 * bdp, "{:?} {}", b.inflight_hi, b.cwnd());
+        // Never below one BDP of the model.
+        assert!(b.cwnd() >= bdp);
+    }
+
+    #[test]
+    fn fixed_paces_the_wire_rate_and_ignores_loss() {
+        let mut f = Fixed::new(12_500_000, 1306, 1416);
+        assert_eq!(f.pacing_rate(), 12_500_000 * 1306 / 1416);
+        assert_eq!(f.cwnd(), u64::MAX);
+        f.on_loss(0, 1_000_000, 0);
+        f.on_ack(10, &sample(10_000, 0, 10, 40, 0));
+        assert_eq!(f.pacing_rate(), 12_500_000 * 1306 / 1416);
+        assert_eq!(f.cwnd(), 2 * f.pacing_rate() * 40 / 1000 + 4 * 1306);
     }
 }

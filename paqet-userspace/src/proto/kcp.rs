@@ -56,6 +56,8 @@ const MAX_FRAGMENTS: usize = 255;
 /// Bytes of Ethernet + IPv4 + TCP (with the timestamp option) around every datagram: fixed pacing rates
 /// are wire rates.
 const ENVELOPE_OVERHEAD: usize = 66;
+/// With a congestion controller: unsent bytes KCP queues, in ms of the pacing rate (see `send_capacity`).
+const UNSENT_MS: u64 = 5;
 /// Largest multiple of the base reordering window after spurious retransmissions.
 const REO_MULT_MAX: u32 = 16;
 /// Fast retransmissions without a spurious one before the reordering window shrinks a step.
@@ -605,9 +607,12 @@ impl Kcp {
     /// minus the bytes queued; in message mode `(2 × sndwnd − wait_snd) × mss`, at most one 255-fragment
     /// message.
     ///
-    /// With a congestion controller the bytes queued but not yet sent are also bounded by one congestion
-    /// window (at least 32 segments): the pacer sends them within a round trip, and what the application
-    /// wrote beyond that stays in smux, whose per-stream window would otherwise be spent on a queue here.
+    /// With a congestion controller the bytes queued but not yet sent are also bounded by
+    /// [`UNSENT_MS`] of the pacing rate (at least 32 segments, at most one congestion window), as TCP's
+    /// `notsent_lowat`: the session refills the queue from smux at every flush, so the pacer never runs dry,
+    /// and what the application wrote beyond that waits in smux, where streams are served round-robin. A
+    /// deep queue here would delay every other stream's data (a small request during a download) by the
+    /// whole queue, and spend the bulk stream's smux window on bytes not even sent.
     pub fn send_capacity(&self) -> usize {
         let in_flight = self.snd_nxt.wrapping_sub(self.snd_una) as usize;
         let cap = if self.stream {
@@ -623,7 +628,8 @@ impl Kcp {
         match &self.cc {
             None => cap,
             Some(c) => {
-                let queue_max = (c.cwnd().min(1 << 30) as usize).max(32 * self.mss);
+                let paced = (c.pacing_rate() * UNSENT_MS / 1000).min(c.cwnd()).min(1 << 30) as usize;
+                let queue_max = paced.max(32 * self.mss);
                 cap.min(queue_max.saturating_sub(self.snd_queue.len() * self.mss))
             }
         }
