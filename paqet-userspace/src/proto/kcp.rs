@@ -1587,11 +1587,22 @@ impl Kcp {
 /// Fuzz entry point: feeds arbitrary bytes to a fresh conversation (conv taken from the bytes so that the
 /// segment path is reached), then exercises flush/recv/send. Must never panic.
 pub fn fuzz_input(data: &[u8]) {
+    // Upstream's ARQ, and the congestion-controlled one with auto-tuned windows (ring re-indexing).
+    for cc in [CcConfig::OFF, CcConfig::BBR] {
+        let mut cfg = KcpConfig::preset(KcpMode::Fast3);
+        cfg.sndwnd = 8;
+        cfg.rcvwnd = 8;
+        cfg.cc = cc;
+        if cc.algorithm != CcAlgorithm::Off {
+            cfg.autotune = Autotune { sndwnd: true, rcvwnd: true, max_wnd: 64 };
+        }
+        fuzz_one(data, &cfg);
+    }
+}
+
+fn fuzz_one(data: &[u8], cfg: &KcpConfig) {
     let conv = crate::wire::kcp::peek_conv(data).unwrap_or(0);
-    let mut cfg = KcpConfig::preset(KcpMode::Fast3);
-    cfg.sndwnd = 8;
-    cfg.rcvwnd = 8;
-    let mut k = Kcp::new(conv, &cfg, 4);
+    let mut k = Kcp::new(conv, cfg, 4);
     let mut sink = |b: &mut [u8]| {
         assert!(b.len() <= 4 + 1330);
     };
