@@ -381,8 +381,11 @@ fn bbr_fills_a_lossy_bottleneck_and_off_is_recorded_beside_it() {
     // repair of the stream's holes: the session is one KCP byte stream).
     assert!(results[4].added_delay_ms.0 <= 25.0, "bbr adds {:?} ms", results[4].added_delay_ms);
     assert!(results[4].added_delay_ms.0 * 4.0 < results[5].added_delay_ms.0);
-    // Reordering alone (jitter, no loss) causes no retransmission at all.
-    assert_eq!(results[9].retransmits, 0, "bbr under jitter without loss retransmitted");
+    // Reordering alone (jitter, no random loss) causes next to no spurious retransmission (what is
+    // retransmitted there was dropped by the bottleneck during start-up; the few spurious ones are second
+    // copies sent while the first was still queued behind that loss burst).
+    assert!(results[9].spurious * 20 <= results[9].retransmits, "{} spurious", results[9].spurious);
+    assert!(results[9].retransmits <= 2 * results[9].dropped_queue, "{} retransmissions", results[9].retransmits);
     // Auto-tuning grew the windows from 128 / 512.
     assert!(results[0].final_wnd.0 > 128 && results[0].final_wnd.1 > 512, "{:?}", results[0].final_wnd);
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/snapshots/sim_wan.md");

@@ -391,6 +391,9 @@ pub struct Kcp {
     spurious: u64,
     /// Highest PUSH sn received (receive-window auto-tuning).
     rcv_hi: u32,
+    /// New PUSH segments received since `rcv_mark` (receive-window auto-tuning: segments per round trip).
+    rcv_count: u32,
+    rcv_mark: u64,
     /// Largest window the peer advertised.
     rmt_wnd_max: u32,
 }
@@ -482,6 +485,8 @@ impl Kcp {
             reo_clean: 0,
             spurious: 0,
             rcv_hi: 0,
+            rcv_count: 0,
+            rcv_mark: 0,
             rmt_wnd_max: 0,
         }
     }
@@ -893,6 +898,7 @@ impl Kcp {
                             if diff(h.sn, self.rcv_hi) > 0 {
                                 self.rcv_hi = h.sn;
                             }
+                            self.rcv_count = self.rcv_count.saturating_add(1);
                             self.store(h.sn, payload);
                         } else {
                             self.stats.repeat_segs += 1;
@@ -918,10 +924,20 @@ impl Kcp {
             self.on_rate_sample(prior_inflight, rtt_sample);
         }
         if self.autotune.rcvwnd && self.rcv_wnd < self.autotune.max_wnd {
-            // The peer fills three quarters of our window while the application keeps up: double it.
+            // The peer fills three quarters of our window while the application keeps up: double it. Filled
+            // means either out-of-order data spanning that much (holes being repaired), or that much
+            // arriving within one round trip (a loss-free sender held by our window sends one window per
+            // round trip). The RTT is ours (from our own data's ACKs: smux keepalives at least), 100 ms
+            // before the first sample.
             let span = self.rcv_hi.wrapping_sub(self.read_sn).wrapping_add(1);
-            if diff(self.rcv_hi, self.read_sn) >= 0
-                && span >= self.rcv_wnd / 4 * 3
+            let filled = self.rcv_wnd / 4 * 3;
+            let period = if self.rx_srtt > 0 { self.rx_srtt as u64 } else { 100 };
+            let per_rtt = self.rcv_count >= filled;
+            if self.clock >= self.rcv_mark + period || per_rtt {
+                self.rcv_count = 0;
+                self.rcv_mark = self.clock;
+            }
+            if ((diff(self.rcv_hi, self.read_sn) >= 0 && span >= filled) || per_rtt)
                 && self.nrcv_que() <= self.rcv_wnd / 4
             {
                 self.grow_rcv_wnd((self.rcv_wnd * 2).min(self.autotune.max_wnd));
