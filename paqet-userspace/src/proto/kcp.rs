@@ -613,7 +613,7 @@ impl Kcp {
     /// message.
     ///
     /// With a congestion controller the bytes queued but not yet sent are also bounded by
-    /// [`UNSENT_MS`] of the pacing rate (at least 32 segments, at most one congestion window), as TCP's
+    /// [`UNSENT_MS`] of the pacing rate (at least 16 segments: twice the pacer's smallest burst, at most one congestion window), as TCP's
     /// `notsent_lowat`: the session refills the queue from smux at every flush, so the pacer never runs dry,
     /// and what the application wrote beyond that waits in smux, where streams are served round-robin. A
     /// deep queue here would delay every other stream's data (a small request during a download) by the
@@ -634,7 +634,7 @@ impl Kcp {
             None => cap,
             Some(c) => {
                 let paced = (c.pacing_rate() * UNSENT_MS / 1000).min(c.cwnd()).min(1 << 30) as usize;
-                let queue_max = paced.max(32 * self.mss);
+                let queue_max = paced.max(16 * self.mss);
                 cap.min(queue_max.saturating_sub(self.snd_queue.len() * self.mss))
             }
         }
