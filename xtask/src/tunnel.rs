@@ -324,23 +324,25 @@ fn start_targets(t: Arc<Targets>) -> Result<()> {
     });
     std::thread::spawn(move || {
         for c in echo.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut c = c;
-                let mut buf = [0u8; 4096];
-                loop {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if c.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
+            std::thread::spawn(move || echo_conn(c));
         }
     });
     Ok(())
+}
+
+/// Writes back everything `c` reads until it closes or fails (the echo targets of the benches).
+pub(crate) fn echo_conn(mut c: TcpStream) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// The `[transport.kcp]` lines before `block` of configuration `k`: its mode and windows.

@@ -506,17 +506,7 @@ fn serve(mut c: TcpStream) {
         }
         b'E' => {
             let _ = c.set_nodelay(true);
-            let mut buf = [0u8; 4096];
-            loop {
-                match c.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        if c.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
+            tunnel::echo_conn(c);
         }
         _ => {}
     }
