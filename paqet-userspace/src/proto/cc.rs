@@ -381,7 +381,6 @@ pub struct Bbr {
     sample_delivered: u64,
     /// Cap on the data in flight after a round with excess loss (BBR v2's `inflight_hi`).
     inflight_hi: Option<u64>,
-    last_inflight: u64,
     /// Largest in-flight seen since the last loss evaluation (what the losses were sent under).
     peak_inflight: u64,
     /// Smallest RTT sample of the current round (start-up's queue-growth exit).
@@ -417,7 +416,6 @@ impl Bbr {
             lost_bytes: 0,
             sample_delivered: 0,
             inflight_hi: None,
-            last_inflight: 0,
             peak_inflight: 0,
             round_min_rtt: None,
         }
@@ -492,7 +490,7 @@ impl Bbr {
             // Cap at 70 % of what was in flight while the losses were sent, never below one BDP of the
             // model (the pipe itself): after a burst of losses the flight collapses, and a cap taken
             // from that would starve the path for many round trips.
-            let peak = inflight.max(self.last_inflight).max(self.peak_inflight);
+            let peak = inflight.max(self.peak_inflight);
             let cap = ((peak as f64) * BBR_LOSS_BETA) as u64;
             self.inflight_hi = Some(cap.max(self.bdp(1.0)).max(BBR_MIN_CWND_SEGS * self.mss));
             if self.mode == BbrMode::Startup {
@@ -530,7 +528,6 @@ impl Controller for Bbr {
     fn on_ack(&mut self, now: u64, rs: &RateSample) {
         self.delivered = rs.delivered;
         self.sample_delivered += rs.acked;
-        self.last_inflight = rs.prior_inflight;
         self.peak_inflight = self.peak_inflight.max(rs.prior_inflight);
         // round counting
         let round_start = rs.prior_delivered >= self.next_round_delivered;
