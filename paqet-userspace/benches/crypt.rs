@@ -44,7 +44,12 @@ fn seal_flush(c: &mut Criterion) {
     let dkey: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(29) ^ 0x3C);
     let mut group = c.benchmark_group("crypt_seal_flush");
     group.throughput(Throughput::Bytes((DATAGRAM * FLUSH) as u64));
-    for mode in [BlockMode::Aes, BlockMode::Aes128, BlockMode::Aes192, BlockMode::Salsa20] {
+    for mode in [
+        BlockMode::Aes,
+        BlockMode::Aes128,
+        BlockMode::Aes192,
+        BlockMode::Salsa20,
+    ] {
         let mut crypto = Crypto::from_derived(mode, &dkey).expect("valid key");
         crypto.set_nonce_seed(1);
         let body_len = DATAGRAM - crypto.overhead();

@@ -15,7 +15,14 @@ fn config(block: BlockMode) -> SessionConfig {
     let mut kcp = KcpConfig::preset(KcpMode::Fast3);
     kcp.sndwnd = 2048;
     kcp.rcvwnd = 2048;
-    SessionConfig { crypto, dshard: 0, pshard: 0, kcp, smux: SmuxConfig::default(), mtu: 1350 }
+    SessionConfig {
+        crypto,
+        dshard: 0,
+        pshard: 0,
+        kcp,
+        smux: SmuxConfig::default(),
+        mtu: 1350,
+    }
 }
 
 /// Moves TOTAL bytes client → server; returns bytes received.
@@ -63,7 +70,13 @@ fn bench_session(c: &mut Criterion) {
     let mut g = c.benchmark_group("session_pipeline");
     g.throughput(Throughput::Bytes(TOTAL as u64));
     g.sample_size(10);
-    for block in [BlockMode::Aes, BlockMode::Aes128, BlockMode::Salsa20, BlockMode::None, BlockMode::Null] {
+    for block in [
+        BlockMode::Aes,
+        BlockMode::Aes128,
+        BlockMode::Salsa20,
+        BlockMode::None,
+        BlockMode::Null,
+    ] {
         let cfg = config(block);
         let mut wire = Vec::with_capacity(4096);
         g.bench_function(block.as_str(), |b| {

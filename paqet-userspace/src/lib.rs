@@ -9,6 +9,7 @@
 //! - [`util`]: small helpers (pcap file reader for tests and `dump`).
 pub mod config;
 pub mod doctor;
+pub mod front;
 pub mod io;
 pub mod ops;
 pub mod proto;
@@ -16,4 +17,3 @@ pub mod tools;
 pub mod util;
 pub mod wire;
 pub mod worker;
-pub mod front;

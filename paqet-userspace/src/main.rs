@@ -18,7 +18,11 @@ static ALLOC: paqet::ops::TrackingAlloc = paqet::ops::TrackingAlloc;
 const DEFAULT_CONFIG: &str = "/etc/paqet-dp/paqet.toml";
 
 #[derive(Parser)]
-#[command(name = "paqet-dp", about = "KCP transport over raw TCP packets (wire-compatible paqet)", version)]
+#[command(
+    name = "paqet-dp",
+    about = "KCP transport over raw TCP packets (wire-compatible paqet)",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -134,7 +138,8 @@ fn init_logs(level: LogLevel) {
 
 /// Reads a key file: its content without surrounding whitespace, which must not be empty.
 fn read_key_file(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--key-file {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--key-file {}", path.display()))?;
     let key = text.trim();
     if key.is_empty() {
         bail!("--key-file {}: the file is empty", path.display());
@@ -173,8 +178,14 @@ fn secret() -> anyhow::Result<()> {
 }
 
 fn version() {
-    let commit = option_env!("PAQET_GIT_COMMIT").or(option_env!("GIT_COMMIT")).unwrap_or("unknown");
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let commit = option_env!("PAQET_GIT_COMMIT")
+        .or(option_env!("GIT_COMMIT"))
+        .unwrap_or("unknown");
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let env = if cfg!(target_env = "gnu") {
         "-gnu"
     } else if cfg!(target_env = "musl") {
@@ -186,7 +197,11 @@ fn version() {
     println!("Wire: paqet v1.0.0-alpha.21");
     println!("Commit: {commit}");
     println!("Profile: {profile}");
-    println!("Target: {}-{}{env}", std::env::consts::ARCH, std::env::consts::OS);
+    println!(
+        "Target: {}-{}{env}",
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    );
 }
 
 fn ping(cfg: &Config, iface: &str, count: u32) -> anyhow::Result<()> {
@@ -195,17 +210,27 @@ fn ping(cfg: &Config, iface: &str, count: u32) -> anyhow::Result<()> {
     }
     let wcfg = setup::worker_config(cfg, iface)?;
     let factory = setup::pcap_factory(iface.to_owned(), cfg.network.pcap_sockbuf as usize);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let started = paqet::worker::start(wcfg, factory)?;
         let tunnel = started.tunnel.context("client worker without a tunnel")?;
-        let server = cfg.server.as_ref().map(|s| s.to_string()).unwrap_or_default();
+        let server = cfg
+            .server
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
         for i in 0..count.max(1) {
             let rtt = tokio::time::timeout(std::time::Duration::from_secs(10), tunnel.ping())
                 .await
                 .context("no PONG within 10 s")??;
-            println!("pong {} from {server}: rtt {:.3} ms", i + 1, rtt.as_secs_f64() * 1e3);
+            println!(
+                "pong {} from {server}: rtt {:.3} ms",
+                i + 1,
+                rtt.as_secs_f64() * 1e3
+            );
         }
         Ok::<(), anyhow::Error>(())
     })
@@ -219,31 +244,43 @@ const DUMP_STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(50
 /// thread has not finished [`DUMP_STOP_GRACE`] later, exits the process (every described frame has been
 /// flushed already).
 fn stop_on_signal(flag: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
     // Install the handlers before returning so an early SIGINT is not lost.
     let (mut term, mut int) = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
-        Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
     })?;
-    std::thread::Builder::new().name("paqet-signal".into()).spawn(move || {
-        rt.block_on(async {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        });
-        flag.store(true, Ordering::Relaxed);
-        std::thread::sleep(DUMP_STOP_GRACE);
-        eprintln!("paqet-dp dump: stopped");
-        std::process::exit(0);
-    })?;
+    std::thread::Builder::new()
+        .name("paqet-signal".into())
+        .spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            });
+            flag.store(true, Ordering::Relaxed);
+            std::thread::sleep(DUMP_STOP_GRACE);
+            eprintln!("paqet-dp dump: stopped");
+            std::process::exit(0);
+        })?;
     Ok(())
 }
 
 fn dump(cfg: &Config, iface: &str, count: Option<usize>) -> anyhow::Result<()> {
     let k = &cfg.transport.kcp;
-    let mode = k.block.parse().map_err(|e| anyhow::anyhow!("transport.kcp.block = {:?}: {e}", k.block))?;
-    let crypto = paqet::wire::crypt::Crypto::new(mode, &k.key).map_err(|e| anyhow::anyhow!("transport.kcp.key: {e}"))?;
+    let mode = k
+        .block
+        .parse()
+        .map_err(|e| anyhow::anyhow!("transport.kcp.block = {:?}: {e}", k.block))?;
+    let crypto = paqet::wire::crypt::Crypto::new(mode, &k.key)
+        .map_err(|e| anyhow::anyhow!("transport.kcp.key: {e}"))?;
     let fec = cfg.fec().map(|(d, p)| (d as usize, p as usize));
     // The tunnel port: the server's port on a client (its own is random), the listening port on a server.
     let port = match &cfg.server {
@@ -261,7 +298,10 @@ fn dump(cfg: &Config, iface: &str, count: Option<usize>) -> anyhow::Result<()> {
 }
 
 fn doctor(iface: Option<String>, json: bool, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let mut opts = paqet::doctor::DoctorOptions { iface, ..Default::default() };
+    let mut opts = paqet::doctor::DoctorOptions {
+        iface,
+        ..Default::default()
+    };
     if let Some(path) = config {
         let loaded = Config::load(&path).map_err(|e| config_error(&path, e))?;
         if opts.iface.is_none() && !loaded.config.network.interface.is_empty() {
@@ -275,7 +315,9 @@ fn doctor(iface: Option<String>, json: bool, config: Option<PathBuf>) -> anyhow:
     } else {
         print!("{}", report.to_text());
     }
-    Ok(ExitCode::from(u8::try_from(report.exit_code()).unwrap_or(2)))
+    Ok(ExitCode::from(
+        u8::try_from(report.exit_code()).unwrap_or(2),
+    ))
 }
 
 /// `config check`: "ok" and the warnings, or every error; exit 1 on errors.
@@ -353,7 +395,9 @@ fn run(
                 // `auto`: native XDP, then generic XDP, then pcap. Fall back only when the XDP data path
                 // never came up (attach or AF_XDP socket failed); a failure after that is an error.
                 Err(e) if auto && !hub.is_attached() => {
-                    tracing::warn!("XDP data plane unavailable on {iface}: {e:#}; falling back to pcap");
+                    tracing::warn!(
+                        "XDP data plane unavailable on {iface}: {e:#}; falling back to pcap"
+                    );
                     hub.set_mode(DataPathMode::Pcap);
                     setup::run_daemon(&cfg, &iface, opts)
                 }
@@ -373,30 +417,55 @@ fn real_main() -> anyhow::Result<ExitCode> {
             version();
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Config { cmd: ConfigCmd::Check { file } } => config_check(&file),
-        Cmd::Config { cmd: ConfigCmd::Import { file } } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let loaded = Config::from_yaml_str(&text).with_context(|| format!("config {}", file.display()))?;
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => config_check(&file),
+        Cmd::Config {
+            cmd: ConfigCmd::Import { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let loaded = Config::from_yaml_str(&text)
+                .with_context(|| format!("config {}", file.display()))?;
             for w in &loaded.warnings {
                 eprintln!("warning: {w}");
             }
             print!("{}", loaded.config.to_toml_string());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Doctor { iface, json, config } => doctor(iface, json, config),
-        Cmd::Ping { config, iface, count, key_file } => {
+        Cmd::Doctor {
+            iface,
+            json,
+            config,
+        } => doctor(iface, json, config),
+        Cmd::Ping {
+            config,
+            iface,
+            count,
+            key_file,
+        } => {
             let cfg = load(&config, key_file.as_deref())?;
             let iface = iface.unwrap_or_else(|| cfg.network.interface.clone());
             ping(&cfg, &iface, count).map(|()| ExitCode::SUCCESS)
         }
-        Cmd::Dump { config, iface, count, key_file } => {
+        Cmd::Dump {
+            config,
+            iface,
+            count,
+            key_file,
+        } => {
             let cfg = load(&config, key_file.as_deref())?;
             let iface = iface.unwrap_or_else(|| cfg.network.interface.clone());
             dump(&cfg, &iface, count).map(|()| ExitCode::SUCCESS)
         }
-        Cmd::Run { config, iface, mode, manage_firewall, key_file } => {
-            run(&config, iface, mode, manage_firewall, key_file.as_deref()).map(|()| ExitCode::SUCCESS)
-        }
+        Cmd::Run {
+            config,
+            iface,
+            mode,
+            manage_firewall,
+            key_file,
+        } => run(&config, iface, mode, manage_firewall, key_file.as_deref())
+            .map(|()| ExitCode::SUCCESS),
     }
 }
 

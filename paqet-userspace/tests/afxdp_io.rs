@@ -972,13 +972,30 @@ fn xdp_afxdp_client_source_match() {
     let mut io = AfXdpIo::open(AfXdpConfig::new(&ia, 0)).expect("open AF_XDP socket");
     steer.register_socket(0, &io).expect("register socket");
     // Our session ports; 40005 is added and removed again, so it ends up not ours.
-    let ours = [40001u16, 40002, 40003, 40004, 40011, 40012, 40013, 50000, 65535, TUNNEL_PORT, 1];
-    steer.add_ports(ours.iter().copied().chain([40005])).expect("session ports");
+    let ours = [
+        40001u16,
+        40002,
+        40003,
+        40004,
+        40011,
+        40012,
+        40013,
+        50000,
+        65535,
+        TUNNEL_PORT,
+        1,
+    ];
+    steer
+        .add_ports(ours.iter().copied().chain([40005]))
+        .expect("session ports");
     {
         let set = steer.port_set();
         let mut set = set.lock().unwrap();
         assert!(set.remove(40005).expect("remove port"));
-        assert!(!set.insert(40001).expect("insert again"), "40001 was already in the set");
+        assert!(
+            !set.insert(40001).expect("insert again"),
+            "40001 was already in the set"
+        );
         assert!(set.insert(0).is_err(), "port 0 must be refused");
         let mut sorted = ours.to_vec();
         sorted.sort();
@@ -989,12 +1006,22 @@ fn xdp_afxdp_client_source_match() {
     let server = (IP_B, PEER_PORT);
     let mut frames = Vec::new();
     let mut want = Vec::new();
-    for (i, dport) in [40001u16, 40002, 50000, 65535, TUNNEL_PORT, 1].into_iter().enumerate() {
+    for (i, dport) in [40001u16, 40002, 50000, 65535, TUNNEL_PORT, 1]
+        .into_iter()
+        .enumerate()
+    {
         let p = format!("from-server-{i}").into_bytes();
         frames.push(tcp4_from(&topo, server, IP_A, dport, &p, &[]));
         want.push((dport, p));
     }
-    frames.push(tcp4_from(&topo, server, IP_A, 40003, b"vlan-from-server", &[(0x8100, 7)]));
+    frames.push(tcp4_from(
+        &topo,
+        server,
+        IP_A,
+        40003,
+        b"vlan-from-server",
+        &[(0x8100, 7)],
+    ));
     want.push((40003, b"vlan-from-server".to_vec()));
     frames.push(tcp6_from(&topo, PEER_PORT, 40004, b"v6-from-server"));
     want.push((40004, b"v6-from-server".to_vec()));
@@ -1004,9 +1031,30 @@ fn xdp_afxdp_client_source_match() {
         tcp4_from(&topo, server, IP_A, 40005, b"not-our-port", &[]),
         tcp4_from(&topo, server, IP_A, 40000, b"not-our-port-2", &[]),
         tcp6_from(&topo, PEER_PORT, 40006, b"v6-not-our-port"),
-        tcp4_from(&topo, (IP_B, PEER_PORT + 1), IP_A, 40001, b"other-sport", &[]),
-        tcp4_from(&topo, (Ipv4Addr::new(10, 231, 0, 77), PEER_PORT), IP_A, 40001, b"other-src", &[]),
-        tcp4_from(&topo, server, Ipv4Addr::new(10, 231, 0, 99), 40001, b"other-dst", &[]),
+        tcp4_from(
+            &topo,
+            (IP_B, PEER_PORT + 1),
+            IP_A,
+            40001,
+            b"other-sport",
+            &[],
+        ),
+        tcp4_from(
+            &topo,
+            (Ipv4Addr::new(10, 231, 0, 77), PEER_PORT),
+            IP_A,
+            40001,
+            b"other-src",
+            &[],
+        ),
+        tcp4_from(
+            &topo,
+            server,
+            Ipv4Addr::new(10, 231, 0, 99),
+            40001,
+            b"other-dst",
+            &[],
+        ),
         tcp6_from(&topo, PEER_PORT + 1, 40004, b"v6-other-sport"),
     ];
     let n_others = others.len() as u64;
@@ -1015,9 +1063,17 @@ fn xdp_afxdp_client_source_match() {
     topo.inject(frames, None);
     let got = recv_any_port(&mut io, want.len());
     want.sort();
-    assert_eq!(got, want, "AF_XDP must deliver exactly the frames from the server endpoint");
-    let after = wait_counters(&steer, |c| delta(c, &before, XdpCounter::Passed) >= n_others);
-    assert_eq!(delta(&after, &before, XdpCounter::Steered), want.len() as u64);
+    assert_eq!(
+        got, want,
+        "AF_XDP must deliver exactly the frames from the server endpoint"
+    );
+    let after = wait_counters(&steer, |c| {
+        delta(c, &before, XdpCounter::Passed) >= n_others
+    });
+    assert_eq!(
+        delta(&after, &before, XdpCounter::Steered),
+        want.len() as u64
+    );
     assert_eq!(delta(&after, &before, XdpCounter::Malformed), 0);
     check_identity(&after);
 
@@ -1032,7 +1088,14 @@ fn xdp_afxdp_client_source_match() {
     topo.inject(
         vec![
             tcp4_from(&topo, server, IP_A, 40011, &with_good, &[]),
-            tcp4_from(&topo, server, IP_A, 40012, b"PQT1\x00\x00\x00\x00\x00\x00\x00\x00bad", &[]),
+            tcp4_from(
+                &topo,
+                server,
+                IP_A,
+                40012,
+                b"PQT1\x00\x00\x00\x00\x00\x00\x00\x00bad",
+                &[],
+            ),
             tcp4_from(&topo, server, IP_A, 40013, b"short", &[]),
         ],
         None,
@@ -1046,11 +1109,23 @@ fn xdp_afxdp_client_source_match() {
     // Disarmed (all-zero config): nothing is steered, not even frames from the server.
     steer.disarm().expect("disarm");
     let before = counters(&steer);
-    topo.inject(vec![tcp4_from(&topo, server, IP_A, 40001, &good, &[])], None);
+    topo.inject(
+        vec![tcp4_from(&topo, server, IP_A, 40001, &good, &[])],
+        None,
+    );
     let after = wait_counters(&steer, |c| delta(c, &before, XdpCounter::Seen) >= 1);
     assert_eq!(delta(&after, &before, XdpCounter::Steered), 0);
-    assert_eq!(io.recv_batch(Duration::from_millis(20), &mut |f| panic!("steered while disarmed: {f:02x?}")).unwrap(), 0);
+    assert_eq!(
+        io.recv_batch(Duration::from_millis(20), &mut |f| panic!(
+            "steered while disarmed: {f:02x?}"
+        ))
+        .unwrap(),
+        0
+    );
     drop(io);
     drop(steer);
-    assert!(!topo.link_a().contains("xdp"), "XDP program still attached after drop");
+    assert!(
+        !topo.link_a().contains("xdp"),
+        "XDP program still attached after drop"
+    );
 }

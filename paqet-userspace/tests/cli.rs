@@ -63,7 +63,11 @@ fn secret_prints_64_hex_chars_and_differs_each_time() {
     let a = stdout(&a);
     let line = a.trim_end_matches('\n');
     assert_eq!(line.len(), 64, "secret output {line:?}");
-    assert!(line.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "not lowercase hex: {line:?}");
+    assert!(
+        line.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "not lowercase hex: {line:?}"
+    );
     let b = stdout(&paqet_dp(&["secret"]));
     assert_ne!(line, b.trim_end(), "two secrets are equal");
 }
@@ -73,11 +77,22 @@ fn version_names_the_version_commit_profile_and_target() {
     let o = paqet_dp(&["version"]);
     assert!(o.status.success(), "version failed: {}", stderr(&o));
     let s = stdout(&o);
-    assert!(s.contains(env!("CARGO_PKG_VERSION")), "no crate version in {s:?}");
-    for field in ["Wire: paqet v1.0.0-alpha.21", "Commit: ", "Profile: ", "Target: "] {
+    assert!(
+        s.contains(env!("CARGO_PKG_VERSION")),
+        "no crate version in {s:?}"
+    );
+    for field in [
+        "Wire: paqet v1.0.0-alpha.21",
+        "Commit: ",
+        "Profile: ",
+        "Target: ",
+    ] {
         assert!(s.contains(field), "no {field:?} in {s:?}");
     }
-    assert!(s.contains(std::env::consts::ARCH), "no architecture in {s:?}");
+    assert!(
+        s.contains(std::env::consts::ARCH),
+        "no architecture in {s:?}"
+    );
 }
 
 #[test]
@@ -92,7 +107,12 @@ fn config_check_accepts_a_good_toml() {
         ),
     );
     let o = paqet_dp(&["config", "check", path_str(&f)]);
-    assert!(o.status.success(), "config check failed:\n{}{}", stdout(&o), stderr(&o));
+    assert!(
+        o.status.success(),
+        "config check failed:\n{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
     assert!(stdout(&o).starts_with("ok"), "stdout {:?}", stdout(&o));
 }
 
@@ -106,11 +126,23 @@ fn config_check_lists_every_error_and_exits_1() {
          mtu = 40\nmode = \"turbo\"\n",
     );
     let o = paqet_dp(&["config", "check", path_str(&f)]);
-    assert_eq!(o.status.code(), Some(1), "exit status; output:\n{}{}", stdout(&o), stderr(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "exit status; output:\n{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
     let out = stdout(&o);
-    for key in ["colour", "transport.protocol", "transport.kcp.mtu", "transport.kcp.mode"] {
+    for key in [
+        "colour",
+        "transport.protocol",
+        "transport.kcp.mtu",
+        "transport.kcp.mode",
+    ] {
         assert!(
-            out.lines().any(|l| l.starts_with("error: ") && l.contains(key)),
+            out.lines()
+                .any(|l| l.starts_with("error: ") && l.contains(key)),
             "no error line naming {key}:\n{out}"
         );
     }
@@ -120,22 +152,45 @@ fn config_check_lists_every_error_and_exits_1() {
 fn config_import_of_the_spec_examples_passes_config_check() {
     let dir = TempDir::new("import");
     for (name, yaml, role) in [
-        ("client", SPEC_CLIENT_YAML.replace("<output of paqet secret>", KEY), "client"),
-        ("server", SPEC_SERVER_YAML.replace("<same secret>", KEY), "server"),
+        (
+            "client",
+            SPEC_CLIENT_YAML.replace("<output of paqet secret>", KEY),
+            "client",
+        ),
+        (
+            "server",
+            SPEC_SERVER_YAML.replace("<same secret>", KEY),
+            "server",
+        ),
     ] {
         let y = dir.write(&format!("{name}.yaml"), &yaml);
         let o = paqet_dp(&["config", "import", path_str(&y)]);
         assert!(o.status.success(), "import {name} failed: {}", stderr(&o));
         let toml = stdout(&o);
-        assert!(toml.contains(&format!("role = \"{role}\"")), "{name}: no role in\n{toml}");
+        assert!(
+            toml.contains(&format!("role = \"{role}\"")),
+            "{name}: no role in\n{toml}"
+        );
         assert!(toml.contains(KEY), "{name}: key lost in\n{toml}");
         let t = dir.write(&format!("{name}.toml"), &toml);
         let c = paqet_dp(&["config", "check", path_str(&t)]);
-        assert!(c.status.success(), "{name}: imported TOML rejected:\n{}\n{toml}", stdout(&c));
-        assert!(stdout(&c).contains(&format!("({role} role)")), "{name}: {}", stdout(&c));
+        assert!(
+            c.status.success(),
+            "{name}: imported TOML rejected:\n{}\n{toml}",
+            stdout(&c)
+        );
+        assert!(
+            stdout(&c).contains(&format!("({role} role)")),
+            "{name}: {}",
+            stdout(&c)
+        );
         // The YAML itself is also accepted by `config check` (and so by `run -c`).
         let cy = paqet_dp(&["config", "check", path_str(&y)]);
-        assert!(cy.status.success(), "{name}: YAML rejected:\n{}", stdout(&cy));
+        assert!(
+            cy.status.success(),
+            "{name}: YAML rejected:\n{}",
+            stdout(&cy)
+        );
     }
 }
 
@@ -143,38 +198,70 @@ fn config_import_of_the_spec_examples_passes_config_check() {
 fn doctor_json_on_loopback_is_valid_json() {
     let o = paqet_dp(&["doctor", "--json", "--iface", "lo"]);
     // Exit code 0/1/2 depending on the host; anything else is a crash.
-    assert!(matches!(o.status.code(), Some(0..=2)), "doctor exit {:?}: {}", o.status, stderr(&o));
+    assert!(
+        matches!(o.status.code(), Some(0..=2)),
+        "doctor exit {:?}: {}",
+        o.status,
+        stderr(&o)
+    );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("doctor --json output is not JSON ({e}):\n{}", stdout(&o)));
     assert_eq!(v["iface"], "lo", "{v}");
     let findings = v["findings"].as_array().expect("findings array");
     assert!(!findings.is_empty(), "no findings: {v}");
-    let worst = findings.iter().filter_map(|f| f["status"].as_str()).fold(0, |w, s| {
-        w.max(match s {
-            "warn" => 1,
-            "fail" => 2,
-            _ => 0,
-        })
-    });
-    assert_eq!(o.status.code(), Some(worst), "exit code does not match the worst finding");
+    let worst = findings
+        .iter()
+        .filter_map(|f| f["status"].as_str())
+        .fold(0, |w, s| {
+            w.max(match s {
+                "warn" => 1,
+                "fail" => 2,
+                _ => 0,
+            })
+        });
+    assert_eq!(
+        o.status.code(),
+        Some(worst),
+        "exit code does not match the worst finding"
+    );
 }
 
 #[test]
 fn run_with_a_missing_config_names_the_file() {
-    let missing = std::env::temp_dir().join(format!("paqet-cli-{}-does-not-exist.toml", std::process::id()));
+    let missing = std::env::temp_dir().join(format!(
+        "paqet-cli-{}-does-not-exist.toml",
+        std::process::id()
+    ));
     let o = paqet_dp(&["run", "-c", path_str(&missing), "--mode", "pcap"]);
     assert!(!o.status.success(), "run succeeded without a config");
     let err = stderr(&o);
-    assert!(err.contains(path_str(&missing)), "error does not name the file:\n{err}");
+    assert!(
+        err.contains(path_str(&missing)),
+        "error does not name the file:\n{err}"
+    );
 }
 
 #[test]
 fn run_with_an_empty_key_file_is_refused() {
     let dir = TempDir::new("keyfile");
-    let cfg = dir.write("server.yaml", &SPEC_SERVER_YAML.replace("<same secret>", KEY));
+    let cfg = dir.write(
+        "server.yaml",
+        &SPEC_SERVER_YAML.replace("<same secret>", KEY),
+    );
     let key = dir.write("key", " \n");
-    let o = paqet_dp(&["run", "-c", path_str(&cfg), "--key-file", path_str(&key), "--mode", "pcap"]);
+    let o = paqet_dp(&[
+        "run",
+        "-c",
+        path_str(&cfg),
+        "--key-file",
+        path_str(&key),
+        "--mode",
+        "pcap",
+    ]);
     assert!(!o.status.success(), "run accepted an empty key file");
     let err = stderr(&o);
-    assert!(err.contains("--key-file") && err.contains(path_str(&key)), "error does not name the key file:\n{err}");
+    assert!(
+        err.contains("--key-file") && err.contains(path_str(&key)),
+        "error does not name the key file:\n{err}"
+    );
 }

@@ -31,8 +31,14 @@ fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
 fn our_rules(ns: &Netns) -> Vec<String> {
     let mut v = Vec::new();
     for table in ["raw", "mangle"] {
-        let out = ns.exec(&["iptables", "-w", "-t", table, "-S"]).expect("iptables -S");
-        v.extend(out.lines().filter(|l| l.contains("paqet-dp")).map(str::to_owned));
+        let out = ns
+            .exec(&["iptables", "-w", "-t", table, "-S"])
+            .expect("iptables -S");
+        v.extend(
+            out.lines()
+                .filter(|l| l.contains("paqet-dp"))
+                .map(str::to_owned),
+        );
     }
     v
 }
@@ -54,7 +60,9 @@ fn via_socks5(proxy: SocketAddr, target: SocketAddr, msg: &[u8]) -> std::io::Res
     if m != [5, 0] {
         return Err(std::io::Error::other(format!("socks5 method reply {m:?}")));
     }
-    let SocketAddr::V4(t) = target else { unreachable!("IPv4 target") };
+    let SocketAddr::V4(t) = target else {
+        unreachable!("IPv4 target")
+    };
     let mut req = vec![5, 1, 0, 1];
     req.extend_from_slice(&t.ip().octets());
     req.extend_from_slice(&t.port().to_be_bytes());
@@ -62,7 +70,10 @@ fn via_socks5(proxy: SocketAddr, target: SocketAddr, msg: &[u8]) -> std::io::Res
     let mut rep = [0u8; 10];
     c.read_exact(&mut rep)?;
     if rep[1] != 0 {
-        return Err(std::io::Error::other(format!("socks5 CONNECT reply code {}", rep[1])));
+        return Err(std::io::Error::other(format!(
+            "socks5 CONNECT reply code {}",
+            rep[1]
+        )));
     }
     echo_round(&mut c, msg)
 }
@@ -86,7 +97,11 @@ fn via_http_connect(proxy: SocketAddr, target: SocketAddr, msg: &[u8]) -> std::i
 
 /// Both daemons' logs, for a failure message.
 fn logs(client: &Daemon, server: &Daemon) -> String {
-    format!("--- client ---\n{}\n--- server ---\n{}", client.log_text(), server.log_text())
+    format!(
+        "--- client ---\n{}\n--- server ---\n{}",
+        client.log_text(),
+        server.log_text()
+    )
 }
 
 #[test]
@@ -168,20 +183,34 @@ pprof = "127.0.0.1:{pprof}"
 
     // 1. A client with the wrong key: nothing passes and the server says why.
     {
-        let mut bad = spawn_daemon(ns_a, &dir, "bad-client", &client_cfg("a-wrong-key", 11081, 18089, 19111), &[]);
+        let mut bad = spawn_daemon(
+            ns_a,
+            &dir,
+            "bad-client",
+            &client_cfg("a-wrong-key", 11081, 18089, 19111),
+            &[],
+        );
         let r = in_ns(ns_a, move || {
             let proxy = SocketAddr::from(([127, 0, 0, 1], 11081));
-            retry(Duration::from_secs(10), || TcpStream::connect_timeout(&proxy, Duration::from_secs(1)))?;
+            retry(Duration::from_secs(10), || {
+                TcpStream::connect_timeout(&proxy, Duration::from_secs(1))
+            })?;
             via_socks5(proxy, echo, b"must not pass")
         });
         assert!(r.is_err(), "data passed with the wrong key");
         assert!(
-            wait_until(Duration::from_secs(10), || server.log_text().contains("failed the guard check")),
+            wait_until(Duration::from_secs(10), || server
+                .log_text()
+                .contains("failed the guard check")),
             "server log does not explain the wrong key:\n{}",
             server.log_text()
         );
         assert!(bad.terminate(), "bad client did not exit on SIGTERM");
-        assert!(our_rules(ns_a).is_empty(), "bad client left rules behind: {:?}", our_rules(ns_a));
+        assert!(
+            our_rules(ns_a).is_empty(),
+            "bad client left rules behind: {:?}",
+            our_rules(ns_a)
+        );
     }
 
     // 2. The good client (key from --key-file): SOCKS5, HTTP CONNECT, metrics, readiness.
@@ -190,7 +219,12 @@ pprof = "127.0.0.1:{pprof}"
         ns_a,
         &dir,
         "client",
-        &client_cfg("placeholder-overridden-by-key-file", 11080, 18088, METRICS_PORT),
+        &client_cfg(
+            "placeholder-overridden-by-key-file",
+            11080,
+            18088,
+            METRICS_PORT,
+        ),
         &["--key-file", &key_arg],
     );
     assert!(
@@ -202,20 +236,34 @@ pprof = "127.0.0.1:{pprof}"
     let echoes = in_ns(ns_a, move || -> std::io::Result<(Vec<u8>, Vec<u8>)> {
         let socks = SocketAddr::from(([127, 0, 0, 1], 11080));
         let http = SocketAddr::from(([127, 0, 0, 1], 18088));
-        let a = retry(Duration::from_secs(20), || via_socks5(socks, echo, b"hello through socks5"))?;
-        let b = retry(Duration::from_secs(10), || via_http_connect(http, echo, b"hello through http"))?;
+        let a = retry(Duration::from_secs(20), || {
+            via_socks5(socks, echo, b"hello through socks5")
+        })?;
+        let b = retry(Duration::from_secs(10), || {
+            via_http_connect(http, echo, b"hello through http")
+        })?;
         Ok((a, b))
     });
-    let (a, b) = echoes.unwrap_or_else(|e| panic!("client side failed: {e}\n{}", logs(&client, &server)));
+    let (a, b) =
+        echoes.unwrap_or_else(|e| panic!("client side failed: {e}\n{}", logs(&client, &server)));
     assert_eq!(a, b"hello through socks5");
     assert_eq!(b, b"hello through http");
     // The publisher runs every 500 ms: wait for a snapshot (answered 200) with the live session.
-    let body = wait_metric(ns_a, Duration::from_secs(10), |t| series_sum(t, "paqet_sessions{role=\"client\"}") >= 1.0)
-        .unwrap_or_else(|| panic!("no live session in the client's /metrics\n{}", logs(&client, &server)));
+    let body = wait_metric(ns_a, Duration::from_secs(10), |t| {
+        series_sum(t, "paqet_sessions{role=\"client\"}") >= 1.0
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no live session in the client's /metrics\n{}",
+            logs(&client, &server)
+        )
+    });
     // Readiness is read from the workers' published snapshots too: on a loaded machine the first answer may
     // predate the snapshot above, so wait (bounded) for 200.
     let ready = poll(Duration::from_secs(10), || {
-        match http_get(ns_a, METRICS_PORT, "/readyz").unwrap_or_else(|e| panic!("/readyz: {e}\n{}", logs(&client, &server))) {
+        match http_get(ns_a, METRICS_PORT, "/readyz")
+            .unwrap_or_else(|e| panic!("/readyz: {e}\n{}", logs(&client, &server)))
+        {
             (200, _) => Some(()),
             (st, body) => {
                 eprintln!("/readyz: {st} {body}");
@@ -226,20 +274,55 @@ pprof = "127.0.0.1:{pprof}"
     let pprof_metrics = http_get(ns_a, METRICS_PORT + 1, "/metrics")
         .unwrap_or_else(|e| panic!("pprof /metrics: {e}\n{}", logs(&client, &server)))
         .0;
-    assert!(metric_sum(&body, "paqet_packets_total") > 0.0, "no packets counted:\n{body}");
+    assert!(
+        metric_sum(&body, "paqet_packets_total") > 0.0,
+        "no packets counted:\n{body}"
+    );
     assert!(body.contains("paqet_kcp_srtt_seconds"), "no srtt:\n{body}");
     assert!(ready.is_some(), "client not ready with a live session");
-    assert_eq!(pprof_metrics, 200, "debug.pprof server does not serve /metrics");
+    assert_eq!(
+        pprof_metrics, 200,
+        "debug.pprof server does not serve /metrics"
+    );
 
     // The server's metrics count the session too (once its worker published, every 500 ms).
-    let srv = wait_metric(ns_b, Duration::from_secs(10), |t| series_sum(t, "paqet_sessions{role=\"server\"}") >= 1.0)
-        .unwrap_or_else(|| panic!("no live session in the server's /metrics:\n{}", scrape(ns_b)));
-    assert!(metric_sum(&srv, "paqet_guard_drops_total") > 0.0, "guard drops not counted:\n{srv}");
-    assert!(metric_sum(&srv, "paqet_session_opens_total") >= 1.0, "opens not counted:\n{srv}");
+    let srv = wait_metric(ns_b, Duration::from_secs(10), |t| {
+        series_sum(t, "paqet_sessions{role=\"server\"}") >= 1.0
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no live session in the server's /metrics:\n{}",
+            scrape(ns_b)
+        )
+    });
+    assert!(
+        metric_sum(&srv, "paqet_guard_drops_total") > 0.0,
+        "guard drops not counted:\n{srv}"
+    );
+    assert!(
+        metric_sum(&srv, "paqet_session_opens_total") >= 1.0,
+        "opens not counted:\n{srv}"
+    );
 
     // 3. Graceful exits remove the rules.
-    assert!(client.terminate(), "client did not exit on SIGTERM:\n{}", client.log_text());
-    assert!(our_rules(ns_a).is_empty(), "client left rules behind: {:?}", our_rules(ns_a));
-    assert!(server.terminate(), "server did not exit on SIGTERM:\n{}", server.log_text());
-    assert!(our_rules(ns_b).is_empty(), "server left rules behind: {:?}", our_rules(ns_b));
+    assert!(
+        client.terminate(),
+        "client did not exit on SIGTERM:\n{}",
+        client.log_text()
+    );
+    assert!(
+        our_rules(ns_a).is_empty(),
+        "client left rules behind: {:?}",
+        our_rules(ns_a)
+    );
+    assert!(
+        server.terminate(),
+        "server did not exit on SIGTERM:\n{}",
+        server.log_text()
+    );
+    assert!(
+        our_rules(ns_b).is_empty(),
+        "server left rules behind: {:?}",
+        our_rules(ns_b)
+    );
 }

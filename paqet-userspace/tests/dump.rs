@@ -3,7 +3,10 @@ use paqet::tools::dump::Dumper;
 use paqet::util::pcapfile::PcapFile;
 use paqet::wire::crypt::{BlockMode, Crypto};
 
-const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/upstream-alpha21");
+const DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/testdata/upstream-alpha21"
+);
 const KEY: &str = "0edb843fa5d512bbb688b437e6035b4965731b527bf229f2eed94185f23a3740";
 
 /// Describes every frame of `name`.pcap; returns one block per frame.
@@ -11,37 +14,80 @@ fn describe_all(name: &str, crypto: Crypto, fec: Option<(usize, usize)>) -> Vec<
     let bytes = std::fs::read(format!("{DIR}/{name}.pcap")).expect("capture present");
     let file = PcapFile::parse(&bytes).expect("valid pcap");
     let mut d = Dumper::new(Some(crypto), fec, 9999);
-    file.records.iter().map(|r| d.describe(r.ts_micros, r.data)).collect()
+    file.records
+        .iter()
+        .map(|r| d.describe(r.ts_micros, r.data))
+        .collect()
 }
 
 fn check_capture(name: &str, conv: &str, fec: Option<(usize, usize)>) {
     let blocks = describe_all(name, Crypto::new(BlockMode::Aes, KEY).unwrap(), fec);
     assert!(!blocks.is_empty());
     for b in &blocks {
-        assert!(b.contains("crypto aes: crc ok"), "{name}: frame not authenticated:\n{b}");
+        assert!(
+            b.contains("crypto aes: crc ok"),
+            "{name}: frame not authenticated:\n{b}"
+        );
         assert!(b.contains(":9999"), "{name}: tunnel port missing:\n{b}");
         assert!(b.contains("TCP PA"), "{name}: flags missing:\n{b}");
     }
     let all = blocks.concat();
-    assert!(all.contains(&format!("kcp conv={conv} PUSH sn=0 ")), "{name}: first PUSH missing");
-    assert!(all.contains(&format!("kcp conv={conv} ACK ")), "{name}: ACKs missing");
+    assert!(
+        all.contains(&format!("kcp conv={conv} PUSH sn=0 ")),
+        "{name}: first PUSH missing"
+    );
+    assert!(
+        all.contains(&format!("kcp conv={conv} ACK ")),
+        "{name}: ACKs missing"
+    );
     // Session start: SYN, PSH with PTCPF ["PA"], FIN on stream 3, all in the first frame.
-    assert!(blocks[0].contains("smux Syn sid=3 len=0"), "{name}:\n{}", blocks[0]);
-    assert!(blocks[0].contains("smux Psh sid=3 len=8 paqet PTCPF [PA]"), "{name}:\n{}", blocks[0]);
-    assert!(blocks[0].contains("smux Fin sid=3 len=0"), "{name}:\n{}", blocks[0]);
+    assert!(
+        blocks[0].contains("smux Syn sid=3 len=0"),
+        "{name}:\n{}",
+        blocks[0]
+    );
+    assert!(
+        blocks[0].contains("smux Psh sid=3 len=8 paqet PTCPF [PA]"),
+        "{name}:\n{}",
+        blocks[0]
+    );
+    assert!(
+        blocks[0].contains("smux Fin sid=3 len=0"),
+        "{name}:\n{}",
+        blocks[0]
+    );
     // The CONNECT and the UDP stream, the UDP echo, the window updates.
-    assert!(all.contains("paqet PTCP 127.0.0.1:8000"), "{name}: PTCP header missing");
-    assert!(all.contains("paqet PUDP 127.0.0.1:5300"), "{name}: PUDP header missing");
-    assert!(all.contains("smux Upd sid=9 len=8 consumed="), "{name}: UPD missing");
+    assert!(
+        all.contains("paqet PTCP 127.0.0.1:8000"),
+        "{name}: PTCP header missing"
+    );
+    assert!(
+        all.contains("paqet PUDP 127.0.0.1:5300"),
+        "{name}: PUDP header missing"
+    );
+    assert!(
+        all.contains("smux Upd sid=9 len=8 consumed="),
+        "{name}: UPD missing"
+    );
     // Every stream the client opened shows its SYN (7 SYNs, sids 3..=15).
     for sid in [3, 5, 7, 9, 11, 13, 15] {
-        assert!(all.contains(&format!("smux Syn sid={sid} len=0")), "{name}: SYN of sid {sid} missing");
+        assert!(
+            all.contains(&format!("smux Syn sid={sid} len=0")),
+            "{name}: SYN of sid {sid} missing"
+        );
     }
     // The reply is 9 PSH frames on sid 9; with the in-order reassembly each is found where it starts.
     let reply_frames = all.matches("smux Psh sid=9 len=").count();
-    assert_eq!(reply_frames, 2 + 9, "{name}: PSH frames of sid 9 (2 client + 9 server)");
+    assert_eq!(
+        reply_frames,
+        2 + 9,
+        "{name}: PSH frames of sid 9 (2 client + 9 server)"
+    );
     // Nothing was undecodable.
-    assert!(!all.contains("smux: smux frame"), "{name}: smux decode error:\n{all}");
+    assert!(
+        !all.contains("smux: smux frame"),
+        "{name}: smux decode error:\n{all}"
+    );
 }
 
 #[test]
@@ -52,10 +98,18 @@ fn fast_capture_decodes_every_layer() {
 #[test]
 fn fec_capture_decodes_every_layer() {
     check_capture("fec", "f2c0d581", Some((10, 3)));
-    let all = describe_all("fec", Crypto::new(BlockMode::Aes, KEY).unwrap(), Some((10, 3))).concat();
+    let all = describe_all(
+        "fec",
+        Crypto::new(BlockMode::Aes, KEY).unwrap(),
+        Some((10, 3)),
+    )
+    .concat();
     assert_eq!(all.matches(" parity ").count(), 18, "18 parity packets");
     assert!(all.contains("fec seqid=0 data (group 0, shard 0)"));
-    assert!(all.contains("(retransmission: sn"), "the 3 retransmitted server segments are flagged");
+    assert!(
+        all.contains("(retransmission: sn"),
+        "the 3 retransmitted server segments are flagged"
+    );
 }
 
 #[test]
@@ -63,8 +117,14 @@ fn wrong_key_fails_every_crypto_check() {
     for name in ["fast", "fec"] {
         let wrong = Crypto::new(BlockMode::Aes, "not-the-key").unwrap();
         for b in describe_all(name, wrong, None) {
-            assert!(b.contains("crypto check failed (CRC mismatch)"), "{name}:\n{b}");
-            assert!(!b.contains("kcp conv="), "{name}: decoded with a wrong key:\n{b}");
+            assert!(
+                b.contains("crypto check failed (CRC mismatch)"),
+                "{name}:\n{b}"
+            );
+            assert!(
+                !b.contains("kcp conv="),
+                "{name}: decoded with a wrong key:\n{b}"
+            );
             assert!(b.contains("    00000000  "), "{name}: no hex dump:\n{b}");
         }
     }
@@ -162,9 +222,15 @@ mod cc {
                     body.extend(std::iter::repeat_n(0, *len));
                 }
             }
-            let env = if from_client { &mut self.c2s } else { &mut self.s2c };
+            let env = if from_client {
+                &mut self.c2s
+            } else {
+                &mut self.s2c
+            };
             let mut frame = vec![0u8; 128 + body.len()];
-            let n = env.emit_with_payload(TcpFlags::PSH_ACK, &body, &mut frame).unwrap();
+            let n = env
+                .emit_with_payload(TcpFlags::PSH_ACK, &body, &mut frame)
+                .unwrap();
             let text = self.dumper.describe(t_us, &frame[..n]);
             self.out.push_str(&text);
         }
@@ -180,12 +246,25 @@ mod cc {
         }
 
         fn summary(&self, src: SocketAddr) -> FlowSummary {
-            self.dumper.flow_summaries().into_iter().find(|f| f.src == src).expect("flow summary")
+            self.dumper
+                .flow_summaries()
+                .into_iter()
+                .find(|f| f.src == src)
+                .expect("flow summary")
         }
     }
 
     fn seg(cmd: Cmd, sn: u32, ts: u32, una: u32, wnd: u16) -> SegmentHeader {
-        SegmentHeader { conv: CONV, cmd, frg: 0, wnd, ts, sn, una, len: 0 }
+        SegmentHeader {
+            conv: CONV,
+            cmd,
+            frg: 0,
+            wnd,
+            ts,
+            sn,
+            una,
+            len: 0,
+        }
     }
 
     /// Lines of `out` containing `pat`.
@@ -239,11 +318,23 @@ mod cc {
         );
         // The summary of second 0 comes before the first frame of second 1.
         let at = c.out.find("[00:00:01.000000] summary").unwrap();
-        assert!(c.out[at..].lines().nth(2).unwrap().starts_with("[00:00:01.000000] 10.0.0.1:40000 -> "), "{}", c.out);
+        assert!(
+            c.out[at..]
+                .lines()
+                .nth(2)
+                .unwrap()
+                .starts_with("[00:00:01.000000] 10.0.0.1:40000 -> "),
+            "{}",
+            c.out
+        );
         // The ACK direction: no data, its advertised window and ours.
         let down = lines(&c.out, "summary 10.0.0.2:9999 -> 10.0.0.1:40000");
         assert_eq!(down.len(), 2);
-        assert!(down[0].ends_with("data 0 B/s, 0 segs | retrans 0/0 | rtt - | wnd 256, peer wnd 128"), "{}", down[0]);
+        assert!(
+            down[0].ends_with("data 0 B/s, 0 segs | retrans 0/0 | rtt - | wnd 256, peer wnd 128"),
+            "{}",
+            down[0]
+        );
     }
 
     #[test]
@@ -255,18 +346,25 @@ mod cc {
         assert_eq!(f.retrans_segments, 2);
         assert_eq!(f.push_bytes, 11 * 1000 + 6 * 500);
         assert_eq!(f.rtt_samples, 15);
-        assert_eq!((f.rtt_min_micros, f.rtt_avg_micros, f.rtt_max_micros), (10_000, 280_000 / 15, 40_000));
+        assert_eq!(
+            (f.rtt_min_micros, f.rtt_avg_micros, f.rtt_max_micros),
+            (10_000, 280_000 / 15, 40_000)
+        );
         assert_eq!((f.wnd, f.peer_wnd), (Some(128), Some(256)));
         assert_eq!((f.first_micros, f.last_micros), (0, 1_500_000));
         assert!((f.data_rate().unwrap() - 14_000.0 / 1.5).abs() < 1e-6);
         assert!((f.retrans_ratio() - 2.0 / 17.0).abs() < 1e-12);
         let back = c.summary(server());
-        assert_eq!((back.push_segments, back.segments, back.rtt_samples), (0, 17, 0));
+        assert_eq!(
+            (back.push_segments, back.segments, back.rtt_samples),
+            (0, 17, 0)
+        );
         let end = c.dumper.finish();
         // The partial last interval (one ACK) and the totals, stamped with the last frame's time.
         let partial = lines(&end, "] summary 10.0.0.2:9999");
         assert_eq!(partial.len(), 1, "{end}");
-        let want = "[00:00:02.200000] summary 10.0.0.2:9999 -> 10.0.0.1:40000 conv=0000abcd | 0.200 s";
+        let want =
+            "[00:00:02.200000] summary 10.0.0.2:9999 -> 10.0.0.1:40000 conv=0000abcd | 0.200 s";
         assert!(partial[0].starts_with(want), "{end}");
         let total = lines(&end, "summary total 10.0.0.1:40000");
         assert_eq!(
@@ -290,13 +388,19 @@ mod cc {
         assert!(!c.out.contains("summary"), "{}", c.out);
         let end = c.dumper.finish();
         assert_eq!(lines(&end, "summary").len(), 1, "only the totals: {end}");
-        assert!(end.contains("summary total 10.0.0.1:40000 -> 10.0.0.2:9999"), "{end}");
+        assert!(
+            end.contains("summary total 10.0.0.1:40000 -> 10.0.0.2:9999"),
+            "{end}"
+        );
     }
 
     #[test]
     fn retransmissions_across_the_sn_wrap_and_beyond_the_history() {
         let mut c = Capture::new();
-        for (i, sn) in [u32::MAX - 1, u32::MAX, 0, 1, u32::MAX, 0, 2].into_iter().enumerate() {
+        for (i, sn) in [u32::MAX - 1, u32::MAX, 0, 1, u32::MAX, 0, 2]
+            .into_iter()
+            .enumerate()
+        {
             c.push(i as u64 * MS, sn, 0, 10);
         }
         assert_eq!(c.summary(client()).retrans_segments, 2, "{}", c.out);
@@ -337,11 +441,18 @@ mod cc {
     fn many_convs_keep_the_flow_table_bounded() {
         let mut c = Capture::new();
         for conv in 0..10_000u32 {
-            let h = SegmentHeader { conv, ..seg(Cmd::Push, 0, 0, 0, 1) };
+            let h = SegmentHeader {
+                conv,
+                ..seg(Cmd::Push, 0, 0, 0, 1)
+            };
             c.frame(u64::from(conv), true, &[(h, 8)]);
         }
         let flows = c.dumper.flow_summaries();
-        assert!(!flows.is_empty() && flows.len() <= 4096, "{} flows", flows.len());
+        assert!(
+            !flows.is_empty() && flows.len() <= 4096,
+            "{} flows",
+            flows.len()
+        );
     }
 }
 
@@ -358,12 +469,24 @@ fn capture_flow_summaries() {
         }
         let flows = d.flow_summaries();
         assert_eq!(flows.len(), 2, "{name}: {flows:?}");
-        let down = flows.iter().find(|f| f.src.port() == 9999).expect("server flow");
-        let up = flows.iter().find(|f| f.dst.port() == 9999).expect("client flow");
+        let down = flows
+            .iter()
+            .find(|f| f.src.port() == 9999)
+            .expect("server flow");
+        let up = flows
+            .iter()
+            .find(|f| f.dst.port() == 9999)
+            .expect("client flow");
         assert!(down.push_bytes >= 65_536, "{name}: {down:?}");
         assert_eq!(down.retrans_segments, retrans, "{name}: {down:?}");
-        assert!(down.rtt_samples > 0 && down.rtt_min_micros <= down.rtt_max_micros, "{name}: {down:?}");
-        assert!(up.push_segments > 0 && up.peer_wnd.is_some() && down.peer_wnd.is_some(), "{name}: {up:?}");
+        assert!(
+            down.rtt_samples > 0 && down.rtt_min_micros <= down.rtt_max_micros,
+            "{name}: {down:?}"
+        );
+        assert!(
+            up.push_segments > 0 && up.peer_wnd.is_some() && down.peer_wnd.is_some(),
+            "{name}: {up:?}"
+        );
         let end = d.finish();
         assert_eq!(end.matches("summary total").count(), 2, "{name}:\n{end}");
     }

@@ -10,8 +10,8 @@
 //! (bounded) for the expected value instead of trusting one scrape.
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,13 @@ fn has_nfqueue() -> bool {
 }
 
 /// 20 ms ± 5 ms per direction (jitter reorders packets), 2 % loss per direction.
-const LOSSY: LinkSpec = LinkSpec { delay_ms: 20, jitter_ms: 5, loss_pct: 2.0, dup_pct: 0.0, seed: 7 };
+const LOSSY: LinkSpec = LinkSpec {
+    delay_ms: 20,
+    jitter_ms: 5,
+    loss_pct: 2.0,
+    dup_pct: 0.0,
+    seed: 7,
+};
 
 /// Starts a tunnel from the common configs with `kcp_lines` in the `[transport.kcp]` table of both the
 /// server (`Opts::server_kcp_extra`) and the client (added to `Tunnel::client_config`'s text).
@@ -39,17 +45,28 @@ fn start_with_kcp_lines(tag: &str, mut o: Opts, kcp_lines: &str) -> Tunnel {
     o.server_kcp_extra = format!("{}\n{kcp_lines}", o.server_kcp_extra);
     let opts = o.clone();
     let configs = move |net: &Net, http: &HttpServer, udp: &UdpEcho, _: &Path| {
-        let client = Tunnel::client_config(net, &opts, http, udp, ClientPorts::MAIN, &opts.client_key);
+        let client =
+            Tunnel::client_config(net, &opts, http, udp, ClientPorts::MAIN, &opts.client_key);
         let table = "[transport.kcp]\n";
-        assert!(client.contains(table), "client config has no {table:?}:\n{client}");
-        (Tunnel::server_config(net, &opts), client.replacen(table, &format!("{table}{kcp_lines}\n"), 1))
+        assert!(
+            client.contains(table),
+            "client config has no {table:?}:\n{client}"
+        );
+        (
+            Tunnel::server_config(net, &opts),
+            client.replacen(table, &format!("{table}{kcp_lines}\n"), 1),
+        )
     };
     Tunnel::start_with(tag, o, Some(&configs))
 }
 
 #[test]
 fn lossy_delayed_reordering_link_carries_200mib_byte_exact() {
-    if skip("lossy_delayed_reordering_link_carries_200mib_byte_exact", &["curl", "iptables", "ethtool"]) || !has_nfqueue() {
+    if skip(
+        "lossy_delayed_reordering_link_carries_200mib_byte_exact",
+        &["curl", "iptables", "ethtool"],
+    ) || !has_nfqueue()
+    {
         return;
     }
     let _serial = serial();
@@ -61,14 +78,19 @@ fn lossy_delayed_reordering_link_carries_200mib_byte_exact() {
         o.smuxktimeout = 10;
         let t = Tunnel::start("flo", o);
         let len = 200 * MIB;
-        report("200 MiB down over the impaired link", len, t.download_checked(t.socks(), 31, len, 420));
+        report(
+            "200 MiB down over the impaired link",
+            len,
+            t.download_checked(t.socks(), 31, len, 420),
+        );
         let mut t = t;
         t.server.assert_running();
         t.client.assert_running();
         let retrans = poll(Duration::from_secs(5), || {
             let s = scrape(t.net.server());
             let c = scrape(t.net.client());
-            let r = metric_sum(&s, "paqet_kcp_retransmissions_total") + metric_sum(&c, "paqet_kcp_retransmissions_total");
+            let r = metric_sum(&s, "paqet_kcp_retransmissions_total")
+                + metric_sum(&c, "paqet_kcp_retransmissions_total");
             (r > 0.0).then_some(r)
         });
         match retrans {
@@ -80,7 +102,11 @@ fn lossy_delayed_reordering_link_carries_200mib_byte_exact() {
 
 #[test]
 fn lossy_link_with_fixed_rate_cc_carries_data_byte_exact() {
-    if skip("lossy_link_with_fixed_rate_cc_carries_data_byte_exact", &["curl", "iptables", "ethtool"]) || !has_nfqueue() {
+    if skip(
+        "lossy_link_with_fixed_rate_cc_carries_data_byte_exact",
+        &["curl", "iptables", "ethtool"],
+    ) || !has_nfqueue()
+    {
         return;
     }
     let _serial = serial();
@@ -94,13 +120,28 @@ fn lossy_link_with_fixed_rate_cc_carries_data_byte_exact() {
         // One transfer is one stream on one session, paced by its sender at the rate (headers and
         // retransmissions included): it cannot take much less than len / rate.
         let paced = |what: &str, len: u64, took: Duration| {
-            report(&format!("{what} over the impaired link, cc = fixed 40mbit"), len, took);
+            report(
+                &format!("{what} over the impaired link, cc = fixed 40mbit"),
+                len,
+                took,
+            );
             let floor = Duration::from_secs_f64(0.8 * len as f64 / RATE as f64);
-            assert!(took >= floor, "{what} in {took:?} at a fixed 40 mbit/s (at least {floor:?} expected): not paced");
+            assert!(
+                took >= floor,
+                "{what} in {took:?} at a fixed 40 mbit/s (at least {floor:?} expected): not paced"
+            );
         };
         // Down: the server's sender; up: the client's.
-        paced("8 MiB down", 8 * MIB, t.download_checked(t.socks(), 91, 8 * MIB, 60));
-        paced("4 MiB up", 4 * MIB, t.upload_checked(t.http_proxy(), 92, 4 * MIB, 60));
+        paced(
+            "8 MiB down",
+            8 * MIB,
+            t.download_checked(t.socks(), 91, 8 * MIB, 60),
+        );
+        paced(
+            "4 MiB up",
+            4 * MIB,
+            t.upload_checked(t.http_proxy(), 92, 4 * MIB, 60),
+        );
         let mut t = t;
         t.server.assert_running();
         t.client.assert_running();
@@ -109,7 +150,11 @@ fn lossy_link_with_fixed_rate_cc_carries_data_byte_exact() {
 
 #[test]
 fn lossy_link_with_cc_off_carries_data_byte_exact() {
-    if skip("lossy_link_with_cc_off_carries_data_byte_exact", &["curl", "iptables", "ethtool"]) || !has_nfqueue() {
+    if skip(
+        "lossy_link_with_cc_off_carries_data_byte_exact",
+        &["curl", "iptables", "ethtool"],
+    ) || !has_nfqueue()
+    {
         return;
     }
     let _serial = serial();
@@ -119,8 +164,16 @@ fn lossy_link_with_cc_off_carries_data_byte_exact() {
         o.link = Some(LOSSY);
         let t = start_with_kcp_lines("fco", o, "cc = \"off\"");
         let len = 8 * MIB;
-        report("8 MiB down over the impaired link, cc = off", len, t.download_checked(t.socks(), 93, len, 60));
-        report("4 MiB up over the impaired link, cc = off", 4 * MIB, t.upload_checked(t.http_proxy(), 94, 4 * MIB, 60));
+        report(
+            "8 MiB down over the impaired link, cc = off",
+            len,
+            t.download_checked(t.socks(), 93, len, 60),
+        );
+        report(
+            "4 MiB up over the impaired link, cc = off",
+            4 * MIB,
+            t.upload_checked(t.http_proxy(), 94, 4 * MIB, 60),
+        );
         let mut t = t;
         t.server.assert_running();
         t.client.assert_running();
@@ -129,7 +182,10 @@ fn lossy_link_with_cc_off_carries_data_byte_exact() {
 
 #[test]
 fn server_killed_mid_transfer_client_recovers() {
-    if skip("server_killed_mid_transfer_client_recovers", &["curl", "iptables", "ethtool"]) {
+    if skip(
+        "server_killed_mid_transfer_client_recovers",
+        &["curl", "iptables", "ethtool"],
+    ) {
         return;
     }
     let _serial = serial();
@@ -147,15 +203,30 @@ fn server_killed_mid_transfer_client_recovers() {
         assert!(flowing.is_some(), "the download never got going");
         t.server.kill();
         let f = job.join().expect("fetch thread");
-        assert!(!f.ok || f.len < 2048 * MIB, "a 2 GiB download cannot have completed across a server kill");
-        eprintln!("interrupted download stopped after {} MiB: {}", f.len >> 20, f.stderr.trim());
+        assert!(
+            !f.ok || f.len < 2048 * MIB,
+            "a 2 GiB download cannot have completed across a server kill"
+        );
+        eprintln!(
+            "interrupted download stopped after {} MiB: {}",
+            f.len >> 20,
+            f.stderr.trim()
+        );
 
         t.restart_server("server-restarted");
         // The client notices (smux keepalive) and re-dials by itself; no help from the test.
         let t0 = Instant::now();
-        let back = poll(Duration::from_secs(60), || t.probe(ClientPorts::MAIN.fwd_http).ok());
-        assert!(back.is_some(), "no request went through within 60 s of the server restart");
-        eprintln!("client recovered {:.1} s after the restart", t0.elapsed().as_secs_f64());
+        let back = poll(Duration::from_secs(60), || {
+            t.probe(ClientPorts::MAIN.fwd_http).ok()
+        });
+        assert!(
+            back.is_some(),
+            "no request went through within 60 s of the server restart"
+        );
+        eprintln!(
+            "client recovered {:.1} s after the restart",
+            t0.elapsed().as_secs_f64()
+        );
         t.download_checked(t.socks(), 42, 16 * MIB, 60);
         t.download_checked(t.http_proxy(), 43, 16 * MIB, 60);
         t.client.assert_running();
@@ -164,7 +235,10 @@ fn server_killed_mid_transfer_client_recovers() {
 
 #[test]
 fn wrong_key_passes_no_data_and_says_why() {
-    if skip("wrong_key_passes_no_data_and_says_why", &["curl", "iptables", "ethtool"]) {
+    if skip(
+        "wrong_key_passes_no_data_and_says_why",
+        &["curl", "iptables", "ethtool"],
+    ) {
         return;
     }
     let _serial = serial();
@@ -177,14 +251,29 @@ fn wrong_key_passes_no_data_and_says_why() {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             attempts += 1;
-            let f = fetch(t.net.client(), Via::Socks5(ClientPorts::SECOND.socks), &t.url("/gen/51/65536"), 5);
-            assert!(!(f.ok && f.len > 0), "data passed with the wrong key (attempt {attempts}): {f:?}");
-            assert!(t.probe(ClientPorts::SECOND.fwd_http).is_err(), "the forward of the wrong-key client worked");
+            let f = fetch(
+                t.net.client(),
+                Via::Socks5(ClientPorts::SECOND.socks),
+                &t.url("/gen/51/65536"),
+                5,
+            );
+            assert!(
+                !(f.ok && f.len > 0),
+                "data passed with the wrong key (attempt {attempts}): {f:?}"
+            );
+            assert!(
+                t.probe(ClientPorts::SECOND.fwd_http).is_err(),
+                "the forward of the wrong-key client worked"
+            );
         }
         bad.assert_running();
         // The logs say why (the daemon that can tell: the wrong-key client or the server).
         let why = poll(Duration::from_secs(15), || {
-            let lines = [key_complaints(&bad.log_text()), key_complaints(&t.server.log_text())].concat();
+            let lines = [
+                key_complaints(&bad.log_text()),
+                key_complaints(&t.server.log_text()),
+            ]
+            .concat();
             (!lines.is_empty()).then_some(lines)
         });
         match why {
@@ -211,7 +300,14 @@ fn flood(
     let m_ip = {
         let out = m.exec(&["ip", "-o", "-4", "addr", "show"]).unwrap();
         // M's address on the server's subnet (same /24 as the server).
-        let prefix: String = net.server_ip.to_string().rsplit_once('.').unwrap().0.to_owned() + ".";
+        let prefix: String = net
+            .server_ip
+            .to_string()
+            .rsplit_once('.')
+            .unwrap()
+            .0
+            .to_owned()
+            + ".";
         out.split_whitespace()
             .filter_map(|w| w.split_once('/').map(|(ip, _)| ip.to_owned()))
             .find(|ip| ip.starts_with(&prefix))
@@ -232,14 +328,21 @@ fn flood(
         let proto = (libc::ETH_P_ALL as u16).to_be();
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
         if fd < 0 {
-            return Err(format!("AF_PACKET socket: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = proto;
         sll.sll_ifindex = ifindex as i32;
         let rc = unsafe {
-            libc::bind(fd, &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32)
+            libc::bind(
+                fd,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
         };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
@@ -254,14 +357,17 @@ fn flood(
         while !stop.load(Ordering::Relaxed) {
             attempts += 1;
             let src = std::net::SocketAddr::from((m_ip, rng.gen_range(1024..65535)));
-            let mut b = EnvelopeBuilder::new(src_mac, dst_mac, src, server, rng.gen()).map_err(|e| e.to_string())?;
+            let mut b = EnvelopeBuilder::new(src_mac, dst_mac, src, server, rng.gen())
+                .map_err(|e| e.to_string())?;
             let plen = match attempts % 3 {
                 0 => rng.gen_range(1..1400),
                 1 => rng.gen_range(1..64),
                 _ => rng.gen_range(100..1400),
             };
             rng.fill(&mut payload[..plen]);
-            let len = b.emit_with_payload(TcpFlags::PSH | TcpFlags::ACK, &payload[..plen], &mut frame).map_err(|e| e.to_string())?;
+            let len = b
+                .emit_with_payload(TcpFlags::PSH | TcpFlags::ACK, &payload[..plen], &mut frame)
+                .map_err(|e| e.to_string())?;
             let hdr = b.header_len(TcpFlags::PSH | TcpFlags::ACK);
             let send_len = match attempts % 3 {
                 // Cut short: somewhere after the TCP ports, before the end of the payload.
@@ -289,7 +395,10 @@ fn flood(
 }
 
 fn parse_mac(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s.split(':').map(|x| u8::from_str_radix(x, 16).unwrap()).collect();
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap())
+        .collect();
     v.try_into().unwrap_or_else(|_| panic!("bad MAC {s}"))
 }
 
@@ -306,7 +415,10 @@ fn bad_packet_count(scrape: &str) -> f64 {
 
 #[test]
 fn flood_of_random_and_truncated_packets_is_counted_and_harmless() {
-    if skip("flood_of_random_and_truncated_packets_is_counted_and_harmless", &["curl", "iptables", "ethtool"]) {
+    if skip(
+        "flood_of_random_and_truncated_packets_is_counted_and_harmless",
+        &["curl", "iptables", "ethtool"],
+    ) {
         return;
     }
     let _serial = serial();
@@ -314,7 +426,13 @@ fn flood_of_random_and_truncated_packets_is_counted_and_harmless() {
         eprintln!("== modes {modes:?}");
         let mut o = Opts::new(modes);
         // Routed through a clean middle namespace: the third party sits there.
-        o.link = Some(LinkSpec { delay_ms: 0, jitter_ms: 0, loss_pct: 0.0, dup_pct: 0.0, seed: 1 });
+        o.link = Some(LinkSpec {
+            delay_ms: 0,
+            jitter_ms: 0,
+            loss_pct: 0.0,
+            dup_pct: 0.0,
+            seed: 1,
+        });
         let mut t = Tunnel::start("ffl", o);
         let before = bad_packet_count(&scrape(t.net.server()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -324,7 +442,11 @@ fn flood_of_random_and_truncated_packets_is_counted_and_harmless() {
         let took = t.download_checked(t.socks(), 61, 64 * MIB, 180);
         t.upload_checked(t.http_proxy(), 62, 16 * MIB, 120);
         stop.store(true, Ordering::Relaxed);
-        flooder.join().expect("flood thread").expect("enter middle namespace").expect("flood");
+        flooder
+            .join()
+            .expect("flood thread")
+            .expect("enter middle namespace")
+            .expect("flood");
         let n = sent.load(Ordering::Relaxed);
         report("64 MiB down during the flood", 64 * MIB, took);
         assert!(n > 1000, "only {n} flood frames sent");
@@ -335,15 +457,24 @@ fn flood_of_random_and_truncated_packets_is_counted_and_harmless() {
             (v > before).then_some(v)
         });
         match after {
-            Some(v) => eprintln!("{n} flood frames sent; server counted {} bad packets", v - before),
-            None => panic!("{n} flood frames, but the server's bad-packet counters did not rise:\n{}", scrape(t.net.server())),
+            Some(v) => eprintln!(
+                "{n} flood frames sent; server counted {} bad packets",
+                v - before
+            ),
+            None => panic!(
+                "{n} flood frames, but the server's bad-packet counters did not rise:\n{}",
+                scrape(t.net.server())
+            ),
         }
     }
 }
 
 #[test]
 fn max_streams_per_session_rejects_the_excess() {
-    if skip("max_streams_per_session_rejects_the_excess", &["curl", "iptables", "ethtool"]) {
+    if skip(
+        "max_streams_per_session_rejects_the_excess",
+        &["curl", "iptables", "ethtool"],
+    ) {
         return;
     }
     let _serial = serial();
@@ -354,8 +485,14 @@ fn max_streams_per_session_rejects_the_excess() {
         o.server_kcp_extra = "max_streams_per_session = 4".into();
         let t = Tunnel::start("fms", o);
         // The readiness probe's stream must be gone before the count starts.
-        let idle = wait_metric(t.net.server(), Duration::from_secs(15), |s| metric_sum(s, "paqet_streams") == 0.0);
-        assert!(idle.is_some(), "server streams never dropped to 0:\n{}", scrape(t.net.server()));
+        let idle = wait_metric(t.net.server(), Duration::from_secs(15), |s| {
+            metric_sum(s, "paqet_streams") == 0.0
+        });
+        assert!(
+            idle.is_some(),
+            "server streams never dropped to 0:\n{}",
+            scrape(t.net.server())
+        );
         let rejected_before = metric_sum(&scrape(t.net.server()), "paqet_limit_rejections_total");
         let gate = t.http.gate.clone();
         let len = 2 * MIB;
@@ -368,7 +505,9 @@ fn max_streams_per_session_rejects_the_excess() {
         let mut admitted = Vec::new();
         for i in 0..4u64 {
             admitted.push(start(i, 90));
-            let arrived = poll(Duration::from_secs(15), || (gate.held.load(Ordering::SeqCst) > i as usize).then_some(()));
+            let arrived = poll(Duration::from_secs(15), || {
+                (gate.held.load(Ordering::SeqCst) > i as usize).then_some(())
+            });
             if arrived.is_none() {
                 gate.release.store(true, Ordering::SeqCst);
                 panic!(
@@ -382,16 +521,27 @@ fn max_streams_per_session_rejects_the_excess() {
         // Two more while the four are open: refused (the download ends without data), never reach the target.
         for i in 4..6u64 {
             let f = start(i, 15).join().expect("fetch thread");
-            assert!(!(f.ok && f.len > 0), "stream {} over the limit carried data: {f:?}", i + 1);
+            assert!(
+                !(f.ok && f.len > 0),
+                "stream {} over the limit carried data: {f:?}",
+                i + 1
+            );
             eprintln!("stream {} refused: {}", i + 1, f.stderr.trim());
         }
         let held_now = gate.held.load(Ordering::SeqCst);
         gate.release.store(true, Ordering::SeqCst);
-        assert_eq!(held_now, 4, "exactly max_streams_per_session requests reach the target");
+        assert_eq!(
+            held_now, 4,
+            "exactly max_streams_per_session requests reach the target"
+        );
         for (i, j) in admitted.into_iter().enumerate() {
             let f = j.join().expect("fetch thread");
             assert!(f.ok && f.len == len, "admitted download {i}: {f:?}");
-            assert_eq!(f.sha256, pattern_sha256(70 + i as u64, len), "admitted download {i}: sha256");
+            assert_eq!(
+                f.sha256,
+                pattern_sha256(70 + i as u64, len),
+                "admitted download {i}: sha256"
+            );
         }
         let rejected = wait_metric(t.net.server(), Duration::from_secs(10), |s| {
             metric_sum(s, "paqet_limit_rejections_total") - rejected_before >= 2.0
@@ -408,7 +558,10 @@ fn max_streams_per_session_rejects_the_excess() {
 
 #[test]
 fn max_sessions_rejects_the_excess() {
-    if skip("max_sessions_rejects_the_excess", &["curl", "iptables", "ethtool"]) {
+    if skip(
+        "max_sessions_rejects_the_excess",
+        &["curl", "iptables", "ethtool"],
+    ) {
         return;
     }
     let _serial = serial();
@@ -429,16 +582,32 @@ fn max_sessions_rejects_the_excess() {
         let mut tries = 0;
         while Instant::now() < deadline {
             tries += 1;
-            let f = fetch(t.net.client(), Via::Socks5(ClientPorts::SECOND.socks), &t.url("/gen/82/65536"), 5);
-            assert!(!(f.ok && f.len > 0), "the excess session carried data (try {tries}): {f:?}");
+            let f = fetch(
+                t.net.client(),
+                Via::Socks5(ClientPorts::SECOND.socks),
+                &t.url("/gen/82/65536"),
+                5,
+            );
+            assert!(
+                !(f.ok && f.len > 0),
+                "the excess session carried data (try {tries}): {f:?}"
+            );
         }
         let f = admitted.join().expect("fetch thread");
         assert!(f.ok && f.len == 32 * MIB, "admitted download: {f:?}");
-        assert_eq!(f.sha256, pattern_sha256(81, 32 * MIB), "admitted download: sha256");
+        assert_eq!(
+            f.sha256,
+            pattern_sha256(81, 32 * MIB),
+            "admitted download: sha256"
+        );
         second.assert_running();
         let rejected = wait_metric(t.net.server(), Duration::from_secs(10), |s| {
             metric_sum(s, "paqet_limit_rejections_total") > rejected_before
         });
-        assert!(rejected.is_some(), "paqet_limit_rejections_total did not rise:\n{}", scrape(t.net.server()));
+        assert!(
+            rejected.is_some(),
+            "paqet_limit_rejections_total did not rise:\n{}",
+            scrape(t.net.server())
+        );
     }
 }

@@ -14,7 +14,10 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn curl_through_socks5_and_http_proxy() {
-    if skip("curl_through_socks5_and_http_proxy", &["curl", "iptables", "ethtool"]) {
+    if skip(
+        "curl_through_socks5_and_http_proxy",
+        &["curl", "iptables", "ethtool"],
+    ) {
         return;
     }
     let _serial = serial();
@@ -31,8 +34,16 @@ fn curl_through_socks5_and_http_proxy() {
 
         // 200 MiB down through SOCKS5 (socks5h), 200 MiB up through the HTTP proxy.
         let len = 200 * MIB;
-        report("download via socks5h", len, t.download_checked(t.socks(), 1, len, 240));
-        report("upload via HTTP proxy", len, t.upload_checked(t.http_proxy(), 2, len, 240));
+        report(
+            "download via socks5h",
+            len,
+            t.download_checked(t.socks(), 1, len, 240),
+        );
+        report(
+            "upload via HTTP proxy",
+            len,
+            t.upload_checked(t.http_proxy(), 2, len, 240),
+        );
         // And the other pairing, smaller.
         t.download_checked(t.http_proxy(), 3, 8 * MIB, 60);
         t.upload_checked(t.socks(), 4, 8 * MIB, 60);
@@ -42,7 +53,11 @@ fn curl_through_socks5_and_http_proxy() {
         let t0 = std::time::Instant::now();
         let jobs: Vec<_> = (0..16u64)
             .map(|i| {
-                let via = if i % 2 == 0 { t.socks() } else { t.http_proxy() };
+                let via = if i % 2 == 0 {
+                    t.socks()
+                } else {
+                    t.http_proxy()
+                };
                 let mut c = curl_cmd(ns, via, 180);
                 c.arg(t.url(&format!("/gen/{}/{each}", 100 + i)));
                 (i, via, spawn_fetch(c))
@@ -50,9 +65,17 @@ fn curl_through_socks5_and_http_proxy() {
             .collect();
         for (i, via, j) in jobs {
             let f = j.join().expect("fetch thread");
-            assert!(f.ok, "parallel download {i} via {via:?} failed after {} bytes: {}", f.len, f.stderr);
+            assert!(
+                f.ok,
+                "parallel download {i} via {via:?} failed after {} bytes: {}",
+                f.len, f.stderr
+            );
             assert_eq!(f.len, each, "parallel download {i}: length");
-            assert_eq!(f.sha256, pattern_sha256(100 + i, each), "parallel download {i}: sha256");
+            assert_eq!(
+                f.sha256,
+                pattern_sha256(100 + i, each),
+                "parallel download {i}: sha256"
+            );
         }
         report("16 parallel downloads", 16 * each, t0.elapsed());
         let mut t = t;
@@ -63,7 +86,10 @@ fn curl_through_socks5_and_http_proxy() {
 
 #[test]
 fn udp_through_socks5_associate_and_forward() {
-    if skip("udp_through_socks5_associate_and_forward", &["iptables", "ethtool"]) {
+    if skip(
+        "udp_through_socks5_associate_and_forward",
+        &["iptables", "ethtool"],
+    ) {
         return;
     }
     let _serial = serial();
@@ -72,19 +98,36 @@ fn udp_through_socks5_associate_and_forward() {
         let t = Tunnel::start("tud", Opts::new(modes));
         for i in 0..3u32 {
             let msg = format!("socks5-udp-request-{i}").into_bytes();
-            let got = socks5_udp_roundtrip(t.net.client(), ClientPorts::MAIN.socks, t.udp.addr, &msg, Duration::from_secs(15))
-                .unwrap_or_else(|e| panic!("SOCKS5 UDP ASSOCIATE round trip {i}: {e}"));
+            let got = socks5_udp_roundtrip(
+                t.net.client(),
+                ClientPorts::MAIN.socks,
+                t.udp.addr,
+                &msg,
+                Duration::from_secs(15),
+            )
+            .unwrap_or_else(|e| panic!("SOCKS5 UDP ASSOCIATE round trip {i}: {e}"));
             assert_eq!(got, msg, "SOCKS5 UDP reply {i}");
         }
         // A larger datagram (still under the SOCKS5 front end's 4096-byte limit).
         let big: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
-        let got = socks5_udp_roundtrip(t.net.client(), ClientPorts::MAIN.socks, t.udp.addr, &big, Duration::from_secs(15))
-            .unwrap_or_else(|e| panic!("SOCKS5 UDP 3000-byte round trip: {e}"));
+        let got = socks5_udp_roundtrip(
+            t.net.client(),
+            ClientPorts::MAIN.socks,
+            t.udp.addr,
+            &big,
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|e| panic!("SOCKS5 UDP 3000-byte round trip: {e}"));
         assert_eq!(got, big, "SOCKS5 UDP 3000-byte reply");
         for i in 0..3u32 {
             let msg = format!("udp-forward-request-{i}").into_bytes();
-            let got = udp_forward_roundtrip(t.net.client(), ClientPorts::MAIN.fwd_udp, &msg, Duration::from_secs(15))
-                .unwrap_or_else(|e| panic!("UDP forward round trip {i}: {e}"));
+            let got = udp_forward_roundtrip(
+                t.net.client(),
+                ClientPorts::MAIN.fwd_udp,
+                &msg,
+                Duration::from_secs(15),
+            )
+            .unwrap_or_else(|e| panic!("UDP forward round trip {i}: {e}"));
             assert_eq!(got, msg, "UDP forward reply {i}");
         }
     }
@@ -95,12 +138,18 @@ fn udp_through_socks5_associate_and_forward() {
 /// its own session ports, so the server's frames to the other client still reach the kernel and pcap.
 #[test]
 fn two_clients_on_one_interface_work_at_once() {
-    if skip("two_clients_on_one_interface_work_at_once", &["curl", "iptables", "ethtool"]) {
+    if skip(
+        "two_clients_on_one_interface_work_at_once",
+        &["curl", "iptables", "ethtool"],
+    ) {
         return;
     }
     let _serial = serial();
     for &modes in MODES {
-        eprintln!("== modes {modes:?} (second client in {:?} mode)", modes.1.beside());
+        eprintln!(
+            "== modes {modes:?} (second client in {:?} mode)",
+            modes.1.beside()
+        );
         let t = Tunnel::start("t2c", Opts::new(modes));
         let mut second = t.spawn_client("client-second", ClientPorts::SECOND, KEY);
         let up = poll(READY_WITHIN, || {
@@ -117,18 +166,28 @@ fn two_clients_on_one_interface_work_at_once() {
         }
         // Both carry data at once, byte-exact.
         let len = 16 * MIB;
-        let jobs: Vec<_> = [(ClientPorts::MAIN.socks, 11u64), (ClientPorts::SECOND.socks, 12u64)]
-            .into_iter()
-            .map(|(port, seed)| {
-                let mut c = curl_cmd(t.net.client(), Via::Socks5(port), 120);
-                c.arg(t.url(&format!("/gen/{seed}/{len}")));
-                (port, seed, spawn_fetch(c))
-            })
-            .collect();
+        let jobs: Vec<_> = [
+            (ClientPorts::MAIN.socks, 11u64),
+            (ClientPorts::SECOND.socks, 12u64),
+        ]
+        .into_iter()
+        .map(|(port, seed)| {
+            let mut c = curl_cmd(t.net.client(), Via::Socks5(port), 120);
+            c.arg(t.url(&format!("/gen/{seed}/{len}")));
+            (port, seed, spawn_fetch(c))
+        })
+        .collect();
         for (port, seed, j) in jobs {
             let f = j.join().expect("fetch thread");
-            assert!(f.ok && f.len == len, "download through the client on SOCKS5 port {port}: {f:?}");
-            assert_eq!(f.sha256, pattern_sha256(seed, len), "download through the client on SOCKS5 port {port}: sha256");
+            assert!(
+                f.ok && f.len == len,
+                "download through the client on SOCKS5 port {port}: {f:?}"
+            );
+            assert_eq!(
+                f.sha256,
+                pattern_sha256(seed, len),
+                "download through the client on SOCKS5 port {port}: sha256"
+            );
         }
         // And the main client still works after the second one stops.
         second.stop();
@@ -141,7 +200,10 @@ fn two_clients_on_one_interface_work_at_once() {
 
 #[test]
 fn health_endpoints_follow_the_server() {
-    if skip("health_endpoints_follow_the_server", &["iptables", "ethtool"]) {
+    if skip(
+        "health_endpoints_follow_the_server",
+        &["iptables", "ethtool"],
+    ) {
         return;
     }
     let _serial = serial();
@@ -150,13 +212,31 @@ fn health_endpoints_follow_the_server() {
         let mut t = Tunnel::start("the", Opts::new(modes));
         let c = t.net.client();
         let s = t.net.server();
-        assert_eq!(http_get(c, METRICS_PORT, "/healthz").map(|r| r.0), Ok(200), "client /healthz");
-        assert_eq!(http_get(s, METRICS_PORT, "/healthz").map(|r| r.0), Ok(200), "server /healthz");
-        assert_eq!(http_get(s, METRICS_PORT, "/readyz").map(|r| r.0), Ok(200), "server /readyz");
+        assert_eq!(
+            http_get(c, METRICS_PORT, "/healthz").map(|r| r.0),
+            Ok(200),
+            "client /healthz"
+        );
+        assert_eq!(
+            http_get(s, METRICS_PORT, "/healthz").map(|r| r.0),
+            Ok(200),
+            "server /healthz"
+        );
+        assert_eq!(
+            http_get(s, METRICS_PORT, "/readyz").map(|r| r.0),
+            Ok(200),
+            "server /readyz"
+        );
         // The tunnel carried a request, so the client has a live session: ready (bounded, the session
         // count is read on scrape).
-        let ready = poll(Duration::from_secs(10), || (http_get(c, METRICS_PORT, "/readyz").ok()?.0 == 200).then_some(()));
-        assert!(ready.is_some(), "client /readyz never 200: {:?}", http_get(c, METRICS_PORT, "/readyz"));
+        let ready = poll(Duration::from_secs(10), || {
+            (http_get(c, METRICS_PORT, "/readyz").ok()?.0 == 200).then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "client /readyz never 200: {:?}",
+            http_get(c, METRICS_PORT, "/readyz")
+        );
 
         // Server gone: the client's sessions die by the smux keepalive timeout and it turns unready.
         t.server.kill();
@@ -167,25 +247,39 @@ fn health_endpoints_follow_the_server() {
         });
         match unready {
             Some(body) => eprintln!("client /readyz 503 after the server died: {}", body.trim()),
-            None => panic!("client /readyz still {:?} {within:?} after the server died", http_get(c, METRICS_PORT, "/readyz")),
+            None => panic!(
+                "client /readyz still {:?} {within:?} after the server died",
+                http_get(c, METRICS_PORT, "/readyz")
+            ),
         }
         // And it stays unready while the server is gone (re-dialled sessions that never hear from the
         // server are not live): sampled across more than two keepalive intervals.
         for i in 0..(4 * t.opts.smuxkalive) {
             std::thread::sleep(Duration::from_millis(500));
             let r = http_get(c, METRICS_PORT, "/readyz");
-            assert!(matches!(r, Ok((503, _))), "client /readyz flipped back to {r:?} (sample {i}) with the server still dead");
+            assert!(
+                matches!(r, Ok((503, _))),
+                "client /readyz flipped back to {r:?} (sample {i}) with the server still dead"
+            );
         }
-        assert_eq!(http_get(c, METRICS_PORT, "/healthz").map(|r| r.0), Ok(200), "client /healthz stays 200 (alive)");
+        assert_eq!(
+            http_get(c, METRICS_PORT, "/healthz").map(|r| r.0),
+            Ok(200),
+            "client /healthz stays 200 (alive)"
+        );
         t.client.assert_running();
     }
 }
 
 /// Family names of the `paqet_…` metrics a dashboard expression queries.
 fn dashboard_metric_names() -> Vec<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/paqet-dp-dashboard.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/paqet-dp-dashboard.json"
+    );
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON: {e}"));
+    let json: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON: {e}"));
     let mut exprs = Vec::new();
     fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
         match v {
@@ -213,7 +307,8 @@ fn dashboard_metric_names() -> Vec<String> {
             while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
                 end += 1;
             }
-            let preceded_ok = start == 0 || !(b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_');
+            let preceded_ok =
+                start == 0 || !(b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_');
             if preceded_ok {
                 names.push(e[start..end].to_owned());
             }
@@ -237,14 +332,18 @@ fn exported(scrape: &str, name: &str) -> bool {
             let n = rest.split_whitespace().next().unwrap_or("");
             return n == family || n == name;
         }
-        !l.starts_with('#') && (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        !l.starts_with('#')
+            && (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
     })
 }
 
 #[test]
 fn dashboard_metrics_are_exported() {
     let names = dashboard_metric_names();
-    assert!(names.len() >= 5, "too few metric names in the dashboard: {names:?}");
+    assert!(
+        names.len() >= 5,
+        "too few metric names in the dashboard: {names:?}"
+    );
     if skip("dashboard_metrics_are_exported", &["iptables", "ethtool"]) {
         return;
     }
@@ -347,20 +446,39 @@ transport:
 fn import(dir: &std::path::Path, name: &str, yaml: &str) -> String {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, yaml).unwrap();
-    let out = std::process::Command::new(bin()).args(["config", "import"]).arg(&path).output().expect("run config import");
-    assert!(out.status.success(), "config import {name}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(bin())
+        .args(["config", "import"])
+        .arg(&path)
+        .output()
+        .expect("run config import");
+    assert!(
+        out.status.success(),
+        "config import {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let toml = String::from_utf8(out.stdout).expect("UTF-8 TOML");
     // The imported TOML passes `config check` too.
     let tpath = dir.join(format!("{name}-imported.toml"));
     std::fs::write(&tpath, &toml).unwrap();
-    let chk = std::process::Command::new(bin()).args(["config", "check"]).arg(&tpath).output().expect("run config check");
-    assert!(chk.status.success(), "config check of imported {name}: {}\n{toml}", String::from_utf8_lossy(&chk.stderr));
+    let chk = std::process::Command::new(bin())
+        .args(["config", "check"])
+        .arg(&tpath)
+        .output()
+        .expect("run config check");
+    assert!(
+        chk.status.success(),
+        "config check of imported {name}: {}\n{toml}",
+        String::from_utf8_lossy(&chk.stderr)
+    );
     toml
 }
 
 #[test]
 fn imported_spec_examples_run_and_move_data() {
-    if skip("imported_spec_examples_run_and_move_data", &["curl", "iptables", "ethtool"]) {
+    if skip(
+        "imported_spec_examples_run_and_move_data",
+        &["curl", "iptables", "ethtool"],
+    ) {
         return;
     }
     let _serial = serial();
@@ -369,14 +487,22 @@ fn imported_spec_examples_run_and_move_data() {
         let make = |net: &Net, http: &HttpServer, udp: &UdpEcho, dir: &std::path::Path| {
             let server = import(dir, "server-spec", &server_yaml(net));
             let client = import(dir, "client-spec", &client_yaml(net, http, udp));
-            assert!(server.contains("guard = false") && client.contains("guard = false"), "imported configs keep the guard off");
+            assert!(
+                server.contains("guard = false") && client.contains("guard = false"),
+                "imported configs keep the guard off"
+            );
             (server, client)
         };
         let t = Tunnel::start_with("tim", Opts::new(modes), Some(&make));
         t.download_checked(Via::Socks5(ClientPorts::MAIN.socks), 21, 16 * MIB, 120);
         t.upload_checked(Via::Socks5(ClientPorts::MAIN.socks), 22, 4 * MIB, 60);
-        let got = udp_forward_roundtrip(t.net.client(), ClientPorts::MAIN.fwd_udp, b"imported-udp", Duration::from_secs(15))
-            .unwrap_or_else(|e| panic!("UDP forward of the imported config: {e}"));
+        let got = udp_forward_roundtrip(
+            t.net.client(),
+            ClientPorts::MAIN.fwd_udp,
+            b"imported-udp",
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|e| panic!("UDP forward of the imported config: {e}"));
         assert_eq!(got, b"imported-udp");
     }
 }

@@ -12,27 +12,51 @@ fn apply_and_remove_in_a_namespace() {
     let ns = Netns::new("fw").expect("namespace");
     let name = ns.name().to_owned();
     let result = ns.spawn(move || {
-        let server = rules(&FirewallRole::Server { port: 9999, ipv4: true, ipv6: true });
+        let server = rules(&FirewallRole::Server {
+            port: 9999,
+            ipv4: true,
+            ipv6: true,
+        });
         let client = rules(&FirewallRole::Client {
             server: "10.200.0.2:9999".parse().unwrap(),
             local_ports: vec![40000],
         });
         // One client rule exists beforehand: apply must skip it and must not remove it.
         let pre = &client[0];
-        let st = std::process::Command::new("iptables").args(pre.args("-A")).status().unwrap();
+        let st = std::process::Command::new("iptables")
+            .args(pre.args("-A"))
+            .status()
+            .unwrap();
         assert!(st.success());
         let mut all = server.clone();
         all.extend(client.iter().cloned());
         let mut guard = apply(&all).expect("apply");
-        assert_eq!(guard.added().len(), all.len() - 1, "pre-existing rule skipped");
+        assert_eq!(
+            guard.added().len(),
+            all.len() - 1,
+            "pre-existing rule skipped"
+        );
         for r in &all {
             assert!(is_present(r).unwrap(), "missing after apply: {r}");
         }
         let raw = paqet::io::netns::run("iptables", &["-t", "raw", "-S"]).unwrap();
-        assert!(raw.contains("-A PREROUTING -p tcp -m tcp --dport 9999 -m comment --comment paqet-dp -j NOTRACK"), "{raw}");
-        assert!(raw.contains("-A PREROUTING -p tcp -m tcp --dport 9999 -m comment --comment paqet-dp -j DROP"), "{raw}");
+        assert!(
+            raw.contains(
+                "-A PREROUTING -p tcp -m tcp --dport 9999 -m comment --comment paqet-dp -j NOTRACK"
+            ),
+            "{raw}"
+        );
+        assert!(
+            raw.contains(
+                "-A PREROUTING -p tcp -m tcp --dport 9999 -m comment --comment paqet-dp -j DROP"
+            ),
+            "{raw}"
+        );
         let raw6 = paqet::io::netns::run("ip6tables", &["-t", "raw", "-S"]).unwrap();
-        assert!(raw6.contains("--sport 9999 -m comment --comment paqet-dp -j NOTRACK"), "{raw6}");
+        assert!(
+            raw6.contains("--sport 9999 -m comment --comment paqet-dp -j NOTRACK"),
+            "{raw6}"
+        );
         // Applying again adds nothing.
         let again = apply(&all).expect("apply again");
         assert!(again.added().is_empty());
@@ -46,9 +70,15 @@ fn apply_and_remove_in_a_namespace() {
         let g = apply(&server).expect("apply server rules");
         drop(g);
         let raw = paqet::io::netns::run("iptables", &["-t", "raw", "-S"]).unwrap();
-        assert!(!raw.contains("--dport 9999 -m comment"), "rules left after drop:\n{raw}");
+        assert!(
+            !raw.contains("--dport 9999 -m comment"),
+            "rules left after drop:\n{raw}"
+        );
         let mangle = paqet::io::netns::run("iptables", &["-t", "mangle", "-S"]).unwrap();
-        assert!(!mangle.contains("paqet-dp"), "rules left after drop:\n{mangle}");
+        assert!(
+            !mangle.contains("paqet-dp"),
+            "rules left after drop:\n{mangle}"
+        );
     });
     result.join().expect("thread").expect("enter namespace");
     eprintln!("namespace {name} checked");

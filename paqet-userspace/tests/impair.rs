@@ -53,14 +53,21 @@ fn ping(l: &ImpairedLink, count: u16, interval_ms: u64) -> PingStats {
     l.a.spawn(move || {
         // SAFETY: plain socket(2) call.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
-        assert!(fd >= 0, "raw ICMP socket: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "raw ICMP socket: {}",
+            std::io::Error::last_os_error()
+        );
         let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
         sa.sin_family = libc::AF_INET as u16;
         sa.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
         let ident: u16 = (std::process::id() & 0xffff) as u16;
         let mut sent_at = vec![None::<Instant>; count as usize];
         let mut seen = vec![0u32; count as usize];
-        let mut stats = PingStats { min_rtt_ms: f64::INFINITY, ..Default::default() };
+        let mut stats = PingStats {
+            min_rtt_ms: f64::INFINITY,
+            ..Default::default()
+        };
         let start = Instant::now();
         let mut next = 0u16;
         let end_of_sending = start + Duration::from_millis(interval_ms * u64::from(count));
@@ -78,8 +85,14 @@ fn ping(l: &ImpairedLink, count: u16, interval_ms: u64) -> PingStats {
                 sent_at[next as usize] = Some(Instant::now());
                 // SAFETY: valid fd, buffer and address.
                 let r = unsafe {
-                    libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, &sa as *const _ as *const libc::sockaddr,
-                        std::mem::size_of::<libc::sockaddr_in>() as u32)
+                    libc::sendto(
+                        fd,
+                        pkt.as_ptr().cast(),
+                        pkt.len(),
+                        0,
+                        &sa as *const _ as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sockaddr_in>() as u32,
+                    )
                 };
                 assert!(r == 64, "sendto: {}", std::io::Error::last_os_error());
                 next += 1;
@@ -88,13 +101,18 @@ fn ping(l: &ImpairedLink, count: u16, interval_ms: u64) -> PingStats {
             if next >= count && now >= end_of_sending + Duration::from_secs(1) {
                 break;
             }
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd.
             if unsafe { libc::poll(&mut pfd, 1, 2) } <= 0 {
                 continue;
             }
             // SAFETY: valid fd and buffer.
-            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            let n =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
             if n < 28 {
                 continue;
             }
@@ -104,7 +122,10 @@ fn ping(l: &ImpairedLink, count: u16, interval_ms: u64) -> PingStats {
                 continue;
             }
             let seq = usize::from(u16::from_be_bytes([icmp[6], icmp[7]]));
-            let (Some(t), Some(s)) = (sent_at.get(seq).copied().flatten(), seen.get_mut(seq)) else { continue };
+            let (Some(t), Some(s)) = (sent_at.get(seq).copied().flatten(), seen.get_mut(seq))
+            else {
+                continue;
+            };
             *s += 1;
             if *s == 1 {
                 if max_seq.is_some_and(|m| seq < m) {
@@ -128,7 +149,13 @@ fn ping(l: &ImpairedLink, count: u16, interval_ms: u64) -> PingStats {
 
 #[test]
 fn delay_and_loss_are_applied_and_tcp_survives() {
-    let spec = LinkSpec { delay_ms: 20, jitter_ms: 8, loss_pct: 2.0, dup_pct: 0.0, seed: 42 };
+    let spec = LinkSpec {
+        delay_ms: 20,
+        jitter_ms: 8,
+        loss_pct: 2.0,
+        dup_pct: 0.0,
+        seed: 42,
+    };
     let Some(l) = link("i", spec) else { return };
     let p = ping(&l, 200, 10);
     let (received, min_rtt) = (p.received, p.min_rtt_ms);
@@ -138,7 +165,10 @@ fn delay_and_loss_are_applied_and_tcp_survives() {
     assert!(received < 200, "no loss at all over 200 pings");
     assert!(received >= 170, "far too much loss: {received}/200");
     // Each direction is held 20 ± 8 ms.
-    assert!(min_rtt >= 24.0, "min RTT {min_rtt} ms, want ≥ 2 × (20 - 8) ms");
+    assert!(
+        min_rtt >= 24.0,
+        "min RTT {min_rtt} ms, want ≥ 2 × (20 - 8) ms"
+    );
     // Requests 10 ms apart, each round trip 40 ± 16 ms: the jitter reorders some replies.
     assert!(p.reordered > 0, "no reordering with 8 ms jitter: {p:?}");
     tcp_transfer(&l, 4 << 20);
@@ -146,7 +176,13 @@ fn delay_and_loss_are_applied_and_tcp_survives() {
 
 #[test]
 fn pure_delay_gives_at_least_twice_the_delay() {
-    let spec = LinkSpec { delay_ms: 20, jitter_ms: 0, loss_pct: 0.0, dup_pct: 0.0, seed: 1 };
+    let spec = LinkSpec {
+        delay_ms: 20,
+        jitter_ms: 0,
+        loss_pct: 0.0,
+        dup_pct: 0.0,
+        seed: 1,
+    };
     let Some(l) = link("d", spec) else { return };
     let p = ping(&l, 20, 50);
     let (received, min_rtt) = (p.received, p.min_rtt_ms);
@@ -156,7 +192,13 @@ fn pure_delay_gives_at_least_twice_the_delay() {
 
 #[test]
 fn duplication_delivers_copies() {
-    let spec = LinkSpec { delay_ms: 1, jitter_ms: 0, loss_pct: 0.0, dup_pct: 50.0, seed: 3 };
+    let spec = LinkSpec {
+        delay_ms: 1,
+        jitter_ms: 0,
+        loss_pct: 0.0,
+        dup_pct: 50.0,
+        seed: 3,
+    };
     let Some(l) = link("u", spec) else { return };
     let p = ping(&l, 100, 10);
     eprintln!("ping: {p:?}");
@@ -168,7 +210,9 @@ fn duplication_delivers_copies() {
 
 /// B listens, A sends `len` pseudo-random bytes, B echoes their count and a checksum.
 fn tcp_transfer(l: &ImpairedLink, len: usize) {
-    let data: Vec<u8> = (0..len).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let want = data.clone();
     let b_addr = SocketAddr::new(l.b_ip.into(), 5001);
     let server = l.b.spawn(move || {

@@ -27,7 +27,10 @@ const PER_STREAM: usize = 1 << 20;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 fn kcptun_available() -> bool {
-    let ok = Command::new("kcptun-server").arg("--version").output().is_ok();
+    let ok = Command::new("kcptun-server")
+        .arg("--version")
+        .output()
+        .is_ok();
     if !ok {
         if std::env::var_os("CI").is_some() {
             panic!("kcptun is not installed (scripts/setup.sh installs it)");
@@ -38,7 +41,11 @@ fn kcptun_available() -> bool {
 }
 
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Proc(Child);
@@ -76,8 +83,26 @@ fn session_config(block: BlockMode, fec: bool) -> SessionConfig {
 fn kcptun_args(block: BlockMode, fec: bool) -> Vec<String> {
     let (ds, ps) = if fec { ("10", "3") } else { ("0", "0") };
     [
-        "--key", KEY, "--crypt", block.as_str(), "--mode", "fast", "--nocomp", "--smuxver", "2", "--ds", ds,
-        "--ps", ps, "--sndwnd", "1024", "--rcvwnd", "1024", "--keepalive", "10", "--quiet",
+        "--key",
+        KEY,
+        "--crypt",
+        block.as_str(),
+        "--mode",
+        "fast",
+        "--nocomp",
+        "--smuxver",
+        "2",
+        "--ds",
+        ds,
+        "--ps",
+        ps,
+        "--sndwnd",
+        "1024",
+        "--rcvwnd",
+        "1024",
+        "--keepalive",
+        "10",
+        "--quiet",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -123,10 +148,14 @@ fn drive(
 ) {
     let mut buf = vec![0u8; 2048];
     loop {
-        assert!(start.elapsed() < DEADLINE, "interop transfer did not finish in {DEADLINE:?}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "interop transfer did not finish in {DEADLINE:?}"
+        );
         let now = start.elapsed().as_millis() as u32;
         // Receive everything pending (wait up to 1 ms for the first datagram).
-        sock.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(1)))
+            .unwrap();
         loop {
             match sock.recv_from(&mut buf) {
                 Ok((n, from)) => {
@@ -147,7 +176,9 @@ fn drive(
                         } else {
                             body.to_vec()
                         };
-                        let Some(conv) = paqet::wire::kcp::peek_conv(&kcp) else { continue };
+                        let Some(conv) = paqet::wire::kcp::peek_conv(&kcp) else {
+                            continue;
+                        };
                         *session = Some((Session::new(Role::Server, conv, cfg, now), from));
                     }
                     let (s, _) = session.as_mut().unwrap();
@@ -159,7 +190,9 @@ fn drive(
             }
         }
         sock.set_nonblocking(false).unwrap();
-        let Some((s, to)) = session.as_mut() else { continue };
+        let Some((s, to)) = session.as_mut() else {
+            continue;
+        };
         let to = *to;
         if app(s) {
             // Give the last ACKs/FINs a moment to leave.
@@ -188,9 +221,19 @@ fn ours_to_theirs(block: BlockMode, fec: bool) {
     let echo = echo_server(stop.clone());
     let port = free_udp_port();
     let mut args = kcptun_args(block, fec);
-    args.extend(["--listen".into(), format!("127.0.0.1:{port}"), "--target".into(), echo.to_string()]);
+    args.extend([
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--target".into(),
+        echo.to_string(),
+    ]);
     let _srv = Proc(
-        Command::new("kcptun-server").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
+        Command::new("kcptun-server")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
     );
     thread::sleep(Duration::from_millis(300));
     let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -199,7 +242,9 @@ fn ours_to_theirs(block: BlockMode, fec: bool) {
     let start = Instant::now();
     let mut sess = Some((Session::new(Role::Client, rand::random(), &cfg, 0), server));
     let data: Vec<Vec<u8>> = (0..STREAMS as u64).map(payload).collect();
-    let sids: Vec<u32> = (0..STREAMS).map(|_| sess.as_mut().unwrap().0.open_stream().unwrap()).collect();
+    let sids: Vec<u32> = (0..STREAMS)
+        .map(|_| sess.as_mut().unwrap().0.open_stream().unwrap())
+        .collect();
     let mut sent = vec![0usize; STREAMS];
     let mut echoed: Vec<Vec<u8>> = vec![Vec::new(); STREAMS];
     let mut rbuf = vec![0u8; 64 * 1024];
@@ -224,7 +269,11 @@ fn ours_to_theirs(block: BlockMode, fec: bool) {
         (0..STREAMS).all(|i| echoed[i].len() >= PER_STREAM)
     });
     for i in 0..STREAMS {
-        assert_eq!(Sha256::digest(&echoed[i]), Sha256::digest(&data[i]), "stream {i}: echo differs");
+        assert_eq!(
+            Sha256::digest(&echoed[i]),
+            Sha256::digest(&data[i]),
+            "stream {i}: echo differs"
+        );
     }
     stop.store(true, Ordering::Relaxed);
 }
@@ -240,9 +289,19 @@ fn theirs_to_ours(block: BlockMode, fec: bool) {
     let local_addr = local.local_addr().unwrap();
     drop(local);
     let mut args = kcptun_args(block, fec);
-    args.extend(["--localaddr".into(), local_addr.to_string(), "--remoteaddr".into(), our.to_string()]);
+    args.extend([
+        "--localaddr".into(),
+        local_addr.to_string(),
+        "--remoteaddr".into(),
+        our.to_string(),
+    ]);
     let _cli = Proc(
-        Command::new("kcptun-client").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
+        Command::new("kcptun-client")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
     );
     thread::sleep(Duration::from_millis(300));
     let done = Arc::new(AtomicBool::new(false));
@@ -297,7 +356,10 @@ fn theirs_to_ours(block: BlockMode, fec: bool) {
     });
     done.store(true, Ordering::Relaxed);
     for (i, a) in apps.into_iter().enumerate() {
-        assert!(a.join().unwrap(), "stream {i}: echo through kcptun-client differs");
+        assert!(
+            a.join().unwrap(),
+            "stream {i}: echo through kcptun-client differs"
+        );
     }
 }
 

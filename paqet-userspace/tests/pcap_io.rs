@@ -453,7 +453,10 @@ fn tx_methods_all_deliver() {
                 N as f64 * 1400.0 * 8.0 / el.as_secs_f64() / 1e9,
             );
             assert_eq!(tx.stats().tx_frames, N);
-            assert!(delivered >= N, "{method:?}: only {delivered} of {N} frames delivered");
+            assert!(
+                delivered >= N,
+                "{method:?}: only {delivered} of {N} frames delivered"
+            );
         }
     }
 }
@@ -494,7 +497,10 @@ fn default_capture_buffer_holds_a_window_burst() {
     let mac = |ns: &Netns, dev: &str| -> [u8; 6] {
         let j = ns.exec(&["ip", "-j", "link", "show", dev]).unwrap();
         let s = json_strings(&j, "address")[0].clone();
-        let v: Vec<u8> = s.split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+        let v: Vec<u8> = s
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
         v.try_into().unwrap()
     };
     let (mac_a, mac_b) = (mac(&t.ns_a, &t.veth.a), mac(&t.ns_b, &t.veth.b));

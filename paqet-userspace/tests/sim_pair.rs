@@ -3,8 +3,8 @@
 //! loss, and an injected clock. 64 MiB go through at 0 %, 1 %, 5 % and 20 % loss, byte-exact (sha256 per
 //! stream); the simulated goodput per loss rate is kept as a snapshot (`tests/snapshots/sim_goodput.md`,
 //! rewrite with `UPDATE_SNAPSHOTS=1`). Everything is seeded, so the table is the same on every machine.
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 use paqet::proto::kcp::{KcpConfig, KcpMode};
 use paqet::proto::session::{Role, Session, SessionConfig};
@@ -56,10 +56,19 @@ impl Link {
         let copies = if self.rng.gen_bool(DUP_RATE) { 2 } else { 1 };
         self.duplicated += copies - 1;
         for _ in 0..copies {
-            let extra = if self.rng.gen_bool(REORDER_RATE) { self.rng.gen_range(100..=JITTER_US) } else { 0 };
+            let extra = if self.rng.gen_bool(REORDER_RATE) {
+                self.rng.gen_range(100..=JITTER_US)
+            } else {
+                0
+            };
             let at_us = start + tx_us + ONE_WAY_DELAY_US + extra;
             self.seq += 1;
-            self.queue.push(Reverse(InFlight { at_us, seq: self.seq, to_server, bytes: bytes.to_vec() }));
+            self.queue.push(Reverse(InFlight {
+                at_us,
+                seq: self.seq,
+                to_server,
+                bytes: bytes.to_vec(),
+            }));
         }
     }
 }
@@ -78,7 +87,14 @@ fn config(seed: u64) -> SessionConfig {
     let mut kcp = KcpConfig::preset(KcpMode::Fast3);
     kcp.sndwnd = 1024;
     kcp.rcvwnd = 1024;
-    SessionConfig { crypto, dshard: 0, pshard: 0, kcp, smux: SmuxConfig::default(), mtu: 1350 }
+    SessionConfig {
+        crypto,
+        dshard: 0,
+        pshard: 0,
+        kcp,
+        smux: SmuxConfig::default(),
+        mtu: 1350,
+    }
 }
 
 fn run(loss: f64) -> Outcome {
@@ -109,7 +125,9 @@ fn run(loss: f64) -> Outcome {
         })
         .collect();
     let want: Vec<[u8; 32]> = payloads.iter().map(|p| Sha256::digest(p).into()).collect();
-    let sids: Vec<u32> = (0..STREAMS).map(|_| client.open_stream().expect("open")).collect();
+    let sids: Vec<u32> = (0..STREAMS)
+        .map(|_| client.open_stream().expect("open"))
+        .collect();
     let mut written = vec![0usize; STREAMS];
     let mut closed = vec![false; STREAMS];
     // Server side: sid → (hasher, bytes)
@@ -126,13 +144,21 @@ fn run(loss: f64) -> Outcome {
                 break;
             }
             let Reverse(mut p) = link.queue.pop().unwrap();
-            let target = if p.to_server { &mut server } else { &mut client };
-            target.handle_datagram(now_ms, &mut p.bytes).expect("valid datagram");
+            let target = if p.to_server {
+                &mut server
+            } else {
+                &mut client
+            };
+            target
+                .handle_datagram(now_ms, &mut p.bytes)
+                .expect("valid datagram");
         }
         // Client application: write as much as flow control takes; close when done.
         for i in 0..STREAMS {
             while written[i] < per {
-                let n = client.write(sids[i], &payloads[i][written[i]..]).expect("write");
+                let n = client
+                    .write(sids[i], &payloads[i][written[i]..])
+                    .expect("write");
                 if n == 0 {
                     break;
                 }
@@ -178,10 +204,16 @@ fn run(loss: f64) -> Outcome {
         if done {
             break;
         }
-        assert!(now_us < limit_us, "transfer at loss {loss} did not finish in simulated time");
+        assert!(
+            now_us < limit_us,
+            "transfer at loss {loss} did not finish in simulated time"
+        );
         // Next event: a delivery or a session deadline (at least 1 ms ahead for timers).
-        let next_ms = (now_ms + 1)
-            .max(client.poll_deadline(now_ms).min(server.poll_deadline(now_ms)));
+        let next_ms = (now_ms + 1).max(
+            client
+                .poll_deadline(now_ms)
+                .min(server.poll_deadline(now_ms)),
+        );
         let mut next_us = next_ms as u64 * 1000;
         if let Some(Reverse(p)) = link.queue.peek() {
             next_us = next_us.min(p.at_us);
@@ -191,7 +223,10 @@ fn run(loss: f64) -> Outcome {
     for (i, (sid, (h, n, _))) in got.into_iter().enumerate() {
         assert_eq!(n, per, "stream {sid}: byte count");
         let digest: [u8; 32] = h.finalize().into();
-        assert_eq!(digest, want[i], "stream {sid}: sha256 differs (loss {loss})");
+        assert_eq!(
+            digest, want[i],
+            "stream {sid}: sha256 differs (loss {loss})"
+        );
     }
     let sim_ms = now_us / 1000;
     Outcome {
@@ -230,7 +265,10 @@ fn sixty_four_mib_through_lossy_reordering_duplicating_link() {
     );
     let text = header + &table;
     println!("{text}");
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/snapshots/sim_goodput.md");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/snapshots/sim_goodput.md"
+    );
     if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
         std::fs::create_dir_all(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/snapshots")).unwrap();
         std::fs::write(path, &text).unwrap();
@@ -238,5 +276,8 @@ fn sixty_four_mib_through_lossy_reordering_duplicating_link() {
     }
     let snap = std::fs::read_to_string(path)
         .unwrap_or_else(|_| panic!("missing snapshot {path}: run once with UPDATE_SNAPSHOTS=1"));
-    assert_eq!(text, snap, "simulated goodput changed: review, then rerun with UPDATE_SNAPSHOTS=1");
+    assert_eq!(
+        text, snap,
+        "simulated goodput changed: review, then rerun with UPDATE_SNAPSHOTS=1"
+    );
 }

@@ -83,7 +83,11 @@ impl Path {
         self.busy_until = leave;
         self.queued.push(Reverse((leave, bytes)));
         self.queued_bytes += bytes;
-        let jitter = if self.jitter_us > 0 { self.rng.gen_range(0..=self.jitter_us) } else { 0 };
+        let jitter = if self.jitter_us > 0 {
+            self.rng.gen_range(0..=self.jitter_us)
+        } else {
+            0
+        };
         Some(leave + self.delay_us + jitter)
     }
 }
@@ -131,11 +135,22 @@ fn session_config(seed: u64, sc: &Scenario) -> SessionConfig {
             kcp.rcvwnd = w;
         }
         None => {
-            kcp.autotune = Autotune { sndwnd: true, rcvwnd: true, max_wnd: 24_000 };
+            kcp.autotune = Autotune {
+                sndwnd: true,
+                rcvwnd: true,
+                max_wnd: 24_000,
+            };
         }
     }
     kcp.cc = sc.cc;
-    SessionConfig { crypto, dshard: 0, pshard: 0, kcp, smux: SmuxConfig::default(), mtu: 1350 }
+    SessionConfig {
+        crypto,
+        dshard: 0,
+        pshard: 0,
+        kcp,
+        smux: SmuxConfig::default(),
+        mtu: 1350,
+    }
 }
 
 /// `sc.total` bytes from the server to the client over one stream; returns the outcome in simulated time.
@@ -151,7 +166,9 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
     // (arrival µs, seq, to_client, bytes)
     let mut flight: BinaryHeap<Reverse<(u64, u64, bool, Vec<u8>)>> = BinaryHeap::new();
     let mut seq = 0u64;
-    let sids_c: Vec<u32> = (0..sc.streams).map(|_| client.open_stream().expect("open")).collect();
+    let sids_c: Vec<u32> = (0..sc.streams)
+        .map(|_| client.open_stream().expect("open"))
+        .collect();
     // A request stream beside the downloads: 100 bytes every 100 ms after the first second, echoed.
     let ping_c = client.open_stream().expect("open");
     let mut ping_sent: Option<u64> = None;
@@ -176,7 +193,9 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
             }
             let Reverse((_, _, to_client, mut bytes)) = flight.pop().unwrap();
             let target = if to_client { &mut client } else { &mut server };
-            target.handle_datagram(now_ms, &mut bytes).expect("valid datagram");
+            target
+                .handle_datagram(now_ms, &mut bytes)
+                .expect("valid datagram");
         }
         while let Some(ev) = server.poll_event() {
             match ev {
@@ -243,7 +262,11 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
         if at_1s.is_none() && now_us >= 1_000_000 {
             at_1s = Some(received);
         }
-        assert!(now_us < limit_us, "transfer did not finish in simulated time ({received} of {})", sc.total);
+        assert!(
+            now_us < limit_us,
+            "transfer did not finish in simulated time ({received} of {})",
+            sc.total
+        );
         if std::env::var_os("SIM_TRACE").is_some() && now_us / 250_000 != trace_at {
             trace_at = now_us / 250_000;
             let st = server.cc_stats();
@@ -266,7 +289,11 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
                 flight.push(Reverse((at, seq, true, d.to_vec())));
             }
         });
-        let next_ms = (now_ms + 1).max(client.poll_deadline(now_ms).min(server.poll_deadline(now_ms)));
+        let next_ms = (now_ms + 1).max(
+            client
+                .poll_deadline(now_ms)
+                .min(server.poll_deadline(now_ms)),
+        );
         let mut next_us = next_ms as u64 * 1000;
         if let Some(Reverse((at, _, _, _))) = flight.peek() {
             next_us = next_us.min(*at);
@@ -275,12 +302,19 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
     }
     let st = server.cc_stats();
     delays.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| delays.get(((delays.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        delays
+            .get(((delays.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let delivered_wire = received as f64;
     Outcome {
         sim_ms: now_us / 1000,
         goodput_share: received as f64 / (now_us as f64 / 1e6) / rate as f64,
-        steady_share: (received - at_1s.unwrap_or(0)) as f64 / ((now_us as f64 - 1e6) / 1e6) / rate as f64,
+        steady_share: (received - at_1s.unwrap_or(0)) as f64
+            / ((now_us as f64 - 1e6) / 1e6)
+            / rate as f64,
         sent_per_delivered: server.kcp().stats().out_bytes as f64 / delivered_wire,
         dropped_loss: down.dropped_loss,
         dropped_queue: down.dropped_queue,
@@ -314,20 +348,91 @@ fn bbr_fills_a_lossy_bottleneck_and_off_is_recorded_beside_it() {
     };
     let rows: Vec<(&str, Scenario)> = vec![
         ("100 Mbit/s, 50 ms, 1 %, 1-BDP buffer", base),
-        ("same", Scenario { cc: CcConfig::OFF, window: Some(2048), ..base }),
-        ("same", Scenario { cc: CcConfig::fixed(100_000_000 / 8), ..base }),
-        ("same, windows fixed at 2048", Scenario { window: Some(2048), ..base }),
+        (
+            "same",
+            Scenario {
+                cc: CcConfig::OFF,
+                window: Some(2048),
+                ..base
+            },
+        ),
+        (
+            "same",
+            Scenario {
+                cc: CcConfig::fixed(100_000_000 / 8),
+                ..base
+            },
+        ),
+        (
+            "same, windows fixed at 2048",
+            Scenario {
+                window: Some(2048),
+                ..base
+            },
+        ),
         ("same, no loss", Scenario { loss: 0.0, ..base }),
-        ("same, no loss", Scenario { loss: 0.0, cc: CcConfig::OFF, window: Some(2048), ..base }),
+        (
+            "same, no loss",
+            Scenario {
+                loss: 0.0,
+                cc: CcConfig::OFF,
+                window: Some(2048),
+                ..base
+            },
+        ),
         ("same, 5 % loss", Scenario { loss: 0.05, ..base }),
-        ("same, 5 % loss", Scenario { loss: 0.05, cc: CcConfig::OFF, window: Some(2048), ..base }),
-        ("same, 1 %, jitter 0–4 ms (reordering)", Scenario { jitter_ms: 4, ..base }),
-        ("same, no loss, jitter 0–4 ms (reordering)", Scenario { jitter_ms: 4, loss: 0.0, ..base }),
-        ("same, 1 %, jitter 0–4 ms (reordering)", Scenario { jitter_ms: 4, cc: CcConfig::OFF, window: Some(2048), ..base }),
-        ("20 Mbit/s, 200 ms, 1 %, 50 ms buffer", Scenario { rate_mbit: 20, rtt_ms: 200, total: 16 << 20, ..base }),
+        (
+            "same, 5 % loss",
+            Scenario {
+                loss: 0.05,
+                cc: CcConfig::OFF,
+                window: Some(2048),
+                ..base
+            },
+        ),
+        (
+            "same, 1 %, jitter 0–4 ms (reordering)",
+            Scenario {
+                jitter_ms: 4,
+                ..base
+            },
+        ),
+        (
+            "same, no loss, jitter 0–4 ms (reordering)",
+            Scenario {
+                jitter_ms: 4,
+                loss: 0.0,
+                ..base
+            },
+        ),
+        (
+            "same, 1 %, jitter 0–4 ms (reordering)",
+            Scenario {
+                jitter_ms: 4,
+                cc: CcConfig::OFF,
+                window: Some(2048),
+                ..base
+            },
+        ),
         (
             "20 Mbit/s, 200 ms, 1 %, 50 ms buffer",
-            Scenario { rate_mbit: 20, rtt_ms: 200, total: 16 << 20, cc: CcConfig::OFF, window: Some(2048), ..base },
+            Scenario {
+                rate_mbit: 20,
+                rtt_ms: 200,
+                total: 16 << 20,
+                ..base
+            },
+        ),
+        (
+            "20 Mbit/s, 200 ms, 1 %, 50 ms buffer",
+            Scenario {
+                rate_mbit: 20,
+                rtt_ms: 200,
+                total: 16 << 20,
+                cc: CcConfig::OFF,
+                window: Some(2048),
+                ..base
+            },
         ),
     ];
     let mut table = String::from(
@@ -365,29 +470,61 @@ fn bbr_fills_a_lossy_bottleneck_and_off_is_recorded_beside_it() {
     );
     println!("{text}");
     // The assertion: bbr ≥ 85 % of the bottleneck at 50 ms RTT, 1 % loss, one-BDP buffer.
-    assert!(results[0].steady_share >= 0.85, "bbr: {:.3} of the bottleneck", results[0].steady_share);
-    assert!(results[4].steady_share >= 0.85, "bbr, no loss: {:.3}", results[4].steady_share);
-    assert!(results[6].steady_share >= 0.75, "bbr, 5 % loss: {:.3}", results[6].steady_share);
+    assert!(
+        results[0].steady_share >= 0.85,
+        "bbr: {:.3} of the bottleneck",
+        results[0].steady_share
+    );
+    assert!(
+        results[4].steady_share >= 0.85,
+        "bbr, no loss: {:.3}",
+        results[4].steady_share
+    );
+    assert!(
+        results[6].steady_share >= 0.75,
+        "bbr, 5 % loss: {:.3}",
+        results[6].steady_share
+    );
     // bbr beside off on the path: far ahead, and far less sent per byte delivered.
     assert!(results[0].steady_share > 1.5 * results[1].steady_share);
     // Loss recovery does not waste the link: bytes sent per byte delivered ≤ 1 + 2 × loss, plus 1 % of
     // slack: the loss here hits both directions, and a KCP sender cannot tell a lost ACK (no SACK
     // redundancy on this wire) from a lost segment while an earlier hole is being repaired.
     for (i, l) in [(0, 0.01), (4, 0.0), (6, 0.05), (8, 0.01)] {
-        assert!(results[i].sent_per_delivered <= 1.0 + 2.0 * l + 0.01, "row {i}: {:.3}", results[i].sent_per_delivered);
+        assert!(
+            results[i].sent_per_delivered <= 1.0 + 2.0 * l + 0.01,
+            "row {i}: {:.3}",
+            results[i].sent_per_delivered
+        );
     }
     // Queueing delay added under load (a request on another stream of the session): far below off's, and
     // at most half the path's RTT without loss (with loss every request also waits, in order, behind the
     // repair of the stream's holes: the session is one KCP byte stream).
-    assert!(results[4].added_delay_ms.0 <= 25.0, "bbr adds {:?} ms", results[4].added_delay_ms);
+    assert!(
+        results[4].added_delay_ms.0 <= 25.0,
+        "bbr adds {:?} ms",
+        results[4].added_delay_ms
+    );
     assert!(results[4].added_delay_ms.0 * 4.0 < results[5].added_delay_ms.0);
     // Reordering alone (jitter, no random loss) causes next to no spurious retransmission (what is
     // retransmitted there was dropped by the bottleneck during start-up; the few spurious ones are second
     // copies sent while the first was still queued behind that loss burst).
-    assert!(results[9].spurious * 20 <= results[9].retransmits, "{} spurious", results[9].spurious);
-    assert!(results[9].retransmits <= 2 * results[9].dropped_queue, "{} retransmissions", results[9].retransmits);
+    assert!(
+        results[9].spurious * 20 <= results[9].retransmits,
+        "{} spurious",
+        results[9].spurious
+    );
+    assert!(
+        results[9].retransmits <= 2 * results[9].dropped_queue,
+        "{} retransmissions",
+        results[9].retransmits
+    );
     // Auto-tuning grew the windows from 128 / 512.
-    assert!(results[0].final_wnd.0 > 128 && results[0].final_wnd.1 > 512, "{:?}", results[0].final_wnd);
+    assert!(
+        results[0].final_wnd.0 > 128 && results[0].final_wnd.1 > 512,
+        "{:?}",
+        results[0].final_wnd
+    );
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/snapshots/sim_wan.md");
     if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
         std::fs::write(path, &text).unwrap();
@@ -395,5 +532,8 @@ fn bbr_fills_a_lossy_bottleneck_and_off_is_recorded_beside_it() {
     }
     let snap = std::fs::read_to_string(path)
         .unwrap_or_else(|_| panic!("missing snapshot {path}: run once with UPDATE_SNAPSHOTS=1"));
-    assert_eq!(text, snap, "simulated WAN goodput changed: review, then rerun with UPDATE_SNAPSHOTS=1");
+    assert_eq!(
+        text, snap,
+        "simulated WAN goodput changed: review, then rerun with UPDATE_SNAPSHOTS=1"
+    );
 }

@@ -38,7 +38,11 @@ impl Topo {
     fn new(tag: &str, queues: u32) -> Topo {
         let net = Net::direct_queues(tag, queues);
         let echo = tcp_echo(net.server());
-        Topo { net, echo, dir: TempDir::new(tag) }
+        Topo {
+            net,
+            echo,
+            dir: TempDir::new(tag),
+        }
     }
 
     /// The client namespace.
@@ -118,7 +122,9 @@ fn setup(test: &str, tag: &str, queues: u32) -> Option<(MutexGuard<'static, ()>,
         return None;
     }
     if !paqet::io::steer::has_xdp_program() {
-        eprintln!("skipped {test}: this build has no XDP program (bpf-linker missing at build time)");
+        eprintln!(
+            "skipped {test}: this build has no XDP program (bpf-linker missing at build time)"
+        );
         return None;
     }
     let serial = serial();
@@ -136,13 +142,26 @@ impl XdpDaemon {
     /// Starts the daemon and waits until its data path is attached ([`wait_attached`](Self::wait_attached)).
     fn attached(ns: &Netns, toml: &str, iface: &str, want: XdpWant) -> XdpDaemon {
         let cfg = Config::from_toml_str(toml).expect("config").config;
-        let role = if toml.starts_with("role = \"server\"") { RoleLabel::Server } else { RoleLabel::Client };
+        let role = if toml.starts_with("role = \"server\"") {
+            RoleLabel::Server
+        } else {
+            RoleLabel::Client
+        };
         let hub = MetricsHub::new(role, DataPathMode::Pcap, 1);
         let stop = XdpStop::new();
-        let opts = XdpOptions { want, front: true, pin: false, stop: stop.clone() };
+        let opts = XdpOptions {
+            want,
+            front: true,
+            pin: false,
+            stop: stop.clone(),
+        };
         let (h, iface) = (hub.clone(), iface.to_owned());
         let thread = ns.spawn(move || run_xdp_daemon(&cfg, &iface, h, opts));
-        let mut d = XdpDaemon { hub, stop, thread: Some(thread) };
+        let mut d = XdpDaemon {
+            hub,
+            stop,
+            thread: Some(thread),
+        };
         d.wait_attached();
         d
     }
@@ -156,14 +175,23 @@ impl XdpDaemon {
                 let r = self.thread.take().unwrap().join().unwrap().expect("netns");
                 panic!("XDP daemon ended at start: {:?}", r.err());
             }
-            assert!(Instant::now() < deadline, "XDP daemon did not attach within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "XDP daemon did not attach within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     fn finish(mut self) -> XdpOutcome {
         self.stop.stop();
-        let r = self.thread.take().unwrap().join().expect("daemon thread").expect("netns");
+        let r = self
+            .thread
+            .take()
+            .unwrap()
+            .join()
+            .expect("daemon thread")
+            .expect("netns");
         r.unwrap_or_else(|e| panic!("XDP daemon failed: {e:#}"))
     }
 }
@@ -207,7 +235,10 @@ fn echo_through(ns: &Netns, fwd: u16, n: usize, seed: u64) {
         let got = echo_bytes(addr, Duration::from_secs(2), &data)?;
         let secs = t0.elapsed().as_secs_f64();
         eprintln!("{} MiB each way in {secs:.2} s", n >> 20);
-        Ok((hex::encode(Sha256::digest(&data)), hex::encode(Sha256::digest(&got))))
+        Ok((
+            hex::encode(Sha256::digest(&data)),
+            hex::encode(Sha256::digest(&got)),
+        ))
     });
     let (sent, got) = r.unwrap_or_else(|e| panic!("transfer through the tunnel failed: {e}"));
     assert_eq!(sent, got, "{n} bytes echoed through the tunnel differ");
@@ -220,13 +251,42 @@ fn icmp_echo(dst: std::net::Ipv4Addr) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     let close = scopeguard(fd);
-    let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
+    let tv = libc::timeval {
+        tv_sec: 5,
+        tv_usec: 0,
+    };
     unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32)
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
     };
     let id: u16 = std::process::id() as u16;
-    let mut req = [8u8, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1, b'p', b'a', b'q', b'e', b't', b'!', 0, 0];
-    let mut sum: u32 = req.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    let mut req = [
+        8u8,
+        0,
+        0,
+        0,
+        (id >> 8) as u8,
+        id as u8,
+        0,
+        1,
+        b'p',
+        b'a',
+        b'q',
+        b'e',
+        b't',
+        b'!',
+        0,
+        0,
+    ];
+    let mut sum: u32 = req
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -235,11 +295,20 @@ fn icmp_echo(dst: std::net::Ipv4Addr) -> std::io::Result<()> {
     let sa = libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
         sin_zero: [0; 8],
     };
     let n = unsafe {
-        libc::sendto(fd, req.as_ptr().cast(), req.len(), 0, (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32)
+        libc::sendto(
+            fd,
+            req.as_ptr().cast(),
+            req.len(),
+            0,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
     };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
@@ -253,7 +322,11 @@ fn icmp_echo(dst: std::net::Ipv4Addr) -> std::io::Result<()> {
         let n = n as usize;
         let ihl = usize::from(buf[0] & 0x0f) * 4;
         // An echo reply (type 0) from `dst` with our identifier.
-        if n >= ihl + 8 && buf[12..16] == dst.octets() && buf[ihl] == 0 && buf[ihl + 4..ihl + 6] == id.to_be_bytes() {
+        if n >= ihl + 8
+            && buf[12..16] == dst.octets()
+            && buf[ihl] == 0
+            && buf[ihl + 4..ihl + 6] == id.to_be_bytes()
+        {
             drop(close);
             return Ok(());
         }
@@ -281,9 +354,18 @@ fn xdp_pair(topo: &Topo, want: XdpWant, expect: DataPathMode) {
     let server = XdpDaemon::attached(topo.b(), &topo.server_cfg(false), &topo.net.server_if, want);
     assert_eq!(server.hub.snapshot().mode, expect);
     let fwd = 18180;
-    let client = XdpDaemon::attached(topo.a(), &topo.client_cfg(0, fwd, false), &topo.net.client_if, want);
+    let client = XdpDaemon::attached(
+        topo.a(),
+        &topo.client_cfg(0, fwd, false),
+        &topo.net.client_if,
+        want,
+    );
     assert_eq!(client.hub.snapshot().mode, expect);
-    let cap = RstCapture::start(topo.b(), &topo.net.server_if, topo.dir.path().join("rst.pcap"));
+    let cap = RstCapture::start(
+        topo.b(),
+        &topo.net.server_if,
+        topo.dir.path().join("rst.pcap"),
+    );
     echo_through(topo.a(), fwd, MIB16, 0x1234_5678);
     let (_, rsts) = cap.count();
     assert_eq!(rsts, 0, "RSTs left the tunnel port on the XDP server");
@@ -309,7 +391,10 @@ fn xdp_pair(topo: &Topo, want: XdpWant, expect: DataPathMode) {
     let echoed = topo
         .a()
         .spawn(move || -> std::io::Result<[u8; 5]> {
-            let mut c = TcpStream::connect_timeout(&format!("{ip_b}:{}", other.0).parse().unwrap(), Duration::from_secs(5))?;
+            let mut c = TcpStream::connect_timeout(
+                &format!("{ip_b}:{}", other.0).parse().unwrap(),
+                Duration::from_secs(5),
+            )?;
             c.set_read_timeout(Some(Duration::from_secs(5)))?;
             c.write_all(b"hello")?;
             let mut b = [0u8; 5];
@@ -322,25 +407,51 @@ fn xdp_pair(topo: &Topo, want: XdpWant, expect: DataPathMode) {
         .expect("TCP to another port while the tunnel runs");
     assert_eq!(&echoed, b"hello");
     other.1.join().unwrap();
-    topo.a().spawn(move || icmp_echo(ip_b)).join().unwrap().unwrap().expect("ICMP to the server while the tunnel runs");
+    topo.a()
+        .spawn(move || icmp_echo(ip_b))
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("ICMP to the server while the tunnel runs");
 
     let c = client.finish();
     let s = server.finish();
-    assert!(counter(&s, XdpCounter::Steered) > 10_000, "server steered {:?}", s.counters);
-    assert!(counter(&c, XdpCounter::Steered) > 10_000, "client steered {:?}", c.counters);
-    assert!(counter(&s, XdpCounter::Passed) > 0, "the other TCP and ICMP passed");
-    assert_eq!(s.snapshots[0].session_opens, 1, "server worker: {:?}", s.snapshots[0]);
+    assert!(
+        counter(&s, XdpCounter::Steered) > 10_000,
+        "server steered {:?}",
+        s.counters
+    );
+    assert!(
+        counter(&c, XdpCounter::Steered) > 10_000,
+        "client steered {:?}",
+        c.counters
+    );
+    assert!(
+        counter(&s, XdpCounter::Passed) > 0,
+        "the other TCP and ICMP passed"
+    );
+    assert_eq!(
+        s.snapshots[0].session_opens, 1,
+        "server worker: {:?}",
+        s.snapshots[0]
+    );
 }
 
 #[test]
 fn native_pair_moves_16_mib_each_way_without_rsts() {
-    let Some((_serial, topo)) = setup("native_pair_moves_16_mib_each_way_without_rsts", "xn", 1) else { return };
+    let Some((_serial, topo)) = setup("native_pair_moves_16_mib_each_way_without_rsts", "xn", 1)
+    else {
+        return;
+    };
     xdp_pair(&topo, XdpWant::Native, DataPathMode::XdpNative);
 }
 
 #[test]
 fn generic_pair_moves_16_mib_each_way_without_rsts() {
-    let Some((_serial, topo)) = setup("generic_pair_moves_16_mib_each_way_without_rsts", "xg", 1) else { return };
+    let Some((_serial, topo)) = setup("generic_pair_moves_16_mib_each_way_without_rsts", "xg", 1)
+    else {
+        return;
+    };
     xdp_pair(&topo, XdpWant::Generic, DataPathMode::XdpGeneric);
 }
 
@@ -350,33 +461,60 @@ fn mixed_pair(topo: &Topo, xdp_server: bool, want: XdpWant, fwd: u16, seed: u64)
     let (xdp, _pcap) = if xdp_server {
         let xdp = XdpDaemon::attached(topo.b(), &topo.server_cfg(false), &topo.net.server_if, want);
         topo.net.apply_firewall(false, true);
-        (xdp, topo.pcap_daemon(false, "client", &topo.client_cfg(0, fwd, false)))
+        (
+            xdp,
+            topo.pcap_daemon(false, "client", &topo.client_cfg(0, fwd, false)),
+        )
     } else {
         topo.net.apply_firewall(true, false);
         let pcap = topo.pcap_daemon(true, "server", &topo.server_cfg(false));
-        (XdpDaemon::attached(topo.a(), &topo.client_cfg(0, fwd, false), &topo.net.client_if, want), pcap)
+        (
+            XdpDaemon::attached(
+                topo.a(),
+                &topo.client_cfg(0, fwd, false),
+                &topo.net.client_if,
+                want,
+            ),
+            pcap,
+        )
     };
     echo_through(topo.a(), fwd, MIB16, seed);
     let o = xdp.finish();
-    assert!(counter(&o, XdpCounter::Steered) > 10_000, "{:?}", o.counters);
+    assert!(
+        counter(&o, XdpCounter::Steered) > 10_000,
+        "{:?}",
+        o.counters
+    );
 }
 
 #[test]
 fn xdp_server_with_pcap_client() {
-    let Some((_serial, topo)) = setup("xdp_server_with_pcap_client", "xs", 1) else { return };
+    let Some((_serial, topo)) = setup("xdp_server_with_pcap_client", "xs", 1) else {
+        return;
+    };
     mixed_pair(&topo, true, XdpWant::Auto, 18181, 0x0bad_cafe);
 }
 
 #[test]
 fn pcap_server_with_xdp_client() {
-    let Some((_serial, topo)) = setup("pcap_server_with_xdp_client", "xc", 1) else { return };
+    let Some((_serial, topo)) = setup("pcap_server_with_xdp_client", "xc", 1) else {
+        return;
+    };
     mixed_pair(&topo, false, XdpWant::Generic, 18182, 0x5eed_0001);
 }
 
 #[test]
 fn two_queues_spread_sessions_over_both_workers() {
-    let Some((_serial, topo)) = setup("two_queues_spread_sessions_over_both_workers", "xq", 2) else { return };
-    let server = XdpDaemon::attached(topo.b(), &topo.server_cfg(false), &topo.net.server_if, XdpWant::Native);
+    let Some((_serial, topo)) = setup("two_queues_spread_sessions_over_both_workers", "xq", 2)
+    else {
+        return;
+    };
+    let server = XdpDaemon::attached(
+        topo.b(),
+        &topo.server_cfg(false),
+        &topo.net.server_if,
+        XdpWant::Native,
+    );
     // Two pcap clients on consecutive local ports: the server's owner hash puts them on different workers.
     let (f1, f2) = (18183, 18184);
     topo.net.apply_firewall(false, true);
@@ -393,7 +531,10 @@ fn two_queues_spread_sessions_over_both_workers() {
     // (veth picks the queue by sending CPU), the other worker then hands them over, so only the sum of
     // the sockets' RX counts is fixed.
     for (i, w) in s.snapshots.iter().enumerate().take(2) {
-        assert!(w.session_opens > 0 && w.tx_packets > 1000, "worker {i} served no session: {w:?}");
+        assert!(
+            w.session_opens > 0 && w.tx_packets > 1000,
+            "worker {i} served no session: {w:?}"
+        );
     }
     let rx: u64 = s.snapshots.iter().map(|w| w.rx_packets).sum();
     assert!(rx > 1000, "the queue sockets received {rx} frames");
@@ -401,29 +542,57 @@ fn two_queues_spread_sessions_over_both_workers() {
 
 #[test]
 fn guard_flood_is_dropped_in_xdp() {
-    let Some((_serial, topo)) = setup("guard_flood_is_dropped_in_xdp", "xf", 1) else { return };
-    let server = XdpDaemon::attached(topo.b(), &topo.server_cfg(true), &topo.net.server_if, XdpWant::Native);
+    let Some((_serial, topo)) = setup("guard_flood_is_dropped_in_xdp", "xf", 1) else {
+        return;
+    };
+    let server = XdpDaemon::attached(
+        topo.b(),
+        &topo.server_cfg(true),
+        &topo.net.server_if,
+        XdpWant::Native,
+    );
     let fwd = 18185;
-    let client = XdpDaemon::attached(topo.a(), &topo.client_cfg(0, fwd, true), &topo.net.client_if, XdpWant::Native);
+    let client = XdpDaemon::attached(
+        topo.a(),
+        &topo.client_cfg(0, fwd, true),
+        &topo.net.client_if,
+        XdpWant::Native,
+    );
     echo_through(topo.a(), fwd, 1 << 20, 7);
     let client_out = client.finish();
     assert!(counter(&client_out, XdpCounter::Steered) > 0);
     // Wait for a snapshot taken after the client stopped: the worker's rx count then stays put.
     std::thread::sleep(Duration::from_millis(1200));
-    let rx_before: u64 = server.hub.snapshot().workers.iter().map(|w| w.rx_packets).sum();
+    let rx_before: u64 = server
+        .hub
+        .snapshot()
+        .workers
+        .iter()
+        .map(|w| w.rx_packets)
+        .sum();
 
     // Flood: 20 000 frames to the tunnel port with payloads that carry no valid guard cookie.
     const FLOOD: u64 = 20_000;
-    let (dev, src, dst) = (topo.net.client_if.clone(), topo.net.client_ip, topo.net.server_ip);
+    let (dev, src, dst) = (
+        topo.net.client_if.clone(),
+        topo.net.client_ip,
+        topo.net.server_ip,
+    );
     // The client's own MAC (next hop of the server) and the server's.
-    let (mac_a, mac_b) = (topo.net.server_gw_mac.clone(), topo.net.client_gw_mac.clone());
+    let (mac_a, mac_b) = (
+        topo.net.server_gw_mac.clone(),
+        topo.net.client_gw_mac.clone(),
+    );
     topo.a()
         .spawn(move || {
             use paqet::io::pcap::{PcapConfig, PcapIo};
             use paqet::io::PacketIo;
             use paqet::wire::envelope::{EnvelopeBuilder, TcpFlags};
             let mac = |s: &str| -> [u8; 6] {
-                let v: Vec<u8> = s.split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+                let v: Vec<u8> = s
+                    .split(':')
+                    .map(|h| u8::from_str_radix(h, 16).unwrap())
+                    .collect();
                 v.try_into().unwrap()
             };
             let mut io = PcapIo::open(PcapConfig::new(dev, 45000)).expect("pcap injector");
@@ -455,11 +624,19 @@ fn guard_flood_is_dropped_in_xdp() {
     // Bounded wait for the control thread's next counters publication.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let dropped = server.hub.snapshot().xdp.map(|c| c[XdpCounter::GuardDropped as usize]).unwrap_or(0);
+        let dropped = server
+            .hub
+            .snapshot()
+            .xdp
+            .map(|c| c[XdpCounter::GuardDropped as usize])
+            .unwrap_or(0);
         if dropped >= FLOOD {
             break;
         }
-        assert!(Instant::now() < deadline, "guard_dropped = {dropped}, expected ≥ {FLOOD}");
+        assert!(
+            Instant::now() < deadline,
+            "guard_dropped = {dropped}, expected ≥ {FLOOD}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let s = server.finish();
@@ -482,27 +659,42 @@ fn parallel_echo(ns: &Netns, fwd: u16, conns: usize, n: usize) {
             let addr: SocketAddr = format!("127.0.0.1:{fwd}").parse().unwrap();
             let mut threads = Vec::new();
             for k in 0..conns {
-                threads.push(std::thread::spawn(move || -> std::io::Result<(usize, bool)> {
-                    let data = pattern_bytes(0x7700 + k as u64, n);
-                    let got = echo_bytes(addr, Duration::from_secs(5), &data)?;
-                    Ok((k, Sha256::digest(&data) == Sha256::digest(&got)))
-                }));
+                threads.push(std::thread::spawn(
+                    move || -> std::io::Result<(usize, bool)> {
+                        let data = pattern_bytes(0x7700 + k as u64, n);
+                        let got = echo_bytes(addr, Duration::from_secs(5), &data)?;
+                        Ok((k, Sha256::digest(&data) == Sha256::digest(&got)))
+                    },
+                ));
             }
-            threads.into_iter().map(|t| t.join().expect("connection thread")).collect()
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("connection thread"))
+                .collect()
         })
         .join()
         .expect("client thread")
         .expect("netns");
-    let results = r.unwrap_or_else(|e| panic!("a parallel transfer through the tunnel failed: {e}"));
+    let results =
+        r.unwrap_or_else(|e| panic!("a parallel transfer through the tunnel failed: {e}"));
     assert_eq!(results.len(), conns);
     for (k, same) in results {
-        assert!(same, "connection {k}: {n} bytes echoed through the tunnel differ");
+        assert!(
+            same,
+            "connection {k}: {n} bytes echoed through the tunnel differ"
+        );
     }
 }
 
 /// Captures (headers only) the tunnel frames a client at `client_ip` sends to the server port on `dev` in `ns`.
 fn tunnel_capture(ns: &Netns, dev: &str, file: std::path::PathBuf, client_ip: Ipv4Addr) -> Tcpdump {
-    Tcpdump::start(ns, dev, file, &["-s", "96"], &format!("tcp and src host {client_ip} and dst port {TUNNEL_PORT}"))
+    Tcpdump::start(
+        ns,
+        dev,
+        file,
+        &["-s", "96"],
+        &format!("tcp and src host {client_ip} and dst port {TUNNEL_PORT}"),
+    )
 }
 
 /// Stops `cap` (from [`tunnel_capture`]); returns the number of frames per client source port.
@@ -511,7 +703,9 @@ fn frames_per_port(cap: Tcpdump, client_ip: Ipv4Addr) -> BTreeMap<u16, usize> {
     let mut per_port = BTreeMap::new();
     for line in cap.finish().lines() {
         // "12:00:00.000000 IP 10.215.9.1.40001 > 10.215.9.2.9999: Flags [P.], ..."
-        let Some(src) = line.split_whitespace().find(|w| w.starts_with(&prefix)) else { continue };
+        let Some(src) = line.split_whitespace().find(|w| w.starts_with(&prefix)) else {
+            continue;
+        };
         if let Ok(port) = src[prefix.len()..].parse::<u16>() {
             *per_port.entry(port).or_insert(0) += 1;
         }
@@ -525,16 +719,29 @@ fn frames_per_port(cap: Tcpdump, client_ip: Ipv4Addr) -> BTreeMap<u16, usize> {
 /// the sessions apart by their source ports.
 #[test]
 fn xdp_client_runs_all_conn_sessions_over_both_workers() {
-    let Some((_serial, topo)) = setup("xdp_client_runs_all_conn_sessions_over_both_workers", "xm", 2) else { return };
+    let Some((_serial, topo)) = setup(
+        "xdp_client_runs_all_conn_sessions_over_both_workers",
+        "xm",
+        2,
+    ) else {
+        return;
+    };
     topo.net.apply_firewall(true, false);
     let _server = topo.pcap_daemon(true, "server", &topo.server_cfg(false));
     let fwd = 18186;
-    let cfg = topo.client_cfg(0, fwd, false).replace("conn = 1\n", "conn = 4\n");
+    let cfg = topo
+        .client_cfg(0, fwd, false)
+        .replace("conn = 1\n", "conn = 4\n");
     assert!(cfg.contains("conn = 4\n"));
     let client = XdpDaemon::attached(topo.a(), &cfg, &topo.net.client_if, XdpWant::Native);
     // The tunnel is up (one small exchange), then the capture runs over the parallel transfer.
     echo_through(topo.a(), fwd, 4096, 3);
-    let cap = tunnel_capture(topo.b(), &topo.net.server_if, topo.dir.path().join("tunnel.pcap"), topo.net.client_ip);
+    let cap = tunnel_capture(
+        topo.b(),
+        &topo.net.server_if,
+        topo.dir.path().join("tunnel.pcap"),
+        topo.net.client_ip,
+    );
     const CONNS: usize = 24;
     parallel_echo(topo.a(), fwd, CONNS, 1 << 20);
     let per_port = frames_per_port(cap, topo.net.client_ip);
@@ -543,22 +750,40 @@ fn xdp_client_runs_all_conn_sessions_over_both_workers() {
     let live: Vec<u64> = c.snapshots.iter().map(|w| w.sessions).collect();
     eprintln!("client frames per source port: {per_port:?}");
     for (i, w) in c.snapshots.iter().enumerate() {
-        eprintln!("client worker {i}: handed {} dropped {}", w.rx_cross_worker, w.rx_handoff_drops);
+        eprintln!(
+            "client worker {i}: handed {} dropped {}",
+            w.rx_cross_worker, w.rx_handoff_drops
+        );
     }
 
     assert_eq!(c.workers, 2);
     assert_eq!(live, vec![2, 2], "live sessions per client worker");
     for (i, w) in c.snapshots.iter().enumerate() {
-        assert!(w.session_opens >= 2 && w.tx_packets > 1000, "client worker {i} ran no sessions: {w:?}");
+        assert!(
+            w.session_opens >= 2 && w.tx_packets > 1000,
+            "client worker {i} ran no sessions: {w:?}"
+        );
     }
     // Four sessions, four local ports, two owned by each worker; each carried at least one 1 MiB stream
     // (about 800 full frames), far above what an idle session sends (acks, keepalives).
-    let busy: Vec<(u16, usize)> = per_port.iter().filter(|(_, n)| **n > 500).map(|(p, n)| (*p, *n)).collect();
+    let busy: Vec<(u16, usize)> = per_port
+        .iter()
+        .filter(|(_, n)| **n > 500)
+        .map(|(p, n)| (*p, *n))
+        .collect();
     assert_eq!(busy.len(), 4, "frames per client source port: {per_port:?}");
     for w in 0..2u16 {
-        assert_eq!(busy.iter().filter(|(p, _)| p % 2 == w).count(), 2, "ports of worker {w}: {per_port:?}");
+        assert_eq!(
+            busy.iter().filter(|(p, _)| p % 2 == w).count(),
+            2,
+            "ports of worker {w}: {per_port:?}"
+        );
     }
-    assert!(counter(&c, XdpCounter::Steered) > 10_000, "client steered {:?}", c.counters);
+    assert!(
+        counter(&c, XdpCounter::Steered) > 10_000,
+        "client steered {:?}",
+        c.counters
+    );
     assert_eq!(counter(&c, XdpCounter::GuardDropped), 0);
 }
 
@@ -567,10 +792,20 @@ fn xdp_client_runs_all_conn_sessions_over_both_workers() {
 /// server endpoint to the client's session ports) passes the guard check in the program.
 #[test]
 fn xdp_pair_with_conn_4_and_guard_on_two_queues() {
-    let Some((_serial, topo)) = setup("xdp_pair_with_conn_4_and_guard_on_two_queues", "xk", 2) else { return };
-    let server = XdpDaemon::attached(topo.b(), &topo.server_cfg(true), &topo.net.server_if, XdpWant::Native);
+    let Some((_serial, topo)) = setup("xdp_pair_with_conn_4_and_guard_on_two_queues", "xk", 2)
+    else {
+        return;
+    };
+    let server = XdpDaemon::attached(
+        topo.b(),
+        &topo.server_cfg(true),
+        &topo.net.server_if,
+        XdpWant::Native,
+    );
     let fwd = 18187;
-    let cfg = topo.client_cfg(0, fwd, true).replace("conn = 1\n", "conn = 4\n");
+    let cfg = topo
+        .client_cfg(0, fwd, true)
+        .replace("conn = 1\n", "conn = 4\n");
     let client = XdpDaemon::attached(topo.a(), &cfg, &topo.net.client_if, XdpWant::Native);
     echo_through(topo.a(), fwd, 4096, 5);
     parallel_echo(topo.a(), fwd, 8, 1 << 20);
@@ -582,16 +817,34 @@ fn xdp_pair_with_conn_4_and_guard_on_two_queues() {
     assert_eq!(client_live, vec![2, 2], "live sessions per client worker");
     assert_eq!(server_live, 4, "live sessions on the server");
     let opened: u64 = s.snapshots.iter().map(|w| w.session_opens).sum();
-    assert!(opened >= 4, "server opened {opened} sessions: {:?}", s.snapshots);
-    assert_eq!(counter(&c, XdpCounter::GuardDropped), 0, "valid frames dropped by the client's guard");
-    assert_eq!(counter(&s, XdpCounter::GuardDropped), 0, "valid frames dropped by the server's guard");
-    assert!(counter(&c, XdpCounter::Steered) > 5_000, "client steered {:?}", c.counters);
+    assert!(
+        opened >= 4,
+        "server opened {opened} sessions: {:?}",
+        s.snapshots
+    );
+    assert_eq!(
+        counter(&c, XdpCounter::GuardDropped),
+        0,
+        "valid frames dropped by the client's guard"
+    );
+    assert_eq!(
+        counter(&s, XdpCounter::GuardDropped),
+        0,
+        "valid frames dropped by the server's guard"
+    );
+    assert!(
+        counter(&c, XdpCounter::Steered) > 5_000,
+        "client steered {:?}",
+        c.counters
+    );
 }
 
 /// `Cpus_allowed_list` of every `paqet-xdp-N` worker thread of process `pid`, by thread name.
 fn worker_cpu_lists(pid: u32) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
     for t in tasks.flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
         let comm = comm.trim();
@@ -599,7 +852,10 @@ fn worker_cpu_lists(pid: u32) -> BTreeMap<String, String> {
             continue;
         }
         let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        if let Some(l) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
+        if let Some(l) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
             out.insert(comm.to_owned(), l.trim().to_owned());
         }
     }
@@ -611,29 +867,67 @@ fn worker_cpu_lists(pid: u32) -> BTreeMap<String, String> {
 /// an error naming the key.
 #[test]
 fn io_cpus_places_the_workers_of_the_binary() {
-    let Some((_serial, topo)) = setup("io_cpus_places_the_workers_of_the_binary", "xc", 2) else { return };
+    let Some((_serial, topo)) = setup("io_cpus_places_the_workers_of_the_binary", "xc", 2) else {
+        return;
+    };
     let own = std::fs::read_to_string("/proc/self/status").unwrap();
-    let mask = own.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_owned();
+    let mask = own
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned();
     let last = *paqet::worker::xdp::allowed_cpus().last().unwrap();
-    for (i, (cpus, want)) in [(last.to_string(), last.to_string()), ("none".to_string(), mask.clone())].into_iter().enumerate() {
+    for (i, (cpus, want)) in [
+        (last.to_string(), last.to_string()),
+        ("none".to_string(), mask.clone()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let cfg = format!("{}[io]\ncpus = \"{cpus}\"\n", topo.server_cfg(false));
-        let mut d = Daemon::spawn(topo.b(), topo.dir.path(), &format!("server-cpus-{i}"), &cfg, Mode::XdpNative, false);
+        let mut d = Daemon::spawn(
+            topo.b(),
+            topo.dir.path(),
+            &format!("server-cpus-{i}"),
+            &cfg,
+            Mode::XdpNative,
+            false,
+        );
         let lists = poll(Duration::from_secs(30), || {
             d.assert_running();
             let m = worker_cpu_lists(d.pid());
             (m.len() == 2).then_some(m)
         })
-        .unwrap_or_else(|| panic!("io.cpus = {cpus:?}: no two XDP workers within 30 s:\n{}", d.log_text()));
+        .unwrap_or_else(|| {
+            panic!(
+                "io.cpus = {cpus:?}: no two XDP workers within 30 s:\n{}",
+                d.log_text()
+            )
+        });
         for (name, list) in &lists {
-            assert_eq!(list, &want, "io.cpus = {cpus:?}: {name} may run on CPUs {list}");
+            assert_eq!(
+                list, &want,
+                "io.cpus = {cpus:?}: {name} may run on CPUs {list}"
+            );
         }
         d.stop();
     }
     let cfg = format!("{}[io]\ncpus = \"1023\"\n", topo.server_cfg(false));
-    let mut d = Daemon::spawn(topo.b(), topo.dir.path(), "server-cpus-bad", &cfg, Mode::XdpNative, false);
+    let mut d = Daemon::spawn(
+        topo.b(),
+        topo.dir.path(),
+        "server-cpus-bad",
+        &cfg,
+        Mode::XdpNative,
+        false,
+    );
     let exited = poll(Duration::from_secs(30), || (!d.running()).then_some(()));
     let log = d.log_text();
-    assert!(exited.is_some(), "a daemon pinned to CPU 1023 kept running:\n{log}");
+    assert!(
+        exited.is_some(),
+        "a daemon pinned to CPU 1023 kept running:\n{log}"
+    );
     assert!(
         log.contains("io.cpus = \"1023\": CPU 1023 is not available to this process"),
         "the start-up error does not name io.cpus:\n{log}"

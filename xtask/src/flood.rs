@@ -112,8 +112,18 @@ pub fn run(iface: &str, t: &Target, dur: Duration) -> Result<u64> {
         sll.sll_ifindex = ifindex as i32;
         sll.sll_protocol = 0;
         // SAFETY: sll is a valid sockaddr_ll.
-        if unsafe { libc::bind(fd, &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32) } < 0 {
-            bail!("bind AF_PACKET to {iface}: {}", std::io::Error::last_os_error());
+        if unsafe {
+            libc::bind(
+                fd,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        } < 0
+        {
+            bail!(
+                "bind AF_PACKET to {iface}: {}",
+                std::io::Error::last_os_error()
+            );
         }
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(BATCH);
         let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(BATCH);
@@ -125,7 +135,10 @@ pub fn run(iface: &str, t: &Target, dur: Duration) -> Result<u64> {
             hdrs.clear();
             for k in 0..BATCH {
                 let f = &frames[(next + k) % VARIANTS];
-                iov.push(libc::iovec { iov_base: f.as_ptr() as *mut _, iov_len: FRAME });
+                iov.push(libc::iovec {
+                    iov_base: f.as_ptr() as *mut _,
+                    iov_len: FRAME,
+                });
             }
             for v in iov.iter_mut() {
                 let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
@@ -138,7 +151,9 @@ pub fn run(iface: &str, t: &Target, dur: Duration) -> Result<u64> {
             let n = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), BATCH as u32, 0) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::WouldBlock {
+                if e.raw_os_error() == Some(libc::ENOBUFS)
+                    || e.kind() == std::io::ErrorKind::WouldBlock
+                {
                     continue;
                 }
                 bail!("sendmmsg on {iface}: {e}");
@@ -167,13 +182,21 @@ mod tests {
         };
         let f = frame(&t, 40001, 7, &[0xab; PAYLOAD]);
         // A correct one's-complement checksum sums (with itself) to 0xffff, i.e. folds to 0.
-        assert_eq!(csum_fold(csum_add(0, &f[14..34])), 0, "IPv4 header checksum");
+        assert_eq!(
+            csum_fold(csum_add(0, &f[14..34])),
+            0,
+            "IPv4 header checksum"
+        );
         let mut pseudo = [0u8; 12];
         pseudo[0..4].copy_from_slice(&t.src.octets());
         pseudo[4..8].copy_from_slice(&t.dst.octets());
         pseudo[9] = 6;
         pseudo[10..12].copy_from_slice(&((20 + PAYLOAD) as u16).to_be_bytes());
-        assert_eq!(csum_fold(csum_add(csum_add(0, &pseudo), &f[34..])), 0, "TCP checksum");
+        assert_eq!(
+            csum_fold(csum_add(csum_add(0, &pseudo), &f[34..])),
+            0,
+            "TCP checksum"
+        );
         assert_eq!(u16::from_be_bytes([f[36], f[37]]), 9999);
         assert_eq!(f.len(), 14 + 40 + 64);
     }

@@ -47,13 +47,20 @@ fn main() -> Result<()> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives inside the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
 }
 
 fn parse_list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>> {
     v.split(',')
         .filter(|s| !s.is_empty())
-        .map(|s| s.trim().parse::<T>().map_err(|_| anyhow::anyhow!("{flag} {v:?}: cannot parse {s:?}")))
+        .map(|s| {
+            s.trim()
+                .parse::<T>()
+                .map_err(|_| anyhow::anyhow!("{flag} {v:?}: cannot parse {s:?}"))
+        })
         .collect()
 }
 
@@ -76,13 +83,26 @@ fn bench(args: &[String]) -> Result<()> {
     let mut criterion = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut val = |flag: &str| it.next().cloned().with_context(|| format!("{flag} needs a value\n{USAGE}"));
+        let mut val = |flag: &str| {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
+        };
         match a.as_str() {
             "micro" | "tunnel" | "all" => what = a.clone(),
             "--modes" => {
                 opts.modes = parse_list("--modes", &val("--modes")?)?;
                 for m in &opts.modes {
-                    if !["pcap", "pcap-upstream-rules", "xdp-native", "xdp-generic", "xdp", "auto"].contains(&m.as_str()) {
+                    if ![
+                        "pcap",
+                        "pcap-upstream-rules",
+                        "xdp-native",
+                        "xdp-generic",
+                        "xdp",
+                        "auto",
+                    ]
+                    .contains(&m.as_str())
+                    {
                         bail!("--modes: unknown mode {m:?} (pcap, pcap-upstream-rules, xdp-native, xdp-generic, xdp, auto)");
                     }
                 }
@@ -90,7 +110,9 @@ fn bench(args: &[String]) -> Result<()> {
             "--secs" => opts.secs = val("--secs")?.parse().context("--secs")?,
             "--streams" => opts.streams = parse_list("--streams", &val("--streams")?)?,
             "--requests" => opts.latency_n = val("--requests")?.parse().context("--requests")?,
-            "--flood-secs" => opts.flood_secs = val("--flood-secs")?.parse().context("--flood-secs")?,
+            "--flood-secs" => {
+                opts.flood_secs = val("--flood-secs")?.parse().context("--flood-secs")?
+            }
             "--guard" => opts.guard = true,
             "--share-cpus" => opts.share_cpus = true,
             "--cc" => {
@@ -126,7 +148,10 @@ fn bench(args: &[String]) -> Result<()> {
         }
         if opts.bin.is_empty() {
             build_release(&root, &["--bin", "paqet-dp"])?;
-            opts.bin = root.join("target/release/paqet-dp").to_string_lossy().into_owned();
+            opts.bin = root
+                .join("target/release/paqet-dp")
+                .to_string_lossy()
+                .into_owned();
         }
         md.push_str(&tunnel::run(&opts)?);
     }
@@ -149,7 +174,9 @@ fn bpf_linker_dir() -> Option<PathBuf> {
     }
     let cache = std::env::var("PAQET_TOOLS")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/paqet-dp-tools"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/paqet-dp-tools")
+        });
     std::fs::read_dir(cache)
         .ok()?
         .flatten()
@@ -164,20 +191,31 @@ fn bench_wan(args: &[String]) -> Result<()> {
     let mut opts = wan::Opts::default();
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut val = |flag: &str| it.next().cloned().with_context(|| format!("{flag} needs a value\n{USAGE}"));
+        let mut val = |flag: &str| {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
+        };
         match a.as_str() {
             "--rates" => opts.rates = parse_list("--rates", &val("--rates")?)?,
             "--rtts" => opts.rtts = parse_list("--rtts", &val("--rtts")?)?,
             "--losses" => opts.losses = parse_list("--losses", &val("--losses")?)?,
             "--rows" => {
-                opts.rows = val("--rows")?.split(',').filter(|s| !s.is_empty()).map(|s| wan::Row::parse(s.trim())).collect::<Result<_>>()?
+                opts.rows = val("--rows")?
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| wan::Row::parse(s.trim()))
+                    .collect::<Result<_>>()?
             }
             "--secs" => opts.secs = val("--secs")?.parse().context("--secs")?,
             "--parallel" => opts.parallel = val("--parallel")?.parse().context("--parallel")?,
             "--mode" => {
                 opts.mode = val("--mode")?;
                 if !["xdp-native", "xdp-generic", "pcap"].contains(&opts.mode.as_str()) {
-                    bail!("--mode: {:?} is not one of xdp-native, xdp-generic, pcap", opts.mode);
+                    bail!(
+                        "--mode: {:?} is not one of xdp-native, xdp-generic, pcap",
+                        opts.mode
+                    );
                 }
             }
             "--windows" => opts.windows = Some(val("--windows")?.parse().context("--windows")?),
@@ -185,10 +223,18 @@ fn bench_wan(args: &[String]) -> Result<()> {
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
-    if opts.rates.is_empty() || opts.rtts.is_empty() || opts.losses.is_empty() || opts.rows.is_empty() || opts.secs == 0 {
+    if opts.rates.is_empty()
+        || opts.rtts.is_empty()
+        || opts.losses.is_empty()
+        || opts.rows.is_empty()
+        || opts.secs == 0
+    {
         bail!("--rates, --rtts, --losses, --rows and --secs must be non-empty / non-zero");
     }
-    if opts.rates.contains(&0) || opts.losses.iter().any(|l| !(0.0..100.0).contains(l)) || opts.windows == Some(0) {
+    if opts.rates.contains(&0)
+        || opts.losses.iter().any(|l| !(0.0..100.0).contains(l))
+        || opts.windows == Some(0)
+    {
         bail!("rates and windows must be > 0, losses in 0..100 %");
     }
     if !sys::is_root() {
@@ -198,16 +244,23 @@ fn bench_wan(args: &[String]) -> Result<()> {
     let root = root();
     if opts.bin.is_empty() {
         build_release(&root, &["--bins"])?;
-        opts.bin = root.join("target/release/paqet-dp").to_string_lossy().into_owned();
+        opts.bin = root
+            .join("target/release/paqet-dp")
+            .to_string_lossy()
+            .into_owned();
     }
     opts.relay = match wan::relay_beside(&opts.bin) {
         Some(r) => r,
         None => {
             build_release(&root, &["--bin", "paqet-impair"])?;
-            root.join("target/release/paqet-impair").to_string_lossy().into_owned()
+            root.join("target/release/paqet-impair")
+                .to_string_lossy()
+                .into_owned()
         }
     };
-    let Some(report) = wan::run(&opts)? else { return Ok(()) };
+    let Some(report) = wan::run(&opts)? else {
+        return Ok(());
+    };
     let md = format!("# paqet-dp WAN benchmark report\n\n{}{report}", machine());
     let out = root.join("target/bench-wan.md");
     std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
@@ -236,7 +289,10 @@ fn build_release(root: &Path, what: &[&str]) -> Result<()> {
         .status()
         .context("running cargo build --release")?;
     if !st.success() {
-        bail!("cargo build --release -p paqet-userspace {} failed: {st}", what.join(" "));
+        bail!(
+            "cargo build --release -p paqet-userspace {} failed: {st}",
+            what.join(" ")
+        );
     }
     Ok(())
 }
@@ -245,9 +301,16 @@ fn build_release(root: &Path, what: &[&str]) -> Result<()> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
         "Machine: {cores} vCPU ({cpu}), Linux {}; shared and noisy, so compare figures of the same run (ratios).\n\n",

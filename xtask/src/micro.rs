@@ -13,13 +13,19 @@ const AES_TARGET_MBPS: f64 = 400.0;
 /// Runs `cargo bench -p paqet-userspace --bench NAME… -- ARGS` (criterion arguments: filters, `--measurement-time`…).
 pub fn run(root: &Path, criterion_args: &[String]) -> Result<()> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(root).args(["bench", "-p", "paqet-userspace"]);
+    cmd.current_dir(root)
+        .args(["bench", "-p", "paqet-userspace"]);
     // Only the criterion targets (`--benches` would also run the lib's libtest harness, which rejects
     // criterion's flags).
     let mut names: Vec<String> = std::fs::read_dir(root.join("paqet-userspace/benches"))
         .context("listing paqet-userspace/benches")?
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".rs").map(str::to_owned))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".rs")
+                .map(str::to_owned)
+        })
         .collect();
     names.sort();
     for n in &names {
@@ -68,17 +74,26 @@ pub fn table(root: &Path, since: Option<SystemTime>) -> Result<String> {
     rows.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out = String::new();
     if rows.is_empty() {
-        out.push_str("(no criterion results under target/criterion: run `cargo xtask bench micro`)\n");
+        out.push_str(
+            "(no criterion results under target/criterion: run `cargo xtask bench micro`)\n",
+        );
         return Ok(out);
     }
     out.push_str("| benchmark | time per iteration | throughput (one core) |\n|---|---|---|\n");
     for r in &rows {
-        let tp = r.mbps().map(|m| format!("{m:.1} MB/s")).unwrap_or_else(|| "-".into());
+        let tp = r
+            .mbps()
+            .map(|m| format!("{m:.1} MB/s"))
+            .unwrap_or_else(|| "-".into());
         out.push_str(&format!("| {} | {} | {tp} |\n", r.name, fmt_ns(r.ns)));
     }
     for name in ["session_pipeline/aes", "crypt_seal_open/aes"] {
         if let Some(m) = rows.iter().find(|r| r.name == name).and_then(Row::mbps) {
-            let ok = if m >= AES_TARGET_MBPS { "met" } else { "NOT met" };
+            let ok = if m >= AES_TARGET_MBPS {
+                "met"
+            } else {
+                "NOT met"
+            };
             out.push_str(&format!(
                 "\nTarget ≥ {AES_TARGET_MBPS:.0} MB/s per core for `{name}`: {m:.1} MB/s, {ok}.\n"
             ));
@@ -100,7 +115,9 @@ fn fmt_ns(ns: f64) -> String {
 }
 
 fn collect(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(()) };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
     for e in rd {
         let p = e?.path();
         if !p.is_dir() {
@@ -110,17 +127,24 @@ fn collect(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
         if file_name == Some("new") {
             let read = |f: &str| -> Result<serde_json::Value> {
                 let path = p.join(f);
-                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
             };
             let est = read("estimates.json")?;
             let bm = read("benchmark.json")?;
-            let written = p.join("estimates.json").metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+            let written = p
+                .join("estimates.json")
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
             rows.push(Row {
                 written,
                 name: bm["full_id"].as_str().unwrap_or("?").to_string(),
                 ns: est["mean"]["point_estimate"].as_f64().unwrap_or(0.0),
-                bytes: bm["throughput"]["Bytes"].as_u64().or_else(|| bm["throughput"]["BytesDecimal"].as_u64()),
+                bytes: bm["throughput"]["Bytes"]
+                    .as_u64()
+                    .or_else(|| bm["throughput"]["BytesDecimal"].as_u64()),
             });
         } else if file_name != Some("report") {
             collect(&p, rows)?;

@@ -17,7 +17,10 @@ pub fn is_root() -> bool {
 
 /// Runs `program args…`; returns stdout or an error naming the command and its stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
     if !out.status.success() {
         bail!(
             "`{program} {}` failed ({}): {}",
@@ -73,7 +76,10 @@ impl Netns {
     }
 
     /// Runs `f` on a new thread that stays inside this namespace (threads it spawns inherit it).
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> JoinHandle<Result<T>> {
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> JoinHandle<Result<T>> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             enter(&path)?;
@@ -82,7 +88,10 @@ impl Netns {
     }
 
     /// Runs `f` inside the namespace and waits for its result.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         match self.spawn(f).join() {
             Ok(r) => r,
             Err(_) => bail!("thread inside netns {} panicked", self.name),
@@ -126,9 +135,28 @@ pub struct Veth {
 
 impl Veth {
     /// Creates `a` in `ns_a` and `b` in `ns_b`, sets MACs and addresses, brings both up.
-    pub fn new(a: &str, b: &str, ns_a: &Netns, ns_b: &Netns, mac_a: &str, mac_b: &str, cidr_a: &str, cidr_b: &str) -> Result<Self> {
-        run("ip", &["link", "add", a, "netns", &ns_a.name, "type", "veth", "peer", "name", b, "netns", &ns_b.name])?;
-        let v = Self { a: a.into(), b: b.into(), ns_a: ns_a.name.clone() };
+    pub fn new(
+        a: &str,
+        b: &str,
+        ns_a: &Netns,
+        ns_b: &Netns,
+        mac_a: &str,
+        mac_b: &str,
+        cidr_a: &str,
+        cidr_b: &str,
+    ) -> Result<Self> {
+        run(
+            "ip",
+            &[
+                "link", "add", a, "netns", &ns_a.name, "type", "veth", "peer", "name", b, "netns",
+                &ns_b.name,
+            ],
+        )?;
+        let v = Self {
+            a: a.into(),
+            b: b.into(),
+            ns_a: ns_a.name.clone(),
+        };
         for (ns, dev, mac, cidr) in [(ns_a, a, mac_a, cidr_a), (ns_b, b, mac_b, cidr_b)] {
             ns.exec(&["ip", "link", "set", dev, "address", mac])?;
             ns.exec(&["ip", "addr", "add", cidr, "dev", dev])?;
@@ -140,28 +168,47 @@ impl Veth {
 
 impl Drop for Veth {
     fn drop(&mut self) {
-        let _ = run("ip", &["netns", "exec", &self.ns_a, "ip", "link", "del", &self.a]);
+        let _ = run(
+            "ip",
+            &["netns", "exec", &self.ns_a, "ip", "link", "del", &self.a],
+        );
     }
 }
 
 /// Raises RLIMIT_NOFILE (soft and hard) to at least `want` (root may raise the hard limit); children inherit it.
 pub fn raise_nofile(want: u64) -> Result<u64> {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: valid out pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
-        bail!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
+        bail!(
+            "getrlimit(RLIMIT_NOFILE): {}",
+            std::io::Error::last_os_error()
+        );
     }
     let target = want.max(r.rlim_cur as u64);
-    let n = libc::rlimit { rlim_cur: target as libc::rlim_t, rlim_max: (target as libc::rlim_t).max(r.rlim_max) };
+    let n = libc::rlimit {
+        rlim_cur: target as libc::rlim_t,
+        rlim_max: (target as libc::rlim_t).max(r.rlim_max),
+    };
     // SAFETY: valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &n) } == 0 {
         return Ok(target);
     }
     // Without CAP_SYS_RESOURCE (containers) the hard limit is a ceiling: go as high as it allows.
-    let n = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+    let n = libc::rlimit {
+        rlim_cur: r.rlim_max,
+        rlim_max: r.rlim_max,
+    };
     // SAFETY: valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &n) } != 0 {
-        bail!("setrlimit(RLIMIT_NOFILE, {}): {}", r.rlim_max, std::io::Error::last_os_error());
+        bail!(
+            "setrlimit(RLIMIT_NOFILE, {}): {}",
+            r.rlim_max,
+            std::io::Error::last_os_error()
+        );
     }
     Ok(r.rlim_max as u64)
 }
@@ -181,11 +228,20 @@ pub fn clk_tck() -> f64 {
 pub fn cpu_secs(stat_path: &str) -> Result<f64> {
     let s = std::fs::read_to_string(stat_path).with_context(|| format!("reading {stat_path}"))?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = s.rsplit_once(')').map(|(_, r)| r).with_context(|| format!("{stat_path}: no ')'"))?;
+    let rest = s
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("{stat_path}: no ')'"))?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest[0] is field 3 (state); utime is field 14, stime field 15.
-    let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).with_context(|| format!("{stat_path}: utime"))?;
-    let st: f64 = f.get(12).and_then(|v| v.parse().ok()).with_context(|| format!("{stat_path}: stime"))?;
+    let ut: f64 = f
+        .get(11)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{stat_path}: utime"))?;
+    let st: f64 = f
+        .get(12)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{stat_path}: stime"))?;
     Ok((ut + st) / clk_tck())
 }
 
@@ -225,19 +281,38 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `bin run -c CONFIG --mode MODE` inside `ns` (on CPU `cpu` only, through `taskset`, when
     /// given), logging to `dir/NAME.log`.
-    pub fn spawn(ns: &Netns, bin: &str, dir: &std::path::Path, name: &str, config: &str, mode: &str, cpu: Option<usize>) -> Result<Self> {
+    pub fn spawn(
+        ns: &Netns,
+        bin: &str,
+        dir: &std::path::Path,
+        name: &str,
+        config: &str,
+        mode: &str,
+        cpu: Option<usize>,
+    ) -> Result<Self> {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, config).with_context(|| format!("writing {}", cfg.display()))?;
         let log = dir.join(format!("{name}.log"));
-        let logf = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let logf =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = ns
             .command_on(cpu, bin)
-            .args(["run", "-c", cfg.to_str().context("config path")?, "--mode", mode])
+            .args([
+                "run",
+                "-c",
+                cfg.to_str().context("config path")?,
+                "--mode",
+                mode,
+            ])
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
             .with_context(|| format!("spawning {bin}"))?;
-        Ok(Self { child, log, name: name.into() })
+        Ok(Self {
+            child,
+            log,
+            name: name.into(),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -254,7 +329,11 @@ impl Daemon {
     /// Error (with the log tail) when the process has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(st) = self.child.try_wait()? {
-            bail!("{} exited ({st}); log tail:\n{}", self.name, self.log_tail(15));
+            bail!(
+                "{} exited ({st}); log tail:\n{}",
+                self.name,
+                self.log_tail(15)
+            );
         }
         Ok(())
     }
@@ -301,6 +380,8 @@ pub fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Vec::new();
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
     }
 }

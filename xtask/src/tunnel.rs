@@ -74,8 +74,18 @@ struct Kcp {
 }
 
 const CONFIGS: [Kcp; 2] = [
-    Kcp { label: "fast (upstream default windows)", mode: "fast", wnd: None, cc: "bbr" },
-    Kcp { label: "fast3, 2048-packet windows", mode: "fast3", wnd: Some(2048), cc: "bbr" },
+    Kcp {
+        label: "fast (upstream default windows)",
+        mode: "fast",
+        wnd: None,
+        cc: "bbr",
+    },
+    Kcp {
+        label: "fast3, 2048-packet windows",
+        mode: "fast3",
+        wnd: Some(2048),
+        cc: "bbr",
+    },
 ];
 
 /// The congestion-control names `--cc` accepts (fixed needs a link rate, which a veth does not have).
@@ -83,7 +93,10 @@ pub const CCS: [&str; 2] = ["bbr", "off"];
 
 impl Kcp {
     fn with_cc(self, cc: &str) -> Kcp {
-        Kcp { cc: CCS.into_iter().find(|c| *c == cc).unwrap_or("bbr"), ..self }
+        Kcp {
+            cc: CCS.into_iter().find(|c| *c == cc).unwrap_or("bbr"),
+            ..self
+        }
     }
     fn name(&self, many_ccs: bool) -> String {
         if many_ccs {
@@ -151,7 +164,9 @@ impl IdleTarget {
                 }
             }
         });
-        ready_rx.recv_timeout(Duration::from_secs(10)).context("the idle target did not start listening")?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the idle target did not start listening")?;
         Ok(Self { child, accepted })
     }
 
@@ -170,9 +185,12 @@ impl Drop for IdleTarget {
 /// `xtask __idle-target PORT`: accepts on 0.0.0.0:PORT and holds every connection; prints `listening`,
 /// then the number held whenever it changed (at most every 50 ms). Runs until killed.
 pub fn idle_target_main(port: &str) -> Result<()> {
-    let port: u16 = port.parse().with_context(|| format!("idle target port {port:?}"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("idle target port {port:?}"))?;
     sys::raise_nofile(1 << 20)?;
-    let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding idle target port {port}"))?;
+    let l = TcpListener::bind(("0.0.0.0", port))
+        .with_context(|| format!("binding idle target port {port}"))?;
     // std listens with a backlog of 128; thousands of dials arrive at once here.
     // SAFETY: re-listening on our own listening socket only changes its backlog.
     unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 8192) };
@@ -238,10 +256,19 @@ impl Topo {
         // Upstream's host rules of the pcap path (spec §2.4); harmless in XDP modes. The raw PREROUTING DROP
         // `paqet-dp run --manage-firewall` adds beside them is set per mode (`Topo::stack_drop`).
         host_rules(&ns_c, &ns_s, ip_s)?;
-        let targets = Arc::new(Targets { source_tid: AtomicI32::new(0) });
+        let targets = Arc::new(Targets {
+            source_tid: AtomicI32::new(0),
+        });
         let t = targets.clone();
         ns_s.run(move || start_targets(t))?;
-        Ok(Self { veth, ns_c, ns_s, ip_c, ip_s, targets })
+        Ok(Self {
+            veth,
+            ns_c,
+            ns_s,
+            ip_c,
+            ip_s,
+            targets,
+        })
     }
 
     /// Adds (`on`) or removes the raw PREROUTING DROP rules `paqet-dp --manage-firewall` puts beside
@@ -271,16 +298,79 @@ pub(crate) fn host_rules(ns_c: &Netns, ns_s: &Netns, ip_s: Ipv4Addr) -> Result<(
     let port = PORT.to_string();
     let ip_s_txt = ip_s.to_string();
     for r in [
-        vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", &port, "-j", "NOTRACK"],
-        vec!["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "--sport", &port, "-j", "NOTRACK"],
-        vec!["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--sport", &port, "--tcp-flags", "RST", "RST", "-j", "DROP"],
+        vec![
+            "iptables",
+            "-t",
+            "raw",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            &port,
+            "-j",
+            "NOTRACK",
+        ],
+        vec![
+            "iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "--sport", &port, "-j", "NOTRACK",
+        ],
+        vec![
+            "iptables",
+            "-t",
+            "mangle",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--sport",
+            &port,
+            "--tcp-flags",
+            "RST",
+            "RST",
+            "-j",
+            "DROP",
+        ],
     ] {
         ns_s.exec(&r)?;
     }
     for r in [
-        vec!["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "-s", &ip_s_txt, "--sport", &port, "-j", "NOTRACK"],
-        vec!["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "-d", &ip_s_txt, "--dport", &port, "-j", "NOTRACK"],
-        vec!["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "-d", &ip_s_txt, "--dport", &port, "--tcp-flags", "RST", "RST", "-j", "DROP"],
+        vec![
+            "iptables",
+            "-t",
+            "raw",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "-s",
+            &ip_s_txt,
+            "--sport",
+            &port,
+            "-j",
+            "NOTRACK",
+        ],
+        vec![
+            "iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "-d", &ip_s_txt, "--dport",
+            &port, "-j", "NOTRACK",
+        ],
+        vec![
+            "iptables",
+            "-t",
+            "mangle",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            &ip_s_txt,
+            "--dport",
+            &port,
+            "--tcp-flags",
+            "RST",
+            "RST",
+            "-j",
+            "DROP",
+        ],
     ] {
         ns_c.exec(&r)?;
     }
@@ -293,9 +383,21 @@ pub(crate) fn stack_drop(ns_c: &Netns, ns_s: &Netns, ip_s: Ipv4Addr, on: bool) -
     let port = PORT.to_string();
     let ip_s = ip_s.to_string();
     let server: Vec<&str> = vec!["PREROUTING", "-p", "tcp", "--dport", &port, "-j", "DROP"];
-    let client: Vec<&str> = vec!["PREROUTING", "-p", "tcp", "-s", &ip_s, "--sport", &port, "-j", "DROP"];
+    let client: Vec<&str> = vec![
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-s",
+        &ip_s,
+        "--sport",
+        &port,
+        "-j",
+        "DROP",
+    ];
     for (ns, spec) in [(ns_s, server), (ns_c, client)] {
-        let cmd = |op: &'static str| -> Vec<&str> { [&["iptables", "-t", "raw", op][..], &spec[..]].concat() };
+        let cmd = |op: &'static str| -> Vec<&str> {
+            [&["iptables", "-t", "raw", op][..], &spec[..]].concat()
+        };
         let present = ns.exec(&cmd("-C")).is_ok();
         if on && !present {
             ns.exec(&cmd("-A"))?;
@@ -308,7 +410,9 @@ pub(crate) fn stack_drop(ns_c: &Netns, ns_s: &Netns, ip_s: Ipv4Addr, on: bool) -
 
 /// Binds the source (endless data), echo and idle-holding servers on 0.0.0.0 of the current namespace.
 fn start_targets(t: Arc<Targets>) -> Result<()> {
-    let bind = |p: u16| TcpListener::bind(("0.0.0.0", p)).with_context(|| format!("binding target port {p}"));
+    let bind = |p: u16| {
+        TcpListener::bind(("0.0.0.0", p)).with_context(|| format!("binding target port {p}"))
+    };
     let (src, echo) = (bind(SOURCE_PORT)?, bind(ECHO_PORT)?);
     let ts = t;
     std::thread::spawn(move || {
@@ -352,7 +456,10 @@ fn kcp_lines(k: Kcp, server: bool) -> String {
         (None, true) => (1024, 1024),
         (None, false) => (128, 512),
     };
-    format!("mode = \"{}\"\ncc = \"{}\"\nsndwnd = {snd}\nrcvwnd = {rcv}\n", k.mode, k.cc)
+    format!(
+        "mode = \"{}\"\ncc = \"{}\"\nsndwnd = {snd}\nrcvwnd = {rcv}\n",
+        k.mode, k.cc
+    )
 }
 
 fn server_config(dev: &str, ip_s: Ipv4Addr, k: Kcp, guard: bool) -> String {
@@ -365,7 +472,13 @@ fn client_config(dev: &str, ip_c: Ipv4Addr, ip_s: Ipv4Addr, k: Kcp, guard: bool)
 
 /// The bench's server configuration on interface `dev` with address `ip_s`, sending to `router_mac`;
 /// `kcp` is the `[transport.kcp]` text before `block` (newline-terminated lines: mode, windows, …).
-pub(crate) fn server_toml(dev: &str, ip_s: Ipv4Addr, router_mac: &str, kcp: &str, guard: bool) -> String {
+pub(crate) fn server_toml(
+    dev: &str,
+    ip_s: Ipv4Addr,
+    router_mac: &str,
+    kcp: &str,
+    guard: bool,
+) -> String {
     format!(
         r#"role = "server"
 [log]
@@ -393,7 +506,14 @@ listen = "127.0.0.1:{METRICS_PORT}"
 
 /// The bench's client configuration (SOCKS5 and TCP forwards to the source, echo and idle targets; more
 /// `[[forward]]` tables may be appended), arguments as for [`server_toml`].
-pub(crate) fn client_toml(dev: &str, ip_c: Ipv4Addr, ip_s: Ipv4Addr, router_mac: &str, kcp: &str, guard: bool) -> String {
+pub(crate) fn client_toml(
+    dev: &str,
+    ip_c: Ipv4Addr,
+    ip_s: Ipv4Addr,
+    router_mac: &str,
+    kcp: &str,
+    guard: bool,
+) -> String {
     let mut s = format!(
         r#"role = "client"
 [log]
@@ -417,7 +537,11 @@ listen = "127.0.0.1:{METRICS_PORT}"
 listen = "127.0.0.1:{SOCKS_PORT}"
 "#
     );
-    for (l, t) in [(FWD_SOURCE, SOURCE_PORT), (FWD_ECHO, ECHO_PORT), (FWD_IDLE, IDLE_PORT)] {
+    for (l, t) in [
+        (FWD_SOURCE, SOURCE_PORT),
+        (FWD_ECHO, ECHO_PORT),
+        (FWD_IDLE, IDLE_PORT),
+    ] {
         s.push_str(&format!("[[forward]]\nlisten = \"127.0.0.1:{l}\"\ntarget = \"127.0.0.1:{t}\"\nprotocol = \"tcp\"\n"));
     }
     s
@@ -427,7 +551,8 @@ listen = "127.0.0.1:{SOCKS_PORT}"
 /// side through `front`, SOCKS5 handshake included.
 pub(crate) fn open(front: Front, ip_s: Ipv4Addr, port: u16) -> Result<TcpStream> {
     let connect = |a: SocketAddr| -> Result<TcpStream> {
-        let s = TcpStream::connect_timeout(&a, IO_TIMEOUT).with_context(|| format!("connecting to {a}"))?;
+        let s = TcpStream::connect_timeout(&a, IO_TIMEOUT)
+            .with_context(|| format!("connecting to {a}"))?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
         s.set_nodelay(true)?;
@@ -460,7 +585,10 @@ pub(crate) fn open(front: Front, ip_s: Ipv4Addr, port: u16) -> Result<TcpStream>
             let mut h = [0u8; 4];
             s.read_exact(&mut h).context("SOCKS5 CONNECT reply")?;
             if h[0] != 5 || h[1] != 0 {
-                bail!("SOCKS5 CONNECT to 127.0.0.1:{port} refused (reply code {})", h[1]);
+                bail!(
+                    "SOCKS5 CONNECT to 127.0.0.1:{port} refused (reply code {})",
+                    h[1]
+                );
             }
             let rest = match h[3] {
                 1 => 4 + 2,
@@ -531,7 +659,14 @@ fn bulk(topo: &Topo, front: Front, secs: u64, pids: Option<(u32, u32)>) -> Resul
         let cpu = || -> Result<(f64, f64)> {
             match pids {
                 Some((c, sv)) => Ok((sys::proc_cpu(c)?, sys::proc_cpu(sv)?)),
-                None => Ok((sys::thread_cpu(me)?, if src_tid > 0 { sys::thread_cpu(src_tid)? } else { 0.0 })),
+                None => Ok((
+                    sys::thread_cpu(me)?,
+                    if src_tid > 0 {
+                        sys::thread_cpu(src_tid)?
+                    } else {
+                        0.0
+                    },
+                )),
             }
         };
         let (c0, t0) = (cpu()?, Instant::now());
@@ -542,7 +677,11 @@ fn bulk(topo: &Topo, front: Front, secs: u64, pids: Option<(u32, u32)>) -> Resul
         Ok(Bulk {
             mb_per_s: mb / dt,
             cpu_pct: (dc / dt * 100.0, ds / dt * 100.0),
-            cpu_ms_per_mb: if mb > 0.0 { (dc + ds) * 1e3 / mb } else { f64::NAN },
+            cpu_ms_per_mb: if mb > 0.0 {
+                (dc + ds) * 1e3 / mb
+            } else {
+                f64::NAN
+            },
         })
     })
 }
@@ -575,11 +714,20 @@ fn latency(topo: &Topo, front: Front, n: usize) -> Result<Latency> {
             }
         }
         if v.is_empty() {
-            bail!("every request failed; last error: {:#}", last_err.map(|e| format!("{e:#}")).unwrap_or_default());
+            bail!(
+                "every request failed; last error: {:#}",
+                last_err.map(|e| format!("{e:#}")).unwrap_or_default()
+            );
         }
         v.sort_by(|a, b| a.total_cmp(b));
         let pct = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
-        Ok(Latency { p50: pct(0.50), p90: pct(0.90), p99: pct(0.99), failures, n })
+        Ok(Latency {
+            p50: pct(0.50),
+            p90: pct(0.90),
+            p99: pct(0.99),
+            failures,
+            n,
+        })
     })
 }
 
@@ -602,7 +750,9 @@ fn scrape(ns: &Netns) -> Option<String> {
 fn metric(text: &str, name: &str, label: &str) -> Option<f64> {
     let mut found = None;
     for l in text.lines() {
-        let Some(rest) = l.strip_prefix(name) else { continue };
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
         if !(rest.starts_with('{') || rest.starts_with(' ')) || !rest.contains(label) {
             continue;
         }
@@ -646,7 +796,14 @@ fn kcptun_bulk(topo: &Topo, opts: &Opts) -> Option<Result<Bulk>> {
     }
     Some((|| -> Result<Bulk> {
         let target = format!("127.0.0.1:{SOURCE_PORT}");
-        let (server, client) = start_kcptun(&topo.ns_c, &topo.ns_s, topo.ip_s, daemon_cpus(opts), &target, 2048)?;
+        let (server, client) = start_kcptun(
+            &topo.ns_c,
+            &topo.ns_s,
+            topo.ip_s,
+            daemon_cpus(opts),
+            &target,
+            2048,
+        )?;
         // Ready when a byte of the source arrives through it.
         let ip_s = topo.ip_s;
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -665,13 +822,21 @@ fn kcptun_bulk(topo: &Topo, opts: &Opts) -> Option<Result<Bulk>> {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        bulk(topo, Front::Kcptun, opts.secs, Some((client.0.id(), server.0.id())))
+        bulk(
+            topo,
+            Front::Kcptun,
+            opts.secs,
+            Some((client.0.id(), server.0.id())),
+        )
     })())
 }
 
 /// True when Debian's kcptun (`kcptun-server`, `kcptun-client`) is on the PATH.
 pub(crate) fn kcptun_installed() -> bool {
-    std::process::Command::new("kcptun-server").arg("--version").output().is_ok()
+    std::process::Command::new("kcptun-server")
+        .arg("--version")
+        .output()
+        .is_ok()
 }
 
 /// Starts kcptun-server in `ns_s` (UDP `ip_s:KCPTUN_PORT`, dialling `target`) and kcptun-client in `ns_c`
@@ -687,8 +852,26 @@ pub(crate) fn start_kcptun(
 ) -> Result<(Proc, Proc)> {
     let wnd = wnd.to_string();
     let common = [
-        "--key", KEY, "--crypt", "aes", "--mode", "fast3", "--sndwnd", &wnd, "--rcvwnd", &wnd, "--nocomp",
-        "--smuxver", "2", "--ds", "0", "--ps", "0", "--keepalive", "10", "--quiet",
+        "--key",
+        KEY,
+        "--crypt",
+        "aes",
+        "--mode",
+        "fast3",
+        "--sndwnd",
+        &wnd,
+        "--rcvwnd",
+        &wnd,
+        "--nocomp",
+        "--smuxver",
+        "2",
+        "--ds",
+        "0",
+        "--ps",
+        "0",
+        "--keepalive",
+        "10",
+        "--quiet",
     ];
     let listen = format!("{ip_s}:{KCPTUN_PORT}");
     let start = |ns: &Netns, cpu: Option<usize>, program: &str, ends: [&str; 4]| -> Result<Proc> {
@@ -703,8 +886,18 @@ pub(crate) fn start_kcptun(
         Ok(Proc(child))
     };
     let local = format!("127.0.0.1:{KCPTUN_LOCAL}");
-    let server = start(ns_s, cpus.map(|c| c.0), "kcptun-server", ["--listen", &listen, "--target", target])?;
-    let client = start(ns_c, cpus.map(|c| c.1), "kcptun-client", ["--localaddr", &local, "--remoteaddr", &listen])?;
+    let server = start(
+        ns_s,
+        cpus.map(|c| c.0),
+        "kcptun-server",
+        ["--listen", &listen, "--target", target],
+    )?;
+    let client = start(
+        ns_c,
+        cpus.map(|c| c.1),
+        "kcptun-client",
+        ["--localaddr", &local, "--remoteaddr", &listen],
+    )?;
     Ok((server, client))
 }
 
@@ -721,8 +914,15 @@ impl Pair {
         let cpus = daemon_cpus(opts);
         // `pcap-upstream-rules` is the pcap data path with only upstream's three host rules (see `stack_drop`).
         let mode = if mode == UPSTREAM_RULES { "pcap" } else { mode };
-        let mut server =
-            Daemon::spawn(&topo.ns_s, &opts.bin, &dir.0, &format!("server-{tag}"), &server_config(&topo.veth.b, topo.ip_s, k, opts.guard), mode, cpus.map(|c| c.0))?;
+        let mut server = Daemon::spawn(
+            &topo.ns_s,
+            &opts.bin,
+            &dir.0,
+            &format!("server-{tag}"),
+            &server_config(&topo.veth.b, topo.ip_s, k, opts.guard),
+            mode,
+            cpus.map(|c| c.0),
+        )?;
         let mut client = Daemon::spawn(
             &topo.ns_c,
             &opts.bin,
@@ -750,8 +950,16 @@ impl Pair {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        let front = if topo.ns_c.run(move || request(Front::Socks5, ip_s)).is_ok() { Front::Socks5 } else { Front::Forward };
-        Ok(Self { client, server, front })
+        let front = if topo.ns_c.run(move || request(Front::Socks5, ip_s)).is_ok() {
+            Front::Socks5
+        } else {
+            Front::Forward
+        };
+        Ok(Self {
+            client,
+            server,
+            front,
+        })
     }
 
     fn pids(&self) -> (u32, u32) {
@@ -774,7 +982,13 @@ struct Rss {
 
 /// Opens idle streams until `total` are held, waits (≤ 180 s) until the server's target has accepted them
 /// all, and reads both daemons' RSS (also when some streams never arrived: `reached` says how many did).
-fn rss_at(topo: &Topo, pair: &mut Pair, idle: &IdleTarget, held: &mut Vec<TcpStream>, total: usize) -> Result<Rss> {
+fn rss_at(
+    topo: &Topo,
+    pair: &mut Pair,
+    idle: &IdleTarget,
+    held: &mut Vec<TcpStream>,
+    total: usize,
+) -> Result<Rss> {
     let need = total.saturating_sub(held.len());
     let (front, ip_s) = (pair.front, topo.ip_s);
     let threads = 8usize;
@@ -782,12 +996,17 @@ fn rss_at(topo: &Topo, pair: &mut Pair, idle: &IdleTarget, held: &mut Vec<TcpStr
         let hs: Vec<_> = (0..threads)
             .map(|i| {
                 let k = need / threads + usize::from(i < need % threads);
-                std::thread::spawn(move || -> Result<Vec<TcpStream>> { (0..k).map(|_| open(front, ip_s, IDLE_PORT)).collect() })
+                std::thread::spawn(move || -> Result<Vec<TcpStream>> {
+                    (0..k).map(|_| open(front, ip_s, IDLE_PORT)).collect()
+                })
             })
             .collect();
         let mut all = Vec::with_capacity(need);
         for h in hs {
-            all.extend(h.join().map_err(|_| anyhow::anyhow!("opener thread panicked"))??);
+            all.extend(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("opener thread panicked"))??,
+            );
         }
         Ok(all)
     })?;
@@ -807,7 +1026,11 @@ fn rss_at(topo: &Topo, pair: &mut Pair, idle: &IdleTarget, held: &mut Vec<TcpStr
     std::thread::sleep(Duration::from_secs(2));
     pair.alive()?;
     let (c, s) = pair.pids();
-    Ok(Rss { client_kib: sys::rss_kib(c)?, server_kib: sys::rss_kib(s)?, reached: idle.accepted() })
+    Ok(Rss {
+        client_kib: sys::rss_kib(c)?,
+        server_kib: sys::rss_kib(s)?,
+        reached: idle.accepted(),
+    })
 }
 
 /// Result of the flood against the server.
@@ -834,7 +1057,9 @@ fn flood(topo: &Topo, pair: &Pair, secs: u64) -> Result<Flood> {
         dst_port: PORT,
     };
     let dev = topo.veth.a.clone();
-    let sent = topo.ns_c.run(move || flood::run(&dev, &target, Duration::from_secs(secs)))?;
+    let sent = topo
+        .ns_c
+        .run(move || flood::run(&dev, &target, Duration::from_secs(secs)))?;
     // Let the daemon drain what is queued before reading its counters.
     std::thread::sleep(Duration::from_millis(500));
     let dt = t0.elapsed().as_secs_f64();
@@ -842,7 +1067,10 @@ fn flood(topo: &Topo, pair: &Pair, secs: u64) -> Result<Flood> {
     let k1 = topo.server_rx_packets()?;
     let m1 = scrape(&topo.ns_s);
     let delta = |name: &str, label: &str| -> Option<f64> {
-        Some(metric(m1.as_deref()?, name, label)? - metric(m0.as_deref()?, name, label).unwrap_or(0.0))
+        Some(
+            metric(m1.as_deref()?, name, label)?
+                - metric(m0.as_deref()?, name, label).unwrap_or(0.0),
+        )
     };
     let daemon_rx = delta("paqet_packets_total", "direction=\"rx\"");
     let xdp_seen = delta("paqet_xdp_packets_total", "counter=\"seen\"");
@@ -871,7 +1099,8 @@ fn mib(kib: u64) -> f64 {
 }
 
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "n/a".into())
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "n/a".into())
 }
 
 /// Runs the tunnel benches; returns the markdown section.
@@ -912,10 +1141,17 @@ pub fn run(opts: &Opts) -> Result<String> {
 
     // Each row: (label, Some((result, plain TCP measured just before it))).
     let mut bulk_rows: Vec<(String, Option<(Bulk, Bulk)>)> = vec![
-        ("plain TCP, veth TX offloads off (baseline)".to_string(), Some((plain, plain))),
-        ("plain TCP, veth TX offloads on (kernel default)".to_string(), Some((plain_offload, plain))),
+        (
+            "plain TCP, veth TX offloads off (baseline)".to_string(),
+            Some((plain, plain)),
+        ),
+        (
+            "plain TCP, veth TX offloads on (kernel default)".to_string(),
+            Some((plain_offload, plain)),
+        ),
     ];
-    let mut lat_rows: Vec<(String, Result<Latency>, Option<Latency>)> = vec![("direct TCP".into(), Ok(direct_lat), None)];
+    let mut lat_rows: Vec<(String, Result<Latency>, Option<Latency>)> =
+        vec![("direct TCP".into(), Ok(direct_lat), None)];
     let mut rss_rows: Vec<(String, usize, Result<Rss>)> = Vec::new();
     let mut flood_rows: Vec<(String, Result<Flood>)> = Vec::new();
     let mut mode_rows: Vec<(String, Option<(Bulk, Bulk)>)> = Vec::new();
@@ -932,7 +1168,12 @@ pub fn run(opts: &Opts) -> Result<String> {
     for (mi, mode) in opts.modes.iter().enumerate() {
         topo.stack_drop(mode != UPSTREAM_RULES)?;
         let many = opts.ccs.len() > 1;
-        for (k, first_cc) in opts.ccs.iter().enumerate().flat_map(|(i, cc)| CONFIGS.map(|k| (k.with_cc(cc), i == 0))) {
+        for (k, first_cc) in opts
+            .ccs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, cc)| CONFIGS.map(|k| (k.with_cc(cc), i == 0)))
+        {
             let label = format!("{mode} / {}", k.name(many));
             eprintln!("bench: {label}");
             // Plain TCP right before, with no daemon running (an attached XDP program changes how the veth
@@ -974,7 +1215,9 @@ pub fn run(opts: &Opts) -> Result<String> {
             // What the transfer cost in losses: capture drops and KCP retransmissions of both daemons.
             let (mc, ms) = (scrape(&topo.ns_c), scrape(&topo.ns_s));
             let count = |t: &Option<String>, name: &str, label: &str| {
-                t.as_deref().and_then(|t| metric(t, name, label)).map_or("n/a".to_string(), |v| format!("{v:.0}"))
+                t.as_deref()
+                    .and_then(|t| metric(t, name, label))
+                    .map_or("n/a".to_string(), |v| format!("{v:.0}"))
             };
             loss_notes.push(format!(
                 "| {label} | {} | {} | {} / {} / {} | {} / {} / {} |",
@@ -990,7 +1233,11 @@ pub fn run(opts: &Opts) -> Result<String> {
             // Direct TCP again at the same moment, so the two latencies share the machine's current noise.
             let direct_now = latency(&topo, Front::Direct, opts.latency_n).ok();
             let tunnel_lat = latency(&topo, pair.front, opts.latency_n);
-            lat_rows.push((format!("{label} ({})", pair.front.name()), tunnel_lat, direct_now));
+            lat_rows.push((
+                format!("{label} ({})", pair.front.name()),
+                tunnel_lat,
+                direct_now,
+            ));
             if mi == 0 && first_cc {
                 let idle = match IdleTarget::spawn(&topo.ns_s) {
                     Ok(i) => i,
@@ -1024,7 +1271,14 @@ pub fn run(opts: &Opts) -> Result<String> {
     }
 
     // ---- rendering ----
-    md.push_str(&format!("Front end used per run: {}.\n\n", if fronts.is_empty() { "none (no tunnel came up)".into() } else { fronts.join("; ") }));
+    md.push_str(&format!(
+        "Front end used per run: {}.\n\n",
+        if fronts.is_empty() {
+            "none (no tunnel came up)".into()
+        } else {
+            fronts.join("; ")
+        }
+    ));
     md.push_str(
         "### Bulk throughput\n\nEvery tunnel row is paired with plain TCP measured on the same veth just before its daemons started; \
          the ratios use that pair (the machine's load changes over a run).\n\n\
@@ -1060,7 +1314,10 @@ pub fn run(opts: &Opts) -> Result<String> {
             } else {
                 5.0
             };
-            md.push_str(&format!("- {l}: {pct:.2} % of plain TCP, target ≥ {target} %: {}\n", if pct >= target { "met" } else { "NOT met" }));
+            md.push_str(&format!(
+                "- {l}: {pct:.2} % of plain TCP, target ≥ {target} %: {}\n",
+                if pct >= target { "met" } else { "NOT met" }
+            ));
         }
     }
 
@@ -1104,7 +1361,11 @@ pub fn run(opts: &Opts) -> Result<String> {
                         "- {l}: {:.2} CPU ms per MB = {:.2}× kcptun's ({})\n",
                         b.cpu_ms_per_mb,
                         b.cpu_ms_per_mb / k.cpu_ms_per_mb,
-                        if b.cpu_ms_per_mb < k.cpu_ms_per_mb { "less CPU per MB than upstream's core" } else { "NOT less" }
+                        if b.cpu_ms_per_mb < k.cpu_ms_per_mb {
+                            "less CPU per MB than upstream's core"
+                        } else {
+                            "NOT less"
+                        }
                     ));
                 }
             }
@@ -1117,16 +1378,26 @@ pub fn run(opts: &Opts) -> Result<String> {
         opts.latency_n
     ));
     for (l, r, d) in &lat_rows {
-        let d = d.as_ref().map(|d| format!("{:.3} / {:.3}", d.p50, d.p99)).unwrap_or_else(|| "-".into());
+        let d = d
+            .as_ref()
+            .map(|d| format!("{:.3} / {:.3}", d.p50, d.p99))
+            .unwrap_or_else(|| "-".into());
         match r {
-            Ok(x) => md.push_str(&format!("| {l} | {:.3} | {:.3} | {:.3} | {}/{} | {d} |\n", x.p50, x.p90, x.p99, x.failures, x.n)),
+            Ok(x) => md.push_str(&format!(
+                "| {l} | {:.3} | {:.3} | {:.3} | {}/{} | {d} |\n",
+                x.p50, x.p90, x.p99, x.failures, x.n
+            )),
             Err(e) => md.push_str(&format!("| {l} | failed: {e:#} | | | | {d} |\n")),
         }
     }
     md.push_str("\nUpstream: p50 61 ms (fast), 1.25 ms (fast3), direct 0.19 ms. Target: p50 ≤ 2 ms in every mode.\n");
     for (l, r, _) in &lat_rows[1..] {
         if let Ok(x) = r {
-            md.push_str(&format!("- {l}: p50 {:.3} ms: {}\n", x.p50, if x.p50 <= 2.0 { "met" } else { "NOT met" }));
+            md.push_str(&format!(
+                "- {l}: p50 {:.3} ms: {}\n",
+                x.p50,
+                if x.p50 <= 2.0 { "met" } else { "NOT met" }
+            ));
         }
     }
 
@@ -1137,13 +1408,18 @@ pub fn run(opts: &Opts) -> Result<String> {
             Ok(x) => {
                 let (c, s) = (mib(x.client_kib), mib(x.server_kib));
                 let verdict = if x.reached < *n {
-                    format!("incomplete: only {} of {n} streams reached the target within 180 s", x.reached)
+                    format!(
+                        "incomplete: only {} of {n} streams reached the target within 180 s",
+                        x.reached
+                    )
                 } else if c <= target && s <= target {
                     "met".into()
                 } else {
                     "NOT met".into()
                 };
-                md.push_str(&format!("| {l} | {n} | {c:.1} | {s:.1} | ≤ {target} MiB: {verdict} |\n"));
+                md.push_str(&format!(
+                    "| {l} | {n} | {c:.1} | {s:.1} | ≤ {target} MiB: {verdict} |\n"
+                ));
             }
             Err(e) => md.push_str(&format!("| {l} | {n} | failed: {e:#} | | |\n")),
         }
@@ -1152,30 +1428,47 @@ pub fn run(opts: &Opts) -> Result<String> {
 
     if opts.modes.len() > 1 {
         // pcap's share of its own plain-TCP pair: dividing shares cancels the load drift between runs.
-        let base = mode_rows.iter().find(|(m, _)| m == "pcap").and_then(|(_, b)| b.as_ref().copied());
+        let base = mode_rows
+            .iter()
+            .find(|(m, _)| m == "pcap")
+            .and_then(|(_, b)| b.as_ref().copied());
         md.push_str("\n### Data-path modes (fast3, 2048-packet windows)\n\n`pcap` runs with the host rules `paqet-dp --manage-firewall` applies (upstream's NOTRACK/RST rules plus a raw PREROUTING DROP); `pcap-upstream-rules` with upstream's three rules only, so the kernel's stack still processes every tunnel packet.\n\n| mode | MB/s | × pcap MB/s | × pcap (share of plain TCP vs pcap's) | % of plain TCP | CPU ms per MB | × pcap CPU/MB |\n|---|---|---|---|---|---|---|\n");
         for (m, b) in &mode_rows {
             match b {
-                Some((b, p)) => md.push_str(&format!(
-                    "| {m} | {:.1} | {} | {} | {:.2} % | {:.2} | {} |\n",
-                    b.mb_per_s,
-                    fmt_opt(base.map(|(pb, _)| b.mb_per_s / pb.mb_per_s), 2),
-                    fmt_opt(base.map(|(pb, pp)| (b.mb_per_s / p.mb_per_s) / (pb.mb_per_s / pp.mb_per_s)), 2),
-                    b.mb_per_s / p.mb_per_s * 100.0,
-                    b.cpu_ms_per_mb,
-                    fmt_opt(base.map(|(pb, _)| b.cpu_ms_per_mb / pb.cpu_ms_per_mb), 2)
-                )),
+                Some((b, p)) => {
+                    md.push_str(&format!(
+                        "| {m} | {:.1} | {} | {} | {:.2} % | {:.2} | {} |\n",
+                        b.mb_per_s,
+                        fmt_opt(base.map(|(pb, _)| b.mb_per_s / pb.mb_per_s), 2),
+                        fmt_opt(
+                            base.map(
+                                |(pb, pp)| (b.mb_per_s / p.mb_per_s) / (pb.mb_per_s / pp.mb_per_s)
+                            ),
+                            2
+                        ),
+                        b.mb_per_s / p.mb_per_s * 100.0,
+                        b.cpu_ms_per_mb,
+                        fmt_opt(base.map(|(pb, _)| b.cpu_ms_per_mb / pb.cpu_ms_per_mb), 2)
+                    ))
+                }
                 None => md.push_str(&format!("| {m} | failed | | | | | |\n")),
             }
         }
         md.push_str("\nTargets: XDP ≥ 1.3× pcap throughput and ≤ 0.8× its CPU per MB.\n");
         for base_mode in ["pcap", UPSTREAM_RULES] {
-            let Some((pb, pp)) = mode_rows.iter().find(|(m, _)| m == base_mode).and_then(|(_, b)| b.as_ref().copied()) else {
+            let Some((pb, pp)) = mode_rows
+                .iter()
+                .find(|(m, _)| m == base_mode)
+                .and_then(|(_, b)| b.as_ref().copied())
+            else {
                 continue;
             };
             for (m, b) in mode_rows.iter().filter(|(m, _)| m.starts_with("xdp")) {
                 let Some((b, p)) = b else { continue };
-                let (raw, share) = (b.mb_per_s / pb.mb_per_s, (b.mb_per_s / p.mb_per_s) / (pb.mb_per_s / pp.mb_per_s));
+                let (raw, share) = (
+                    b.mb_per_s / pb.mb_per_s,
+                    (b.mb_per_s / p.mb_per_s) / (pb.mb_per_s / pp.mb_per_s),
+                );
                 let cpu = b.cpu_ms_per_mb / pb.cpu_ms_per_mb;
                 md.push_str(&format!(
                     "- {m} vs {base_mode}: throughput {raw:.2}× (MB/s), {share:.2}× (share of plain TCP); CPU per MB {cpu:.2}×: {}\n",
@@ -1227,7 +1520,10 @@ mod tests {
     #[test]
     fn metric_sums_matching_samples() {
         let t = "# HELP x\npaqet_packets_total{direction=\"rx\"} 15\npaqet_packets_total{direction=\"tx\"} 7\npaqet_packets_totalx 99\n";
-        assert_eq!(metric(t, "paqet_packets_total", "direction=\"rx\""), Some(15.0));
+        assert_eq!(
+            metric(t, "paqet_packets_total", "direction=\"rx\""),
+            Some(15.0)
+        );
         assert_eq!(metric(t, "paqet_packets_total", ""), Some(22.0));
         assert_eq!(metric(t, "paqet_guard_drops_total", ""), None);
     }
@@ -1236,10 +1532,25 @@ mod tests {
     fn configs_name_the_mode_and_windows() {
         let ip = Ipv4Addr::new(10, 0, 0, 2);
         let s = server_config("v0", ip, CONFIGS[1], false);
-        assert!(s.contains("mode = \"fast3\"\ncc = \"bbr\"\nsndwnd = 2048\nrcvwnd = 2048\nblock"), "{s}");
-        let c = client_config("v1", Ipv4Addr::new(10, 0, 0, 1), ip, CONFIGS[0].with_cc("off"), true);
-        assert!(c.contains("mode = \"fast\"\ncc = \"off\"\nsndwnd = 128\nrcvwnd = 512\nblock") && c.contains("guard = true"), "{c}");
-        assert!(server_config("v0", ip, CONFIGS[0], false).contains("sndwnd = 1024\nrcvwnd = 1024\n"));
+        assert!(
+            s.contains("mode = \"fast3\"\ncc = \"bbr\"\nsndwnd = 2048\nrcvwnd = 2048\nblock"),
+            "{s}"
+        );
+        let c = client_config(
+            "v1",
+            Ipv4Addr::new(10, 0, 0, 1),
+            ip,
+            CONFIGS[0].with_cc("off"),
+            true,
+        );
+        assert!(
+            c.contains("mode = \"fast\"\ncc = \"off\"\nsndwnd = 128\nrcvwnd = 512\nblock")
+                && c.contains("guard = true"),
+            "{c}"
+        );
+        assert!(
+            server_config("v0", ip, CONFIGS[0], false).contains("sndwnd = 1024\nrcvwnd = 1024\n")
+        );
         assert_eq!(c.matches("[[forward]]").count(), 3);
     }
 }

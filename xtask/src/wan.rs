@@ -109,7 +109,14 @@ pub enum Row {
     TcpCubic,
 }
 
-pub const ALL_ROWS: [Row; 6] = [Row::Bbr, Row::Fixed, Row::Off, Row::Kcptun, Row::TcpBbr, Row::TcpCubic];
+pub const ALL_ROWS: [Row; 6] = [
+    Row::Bbr,
+    Row::Fixed,
+    Row::Off,
+    Row::Kcptun,
+    Row::TcpBbr,
+    Row::TcpCubic,
+];
 
 impl Row {
     pub fn name(self) -> &'static str {
@@ -127,7 +134,9 @@ impl Row {
         ALL_ROWS
             .into_iter()
             .find(|r| r.name() == s)
-            .with_context(|| format!("--rows: unknown row {s:?} (bbr, fixed, off, kcptun, tcp-bbr, tcp-cubic)"))
+            .with_context(|| {
+                format!("--rows: unknown row {s:?} (bbr, fixed, off, kcptun, tcp-bbr, tcp-cubic)")
+            })
     }
 
     /// KCP windows of the row (`None` = the TOML default, auto-tuned); `None` for plain TCP.
@@ -169,7 +178,9 @@ impl Row {
     fn kcp_lines(self, rate_mbit: u32, forced: Option<u32>) -> String {
         let mut s = String::from("mode = \"fast3\"\n");
         match self {
-            Row::Fixed => s.push_str(&format!("cc = \"fixed\"\nbandwidth = \"{rate_mbit}mbit\"\n")),
+            Row::Fixed => s.push_str(&format!(
+                "cc = \"fixed\"\nbandwidth = \"{rate_mbit}mbit\"\n"
+            )),
             Row::Off => s.push_str("cc = \"off\"\n"),
             _ => s.push_str("cc = \"bbr\"\n"),
         }
@@ -198,7 +209,12 @@ impl Cell {
     }
 
     fn label(&self) -> String {
-        format!("{} Mbit/s, {} ms, {} %", self.rate, self.rtt, fmt_loss(self.loss))
+        format!(
+            "{} Mbit/s, {} ms, {} %",
+            self.rate,
+            self.rtt,
+            fmt_loss(self.loss)
+        )
     }
 }
 
@@ -250,8 +266,16 @@ impl Relay {
 /// `stats held=H verdicts=N late_mean_us=M late_max_us=X` → a sample.
 fn parse_lag(line: &str, at: Instant) -> Option<LagSample> {
     let rest = line.strip_prefix("stats ")?;
-    let get = |k: &str| rest.split_whitespace().find_map(|f| f.strip_prefix(k)?.strip_prefix('=')?.parse::<u64>().ok());
-    Some(LagSample { at, verdicts: get("verdicts")?, mean_us: get("late_mean_us")?, max_us: get("late_max_us")? })
+    let get = |k: &str| {
+        rest.split_whitespace()
+            .find_map(|f| f.strip_prefix(k)?.strip_prefix('=')?.parse::<u64>().ok())
+    };
+    Some(LagSample {
+        at,
+        verdicts: get("verdicts")?,
+        mean_us: get("late_mean_us")?,
+        max_us: get("late_max_us")?,
+    })
 }
 
 /// The three namespaces and what ns m does to the packets. Field order = drop order: the relay first, then
@@ -281,11 +305,48 @@ impl Topo {
         let ns_c = Netns::new("wc")?;
         let ns_m = Netns::new("wm")?;
         let ns_s = Netns::new("ws")?;
-        let (c_if, mc_if, ms_if, s_if) = (format!("pw{pid}c"), format!("pw{pid}mc"), format!("pw{pid}ms"), format!("pw{pid}s"));
-        let cm = Veth::new(&c_if, &mc_if, &ns_c, &ns_m, MAC_C, MAC_MC, &format!("{ip_c}/24"), &format!("{ip_mc}/24"))?;
-        let ms = Veth::new(&ms_if, &s_if, &ns_m, &ns_s, MAC_MS, MAC_S, &format!("{ip_ms}/24"), &format!("{ip_s}/24"))?;
-        ns_c.exec(&["ip", "route", "add", &format!("10.219.{k}.0/24"), "via", &ip_mc.to_string()])?;
-        ns_s.exec(&["ip", "route", "add", &format!("10.218.{k}.0/24"), "via", &ip_ms.to_string()])?;
+        let (c_if, mc_if, ms_if, s_if) = (
+            format!("pw{pid}c"),
+            format!("pw{pid}mc"),
+            format!("pw{pid}ms"),
+            format!("pw{pid}s"),
+        );
+        let cm = Veth::new(
+            &c_if,
+            &mc_if,
+            &ns_c,
+            &ns_m,
+            MAC_C,
+            MAC_MC,
+            &format!("{ip_c}/24"),
+            &format!("{ip_mc}/24"),
+        )?;
+        let ms = Veth::new(
+            &ms_if,
+            &s_if,
+            &ns_m,
+            &ns_s,
+            MAC_MS,
+            MAC_S,
+            &format!("{ip_ms}/24"),
+            &format!("{ip_s}/24"),
+        )?;
+        ns_c.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("10.219.{k}.0/24"),
+            "via",
+            &ip_mc.to_string(),
+        ])?;
+        ns_s.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("10.218.{k}.0/24"),
+            "via",
+            &ip_ms.to_string(),
+        ])?;
         ns_m.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         // Endpoints: TCP buffers that cover 500 Mbit/s × 200 ms plus the buffer, no cached path metrics between
         // connections (each run starts from scratch).
@@ -296,15 +357,36 @@ impl Topo {
         }
         // MTU-sized packets on the path (no TSO/GSO super-packets for the loss rule and the relay to see as one),
         // no GRO merging in m.
-        for (ns, dev) in [(&ns_c, &c_if), (&ns_m, &mc_if), (&ns_m, &ms_if), (&ns_s, &s_if)] {
-            ns.exec(&["ethtool", "-K", dev, "tx", "off", "tso", "off", "gso", "off"])?;
+        for (ns, dev) in [
+            (&ns_c, &c_if),
+            (&ns_m, &mc_if),
+            (&ns_m, &ms_if),
+            (&ns_s, &s_if),
+        ] {
+            ns.exec(&[
+                "ethtool", "-K", dev, "tx", "off", "tso", "off", "gso", "off",
+            ])?;
             let _ = ns.exec(&["ethtool", "-K", dev, "gro", "off"]);
         }
         // The pcap path's host rules and the raw PREROUTING DROP (`paqet-dp --manage-firewall`), as in `bench tunnel`.
         tunnel::host_rules(&ns_c, &ns_s, ip_s)?;
         tunnel::stack_drop(&ns_c, &ns_s, ip_s, true)?;
         ns_s.run(start_target)?;
-        Ok(Self { relay: None, _cm: cm, _ms: ms, ns_c, ns_m, ns_s, c_if, mc_if, ms_if, s_if, ip_c, ip_s, relay_bin: relay_bin.into() })
+        Ok(Self {
+            relay: None,
+            _cm: cm,
+            _ms: ms,
+            ns_c,
+            ns_m,
+            ns_s,
+            c_if,
+            mc_if,
+            ms_if,
+            s_if,
+            ip_c,
+            ip_s,
+            relay_bin: relay_bin.into(),
+        })
     }
 
     /// Shapes the path: bottleneck `rate` Mbit/s (`None` = no tbf), `delay_ms` each way, `loss` % each way.
@@ -314,8 +396,19 @@ impl Topo {
                 Some(r) => {
                     let (burst, limit) = tbf_params(r);
                     self.ns_m.exec(&[
-                        "tc", "qdisc", "replace", "dev", &dev, "root", "tbf", "rate", &format!("{r}mbit"), "burst",
-                        &burst.to_string(), "limit", &limit.to_string(),
+                        "tc",
+                        "qdisc",
+                        "replace",
+                        "dev",
+                        &dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        &format!("{r}mbit"),
+                        "burst",
+                        &burst.to_string(),
+                        "limit",
+                        &limit.to_string(),
                     ])?;
                 }
                 None => {
@@ -333,19 +426,43 @@ impl Topo {
         let ms = self.ms_if.clone();
         let mc = self.mc_if.clone();
         // Rule 1 counts what the server side put on the path (before the loss rules).
-        self.ns_m.exec(&["iptables", "-w", "-A", "FORWARD", "-i", &ms])?;
+        self.ns_m
+            .exec(&["iptables", "-w", "-A", "FORWARD", "-i", &ms])?;
         if loss > 0.0 {
             let p = format!("{:.6}", loss / 100.0);
             for dev in [&ms, &mc] {
                 self.ns_m.exec(&[
-                    "iptables", "-w", "-A", "FORWARD", "-i", dev, "-m", "statistic", "--mode", "random", "--probability", &p,
-                    "-j", "DROP",
+                    "iptables",
+                    "-w",
+                    "-A",
+                    "FORWARD",
+                    "-i",
+                    dev,
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &p,
+                    "-j",
+                    "DROP",
                 ])?;
             }
         }
         if self.relay.is_some() {
             for (dev, q) in [(&ms, QUEUE_DOWN), (&mc, QUEUE_UP)] {
-                self.ns_m.exec(&["iptables", "-w", "-A", "FORWARD", "-i", dev, "-j", "NFQUEUE", "--queue-num", &q.to_string()])?;
+                self.ns_m.exec(&[
+                    "iptables",
+                    "-w",
+                    "-A",
+                    "FORWARD",
+                    "-i",
+                    dev,
+                    "-j",
+                    "NFQUEUE",
+                    "--queue-num",
+                    &q.to_string(),
+                ])?;
             }
         }
         Ok(())
@@ -360,8 +477,14 @@ impl Topo {
                 .ns_m
                 .command(&self.relay_bin)
                 .args([
-                    "--queue", &q.to_string(), "--delay-ms", &delay_ms.to_string(), "--max-len", &RELAY_QUEUE_LEN.to_string(),
-                    "--stats-ms", &RELAY_STATS.as_millis().to_string(),
+                    "--queue",
+                    &q.to_string(),
+                    "--delay-ms",
+                    &delay_ms.to_string(),
+                    "--max-len",
+                    &RELAY_QUEUE_LEN.to_string(),
+                    "--stats-ms",
+                    &RELAY_STATS.as_millis().to_string(),
                 ])
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::piped())
@@ -384,16 +507,27 @@ impl Topo {
             });
             match rx.recv_timeout(Duration::from_secs(10)) {
                 Ok(l) if l.trim() == "ready" => {}
-                Ok(l) => bail!("the relay for queue {q} did not start (first line {:?}; see its stderr above)", l.trim()),
+                Ok(l) => bail!(
+                    "the relay for queue {q} did not start (first line {:?}; see its stderr above)",
+                    l.trim()
+                ),
                 Err(_) => bail!("the relay for queue {q} did not report ready within 10 s"),
             }
         }
-        Ok(Relay { procs, delay_ms, lag })
+        Ok(Relay {
+            procs,
+            delay_ms,
+            lag,
+        })
     }
 
     /// CPU seconds of the relay processes so far.
     fn relay_cpu(&self) -> f64 {
-        self.relay.iter().flat_map(|r| &r.procs).filter_map(|p| sys::proc_cpu(p.0.id()).ok()).sum()
+        self.relay
+            .iter()
+            .flat_map(|r| &r.procs)
+            .filter_map(|p| sys::proc_cpu(p.0.id()).ok())
+            .sum()
     }
 
     /// The relays' verdict lateness over `[t0, t1]` (mean, max ms).
@@ -403,18 +537,35 @@ impl Topo {
 
     /// (packets, bytes) the server side put on the path so far (FORWARD rule 1 in m).
     fn down_counter(&self) -> Result<(u64, u64)> {
-        let out = self.ns_m.exec(&["iptables", "-w", "-L", "FORWARD", "-v", "-x", "-n", "--line-numbers"])?;
+        let out = self.ns_m.exec(&[
+            "iptables",
+            "-w",
+            "-L",
+            "FORWARD",
+            "-v",
+            "-x",
+            "-n",
+            "--line-numbers",
+        ])?;
         parse_rule1(&out).with_context(|| format!("no rule 1 in m's FORWARD chain:\n{out}"))
     }
 
     /// Packets the bottleneck queue dropped so far in the download direction (tbf on mc).
     fn tbf_drops(&self) -> u64 {
-        self.ns_m.exec(&["tc", "-s", "qdisc", "show", "dev", &self.mc_if]).ok().and_then(|o| parse_tbf_dropped(&o)).unwrap_or(0)
+        self.ns_m
+            .exec(&["tc", "-s", "qdisc", "show", "dev", &self.mc_if])
+            .ok()
+            .and_then(|o| parse_tbf_dropped(&o))
+            .unwrap_or(0)
     }
 
     /// Packets the relays' queues dropped (queue full or relay too slow), since they started.
     fn relay_drops(&self) -> u64 {
-        self.ns_m.exec(&["cat", "/proc/net/netfilter/nfnetlink_queue"]).ok().map(|o| parse_nfqueue_drops(&o)).unwrap_or(0)
+        self.ns_m
+            .exec(&["cat", "/proc/net/netfilter/nfnetlink_queue"])
+            .ok()
+            .map(|o| parse_nfqueue_drops(&o))
+            .unwrap_or(0)
     }
 
     /// Waits (≤ `max`) until the download direction is quiet: less than 16 KB counted in 200 ms.
@@ -436,21 +587,30 @@ impl Topo {
 fn parse_rule1(out: &str) -> Option<(u64, u64)> {
     out.lines().find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
-        (f.first() == Some(&"1")).then(|| Some((f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?))).flatten()
+        (f.first() == Some(&"1"))
+            .then(|| Some((f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?)))
+            .flatten()
     })
 }
 
 /// The `dropped N` figure of `tc -s qdisc show` output (first qdisc).
 fn parse_tbf_dropped(out: &str) -> Option<u64> {
     let i = out.find("dropped ")?;
-    out[i + 8..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    out[i + 8..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// queue_dropped + user_dropped summed over `/proc/net/netfilter/nfnetlink_queue` lines.
 fn parse_nfqueue_drops(out: &str) -> u64 {
     out.lines()
         .map(|l| {
-            let f: Vec<u64> = l.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
             f.get(5).copied().unwrap_or(0) + f.get(6).copied().unwrap_or(0)
         })
         .sum()
@@ -459,7 +619,8 @@ fn parse_nfqueue_drops(out: &str) -> u64 {
 /// Binds the target on 0.0.0.0:MUX_PORT of the current namespace: per connection, the first byte picks an
 /// endless source (`S`) or an echo (`E`).
 fn start_target() -> Result<()> {
-    let l = TcpListener::bind(("0.0.0.0", MUX_PORT)).with_context(|| format!("binding the target port {MUX_PORT}"))?;
+    let l = TcpListener::bind(("0.0.0.0", MUX_PORT))
+        .with_context(|| format!("binding the target port {MUX_PORT}"))?;
     std::thread::spawn(move || {
         for c in l.incoming().flatten() {
             std::thread::spawn(move || serve(c));
@@ -516,7 +677,13 @@ fn set_congestion(c: &TcpStream, cc: &str) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: valid socket descriptor; the name buffer outlives the call and its length is passed.
     let r = unsafe {
-        libc::setsockopt(c.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_ptr().cast(), cc.len() as libc::socklen_t)
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            cc.as_ptr().cast(),
+            cc.len() as libc::socklen_t,
+        )
     };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
@@ -528,7 +695,8 @@ fn set_congestion(c: &TcpStream, cc: &str) -> std::io::Result<()> {
 fn open_via(via: Front, ip_s: Ipv4Addr, cmd: u8) -> Result<TcpStream> {
     let local = |port: u16| -> Result<TcpStream> {
         let a = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let s = TcpStream::connect_timeout(&a, IO_TIMEOUT).with_context(|| format!("connecting to {a}"))?;
+        let s = TcpStream::connect_timeout(&a, IO_TIMEOUT)
+            .with_context(|| format!("connecting to {a}"))?;
         s.set_nodelay(true)?;
         Ok(s)
     };
@@ -573,11 +741,18 @@ fn spawn_reader(mut s: TcpStream, stop: Arc<AtomicBool>) -> Result<Reader> {
         while !stop.load(Ordering::Relaxed) {
             match s.read(&mut buf) {
                 Ok(0) if STOP_SOURCES.load(Ordering::Relaxed) => return Ok(()),
-                Ok(0) => bail!("the download ended after {} bytes", b.load(Ordering::Relaxed)),
+                Ok(0) => bail!(
+                    "the download ended after {} bytes",
+                    b.load(Ordering::Relaxed)
+                ),
                 Ok(n) => {
                     b.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => bail!("reading the download: {e}"),
             }
@@ -597,7 +772,9 @@ impl Drop for StopOnDrop {
 }
 
 fn join_reader(r: Reader) -> Result<()> {
-    r.handle.join().map_err(|_| anyhow::anyhow!("reader thread panicked"))?
+    r.handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?
 }
 
 /// Figures of one (cell, row).
@@ -653,9 +830,19 @@ fn warmup(cell: Cell) -> Duration {
 /// Idle RTT, one download with RTT probes beside it, then `parallel` downloads; the path must be shaped and
 /// the row's tunnel (if any) up.
 /// `src` is the target's command byte of the downloads (`S`, or `B`/`C` to pick plain TCP's algorithm).
-fn measure(path: &Topo, via: Front, src: u8, cell: Cell, secs: u64, parallel: usize) -> Result<Measured> {
+fn measure(
+    path: &Topo,
+    via: Front,
+    src: u8,
+    cell: Cell,
+    secs: u64,
+    parallel: usize,
+) -> Result<Measured> {
     let ip_s = path.ip_s;
-    let mut m = Measured { front: via.name().into(), ..Default::default() };
+    let mut m = Measured {
+        front: via.name().into(),
+        ..Default::default()
+    };
     let relay_drops0 = path.relay_drops();
     let mut ps = path.ns_c.run(move || open_via(via, ip_s, b'E'))?;
     let mut idle = Vec::with_capacity(IDLE_PROBES);
@@ -675,7 +862,12 @@ fn measure(path: &Topo, via: Front, src: u8, cell: Cell, secs: u64, parallel: us
     let bulk = path.ns_c.run(move || open_via(via, ip_s, src))?;
     let reader = spawn_reader(bulk, stop.clone())?;
     std::thread::sleep(warmup(cell));
-    let (c0, d0, b0, t0) = (path.down_counter()?, path.tbf_drops(), reader.bytes.load(Ordering::Relaxed), Instant::now());
+    let (c0, d0, b0, t0) = (
+        path.down_counter()?,
+        path.tbf_drops(),
+        reader.bytes.load(Ordering::Relaxed),
+        Instant::now(),
+    );
     let end = t0 + Duration::from_secs(secs);
     let prober = std::thread::spawn(move || {
         let (mut v, mut failures) = (Vec::new(), 0usize);
@@ -693,7 +885,12 @@ fn measure(path: &Topo, via: Front, src: u8, cell: Cell, secs: u64, parallel: us
         (v, failures)
     });
     std::thread::sleep(end.saturating_duration_since(Instant::now()));
-    let (b1, t1, c1, d1) = (reader.bytes.load(Ordering::Relaxed), Instant::now(), path.down_counter()?, path.tbf_drops());
+    let (b1, t1, c1, d1) = (
+        reader.bytes.load(Ordering::Relaxed),
+        Instant::now(),
+        path.down_counter()?,
+        path.tbf_drops(),
+    );
     STOP_SOURCES.store(true, Ordering::Relaxed);
     let drain_end = Instant::now() + DRAIN_MAX;
     while !reader.handle.is_finished() && Instant::now() < drain_end {
@@ -703,7 +900,9 @@ fn measure(path: &Topo, via: Front, src: u8, cell: Cell, secs: u64, parallel: us
     stop.store(true, Ordering::Relaxed);
     let total = reader.bytes.clone();
     let r = join_reader(reader);
-    let (loaded, failures) = prober.join().map_err(|_| anyhow::anyhow!("probe thread panicked"))?;
+    let (loaded, failures) = prober
+        .join()
+        .map_err(|_| anyhow::anyhow!("probe thread panicked"))?;
     r?;
     let goodput_bytes = b1 - b0;
     m.goodput_mbit = goodput_bytes as f64 * 8.0 / (t1 - t0).as_secs_f64() / 1e6;
@@ -730,10 +929,21 @@ fn measure(path: &Topo, via: Front, src: u8, cell: Cell, secs: u64, parallel: us
         let stop = Arc::new(AtomicBool::new(false));
         let _stop_guard = StopOnDrop(stop.clone());
         STOP_SOURCES.store(false, Ordering::Relaxed);
-        let streams = path.ns_c.run(move || (0..parallel).map(|_| open_via(via, ip_s, src)).collect::<Result<Vec<_>>>())?;
-        let readers = streams.into_iter().map(|s| spawn_reader(s, stop.clone())).collect::<Result<Vec<_>>>()?;
+        let streams = path.ns_c.run(move || {
+            (0..parallel)
+                .map(|_| open_via(via, ip_s, src))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let readers = streams
+            .into_iter()
+            .map(|s| spawn_reader(s, stop.clone()))
+            .collect::<Result<Vec<_>>>()?;
         std::thread::sleep(warmup(cell));
-        let snap = |rs: &[Reader]| rs.iter().map(|r| r.bytes.load(Ordering::Relaxed)).collect::<Vec<_>>();
+        let snap = |rs: &[Reader]| {
+            rs.iter()
+                .map(|r| r.bytes.load(Ordering::Relaxed))
+                .collect::<Vec<_>>()
+        };
         let (s0, t0) = (snap(&readers), Instant::now());
         std::thread::sleep(Duration::from_secs(secs));
         let (s1, t1) = (snap(&readers), Instant::now());
@@ -750,7 +960,9 @@ fn measure(path: &Topo, via: Front, src: u8, cell: Cell, secs: u64, parallel: us
         }
         let per: Vec<f64> = s0.iter().zip(&s1).map(|(a, b)| (b - a) as f64).collect();
         let total: f64 = per.iter().sum();
-        let share = |f: fn(f64, f64) -> f64, init: f64| per.iter().fold(init, |a, &v| f(a, v)) / total * 100.0;
+        let share = |f: fn(f64, f64) -> f64, init: f64| {
+            per.iter().fold(init, |a, &v| f(a, v)) / total * 100.0
+        };
         m.par = Some(Par {
             goodput_mbit: total * 8.0 / (t1 - t0).as_secs_f64() / 1e6,
             jain: jain(&per),
@@ -779,7 +991,12 @@ fn daemon_cpus() -> Option<(usize, usize)> {
 }
 
 /// Waits (≤ `secs`) until an echo makes it through `via`; `alive` is checked between attempts.
-fn wait_through(path: &Topo, via: Front, secs: u64, mut alive: impl FnMut() -> Result<()>) -> Result<()> {
+fn wait_through(
+    path: &Topo,
+    via: Front,
+    secs: u64,
+    mut alive: impl FnMut() -> Result<()>,
+) -> Result<()> {
     let ip_s = path.ip_s;
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
@@ -791,21 +1008,36 @@ fn wait_through(path: &Topo, via: Front, secs: u64, mut alive: impl FnMut() -> R
         });
         match r {
             Ok(_) => return Ok(()),
-            Err(e) if Instant::now() > deadline => bail!("no echo through {} within {secs} s: {e:#}", via.name()),
+            Err(e) if Instant::now() > deadline => {
+                bail!("no echo through {} within {secs} s: {e:#}", via.name())
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
 }
 
 /// Starts the row's tunnel (or sets the server's TCP congestion control); returns how to reach the target.
-fn start_row(path: &Topo, opts: &Opts, dir: &TempDir, cell: Cell, row: Row) -> Result<(Ends, Front)> {
+fn start_row(
+    path: &Topo,
+    opts: &Opts,
+    dir: &TempDir,
+    cell: Cell,
+    row: Row,
+) -> Result<(Ends, Front)> {
     match row {
         // The sender's algorithm is set per socket by the source (command byte `B` or `C`, see `run_row`).
         Row::TcpBbr | Row::TcpCubic => Ok((Ends::None, Front::Direct)),
         Row::Kcptun => {
             let wnd = row.window(opts.windows).unwrap_or(FIXED_WND);
             let target = format!("127.0.0.1:{MUX_PORT}");
-            let ends = tunnel::start_kcptun(&path.ns_c, &path.ns_s, path.ip_s, daemon_cpus(), &target, wnd)?;
+            let ends = tunnel::start_kcptun(
+                &path.ns_c,
+                &path.ns_s,
+                path.ip_s,
+                daemon_cpus(),
+                &target,
+                wnd,
+            )?;
             wait_through(path, Front::Kcptun, 20, || Ok(()))?;
             Ok((Ends::Kcptun(ends), Front::Kcptun))
         }
@@ -813,20 +1045,45 @@ fn start_row(path: &Topo, opts: &Opts, dir: &TempDir, cell: Cell, row: Row) -> R
             let kcp = row.kcp_lines(cell.rate, opts.windows);
             let cpus = daemon_cpus();
             let server_cfg = tunnel::server_toml(&path.s_if, path.ip_s, MAC_MS, &kcp, false);
-            let mut client_cfg = tunnel::client_toml(&path.c_if, path.ip_c, path.ip_s, MAC_MC, &kcp, false);
+            let mut client_cfg =
+                tunnel::client_toml(&path.c_if, path.ip_c, path.ip_s, MAC_MC, &kcp, false);
             client_cfg.push_str(&format!("[[forward]]\nlisten = \"127.0.0.1:{FWD_MUX}\"\ntarget = \"127.0.0.1:{MUX_PORT}\"\nprotocol = \"tcp\"\n"));
             let tag = row.name();
-            let mut server = Daemon::spawn(&path.ns_s, &opts.bin, &dir.0, &format!("server-{tag}"), &server_cfg, &opts.mode, cpus.map(|c| c.0))?;
-            let mut client = Daemon::spawn(&path.ns_c, &opts.bin, &dir.0, &format!("client-{tag}"), &client_cfg, &opts.mode, cpus.map(|c| c.1))?;
+            let mut server = Daemon::spawn(
+                &path.ns_s,
+                &opts.bin,
+                &dir.0,
+                &format!("server-{tag}"),
+                &server_cfg,
+                &opts.mode,
+                cpus.map(|c| c.0),
+            )?;
+            let mut client = Daemon::spawn(
+                &path.ns_c,
+                &opts.bin,
+                &dir.0,
+                &format!("client-{tag}"),
+                &client_cfg,
+                &opts.mode,
+                cpus.map(|c| c.1),
+            )?;
             let up = wait_through(path, Front::Forward, 30, || {
                 server.check_alive()?;
                 client.check_alive()
             });
             if let Err(e) = up {
-                bail!("{e:#}\n--- client log ---\n{}\n--- server log ---\n{}", client.log_tail(10), server.log_tail(10));
+                bail!(
+                    "{e:#}\n--- client log ---\n{}\n--- server log ---\n{}",
+                    client.log_tail(10),
+                    server.log_tail(10)
+                );
             }
             let ip_s = path.ip_s;
-            let front = if path.ns_c.run(move || open_via(Front::Socks5, ip_s, b'E').and_then(|mut s| probe(&mut s))).is_ok() {
+            let front = if path
+                .ns_c
+                .run(move || open_via(Front::Socks5, ip_s, b'E').and_then(|mut s| probe(&mut s)))
+                .is_ok()
+            {
                 Front::Socks5
             } else {
                 Front::Forward
@@ -873,10 +1130,21 @@ fn relay_check(path: &mut Topo, delay_ms: u32, n: usize, secs: u64) -> Result<Re
         let stop = Arc::new(AtomicBool::new(false));
         let _stop_guard = StopOnDrop(stop.clone());
         STOP_SOURCES.store(false, Ordering::Relaxed);
-        let streams = path.ns_c.run(move || (0..n).map(|_| open_via(Front::Direct, ip_s, b'B')).collect::<Result<Vec<_>>>())?;
-        let readers = streams.into_iter().map(|s| spawn_reader(s, stop.clone())).collect::<Result<Vec<_>>>()?;
+        let streams = path.ns_c.run(move || {
+            (0..n)
+                .map(|_| open_via(Front::Direct, ip_s, b'B'))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let readers = streams
+            .into_iter()
+            .map(|s| spawn_reader(s, stop.clone()))
+            .collect::<Result<Vec<_>>>()?;
         std::thread::sleep(Duration::from_secs(3));
-        let total = |rs: &[Reader]| rs.iter().map(|r| r.bytes.load(Ordering::Relaxed)).sum::<u64>();
+        let total = |rs: &[Reader]| {
+            rs.iter()
+                .map(|r| r.bytes.load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
         let cpu = || path.relay_cpu();
         let (b0, c0, t0) = (total(&readers), cpu(), Instant::now());
         std::thread::sleep(Duration::from_secs(secs));
@@ -915,7 +1183,9 @@ pub fn run(opts: &Opts) -> Result<Option<String>> {
     let mut notes: Vec<String> = Vec::new();
     let kcptun_ok = tunnel::kcptun_installed();
     if opts.rows.contains(&Row::Kcptun) && !kcptun_ok {
-        notes.push("kcptun is not installed (`apt-get install kcptun`): its row is not measured".into());
+        notes.push(
+            "kcptun is not installed (`apt-get install kcptun`): its row is not measured".into(),
+        );
     }
 
     let max_delay = opts.rtts.iter().copied().max().unwrap_or(0) / 2;
@@ -934,7 +1204,12 @@ pub fn run(opts: &Opts) -> Result<Option<String>> {
     let mut cell_secs = Vec::new();
     for (i, &cell) in cells.iter().enumerate() {
         let t = Instant::now();
-        eprintln!("bench wan: cell {}/{}: {}", i + 1, cells.len(), cell.label());
+        eprintln!(
+            "bench wan: cell {}/{}: {}",
+            i + 1,
+            cells.len(),
+            cell.label()
+        );
         if let Err(e) = path.set(Some(cell.rate), cell.rtt / 2, cell.loss) {
             notes.push(format!("{}: cannot shape the path: {e:#}", cell.label()));
             continue;
@@ -954,7 +1229,9 @@ pub fn run(opts: &Opts) -> Result<Option<String>> {
     }
     let total = started.elapsed().as_secs_f64();
     drop(path);
-    Ok(Some(render(opts, &check, &results, &mut notes, &cell_secs, total)))
+    Ok(Some(render(
+        opts, &check, &results, &mut notes, &cell_secs, total,
+    )))
 }
 
 fn pct_of_rtt(ms: f64, rtt: u32) -> f64 {
@@ -1019,7 +1296,10 @@ fn render(
         }
     }
     if !fronts.is_empty() {
-        md.push_str(&format!("Client side of each row: {}.\n\n", fronts.join("; ")));
+        md.push_str(&format!(
+            "Client side of each row: {}.\n\n",
+            fronts.join("; ")
+        ));
     }
     md.push_str(&format!(
         "| rate Mbit/s | RTT ms | loss % | row | goodput % of rate | idle RTT ms | added delay p50 ms (% RTT) | added p99 ms (% RTT), samples | wire bytes / delivered | excl. headers | bottleneck drops | relay lag mean / max ms | {n}× goodput % | {n}× Jain | {n}× min–max share % |\n\
@@ -1027,7 +1307,13 @@ fn render(
         n = opts.parallel
     ));
     for (cell, row, r) in results {
-        let head = format!("| {} | {} | {} | {} |", cell.rate, cell.rtt, fmt_loss(cell.loss), row.label(opts.windows));
+        let head = format!(
+            "| {} | {} | {} | {} |",
+            cell.rate,
+            cell.rtt,
+            fmt_loss(cell.loss),
+            row.label(opts.windows)
+        );
         match r {
             Ok(m) => {
                 let added = |p: f64| {
@@ -1061,7 +1347,8 @@ fn render(
                     format!("{approx}{}", fmt_ratio(wire)),
                     format!("{approx}{}", fmt_ratio(net)),
                     m.tbf_drops,
-                    m.relay_lag.map_or("n/a".into(), |(a, b)| format!("{a:.1} / {b:.1}")),
+                    m.relay_lag
+                        .map_or("n/a".into(), |(a, b)| format!("{a:.1} / {b:.1}")),
                 ));
                 if m.probe_failures > 0 {
                     notes.push(format!(
@@ -1072,7 +1359,10 @@ fn render(
                         m.added_ms.len()
                     ));
                 }
-                if let Some((lag, _)) = m.relay_lag.filter(|(lag, _)| *lag > (0.05 * f64::from(cell.rtt)).max(2.0)) {
+                if let Some((lag, _)) = m
+                    .relay_lag
+                    .filter(|(lag, _)| *lag > (0.05 * f64::from(cell.rtt)).max(2.0))
+                {
                     notes.push(format!(
                         "{} / {}: the relays were {lag:.1} ms late on average (more than max(2 ms, 5 % of the RTT)): \
                          their own queueing is part of the added delay",
@@ -1147,12 +1437,16 @@ fn overhead(m: &Measured, row: Row) -> (f64, f64) {
         return (f64::NAN, f64::NAN);
     }
     let d = m.delivered as f64;
-    let net = m.wire_bytes.saturating_sub(m.wire_pkts * row.header_bytes()) as f64;
+    let net = m
+        .wire_bytes
+        .saturating_sub(m.wire_pkts * row.header_bytes()) as f64;
     (m.wire_bytes as f64 / d, net / d)
 }
 
 fn fmt_lag(l: Option<(f64, f64)>) -> String {
-    l.map_or("n/a".into(), |(mean, max)| format!("{mean:.1} ms on average, {max:.1} ms at most"))
+    l.map_or("n/a".into(), |(mean, max)| {
+        format!("{mean:.1} ms on average, {max:.1} ms at most")
+    })
 }
 
 fn fmt_ratio(v: f64) -> String {
@@ -1168,7 +1462,12 @@ type Check = (String, f64, f64);
 
 /// One line per target: how many cells met it, which did not, or the closest call.
 fn targets(opts: &Opts, results: &[(Cell, Row, Result<Measured>)]) -> String {
-    let get = |cell: &Cell, row: Row| results.iter().find(|(c, r, _)| c == cell && *r == row).and_then(|(_, _, m)| m.as_ref().ok());
+    let get = |cell: &Cell, row: Row| {
+        results
+            .iter()
+            .find(|(c, r, _)| c == cell && *r == row)
+            .and_then(|(_, _, m)| m.as_ref().ok())
+    };
     let bbr: Vec<(&Cell, &Measured)> = results
         .iter()
         .filter(|(_, r, _)| *r == Row::Bbr)
@@ -1183,10 +1482,17 @@ fn targets(opts: &Opts, results: &[(Cell, Row, Result<Measured>)]) -> String {
             md.push_str(&format!("- {what}: no cell of this run applies\n"));
             return;
         }
-        let failed: Vec<String> = items.iter().filter(|i| i.2 < 0.0).map(|i| format!("{} ({})", i.0, fmt(i.1))).collect();
+        let failed: Vec<String> = items
+            .iter()
+            .filter(|i| i.2 < 0.0)
+            .map(|i| format!("{} ({})", i.0, fmt(i.1)))
+            .collect();
         let met = items.len() - failed.len();
         let tail = if failed.is_empty() {
-            let closest = items.iter().min_by(|a, b| a.2.total_cmp(&b.2)).expect("non-empty");
+            let closest = items
+                .iter()
+                .min_by(|a, b| a.2.total_cmp(&b.2))
+                .expect("non-empty");
             format!("; closest: {} ({})", closest.0, fmt(closest.1))
         } else {
             format!("; not met at {}", failed.join(", "))
@@ -1198,7 +1504,10 @@ fn targets(opts: &Opts, results: &[(Cell, Row, Result<Measured>)]) -> String {
         ));
     };
     // Windows cover the BDP: auto windows always (they grow), fixed ones when wnd × segment ≥ rate × RTT.
-    let covers = |c: &Cell| opts.windows.is_none_or(|w| (u64::from(w) * KCP_SEG_PAYLOAD) as f64 >= c.bdp_bytes());
+    let covers = |c: &Cell| {
+        opts.windows
+            .is_none_or(|w| (u64::from(w) * KCP_SEG_PAYLOAD) as f64 >= c.bdp_bytes())
+    };
     let pct = |c: &Cell, m: &Measured| m.goodput_mbit / f64::from(c.rate) * 100.0;
     let goodput = |lo: f64, hi: f64, min: f64| -> Vec<Check> {
         bbr.iter()
@@ -1207,8 +1516,16 @@ fn targets(opts: &Opts, results: &[(Cell, Row, Result<Measured>)]) -> String {
             .collect()
     };
     let in_pct = |v: f64| format!("{v:.1} %");
-    line("bbr ≥ 85 % of the bottleneck at ≤ 1 % loss (RTT ≤ 200 ms, windows covering the BDP)", goodput(0.0, 1.0, 85.0), &in_pct);
-    line("bbr ≥ 75 % of the bottleneck at 5 % loss (RTT ≤ 200 ms, windows covering the BDP)", goodput(1.0 + 1e-9, 5.0, 75.0), &in_pct);
+    line(
+        "bbr ≥ 85 % of the bottleneck at ≤ 1 % loss (RTT ≤ 200 ms, windows covering the BDP)",
+        goodput(0.0, 1.0, 85.0),
+        &in_pct,
+    );
+    line(
+        "bbr ≥ 75 % of the bottleneck at 5 % loss (RTT ≤ 200 ms, windows covering the BDP)",
+        goodput(1.0 + 1e-9, 5.0, 75.0),
+        &in_pct,
+    );
     let vs_kcptun: Vec<Check> = bbr
         .iter()
         .filter(|(c, _)| c.loss > 0.0 || c.rtt >= 100)
@@ -1217,7 +1534,11 @@ fn targets(opts: &Opts, results: &[(Cell, Row, Result<Measured>)]) -> String {
             Some((c.label(), ratio, ratio - 2.0))
         })
         .collect();
-    line("bbr ≥ 2× kcptun's goodput where loss > 0 or RTT ≥ 100 ms", vs_kcptun, &|v| format!("{v:.2}×"));
+    line(
+        "bbr ≥ 2× kcptun's goodput where loss > 0 or RTT ≥ 100 ms",
+        vs_kcptun,
+        &|v| format!("{v:.2}×"),
+    );
     let delay: Vec<Check> = bbr
         .iter()
         .filter(|(_, m)| !m.added_ms.is_empty())
@@ -1226,7 +1547,11 @@ fn targets(opts: &Opts, results: &[(Cell, Row, Result<Measured>)]) -> String {
             (c.label(), p, 25.0 - p)
         })
         .collect();
-    line("bbr added queueing delay p50 ≤ 25 % of the path RTT", delay, &|v| format!("{v:.0} % of RTT"));
+    line(
+        "bbr added queueing delay p50 ≤ 25 % of the path RTT",
+        delay,
+        &|v| format!("{v:.0} % of RTT"),
+    );
     let sent: Vec<Check> = bbr
         .iter()
         .filter(|(_, m)| m.delivered > 0)
@@ -1235,7 +1560,11 @@ fn targets(opts: &Opts, results: &[(Cell, Row, Result<Measured>)]) -> String {
             (c.label(), net, 1.0 + 2.0 * c.loss / 100.0 - net)
         })
         .collect();
-    line("bbr bytes sent per byte delivered (headers excluded) ≤ 1 + 2 × loss rate", sent, &|v| format!("{v:.3}"));
+    line(
+        "bbr bytes sent per byte delivered (headers excluded) ≤ 1 + 2 × loss rate",
+        sent,
+        &|v| format!("{v:.3}"),
+    );
     md
 }
 
@@ -1258,8 +1587,15 @@ mod tests {
         assert_eq!(parse_rule1(ipt), Some((12, 17000)));
         let tc = "qdisc tbf 8001: root refcnt 2 rate 100Mbit burst 6056b lat 49.9ms\n Sent 123 bytes 4 pkt (dropped 17, overlimits 9 requeues 0)\n";
         assert_eq!(parse_tbf_dropped(tc), Some(17));
-        assert_eq!(parse_nfqueue_drops("    7  12345     0 1     0  5  6  999 1\n"), 11);
-        let s = parse_lag("stats held=10 verdicts=400 late_mean_us=120 late_max_us=900", Instant::now()).unwrap();
+        assert_eq!(
+            parse_nfqueue_drops("    7  12345     0 1     0  5  6  999 1\n"),
+            11
+        );
+        let s = parse_lag(
+            "stats held=10 verdicts=400 late_mean_us=120 late_max_us=900",
+            Instant::now(),
+        )
+        .unwrap();
         assert_eq!((s.verdicts, s.mean_us, s.max_us), (400, 120, 900));
         assert!(parse_lag("ready", Instant::now()).is_none());
     }
@@ -1274,9 +1610,17 @@ mod tests {
 
     #[test]
     fn rows_and_tbf() {
-        assert_eq!(Row::Off.kcp_lines(100, None), "mode = \"fast3\"\ncc = \"off\"\nsndwnd = 2048\nrcvwnd = 2048\n");
-        assert_eq!(Row::Bbr.kcp_lines(100, None), "mode = \"fast3\"\ncc = \"bbr\"\n");
-        assert!(Row::Fixed.kcp_lines(20, Some(512)).contains("bandwidth = \"20mbit\"\nsndwnd = 512\n"));
+        assert_eq!(
+            Row::Off.kcp_lines(100, None),
+            "mode = \"fast3\"\ncc = \"off\"\nsndwnd = 2048\nrcvwnd = 2048\n"
+        );
+        assert_eq!(
+            Row::Bbr.kcp_lines(100, None),
+            "mode = \"fast3\"\ncc = \"bbr\"\n"
+        );
+        assert!(Row::Fixed
+            .kcp_lines(20, Some(512))
+            .contains("bandwidth = \"20mbit\"\nsndwnd = 512\n"));
         assert_eq!(Row::parse("tcp-cubic").unwrap(), Row::TcpCubic);
         assert!(Row::parse("reno").is_err());
         assert_eq!(tbf_params(20), (6056, 125_000));

@@ -11,7 +11,10 @@ use clap::Parser;
 use paqet::tools::impair::{run_relay, RelayConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "paqet-impair", about = "NFQUEUE delay/jitter/reorder/duplication relay for fault tests")]
+#[command(
+    name = "paqet-impair",
+    about = "NFQUEUE delay/jitter/reorder/duplication relay for fault tests"
+)]
 struct Args {
     /// NFQUEUE number to bind.
     #[arg(long, default_value_t = 7)]
@@ -44,13 +47,21 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-    ).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let a = Args::parse();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
     }
     let cfg = RelayConfig {
         queue: a.queue,

@@ -658,7 +658,10 @@ fn cc_windows(c: &Config) -> (CcAlgorithm, Option<u64>, (u32, bool), (u32, bool)
 fn assert_round_trips(c: &Config) -> toml::Table {
     let text = c.to_toml_string();
     let back = toml_ok(&text);
-    assert_eq!(&back.config, c, "TOML round trip changed the config:\n{text}");
+    assert_eq!(
+        &back.config, c,
+        "TOML round trip changed the config:\n{text}"
+    );
     assert!(back.warnings.is_empty(), "{:?}\n{text}", back.warnings);
     text.parse().expect("own TOML parses")
 }
@@ -679,9 +682,18 @@ fn toml_defaults_are_bbr_and_auto_windows() {
     // min(32768, 32 MiB / 1350) packets.
     assert_eq!(k.max_wnd(), 33_554_432 / 1350);
     let explicit = assert_round_trips(&c);
-    assert_eq!(kcp_value(&explicit, "cc").and_then(|v| v.as_str()), Some("bbr"));
-    assert_eq!(kcp_value(&explicit, "sndwnd").and_then(|v| v.as_str()), Some("auto"));
-    assert_eq!(kcp_value(&explicit, "rcvwnd").and_then(|v| v.as_str()), Some("auto"));
+    assert_eq!(
+        kcp_value(&explicit, "cc").and_then(|v| v.as_str()),
+        Some("bbr")
+    );
+    assert_eq!(
+        kcp_value(&explicit, "sndwnd").and_then(|v| v.as_str()),
+        Some("auto")
+    );
+    assert_eq!(
+        kcp_value(&explicit, "rcvwnd").and_then(|v| v.as_str()),
+        Some("auto")
+    );
     assert_eq!(
         kcp_value(&explicit, "window_mem").and_then(|v| v.as_integer()),
         Some(33_554_432)
@@ -700,7 +712,10 @@ fn toml_defaults_are_bbr_and_auto_windows() {
     assert_eq!(cc_windows(&fixed).2, (256, false));
     assert_eq!(cc_windows(&fixed).3, (512, true));
     let explicit = assert_round_trips(&fixed);
-    assert_eq!(kcp_value(&explicit, "sndwnd").and_then(|v| v.as_integer()), Some(256));
+    assert_eq!(
+        kcp_value(&explicit, "sndwnd").and_then(|v| v.as_integer()),
+        Some(256)
+    );
 }
 
 #[test]
@@ -712,8 +727,14 @@ fn yaml_import_keeps_upstream_windows_unless_auto() {
         (CcAlgorithm::Bbr, None, (128, false), (512, false))
     );
     let explicit = assert_round_trips(&c);
-    assert_eq!(kcp_value(&explicit, "sndwnd").and_then(|v| v.as_integer()), Some(128));
-    assert_eq!(kcp_value(&explicit, "cc").and_then(|v| v.as_str()), Some("bbr"));
+    assert_eq!(
+        kcp_value(&explicit, "sndwnd").and_then(|v| v.as_integer()),
+        Some(128)
+    );
+    assert_eq!(
+        kcp_value(&explicit, "cc").and_then(|v| v.as_str()),
+        Some("bbr")
+    );
 
     // Windows left out (or Go's zero value): upstream's fixed values, no auto-tuning.
     let unset = spec_client_yaml()
@@ -738,8 +759,14 @@ fn yaml_import_keeps_upstream_windows_unless_auto() {
     );
     // `config import` output keeps it.
     let explicit = assert_round_trips(&loaded.config);
-    assert_eq!(kcp_value(&explicit, "sndwnd").and_then(|v| v.as_str()), Some("auto"));
-    assert_eq!(kcp_value(&explicit, "rcvwnd").and_then(|v| v.as_integer()), Some(512));
+    assert_eq!(
+        kcp_value(&explicit, "sndwnd").and_then(|v| v.as_str()),
+        Some("auto")
+    );
+    assert_eq!(
+        kcp_value(&explicit, "rcvwnd").and_then(|v| v.as_integer()),
+        Some(512)
+    );
 
     // The paqet-dp keys are read from YAML too (a float rate is taken as written, as a string would be).
     let fixed = auto.replace(
@@ -749,7 +776,12 @@ fn yaml_import_keeps_upstream_windows_unless_auto() {
     let c = Config::from_yaml_str(&fixed).unwrap().config;
     assert_eq!(
         cc_windows(&c),
-        (CcAlgorithm::Fixed, Some(12_500_000), (128, true), (512, false))
+        (
+            CcAlgorithm::Fixed,
+            Some(12_500_000),
+            (128, true),
+            (512, false)
+        )
     );
     assert_eq!(c.transport.kcp.window_mem, 8_388_608);
     let explicit = assert_round_trips(&c);
@@ -759,7 +791,12 @@ fn yaml_import_keeps_upstream_windows_unless_auto() {
     );
     let float = fixed.replace("bandwidth: 100mbit", "bandwidth: 1.5e6");
     assert_eq!(
-        Config::from_yaml_str(&float).unwrap().config.transport.kcp.bandwidth,
+        Config::from_yaml_str(&float)
+            .unwrap()
+            .config
+            .transport
+            .kcp
+            .bandwidth,
         Some(1_500_000)
     );
 }
@@ -797,8 +834,13 @@ fn cc_and_window_errors_name_key_value_and_range() {
         ("\"2000gb\"", "\"2000gb\""),
     ] {
         for cc in ["fixed", "bbr"] {
-            let errors = toml_errors(&client_toml(&format!("cc = \"{cc}\"\nbandwidth = {written}")));
-            assert_has(&errors, &format!("transport.kcp.bandwidth = {shown}: must be"));
+            let errors = toml_errors(&client_toml(&format!(
+                "cc = \"{cc}\"\nbandwidth = {written}"
+            )));
+            assert_has(
+                &errors,
+                &format!("transport.kcp.bandwidth = {shown}: must be"),
+            );
             assert_eq!(errors.len(), 1, "{}", errors.join("\n"));
         }
     }
@@ -828,8 +870,14 @@ fn cc_and_window_errors_name_key_value_and_range() {
     match Config::from_yaml_str(&yaml) {
         Err(ConfigError::Invalid { errors, .. }) => {
             let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-            assert_has(&errors, "transport.kcp.sndwnd = \"autox\": must be 1..=32768, or auto");
-            assert_has(&errors, "transport.kcp.cc = \"reno\": must be one of bbr, fixed, off");
+            assert_has(
+                &errors,
+                "transport.kcp.sndwnd = \"autox\": must be 1..=32768, or auto",
+            );
+            assert_has(
+                &errors,
+                "transport.kcp.cc = \"reno\": must be one of bbr, fixed, off",
+            );
             assert_eq!(errors.len(), 2, "{}", errors.join("\n"));
         }
         other => panic!("expected Invalid, got {other:?}"),
@@ -839,7 +887,9 @@ fn cc_and_window_errors_name_key_value_and_range() {
 #[test]
 fn bandwidth_units() {
     let rate = |written: &str| {
-        let loaded = toml_ok(&client_toml(&format!("cc = \"fixed\"\nbandwidth = {written}")));
+        let loaded = toml_ok(&client_toml(&format!(
+            "cc = \"fixed\"\nbandwidth = {written}"
+        )));
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
         assert_round_trips(&loaded.config);
         loaded.config.transport.kcp.bandwidth
@@ -865,7 +915,9 @@ fn bandwidth_units() {
 #[test]
 fn bandwidth_without_fixed_is_ignored_with_a_warning() {
     for cc in ["bbr", "off"] {
-        let loaded = toml_ok(&client_toml(&format!("cc = \"{cc}\"\nbandwidth = \"100mbit\"")));
+        let loaded = toml_ok(&client_toml(&format!(
+            "cc = \"{cc}\"\nbandwidth = \"100mbit\""
+        )));
         assert_eq!(loaded.config.transport.kcp.bandwidth, None);
         assert_eq!(loaded.config.transport.kcp.cc.to_string(), cc);
         let w: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
@@ -887,7 +939,11 @@ fn bandwidth_without_fixed_is_ignored_with_a_warning() {
 #[test]
 fn window_mem_caps_auto_windows() {
     let max_wnd = |extra: &str, server: bool| {
-        let text = if server { server_toml(extra) } else { client_toml(extra) };
+        let text = if server {
+            server_toml(extra)
+        } else {
+            client_toml(extra)
+        };
         toml_ok(&text).config.transport.kcp.max_wnd()
     };
     // 1 MiB / 1350 = 776 packets.
@@ -900,18 +956,30 @@ fn window_mem_caps_auto_windows() {
     assert_eq!(max_wnd("window_mem = 1048576\nmtu = 500", false), 2097);
     // Only the auto windows' starts raise it: a fixed 4096 sndwnd does not.
     assert_eq!(max_wnd("window_mem = 1048576\nsndwnd = 4096", false), 776);
-    assert_eq!(max_wnd("window_mem = 1048576\nsndwnd = 4096\nrcvwnd = \"auto\"", true), 1024);
+    assert_eq!(
+        max_wnd(
+            "window_mem = 1048576\nsndwnd = 4096\nrcvwnd = \"auto\"",
+            true
+        ),
+        1024
+    );
 
     // A non-default window_mem with both windows fixed has no effect: warned about.
-    let loaded = toml_ok(&client_toml("window_mem = 1048576\nsndwnd = 128\nrcvwnd = 512"));
+    let loaded = toml_ok(&client_toml(
+        "window_mem = 1048576\nsndwnd = 128\nrcvwnd = 512",
+    ));
     assert!(
-        loaded.warnings.iter().any(|w| w.key == "transport.kcp.window_mem"
-            && w.message.contains("ignored")),
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.key == "transport.kcp.window_mem" && w.message.contains("ignored")),
         "{:?}",
         loaded.warnings
     );
     // The explicit default (as `config import` writes it) is not.
-    let loaded = toml_ok(&client_toml("window_mem = 33554432\nsndwnd = 128\nrcvwnd = 512"));
+    let loaded = toml_ok(&client_toml(
+        "window_mem = 33554432\nsndwnd = 128\nrcvwnd = 512",
+    ));
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
 }
 
@@ -928,13 +996,31 @@ fn session_config_carries_cc_and_autotune() {
     assert_eq!(k.cc, CcConfig::BBR);
     assert_eq!(
         (k.sndwnd, k.rcvwnd, k.autotune),
-        (128, 512, Autotune { sndwnd: true, rcvwnd: true, max_wnd: 33_554_432 / 1350 })
+        (
+            128,
+            512,
+            Autotune {
+                sndwnd: true,
+                rcvwnd: true,
+                max_wnd: 33_554_432 / 1350
+            }
+        )
     );
-    let k = kcp(&server_toml("cc = \"fixed\"\nbandwidth = \"80mbit\"\nsndwnd = 2048"));
+    let k = kcp(&server_toml(
+        "cc = \"fixed\"\nbandwidth = \"80mbit\"\nsndwnd = 2048",
+    ));
     assert_eq!(k.cc, CcConfig::fixed(10_000_000));
     assert_eq!(
         (k.sndwnd, k.rcvwnd, k.autotune),
-        (2048, 1024, Autotune { sndwnd: false, rcvwnd: true, max_wnd: 33_554_432 / 1350 })
+        (
+            2048,
+            1024,
+            Autotune {
+                sndwnd: false,
+                rcvwnd: true,
+                max_wnd: 33_554_432 / 1350
+            }
+        )
     );
     let k = kcp(&client_toml("cc = \"off\"\nsndwnd = 128\nrcvwnd = 512"));
     assert_eq!(k.cc, CcConfig::OFF);

@@ -224,7 +224,11 @@ impl FromStr for CpuPin {
     type Err = String;
     /// `auto`, `none`, or a Linux CPU list: comma-separated CPUs and inclusive ranges (`0-3,6`).
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: String| format!("{why}; must be auto, none or a CPU list such as \"0-3,6\" (CPUs 0..={MAX_CPU})");
+        let bad = |why: String| {
+            format!(
+                "{why}; must be auto, none or a CPU list such as \"0-3,6\" (CPUs 0..={MAX_CPU})"
+            )
+        };
         match s.trim() {
             "auto" => return Ok(CpuPin::Auto),
             "none" => return Ok(CpuPin::None),
@@ -352,8 +356,14 @@ mod cpu_pin_tests {
         assert_eq!("auto".parse::<CpuPin>().unwrap(), CpuPin::Auto);
         assert_eq!("none".parse::<CpuPin>().unwrap(), CpuPin::None);
         assert_eq!("3".parse::<CpuPin>().unwrap(), CpuPin::Cpus(vec![3]));
-        assert_eq!("0-3,6".parse::<CpuPin>().unwrap(), CpuPin::Cpus(vec![0, 1, 2, 3, 6]));
-        assert_eq!("6, 2-3".parse::<CpuPin>().unwrap(), CpuPin::Cpus(vec![6, 2, 3]));
+        assert_eq!(
+            "0-3,6".parse::<CpuPin>().unwrap(),
+            CpuPin::Cpus(vec![0, 1, 2, 3, 6])
+        );
+        assert_eq!(
+            "6, 2-3".parse::<CpuPin>().unwrap(),
+            CpuPin::Cpus(vec![6, 2, 3])
+        );
         assert_eq!(CpuPin::Cpus(vec![0, 1, 2, 3, 6]).to_string(), "0,1,2,3,6");
     }
 
@@ -368,7 +378,10 @@ mod cpu_pin_tests {
             ("0-", "\"\" is not a CPU number"),
         ] {
             let e = text.parse::<CpuPin>().unwrap_err();
-            assert!(e.starts_with(why) && e.contains("CPUs 0..=1023"), "{text:?}: {e}");
+            assert!(
+                e.starts_with(why) && e.contains("CPUs 0..=1023"),
+                "{text:?}: {e}"
+            );
         }
     }
 
@@ -384,11 +397,18 @@ mod cpu_pin_tests {
     fn io_cpus_key_defaults_validates_and_round_trips() {
         let d = Config::from_toml_str(&server("")).unwrap().config;
         assert_eq!(d.io.cpus, CpuPin::Auto);
-        let c = Config::from_toml_str(&server("cpus = \"1-2\"")).unwrap().config;
+        let c = Config::from_toml_str(&server("cpus = \"1-2\""))
+            .unwrap()
+            .config;
         assert_eq!(c.io.cpus, CpuPin::Cpus(vec![1, 2]));
         let again = Config::from_toml_str(&c.to_toml_string()).unwrap().config;
         assert_eq!(again.io.cpus, c.io.cpus);
-        let e = Config::from_toml_str(&server("cpus = \"2-1\"")).unwrap_err().to_string();
-        assert!(e.contains("io.cpus = \"2-1\": range \"2-1\" runs backwards"), "{e}");
+        let e = Config::from_toml_str(&server("cpus = \"2-1\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("io.cpus = \"2-1\": range \"2-1\" runs backwards"),
+            "{e}"
+        );
     }
 }

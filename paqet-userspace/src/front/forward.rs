@@ -35,7 +35,11 @@ impl TcpForward {
         let listener = TcpListener::bind(listen).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("tcp forward: binding {listen}: {e}"))
         })?;
-        Ok(TcpForward { listener, host, port })
+        Ok(TcpForward {
+            listener,
+            host,
+            port,
+        })
     }
 
     /// The bound local address.
@@ -84,7 +88,12 @@ impl UdpForward {
         let sock = UdpSocket::bind(listen).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("udp forward: binding {listen}: {e}"))
         })?;
-        Ok(UdpForward { sock: Rc::new(sock), host, port, idle: UDP_IDLE })
+        Ok(UdpForward {
+            sock: Rc::new(sock),
+            host,
+            port,
+            idle: UDP_IDLE,
+        })
     }
 
     /// Changes the idle expiry (default [`UDP_IDLE`]).

@@ -4,8 +4,10 @@
 //! [`Tunnel::open_tcp`](crate::worker::Tunnel::open_tcp) for a byte stream to `host:port` (resolved by the
 //! server) and [`Tunnel::open_udp`](crate::worker::Tunnel::open_udp) for a datagram stream.
 //! - [`forward`]: fixed TCP and UDP port forwards (spec §4).
+pub mod dial;
 pub mod forward;
-pub mod socks5; pub mod http; pub mod dial;
+pub mod http;
+pub mod socks5;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -46,7 +48,10 @@ pub fn split_target(target: &str) -> Result<(String, u16), String> {
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| format!("target {target:?}: port must be 1..=65535"))?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     if host.is_empty() || host.len() > 253 {
         return Err(format!("target {target:?}: host must be 1..=253 bytes"));
     }
@@ -59,9 +64,18 @@ mod tests {
 
     #[test]
     fn targets_split_like_upstream() {
-        assert_eq!(split_target("10.0.0.5:80").unwrap(), ("10.0.0.5".into(), 80));
-        assert_eq!(split_target("example.com:443").unwrap(), ("example.com".into(), 443));
-        assert_eq!(split_target("[2001:db8::1]:53").unwrap(), ("2001:db8::1".into(), 53));
+        assert_eq!(
+            split_target("10.0.0.5:80").unwrap(),
+            ("10.0.0.5".into(), 80)
+        );
+        assert_eq!(
+            split_target("example.com:443").unwrap(),
+            ("example.com".into(), 443)
+        );
+        assert_eq!(
+            split_target("[2001:db8::1]:53").unwrap(),
+            ("2001:db8::1".into(), 53)
+        );
         assert!(split_target("example.com").is_err());
         assert!(split_target("example.com:0").is_err());
         assert!(split_target(":80").is_err());

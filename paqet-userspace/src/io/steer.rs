@@ -187,7 +187,9 @@ pub type SharedPorts = Arc<Mutex<PortSet>>;
 
 impl std::fmt::Debug for PortSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PortSet").field("ports", &self.ports()).finish()
+        f.debug_struct("PortSet")
+            .field("ports", &self.ports())
+            .finish()
     }
 }
 
@@ -453,11 +455,13 @@ impl Steering {
 
     /// Removes the socket of RX queue `queue` from the XSKMAP (its frames then pass to the kernel).
     pub fn unregister_socket(&mut self, queue: u32) -> Result<(), SteerError> {
-        self.xsk_map(queue)?.unset(queue).map_err(|source| SteerError::Map {
-            map: MAP_XSKS,
-            op: "unset",
-            source,
-        })
+        self.xsk_map(queue)?
+            .unset(queue)
+            .map_err(|source| SteerError::Map {
+                map: MAP_XSKS,
+                op: "unset",
+                source,
+            })
     }
 
     /// Starts steering with the remembered config. Call after registering the sockets.
@@ -499,10 +503,20 @@ impl Steering {
 
     /// Writes `value` into slot 0 of the one-entry array map `name`.
     fn set_slot0<T: aya::Pod>(&mut self, name: &'static str, value: T) -> Result<(), SteerError> {
-        let map = self.ebpf.map_mut(name).ok_or(SteerError::Missing { kind: "map", name })?;
-        let mut arr: Array<_, T> =
-            Array::try_from(map).map_err(|source| SteerError::Map { map: name, op: "open", source })?;
-        arr.set(0, value, 0).map_err(|source| SteerError::Map { map: name, op: "set", source })
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(SteerError::Missing { kind: "map", name })?;
+        let mut arr: Array<_, T> = Array::try_from(map).map_err(|source| SteerError::Map {
+            map: name,
+            op: "open",
+            source,
+        })?;
+        arr.set(0, value, 0).map_err(|source| SteerError::Map {
+            map: name,
+            op: "set",
+            source,
+        })
     }
 
     /// Replaces the set of accepted guard prefixes (`magic[4] | cookie[8]`). Prefixes already in

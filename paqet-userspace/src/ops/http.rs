@@ -45,7 +45,13 @@ pub struct OpsState {
 impl OpsState {
     /// State serving `/metrics` from `snapshot` and `/readyz` from `ready`; profiling off.
     pub fn new(snapshot: SnapshotFn, ready: ReadyFn) -> Self {
-        OpsState { metrics: Metrics::new(), snapshot, ready, pprof: false, shutdown: watch::Sender::new(false) }
+        OpsState {
+            metrics: Metrics::new(),
+            snapshot,
+            ready,
+            pprof: false,
+            shutdown: watch::Sender::new(false),
+        }
     }
 
     /// Enables (or not) the `/debug/pprof/*` endpoints.
@@ -103,14 +109,23 @@ pub async fn serve(listener: TcpListener, state: Arc<OpsState>) {
 
 /// Binds `addr` and runs [`serve`] on a new thread ("paqet-ops") with its own current-thread runtime.
 /// Returns the bound address (useful with port 0) and the thread's handle.
-pub fn spawn_ops_thread(addr: SocketAddr, state: Arc<OpsState>) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+pub fn spawn_ops_thread(
+    addr: SocketAddr,
+    state: Arc<OpsState>,
+) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let std_listener = std::net::TcpListener::bind(addr)
         .map_err(|e| io::Error::new(e.kind(), format!("ops server: binding {addr}: {e}")))?;
     std_listener.set_nonblocking(true)?;
     let local = std_listener.local_addr()?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
-    let handle = std::thread::Builder::new().name("paqet-ops".into()).spawn(move || {
-        rt.block_on(async move {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    let handle =
+        std::thread::Builder::new()
+            .name("paqet-ops".into())
+            .spawn(move || {
+                rt.block_on(async move {
             match TcpListener::from_std(std_listener) {
                 Ok(l) => {
                     info!(addr = %local, pprof = state.pprof, "ops server listening");
@@ -119,7 +134,7 @@ pub fn spawn_ops_thread(addr: SocketAddr, state: Arc<OpsState>) -> io::Result<(S
                 Err(e) => error!(addr = %local, error = %e, "ops server: registering the listener"),
             }
         });
-    })?;
+            })?;
     Ok((local, handle))
 }
 
@@ -133,11 +148,21 @@ struct Response {
 
 impl Response {
     fn text(status: u16, body: impl Into<String>) -> Self {
-        Response { status, content_type: "text/plain; charset=utf-8", extra: None, body: body.into().into_bytes() }
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            extra: None,
+            body: body.into().into_bytes(),
+        }
     }
 
     fn profile(body: Vec<u8>, filename: &'static str) -> Self {
-        Response { status: 200, content_type: "application/octet-stream", extra: Some(filename), body }
+        Response {
+            status: 200,
+            content_type: "application/octet-stream",
+            extra: Some(filename),
+            body,
+        }
     }
 }
 
@@ -162,7 +187,10 @@ async fn read_head(sock: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
     loop {
         let n = sock.read(&mut chunk).await?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the request head ended"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before the request head ended",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
@@ -176,7 +204,12 @@ async fn read_head(sock: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
 
 async fn handle(mut sock: TcpStream, state: &OpsState) -> io::Result<()> {
     let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut sock)).await {
-        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "request head not received in time")),
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not received in time",
+            ))
+        }
         Ok(r) => r?,
     };
     let (resp, head_only) = match head {
@@ -189,9 +222,10 @@ async fn handle(mut sock: TcpStream, state: &OpsState) -> io::Result<()> {
                 (Some(m @ ("GET" | "HEAD")), Some(target), Some(v)) if v.starts_with("HTTP/1.") => {
                     (route(state, target).await, m == "HEAD")
                 }
-                (Some(_), Some(_), Some(v)) if v.starts_with("HTTP/1.") => {
-                    (Response::text(405, "only GET and HEAD are supported\n"), false)
-                }
+                (Some(_), Some(_), Some(v)) if v.starts_with("HTTP/1.") => (
+                    Response::text(405, "only GET and HEAD are supported\n"),
+                    false,
+                ),
                 _ => (Response::text(400, "malformed request line\n"), false),
             }
         }
@@ -207,7 +241,9 @@ async fn handle(mut sock: TcpStream, state: &OpsState) -> io::Result<()> {
         out.push_str("Allow: GET, HEAD\r\n");
     }
     if let Some(f) = resp.extra {
-        out.push_str(&format!("Content-Disposition: attachment; filename=\"{f}\"\r\n"));
+        out.push_str(&format!(
+            "Content-Disposition: attachment; filename=\"{f}\"\r\n"
+        ));
     }
     out.push_str("\r\n");
     sock.write_all(out.as_bytes()).await?;
@@ -218,12 +254,18 @@ async fn handle(mut sock: TcpStream, state: &OpsState) -> io::Result<()> {
 }
 
 /// Runs `f` on a short-lived thread and awaits its result without blocking the runtime.
-async fn off_thread<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+async fn off_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
     let (tx, rx) = oneshot::channel();
-    std::thread::Builder::new().name(name.into()).spawn(move || {
-        let _ = tx.send(f());
-    })?;
-    rx.await.map_err(|_| io::Error::other(format!("{name} thread ended without a result")))
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })?;
+    rx.await
+        .map_err(|_| io::Error::other(format!("{name} thread ended without a result")))
 }
 
 fn profile_error(e: ProfileError) -> Response {
@@ -238,7 +280,12 @@ fn profile_error(e: ProfileError) -> Response {
 fn seconds_param(query: &str) -> Result<u64, String> {
     for kv in query.split('&') {
         if let Some(v) = kv.strip_prefix("seconds=") {
-            return v.parse::<u64>().map_err(|_| format!("bad seconds={v}: expected an integer 1..={}", pprof::MAX_CPU_SECONDS));
+            return v.parse::<u64>().map_err(|_| {
+                format!(
+                    "bad seconds={v}: expected an integer 1..={}",
+                    pprof::MAX_CPU_SECONDS
+                )
+            });
         }
     }
     Ok(DEFAULT_PROFILE_SECONDS)
@@ -249,29 +296,38 @@ async fn route(state: &OpsState, target: &str) -> Response {
     match path {
         "/metrics" => {
             let body = state.metrics.encode(&(state.snapshot)()).into_bytes();
-            Response { status: 200, content_type: CONTENT_TYPE, extra: None, body }
+            Response {
+                status: 200,
+                content_type: CONTENT_TYPE,
+                extra: None,
+                body,
+            }
         }
         "/healthz" => Response::text(200, "ok\n"),
         "/readyz" => match (state.ready)() {
             Ok(()) => Response::text(200, "ready\n"),
             Err(r) => Response::text(503, format!("not ready: {r}\n")),
         },
-        "/debug/pprof/" | "/debug/pprof" if state.pprof => {
-            Response::text(200, "profiles:\n/debug/pprof/profile?seconds=N  CPU (1..=60 s)\n/debug/pprof/heap  heap\n")
-        }
+        "/debug/pprof/" | "/debug/pprof" if state.pprof => Response::text(
+            200,
+            "profiles:\n/debug/pprof/profile?seconds=N  CPU (1..=60 s)\n/debug/pprof/heap  heap\n",
+        ),
         "/debug/pprof/profile" if state.pprof => match seconds_param(query) {
             Err(m) => Response::text(400, format!("{m}\n")),
-            Ok(secs) => match off_thread("paqet-pprof-cpu", move || pprof::cpu_profile(secs)).await {
+            Ok(secs) => match off_thread("paqet-pprof-cpu", move || pprof::cpu_profile(secs)).await
+            {
                 Ok(Ok(body)) => Response::profile(body, "profile"),
                 Ok(Err(e)) => profile_error(e),
                 Err(e) => Response::text(500, format!("{e}\n")),
             },
         },
-        "/debug/pprof/heap" if state.pprof => match off_thread("paqet-pprof-heap", pprof::heap_profile).await {
-            Ok(Ok(body)) => Response::profile(body, "heap"),
-            Ok(Err(e)) => profile_error(e),
-            Err(e) => Response::text(500, format!("{e}\n")),
-        },
+        "/debug/pprof/heap" if state.pprof => {
+            match off_thread("paqet-pprof-heap", pprof::heap_profile).await {
+                Ok(Ok(body)) => Response::profile(body, "heap"),
+                Ok(Err(e)) => profile_error(e),
+                Err(e) => Response::text(500, format!("{e}\n")),
+            }
+        }
         _ => Response::text(404, format!("not found: {path}\n")),
     }
 }
@@ -284,14 +340,22 @@ mod tests {
     fn readiness_rule() {
         assert!(readiness(true, RoleLabel::Server, 0).is_ok());
         assert!(readiness(true, RoleLabel::Client, 1).is_ok());
-        assert_eq!(readiness(true, RoleLabel::Client, 0).unwrap_err(), "no live session to the server");
-        assert_eq!(readiness(false, RoleLabel::Server, 3).unwrap_err(), "data path not attached");
+        assert_eq!(
+            readiness(true, RoleLabel::Client, 0).unwrap_err(),
+            "no live session to the server"
+        );
+        assert_eq!(
+            readiness(false, RoleLabel::Server, 3).unwrap_err(),
+            "data path not attached"
+        );
     }
 
     #[test]
     fn seconds_parameter() {
         assert_eq!(seconds_param(""), Ok(30));
         assert_eq!(seconds_param("debug=1&seconds=5"), Ok(5));
-        assert!(seconds_param("seconds=abc").unwrap_err().contains("seconds=abc"));
+        assert!(seconds_param("seconds=abc")
+            .unwrap_err()
+            .contains("seconds=abc"));
     }
 }

@@ -70,14 +70,24 @@ impl MetricsHub {
         Snapshot {
             role: self.role,
             mode: *self.mode.lock().unwrap_or_else(|p| p.into_inner()),
-            workers: self.workers.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            workers: self
+                .workers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             xdp: *self.xdp.lock().unwrap_or_else(|p| p.into_inner()),
         }
     }
 
     /// Readiness: data path attached and, on a client, at least one live session.
     pub fn readiness(&self) -> Result<(), String> {
-        let live: u64 = self.workers.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|w| w.live_sessions).sum();
+        let live: u64 = self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|w| w.live_sessions)
+            .sum();
         super::http::readiness(self.attached.load(Ordering::Acquire), self.role, live)
     }
 
@@ -85,7 +95,10 @@ impl MetricsHub {
     pub fn ops_state(self: &Arc<Self>) -> super::OpsState {
         let a = self.clone();
         let b = self.clone();
-        super::OpsState::new(Box::new(move || a.snapshot()), Box::new(move || b.readiness()))
+        super::OpsState::new(
+            Box::new(move || a.snapshot()),
+            Box::new(move || b.readiness()),
+        )
     }
 }
 
@@ -99,9 +112,26 @@ mod tests {
         assert!(hub.readiness().unwrap_err().contains("not attached"));
         hub.set_attached(true);
         assert!(hub.readiness().unwrap_err().contains("no live session"));
-        hub.publish(0, WorkerSnapshot { sessions: 1, ..Default::default() });
-        assert!(hub.readiness().is_err(), "a session that heard nothing is not live");
-        hub.publish(1, WorkerSnapshot { sessions: 2, live_sessions: 1, rx_packets: 5, ..Default::default() });
+        hub.publish(
+            0,
+            WorkerSnapshot {
+                sessions: 1,
+                ..Default::default()
+            },
+        );
+        assert!(
+            hub.readiness().is_err(),
+            "a session that heard nothing is not live"
+        );
+        hub.publish(
+            1,
+            WorkerSnapshot {
+                sessions: 2,
+                live_sessions: 1,
+                rx_packets: 5,
+                ..Default::default()
+            },
+        );
         assert!(hub.readiness().is_ok());
         let s = hub.snapshot();
         assert_eq!(s.workers.len(), 2);

@@ -143,7 +143,11 @@ fn sort_top(top: &mut Vec<CcTopSession>) {
 impl CcSnapshot {
     /// Adds one live session's figures.
     pub fn add_session(&mut self, peer: SocketAddr, s: &CcStats) {
-        match self.states.iter_mut().find(|(a, st, _)| *a == s.algorithm && *st == s.state) {
+        match self
+            .states
+            .iter_mut()
+            .find(|(a, st, _)| *a == s.algorithm && *st == s.state)
+        {
             Some((_, _, n)) => *n += 1,
             None => self.states.push((s.algorithm, s.state, 1)),
         }
@@ -187,7 +191,11 @@ pub fn min_median_max(v: &[f64]) -> (f64, f64, f64) {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
     (v[0], median, v[n - 1])
 }
 
@@ -220,7 +228,11 @@ pub enum DataPathMode {
 
 impl DataPathMode {
     /// All modes (each gets a series, 1 for the active one).
-    pub const ALL: [DataPathMode; 3] = [DataPathMode::Pcap, DataPathMode::XdpNative, DataPathMode::XdpGeneric];
+    pub const ALL: [DataPathMode; 3] = [
+        DataPathMode::Pcap,
+        DataPathMode::XdpNative,
+        DataPathMode::XdpGeneric,
+    ];
 
     /// The label value.
     pub const fn name(self) -> &'static str {
@@ -379,7 +391,8 @@ fn set_c(f: &CounterFamily, labels: &Labels, v: u64) {
 }
 
 fn set_g(f: &GaugeFamily, labels: &Labels, v: u64) {
-    f.get_or_create(labels).set(i64::try_from(v).unwrap_or(i64::MAX));
+    f.get_or_create(labels)
+        .set(i64::try_from(v).unwrap_or(i64::MAX));
 }
 
 /// The metric families. Cheap to share (`Send + Sync`); [`Metrics::encode`] takes `&self`.
@@ -440,16 +453,28 @@ struct CcTopFamilies {
 
 impl CcTopFamilies {
     fn clear(&self) {
-        for f in [&self.pacing_rate, &self.btl_bw, &self.delivery_rate, &self.cwnd, &self.inflight] {
+        for f in [
+            &self.pacing_rate,
+            &self.btl_bw,
+            &self.delivery_rate,
+            &self.cwnd,
+            &self.inflight,
+        ] {
             f.clear();
         }
-        for f in [&self.min_rtt, &self.srtt, &self.loss_ratio, &self.retrans_ratio] {
+        for f in [
+            &self.min_rtt,
+            &self.srtt,
+            &self.loss_ratio,
+            &self.retrans_ratio,
+        ] {
             f.clear();
         }
     }
 
     fn register(&self, r: &mut Registry) {
-        let top = " of the sessions with the highest delivery rate (labels rank 1..5, peer ip:port)";
+        let top =
+            " of the sessions with the highest delivery rate (labels rank 1..5, peer ip:port)";
         r.register(
             "cc_top_pacing_rate_bytes_per_second",
             format!("Pacing rate, bytes/s (0 = not paced){top}"),
@@ -465,8 +490,16 @@ impl CcTopFamilies {
             format!("Latest delivery-rate sample, bytes/s{top}"),
             self.delivery_rate.clone(),
         );
-        r.register("cc_top_min_rtt_seconds", format!("Minimum RTT (0 = no sample yet){top}"), self.min_rtt.clone());
-        r.register("cc_top_srtt_seconds", format!("Smoothed RTT{top}"), self.srtt.clone());
+        r.register(
+            "cc_top_min_rtt_seconds",
+            format!("Minimum RTT (0 = no sample yet){top}"),
+            self.min_rtt.clone(),
+        );
+        r.register(
+            "cc_top_srtt_seconds",
+            format!("Smoothed RTT{top}"),
+            self.srtt.clone(),
+        );
         r.register(
             "cc_top_loss_ratio",
             format!("Segments declared lost / segments sent{top}"),
@@ -482,7 +515,11 @@ impl CcTopFamilies {
             format!("Congestion window, bytes (absent: no congestion window){top}"),
             self.cwnd.clone(),
         );
-        r.register("cc_top_inflight_bytes", format!("Unacknowledged bytes in flight{top}"), self.inflight.clone());
+        r.register(
+            "cc_top_inflight_bytes",
+            format!("Unacknowledged bytes in flight{top}"),
+            self.inflight.clone(),
+        );
     }
 
     fn set(&self, rank: usize, t: &CcTopSession) {
@@ -491,10 +528,18 @@ impl CcTopFamilies {
         set_g(&self.pacing_rate, &l, s.pacing_rate);
         set_g(&self.btl_bw, &l, s.btl_bw);
         set_g(&self.delivery_rate, &l, s.delivery_rate);
-        self.min_rtt.get_or_create(&l).set(f64::from(s.min_rtt_ms) / 1000.0);
-        self.srtt.get_or_create(&l).set(f64::from(s.srtt_ms) / 1000.0);
-        self.loss_ratio.get_or_create(&l).set(finite_or_zero(s.loss_ratio));
-        self.retrans_ratio.get_or_create(&l).set(finite_or_zero(s.retrans_ratio));
+        self.min_rtt
+            .get_or_create(&l)
+            .set(f64::from(s.min_rtt_ms) / 1000.0);
+        self.srtt
+            .get_or_create(&l)
+            .set(f64::from(s.srtt_ms) / 1000.0);
+        self.loss_ratio
+            .get_or_create(&l)
+            .set(finite_or_zero(s.loss_ratio));
+        self.retrans_ratio
+            .get_or_create(&l)
+            .set(finite_or_zero(s.retrans_ratio));
         if s.cwnd_bytes != u64::MAX {
             set_g(&self.cwnd, &l, s.cwnd_bytes);
         }
@@ -559,32 +604,68 @@ impl Metrics {
             cc_window_limited_total: Family::default(),
             cc_top: CcTopFamilies::default(),
         };
-        r.register("build_info", "Always 1; label version is the paqet-dp version", m.build_info.clone());
-        r.register("datapath_mode", "1 for the packet path in use (label mode), 0 for the others", m.mode.clone());
+        r.register(
+            "build_info",
+            "Always 1; label version is the paqet-dp version",
+            m.build_info.clone(),
+        );
+        r.register(
+            "datapath_mode",
+            "1 for the packet path in use (label mode), 0 for the others",
+            m.mode.clone(),
+        );
         r.register("sessions", "Live KCP sessions", m.sessions.clone());
         r.register("streams", "Open smux streams", m.streams.clone());
-        r.register("session_opens", "KCP sessions opened", m.session_opens.clone());
-        r.register("session_closes", "KCP sessions closed", m.session_closes.clone());
+        r.register(
+            "session_opens",
+            "KCP sessions opened",
+            m.session_opens.clone(),
+        );
+        r.register(
+            "session_closes",
+            "KCP sessions closed",
+            m.session_closes.clone(),
+        );
         r.register(
             "session_replacements",
             "Server: sessions replaced by a new conv from the same peer",
             m.session_replacements.clone(),
         );
-        r.register("stream_opens", "smux streams opened", m.stream_opens.clone());
-        r.register("bytes", "Bytes of tunnel frames by direction (rx, tx)", m.bytes.clone());
-        r.register("packets", "Tunnel frames by direction (rx, tx)", m.packets.clone());
+        r.register(
+            "stream_opens",
+            "smux streams opened",
+            m.stream_opens.clone(),
+        );
+        r.register(
+            "bytes",
+            "Bytes of tunnel frames by direction (rx, tx)",
+            m.bytes.clone(),
+        );
+        r.register(
+            "packets",
+            "Tunnel frames by direction (rx, tx)",
+            m.packets.clone(),
+        );
         r.register(
             "tx_failures",
             "Frames not sent, by reason (error: refused by the kernel, queue_full: TX path full)",
             m.tx_failures.clone(),
         );
-        r.register("kcp_retransmissions", "KCP segments retransmitted, by kind (timeout, fast, early)", m.retrans.clone());
+        r.register(
+            "kcp_retransmissions",
+            "KCP segments retransmitted, by kind (timeout, fast, early)",
+            m.retrans.clone(),
+        );
         r.register(
             "kcp_srtt_seconds",
             "KCP smoothed round-trip time over live sessions (stat: min, mean, max)",
             m.srtt.clone(),
         );
-        r.register("crypto_failures", "Datagrams failing decryption, by reason (integrity, truncated)", m.crypto.clone());
+        r.register(
+            "crypto_failures",
+            "Datagrams failing decryption, by reason (integrity, truncated)",
+            m.crypto.clone(),
+        );
         r.register(
             "envelope_errors",
             "Frames rejected before decryption, by reason (malformed, truncated, foreign_source)",
@@ -595,7 +676,11 @@ impl Metrics {
             "Decrypted datagrams dropped, by reason (no_session, protocol)",
             m.session_errors.clone(),
         );
-        r.register("guard_drops", "Payloads without a valid guard cookie", m.guard_drops.clone());
+        r.register(
+            "guard_drops",
+            "Payloads without a valid guard cookie",
+            m.guard_drops.clone(),
+        );
         r.register(
             "limit_rejections",
             "Sessions or streams refused by a limit (limit: max_sessions, max_streams, header_timeout)",
@@ -606,14 +691,26 @@ impl Metrics {
             "Frames dropped by the kernel before capture (counter: ps_drop, ps_ifdrop)",
             m.pcap_drops.clone(),
         );
-        r.register("worker_packets", "Tunnel frames per worker and direction", m.worker_packets.clone());
-        r.register("worker_sessions", "Live sessions per worker", m.worker_sessions.clone());
+        r.register(
+            "worker_packets",
+            "Tunnel frames per worker and direction",
+            m.worker_packets.clone(),
+        );
+        r.register(
+            "worker_sessions",
+            "Live sessions per worker",
+            m.worker_sessions.clone(),
+        );
         r.register(
             "worker_handoffs",
             "XDP mode: frames a worker received for another worker's session (result: handed, dropped)",
             m.worker_handoffs.clone(),
         );
-        r.register("xdp_packets", "XDP program counters (counter: seen, steered, passed, malformed, guard_dropped)", m.xdp.clone());
+        r.register(
+            "xdp_packets",
+            "XDP program counters (counter: seen, steered, passed, malformed, guard_dropped)",
+            m.xdp.clone(),
+        );
         r.register(
             "afxdp_socket_events",
             "AF_XDP socket statistics per worker (counter: rx_dropped, rx_ring_full, fill_ring_empty, tx_invalid_descs)",
@@ -688,7 +785,8 @@ impl Metrics {
     /// The `paqet_cc_*` families: aggregates over every worker's sessions and the global top list.
     fn update_cc(&self, s: &Snapshot) {
         let mut states: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-        let (mut pacing, mut delivery, mut sent, mut delivered, mut spurious) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut pacing, mut delivery, mut sent, mut delivered, mut spurious) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
         let (mut limited, mut limited_total) = ([0u64; 2], [0u64; 2]);
         let mut srtt = Vec::new();
         let mut min_rtt = Vec::new();
@@ -717,8 +815,10 @@ impl Metrics {
         for ((alg, state), n) in &states {
             set_g(&self.cc_sessions, &l2("algorithm", alg, "state", state), *n);
         }
-        self.cc_pacing_rate.set(i64::try_from(pacing).unwrap_or(i64::MAX));
-        self.cc_delivery_rate.set(i64::try_from(delivery).unwrap_or(i64::MAX));
+        self.cc_pacing_rate
+            .set(i64::try_from(pacing).unwrap_or(i64::MAX));
+        self.cc_delivery_rate
+            .set(i64::try_from(delivery).unwrap_or(i64::MAX));
         for (fam, v) in [(&self.cc_srtt, &srtt), (&self.cc_min_rtt, &min_rtt)] {
             let (min, median, max) = min_median_max(v);
             fam.get_or_create(&l1("stat", "min")).set(min);
@@ -726,11 +826,17 @@ impl Metrics {
             fam.get_or_create(&l1("stat", "max")).set(max);
         }
         self.cc_sent_bytes.inner().store(sent, Ordering::Relaxed);
-        self.cc_delivered_bytes.inner().store(delivered, Ordering::Relaxed);
+        self.cc_delivered_bytes
+            .inner()
+            .store(delivered, Ordering::Relaxed);
         self.cc_spurious.inner().store(spurious, Ordering::Relaxed);
         for (i, by) in WINDOW_LIMITED_BY.iter().enumerate() {
             set_g(&self.cc_window_limited, &l1("by", by), limited[i]);
-            set_c(&self.cc_window_limited_total, &l1("by", by), limited_total[i]);
+            set_c(
+                &self.cc_window_limited_total,
+                &l1("by", by),
+                limited_total[i],
+            );
         }
         // Sessions that left the top list or went away lose their series: rebuild them.
         sort_top(&mut top);
@@ -776,7 +882,11 @@ impl Metrics {
         }
         self.update_cc(s);
 
-        set_g(&self.build_info, &l1("version", env!("CARGO_PKG_VERSION")), 1);
+        set_g(
+            &self.build_info,
+            &l1("version", env!("CARGO_PKG_VERSION")),
+            1,
+        );
         for m in DataPathMode::ALL {
             set_g(&self.mode, &l1("mode", m.name()), u64::from(m == s.mode));
         }
@@ -784,17 +894,30 @@ impl Metrics {
             let v = if r == s.role { t.sessions } else { 0 };
             set_g(&self.sessions, &l1("role", r.name()), v);
         }
-        self.streams.set(i64::try_from(t.streams).unwrap_or(i64::MAX));
-        self.session_opens.inner().store(t.session_opens, Ordering::Relaxed);
-        self.session_closes.inner().store(t.session_closes, Ordering::Relaxed);
-        self.session_replacements.inner().store(t.session_replacements, Ordering::Relaxed);
-        self.stream_opens.inner().store(t.stream_opens, Ordering::Relaxed);
+        self.streams
+            .set(i64::try_from(t.streams).unwrap_or(i64::MAX));
+        self.session_opens
+            .inner()
+            .store(t.session_opens, Ordering::Relaxed);
+        self.session_closes
+            .inner()
+            .store(t.session_closes, Ordering::Relaxed);
+        self.session_replacements
+            .inner()
+            .store(t.session_replacements, Ordering::Relaxed);
+        self.stream_opens
+            .inner()
+            .store(t.stream_opens, Ordering::Relaxed);
         set_c(&self.bytes, &l1("direction", "rx"), t.rx_bytes);
         set_c(&self.bytes, &l1("direction", "tx"), t.tx_bytes);
         set_c(&self.packets, &l1("direction", "rx"), t.rx_packets);
         set_c(&self.packets, &l1("direction", "tx"), t.tx_packets);
         set_c(&self.tx_failures, &l1("reason", "error"), t.tx_errors);
-        set_c(&self.tx_failures, &l1("reason", "queue_full"), t.tx_queue_full);
+        set_c(
+            &self.tx_failures,
+            &l1("reason", "queue_full"),
+            t.tx_queue_full,
+        );
         set_c(&self.retrans, &l1("kind", "timeout"), t.kcp_retrans.timeout);
         set_c(&self.retrans, &l1("kind", "fast"), t.kcp_retrans.fast);
         set_c(&self.retrans, &l1("kind", "early"), t.kcp_retrans.early);
@@ -810,17 +933,55 @@ impl Metrics {
         self.srtt.get_or_create(&l1("stat", "max")).set(max);
         set_c(&self.crypto, &l1("reason", "integrity"), t.crypto_integrity);
         set_c(&self.crypto, &l1("reason", "truncated"), t.crypto_truncated);
-        set_c(&self.envelope, &l1("reason", "malformed"), t.envelope_malformed);
-        set_c(&self.envelope, &l1("reason", "truncated"), t.envelope_truncated);
-        set_c(&self.envelope, &l1("reason", "foreign_source"), t.envelope_foreign);
-        set_c(&self.session_errors, &l1("reason", "no_session"), t.no_session);
-        set_c(&self.session_errors, &l1("reason", "protocol"), t.session_protocol_errors);
-        self.guard_drops.inner().store(t.guard_drops, Ordering::Relaxed);
-        set_c(&self.limits, &l1("limit", "max_sessions"), t.limit_max_sessions);
-        set_c(&self.limits, &l1("limit", "max_streams"), t.limit_max_streams);
-        set_c(&self.limits, &l1("limit", "header_timeout"), t.limit_header_timeout);
+        set_c(
+            &self.envelope,
+            &l1("reason", "malformed"),
+            t.envelope_malformed,
+        );
+        set_c(
+            &self.envelope,
+            &l1("reason", "truncated"),
+            t.envelope_truncated,
+        );
+        set_c(
+            &self.envelope,
+            &l1("reason", "foreign_source"),
+            t.envelope_foreign,
+        );
+        set_c(
+            &self.session_errors,
+            &l1("reason", "no_session"),
+            t.no_session,
+        );
+        set_c(
+            &self.session_errors,
+            &l1("reason", "protocol"),
+            t.session_protocol_errors,
+        );
+        self.guard_drops
+            .inner()
+            .store(t.guard_drops, Ordering::Relaxed);
+        set_c(
+            &self.limits,
+            &l1("limit", "max_sessions"),
+            t.limit_max_sessions,
+        );
+        set_c(
+            &self.limits,
+            &l1("limit", "max_streams"),
+            t.limit_max_streams,
+        );
+        set_c(
+            &self.limits,
+            &l1("limit", "header_timeout"),
+            t.limit_header_timeout,
+        );
         set_c(&self.pcap_drops, &l1("counter", "ps_drop"), t.pcap_ps_drop);
-        set_c(&self.pcap_drops, &l1("counter", "ps_ifdrop"), t.pcap_ps_ifdrop);
+        set_c(
+            &self.pcap_drops,
+            &l1("counter", "ps_ifdrop"),
+            t.pcap_ps_ifdrop,
+        );
 
         // Per-worker series: the worker set can change between scrapes, so rebuild them.
         self.worker_packets.clear();
@@ -829,16 +990,48 @@ impl Metrics {
         self.afxdp.clear();
         for (i, w) in s.workers.iter().enumerate() {
             let id = i.to_string();
-            set_c(&self.worker_packets, &l2("worker", &id, "direction", "rx"), w.rx_packets);
-            set_c(&self.worker_packets, &l2("worker", &id, "direction", "tx"), w.tx_packets);
+            set_c(
+                &self.worker_packets,
+                &l2("worker", &id, "direction", "rx"),
+                w.rx_packets,
+            );
+            set_c(
+                &self.worker_packets,
+                &l2("worker", &id, "direction", "tx"),
+                w.tx_packets,
+            );
             set_g(&self.worker_sessions, &l1("worker", &id), w.sessions);
-            set_c(&self.worker_handoffs, &l2("worker", &id, "result", "handed"), w.rx_cross_worker);
-            set_c(&self.worker_handoffs, &l2("worker", &id, "result", "dropped"), w.rx_handoff_drops);
+            set_c(
+                &self.worker_handoffs,
+                &l2("worker", &id, "result", "handed"),
+                w.rx_cross_worker,
+            );
+            set_c(
+                &self.worker_handoffs,
+                &l2("worker", &id, "result", "dropped"),
+                w.rx_handoff_drops,
+            );
             if let Some(a) = &w.afxdp {
-                set_c(&self.afxdp, &l2("worker", &id, "counter", "rx_dropped"), a.rx_dropped);
-                set_c(&self.afxdp, &l2("worker", &id, "counter", "rx_ring_full"), a.rx_ring_full);
-                set_c(&self.afxdp, &l2("worker", &id, "counter", "fill_ring_empty"), a.fill_ring_empty);
-                set_c(&self.afxdp, &l2("worker", &id, "counter", "tx_invalid_descs"), a.tx_invalid_descs);
+                set_c(
+                    &self.afxdp,
+                    &l2("worker", &id, "counter", "rx_dropped"),
+                    a.rx_dropped,
+                );
+                set_c(
+                    &self.afxdp,
+                    &l2("worker", &id, "counter", "rx_ring_full"),
+                    a.rx_ring_full,
+                );
+                set_c(
+                    &self.afxdp,
+                    &l2("worker", &id, "counter", "fill_ring_empty"),
+                    a.fill_ring_empty,
+                );
+                set_c(
+                    &self.afxdp,
+                    &l2("worker", &id, "counter", "tx_invalid_descs"),
+                    a.tx_invalid_descs,
+                );
             }
         }
         self.xdp.clear();
@@ -870,14 +1063,30 @@ mod tests {
                 rx_handoff_drops: 1,
                 ..Default::default()
             },
-            &IoStats { rx_frames: 10, rx_bytes: 1000, kernel_drops: 3, ..Default::default() },
+            &IoStats {
+                rx_frames: 10,
+                rx_bytes: 1000,
+                kernel_drops: 3,
+                ..Default::default()
+            },
         );
         w0.sessions = 2;
         w0.srtt_seconds = vec![0.010, 0.030];
-        w0.cc.add_session("10.0.0.9:4000".parse().unwrap(), &cc(CcAlgorithm::Bbr, "probe_bw", 1_000, 20, 4096));
+        w0.cc.add_session(
+            "10.0.0.9:4000".parse().unwrap(),
+            &cc(CcAlgorithm::Bbr, "probe_bw", 1_000, 20, 4096),
+        );
         w0.cc.finish();
-        let mut w1 = WorkerSnapshot { rx_packets: 5, rx_bytes: 500, sessions: 1, ..Default::default() };
-        w1.afxdp = Some(AfXdpStats { rx_ring_full: 4, ..Default::default() });
+        let mut w1 = WorkerSnapshot {
+            rx_packets: 5,
+            rx_bytes: 500,
+            sessions: 1,
+            ..Default::default()
+        };
+        w1.afxdp = Some(AfXdpStats {
+            rx_ring_full: 4,
+            ..Default::default()
+        });
         let mut xdp = [0u64; XdpCounter::COUNT as usize];
         xdp[XdpCounter::GuardDropped as usize] = 9;
         let s = Snapshot {
@@ -888,38 +1097,91 @@ mod tests {
         };
         let m = Metrics::new();
         let t = m.encode(&s);
-        assert_eq!(sample_value(&t, "paqet_packets_total{direction=\"rx\"}").as_deref(), Some("15"));
-        assert_eq!(sample_value(&t, "paqet_bytes_total{direction=\"rx\"}").as_deref(), Some("1500"));
-        assert_eq!(sample_value(&t, "paqet_sessions{role=\"server\"}").as_deref(), Some("3"));
-        assert_eq!(sample_value(&t, "paqet_sessions{role=\"client\"}").as_deref(), Some("0"));
-        assert_eq!(sample_value(&t, "paqet_guard_drops_total").as_deref(), Some("7"));
-        assert_eq!(sample_value(&t, "paqet_limit_rejections_total{limit=\"max_sessions\"}").as_deref(), Some("2"));
-        assert_eq!(sample_value(&t, "paqet_pcap_kernel_drops_total{counter=\"ps_drop\"}").as_deref(), Some("3"));
-        assert_eq!(sample_value(&t, "paqet_datapath_mode{mode=\"xdp-generic\"}").as_deref(), Some("1"));
-        assert_eq!(sample_value(&t, "paqet_datapath_mode{mode=\"pcap\"}").as_deref(), Some("0"));
-        assert_eq!(sample_value(&t, "paqet_xdp_packets_total{counter=\"guard_dropped\"}").as_deref(), Some("9"));
         assert_eq!(
-            sample_value(&t, "paqet_afxdp_socket_events_total{worker=\"1\",counter=\"rx_ring_full\"}").as_deref(),
-            Some("4")
-        );
-        assert_eq!(sample_value(&t, "paqet_worker_sessions{worker=\"0\"}").as_deref(), Some("2"));
-        assert_eq!(
-            sample_value(&t, "paqet_worker_handoffs_total{worker=\"0\",result=\"handed\"}").as_deref(),
-            Some("11")
+            sample_value(&t, "paqet_packets_total{direction=\"rx\"}").as_deref(),
+            Some("15")
         );
         assert_eq!(
-            sample_value(&t, "paqet_worker_handoffs_total{worker=\"0\",result=\"dropped\"}").as_deref(),
+            sample_value(&t, "paqet_bytes_total{direction=\"rx\"}").as_deref(),
+            Some("1500")
+        );
+        assert_eq!(
+            sample_value(&t, "paqet_sessions{role=\"server\"}").as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            sample_value(&t, "paqet_sessions{role=\"client\"}").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            sample_value(&t, "paqet_guard_drops_total").as_deref(),
+            Some("7")
+        );
+        assert_eq!(
+            sample_value(&t, "paqet_limit_rejections_total{limit=\"max_sessions\"}").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            sample_value(&t, "paqet_pcap_kernel_drops_total{counter=\"ps_drop\"}").as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            sample_value(&t, "paqet_datapath_mode{mode=\"xdp-generic\"}").as_deref(),
             Some("1")
         );
         assert_eq!(
-            sample_value(&t, "paqet_worker_handoffs_total{worker=\"1\",result=\"handed\"}").as_deref(),
+            sample_value(&t, "paqet_datapath_mode{mode=\"pcap\"}").as_deref(),
             Some("0")
         );
-        let mean: f64 = sample_value(&t, "paqet_kcp_srtt_seconds{stat=\"mean\"}").unwrap().parse().unwrap();
+        assert_eq!(
+            sample_value(&t, "paqet_xdp_packets_total{counter=\"guard_dropped\"}").as_deref(),
+            Some("9")
+        );
+        assert_eq!(
+            sample_value(
+                &t,
+                "paqet_afxdp_socket_events_total{worker=\"1\",counter=\"rx_ring_full\"}"
+            )
+            .as_deref(),
+            Some("4")
+        );
+        assert_eq!(
+            sample_value(&t, "paqet_worker_sessions{worker=\"0\"}").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            sample_value(
+                &t,
+                "paqet_worker_handoffs_total{worker=\"0\",result=\"handed\"}"
+            )
+            .as_deref(),
+            Some("11")
+        );
+        assert_eq!(
+            sample_value(
+                &t,
+                "paqet_worker_handoffs_total{worker=\"0\",result=\"dropped\"}"
+            )
+            .as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            sample_value(
+                &t,
+                "paqet_worker_handoffs_total{worker=\"1\",result=\"handed\"}"
+            )
+            .as_deref(),
+            Some("0")
+        );
+        let mean: f64 = sample_value(&t, "paqet_kcp_srtt_seconds{stat=\"mean\"}")
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!((mean - 0.020).abs() < 1e-9, "mean srtt {mean}");
         for name in METRIC_NAMES {
             assert!(
-                t.lines().any(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{' | b' '))),
+                t.lines().any(|l| l.starts_with(name)
+                    && matches!(l.as_bytes().get(name.len()), Some(b'{' | b' '))),
                 "{name} missing in:\n{t}"
             );
         }
@@ -927,7 +1189,13 @@ mod tests {
     }
 
     /// Session figures with the fields the tests vary.
-    fn cc(algorithm: CcAlgorithm, state: &'static str, delivery_rate: u64, srtt_ms: u32, cwnd_bytes: u64) -> CcStats {
+    fn cc(
+        algorithm: CcAlgorithm,
+        state: &'static str,
+        delivery_rate: u64,
+        srtt_ms: u32,
+        cwnd_bytes: u64,
+    ) -> CcStats {
         CcStats {
             algorithm,
             state,
@@ -952,7 +1220,10 @@ mod tests {
     }
 
     fn worker_with(sessions: &[(SocketAddr, CcStats)]) -> WorkerSnapshot {
-        let mut w = WorkerSnapshot { sessions: sessions.len() as u64, ..Default::default() };
+        let mut w = WorkerSnapshot {
+            sessions: sessions.len() as u64,
+            ..Default::default()
+        };
         for (p, s) in sessions {
             w.cc.add_session(*p, s);
         }
@@ -961,7 +1232,10 @@ mod tests {
     }
 
     fn value(text: &str, series: &str) -> f64 {
-        sample_value(text, series).unwrap_or_else(|| panic!("{series} missing in:\n{text}")).parse().unwrap()
+        sample_value(text, series)
+            .unwrap_or_else(|| panic!("{series} missing in:\n{text}"))
+            .parse()
+            .unwrap()
     }
 
     #[test]
@@ -971,7 +1245,10 @@ mod tests {
         let mut peer_limited = cc(CcAlgorithm::Fixed, "fixed", 500_000, 10, 50_000);
         peer_limited.window_limited_by = Some("peer_rcvwnd");
         let mut w0 = worker_with(&[
-            (peer(1), cc(CcAlgorithm::Bbr, "probe_bw", 1_000_000, 20, 64_000)),
+            (
+                peer(1),
+                cc(CcAlgorithm::Bbr, "probe_bw", 1_000_000, 20, 64_000),
+            ),
             (peer(2), limited),
             (peer(3), cc(CcAlgorithm::Off, "off", 0, 0, u64::MAX)),
         ]);
@@ -981,29 +1258,71 @@ mod tests {
         let mut w1 = worker_with(&[(peer(4), peer_limited), (peer(5), fast)]);
         w1.cc.window_limited_total = [0, 1];
         let m = Metrics::new();
-        let t = m.encode(&Snapshot { workers: vec![w0, w1], ..Default::default() });
-        assert_eq!(value(&t, "paqet_cc_sessions{algorithm=\"bbr\",state=\"probe_bw\"}"), 2.0);
-        assert_eq!(value(&t, "paqet_cc_sessions{algorithm=\"bbr\",state=\"startup\"}"), 1.0);
-        assert_eq!(value(&t, "paqet_cc_sessions{algorithm=\"fixed\",state=\"fixed\"}"), 1.0);
-        assert_eq!(value(&t, "paqet_cc_sessions{algorithm=\"off\",state=\"off\"}"), 1.0);
-        assert_eq!(value(&t, "paqet_cc_delivery_rate_bytes_per_second"), 6_500_000.0);
-        assert_eq!(value(&t, "paqet_cc_pacing_rate_bytes_per_second"), (6_500_000 + 6_500_000 / 4) as f64);
+        let t = m.encode(&Snapshot {
+            workers: vec![w0, w1],
+            ..Default::default()
+        });
+        assert_eq!(
+            value(
+                &t,
+                "paqet_cc_sessions{algorithm=\"bbr\",state=\"probe_bw\"}"
+            ),
+            2.0
+        );
+        assert_eq!(
+            value(&t, "paqet_cc_sessions{algorithm=\"bbr\",state=\"startup\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&t, "paqet_cc_sessions{algorithm=\"fixed\",state=\"fixed\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&t, "paqet_cc_sessions{algorithm=\"off\",state=\"off\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&t, "paqet_cc_delivery_rate_bytes_per_second"),
+            6_500_000.0
+        );
+        assert_eq!(
+            value(&t, "paqet_cc_pacing_rate_bytes_per_second"),
+            (6_500_000 + 6_500_000 / 4) as f64
+        );
         // srtt: the off session has no sample (0): 10, 20, 30, 40 ms.
         assert_eq!(value(&t, "paqet_cc_srtt_seconds{stat=\"min\"}"), 0.010);
         assert!((value(&t, "paqet_cc_srtt_seconds{stat=\"median\"}") - 0.025).abs() < 1e-12);
         assert_eq!(value(&t, "paqet_cc_srtt_seconds{stat=\"max\"}"), 0.040);
-        assert_eq!(value(&t, "paqet_cc_min_rtt_seconds{stat=\"median\"}"), 0.0125);
+        assert_eq!(
+            value(&t, "paqet_cc_min_rtt_seconds{stat=\"median\"}"),
+            0.0125
+        );
         // 5 live sessions × 1000 / 900 plus the retired counters.
         assert_eq!(value(&t, "paqet_cc_sent_bytes_total"), 10_000.0);
         assert_eq!(value(&t, "paqet_cc_delivered_bytes_total"), 8_500.0);
         assert_eq!(value(&t, "paqet_cc_spurious_retransmissions_total"), 22.0);
-        assert_eq!(value(&t, "paqet_cc_window_limited_sessions{by=\"sndwnd\"}"), 1.0);
-        assert_eq!(value(&t, "paqet_cc_window_limited_sessions{by=\"peer_rcvwnd\"}"), 1.0);
-        assert_eq!(value(&t, "paqet_cc_window_limited_total{by=\"sndwnd\"}"), 2.0);
-        assert_eq!(value(&t, "paqet_cc_window_limited_total{by=\"peer_rcvwnd\"}"), 1.0);
+        assert_eq!(
+            value(&t, "paqet_cc_window_limited_sessions{by=\"sndwnd\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&t, "paqet_cc_window_limited_sessions{by=\"peer_rcvwnd\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&t, "paqet_cc_window_limited_total{by=\"sndwnd\"}"),
+            2.0
+        );
+        assert_eq!(
+            value(&t, "paqet_cc_window_limited_total{by=\"peer_rcvwnd\"}"),
+            1.0
+        );
         // The top list, by delivery rate across workers.
         let top = |f: &str, rank: usize, p: usize| {
-            value(&t, &format!("paqet_cc_top_{f}{{rank=\"{rank}\",peer=\"{}\"}}", peer(p)))
+            value(
+                &t,
+                &format!("paqet_cc_top_{f}{{rank=\"{rank}\",peer=\"{}\"}}", peer(p)),
+            )
         };
         assert_eq!(top("delivery_rate_bytes_per_second", 1, 5), 3_000_000.0);
         assert_eq!(top("delivery_rate_bytes_per_second", 2, 2), 2_000_000.0);
@@ -1019,7 +1338,11 @@ mod tests {
         assert_eq!(top("cwnd_bytes", 2, 2), 100_000.0);
         assert_eq!(top("inflight_bytes", 2, 2), 50_000.0);
         // No congestion window (cc off): no cwnd series for that rank.
-        assert!(sample_value(&t, &format!("paqet_cc_top_cwnd_bytes{{rank=\"5\",peer=\"{}\"}}", peer(3))).is_none());
+        assert!(sample_value(
+            &t,
+            &format!("paqet_cc_top_cwnd_bytes{{rank=\"5\",peer=\"{}\"}}", peer(3))
+        )
+        .is_none());
     }
 
     #[test]
@@ -1030,7 +1353,16 @@ mod tests {
             let sessions: Vec<(SocketAddr, CcStats)> = (0..4)
                 .map(|i| {
                     let n = w * 4 + i;
-                    (peer(n), cc(CcAlgorithm::Bbr, "probe_bw", 1_000 * (n as u64 + 1), 10, 1_000))
+                    (
+                        peer(n),
+                        cc(
+                            CcAlgorithm::Bbr,
+                            "probe_bw",
+                            1_000 * (n as u64 + 1),
+                            10,
+                            1_000,
+                        ),
+                    )
                 })
                 .collect();
             let w = worker_with(&sessions);
@@ -1039,21 +1371,35 @@ mod tests {
         }
         let mut many = CcSnapshot::default();
         for i in 0..1000 {
-            many.add_session(peer(i % 60_000), &cc(CcAlgorithm::Bbr, "probe_bw", i as u64, 10, 1));
+            many.add_session(
+                peer(i % 60_000),
+                &cc(CcAlgorithm::Bbr, "probe_bw", i as u64, 10, 1),
+            );
             assert!(many.top.len() < 2 * CC_TOP_N, "candidate list stays short");
         }
         many.finish();
         let rates: Vec<u64> = many.top.iter().map(|t| t.stats.delivery_rate).collect();
         assert_eq!(rates, vec![999, 998, 997, 996, 995]);
         let m = Metrics::new();
-        let t = m.encode(&Snapshot { workers, ..Default::default() });
-        for f in ["delivery_rate_bytes_per_second", "srtt_seconds", "loss_ratio", "inflight_bytes"] {
+        let t = m.encode(&Snapshot {
+            workers,
+            ..Default::default()
+        });
+        for f in [
+            "delivery_rate_bytes_per_second",
+            "srtt_seconds",
+            "loss_ratio",
+            "inflight_bytes",
+        ] {
             let name = format!("paqet_cc_top_{f}{{");
             let n = t.lines().filter(|l| l.starts_with(&name)).count();
             assert_eq!(n, CC_TOP_N, "{f}:\n{t}");
         }
         for (rank, n) in (1..=CC_TOP_N).zip((7..12).rev()) {
-            let series = format!("paqet_cc_top_delivery_rate_bytes_per_second{{rank=\"{rank}\",peer=\"{}\"}}", peer(n));
+            let series = format!(
+                "paqet_cc_top_delivery_rate_bytes_per_second{{rank=\"{rank}\",peer=\"{}\"}}",
+                peer(n)
+            );
             assert_eq!(value(&t, &series), 1_000.0 * (n as f64 + 1.0));
         }
     }
@@ -1065,24 +1411,42 @@ mod tests {
             (peer(1), cc(CcAlgorithm::Bbr, "startup", 9_000, 10, 1_000)),
             (peer(2), cc(CcAlgorithm::Fixed, "fixed", 1_000, 10, 1_000)),
         ]);
-        let t = m.encode(&Snapshot { workers: vec![both], ..Default::default() });
+        let t = m.encode(&Snapshot {
+            workers: vec![both],
+            ..Default::default()
+        });
         assert!(t.contains(&format!("rank=\"1\",peer=\"{}\"", peer(1))));
         assert!(t.contains(&format!("rank=\"2\",peer=\"{}\"", peer(2))));
         assert!(t.contains("paqet_cc_sessions{algorithm=\"bbr\",state=\"startup\"} 1"));
         // Session 1 goes; session 2 moves up to rank 1.
         let one = worker_with(&[(peer(2), cc(CcAlgorithm::Fixed, "fixed", 1_000, 10, 1_000))]);
-        let t = m.encode(&Snapshot { workers: vec![one], ..Default::default() });
+        let t = m.encode(&Snapshot {
+            workers: vec![one],
+            ..Default::default()
+        });
         assert!(!t.contains(&format!("peer=\"{}\"", peer(1))), "{t}");
         assert!(!t.contains("rank=\"2\""), "{t}");
-        assert!(t.contains(&format!("paqet_cc_top_srtt_seconds{{rank=\"1\",peer=\"{}\"}}", peer(2))), "{t}");
+        assert!(
+            t.contains(&format!(
+                "paqet_cc_top_srtt_seconds{{rank=\"1\",peer=\"{}\"}}",
+                peer(2)
+            )),
+            "{t}"
+        );
         assert!(!t.contains("state=\"startup\""), "{t}");
         // No session at all: no per-session series (an empty family is not rendered), aggregates at 0.
-        let t = m.encode(&Snapshot { workers: vec![WorkerSnapshot::default()], ..Default::default() });
+        let t = m.encode(&Snapshot {
+            workers: vec![WorkerSnapshot::default()],
+            ..Default::default()
+        });
         assert!(!t.contains("rank=\""), "{t}");
         assert!(!t.contains("paqet_cc_sessions{"), "{t}");
         assert_eq!(value(&t, "paqet_cc_delivery_rate_bytes_per_second"), 0.0);
         assert_eq!(value(&t, "paqet_cc_srtt_seconds{stat=\"median\"}"), 0.0);
-        assert_eq!(value(&t, "paqet_cc_window_limited_sessions{by=\"sndwnd\"}"), 0.0);
+        assert_eq!(
+            value(&t, "paqet_cc_window_limited_sessions{by=\"sndwnd\"}"),
+            0.0
+        );
     }
 
     #[test]
@@ -1096,12 +1460,23 @@ mod tests {
     #[test]
     fn workers_that_vanish_lose_their_series() {
         let m = Metrics::new();
-        let two = Snapshot { workers: vec![WorkerSnapshot::default(); 2], ..Default::default() };
-        assert!(m.encode(&two).contains("paqet_worker_sessions{worker=\"1\"}"));
-        let one = Snapshot { workers: vec![WorkerSnapshot::default(); 1], ..Default::default() };
+        let two = Snapshot {
+            workers: vec![WorkerSnapshot::default(); 2],
+            ..Default::default()
+        };
+        assert!(m
+            .encode(&two)
+            .contains("paqet_worker_sessions{worker=\"1\"}"));
+        let one = Snapshot {
+            workers: vec![WorkerSnapshot::default(); 1],
+            ..Default::default()
+        };
         let t = m.encode(&one);
         assert!(t.contains("paqet_worker_sessions{worker=\"0\"}"));
         assert!(!t.contains("worker=\"1\""));
-        assert!(!t.contains("paqet_xdp_packets_total{"), "no XDP series in pcap mode");
+        assert!(
+            !t.contains("paqet_xdp_packets_total{"),
+            "no XDP series in pcap mode"
+        );
     }
 }

@@ -8,10 +8,10 @@ pub mod hub;
 pub mod metrics;
 pub mod pprof;
 
-pub use hub::MetricsHub;
 pub use http::{readiness, serve, spawn_ops_thread, OpsState, ReadyFn, SnapshotFn};
+pub use hub::MetricsHub;
 pub use metrics::{
-    AfXdpStats, CcSnapshot, CcTopSession, DataPathMode, KcpRetrans, Metrics, RoleLabel, Snapshot, WorkerSnapshot,
-    CC_TOP_N, CONTENT_TYPE, METRIC_NAMES,
+    AfXdpStats, CcSnapshot, CcTopSession, DataPathMode, KcpRetrans, Metrics, RoleLabel, Snapshot,
+    WorkerSnapshot, CC_TOP_N, CONTENT_TYPE, METRIC_NAMES,
 };
 pub use pprof::TrackingAlloc;

@@ -44,7 +44,10 @@ pub enum ProfileError {
 
 /// Gzip-compresses `data` (the encoding Go's pprof handlers use).
 pub fn gzip(data: &[u8]) -> Result<Vec<u8>, std::io::Error> {
-    let mut enc = GzEncoder::new(Vec::with_capacity(data.len() / 2 + 64), Compression::default());
+    let mut enc = GzEncoder::new(
+        Vec::with_capacity(data.len() / 2 + 64),
+        Compression::default(),
+    );
     enc.write_all(data)?;
     enc.finish()
 }
@@ -139,7 +142,15 @@ struct Bucket {
 }
 
 impl Bucket {
-    const EMPTY: Bucket = Bucket { hash: 0, depth: 0, stack: [0; MAX_DEPTH], allocs: 0, alloc_bytes: 0, frees: 0, free_bytes: 0 };
+    const EMPTY: Bucket = Bucket {
+        hash: 0,
+        depth: 0,
+        stack: [0; MAX_DEPTH],
+        allocs: 0,
+        alloc_bytes: 0,
+        frees: 0,
+        free_bytes: 0,
+    };
 }
 
 #[derive(Clone, Copy)]
@@ -161,7 +172,11 @@ impl Tables {
     const EMPTY: Tables = Tables {
         buckets: [Bucket::EMPTY; BUCKETS],
         buckets_used: 0,
-        live: [LiveEntry { ptr: 0, size: 0, bucket: 0 }; LIVE],
+        live: [LiveEntry {
+            ptr: 0,
+            size: 0,
+            bucket: 0,
+        }; LIVE],
         live_count: 0,
     };
 
@@ -196,7 +211,11 @@ impl Tables {
         while self.live[i].ptr != 0 {
             i = (i + 1) & (LIVE - 1);
         }
-        self.live[i] = LiveEntry { ptr, size, bucket: bucket as u32 };
+        self.live[i] = LiveEntry {
+            ptr,
+            size,
+            bucket: bucket as u32,
+        };
         self.live_count += 1;
         true
     }
@@ -228,7 +247,11 @@ impl Tables {
             }
             j = (j + 1) & (LIVE - 1);
         }
-        self.live[hole] = LiveEntry { ptr: 0, size: 0, bucket: 0 };
+        self.live[hole] = LiveEntry {
+            ptr: 0,
+            size: 0,
+            bucket: 0,
+        };
         self.live_count -= 1;
         Some(found)
     }
@@ -260,7 +283,10 @@ fn next_interval(rate: usize) -> i64 {
     if x == 0 {
         // Seed from the thread-local's address and the clock; no allocation.
         let seed = RNG.with(|r| r as *const Cell<u64> as u64);
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
         x = (seed ^ t.rotate_left(17)) | 1;
     }
     x ^= x << 13;
@@ -454,7 +480,10 @@ impl ProfileBuilder {
     }
 
     fn value_type(&mut self, ty: &str, unit: &str) -> protos::ValueType {
-        protos::ValueType { ty: self.s(ty), unit: self.s(unit) }
+        protos::ValueType {
+            ty: self.s(ty),
+            unit: self.s(unit),
+        }
     }
 
     fn function(&mut self, name: &str, file: &str, line: i64) -> u64 {
@@ -463,7 +492,13 @@ impl ProfileBuilder {
             return id;
         }
         let id = self.p.function.len() as u64 + 1;
-        self.p.function.push(protos::Function { id, name: n, system_name: n, filename: f, start_line: line });
+        self.p.function.push(protos::Function {
+            id,
+            name: n,
+            system_name: n,
+            filename: f,
+            start_line: line,
+        });
         self.functions.insert((n, f), id);
         id
     }
@@ -475,8 +510,14 @@ impl ProfileBuilder {
         }
         let mut frames: Vec<(String, String, i64)> = Vec::new();
         backtrace::resolve(addr as *mut std::ffi::c_void, |sym| {
-            let name = sym.name().map(|n| format!("{n:#}")).unwrap_or_else(|| format!("{addr:#x}"));
-            let file = sym.filename().map(|f| f.display().to_string()).unwrap_or_default();
+            let name = sym
+                .name()
+                .map(|n| format!("{n:#}"))
+                .unwrap_or_else(|| format!("{addr:#x}"));
+            let file = sym
+                .filename()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default();
             frames.push((name, file, i64::from(sym.lineno().unwrap_or(0))));
         });
         if frames.is_empty() {
@@ -484,10 +525,19 @@ impl ProfileBuilder {
         }
         let line = frames
             .iter()
-            .map(|(n, f, l)| protos::Line { function_id: self.function(n, f, *l), line: *l })
+            .map(|(n, f, l)| protos::Line {
+                function_id: self.function(n, f, *l),
+                line: *l,
+            })
             .collect();
         let id = self.p.location.len() as u64 + 1;
-        self.p.location.push(protos::Location { id, mapping_id: 0, address: addr as u64, line, is_folded: false });
+        self.p.location.push(protos::Location {
+            id,
+            mapping_id: 0,
+            address: addr as u64,
+            line,
+            is_folded: false,
+        });
         self.locations.insert(addr, id);
         id
     }
@@ -503,7 +553,10 @@ impl ProfileBuilder {
             id,
             mapping_id: 0,
             address: 0,
-            line: vec![protos::Line { function_id: f, line: 0 }],
+            line: vec![protos::Line {
+                function_id: f,
+                line: 0,
+            }],
             is_folded: false,
         });
         self.locations.insert(KEY, id);
@@ -526,7 +579,10 @@ pub fn heap_profile_proto() -> protos::Profile {
     b.p.period_type = Some(b.value_type("space", "bytes"));
     b.p.period = rate as i64;
     b.p.default_sample_type = b.s("inuse_space");
-    b.p.time_nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+    b.p.time_nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
     for hb in &buckets {
         let location_id: Vec<u64> = if hb.stack.is_empty() {
             vec![b.overflow_location()]
@@ -534,8 +590,16 @@ pub fn heap_profile_proto() -> protos::Profile {
             hb.stack.iter().map(|&a| b.location(a)).collect()
         };
         let (ao, ab) = scale(hb.allocs, hb.alloc_bytes, rate);
-        let (io, ib) = scale(hb.allocs - hb.frees.min(hb.allocs), hb.alloc_bytes - hb.free_bytes.min(hb.alloc_bytes), rate);
-        b.p.sample.push(protos::Sample { location_id, value: vec![ao, ab, io, ib], label: Vec::new() });
+        let (io, ib) = scale(
+            hb.allocs - hb.frees.min(hb.allocs),
+            hb.alloc_bytes - hb.free_bytes.min(hb.alloc_bytes),
+            rate,
+        );
+        b.p.sample.push(protos::Sample {
+            location_id,
+            value: vec![ao, ab, io, ib],
+            label: Vec::new(),
+        });
     }
     if !heap_tracking_installed() {
         let c = b.s("heap tracking is off: the binary does not use ops::pprof::TrackingAlloc");
@@ -567,9 +631,16 @@ mod tests {
         let base = 0x1000usize;
         let mut ptrs: Vec<usize> = (0..200).map(|i| base + i * 16).collect();
         for home in [live_slot(base), LIVE - 1] {
-            let same: Vec<usize> =
-                (0..4_000_000usize).map(|i| 0x10_0000 + i * 16).filter(|&p| live_slot(p) == home).take(12).collect();
-            assert!(same.len() >= 4, "found only {} colliding pointers", same.len());
+            let same: Vec<usize> = (0..4_000_000usize)
+                .map(|i| 0x10_0000 + i * 16)
+                .filter(|&p| live_slot(p) == home)
+                .take(12)
+                .collect();
+            assert!(
+                same.len() >= 4,
+                "found only {} colliding pointers",
+                same.len()
+            );
             ptrs.extend(same);
         }
         for (i, &p) in ptrs.iter().enumerate() {
@@ -613,7 +684,13 @@ mod tests {
 
     #[test]
     fn bad_cpu_durations_are_refused() {
-        assert!(matches!(cpu_profile_proto(0), Err(ProfileError::BadSeconds(0))));
-        assert!(matches!(cpu_profile_proto(61), Err(ProfileError::BadSeconds(61))));
+        assert!(matches!(
+            cpu_profile_proto(0),
+            Err(ProfileError::BadSeconds(0))
+        ));
+        assert!(matches!(
+            cpu_profile_proto(61),
+            Err(ProfileError::BadSeconds(61))
+        ));
     }
 }

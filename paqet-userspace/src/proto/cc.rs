@@ -84,12 +84,21 @@ pub struct CcConfig {
 
 impl CcConfig {
     /// Upstream's behaviour.
-    pub const OFF: CcConfig = CcConfig { algorithm: CcAlgorithm::Off, bandwidth: 0 };
+    pub const OFF: CcConfig = CcConfig {
+        algorithm: CcAlgorithm::Off,
+        bandwidth: 0,
+    };
     /// BBR.
-    pub const BBR: CcConfig = CcConfig { algorithm: CcAlgorithm::Bbr, bandwidth: 0 };
+    pub const BBR: CcConfig = CcConfig {
+        algorithm: CcAlgorithm::Bbr,
+        bandwidth: 0,
+    };
     /// A fixed rate in bytes per second.
     pub fn fixed(bytes_per_sec: u64) -> Self {
-        CcConfig { algorithm: CcAlgorithm::Fixed, bandwidth: bytes_per_sec }
+        CcConfig {
+            algorithm: CcAlgorithm::Fixed,
+            bandwidth: bytes_per_sec,
+        }
     }
 }
 
@@ -104,7 +113,9 @@ pub struct BandwidthParseError(pub String);
 pub fn parse_bandwidth(s: &str) -> Result<u64, BandwidthParseError> {
     let err = || BandwidthParseError(s.to_string());
     let t = s.trim().to_ascii_lowercase();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let v: f64 = num.parse().map_err(|_| err())?;
     let (mult, bits) = match unit.trim() {
@@ -225,11 +236,19 @@ pub trait Controller: Send {
 
 /// The controller of `cfg` (`None` for [`CcAlgorithm::Off`]). `mss` is the segment payload, `wire_per_seg`
 /// the bytes one full segment occupies on the wire (fixed rates are wire rates).
-pub fn new_controller(cfg: &CcConfig, mss: usize, wire_per_seg: usize) -> Option<Box<dyn Controller>> {
+pub fn new_controller(
+    cfg: &CcConfig,
+    mss: usize,
+    wire_per_seg: usize,
+) -> Option<Box<dyn Controller>> {
     match cfg.algorithm {
         CcAlgorithm::Off => None,
         CcAlgorithm::Bbr => Some(Box::new(Bbr::new(mss as u64))),
-        CcAlgorithm::Fixed => Some(Box::new(Fixed::new(cfg.bandwidth, mss as u64, wire_per_seg as u64))),
+        CcAlgorithm::Fixed => Some(Box::new(Fixed::new(
+            cfg.bandwidth,
+            mss as u64,
+            wire_per_seg as u64,
+        ))),
     }
 }
 
@@ -575,7 +594,8 @@ impl Controller for Bbr {
         if let Some(rtt) = rs.rtt_ms {
             if !self.have_rtt {
                 // First RTT: the initial pacing rate was a guess (1 ms); now it is the window over the RTT.
-                self.pacing_rate = (BBR_HIGH_GAIN * self.cwnd as f64 * 1000.0 / rtt.max(1) as f64) as u64;
+                self.pacing_rate =
+                    (BBR_HIGH_GAIN * self.cwnd as f64 * 1000.0 / rtt.max(1) as f64) as u64;
             }
             if !self.have_rtt || rtt <= self.min_rtt || expired {
                 self.min_rtt = rtt;
@@ -650,7 +670,14 @@ impl Controller for Bbr {
     }
 
     fn model(&self) -> (u64, u32) {
-        (self.btl_bw(), if self.have_rtt { self.min_rtt.max(1) } else { 0 })
+        (
+            self.btl_bw(),
+            if self.have_rtt {
+                self.min_rtt.max(1)
+            } else {
+                0
+            },
+        )
     }
 
     fn state(&self) -> &'static str {
@@ -676,7 +703,11 @@ pub struct Fixed {
 impl Fixed {
     pub fn new(wire_bytes_per_sec: u64, mss: u64, wire_per_seg: u64) -> Self {
         let rate = (wire_bytes_per_sec as u128 * mss as u128 / wire_per_seg.max(1) as u128) as u64;
-        Fixed { rate: rate.max(mss), mss, min_rtt: None }
+        Fixed {
+            rate: rate.max(mss),
+            mss,
+            min_rtt: None,
+        }
     }
 }
 
@@ -788,7 +819,11 @@ mod tests {
         assert_eq!(b.model(), (rate, rtt));
         assert_eq!(b.state(), "probe_bw");
         let bdp = rate * rtt as u64 / 1000;
-        assert!(b.cwnd() >= 2 * bdp && b.cwnd() <= 2 * bdp + 4 * mss, "cwnd {}", b.cwnd());
+        assert!(
+            b.cwnd() >= 2 * bdp && b.cwnd() <= 2 * bdp + 4 * mss,
+            "cwnd {}",
+            b.cwnd()
+        );
         assert!(b.pacing_rate() >= rate * 3 / 4 && b.pacing_rate() <= rate * 5 / 4);
         // Random loss below the threshold changes nothing; a round losing more than 20 % caps in-flight.
         b.on_loss(now, 10 * mss, 600_000);
@@ -802,7 +837,12 @@ mod tests {
         delivered += bdp;
         now += rtt as u64;
         b.on_ack(now, &sample(delivered, prior, rtt as u64, rtt, 600_000));
-        assert!(b.inflight_hi.is_some() && b.cwnd() < 2 * bdp, "{:?} {}", b.inflight_hi, b.cwnd());
+        assert!(
+            b.inflight_hi.is_some() && b.cwnd() < 2 * bdp,
+            "{:?} {}",
+            b.inflight_hi,
+            b.cwnd()
+        );
         // Never below one BDP of the model.
         assert!(b.cwnd() >= bdp);
     }

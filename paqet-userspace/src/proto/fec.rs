@@ -14,8 +14,8 @@
 //! The Reed-Solomon code is klauspost/reedsolomon's default (Backblaze JavaReedSolomon compatible):
 //! over GF(2^8) with polynomial 0x11d, the (d+p)×d Vandermonde matrix times the inverse of its top d×d
 //! square, so the code is systematic.
-use crate::wire::fec::{self as wfec, FecKind, FEC_DATA_HEADER, FEC_HEADER, MAX_SHARD};
 pub use crate::wire::fec::FecError;
+use crate::wire::fec::{self as wfec, FecKind, FEC_DATA_HEADER, FEC_HEADER, MAX_SHARD};
 
 /// Groups whose shards the decoder keeps (kcp-go keeps `rxFECMulti = 3` groups' worth of shards).
 pub const RX_GROUPS: usize = 3;
@@ -176,17 +176,25 @@ mod gf {
 
         /// Split-nibble multiply of the largest multiple of 32 bytes; returns how many bytes it did.
         #[target_feature(enable = "avx2")]
-        pub unsafe fn mul_slice_avx2(nib: &[[u8; 16]; 2], src: &[u8], dst: &mut [u8], add: bool) -> usize {
+        pub unsafe fn mul_slice_avx2(
+            nib: &[[u8; 16]; 2],
+            src: &[u8],
+            dst: &mut [u8],
+            add: bool,
+        ) -> usize {
             let n = src.len().min(dst.len()) / 32 * 32;
-            let lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(nib[0].as_ptr() as *const __m128i));
-            let hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(nib[1].as_ptr() as *const __m128i));
+            let lo =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(nib[0].as_ptr() as *const __m128i));
+            let hi =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(nib[1].as_ptr() as *const __m128i));
             let mask = _mm256_set1_epi8(0x0f);
             let mut i = 0;
             while i < n {
                 let s = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
                 let l = _mm256_and_si256(s, mask);
                 let h = _mm256_and_si256(_mm256_srli_epi64(s, 4), mask);
-                let mut p = _mm256_xor_si256(_mm256_shuffle_epi8(lo, l), _mm256_shuffle_epi8(hi, h));
+                let mut p =
+                    _mm256_xor_si256(_mm256_shuffle_epi8(lo, l), _mm256_shuffle_epi8(hi, h));
                 let dp = dst.as_mut_ptr().add(i) as *mut __m256i;
                 if add {
                     p = _mm256_xor_si256(p, _mm256_loadu_si256(dp));
@@ -211,7 +219,10 @@ struct ReedSolomon {
 impl ReedSolomon {
     fn new(d: usize, p: usize) -> Result<Self, FecError> {
         if d == 0 || p == 0 || d + p > 256 {
-            return Err(FecError::BadShards { dshard: d, pshard: p });
+            return Err(FecError::BadShards {
+                dshard: d,
+                pshard: p,
+            });
         }
         let n = d + p;
         let mut vm = vec![0u8; n * d];
@@ -223,7 +234,10 @@ impl ReedSolomon {
         let mut top_inv = vec![0u8; d * d];
         let mut work = vec![0u8; d * 2 * d];
         if !gf::invert(&vm[..d * d], d, &mut top_inv, &mut work) {
-            return Err(FecError::BadShards { dshard: d, pshard: p });
+            return Err(FecError::BadShards {
+                dshard: d,
+                pshard: p,
+            });
         }
         let mut matrix = vec![0u8; n * d];
         for r in 0..n {
@@ -235,7 +249,12 @@ impl ReedSolomon {
                 matrix[r * d + c] = acc;
             }
         }
-        Ok(ReedSolomon { d, p, matrix, simd: gf::simd_available() })
+        Ok(ReedSolomon {
+            d,
+            p,
+            matrix,
+            simd: gf::simd_available(),
+        })
     }
 
     /// Computes the parity shards in place. Shard `i` is `buf[i*stride + off ..][..len]`, data shards
@@ -323,27 +342,40 @@ impl FecEncoder {
     ) -> usize {
         let hr = self.headroom;
         let total = hr + FEC_DATA_HEADER + kcp_len;
-        assert!(pkt.len() >= total, "FEC encode: packet buffer {} < {total}", pkt.len());
+        assert!(
+            pkt.len() >= total,
+            "FEC encode: packet buffer {} < {total}",
+            pkt.len()
+        );
         let shard_len = kcp_len + 2;
-        assert!(shard_len <= MAX_SHARD, "FEC encode: KCP payload {kcp_len} exceeds {}", MAX_SHARD - 2);
+        assert!(
+            shard_len <= MAX_SHARD,
+            "FEC encode: KCP payload {kcp_len} exceeds {}",
+            MAX_SHARD - 2
+        );
 
         let seqid = self.take_seqid();
         wfec::write_header(&mut pkt[hr..], seqid, FecKind::Data);
-        pkt[hr + FEC_HEADER..hr + FEC_DATA_HEADER].copy_from_slice(&(shard_len as u16).to_le_bytes());
+        pkt[hr + FEC_HEADER..hr + FEC_DATA_HEADER]
+            .copy_from_slice(&(shard_len as u16).to_le_bytes());
 
         let off = hr + FEC_HEADER;
         let i = self.count;
-        self.cache[i * self.stride + off..][..shard_len].copy_from_slice(&pkt[off..off + shard_len]);
+        self.cache[i * self.stride + off..][..shard_len]
+            .copy_from_slice(&pkt[off..off + shard_len]);
         self.lens[i] = shard_len;
         self.max_len = self.max_len.max(shard_len);
         self.count += 1;
 
         if self.count == self.d {
-            let continuous = self.last_ms.is_some_and(|last| now_ms.wrapping_sub(last) < rto_ms);
+            let continuous = self
+                .last_ms
+                .is_some_and(|last| now_ms.wrapping_sub(last) < rto_ms);
             if continuous {
                 let max = self.max_len;
                 for k in 0..self.d {
-                    self.cache[k * self.stride + off + self.lens[k]..k * self.stride + off + max].fill(0);
+                    self.cache[k * self.stride + off + self.lens[k]..k * self.stride + off + max]
+                        .fill(0);
                 }
                 self.rs.encode(&mut self.cache, self.stride, off, max);
                 for k in self.d..self.d + self.p {
@@ -473,7 +505,12 @@ impl FecDecoder {
     /// Feed one decrypted body; calls `deliver(kcp_bytes)` for the data packet itself and for any
     /// recovered ones. A body without an FEC header (see [`wfec::is_fec`]) is raw KCP and is delivered
     /// unchanged, as kcp-go does.
-    pub fn decode(&mut self, body: &[u8], now_ms: u32, deliver: &mut dyn FnMut(&[u8])) -> Result<(), FecError> {
+    pub fn decode(
+        &mut self,
+        body: &[u8],
+        now_ms: u32,
+        deliver: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), FecError> {
         if !wfec::is_fec(body) {
             deliver(body);
             return Ok(());
@@ -562,13 +599,21 @@ impl FecDecoder {
                 let src = &g.buf[row * MAX_SHARD..row * MAX_SHARD + max];
                 gf::mul_slice(self.inv[k * d + j], src, out, j != 0, self.rs.simd);
             }
-            let size = if max >= 2 { u16::from_le_bytes([out[0], out[1]]) as usize } else { 0 };
+            let size = if max >= 2 {
+                u16::from_le_bytes([out[0], out[1]]) as usize
+            } else {
+                0
+            };
             if (2..=max).contains(&size) {
                 self.stats.recovered += 1;
                 deliver(&out[2..size]);
             } else {
                 self.stats.bad_recovered += 1;
-                tracing::debug!(size, shard_len = max, "recovered FEC shard has an invalid size");
+                tracing::debug!(
+                    size,
+                    shard_len = max,
+                    "recovered FEC shard has an invalid size"
+                );
             }
         }
     }
@@ -577,7 +622,9 @@ impl FecDecoder {
 /// Fuzz entry point: feeds `data` as a sequence of bodies (each prefixed by a one-byte length, scaled
 /// up to cover full-size packets) to a 10/3 decoder. Must never panic.
 pub fn fuzz_decode(data: &[u8]) {
-    let Ok(mut dec) = FecDecoder::new(10, 3) else { return };
+    let Ok(mut dec) = FecDecoder::new(10, 3) else {
+        return;
+    };
     let mut rest = data;
     let mut now = 0u32;
     let mut sink = 0usize;
@@ -602,7 +649,10 @@ mod tests {
     /// The decrypted, CRC-checked bodies of fec.pcap: (from server, body).
     fn capture_bodies() -> Vec<(bool, Vec<u8>)> {
         use cipher::{AsyncStreamCipher, KeyIvInit};
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/upstream-alpha21/fec.pcap");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/testdata/upstream-alpha21/fec.pcap"
+        );
         let bytes = std::fs::read(path).expect("fec.pcap present");
         let file = PcapFile::parse(&bytes).expect("fec.pcap parses");
         let key = hex::decode(DKEY).unwrap();
@@ -612,7 +662,9 @@ mod tests {
             .map(|r| {
                 let from_server = u16::from_be_bytes([r.data[34], r.data[35]]) == 9999;
                 let mut buf = r.data[66..].to_vec();
-                cfb_mode::Decryptor::<aes::Aes256>::new_from_slices(&key, &iv).unwrap().decrypt(&mut buf);
+                cfb_mode::Decryptor::<aes::Aes256>::new_from_slices(&key, &iv)
+                    .unwrap()
+                    .decrypt(&mut buf);
                 let body = buf[20..].to_vec();
                 let crc = u32::from_le_bytes([buf[16], buf[17], buf[18], buf[19]]);
                 assert_eq!(crc, crc32fast::hash(&body), "CRC of a capture datagram");
@@ -622,7 +674,13 @@ mod tests {
     }
 
     /// Encodes `kcp` with `enc` (headroom `hr`); returns the data body and the parity bodies produced.
-    fn enc_one(enc: &mut FecEncoder, hr: usize, kcp: &[u8], now: u32, rto: u32) -> (Vec<u8>, Vec<Vec<u8>>) {
+    fn enc_one(
+        enc: &mut FecEncoder,
+        hr: usize,
+        kcp: &[u8],
+        now: u32,
+        rto: u32,
+    ) -> (Vec<u8>, Vec<Vec<u8>>) {
         let mut pkt = vec![0xEE; hr + FEC_DATA_HEADER + kcp.len()];
         pkt[hr + FEC_DATA_HEADER..].copy_from_slice(kcp);
         let mut par = Vec::new();
@@ -643,11 +701,19 @@ mod tests {
         let rs = ReedSolomon::new(10, 3).unwrap();
         for r in 0..10 {
             for c in 0..10 {
-                assert_eq!(rs.matrix[r * 10 + c], (r == c) as u8, "top of the matrix is the identity");
+                assert_eq!(
+                    rs.matrix[r * 10 + c],
+                    (r == c) as u8,
+                    "top of the matrix is the identity"
+                );
             }
         }
         // Re-encode the server's data packets: every byte of every data and parity body must match.
-        let server: Vec<Vec<u8>> = capture_bodies().into_iter().filter(|(s, _)| *s).map(|(_, b)| b).collect();
+        let server: Vec<Vec<u8>> = capture_bodies()
+            .into_iter()
+            .filter(|(s, _)| *s)
+            .map(|(_, b)| b)
+            .collect();
         assert_eq!(server.len(), 79);
         let mut enc = FecEncoder::new(10, 3, 20).unwrap();
         let mut produced = Vec::new();
@@ -662,7 +728,12 @@ mod tests {
         assert_eq!(parity_count, 18);
         assert_eq!(produced.len(), server.len());
         for (i, (mine, theirs)) in produced.iter().zip(&server).enumerate() {
-            assert_eq!(mine, theirs, "body {i} (seqid {}) differs", wfec::parse(theirs).unwrap().seqid);
+            assert_eq!(
+                mine,
+                theirs,
+                "body {i} (seqid {}) differs",
+                wfec::parse(theirs).unwrap().seqid
+            );
         }
     }
 
@@ -671,7 +742,10 @@ mod tests {
         let mut groups: std::collections::BTreeMap<u32, Vec<Vec<u8>>> = Default::default();
         for (s, b) in capture_bodies() {
             if s {
-                groups.entry(wfec::parse(&b).unwrap().seqid / 13).or_default().push(b);
+                groups
+                    .entry(wfec::parse(&b).unwrap().seqid / 13)
+                    .or_default()
+                    .push(b);
             }
         }
         let full: Vec<_> = groups.into_values().filter(|g| g.len() == 13).collect();
@@ -731,7 +805,10 @@ mod tests {
             }
         }
         let st = dec.stats();
-        assert_eq!((n, st.data_seen, st.parity_seen, st.recovered, st.malformed), (61, 61, 18, 0, 0));
+        assert_eq!(
+            (n, st.data_seen, st.parity_seen, st.recovered, st.malformed),
+            (61, 61, 18, 0, 0)
+        );
     }
 
     #[test]
@@ -782,9 +859,15 @@ mod tests {
         enc.next = paws - 13;
         for i in 0..10 {
             let (d, p) = enc_one(&mut enc, 0, &[i; 30], i as u32, 1000);
-            assert_eq!(u32::from_le_bytes(d[..4].try_into().unwrap()), paws - 13 + i as u32);
+            assert_eq!(
+                u32::from_le_bytes(d[..4].try_into().unwrap()),
+                paws - 13 + i as u32
+            );
             if i == 9 {
-                let ids: Vec<u32> = p.iter().map(|b| u32::from_le_bytes(b[..4].try_into().unwrap())).collect();
+                let ids: Vec<u32> = p
+                    .iter()
+                    .map(|b| u32::from_le_bytes(b[..4].try_into().unwrap()))
+                    .collect();
                 assert_eq!(ids, vec![paws - 3, paws - 2, paws - 1]);
             }
         }
@@ -812,7 +895,13 @@ mod tests {
 
     /// Runs `groups` groups of random KCP payloads through an encoder and a decoder, losing `loss(group)`
     /// random shards of each group and reordering within a group; returns (sent, delivered, stats).
-    fn random_run(d: usize, p: usize, groups: usize, seed: u64, loss: &dyn Fn(usize) -> usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, FecStats) {
+    fn random_run(
+        d: usize,
+        p: usize,
+        groups: usize,
+        seed: u64,
+        loss: &dyn Fn(usize) -> usize,
+    ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, FecStats) {
         use rand::seq::SliceRandom;
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
@@ -830,11 +919,16 @@ mod tests {
                 wire.extend(par);
             }
             // with d = 1 the very first packet has no predecessor to prove continuity: no parity
-            assert!(wire.len() == d + p || (g == 0 && d == 1), "group {g} has {} packets", wire.len());
+            assert!(
+                wire.len() == d + p || (g == 0 && d == 1),
+                "group {g} has {} packets",
+                wire.len()
+            );
             wire.shuffle(&mut rng);
             wire.truncate(d + p - loss(g).min(d + p));
             for b in wire {
-                dec.decode(&b, g as u32, &mut |k| got.push(k.to_vec())).unwrap();
+                dec.decode(&b, g as u32, &mut |k| got.push(k.to_vec()))
+                    .unwrap();
             }
         }
         (sent, got, dec.stats())
@@ -848,7 +942,12 @@ mod tests {
             sent.sort();
             got.sort();
             got.dedup();
-            assert!(got == sent, "d={d} p={p}: sent {} delivered {} {st:?}", sent.len(), got.len());
+            assert!(
+                got == sent,
+                "d={d} p={p}: sent {} delivered {} {st:?}",
+                sent.len(),
+                got.len()
+            );
             assert!(st.recovered > 0);
             assert_eq!(st.groups_lost, 0);
         }
@@ -893,10 +992,14 @@ mod tests {
         dec.decode(&kcp, 0, &mut |k| got.push(k.to_vec())).unwrap();
         assert_eq!(got, vec![kcp.to_vec()]);
         let bad = [0, 0, 0, 0, 0xf1, 0, 0xff, 0xff, 1];
-        assert!(matches!(dec.decode(&bad, 0, &mut |_| panic!()), Err(FecError::BadSize { size: 0xffff, .. })));
+        assert!(matches!(
+            dec.decode(&bad, 0, &mut |_| panic!()),
+            Err(FecError::BadSize { size: 0xffff, .. })
+        ));
         assert_eq!(dec.stats().malformed, 1);
         // a parity packet in a data slot (other shard counts on the peer) is counted, not used
-        dec.decode(&[1, 0, 0, 0, 0xf2, 0, 7, 7], 0, &mut |_| panic!()).unwrap();
+        dec.decode(&[1, 0, 0, 0, 0xf2, 0, 7, 7], 0, &mut |_| panic!())
+            .unwrap();
         assert_eq!(dec.stats().misplaced, 1);
     }
 

@@ -30,7 +30,9 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
-use crate::proto::cc::{new_controller, CcAlgorithm, CcConfig, CcStats, Controller, Pacer, RateSample};
+use crate::proto::cc::{
+    new_controller, CcAlgorithm, CcConfig, CcStats, Controller, Pacer, RateSample,
+};
 use crate::wire::kcp::{Cmd, KcpWireError, SegmentHeader, OVERHEAD};
 
 const RTO_NDL: u32 = 30;
@@ -438,7 +440,11 @@ impl Kcp {
             incr: 0,
             rx_srtt: 0,
             rx_rttvar: 0,
-            rx_rto: if cfg.cc.algorithm == CcAlgorithm::Off { RTO_DEF } else { RTO_DEF_CC },
+            rx_rto: if cfg.cc.algorithm == CcAlgorithm::Off {
+                RTO_DEF
+            } else {
+                RTO_DEF_CC
+            },
             rx_minrto: if cfg.nodelay { RTO_NDL } else { RTO_MIN },
             clock: 0,
             last_now: 0,
@@ -577,7 +583,11 @@ impl Kcp {
             bdp_segments,
             bytes_sent: self.stats.out_bytes,
             bytes_delivered: self.delivered,
-            loss_ratio: self.stats.lost_segs.saturating_add(self.stats.fast_retrans_segs) as f64 / sent,
+            loss_ratio: self
+                .stats
+                .lost_segs
+                .saturating_add(self.stats.fast_retrans_segs) as f64
+                / sent,
             retrans_ratio: self.stats.retrans_segs as f64 / sent,
             spurious_retrans: self.spurious,
             window_limited_by,
@@ -633,7 +643,9 @@ impl Kcp {
         match &self.cc {
             None => cap,
             Some(c) => {
-                let paced = (c.pacing_rate() * UNSENT_MS / 1000).min(c.cwnd()).min(1 << 30) as usize;
+                let paced = (c.pacing_rate() * UNSENT_MS / 1000)
+                    .min(c.cwnd())
+                    .min(1 << 30) as usize;
                 let queue_max = paced.max(16 * self.mss);
                 cap.min(queue_max.saturating_sub(self.snd_queue.len() * self.mss))
             }
@@ -739,7 +751,10 @@ impl Kcp {
         let old = std::mem::take(&mut self.snd_ring);
         let mask = (cap - 1) as u32;
         let requeue = |q: &VecDeque<u32>| -> Vec<u32> {
-            q.iter().filter(|&&i| old[i as usize].live).map(|&i| old[i as usize].sn & mask).collect()
+            q.iter()
+                .filter(|&&i| old[i as usize].live)
+                .map(|&i| old[i as usize].sn & mask)
+                .collect()
         };
         let fast: Vec<u32> = requeue(&self.fast_q);
         let early: Vec<u32> = requeue(&self.early_q);
@@ -931,7 +946,11 @@ impl Kcp {
             // before the first sample.
             let span = self.rcv_hi.wrapping_sub(self.read_sn).wrapping_add(1);
             let filled = self.rcv_wnd / 4 * 3;
-            let period = if self.rx_srtt > 0 { self.rx_srtt as u64 } else { 100 };
+            let period = if self.rx_srtt > 0 {
+                self.rx_srtt as u64
+            } else {
+                100
+            };
             let per_rtt = self.rcv_count >= filled;
             if self.clock >= self.rcv_mark + period || per_rtt {
                 self.rcv_count = 0;
@@ -1069,9 +1088,10 @@ impl Kcp {
         self.acked_now += len;
         self.delivered_time = self.clock;
         if self.cc.is_some() {
-            let newer = self
-                .sample
-                .is_none_or(|b| slot.s_delivered > b.delivered || (slot.s_delivered == b.delivered && slot.sent_at > b.sent_at));
+            let newer = self.sample.is_none_or(|b| {
+                slot.s_delivered > b.delivered
+                    || (slot.s_delivered == b.delivered && slot.sent_at > b.sent_at)
+            });
             if newer {
                 self.sample = Some(SampleSrc {
                     delivered: slot.s_delivered,
@@ -1109,7 +1129,8 @@ impl Kcp {
         self.last_rate = rs.rate();
         cc.on_ack(self.clock, &rs);
         if self.autotune.sndwnd && self.snd_wnd < self.autotune.max_wnd {
-            let want = (2 * cc.cwnd() / self.mss as u64).min(u64::from(self.autotune.max_wnd)) as u32;
+            let want =
+                (2 * cc.cwnd() / self.mss as u64).min(u64::from(self.autotune.max_wnd)) as u32;
             if want > self.snd_wnd {
                 self.grow_snd_wnd(want.next_power_of_two().min(self.autotune.max_wnd));
             }
@@ -1431,7 +1452,9 @@ impl Kcp {
 
         // fast retransmit
         while self.pace_budget() {
-            let Some(i) = self.fast_q.pop_front() else { break };
+            let Some(i) = self.fast_q.pop_front() else {
+                break;
+            };
             let idx = i as usize;
             let slot = &mut self.snd_ring[idx];
             slot.in_fast_q = false;
@@ -1610,7 +1633,11 @@ pub fn fuzz_input(data: &[u8]) {
         cfg.rcvwnd = 8;
         cfg.cc = cc;
         if cc.algorithm != CcAlgorithm::Off {
-            cfg.autotune = Autotune { sndwnd: true, rcvwnd: true, max_wnd: 64 };
+            cfg.autotune = Autotune {
+                sndwnd: true,
+                rcvwnd: true,
+                max_wnd: 64,
+            };
         }
         fuzz_one(data, &cfg);
     }

@@ -2,5 +2,5 @@
 pub mod cc;
 pub mod fec;
 pub mod kcp;
-pub mod smux;
 pub mod session;
+pub mod smux;

@@ -63,7 +63,12 @@ impl SessionConfig {
 
     /// Bytes of framing in front of the KCP bytes of every data datagram.
     pub fn header_overhead(&self) -> usize {
-        self.crypto.header_len() + if self.fec_enabled() { FEC_DATA_HEADER } else { 0 }
+        self.crypto.header_len()
+            + if self.fec_enabled() {
+                FEC_DATA_HEADER
+            } else {
+                0
+            }
     }
 
     /// The MTU KCP gets: `min(mtu, 1500)` minus crypto header, crypto trailer and FEC header (spec §3.3).
@@ -162,7 +167,11 @@ impl Session {
             } else {
                 None
             },
-            fec_dec: if fec { FecDecoder::new(cfg.dshard, cfg.pshard).ok() } else { None },
+            fec_dec: if fec {
+                FecDecoder::new(cfg.dshard, cfg.pshard).ok()
+            } else {
+                None
+            },
             kcp: Kcp::new(conv, &kcfg, reserved),
             smux: Smux::new(smux_role, cfg.smux.clone(), now),
             rx_pending: Vec::with_capacity(64 * 1024),
@@ -173,7 +182,11 @@ impl Session {
             out_lens: Vec::with_capacity(16),
             stats: SessionStats::default(),
             dead: false,
-            smux_auto_max: if kcfg.autotune.rcvwnd { kcfg.autotune.max_wnd as usize * kcfg.mtu } else { 0 },
+            smux_auto_max: if kcfg.autotune.rcvwnd {
+                kcfg.autotune.max_wnd as usize * kcfg.mtu
+            } else {
+                0
+            },
         }
     }
 
@@ -334,7 +347,15 @@ impl Session {
                 break;
             }
         }
-        let Session { kcp, fec_enc, crypto, out_queue, out_lens, stats, .. } = self;
+        let Session {
+            kcp,
+            fec_enc,
+            crypto,
+            out_queue,
+            out_lens,
+            stats,
+            ..
+        } = self;
         out_queue.clear();
         out_lens.clear();
         let crypt_hdr = crypto.header_len();

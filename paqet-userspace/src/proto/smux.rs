@@ -277,7 +277,9 @@ impl Stream {
     /// Consumes `n` bytes' worth of frame lengths from the front of `recv_frames`.
     fn consume_frames(&mut self, mut n: usize) {
         while n > 0 {
-            let Some(front) = self.recv_frames.front_mut() else { break };
+            let Some(front) = self.recv_frames.front_mut() else {
+                break;
+            };
             let f = *front as usize;
             if f <= n {
                 n -= f;
@@ -436,7 +438,8 @@ impl Smux {
             if self.partial.len() < HEADER_LEN {
                 break;
             }
-            let hdr = FrameHeader::parse(&self.partial, version).map_err(|e| self.fail(e.into()))?;
+            let hdr =
+                FrameHeader::parse(&self.partial, version).map_err(|e| self.fail(e.into()))?;
             self.data_ready = true; // like smux: a header counts as activity even before its data arrives
             let total = HEADER_LEN + hdr.length as usize;
             if self.partial.len() < total {
@@ -489,7 +492,11 @@ impl Smux {
                         }
                     }
                     _ => {
-                        tracing::trace!(sid, len = data.len(), "smux PSH for unknown or closed stream dropped");
+                        tracing::trace!(
+                            sid,
+                            len = data.len(),
+                            "smux PSH for unknown or closed stream dropped"
+                        );
                         self.stats.psh_dropped += 1;
                     }
                 }
@@ -501,7 +508,10 @@ impl Smux {
                 if let Some(s) = self.streams.get_mut(&sid) {
                     s.peer_consumed = upd.consumed;
                     s.peer_window = upd.window;
-                    if s.write_blocked && !s.closing && matches!(s.room(sid, version), Ok(n) if n > 0) {
+                    if s.write_blocked
+                        && !s.closing
+                        && matches!(s.room(sid, version), Ok(n) if n > 0)
+                    {
                         s.write_blocked = false;
                         self.events.push_back(SmuxEvent::Writable(sid));
                     }
@@ -547,7 +557,9 @@ impl Smux {
     /// Queues `data` as PSH frames; `data` must fit the room already checked.
     fn enqueue(&mut self, sid: u32, data: &[u8]) {
         let max = self.cfg.max_frame_size;
-        let Some(s) = self.streams.get_mut(&sid) else { return };
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return;
+        };
         s.send.extend(data);
         for chunk in data.chunks(max) {
             s.send_frames.push_back(chunk.len() as u32);
@@ -590,7 +602,11 @@ impl Smux {
         let max = self.cfg.max_frame_size;
         let s = self.open_stream_mut(sid)?;
         if data.len() > max {
-            return Err(SmuxError::DatagramTooLarge { sid, len: data.len(), max });
+            return Err(SmuxError::DatagramTooLarge {
+                sid,
+                len: data.len(),
+                max,
+            });
         }
         if s.fin_received {
             return Err(SmuxError::StreamFinished(sid));
@@ -645,7 +661,9 @@ impl Smux {
             return;
         }
         let half = (self.cfg.max_stream_buffer / 2) as u32;
-        let Some(s) = self.streams.get_mut(&sid) else { return };
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return;
+        };
         s.num_read = s.num_read.wrapping_add(n as u32);
         s.incr = s.incr.wrapping_add(n as u32);
         if s.incr >= half || s.num_read == n as u32 {
@@ -682,7 +700,9 @@ impl Smux {
     pub fn read_frame(&mut self, sid: u32) -> Result<Option<Vec<u8>>, SmuxError> {
         self.check_alive()?;
         let s = self.open_stream_mut(sid)?;
-        let Some(&len) = s.recv_frames.front() else { return Ok(None) };
+        let Some(&len) = s.recv_frames.front() else {
+            return Ok(None);
+        };
         let len = len as usize;
         let v: Vec<u8> = s.recv.drain(..len).collect();
         s.consume_frames(len);
@@ -695,7 +715,9 @@ impl Smux {
     pub fn read_datagram(&mut self, sid: u32, buf: &mut [u8]) -> Result<Option<usize>, SmuxError> {
         self.check_alive()?;
         let s = self.open_stream_mut(sid)?;
-        let Some(&len) = s.recv_frames.front() else { return Ok(None) };
+        let Some(&len) = s.recv_frames.front() else {
+            return Ok(None);
+        };
         let len = len as usize;
         let copied = len.min(buf.len());
         let (a, b) = s.recv.as_slices();
@@ -729,7 +751,9 @@ impl Smux {
     /// its tokens returned, later frames dropped). Unknown streams are ignored.
     pub fn close(&mut self, sid: u32) {
         let dead = self.dead.is_some();
-        let Some(s) = self.streams.get_mut(&sid) else { return };
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return;
+        };
         if s.closing {
             return;
         }
@@ -767,23 +791,50 @@ impl Smux {
         let version = self.cfg.version;
         let fits = |out: &Vec<u8>, len: usize| out.len() == start || out.len() - start + len <= max;
         while let Some(&c) = self.ctrl.front() {
-            let len = if matches!(c, Ctrl::Upd(_)) { HEADER_LEN + UPD_LEN } else { HEADER_LEN };
+            let len = if matches!(c, Ctrl::Upd(_)) {
+                HEADER_LEN + UPD_LEN
+            } else {
+                HEADER_LEN
+            };
             if !fits(out, len) {
                 return out.len() - start;
             }
             self.ctrl.pop_front();
             match c {
-                Ctrl::Syn(sid) => FrameHeader { version, cmd: Cmd::Syn, length: 0, sid }.emit(out),
+                Ctrl::Syn(sid) => FrameHeader {
+                    version,
+                    cmd: Cmd::Syn,
+                    length: 0,
+                    sid,
+                }
+                .emit(out),
                 Ctrl::Nop => {
                     self.nop_queued = false;
                     self.stats.nop_sent += 1;
-                    FrameHeader { version, cmd: Cmd::Nop, length: 0, sid: 0 }.emit(out)
+                    FrameHeader {
+                        version,
+                        cmd: Cmd::Nop,
+                        length: 0,
+                        sid: 0,
+                    }
+                    .emit(out)
                 }
                 Ctrl::Upd(sid) => {
-                    let Some(s) = self.streams.get_mut(&sid) else { continue };
+                    let Some(s) = self.streams.get_mut(&sid) else {
+                        continue;
+                    };
                     s.upd_queued = false;
-                    let upd = Upd { consumed: s.upd_consumed, window: self.cfg.max_stream_buffer as u32 };
-                    FrameHeader { version, cmd: Cmd::Upd, length: UPD_LEN as u16, sid }.emit(out);
+                    let upd = Upd {
+                        consumed: s.upd_consumed,
+                        window: self.cfg.max_stream_buffer as u32,
+                    };
+                    FrameHeader {
+                        version,
+                        cmd: Cmd::Upd,
+                        length: UPD_LEN as u16,
+                        sid,
+                    }
+                    .emit(out);
                     out.extend_from_slice(&upd.to_bytes());
                     self.stats.upd_sent += 1;
                 }
@@ -791,14 +842,22 @@ impl Smux {
             self.stats.frames_out += 1;
         }
         while let Some(sid) = self.tx_ready.pop_front() {
-            let Some(s) = self.streams.get_mut(&sid) else { continue };
+            let Some(s) = self.streams.get_mut(&sid) else {
+                continue;
+            };
             if let Some(&flen) = s.send_frames.front() {
                 let flen = flen as usize;
                 if !fits(out, HEADER_LEN + flen) {
                     self.tx_ready.push_front(sid);
                     break;
                 }
-                FrameHeader { version, cmd: Cmd::Psh, length: flen as u16, sid }.emit(out);
+                FrameHeader {
+                    version,
+                    cmd: Cmd::Psh,
+                    length: flen as u16,
+                    sid,
+                }
+                .emit(out);
                 let (a, b) = s.send.as_slices();
                 let from_a = flen.min(a.len());
                 out.extend_from_slice(&a[..from_a]);
@@ -807,7 +866,11 @@ impl Smux {
                 s.send_frames.pop_front();
                 self.stats.frames_out += 1;
                 self.stats.bytes_out += flen as u64;
-                if s.write_blocked && !s.closing && !s.fin_received && matches!(s.room(sid, version), Ok(n) if n > 0) {
+                if s.write_blocked
+                    && !s.closing
+                    && !s.fin_received
+                    && matches!(s.room(sid, version), Ok(n) if n > 0)
+                {
                     s.write_blocked = false;
                     self.events.push_back(SmuxEvent::Writable(sid));
                 }
@@ -821,7 +884,13 @@ impl Smux {
                     self.tx_ready.push_front(sid);
                     break;
                 }
-                FrameHeader { version, cmd: Cmd::Fin, length: 0, sid }.emit(out);
+                FrameHeader {
+                    version,
+                    cmd: Cmd::Fin,
+                    length: 0,
+                    sid,
+                }
+                .emit(out);
                 self.stats.frames_out += 1;
                 self.streams.remove(&sid);
             } else {
@@ -885,7 +954,10 @@ impl Smux {
 
     /// Ids of the open streams (not closed locally), in no particular order.
     pub fn stream_ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.streams.iter().filter(|(_, s)| !s.closing).map(|(&id, _)| id)
+        self.streams
+            .iter()
+            .filter(|(_, s)| !s.closing)
+            .map(|(&id, _)| id)
     }
 
     /// Counters.
@@ -972,7 +1044,9 @@ mod tests {
             f(&mut c);
             c.validate()
         };
-        assert!(matches!(c(|c| c.version = 3), Err(SmuxError::InvalidConfig(m)) if m.contains("version")));
+        assert!(
+            matches!(c(|c| c.version = 3), Err(SmuxError::InvalidConfig(m)) if m.contains("version"))
+        );
         assert!(c(|c| c.keepalive_interval_ms = 0).is_err());
         assert!(c(|c| c.keepalive_timeout_ms = 1_000).is_err());
         assert!(c(|c| c.max_frame_size = 0).is_err());
@@ -986,7 +1060,10 @@ mod tests {
     #[test]
     fn stream_ids_match_upstream() {
         let mut c = Smux::new(Role::Client, SmuxConfig::default(), 0);
-        assert_eq!((c.open_stream(), c.open_stream(), c.open_stream()), (Ok(3), Ok(5), Ok(7)));
+        assert_eq!(
+            (c.open_stream(), c.open_stream(), c.open_stream()),
+            (Ok(3), Ok(5), Ok(7))
+        );
         let mut s = Smux::new(Role::Server, SmuxConfig::default(), 0);
         assert_eq!((s.open_stream(), s.open_stream()), (Ok(2), Ok(4)));
         // Overflow → GoAway, and stays so.
@@ -1006,12 +1083,22 @@ mod tests {
         assert_eq!(c.num_streams(), 0);
         let mut out = Vec::new();
         assert_eq!(c.poll_transmit(&mut out, 1 << 20), 32);
-        assert_eq!(out, unhex("0200000003000000 0202080003000000 5001030003010018 0201000003000000"));
+        assert_eq!(
+            out,
+            unhex("0200000003000000 0202080003000000 5001030003010018 0201000003000000")
+        );
         assert!(!c.has_pending());
 
         let mut s = Smux::new(Role::Server, SmuxConfig::default(), T0);
         assert_eq!(s.input(T0, &out), Ok(32));
-        assert_eq!(events(&mut s), vec![SmuxEvent::Opened(3), SmuxEvent::Readable(3), SmuxEvent::Fin(3)]);
+        assert_eq!(
+            events(&mut s),
+            vec![
+                SmuxEvent::Opened(3),
+                SmuxEvent::Readable(3),
+                SmuxEvent::Fin(3)
+            ]
+        );
         assert!(!s.is_fin(3));
         let mut buf = [0u8; 64];
         assert_eq!(s.read(3, &mut buf), Ok(8));
@@ -1022,7 +1109,10 @@ mod tests {
         let mut reply = Vec::new();
         s.poll_transmit(&mut reply, 1 << 20);
         // UPD(consumed 8, window 2 MiB), then FIN.
-        assert_eq!(reply, unhex("0204080003000000 08000000 00002000 0201000003000000"));
+        assert_eq!(
+            reply,
+            unhex("0204080003000000 08000000 00002000 0201000003000000")
+        );
     }
 
     #[test]
@@ -1031,13 +1121,25 @@ mod tests {
         let n = 24;
         let len = 300_000usize;
         let data = |sid: u32, dir: u8| -> Vec<u8> {
-            (0..len).map(|i| (i as u32).wrapping_mul(31).wrapping_add(sid * 7 + dir as u32) as u8).collect()
+            (0..len)
+                .map(|i| {
+                    (i as u32)
+                        .wrapping_mul(31)
+                        .wrapping_add(sid * 7 + dir as u32) as u8
+                })
+                .collect()
         };
         let sids: Vec<u32> = (0..n).map(|_| p.c.open_stream().unwrap()).collect();
         p.pump();
         let opened: Vec<u32> = events(&mut p.s)
             .into_iter()
-            .filter_map(|e| if let SmuxEvent::Opened(x) = e { Some(x) } else { None })
+            .filter_map(|e| {
+                if let SmuxEvent::Opened(x) = e {
+                    Some(x)
+                } else {
+                    None
+                }
+            })
             .collect();
         assert_eq!(opened, sids);
         let mut sent_c = vec![0usize; n];
@@ -1060,12 +1162,16 @@ mod tests {
             for (i, &sid) in sids.iter().enumerate() {
                 loop {
                     let k = p.s.read(sid, &mut buf).unwrap();
-                    if k == 0 { break; }
+                    if k == 0 {
+                        break;
+                    }
                     got_s[i].extend_from_slice(&buf[..k]);
                 }
                 loop {
                     let k = p.c.read(sid, &mut buf).unwrap();
-                    if k == 0 { break; }
+                    if k == 0 {
+                        break;
+                    }
                     got_c[i].extend_from_slice(&buf[..k]);
                 }
             }
@@ -1074,8 +1180,14 @@ mod tests {
             }
         }
         for (i, &sid) in sids.iter().enumerate() {
-            assert!(got_s[i] == data(sid, 0), "server received stream {sid} intact");
-            assert!(got_c[i] == data(sid, 1), "client received stream {sid} intact");
+            assert!(
+                got_s[i] == data(sid, 0),
+                "server received stream {sid} intact"
+            );
+            assert!(
+                got_c[i] == data(sid, 1),
+                "client received stream {sid} intact"
+            );
         }
         assert_eq!(p.s.receive_capacity(), 4_194_304);
         assert!(p.c.stats().upd_received > 0 && p.s.stats().upd_sent > 0);
@@ -1130,18 +1242,28 @@ mod tests {
 
     #[test]
     fn session_buffer_backpressure() {
-        let cfg = SmuxConfig { max_receive_buffer: 100_000, max_stream_buffer: 50_000, ..SmuxConfig::default() };
+        let cfg = SmuxConfig {
+            max_receive_buffer: 100_000,
+            max_stream_buffer: 50_000,
+            ..SmuxConfig::default()
+        };
         let mut p = Pair::new(cfg);
         let a = p.c.open_stream().unwrap();
         let b = p.c.open_stream().unwrap();
         let data = vec![7u8; 200_000];
-        assert_eq!(p.c.write(a, &data), Ok(200_000.min(INITIAL_PEER_WINDOW as usize)));
+        assert_eq!(
+            p.c.write(a, &data),
+            Ok(200_000.min(INITIAL_PEER_WINDOW as usize))
+        );
         p.pump();
         // The server stopped consuming once its bucket ran out; the rest waits in the pipe.
         assert_eq!(p.s.receive_capacity(), 0);
         assert!(!p.c2s.is_empty());
         let buffered = p.s.readable_bytes(a);
-        assert!((100_000..100_000 + 65_535).contains(&buffered), "{buffered}");
+        assert!(
+            (100_000..100_000 + 65_535).contains(&buffered),
+            "{buffered}"
+        );
         // Data on another stream is stuck behind it (smux semantics), and no keepalive death while full.
         assert_eq!(p.c.write(b, b"hello"), Ok(5));
         p.pump();
@@ -1170,7 +1292,11 @@ mod tests {
         p.pump();
         assert_eq!(
             events(&mut p.s),
-            vec![SmuxEvent::Opened(sid), SmuxEvent::Readable(sid), SmuxEvent::Fin(sid)]
+            vec![
+                SmuxEvent::Opened(sid),
+                SmuxEvent::Readable(sid),
+                SmuxEvent::Fin(sid)
+            ]
         );
         let mut buf = [0u8; 5];
         assert!(!p.s.is_fin(sid));
@@ -1227,7 +1353,10 @@ mod tests {
         assert!(!m.is_dead());
         m.handle_timeout(T0 + 16_000);
         assert!(m.is_dead());
-        assert_eq!(events(&mut m), vec![SmuxEvent::Closed(SmuxError::KeepaliveTimeout(8_000))]);
+        assert_eq!(
+            events(&mut m),
+            vec![SmuxEvent::Closed(SmuxError::KeepaliveTimeout(8_000))]
+        );
         assert_eq!(m.open_stream(), Err(SmuxError::SessionDead));
         assert!(!m.has_pending());
         // Clock wrap-around works.
@@ -1257,7 +1386,11 @@ mod tests {
         }
         assert_eq!(
             p.c.write_datagram(sid, &[0u8; 65_536]),
-            Err(SmuxError::DatagramTooLarge { sid, len: 65_536, max: 65_535 })
+            Err(SmuxError::DatagramTooLarge {
+                sid,
+                len: 65_536,
+                max: 65_535
+            })
         );
         p.pump();
         for d in &dgrams {
@@ -1291,7 +1424,14 @@ mod tests {
 
     #[test]
     fn large_write_splits_into_frames() {
-        let mut m = Smux::new(Role::Client, SmuxConfig { max_frame_size: 1_000, ..SmuxConfig::default() }, T0);
+        let mut m = Smux::new(
+            Role::Client,
+            SmuxConfig {
+                max_frame_size: 1_000,
+                ..SmuxConfig::default()
+            },
+            T0,
+        );
         let sid = m.open_stream().unwrap();
         assert_eq!(m.write(sid, &[5u8; 2_500]), Ok(2_500));
         let mut out = Vec::new();
@@ -1302,7 +1442,15 @@ mod tests {
             lens.push((f.header.cmd, f.data.len()));
             rest = &rest[used..];
         }
-        assert_eq!(lens, vec![(Cmd::Syn, 0), (Cmd::Psh, 1_000), (Cmd::Psh, 1_000), (Cmd::Psh, 500)]);
+        assert_eq!(
+            lens,
+            vec![
+                (Cmd::Syn, 0),
+                (Cmd::Psh, 1_000),
+                (Cmd::Psh, 1_000),
+                (Cmd::Psh, 500)
+            ]
+        );
     }
 
     #[test]
@@ -1328,7 +1476,11 @@ mod tests {
 
     #[test]
     fn protocol_errors_kill_session() {
-        for bad in ["0100000003000000", "0209000003000000", "0204040003000000 00000000"] {
+        for bad in [
+            "0100000003000000",
+            "0209000003000000",
+            "0204040003000000 00000000",
+        ] {
             let mut m = Smux::new(Role::Server, SmuxConfig::default(), T0);
             let bytes = unhex(bad);
             // Byte by byte: the error surfaces once the header is complete.
@@ -1341,7 +1493,10 @@ mod tests {
             }
             assert!(matches!(res, Err(SmuxError::Protocol(_))), "{bad}: {res:?}");
             assert!(m.is_dead());
-            assert!(matches!(events(&mut m)[..], [SmuxEvent::Closed(SmuxError::Protocol(_))]));
+            assert!(matches!(
+                events(&mut m)[..],
+                [SmuxEvent::Closed(SmuxError::Protocol(_))]
+            ));
             assert_eq!(m.input(T0, &bytes), Err(SmuxError::SessionDead));
         }
         // Unknown-stream frames are ignored, not errors.
@@ -1354,7 +1509,10 @@ mod tests {
 
     #[test]
     fn version1_session() {
-        let cfg = SmuxConfig { version: 1, ..SmuxConfig::default() };
+        let cfg = SmuxConfig {
+            version: 1,
+            ..SmuxConfig::default()
+        };
         let mut p = Pair::new(cfg);
         let sid = p.c.open_stream().unwrap();
         let data = vec![3u8; 600_000];
@@ -1434,7 +1592,6 @@ mod tests {
         (evs, reads, s.stats())
     }
 
-
     /// Real upstream bytes: the whole smux byte stream of both directions of `none.pcap` (no encryption).
     mod capture {
         use super::*;
@@ -1443,7 +1600,10 @@ mod tests {
         use sha2::{Digest, Sha256};
         use std::collections::BTreeMap;
 
-        const PCAP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/upstream-alpha21/none.pcap");
+        const PCAP: &str = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/testdata/upstream-alpha21/none.pcap"
+        );
 
         /// (client→server, server→client) KCP stream bytes, PUSH data in sn order, once per sn.
         fn kcp_streams() -> Option<(Vec<u8>, Vec<u8>)> {
@@ -1451,11 +1611,16 @@ mod tests {
                 eprintln!("skipping: {PCAP} not found");
                 return None;
             };
-            assert_eq!(&file[..4], &[0xd4, 0xc3, 0xb2, 0xa1], "little-endian microsecond pcap");
+            assert_eq!(
+                &file[..4],
+                &[0xd4, 0xc3, 0xb2, 0xa1],
+                "little-endian microsecond pcap"
+            );
             let mut dirs: [BTreeMap<u32, Vec<u8>>; 2] = [BTreeMap::new(), BTreeMap::new()];
             let mut off = 24;
             while off + 16 <= file.len() {
-                let caplen = u32::from_le_bytes(file[off + 8..off + 12].try_into().unwrap()) as usize;
+                let caplen =
+                    u32::from_le_bytes(file[off + 8..off + 12].try_into().unwrap()) as usize;
                 let pkt = &file[off + 16..off + 16 + caplen];
                 off += 16 + caplen;
                 let ip = &pkt[14..];
@@ -1471,7 +1636,9 @@ mod tests {
                     let sn = u32::from_le_bytes(seg[12..16].try_into().unwrap());
                     let len = u32::from_le_bytes(seg[20..24].try_into().unwrap()) as usize;
                     if cmd == 81 {
-                        dirs[usize::from(!to_server)].entry(sn).or_insert_with(|| seg[24..24 + len].to_vec());
+                        dirs[usize::from(!to_server)]
+                            .entry(sn)
+                            .or_insert_with(|| seg[24..24 + len].to_vec());
                     }
                     seg = &seg[24 + len..];
                 }
@@ -1494,7 +1661,8 @@ mod tests {
                 if let Some(u) = f.upd() {
                     upds.push((f.header.sid, u));
                 }
-                crate::wire::smux::emit_frame(2, f.header.cmd, f.header.sid, f.data, &mut again).unwrap();
+                crate::wire::smux::emit_frame(2, f.header.cmd, f.header.sid, f.data, &mut again)
+                    .unwrap();
                 rest = &rest[used..];
             }
             assert!(rest.is_empty(), "stream ends on a frame boundary");
@@ -1504,7 +1672,9 @@ mod tests {
 
         #[test]
         fn none_pcap_smux_layer() {
-            let Some((c2s, s2c)) = kcp_streams() else { return };
+            let Some((c2s, s2c)) = kcp_streams() else {
+                return;
+            };
             assert_eq!((c2s.len(), s2c.len()), (357, 65_967));
             let (cc, cu) = frames(&c2s);
             assert_eq!(cc, BTreeMap::from([(0, 7), (1, 6), (2, 7), (4, 2)]));
@@ -1516,13 +1686,32 @@ mod tests {
             }
             let mut su_sorted = su.clone();
             su_sorted.sort_by_key(|(sid, _)| *sid);
-            let consumed: Vec<(u32, u32)> = su_sorted.iter().map(|(s, u)| (*s, u.consumed)).collect();
+            let consumed: Vec<(u32, u32)> =
+                su_sorted.iter().map(|(s, u)| (*s, u.consumed)).collect();
             // Upstream's server reads the 5-byte header prefix first, so its one UPD per stream (sent on
             // the first read, none later: < 1 MiB read) says consumed = 5.
             assert_eq!(consumed, vec![(3, 5), (7, 5), (9, 5), (13, 5), (15, 5)]);
             // The client's first reads: the 203-byte HTTP header frame, the 20-byte echo frame.
             let w = 2_097_152;
-            assert_eq!(cu, vec![(9, Upd { consumed: 203, window: w }), (15, Upd { consumed: 20, window: w })]);
+            assert_eq!(
+                cu,
+                vec![
+                    (
+                        9,
+                        Upd {
+                            consumed: 203,
+                            window: w
+                        }
+                    ),
+                    (
+                        15,
+                        Upd {
+                            consumed: 20,
+                            window: w
+                        }
+                    )
+                ]
+            );
 
             // Server side: feed the client's stream in awkward chunks.
             let mut s = Smux::new(Role::Server, SmuxConfig::default(), T0);
@@ -1549,9 +1738,23 @@ mod tests {
                 assert_eq!(hdr(&got[&sid][0]), Header::TcpFlags(vec![0x18]));
             }
             assert!(!got.contains_key(&5) && !got.contains_key(&11));
-            assert_eq!(hdr(&got[&9][0]), Header::Tcp { host: "127.0.0.1".into(), port: 8000 });
-            assert!(got[&9][1].starts_with(b"GET /small.bin HTTP/1.1\r\n") && got[&9][1].len() == 87);
-            assert_eq!(hdr(&got[&15][0]), Header::Udp { host: "127.0.0.1".into(), port: 5300 });
+            assert_eq!(
+                hdr(&got[&9][0]),
+                Header::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 8000
+                }
+            );
+            assert!(
+                got[&9][1].starts_with(b"GET /small.bin HTTP/1.1\r\n") && got[&9][1].len() == 87
+            );
+            assert_eq!(
+                hdr(&got[&15][0]),
+                Header::Udp {
+                    host: "127.0.0.1".into(),
+                    port: 5300
+                }
+            );
             assert_eq!(got[&15][1], b"paqet-udp-probe-0001");
             for sid in [3, 5, 7, 9, 11, 13] {
                 assert!(s.is_fin(sid), "sid {sid} finished");
@@ -1578,9 +1781,15 @@ mod tests {
             assert_eq!(reply.len(), 65_739);
             assert!(reply.starts_with(b"HTTP/1.0 200 OK"));
             let digest = Sha256::digest(&reply[reply.len() - 65_536..]);
-            assert_eq!(hex::encode(digest), "4b640d85ab3ba30fd02c9fc9db4a8928f416322ad27022ea58a65aaee68a4df2");
+            assert_eq!(
+                hex::encode(digest),
+                "4b640d85ab3ba30fd02c9fc9db4a8928f416322ad27022ea58a65aaee68a4df2"
+            );
             assert!(c.is_fin(9));
-            assert_eq!(c.read_frame(15).unwrap().as_deref(), Some(&b"paqet-udp-probe-0001"[..]));
+            assert_eq!(
+                c.read_frame(15).unwrap().as_deref(),
+                Some(&b"paqet-udp-probe-0001"[..])
+            );
             assert_eq!(c.stats().psh_dropped, 0);
         }
     }

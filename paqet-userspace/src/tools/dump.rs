@@ -107,7 +107,11 @@ struct Tally {
 
 impl Tally {
     fn add_rtt(&mut self, us: u64) {
-        self.rtt_min_us = if self.rtt_samples == 0 { us } else { self.rtt_min_us.min(us) };
+        self.rtt_min_us = if self.rtt_samples == 0 {
+            us
+        } else {
+            self.rtt_min_us.min(us)
+        };
         self.rtt_max_us = self.rtt_max_us.max(us);
         self.rtt_samples += 1;
         self.rtt_sum_us = self.rtt_sum_us.saturating_add(us);
@@ -212,7 +216,10 @@ pub struct FlowSummary {
 impl FlowSummary {
     /// PUSH payload bytes per second between the flow's first and last segment (None if they coincide).
     pub fn data_rate(&self) -> Option<f64> {
-        let span = self.last_micros.checked_sub(self.first_micros).filter(|d| *d > 0)?;
+        let span = self
+            .last_micros
+            .checked_sub(self.first_micros)
+            .filter(|d| *d > 0)?;
         Some(self.push_bytes as f64 * 1e6 / span as f64)
     }
 
@@ -328,12 +335,20 @@ impl Dumper {
     }
 
     /// Crypto check, then FEC, then KCP/smux. `at`: the frame's source, destination and capture time.
-    fn describe_payload(&mut self, out: &mut String, at: (SocketAddr, SocketAddr, u64), payload: &[u8]) {
+    fn describe_payload(
+        &mut self,
+        out: &mut String,
+        at: (SocketAddr, SocketAddr, u64),
+        payload: &[u8],
+    ) {
         self.buf.clear();
         self.buf.extend_from_slice(payload);
         let body = match &self.crypto {
             None => {
-                let _ = writeln!(out, "  crypto: no key configured, payload taken as the body");
+                let _ = writeln!(
+                    out,
+                    "  crypto: no key configured, payload taken as the body"
+                );
                 0..self.buf.len()
             }
             Some(c) => match c.open(&mut self.buf) {
@@ -343,7 +358,12 @@ impl Dumper {
                         BlockMode::Aes128Gcm => "tag ok",
                         _ => "crc ok",
                     };
-                    let _ = writeln!(out, "  crypto {}: {what}, body {} bytes", c.mode(), range.len());
+                    let _ = writeln!(
+                        out,
+                        "  crypto {}: {what}, body {} bytes",
+                        c.mode(),
+                        range.len()
+                    );
                     range
                 }
                 Err(e) => {
@@ -353,7 +373,11 @@ impl Dumper {
                         CryptError::TooShort { .. } => "too short",
                         _ => "error",
                     };
-                    let _ = writeln!(out, "  crypto {}: crypto check failed ({why}): {e}", c.mode());
+                    let _ = writeln!(
+                        out,
+                        "  crypto {}: crypto check failed ({why}): {e}",
+                        c.mode()
+                    );
                     hex_dump(out, payload);
                     return;
                 }
@@ -377,7 +401,8 @@ impl Dumper {
                     let _ = write!(out, "  fec seqid={} {kind}", p.seqid);
                     if let Some((d, par)) = self.fec {
                         let n = (d + par) as u32;
-                        if let (Some(g), Some(i)) = (p.seqid.checked_div(n), p.seqid.checked_rem(n)) {
+                        if let (Some(g), Some(i)) = (p.seqid.checked_div(n), p.seqid.checked_rem(n))
+                        {
                             let _ = write!(out, " (group {g}, shard {i})");
                         }
                     }
@@ -434,7 +459,9 @@ impl Dumper {
         if let Some((conv, una)) = una {
             if let Some(f) = self.flows.get_mut(&(dst, src, conv)) {
                 // PUSH transmissions below the peer's una are delivered: no ACK of theirs will be matched.
-                f.cc.pending.retain(|&(sn, _, _)| una.wrapping_sub(sn) == 0 || una.wrapping_sub(sn) > u32::MAX / 2);
+                f.cc.pending.retain(|&(sn, _, _)| {
+                    una.wrapping_sub(sn) == 0 || una.wrapping_sub(sn) > u32::MAX / 2
+                });
             }
         }
     }
@@ -448,7 +475,14 @@ impl Dumper {
     }
 
     /// Congestion figures of one segment `src` → `dst` captured at `ts` (µs).
-    fn account(&mut self, src: SocketAddr, dst: SocketAddr, ts: u64, h: &kcp::SegmentHeader, len: usize) {
+    fn account(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        ts: u64,
+        h: &kcp::SegmentHeader,
+        len: usize,
+    ) {
         let f = &mut self.flow((src, dst, h.conv)).cc;
         if f.total.segments == 0 {
             f.first_us = ts;
@@ -475,7 +509,9 @@ impl Dumper {
                 }
             }
             kcp::Cmd::Ack => {
-                let Some(fwd) = self.flows.get_mut(&(dst, src, h.conv)) else { return };
+                let Some(fwd) = self.flows.get_mut(&(dst, src, h.conv)) else {
+                    return;
+                };
                 let c = &mut fwd.cc;
                 if let Some(i) = c.pending.iter().position(|p| p.0 == h.sn) {
                     let (_, sent_ts, sent_at) = c.pending.swap_remove(i);
@@ -495,12 +531,16 @@ impl Dumper {
     /// Starts the summary interval containing `ts`; if that ends the current one, writes its summary.
     fn roll_interval(&mut self, out: &mut String, ts: u64) {
         self.last_ts = self.last_ts.max(ts);
-        let Some(every) = self.summary_every else { return };
+        let Some(every) = self.summary_every else {
+            return;
+        };
         let Some(start) = self.interval_start else {
             self.interval_start = Some(ts);
             return;
         };
-        let Some(elapsed) = ts.checked_sub(start).filter(|e| *e >= every) else { return };
+        let Some(elapsed) = ts.checked_sub(start).filter(|e| *e >= every) else {
+            return;
+        };
         let end = start.saturating_add(every);
         self.write_summaries(out, end, every, false);
         self.interval_start = Some(start.saturating_add(elapsed - elapsed % every));
@@ -512,13 +552,24 @@ impl Dumper {
         let mut keys: Vec<FlowKey> = self
             .flows
             .iter()
-            .filter(|(_, f)| if totals { f.cc.total.segments > 0 } else { f.cc.interval.segments > 0 })
+            .filter(|(_, f)| {
+                if totals {
+                    f.cc.total.segments > 0
+                } else {
+                    f.cc.interval.segments > 0
+                }
+            })
             .map(|(k, _)| *k)
             .collect();
         keys.sort();
         for key in keys {
-            let peer_wnd = self.flows.get(&(key.1, key.0, key.2)).and_then(|f| f.cc.wnd);
-            let Some(f) = self.flows.get(&key) else { continue };
+            let peer_wnd = self
+                .flows
+                .get(&(key.1, key.0, key.2))
+                .and_then(|f| f.cc.wnd);
+            let Some(f) = self.flows.get(&key) else {
+                continue;
+            };
             let c = &f.cc;
             let (t, span) = if totals {
                 (c.total, c.last_us.saturating_sub(c.first_us))
@@ -528,15 +579,27 @@ impl Dumper {
             write_time(out, at);
             let what = if totals { "summary total" } else { "summary" };
             let secs = span as f64 / 1e6;
-            let _ = write!(out, " {what} {} -> {} conv={:08x} | {secs:.3} s | data ", key.0, key.1, key.2);
+            let _ = write!(
+                out,
+                " {what} {} -> {} conv={:08x} | {secs:.3} s | data ",
+                key.0, key.1, key.2
+            );
             if span > 0 {
                 let _ = write!(out, "{:.0} B/s", t.push_bytes as f64 * 1e6 / span as f64);
             } else {
                 let _ = write!(out, "{} B", t.push_bytes);
             }
-            let _ = write!(out, ", {} segs | retrans {}/{}", t.push_segments, t.retrans_segments, t.push_segments);
+            let _ = write!(
+                out,
+                ", {} segs | retrans {}/{}",
+                t.push_segments, t.retrans_segments, t.push_segments
+            );
             if t.push_segments > 0 {
-                let _ = write!(out, " ({:.1} %)", 100.0 * t.retrans_segments as f64 / t.push_segments as f64);
+                let _ = write!(
+                    out,
+                    " ({:.1} %)",
+                    100.0 * t.retrans_segments as f64 / t.push_segments as f64
+                );
             }
             out.push_str(" | rtt ");
             if t.rtt_samples > 0 {
@@ -618,7 +681,11 @@ impl Dumper {
         let flow = self.flow(key);
         let in_order = sn == flow.next_sn;
         if !in_order && sn.wrapping_sub(flow.next_sn) > u32::MAX / 2 {
-            let _ = writeln!(out, "    (retransmission: sn {sn} < next expected {})", flow.next_sn);
+            let _ = writeln!(
+                out,
+                "    (retransmission: sn {sn} < next expected {})",
+                flow.next_sn
+            );
             return;
         }
         let mut at = 0usize;
@@ -655,7 +722,10 @@ impl Dumper {
             }
             let skip = flow.skip.min(data.len() - at);
             if skip > 0 {
-                let _ = writeln!(out, "    smux: {skip} bytes continue a frame from an earlier segment");
+                let _ = writeln!(
+                    out,
+                    "    smux: {skip} bytes continue a frame from an earlier segment"
+                );
             }
             at += skip;
             flow.skip -= skip;
@@ -757,7 +827,11 @@ pub fn hex_dump(out: &mut String, data: &[u8]) {
         }
         out.push_str("  |");
         for &b in chunk {
-            out.push(if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' });
+            out.push(if b.is_ascii_graphic() || b == b' ' {
+                b as char
+            } else {
+                '.'
+            });
         }
         out.push_str("|\n");
     }
@@ -773,19 +847,31 @@ fn peek_tcp(frame: &[u8]) -> Option<(SocketAddr, SocketAddr, TcpFlags)> {
             let ihl = usize::from(*ip.first()? & 0x0F) * 4;
             let s: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
             let d: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
-            (IpAddr::V4(Ipv4Addr::from(s)), IpAddr::V4(Ipv4Addr::from(d)), ip.get(ihl..)?)
+            (
+                IpAddr::V4(Ipv4Addr::from(s)),
+                IpAddr::V4(Ipv4Addr::from(d)),
+                ip.get(ihl..)?,
+            )
         }
         envelope::ETHERTYPE_IPV6 => {
             let s: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
             let d: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
-            (IpAddr::V6(Ipv6Addr::from(s)), IpAddr::V6(Ipv6Addr::from(d)), ip.get(40..)?)
+            (
+                IpAddr::V6(Ipv6Addr::from(s)),
+                IpAddr::V6(Ipv6Addr::from(d)),
+                ip.get(40..)?,
+            )
         }
         _ => return None,
     };
     let sport = u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]);
     let dport = u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]);
     let flags = TcpFlags((u16::from(*tcp.get(12)? & 1) << 8) | u16::from(*tcp.get(13)?));
-    Some((SocketAddr::new(src, sport), SocketAddr::new(dst, dport), flags))
+    Some((
+        SocketAddr::new(src, sport),
+        SocketAddr::new(dst, dport),
+        flags,
+    ))
 }
 
 /// Captures on `iface` in both directions (BPF `tcp port <port>`), writes one description per frame
@@ -823,7 +909,8 @@ pub fn run_live(
         match cap.next_packet() {
             Ok(p) => {
                 let ts = p.header.ts;
-                let micros = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(ts.tv_usec).unwrap_or(0);
+                let micros = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000
+                    + u64::try_from(ts.tv_usec).unwrap_or(0);
                 let text = dumper.describe(micros, p.data);
                 out.write_all(text.as_bytes())?;
                 out.flush()?;
@@ -849,7 +936,10 @@ mod tests {
         assert_eq!(s, "[01:02:03.000042]");
         let mut h = String::new();
         hex_dump(&mut h, b"PAQET\x00\x01");
-        assert_eq!(h, "    00000000  50 41 51 45 54 00 01                              |PAQET..|\n");
+        assert_eq!(
+            h,
+            "    00000000  50 41 51 45 54 00 01                              |PAQET..|\n"
+        );
     }
 
     #[test]

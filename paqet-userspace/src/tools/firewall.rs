@@ -55,7 +55,10 @@ pub enum FirewallRole {
     /// A server listening on `port`, for the families it has addresses for.
     Server { port: u16, ipv4: bool, ipv6: bool },
     /// A client talking to `server` from `local_ports` (one per session; empty = any local port).
-    Client { server: SocketAddr, local_ports: Vec<u16> },
+    Client {
+        server: SocketAddr,
+        local_ports: Vec<u16>,
+    },
 }
 
 /// One iptables rule: `<program> -t <table> <op> <chain> <spec...>`.
@@ -87,14 +90,26 @@ impl Rule {
 
     /// Arguments for `op` (`-A`, `-I`, `-C`, `-D`), with `-w` (wait for the xtables lock).
     pub fn args(&self, op: &str) -> Vec<String> {
-        let mut a: Vec<String> = vec!["-w".into(), "-t".into(), self.table.into(), op.into(), self.chain.into()];
+        let mut a: Vec<String> = vec![
+            "-w".into(),
+            "-t".into(),
+            self.table.into(),
+            op.into(),
+            self.chain.into(),
+        ];
         a.extend(self.spec.iter().cloned());
         a
     }
 
     /// The shell command that appends this rule (what an operator would run by hand).
     pub fn to_shell(&self) -> String {
-        format!("{} -t {} -A {} {}", self.family.program(), self.table, self.chain, self.spec.join(" "))
+        format!(
+            "{} -t {} -A {} {}",
+            self.family.program(),
+            self.table,
+            self.chain,
+            self.spec.join(" ")
+        )
     }
 }
 
@@ -119,19 +134,53 @@ pub fn rules(role: &FirewallRole) -> Vec<Rule> {
                     continue;
                 }
                 let tcp = ["-p", "tcp"].map(String::from);
-                out.push(Rule::new(fam, "raw", "PREROUTING", &[&tcp[..], &[s("--dport"), p.clone(), s("-j"), s("NOTRACK")]].concat()));
-                out.push(Rule::new(fam, "raw", "PREROUTING", &[&tcp[..], &[s("--dport"), p.clone(), s("-j"), s("DROP")]].concat()));
-                out.push(Rule::new(fam, "raw", "OUTPUT", &[&tcp[..], &[s("--sport"), p.clone(), s("-j"), s("NOTRACK")]].concat()));
+                out.push(Rule::new(
+                    fam,
+                    "raw",
+                    "PREROUTING",
+                    &[&tcp[..], &[s("--dport"), p.clone(), s("-j"), s("NOTRACK")]].concat(),
+                ));
+                out.push(Rule::new(
+                    fam,
+                    "raw",
+                    "PREROUTING",
+                    &[&tcp[..], &[s("--dport"), p.clone(), s("-j"), s("DROP")]].concat(),
+                ));
+                out.push(Rule::new(
+                    fam,
+                    "raw",
+                    "OUTPUT",
+                    &[&tcp[..], &[s("--sport"), p.clone(), s("-j"), s("NOTRACK")]].concat(),
+                ));
                 out.push(Rule::new(
                     fam,
                     "mangle",
                     "OUTPUT",
-                    &[&tcp[..], &[s("--sport"), p.clone(), s("--tcp-flags"), s("RST"), s("RST"), s("-j"), s("DROP")]].concat(),
+                    &[
+                        &tcp[..],
+                        &[
+                            s("--sport"),
+                            p.clone(),
+                            s("--tcp-flags"),
+                            s("RST"),
+                            s("RST"),
+                            s("-j"),
+                            s("DROP"),
+                        ],
+                    ]
+                    .concat(),
                 ));
             }
         }
-        FirewallRole::Client { server, local_ports } => {
-            let fam = if server.is_ipv4() { Family::V4 } else { Family::V6 };
+        FirewallRole::Client {
+            server,
+            local_ports,
+        } => {
+            let fam = if server.is_ipv4() {
+                Family::V4
+            } else {
+                Family::V6
+            };
             let sip = s(server.ip());
             let sp = s(server.port());
             let locals: Vec<Option<u16>> = if local_ports.is_empty() {
@@ -147,8 +196,28 @@ pub fn rules(role: &FirewallRole) -> Vec<Rule> {
                     }
                     v
                 };
-                let inbound = with_local("--dport", vec![s("-p"), s("tcp"), s("-s"), sip.clone(), s("--sport"), sp.clone()]);
-                let outbound = with_local("--sport", vec![s("-p"), s("tcp"), s("-d"), sip.clone(), s("--dport"), sp.clone()]);
+                let inbound = with_local(
+                    "--dport",
+                    vec![
+                        s("-p"),
+                        s("tcp"),
+                        s("-s"),
+                        sip.clone(),
+                        s("--sport"),
+                        sp.clone(),
+                    ],
+                );
+                let outbound = with_local(
+                    "--sport",
+                    vec![
+                        s("-p"),
+                        s("tcp"),
+                        s("-d"),
+                        sip.clone(),
+                        s("--dport"),
+                        sp.clone(),
+                    ],
+                );
                 let mut notrack_in = inbound.clone();
                 notrack_in.extend([s("-j"), s("NOTRACK")]);
                 let mut drop_in = inbound;
@@ -172,10 +241,16 @@ pub fn rules(role: &FirewallRole) -> Vec<Rule> {
 pub enum FirewallError {
     #[error("`{program}` not found: install iptables (and ip6tables for IPv6), or run without --manage-firewall and add the rules by hand")]
     Missing { program: &'static str },
-    #[error("`{command}` was refused: permission denied (run as root or with CAP_NET_ADMIN): {stderr}")]
+    #[error(
+        "`{command}` was refused: permission denied (run as root or with CAP_NET_ADMIN): {stderr}"
+    )]
     Permission { command: String, stderr: String },
     #[error("`{command}` failed ({status}): {stderr}")]
-    Failed { command: String, status: String, stderr: String },
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
     #[error("cannot run `{command}`: {source}")]
     Spawn {
         command: String,
@@ -193,7 +268,10 @@ fn run_rule(rule: &Rule, op: &str, one_is_false: bool) -> Result<bool, FirewallE
         if e.kind() == std::io::ErrorKind::NotFound {
             FirewallError::Missing { program }
         } else {
-            FirewallError::Spawn { command: command.clone(), source: e }
+            FirewallError::Spawn {
+                command: command.clone(),
+                source: e,
+            }
         }
     })?;
     if out.status.success() {
@@ -201,14 +279,21 @@ fn run_rule(rule: &Rule, op: &str, one_is_false: bool) -> Result<bool, FirewallE
     }
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
     let lower = stderr.to_ascii_lowercase();
-    if lower.contains("permission denied") || lower.contains("you must be root") || lower.contains("not permitted") {
+    if lower.contains("permission denied")
+        || lower.contains("you must be root")
+        || lower.contains("not permitted")
+    {
         return Err(FirewallError::Permission { command, stderr });
     }
     // `-C` exits 1 for "no such rule" (the message says "does a matching rule exist" / "Bad rule").
     if one_is_false && out.status.code() == Some(1) {
         return Ok(false);
     }
-    Err(FirewallError::Failed { command, status: out.status.to_string(), stderr })
+    Err(FirewallError::Failed {
+        command,
+        status: out.status.to_string(),
+        stderr,
+    })
 }
 
 /// True if `rule` is present (`-C`).
@@ -272,7 +357,11 @@ mod tests {
 
     #[test]
     fn server_rules_match_upstream_readme() {
-        let r = rules(&FirewallRole::Server { port: 9999, ipv4: true, ipv6: true });
+        let r = rules(&FirewallRole::Server {
+            port: 9999,
+            ipv4: true,
+            ipv6: true,
+        });
         let text: Vec<String> = r.iter().map(Rule::to_shell).collect();
         assert_eq!(
             text,
@@ -287,13 +376,29 @@ mod tests {
                 "ip6tables -t mangle -A OUTPUT -p tcp --sport 9999 --tcp-flags RST RST -m comment --comment paqet-dp -j DROP",
             ]
         );
-        assert_eq!(rules(&FirewallRole::Server { port: 1, ipv4: false, ipv6: true }).len(), 4);
-        assert!(rules(&FirewallRole::Server { port: 1, ipv4: false, ipv6: false }).is_empty());
+        assert_eq!(
+            rules(&FirewallRole::Server {
+                port: 1,
+                ipv4: false,
+                ipv6: true
+            })
+            .len(),
+            4
+        );
+        assert!(rules(&FirewallRole::Server {
+            port: 1,
+            ipv4: false,
+            ipv6: false
+        })
+        .is_empty());
     }
 
     #[test]
     fn client_rules_mirror_and_scope() {
-        let r = rules(&FirewallRole::Client { server: "10.200.0.2:9999".parse().unwrap(), local_ports: vec![40000] });
+        let r = rules(&FirewallRole::Client {
+            server: "10.200.0.2:9999".parse().unwrap(),
+            local_ports: vec![40000],
+        });
         let text: Vec<String> = r.iter().map(Rule::to_shell).collect();
         assert_eq!(
             text,
@@ -304,17 +409,29 @@ mod tests {
                 "iptables -t mangle -A OUTPUT -p tcp -d 10.200.0.2 --dport 9999 --sport 40000 --tcp-flags RST RST -m comment --comment paqet-dp -j DROP",
             ]
         );
-        let v6 = rules(&FirewallRole::Client { server: "[2001:db8::2]:443".parse().unwrap(), local_ports: vec![] });
+        let v6 = rules(&FirewallRole::Client {
+            server: "[2001:db8::2]:443".parse().unwrap(),
+            local_ports: vec![],
+        });
         assert_eq!(v6.len(), 4);
-        assert!(v6.iter().all(|r| r.family == Family::V6 && !r.spec.contains(&"--sport".to_string()) || r.spec.contains(&"443".to_string())));
+        assert!(v6.iter().all(|r| r.family == Family::V6
+            && !r.spec.contains(&"--sport".to_string())
+            || r.spec.contains(&"443".to_string())));
         assert_eq!(v6[0].to_shell(), "ip6tables -t raw -A PREROUTING -p tcp -s 2001:db8::2 --sport 443 -m comment --comment paqet-dp -j NOTRACK");
-        let two = rules(&FirewallRole::Client { server: "10.0.0.1:1".parse().unwrap(), local_ports: vec![2, 3] });
+        let two = rules(&FirewallRole::Client {
+            server: "10.0.0.1:1".parse().unwrap(),
+            local_ports: vec![2, 3],
+        });
         assert_eq!(two.len(), 8);
     }
 
     #[test]
     fn args_use_wait_and_table() {
-        let r = &rules(&FirewallRole::Server { port: 7, ipv4: true, ipv6: false })[3];
+        let r = &rules(&FirewallRole::Server {
+            port: 7,
+            ipv4: true,
+            ipv6: false,
+        })[3];
         assert_eq!(r.args("-C")[..5], ["-w", "-t", "mangle", "-C", "OUTPUT"]);
     }
 }

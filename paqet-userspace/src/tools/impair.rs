@@ -90,7 +90,9 @@ impl LinkSpec {
     fn validate(&self) -> Result<(), ImpairError> {
         for (name, v) in [("loss_pct", self.loss_pct), ("dup_pct", self.dup_pct)] {
             if !(0.0..=100.0).contains(&v) {
-                return Err(ImpairError::Spec(format!("{name} = {v} is outside 0..=100")));
+                return Err(ImpairError::Spec(format!(
+                    "{name} = {v} is outside 0..=100"
+                )));
             }
         }
         Ok(())
@@ -133,12 +135,18 @@ impl ImpairedLink {
 
     /// Builds the link using the `paqet-impair` binary at `relay_bin`. `tag` (≤ 6 bytes) keeps
     /// namespaces and interfaces of parallel links apart.
-    pub fn with_relay_bin(tag: &str, spec: LinkSpec, relay_bin: &Path) -> Result<Self, ImpairError> {
+    pub fn with_relay_bin(
+        tag: &str,
+        spec: LinkSpec,
+        relay_bin: &Path,
+    ) -> Result<Self, ImpairError> {
         spec.validate()?;
         let pid = std::process::id();
         let ifname = |end: &str| format!("{tag}{pid}{end}");
         if ifname("am").len() > 15 {
-            return Err(ImpairError::Spec(format!("tag {tag:?} too long for 15-byte interface names")));
+            return Err(ImpairError::Spec(format!(
+                "tag {tag:?} too long for 15-byte interface names"
+            )));
         }
         let a = Netns::new(&format!("{tag}A")).map_err(setup("create namespace A"))?;
         let m = Netns::new(&format!("{tag}M")).map_err(setup("create namespace M"))?;
@@ -156,12 +164,23 @@ impl ImpairedLink {
             .map_err(setup("default route in A"))?;
         b.exec(&["ip", "route", "add", "default", "via", &m_b_ip.to_string()])
             .map_err(setup("default route in B"))?;
-        m.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]).map_err(setup("ip_forward in M"))?;
+        m.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .map_err(setup("ip_forward in M"))?;
         if spec.loss_pct > 0.0 {
             let p = format!("{:.6}", spec.loss_pct / 100.0);
             m.exec(&[
-                "iptables", "-w", "-A", "FORWARD", "-m", "statistic", "--mode", "random", "--probability", &p,
-                "-j", "DROP",
+                "iptables",
+                "-w",
+                "-A",
+                "FORWARD",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &p,
+                "-j",
+                "DROP",
             ])
             .map_err(setup("iptables statistic loss rule in M"))?;
         }
@@ -184,10 +203,25 @@ impl ImpairedLink {
             link.start_relay(spec, relay_bin)?;
             let q = QUEUE_NUM.to_string();
             link.m
-                .exec(&["iptables", "-w", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", &q])
+                .exec(&[
+                    "iptables",
+                    "-w",
+                    "-A",
+                    "FORWARD",
+                    "-j",
+                    "NFQUEUE",
+                    "--queue-num",
+                    &q,
+                ])
                 .map_err(setup("iptables NFQUEUE rule in M"))?;
         }
-        tracing::info!(ns_a = link.a.name(), ns_m = link.m.name(), ns_b = link.b.name(), ?spec, "impaired link up");
+        tracing::info!(
+            ns_a = link.a.name(),
+            ns_m = link.m.name(),
+            ns_b = link.b.name(),
+            ?spec,
+            "impaired link up"
+        );
         Ok(link)
     }
 
@@ -208,14 +242,20 @@ impl ImpairedLink {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().map_err(|source| ImpairError::RelaySpawn { path: bin.to_owned(), source })?;
+        let mut child = cmd.spawn().map_err(|source| ImpairError::RelaySpawn {
+            path: bin.to_owned(),
+            source,
+        })?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut line = String::new();
         let read = BufReader::new(stdout).read_line(&mut line);
         self.relay = Some(child);
         match read {
             Ok(_) if line.trim() == "ready" => Ok(()),
-            Ok(_) => Err(ImpairError::RelayNotReady(format!("first output line was {:?}", line.trim()))),
+            Ok(_) => Err(ImpairError::RelayNotReady(format!(
+                "first output line was {:?}",
+                line.trim()
+            ))),
             Err(e) => Err(ImpairError::RelayNotReady(e.to_string())),
         }
     }
@@ -305,7 +345,14 @@ fn nl_err(op: &'static str) -> impl FnOnce(std::io::Error) -> ImpairError {
 }
 
 /// Appends one netfilter netlink message (`nlmsghdr | nfgenmsg | attrs`) to `out`.
-fn push_msg(out: &mut Vec<u8>, msg_type: u16, flags: u16, seq: u32, queue: u16, attrs: &[(u16, &[u8])]) {
+fn push_msg(
+    out: &mut Vec<u8>,
+    msg_type: u16,
+    flags: u16,
+    seq: u32,
+    queue: u16,
+    attrs: &[(u16, &[u8])],
+) {
     let start = out.len();
     out.extend_from_slice(&[0u8; 4]); // length, patched below
     out.extend_from_slice(&((NFNL_SUBSYS_QUEUE << 8) | msg_type).to_ne_bytes());
@@ -372,7 +419,9 @@ fn parse_packet(msg: &[u8]) -> Option<(u32, &[u8])> {
         }
         let val = &attrs[4..len];
         match aty {
-            NFQA_PACKET_HDR if val.len() >= 4 => id = Some(u32::from_be_bytes([val[0], val[1], val[2], val[3]])),
+            NFQA_PACKET_HDR if val.len() >= 4 => {
+                id = Some(u32::from_be_bytes([val[0], val[1], val[2], val[3]]))
+            }
             NFQA_PAYLOAD => payload = val,
             _ => {}
         }
@@ -416,8 +465,14 @@ fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
 impl Relay {
     fn open(cfg: RelayConfig) -> Result<Self, ImpairError> {
         // SAFETY: plain socket(2) call; the fd is owned right away.
-        let fd = cvt(unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER) })
-            .map_err(nl_err("socket(AF_NETLINK, NETLINK_NETFILTER)"))?;
+        let fd = cvt(unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_NETFILTER,
+            )
+        })
+        .map_err(nl_err("socket(AF_NETLINK, NETLINK_NETFILTER)"))?;
         // SAFETY: fresh descriptor.
         let nl = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: zeroed sockaddr_nl is valid (pid 0 = kernel assigns).
@@ -425,7 +480,11 @@ impl Relay {
         sa.nl_family = libc::AF_NETLINK as u16;
         // SAFETY: valid fd and address of the right size.
         cvt(unsafe {
-            libc::bind(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as u32)
+            libc::bind(
+                fd,
+                &sa as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
         })
         .map_err(nl_err("bind"))?;
         let setopt = |level, name, val: libc::c_int| {
@@ -437,11 +496,20 @@ impl Relay {
         setopt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20)
             .or_else(|_| setopt(libc::SOL_SOCKET, libc::SO_RCVBUF, 16 << 20))
             .map_err(nl_err("setsockopt(SO_RCVBUF)"))?;
-        setopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1).map_err(nl_err("setsockopt(NETLINK_NO_ENOBUFS)"))?;
+        setopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
+            .map_err(nl_err("setsockopt(NETLINK_NO_ENOBUFS)"))?;
         let raw = if cfg.dup_pct > 0.0 {
             // SAFETY: plain socket(2); IPPROTO_RAW implies IP_HDRINCL.
-            let r = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) })
-                .map_err(nl_err("socket(AF_INET, SOCK_RAW, IPPROTO_RAW) for duplicates"))?;
+            let r = cvt(unsafe {
+                libc::socket(
+                    libc::AF_INET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    libc::IPPROTO_RAW,
+                )
+            })
+            .map_err(nl_err(
+                "socket(AF_INET, SOCK_RAW, IPPROTO_RAW) for duplicates",
+            ))?;
             // SAFETY: fresh descriptor.
             Some(unsafe { OwnedFd::from_raw_fd(r) })
         } else {
@@ -464,21 +532,43 @@ impl Relay {
     }
 
     /// Sends one config request and waits for its ACK.
-    fn request(&mut self, what: &'static str, seq: u32, attrs: &[(u16, &[u8])]) -> Result<(), ImpairError> {
+    fn request(
+        &mut self,
+        what: &'static str,
+        seq: u32,
+        attrs: &[(u16, &[u8])],
+    ) -> Result<(), ImpairError> {
         let mut msg = Vec::new();
-        push_msg(&mut msg, NFQNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, self.cfg.queue, attrs);
+        push_msg(
+            &mut msg,
+            NFQNL_MSG_CONFIG,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            self.cfg.queue,
+            attrs,
+        );
         self.send(&msg).map_err(nl_err(what))?;
         loop {
             // SAFETY: valid fd and buffer.
-            let n = cvt(unsafe { libc::recv(self.nl.as_raw_fd(), self.rx.as_mut_ptr().cast(), self.rx.len(), 0) } as i32)
-                .map_err(nl_err(what))? as usize;
+            let n = cvt(unsafe {
+                libc::recv(
+                    self.nl.as_raw_fd(),
+                    self.rx.as_mut_ptr().cast(),
+                    self.rx.len(),
+                    0,
+                )
+            } as i32)
+            .map_err(nl_err(what))? as usize;
             let buf = &self.rx[..n];
             if n >= NLMSG_HDR + 4 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
                 let errno = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
                 if errno == 0 {
                     return Ok(());
                 }
-                return Err(ImpairError::Netlink { op: what, source: std::io::Error::from_raw_os_error(-errno) });
+                return Err(ImpairError::Netlink {
+                    op: what,
+                    source: std::io::Error::from_raw_os_error(-errno),
+                });
             }
         }
     }
@@ -487,13 +577,25 @@ impl Relay {
         let mut cmd = [0u8; 4];
         cmd[0] = NFQNL_CFG_CMD_BIND;
         cmd[2..4].copy_from_slice(&(libc::AF_INET as u16).to_be_bytes());
-        self.request("bind queue (is another process bound to it?)", 1, &[(NFQA_CFG_CMD, &cmd)])?;
-        let (mode, range) = if self.raw.is_some() { (NFQNL_COPY_PACKET, 0xffffu32) } else { (NFQNL_COPY_META, 0) };
+        self.request(
+            "bind queue (is another process bound to it?)",
+            1,
+            &[(NFQA_CFG_CMD, &cmd)],
+        )?;
+        let (mode, range) = if self.raw.is_some() {
+            (NFQNL_COPY_PACKET, 0xffffu32)
+        } else {
+            (NFQNL_COPY_META, 0)
+        };
         let mut params = [0u8; 5];
         params[..4].copy_from_slice(&range.to_be_bytes());
         params[4] = mode;
         self.request("set copy mode", 2, &[(NFQA_CFG_PARAMS, &params)])?;
-        self.request("set queue length", 3, &[(NFQA_CFG_QUEUE_MAXLEN, &self.cfg.max_len.to_be_bytes())])?;
+        self.request(
+            "set queue length",
+            3,
+            &[(NFQA_CFG_QUEUE_MAXLEN, &self.cfg.max_len.to_be_bytes())],
+        )?;
         Ok(())
     }
 
@@ -518,13 +620,21 @@ impl Relay {
     fn hold_for(&mut self) -> Duration {
         let base = i64::from(self.cfg.delay_ms) * 1000;
         let j = i64::from(self.cfg.jitter_ms) * 1000;
-        let us = if j > 0 { base + self.rng.gen_range(-j..=j) } else { base };
+        let us = if j > 0 {
+            base + self.rng.gen_range(-j..=j)
+        } else {
+            base
+        };
         Duration::from_micros(us.max(0) as u64)
     }
 
     fn schedule(&mut self, at: Instant, action: Action) {
         self.order += 1;
-        self.heap.push(Due { at, order: self.order, action });
+        self.heap.push(Due {
+            at,
+            order: self.order,
+            action,
+        });
     }
 
     /// Reads every queued-packet message available now and schedules it.
@@ -532,7 +642,12 @@ impl Relay {
         loop {
             // SAFETY: valid fd and buffer.
             let n = unsafe {
-                libc::recv(self.nl.as_raw_fd(), self.rx.as_mut_ptr().cast(), self.rx.len(), libc::MSG_DONTWAIT)
+                libc::recv(
+                    self.nl.as_raw_fd(),
+                    self.rx.as_mut_ptr().cast(),
+                    self.rx.len(),
+                    libc::MSG_DONTWAIT,
+                )
             };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
@@ -540,7 +655,10 @@ impl Relay {
                     std::io::ErrorKind::WouldBlock => Ok(()),
                     std::io::ErrorKind::Interrupted => continue,
                     _ if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
-                    _ => Err(ImpairError::Netlink { op: "recv", source: e }),
+                    _ => Err(ImpairError::Netlink {
+                        op: "recv",
+                        source: e,
+                    }),
                 };
             }
             let now = Instant::now();
@@ -552,7 +670,8 @@ impl Relay {
                     break;
                 }
                 if let Some((id, pkt)) = parse_packet(&self.rx[off..off + len]) {
-                    let copy = (self.raw.is_some() && self.rng.gen_bool(self.cfg.dup_pct / 100.0)
+                    let copy = (self.raw.is_some()
+                        && self.rng.gen_bool(self.cfg.dup_pct / 100.0)
                         && pkt.len() >= 20
                         && pkt[0] >> 4 == 4)
                         .then(|| pkt.to_vec());
@@ -586,7 +705,14 @@ impl Relay {
                     let mut v = [0u8; 8];
                     v[..4].copy_from_slice(&NF_ACCEPT.to_be_bytes());
                     v[4..].copy_from_slice(&id.to_be_bytes());
-                    push_msg(&mut self.tx, NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, self.cfg.queue, &[(NFQA_VERDICT_HDR, &v)]);
+                    push_msg(
+                        &mut self.tx,
+                        NFQNL_MSG_VERDICT,
+                        NLM_F_REQUEST,
+                        0,
+                        self.cfg.queue,
+                        &[(NFQA_VERDICT_HDR, &v)],
+                    );
                     if self.tx.len() > 60 * 1024 {
                         self.send(&self.tx).map_err(nl_err("send verdicts"))?;
                         self.tx.clear();
@@ -599,7 +725,14 @@ impl Relay {
             let mut v = [0u8; 8];
             v[..4].copy_from_slice(&NF_ACCEPT.to_be_bytes());
             v[4..].copy_from_slice(&id.to_be_bytes());
-            push_msg(&mut self.tx, NFQNL_MSG_VERDICT_BATCH, NLM_F_REQUEST, 0, self.cfg.queue, &[(NFQA_VERDICT_HDR, &v)]);
+            push_msg(
+                &mut self.tx,
+                NFQNL_MSG_VERDICT_BATCH,
+                NLM_F_REQUEST,
+                0,
+                self.cfg.queue,
+                &[(NFQA_VERDICT_HDR, &v)],
+            );
         }
         if !self.tx.is_empty() {
             self.send(&self.tx).map_err(nl_err("send verdicts"))?;
@@ -636,7 +769,13 @@ impl Relay {
         let l = std::mem::take(&mut self.late);
         let mean = l.sum_us.checked_div(l.n).unwrap_or(0);
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "stats held={} verdicts={} late_mean_us={mean} late_max_us={}", self.heap.len(), l.n, l.max_us);
+        let _ = writeln!(
+            out,
+            "stats held={} verdicts={} late_mean_us={mean} late_max_us={}",
+            self.heap.len(),
+            l.n,
+            l.max_us
+        );
         let _ = out.flush();
     }
 
@@ -657,14 +796,24 @@ impl Relay {
                 }
                 wait = wait.min(next_stats.expect("set").saturating_duration_since(now));
             }
-            let ts = libc::timespec { tv_sec: wait.as_secs() as libc::time_t, tv_nsec: wait.subsec_nanos() as libc::c_long };
-            let mut pfd = libc::pollfd { fd: self.nl.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let ts = libc::timespec {
+                tv_sec: wait.as_secs() as libc::time_t,
+                tv_nsec: wait.subsec_nanos() as libc::c_long,
+            };
+            let mut pfd = libc::pollfd {
+                fd: self.nl.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd, valid timespec, no signal mask.
             let r = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(ImpairError::Netlink { op: "ppoll", source: e });
+                    return Err(ImpairError::Netlink {
+                        op: "ppoll",
+                        source: e,
+                    });
                 }
             }
             if r > 0 {
@@ -684,7 +833,10 @@ pub fn run_relay(
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), ImpairError> {
     if !(0.0..=100.0).contains(&cfg.dup_pct) {
-        return Err(ImpairError::Spec(format!("dup_pct = {} is outside 0..=100", cfg.dup_pct)));
+        return Err(ImpairError::Spec(format!(
+            "dup_pct = {} is outside 0..=100",
+            cfg.dup_pct
+        )));
     }
     let mut relay = Relay::open(cfg)?;
     ready();
@@ -699,19 +851,37 @@ mod tests {
     fn verdict_message_layout() {
         let mut out = Vec::new();
         let v = [0, 0, 0, 1, 0, 0, 0, 42];
-        push_msg(&mut out, NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 7, &[(NFQA_VERDICT_HDR, &v)]);
+        push_msg(
+            &mut out,
+            NFQNL_MSG_VERDICT,
+            NLM_F_REQUEST,
+            0,
+            7,
+            &[(NFQA_VERDICT_HDR, &v)],
+        );
         assert_eq!(out.len(), 32);
         assert_eq!(u32::from_ne_bytes(out[0..4].try_into().unwrap()), 32);
         assert_eq!(u16::from_ne_bytes([out[4], out[5]]), 0x0301);
         assert_eq!(&out[18..20], &[0, 7], "queue number big-endian in res_id");
-        assert_eq!(u16::from_ne_bytes([out[20], out[21]]), 12, "attribute length");
+        assert_eq!(
+            u16::from_ne_bytes([out[20], out[21]]),
+            12,
+            "attribute length"
+        );
         assert_eq!(&out[24..32], &v);
     }
 
     #[test]
     fn batch_verdict_message_type() {
         let mut out = Vec::new();
-        push_msg(&mut out, NFQNL_MSG_VERDICT_BATCH, NLM_F_REQUEST, 0, 7, &[(NFQA_VERDICT_HDR, &[0, 0, 0, 1, 0, 0, 0, 9])]);
+        push_msg(
+            &mut out,
+            NFQNL_MSG_VERDICT_BATCH,
+            NLM_F_REQUEST,
+            0,
+            7,
+            &[(NFQA_VERDICT_HDR, &[0, 0, 0, 1, 0, 0, 0, 9])],
+        );
         assert_eq!(u16::from_ne_bytes([out[4], out[5]]), 0x0303);
     }
 
@@ -720,7 +890,14 @@ mod tests {
         let mut msg = Vec::new();
         let hdr = [0, 0, 1, 0, 0x08, 0x00, 2];
         let payload = [0x45u8, 0, 0, 20];
-        push_msg(&mut msg, NFQNL_MSG_PACKET, 0, 0, 7, &[(NFQA_PACKET_HDR, &hdr), (NFQA_PAYLOAD, &payload)]);
+        push_msg(
+            &mut msg,
+            NFQNL_MSG_PACKET,
+            0,
+            0,
+            7,
+            &[(NFQA_PACKET_HDR, &hdr), (NFQA_PAYLOAD, &payload)],
+        );
         assert_eq!(parse_packet(&msg), Some((256, &payload[..])));
         let mut bad = msg.clone();
         bad[20] = 0xff; // attribute length past the end
@@ -734,7 +911,11 @@ mod tests {
         let t = Instant::now();
         let mut h = BinaryHeap::new();
         for (i, ms) in [30u64, 10, 20].iter().enumerate() {
-            h.push(Due { at: t + Duration::from_millis(*ms), order: i as u64, action: Action::Accept(i as u32) });
+            h.push(Due {
+                at: t + Duration::from_millis(*ms),
+                order: i as u64,
+                action: Action::Accept(i as u32),
+            });
         }
         let ids: Vec<u32> = std::iter::from_fn(|| h.pop())
             .map(|d| match d.action {
@@ -747,7 +928,13 @@ mod tests {
 
     #[test]
     fn spec_rejects_bad_percentages() {
-        let s = LinkSpec { delay_ms: 0, jitter_ms: 0, loss_pct: 101.0, dup_pct: 0.0, seed: 0 };
+        let s = LinkSpec {
+            delay_ms: 0,
+            jitter_ms: 0,
+            loss_pct: 101.0,
+            dup_pct: 0.0,
+            seed: 0,
+        };
         assert!(matches!(s.validate(), Err(ImpairError::Spec(m)) if m.contains("loss_pct")));
     }
 }

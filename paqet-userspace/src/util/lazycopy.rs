@@ -60,7 +60,9 @@ where
                     let mut written = 0;
                     while written < data.len() {
                         match Pin::new(&mut *w).poll_write(cx, &data[written..]) {
-                            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                            Poll::Ready(Ok(0)) => {
+                                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                            }
                             Poll::Ready(Ok(n)) => written += n,
                             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                             Poll::Pending => break,
@@ -113,7 +115,10 @@ mod tests {
 
     #[test]
     fn copies_everything_through_a_slow_small_pipe() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
             // A 1 KiB duplex pipe forces partial writes and pending bytes.
@@ -139,7 +144,10 @@ mod tests {
 
     #[test]
     fn reports_the_writer_error() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let (mut src_w, mut src_r) = tokio::io::duplex(64);
             let (dst_w, dst_r) = tokio::io::duplex(64);

@@ -59,19 +59,33 @@ impl<'a> PcapFile<'a> {
         let mut off = 24usize;
         while off < buf.len() {
             let index = records.len();
-            let hdr = buf.get(off..off + 16).ok_or(PcapFileError::Truncated { index })?;
+            let hdr = buf
+                .get(off..off + 16)
+                .ok_or(PcapFileError::Truncated { index })?;
             let sec = rd(&hdr[0..4]) as u64;
             let frac = rd(&hdr[4..8]) as u64;
             let incl = rd(&hdr[8..12]) as usize;
             let orig_len = rd(&hdr[12..16]);
             let start = off + 16;
-            let end = start.checked_add(incl).ok_or(PcapFileError::Truncated { index })?;
-            let data = buf.get(start..end).ok_or(PcapFileError::Truncated { index })?;
+            let end = start
+                .checked_add(incl)
+                .ok_or(PcapFileError::Truncated { index })?;
+            let data = buf
+                .get(start..end)
+                .ok_or(PcapFileError::Truncated { index })?;
             let ts_micros = sec * 1_000_000 + if nanos { frac / 1000 } else { frac };
-            records.push(Record { ts_micros, orig_len, data });
+            records.push(Record {
+                ts_micros,
+                orig_len,
+                data,
+            });
             off = end;
         }
-        Ok(PcapFile { link_type, snaplen, records })
+        Ok(PcapFile {
+            link_type,
+            snaplen,
+            records,
+        })
     }
 }
 
@@ -81,20 +95,32 @@ mod tests {
 
     #[test]
     fn rejects_garbage_without_panicking() {
-        assert_eq!(PcapFile::parse(&[0u8; 3]).unwrap_err(), PcapFileError::ShortHeader);
-        assert!(matches!(PcapFile::parse(&[0u8; 24]), Err(PcapFileError::BadMagic(0))));
+        assert_eq!(
+            PcapFile::parse(&[0u8; 3]).unwrap_err(),
+            PcapFileError::ShortHeader
+        );
+        assert!(matches!(
+            PcapFile::parse(&[0u8; 24]),
+            Err(PcapFileError::BadMagic(0))
+        ));
         let mut f = vec![0xd4, 0xc3, 0xb2, 0xa1];
         f.extend_from_slice(&[0u8; 20]);
         f.extend_from_slice(&[0u8; 8]);
         f.extend_from_slice(&100u32.to_le_bytes());
         f.extend_from_slice(&100u32.to_le_bytes());
         f.extend_from_slice(&[1, 2, 3]);
-        assert_eq!(PcapFile::parse(&f).unwrap_err(), PcapFileError::Truncated { index: 0 });
+        assert_eq!(
+            PcapFile::parse(&f).unwrap_err(),
+            PcapFileError::Truncated { index: 0 }
+        );
     }
 
     #[test]
     fn reads_the_upstream_captures() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/upstream-alpha21");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/testdata/upstream-alpha21"
+        );
         for (name, frames) in [("fast", 65), ("fec", 87), ("null", 63)] {
             let bytes = std::fs::read(format!("{dir}/{name}.pcap")).expect("capture present");
             let f = PcapFile::parse(&bytes).unwrap();

@@ -698,13 +698,22 @@ impl Crypto {
     /// eight datagrams side by side (CFB is serial within one datagram; see `crypt/aes_multi.rs`).
     pub fn seal_batch(&mut self, pkts: &mut [&mut [u8]]) -> Result<(), CryptError> {
         let overhead = self.overhead();
-        let Crypto { mode, fast: Some(fast), rng, .. } = self else {
+        let Crypto {
+            mode,
+            fast: Some(fast),
+            rng,
+            ..
+        } = self
+        else {
             for p in pkts.iter_mut() {
-                let body_len = p.len().checked_sub(overhead).ok_or(CryptError::BufferTooSmall {
-                    mode: self.mode,
-                    need: overhead,
-                    have: p.len(),
-                })?;
+                let body_len = p
+                    .len()
+                    .checked_sub(overhead)
+                    .ok_or(CryptError::BufferTooSmall {
+                        mode: self.mode,
+                        need: overhead,
+                        have: p.len(),
+                    })?;
                 self.seal(p, body_len)?;
             }
             return Ok(());

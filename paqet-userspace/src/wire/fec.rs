@@ -59,7 +59,11 @@ pub struct FecPacket<'a> {
 /// `cmd|frg` at that offset can never take these values (cmd is 81..84).
 #[inline]
 pub fn is_fec(body: &[u8]) -> bool {
-    body.len() >= FEC_HEADER && matches!(u16::from_le_bytes([body[4], body[5]]), TYPE_DATA | TYPE_PARITY | TYPE_OOB)
+    body.len() >= FEC_HEADER
+        && matches!(
+            u16::from_le_bytes([body[4], body[5]]),
+            TYPE_DATA | TYPE_PARITY | TYPE_OOB
+        )
 }
 
 /// Parses an FEC body. Like kcp-go, any FEC packet must be at least 8 bytes long.
@@ -77,7 +81,10 @@ pub fn parse(body: &[u8]) -> Result<FecPacket<'_>, FecError> {
         TYPE_DATA => {
             let size = u16::from_le_bytes([body[6], body[7]]);
             if size < 2 || size as usize > shard.len() {
-                return Err(FecError::BadSize { size, body_len: body.len() });
+                return Err(FecError::BadSize {
+                    size,
+                    body_len: body.len(),
+                });
             }
             Ok(FecPacket {
                 seqid,
@@ -86,7 +93,12 @@ pub fn parse(body: &[u8]) -> Result<FecPacket<'_>, FecError> {
                 shard,
             })
         }
-        TYPE_PARITY => Ok(FecPacket { seqid, kind: FecKind::Parity, payload: shard, shard }),
+        TYPE_PARITY => Ok(FecPacket {
+            seqid,
+            kind: FecKind::Parity,
+            payload: shard,
+            shard,
+        }),
         other => Err(FecError::UnknownType(other)),
     }
 }
@@ -118,7 +130,10 @@ mod tests {
 
         let body = [12, 0, 0, 0, 0xf2, 0, 1, 2, 3];
         let p = parse(&body).unwrap();
-        assert_eq!((p.seqid, p.kind, p.payload), (12, FecKind::Parity, &[1u8, 2, 3][..]));
+        assert_eq!(
+            (p.seqid, p.kind, p.payload),
+            (12, FecKind::Parity, &[1u8, 2, 3][..])
+        );
     }
 
     #[test]
@@ -126,13 +141,22 @@ mod tests {
         assert_eq!(parse(&[0, 0, 0, 0, 0xf1, 0, 2]), Err(FecError::Short(7)));
         assert_eq!(
             parse(&[0, 0, 0, 0, 0xf1, 0, 9, 0, 1]),
-            Err(FecError::BadSize { size: 9, body_len: 9 })
+            Err(FecError::BadSize {
+                size: 9,
+                body_len: 9
+            })
         );
         assert_eq!(
             parse(&[0, 0, 0, 0, 0xf1, 0, 1, 0, 1]),
-            Err(FecError::BadSize { size: 1, body_len: 9 })
+            Err(FecError::BadSize {
+                size: 1,
+                body_len: 9
+            })
         );
-        assert_eq!(parse(&[0, 0, 0, 0, 0xf3, 0, 0, 0]), Err(FecError::UnknownType(0xf3)));
+        assert_eq!(
+            parse(&[0, 0, 0, 0, 0xf3, 0, 0, 0]),
+            Err(FecError::UnknownType(0xf3))
+        );
         assert_eq!(parse(&[0u8; 1501]), Err(FecError::TooLong(1501)));
         // a KCP PUSH segment is not FEC
         assert!(!is_fec(&[1, 2, 3, 4, 81, 0, 0, 2]));

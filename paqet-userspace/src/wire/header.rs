@@ -215,7 +215,11 @@ impl Header {
             return Ok(None);
         }
         let body = &buf[PREFIX_LEN..total];
-        let mismatch = |expected: usize| HeaderError::BodyLengthMismatch { kind, body_len, expected };
+        let mismatch = |expected: usize| HeaderError::BodyLengthMismatch {
+            kind,
+            body_len,
+            expected,
+        };
         let header = match kind {
             types::PPING | types::PPONG => {
                 if body_len != 0 {
@@ -235,7 +239,12 @@ impl Header {
                 if body_len != 1 + 2 * count {
                     return Err(mismatch(1 + 2 * count));
                 }
-                Header::TcpFlags(body[1..].chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect())
+                Header::TcpFlags(
+                    body[1..]
+                        .chunks_exact(2)
+                        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                        .collect(),
+                )
             }
             _ => {
                 let host_len = *body.first().ok_or_else(|| mismatch(3))? as usize;
@@ -272,7 +281,11 @@ pub fn fuzz_parse(data: &[u8]) {
         h.try_emit(&mut out).expect("parsed header re-encodes");
         assert_eq!(&out[..], &data[..used], "paqet header round trip");
         for cut in 0..used {
-            assert_eq!(Header::parse(&data[..cut]), Ok(None), "prefix of a valid header");
+            assert_eq!(
+                Header::parse(&data[..cut]),
+                Ok(None),
+                "prefix of a valid header"
+            );
         }
     }
 }
@@ -290,7 +303,10 @@ mod tests {
     fn empty_host_is_an_error_not_a_header() {
         let crash = unhex("5001050003000100508f01ff41");
         assert_eq!(Header::parse(&crash), Err(HeaderError::EmptyHost));
-        assert_eq!(Header::parse(&unhex("5001040003000050")), Err(HeaderError::EmptyHost));
+        assert_eq!(
+            Header::parse(&unhex("5001040003000050")),
+            Err(HeaderError::EmptyHost)
+        );
         fuzz_parse(&crash);
     }
 
@@ -302,7 +318,10 @@ mod tests {
         assert_eq!(h.encoded_len(), bytes.len());
         let mut with_payload = bytes.clone();
         with_payload.extend_from_slice(b"GET /");
-        assert_eq!(Header::parse(&with_payload), Ok(Some((h.clone(), bytes.len()))));
+        assert_eq!(
+            Header::parse(&with_payload),
+            Ok(Some((h.clone(), bytes.len())))
+        );
         for cut in 0..bytes.len() {
             assert_eq!(Header::parse(&bytes[..cut]), Ok(None), "cut {cut} of {h:?}");
         }
@@ -312,15 +331,24 @@ mod tests {
     fn golden_vectors() {
         golden(Header::TcpFlags(vec![0x18]), "50 01 03 00 03 01 00 18");
         golden(
-            Header::Tcp { host: "example.com".into(), port: 443 },
+            Header::Tcp {
+                host: "example.com".into(),
+                port: 443,
+            },
             "50 01 04 00 0E 0B 65 78 61 6D 70 6C 65 2E 63 6F 6D 01 BB",
         );
         golden(
-            Header::Tcp { host: "127.0.0.1".into(), port: 8000 },
+            Header::Tcp {
+                host: "127.0.0.1".into(),
+                port: 8000,
+            },
             "50 01 04 00 0c 09 31 32 37 2e 30 2e 30 2e 31 1f 40",
         );
         golden(
-            Header::Udp { host: "127.0.0.1".into(), port: 5300 },
+            Header::Udp {
+                host: "127.0.0.1".into(),
+                port: 5300,
+            },
             "50 01 05 00 0c 09 31 32 37 2e 30 2e 30 2e 31 14 b4",
         );
         golden(Header::Pong, "50 01 02 00 00");
@@ -331,11 +359,23 @@ mod tests {
     #[test]
     fn errors() {
         assert_eq!(Header::parse(&[0x51]), Err(HeaderError::BadMagic(0x51)));
-        assert_eq!(Header::parse(&[0x50, 0x02]), Err(HeaderError::BadVersion(2)));
-        assert_eq!(Header::parse(&[0x50, 0x01, 0x06]), Err(HeaderError::UnknownType(6)));
-        assert_eq!(Header::parse(&[0x50, 0x01, 0x00]), Err(HeaderError::UnknownType(0)));
+        assert_eq!(
+            Header::parse(&[0x50, 0x02]),
+            Err(HeaderError::BadVersion(2))
+        );
+        assert_eq!(
+            Header::parse(&[0x50, 0x01, 0x06]),
+            Err(HeaderError::UnknownType(6))
+        );
+        assert_eq!(
+            Header::parse(&[0x50, 0x01, 0x00]),
+            Err(HeaderError::UnknownType(0))
+        );
         assert_eq!(Header::parse(&unhex("5001041000")), Ok(None)); // 4096 is allowed: need more
-        assert_eq!(Header::parse(&unhex("5001041001")), Err(HeaderError::BodyTooLong(4097)));
+        assert_eq!(
+            Header::parse(&unhex("5001041001")),
+            Err(HeaderError::BodyTooLong(4097))
+        );
         let mut long = unhex("500104 0100 fe");
         long.resize(5 + 256, b'a');
         assert_eq!(Header::parse(&long), Err(HeaderError::HostTooLong(254)));
@@ -344,25 +384,60 @@ mod tests {
         assert_eq!(Header::parse(&many), Err(HeaderError::TooManyFlags(65)));
         assert_eq!(
             Header::parse(&unhex("500103 0004 01 0018 00")),
-            Err(HeaderError::BodyLengthMismatch { kind: 3, body_len: 4, expected: 3 })
+            Err(HeaderError::BodyLengthMismatch {
+                kind: 3,
+                body_len: 4,
+                expected: 3
+            })
         );
         assert_eq!(
             Header::parse(&unhex("500104 0005 01 61 0050 00")),
-            Err(HeaderError::BodyLengthMismatch { kind: 4, body_len: 5, expected: 4 })
+            Err(HeaderError::BodyLengthMismatch {
+                kind: 4,
+                body_len: 5,
+                expected: 4
+            })
         );
         assert_eq!(
             Header::parse(&unhex("500103 0000")),
-            Err(HeaderError::BodyLengthMismatch { kind: 3, body_len: 0, expected: 1 })
+            Err(HeaderError::BodyLengthMismatch {
+                kind: 3,
+                body_len: 0,
+                expected: 1
+            })
         );
-        assert_eq!(Header::parse(&unhex("500104 0004 01 ff 0050")), Err(HeaderError::NonUtf8Host));
+        assert_eq!(
+            Header::parse(&unhex("500104 0004 01 ff 0050")),
+            Err(HeaderError::NonUtf8Host)
+        );
         assert_eq!(
             Header::parse(&unhex("500101 0001 00")),
-            Err(HeaderError::BodyLengthMismatch { kind: 1, body_len: 1, expected: 0 })
+            Err(HeaderError::BodyLengthMismatch {
+                kind: 1,
+                body_len: 1,
+                expected: 0
+            })
         );
-        let h = Header::Tcp { host: "a".repeat(254), port: 1 };
-        assert_eq!(h.try_emit(&mut Vec::new()), Err(HeaderError::HostTooLong(254)));
-        assert_eq!(Header::TcpFlags(vec![0; 65]).validate(), Err(HeaderError::TooManyFlags(65)));
-        assert_eq!(Header::Udp { host: String::new(), port: 1 }.validate(), Err(HeaderError::EmptyHost));
+        let h = Header::Tcp {
+            host: "a".repeat(254),
+            port: 1,
+        };
+        assert_eq!(
+            h.try_emit(&mut Vec::new()),
+            Err(HeaderError::HostTooLong(254))
+        );
+        assert_eq!(
+            Header::TcpFlags(vec![0; 65]).validate(),
+            Err(HeaderError::TooManyFlags(65))
+        );
+        assert_eq!(
+            Header::Udp {
+                host: String::new(),
+                port: 1
+            }
+            .validate(),
+            Err(HeaderError::EmptyHost)
+        );
     }
 
     proptest::proptest! {

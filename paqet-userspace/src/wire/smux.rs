@@ -83,22 +83,39 @@ impl FrameHeader {
     /// Parses and checks the 8-byte header at the start of `buf` against the expected `version`.
     pub fn parse(buf: &[u8], version: u8) -> Result<FrameHeader, FrameError> {
         if buf.len() < HEADER_LEN {
-            return Err(FrameError::Truncated { need: HEADER_LEN, have: buf.len() });
+            return Err(FrameError::Truncated {
+                need: HEADER_LEN,
+                have: buf.len(),
+            });
         }
         if buf[0] != version {
-            return Err(FrameError::BadVersion { got: buf[0], expected: version });
+            return Err(FrameError::BadVersion {
+                got: buf[0],
+                expected: version,
+            });
         }
         let cmd = Cmd::from_u8(buf[1])?;
         let length = u16::from_le_bytes([buf[2], buf[3]]);
         let sid = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
         match cmd {
-            Cmd::Upd if length as usize != UPD_LEN => return Err(FrameError::BadUpdLength { sid, len: length }),
+            Cmd::Upd if length as usize != UPD_LEN => {
+                return Err(FrameError::BadUpdLength { sid, len: length })
+            }
             Cmd::Syn | Cmd::Fin | Cmd::Nop if length != 0 => {
-                return Err(FrameError::UnexpectedData { cmd, sid, len: length })
+                return Err(FrameError::UnexpectedData {
+                    cmd,
+                    sid,
+                    len: length,
+                })
             }
             _ => {}
         }
-        Ok(FrameHeader { version, cmd, length, sid })
+        Ok(FrameHeader {
+            version,
+            cmd,
+            length,
+            sid,
+        })
     }
 
     /// Writes the header into an 8-byte array.
@@ -106,7 +123,16 @@ impl FrameHeader {
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
         let l = self.length.to_le_bytes();
         let s = self.sid.to_le_bytes();
-        [self.version, self.cmd as u8, l[0], l[1], s[0], s[1], s[2], s[3]]
+        [
+            self.version,
+            self.cmd as u8,
+            l[0],
+            l[1],
+            s[0],
+            s[1],
+            s[2],
+            s[3],
+        ]
     }
 
     /// Appends the header to `out`.
@@ -129,7 +155,10 @@ impl Upd {
     /// Parses the 8-byte UPD payload.
     pub fn parse(buf: &[u8]) -> Result<Upd, FrameError> {
         if buf.len() < UPD_LEN {
-            return Err(FrameError::Truncated { need: UPD_LEN, have: buf.len() });
+            return Err(FrameError::Truncated {
+                need: UPD_LEN,
+                have: buf.len(),
+            });
         }
         Ok(Upd {
             consumed: u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]),
@@ -169,7 +198,13 @@ impl<'a> Frame<'a> {
         if buf.len() < total {
             return Ok(None);
         }
-        Ok(Some((Frame { header, data: &buf[HEADER_LEN..total] }, total)))
+        Ok(Some((
+            Frame {
+                header,
+                data: &buf[HEADER_LEN..total],
+            },
+            total,
+        )))
     }
 
     /// The UPD payload, if this is a UPD frame.
@@ -183,18 +218,39 @@ impl<'a> Frame<'a> {
 }
 
 /// Appends a whole frame to `out`. `data` must be at most [`MAX_PAYLOAD`] bytes; longer data is an error.
-pub fn emit_frame(version: u8, cmd: Cmd, sid: u32, data: &[u8], out: &mut Vec<u8>) -> Result<(), EmitError> {
+pub fn emit_frame(
+    version: u8,
+    cmd: Cmd,
+    sid: u32,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), EmitError> {
     if data.len() > MAX_PAYLOAD {
-        return Err(EmitError::TooLong { sid, len: data.len() });
+        return Err(EmitError::TooLong {
+            sid,
+            len: data.len(),
+        });
     }
-    FrameHeader { version, cmd, length: data.len() as u16, sid }.emit(out);
+    FrameHeader {
+        version,
+        cmd,
+        length: data.len() as u16,
+        sid,
+    }
+    .emit(out);
     out.extend_from_slice(data);
     Ok(())
 }
 
 /// Appends a UPD frame to `out`.
 pub fn emit_upd(version: u8, sid: u32, upd: Upd, out: &mut Vec<u8>) {
-    FrameHeader { version, cmd: Cmd::Upd, length: UPD_LEN as u16, sid }.emit(out);
+    FrameHeader {
+        version,
+        cmd: Cmd::Upd,
+        length: UPD_LEN as u16,
+        sid,
+    }
+    .emit(out);
     out.extend_from_slice(&upd.to_bytes());
 }
 
@@ -214,8 +270,14 @@ pub fn fuzz_frames(data: &[u8]) {
         let mut out = Vec::new();
         while let Ok(Some((frame, used))) = Frame::parse(rest, version) {
             out.clear();
-            emit_frame(version, frame.header.cmd, frame.header.sid, frame.data, &mut out)
-                .expect("parsed frame data fits a frame");
+            emit_frame(
+                version,
+                frame.header.cmd,
+                frame.header.sid,
+                frame.data,
+                &mut out,
+            )
+            .expect("parsed frame data fits a frame");
             assert_eq!(&out[..], &rest[..used], "smux frame round trip");
             if let Some(u) = frame.upd() {
                 assert_eq!(u.to_bytes(), frame.data[..UPD_LEN]);
@@ -245,10 +307,34 @@ mod tests {
         }
         assert!(rest.is_empty());
         assert_eq!(frames.len(), 3);
-        assert_eq!(frames[0].0, FrameHeader { version: 2, cmd: Cmd::Syn, length: 0, sid: 3 });
-        assert_eq!(frames[1].0, FrameHeader { version: 2, cmd: Cmd::Psh, length: 8, sid: 3 });
+        assert_eq!(
+            frames[0].0,
+            FrameHeader {
+                version: 2,
+                cmd: Cmd::Syn,
+                length: 0,
+                sid: 3
+            }
+        );
+        assert_eq!(
+            frames[1].0,
+            FrameHeader {
+                version: 2,
+                cmd: Cmd::Psh,
+                length: 8,
+                sid: 3
+            }
+        );
         assert_eq!(frames[1].1, unhex("5001030003010018"));
-        assert_eq!(frames[2].0, FrameHeader { version: 2, cmd: Cmd::Fin, length: 0, sid: 3 });
+        assert_eq!(
+            frames[2].0,
+            FrameHeader {
+                version: 2,
+                cmd: Cmd::Fin,
+                length: 0,
+                sid: 3
+            }
+        );
         let mut out = Vec::new();
         for (h, d) in &frames {
             emit_frame(h.version, h.cmd, h.sid, d, &mut out).unwrap();
@@ -259,29 +345,56 @@ mod tests {
     #[test]
     fn upd_roundtrip() {
         let mut out = Vec::new();
-        emit_upd(2, 9, Upd { consumed: 87, window: 2_097_152 }, &mut out);
+        emit_upd(
+            2,
+            9,
+            Upd {
+                consumed: 87,
+                window: 2_097_152,
+            },
+            &mut out,
+        );
         assert_eq!(out, unhex("0204080009000000 57000000 00002000"));
         let (f, used) = Frame::parse(&out, 2).unwrap().unwrap();
         assert_eq!(used, 16);
-        assert_eq!(f.upd(), Some(Upd { consumed: 87, window: 2_097_152 }));
+        assert_eq!(
+            f.upd(),
+            Some(Upd {
+                consumed: 87,
+                window: 2_097_152
+            })
+        );
     }
 
     #[test]
     fn errors_are_typed() {
         assert_eq!(
             FrameHeader::parse(&unhex("0100000003000000"), 2),
-            Err(FrameError::BadVersion { got: 1, expected: 2 })
+            Err(FrameError::BadVersion {
+                got: 1,
+                expected: 2
+            })
         );
-        assert_eq!(FrameHeader::parse(&unhex("0205000003000000"), 2), Err(FrameError::BadCmd(5)));
+        assert_eq!(
+            FrameHeader::parse(&unhex("0205000003000000"), 2),
+            Err(FrameError::BadCmd(5))
+        );
         assert_eq!(
             FrameHeader::parse(&unhex("0204040003000000"), 2),
             Err(FrameError::BadUpdLength { sid: 3, len: 4 })
         );
         assert_eq!(
             FrameHeader::parse(&unhex("0200010003000000"), 2),
-            Err(FrameError::UnexpectedData { cmd: Cmd::Syn, sid: 3, len: 1 })
+            Err(FrameError::UnexpectedData {
+                cmd: Cmd::Syn,
+                sid: 3,
+                len: 1
+            })
         );
-        assert_eq!(FrameHeader::parse(&[2, 0], 2), Err(FrameError::Truncated { need: 8, have: 2 }));
+        assert_eq!(
+            FrameHeader::parse(&[2, 0], 2),
+            Err(FrameError::Truncated { need: 8, have: 2 })
+        );
         // Incomplete data → need more.
         assert_eq!(Frame::parse(&unhex("02020800030000005001"), 2), Ok(None));
         let mut out = Vec::new();

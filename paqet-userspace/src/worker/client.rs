@@ -30,11 +30,18 @@ pub enum TunnelError {
     #[error("not a client worker")]
     NotClient,
     #[error("no {family} address configured for server {server}")]
-    NoFamily { family: &'static str, server: SocketAddr },
+    NoFamily {
+        family: &'static str,
+        server: SocketAddr,
+    },
     #[error("opening packet I/O for local port {port}: {source}")]
     Io { port: u16, source: std::io::Error },
     #[error("building the envelope {src} -> {dst}: {msg}")]
-    Envelope { src: SocketAddr, dst: SocketAddr, msg: String },
+    Envelope {
+        src: SocketAddr,
+        dst: SocketAddr,
+        msg: String,
+    },
     #[error("stream header for {what}: {msg}")]
     Header { what: String, msg: String },
     #[error("no live session to {server} after {secs} s")]
@@ -74,7 +81,11 @@ impl ClientState {
         let now = Instant::now();
         ClientState {
             slots: (0..conn)
-                .map(|_| Slot { session: None, backoff: MIN_BACKOFF, next_try: now })
+                .map(|_| Slot {
+                    session: None,
+                    backoff: MIN_BACKOFF,
+                    next_try: now,
+                })
                 .collect(),
             rr: 0,
             factory: None,
@@ -106,7 +117,10 @@ impl ClientState {
 /// Emits a header into a fresh vector.
 fn header_bytes(h: &Header) -> Result<Vec<u8>, TunnelError> {
     let mut v = Vec::with_capacity(h.encoded_len());
-    h.try_emit(&mut v).map_err(|e| TunnelError::Header { what: format!("{h:?}"), msg: e.to_string() })?;
+    h.try_emit(&mut v).map_err(|e| TunnelError::Header {
+        what: format!("{h:?}"),
+        msg: e.to_string(),
+    })?;
     Ok(v)
 }
 
@@ -152,7 +166,10 @@ pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError
             // counting up from the configured (base) port.
             (Some(sp), Some(r)) => r
                 .client_port(fam.addr.port(), |p| c.has_session_on(sp.link, p, server))
-                .ok_or(TunnelError::PortBusy { port: fam.addr.port(), server })?,
+                .ok_or(TunnelError::PortBusy {
+                    port: fam.addr.port(),
+                    server,
+                })?,
             _ => match fam.addr.port() {
                 0 => rand::thread_rng().gen_range(32768..=65535u16),
                 p => p,
@@ -166,15 +183,29 @@ pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError
             }
         }
         let src = SocketAddr::new(fam.addr.ip(), port);
-        let env = EnvelopeBuilder::new(c.cfg.local_mac, fam.router_mac, src, server, unix_now().as_millis() as u32)
-            .map_err(|e| TunnelError::Envelope { src, dst: server, msg: e.to_string() })?;
+        let env = EnvelopeBuilder::new(
+            c.cfg.local_mac,
+            fam.router_mac,
+            src,
+            server,
+            unix_now().as_millis() as u32,
+        )
+        .map_err(|e| TunnelError::Envelope {
+            src,
+            dst: server,
+            msg: e.to_string(),
+        })?;
         let (link_id, fd, retire, own_env) = match c.client.shared {
             // XDP: the worker's queue socket carries every session; the session keeps its own envelope.
             Some(sp) => (sp.link, None, None, Some(env)),
             None => {
                 let factory = c.client.factory.as_mut().ok_or(TunnelError::NotClient)?;
                 let io = factory(port).map_err(|source| TunnelError::Io { port, source })?;
-                let (env4, env6) = if server.is_ipv4() { (Some(env), None) } else { (None, Some(env)) };
+                let (env4, env6) = if server.is_ipv4() {
+                    (Some(env), None)
+                } else {
+                    (None, Some(env))
+                };
                 let (link_id, fd, retire) = c.add_link(io, port, env4, env6);
                 (link_id, fd, Some(retire), None)
             }
@@ -288,12 +319,20 @@ impl Tunnel {
     /// Opens a PTCP stream to `host:port` (resolved on the server). The server dials after receiving the
     /// header; there is no reply: a failed dial shows up as end of stream.
     pub async fn open_tcp(&self, host: &str, port: u16) -> Result<TunnelStream, TunnelError> {
-        self.open(Header::Tcp { host: host.to_owned(), port }).await
+        self.open(Header::Tcp {
+            host: host.to_owned(),
+            port,
+        })
+        .await
     }
 
     /// Opens a PUDP stream to `host:port`: use [`TunnelStream::send_datagram`] / `recv_datagram`.
     pub async fn open_udp(&self, host: &str, port: u16) -> Result<TunnelStream, TunnelError> {
-        self.open(Header::Udp { host: host.to_owned(), port }).await
+        self.open(Header::Udp {
+            host: host.to_owned(),
+            port,
+        })
+        .await
     }
 
     /// A PING/PONG round trip on the next session; returns the round-trip time.
@@ -303,12 +342,18 @@ impl Tunnel {
         let (id, sid) = self.pick_and_open(None).await?;
         let mut s = TunnelStream::attach(self.shared.clone(), id, sid);
         let ping = header_bytes(&Header::Ping)?;
-        s.write_all(&ping).await.map_err(|e| TunnelError::Ping(e.to_string()))?;
+        s.write_all(&ping)
+            .await
+            .map_err(|e| TunnelError::Ping(e.to_string()))?;
         let mut reply = [0u8; 5];
-        s.read_exact(&mut reply).await.map_err(|e| TunnelError::Ping(e.to_string()))?;
+        s.read_exact(&mut reply)
+            .await
+            .map_err(|e| TunnelError::Ping(e.to_string()))?;
         match Header::parse(&reply) {
             Ok(Some((Header::Pong, _))) => Ok(t0.elapsed()),
-            other => Err(TunnelError::Ping(format!("unexpected reply {reply:02x?} ({other:?})"))),
+            other => Err(TunnelError::Ping(format!(
+                "unexpected reply {reply:02x?} ({other:?})"
+            ))),
         }
     }
 
@@ -336,7 +381,9 @@ impl Tunnel {
                 let n = c.client.slots.len();
                 for k in 0..n {
                     let i = (c.client.rr + k) % n;
-                    let Some(id) = c.client.slots[i].session else { continue };
+                    let Some(id) = c.client.slots[i].session else {
+                        continue;
+                    };
                     let alive = c.sessions.get(&id).is_some_and(|e| !e.session.is_dead());
                     if !alive {
                         c.kill_session(id, "found dead when opening a stream");
@@ -361,8 +408,16 @@ impl Tunnel {
                 }
             }
             if Instant::now() >= deadline {
-                let server = self.shared.borrow().cfg.server_addr.ok_or(TunnelError::NotClient)?;
-                return Err(TunnelError::NoSession { server, secs: OPEN_TIMEOUT.as_secs() });
+                let server = self
+                    .shared
+                    .borrow()
+                    .cfg
+                    .server_addr
+                    .ok_or(TunnelError::NotClient)?;
+                return Err(TunnelError::NoSession {
+                    server,
+                    secs: OPEN_TIMEOUT.as_secs(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

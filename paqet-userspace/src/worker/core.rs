@@ -224,7 +224,9 @@ pub(crate) fn window_limited_warning(
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn unix_now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// `a` is at or before `b` on the wrapping u32 millisecond clock.
@@ -235,9 +237,13 @@ fn due(deadline: u32, now: u32) -> bool {
 impl Core {
     /// A new, empty core. `local_flags` must be non-empty (the config guarantees it; `["PA"]` otherwise).
     pub fn new(cfg: WorkerConfig) -> Shared {
-        let local_flags = FlagCycler::new(cfg.local_flags.clone())
-            .unwrap_or_else(|_| FlagCycler::new(vec![TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0)]).expect("one entry"));
-        let guard = cfg.guard.as_ref().map(|(g, key)| Guard::new(g.clone(), key));
+        let local_flags = FlagCycler::new(cfg.local_flags.clone()).unwrap_or_else(|_| {
+            FlagCycler::new(vec![TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0)]).expect("one entry")
+        });
+        let guard = cfg
+            .guard
+            .as_ref()
+            .map(|(g, key)| Guard::new(g.clone(), key));
         let probe = cfg.session.crypto.clone();
         let conn = cfg.conn.max(1);
         Rc::new(RefCell::new(Core {
@@ -289,7 +295,10 @@ impl Core {
     /// connected only through these).
     pub fn live_sessions(&self, window_ms: u32) -> usize {
         let now = self.now();
-        self.sessions.values().filter(|e| e.last_rx.is_some_and(|t| now.wrapping_sub(t) <= window_ms)).count()
+        self.sessions
+            .values()
+            .filter(|e| e.last_rx.is_some_and(|t| now.wrapping_sub(t) <= window_ms))
+            .count()
     }
 
     /// True when this worker drives shared links (AF_XDP queue sockets).
@@ -316,8 +325,12 @@ impl Core {
     pub(crate) fn admit_data_stream(&mut self, id: u64) -> bool {
         let limits = self.cfg.limits;
         let total = self.data_streams_total;
-        let Some(e) = self.sessions.get_mut(&id) else { return false };
-        let over_session = limits.max_streams_per_session.is_some_and(|m| e.data_streams >= m);
+        let Some(e) = self.sessions.get_mut(&id) else {
+            return false;
+        };
+        let over_session = limits
+            .max_streams_per_session
+            .is_some_and(|m| e.data_streams >= m);
         let over_total = limits.max_streams_total.is_some_and(|m| total >= m);
         if over_session || over_total {
             self.stats.streams_rejected += 1;
@@ -399,7 +412,17 @@ impl Core {
         self.next_link += 1;
         let fd = io.raw_fd();
         let retire = Rc::new(Notify::new());
-        self.links.insert(id, Link { io, port, shared: false, env4, env6, retire: retire.clone() });
+        self.links.insert(
+            id,
+            Link {
+                io,
+                port,
+                shared: false,
+                env4,
+                env6,
+                retire: retire.clone(),
+            },
+        );
         (id, fd, retire)
     }
 
@@ -516,7 +539,9 @@ impl Core {
 
     /// Drops session `id`: wakes every task waiting on it; on a client also retires its link.
     pub(crate) fn kill_session(&mut self, id: u64, why: &str) {
-        let Some(mut e) = self.sessions.remove(&id) else { return };
+        let Some(mut e) = self.sessions.remove(&id) else {
+            return;
+        };
         let cc = e.session.cc_stats();
         let r = &mut self.cc_retired;
         r.bytes_sent = r.bytes_sent.saturating_add(cc.bytes_sent);
@@ -549,8 +574,19 @@ impl Core {
 
     /// Runs the session's timers and sends what it has; then dispatches its events.
     fn flush_session(&mut self, id: u64, now: u32, unix_secs: u64) {
-        let Core { sessions, links, peer_flags, local_flags, guard, stats, cfg, .. } = self;
-        let Some(e) = sessions.get_mut(&id) else { return };
+        let Core {
+            sessions,
+            links,
+            peer_flags,
+            local_flags,
+            guard,
+            stats,
+            cfg,
+            ..
+        } = self;
+        let Some(e) = sessions.get_mut(&id) else {
+            return;
+        };
         e.dirty = false;
         if let Some(link) = links.get_mut(&e.link) {
             let flags = match cfg.role {
@@ -579,7 +615,8 @@ impl Core {
                             g.write_prefix(unix_secs, &mut buf[hl..hl + GUARD_LEN]);
                         }
                         buf[hl + glen..total].copy_from_slice(dgram);
-                        env.emit(f, glen + dgram.len(), &mut buf[..total]).unwrap_or(0)
+                        env.emit(f, glen + dgram.len(), &mut buf[..total])
+                            .unwrap_or(0)
                     });
                     match r {
                         Ok(()) => stats.tx_datagrams += 1,
@@ -613,8 +650,12 @@ impl Core {
     fn dispatch_events(&mut self, id: u64) {
         let mut dead: Option<String> = None;
         loop {
-            let Some(e) = self.sessions.get_mut(&id) else { return };
-            let Some(ev) = e.session.poll_event() else { break };
+            let Some(e) = self.sessions.get_mut(&id) else {
+                return;
+            };
+            let Some(ev) = e.session.poll_event() else {
+                break;
+            };
             match ev {
                 SmuxEvent::Opened(sid) => self.on_peer_opened(id, sid),
                 SmuxEvent::Readable(sid) | SmuxEvent::Fin(sid) => {
@@ -652,12 +693,17 @@ impl Core {
         let limits = self.cfg.limits;
         let role = self.cfg.role;
         let total = self.streams_total;
-        let Some(e) = self.sessions.get_mut(&id) else { return };
+        let Some(e) = self.sessions.get_mut(&id) else {
+            return;
+        };
         // Proxied streams are limited once their header is read (`admit_data_stream`); here only a bound
         // on streams of any kind, so a peer opening streams without headers cannot pile them up.
-        let over_session =
-            limits.max_streams_per_session.is_some_and(|m| e.streams.len() >= m.saturating_add(PENDING_STREAM_SLACK));
-        let over_total = limits.max_streams_total.is_some_and(|m| total >= m.saturating_add(PENDING_STREAM_SLACK));
+        let over_session = limits
+            .max_streams_per_session
+            .is_some_and(|m| e.streams.len() >= m.saturating_add(PENDING_STREAM_SLACK));
+        let over_total = limits
+            .max_streams_total
+            .is_some_and(|m| total >= m.saturating_add(PENDING_STREAM_SLACK));
         if role != Role::Server || over_session || over_total || self.accept_tx.is_none() {
             e.session.close_stream(sid);
             self.stats.streams_rejected += 1;
@@ -679,9 +725,13 @@ impl Core {
         for e in self.sessions.values_mut() {
             let s = e.session.cc_stats();
             let conv = e.session.conv();
-            if let Some(msg) =
-                window_limited_warning(e.peer, conv, &s, &mut e.cc_window_warned, &mut self.cc_window_limited_total)
-            {
+            if let Some(msg) = window_limited_warning(
+                e.peer,
+                conv,
+                &s,
+                &mut e.cc_window_warned,
+                &mut self.cc_window_limited_total,
+            ) {
                 warn!(
                     peer = %e.peer,
                     window = s.window_limited_by.unwrap_or_default(),
@@ -703,7 +753,10 @@ impl Core {
     pub(crate) fn service(&mut self) {
         let now = self.now();
         let unix_secs = unix_now().as_secs();
-        if self.cc_refreshed.is_none_or(|t| now.wrapping_sub(t) >= CC_REFRESH_MS) {
+        if self
+            .cc_refreshed
+            .is_none_or(|t| now.wrapping_sub(t) >= CC_REFRESH_MS)
+        {
             self.refresh_cc();
         }
         let mut ids = std::mem::take(&mut self.dirty);
@@ -748,7 +801,9 @@ impl Core {
         arena.clear();
         frames.clear();
         let (n, port) = {
-            let Some(link) = self.links.get_mut(&link_id) else { return Ok(0) };
+            let Some(link) = self.links.get_mut(&link_id) else {
+                return Ok(0);
+            };
             let n = link.io.recv_batch(Duration::ZERO, &mut |f: &[u8]| {
                 let off = arena.len();
                 arena.extend_from_slice(f);
@@ -785,7 +840,9 @@ impl Core {
     /// XDP mode: processes up to one batch of frames other workers handed to this one (frames of sessions
     /// this worker owns that landed on another queue). Returns the number processed.
     pub(crate) fn rx_handoff(&mut self, link_id: u64) -> usize {
-        let Some(mut router) = self.router.take() else { return 0 };
+        let Some(mut router) = self.router.take() else {
+            return 0;
+        };
         let now = self.now();
         let unix_secs = unix_now().as_secs();
         let port = self.links.get(&link_id).map(|l| l.port).unwrap_or(0);
@@ -798,11 +855,23 @@ impl Core {
         n
     }
 
-    fn handle_frame(&mut self, link_id: u64, port: u16, frame: &mut [u8], now: u32, unix_secs: u64) {
+    fn handle_frame(
+        &mut self,
+        link_id: u64,
+        port: u16,
+        frame: &mut [u8],
+        now: u32,
+        unix_secs: u64,
+    ) {
         self.stats.rx_frames += 1;
         let want = (port != 0).then_some(port);
         let (src, dst_port, off, len) = match parse_frame(frame, want) {
-            Ok(p) => (p.src_addr(), p.dst_port, p.payload.as_ptr() as usize - frame.as_ptr() as usize, p.payload.len()),
+            Ok(p) => (
+                p.src_addr(),
+                p.dst_port,
+                p.payload.as_ptr() as usize - frame.as_ptr() as usize,
+                p.payload.len(),
+            ),
             Err(e) => {
                 self.stats.rx_bad_envelope += 1;
                 trace!(reason = e.reason(), "frame dropped");
@@ -836,14 +905,18 @@ impl Core {
         }
         match self.by_peer.get(&(link_id, dst_port, src)).copied() {
             Some(id) => self.input_existing(id, payload, now),
-            None if self.cfg.role == Role::Server => self.accept_new(link_id, dst_port, src, payload, now),
+            None if self.cfg.role == Role::Server => {
+                self.accept_new(link_id, dst_port, src, payload, now)
+            }
             None => self.stats.rx_no_session += 1,
         }
     }
 
     fn input_existing(&mut self, id: u64, payload: &mut [u8], now: u32) {
         let role = self.cfg.role;
-        let Some(e) = self.sessions.get_mut(&id) else { return };
+        let Some(e) = self.sessions.get_mut(&id) else {
+            return;
+        };
         match e.session.handle_datagram(now, payload) {
             Ok(()) => {
                 e.last_rx = Some(now);
@@ -858,7 +931,9 @@ impl Core {
                 if role == Role::Server {
                     let h = self.cfg.session.crypto.header_len();
                     let t = self.cfg.session.crypto.trailer_len();
-                    if let Some((c, sn)) = peek_plain_conv_sn(payload, h, t, self.cfg.session.fec_enabled()) {
+                    if let Some((c, sn)) =
+                        peek_plain_conv_sn(payload, h, t, self.cfg.session.fec_enabled())
+                    {
                         if c != conv && sn == 0 {
                             let peer = e.peer;
                             info!(%peer, old = conv, new = c, "new conversation from the same source: replacing session");
@@ -892,7 +967,14 @@ impl Core {
     }
 
     /// Server: an unknown source. Learn its conv from a decrypted copy and open a session.
-    fn accept_new(&mut self, link_id: u64, local_port: u16, src: SocketAddr, payload: &mut [u8], now: u32) {
+    fn accept_new(
+        &mut self,
+        link_id: u64,
+        local_port: u16,
+        src: SocketAddr,
+        payload: &mut [u8],
+        now: u32,
+    ) {
         if let Some(max) = self.cfg.limits.max_sessions {
             if self.sessions.len() >= max {
                 self.stats.sessions_rejected += 1;
@@ -978,11 +1060,18 @@ pub(crate) fn spawn_link_rx(shared: Shared, link_id: u64, fd: Option<RawFd>, ret
     });
 }
 
-async fn link_rx(shared: &Shared, link_id: u64, fd: Option<RawFd>, retire: &Notify) -> std::io::Result<()> {
+async fn link_rx(
+    shared: &Shared,
+    link_id: u64,
+    fd: Option<RawFd>,
+    retire: &Notify,
+) -> std::io::Result<()> {
     let afd = match fd {
         // SAFETY: the descriptor belongs to the link's backend, which stays in `Core::links` until this
         // function has returned (and dropped `afd`): only `spawn_link_rx` removes the link, after us.
-        Some(fd) => Some(unsafe { AsyncFd::register_with_interest(WatchedFd(fd), Interest::READABLE)? }),
+        Some(fd) => {
+            Some(unsafe { AsyncFd::register_with_interest(WatchedFd(fd), Interest::READABLE)? })
+        }
         None => None,
     };
     loop {
@@ -1069,27 +1158,56 @@ mod cc_tests {
     #[test]
     fn window_limited_is_warned_once_per_session() {
         let peer: SocketAddr = "10.0.0.1:4000".parse().unwrap();
-        let mut s = CcStats { sndwnd: 32, rmt_wnd: 128, bdp_segments: 900, ..CcStats::default() };
+        let mut s = CcStats {
+            sndwnd: 32,
+            rmt_wnd: 128,
+            bdp_segments: 900,
+            ..CcStats::default()
+        };
         let (mut warned, mut totals) = (false, [0u64; 2]);
-        assert_eq!(window_limited_warning(peer, 1, &s, &mut warned, &mut totals), None, "not limited");
+        assert_eq!(
+            window_limited_warning(peer, 1, &s, &mut warned, &mut totals),
+            None,
+            "not limited"
+        );
         assert!(!warned);
         s.window_limited_by = Some("sndwnd");
-        let msg = window_limited_warning(peer, 0xab, &s, &mut warned, &mut totals).expect("first time");
+        let msg =
+            window_limited_warning(peer, 0xab, &s, &mut warned, &mut totals).expect("first time");
         assert!(msg.contains("transport.kcp.sndwnd = 32 segments"), "{msg}");
-        assert!(msg.contains("bandwidth-delay product (900 segments)"), "{msg}");
+        assert!(
+            msg.contains("bandwidth-delay product (900 segments)"),
+            "{msg}"
+        );
         assert!(msg.contains("\"auto\" or at least 900"), "{msg}");
-        assert!(msg.contains("10.0.0.1:4000") && msg.contains("000000ab"), "{msg}");
+        assert!(
+            msg.contains("10.0.0.1:4000") && msg.contains("000000ab"),
+            "{msg}"
+        );
         assert_eq!(totals, [1, 0]);
         // Never again for this session, whichever window limits it later.
-        assert_eq!(window_limited_warning(peer, 0xab, &s, &mut warned, &mut totals), None);
+        assert_eq!(
+            window_limited_warning(peer, 0xab, &s, &mut warned, &mut totals),
+            None
+        );
         s.window_limited_by = Some("peer_rcvwnd");
-        assert_eq!(window_limited_warning(peer, 0xab, &s, &mut warned, &mut totals), None);
+        assert_eq!(
+            window_limited_warning(peer, 0xab, &s, &mut warned, &mut totals),
+            None
+        );
         assert_eq!(totals, [1, 0]);
         // Another session limited by the peer's window.
         let mut other = false;
-        let msg = window_limited_warning(peer, 2, &s, &mut other, &mut totals).expect("another session");
-        assert!(msg.contains("the peer's receive window (128 segments advertised)"), "{msg}");
-        assert!(msg.contains("transport.kcp.rcvwnd = \"auto\" or at least 900 on the peer"), "{msg}");
+        let msg =
+            window_limited_warning(peer, 2, &s, &mut other, &mut totals).expect("another session");
+        assert!(
+            msg.contains("the peer's receive window (128 segments advertised)"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("transport.kcp.rcvwnd = \"auto\" or at least 900 on the peer"),
+            "{msg}"
+        );
         assert_eq!(totals, [1, 1]);
     }
 
@@ -1118,7 +1236,13 @@ mod cc_tests {
         assert_eq!(w.cc, cc);
         c.kill_session(id, "test");
         c.refresh_cc();
-        assert!(c.stats.cc.top.is_empty() && c.stats.cc.states.is_empty(), "the gone session left the lists");
-        assert_eq!(c.stats.cc.bytes_sent, sent, "sent bytes stay counted after the session went");
+        assert!(
+            c.stats.cc.top.is_empty() && c.stats.cc.states.is_empty(),
+            "the gone session left the lists"
+        );
+        assert_eq!(
+            c.stats.cc.bytes_sent, sent,
+            "sent bytes stay counted after the session went"
+        );
     }
 }

@@ -40,11 +40,17 @@ impl Guard {
 
     /// A guard from an already derived key (tests).
     pub fn with_derived(cfg: GuardConfig, gkey: [u8; 32]) -> Self {
-        Guard { cfg, gkey, cached_win: None, cookies: Vec::new() }
+        Guard {
+            cfg,
+            gkey,
+            cached_win: None,
+            cookies: Vec::new(),
+        }
     }
 
     fn cookie(&self, win: u64) -> [u8; 8] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.gkey).expect("HMAC takes any key length");
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.gkey).expect("HMAC takes any key length");
         mac.update(&self.cfg.magic);
         mac.update(&win.to_be_bytes());
         let full = mac.finalize().into_bytes();
@@ -94,7 +100,14 @@ mod tests {
     use super::*;
 
     fn guard(skew: u64) -> Guard {
-        Guard::with_derived(GuardConfig { magic: *b"PQT1", window_secs: 30, skew }, [7u8; 32])
+        Guard::with_derived(
+            GuardConfig {
+                magic: *b"PQT1",
+                window_secs: 30,
+                skew,
+            },
+            [7u8; 32],
+        )
     }
 
     #[test]
@@ -122,7 +135,7 @@ mod tests {
         assert!(lenient.check(330, &p)); // window 11, skew 1
         assert!(!strict.check(330, &p));
         assert!(!lenient.check(360, &p)); // window 12: too old
-        // Cookies depend on the window.
+                                          // Cookies depend on the window.
         let mut q = [0u8; GUARD_LEN];
         sender.write_prefix(330, &mut q);
         assert_ne!(p, q);
@@ -130,7 +143,11 @@ mod tests {
 
     #[test]
     fn key_derivation_depends_on_key() {
-        let cfg = GuardConfig { magic: *b"PQT1", window_secs: 30, skew: 0 };
+        let cfg = GuardConfig {
+            magic: *b"PQT1",
+            window_secs: 30,
+            skew: 0,
+        };
         let mut a = Guard::new(cfg.clone(), "key-a");
         let mut b = Guard::new(cfg, "key-b");
         let mut p = [0u8; GUARD_LEN];

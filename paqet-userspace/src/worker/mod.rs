@@ -126,12 +126,18 @@ pub fn start(cfg: WorkerConfig, factory: IoFactory) -> Result<Started, StartErro
     match role {
         Role::Server => {
             self::server::start(&shared, factory)?;
-            Ok(Started { shared, tunnel: None })
+            Ok(Started {
+                shared,
+                tunnel: None,
+            })
         }
         Role::Client => {
             self::client::start(&shared, factory)?;
             let tunnel = Tunnel::new(shared.clone());
-            Ok(Started { shared, tunnel: Some(tunnel) })
+            Ok(Started {
+                shared,
+                tunnel: Some(tunnel),
+            })
         }
     }
 }

@@ -30,9 +30,15 @@ pub enum StreamError {
     #[error("no protocol message within {0:?}")]
     HeaderTimeout(Duration),
     #[error("resolving {target}: {source}")]
-    Resolve { target: String, source: std::io::Error },
+    Resolve {
+        target: String,
+        source: std::io::Error,
+    },
     #[error("dialling {target}: {source}")]
-    Dial { target: String, source: std::io::Error },
+    Dial {
+        target: String,
+        source: std::io::Error,
+    },
     #[error("dialling {target}: timed out after {DIAL_TIMEOUT:?}")]
     DialTimeout { target: String },
     #[error("stream I/O: {0}")]
@@ -50,13 +56,20 @@ pub(crate) fn start(shared: &Shared, mut factory: IoFactory) -> std::io::Result<
 
 /// XDP mode: adds `io` (the worker's queue socket) as a shared link on the tunnel port and starts the
 /// accept task; the caller runs the link's RX task. Returns the link id and its readiness fd.
-pub(crate) fn start_shared(shared: &Shared, io: Box<dyn PacketIo>) -> std::io::Result<(u64, Option<RawFd>)> {
+pub(crate) fn start_shared(
+    shared: &Shared,
+    io: Box<dyn PacketIo>,
+) -> std::io::Result<(u64, Option<RawFd>)> {
     let (link_id, fd, _retire) = start_on(shared, io, true)?;
     Ok((link_id, fd))
 }
 
 /// Adds the server link and the accept channel/task; returns what the RX task needs.
-fn start_on(shared: &Shared, io: Box<dyn PacketIo>, shared_link: bool) -> std::io::Result<(u64, Option<RawFd>, Rc<Notify>)> {
+fn start_on(
+    shared: &Shared,
+    io: Box<dyn PacketIo>,
+    shared_link: bool,
+) -> std::io::Result<(u64, Option<RawFd>, Rc<Notify>)> {
     let (link_id, fd, retire, accept_rx) = {
         let mut c = shared.borrow_mut();
         let cfg = c.cfg.clone();
@@ -114,7 +127,9 @@ async fn read_header(s: &mut TunnelStream) -> Result<Header, StreamError> {
     }
     let body = u16::from_be_bytes([buf[3], buf[4]]) as usize;
     buf.resize(5 + body, 0);
-    s.read_exact(&mut buf[5..]).await.map_err(StreamError::Read)?;
+    s.read_exact(&mut buf[5..])
+        .await
+        .map_err(StreamError::Read)?;
     match Header::parse(&buf)? {
         Some((h, _)) => Ok(h),
         None => Err(StreamError::Read(std::io::Error::new(
@@ -144,11 +159,15 @@ async fn handle_stream(shared: &Shared, mut s: TunnelStream) -> Result<(), Strea
             Ok(())
         }
         Header::Tcp { host, port } => {
-            let Some(_permit) = DataStreamPermit::take(shared, &s) else { return Ok(()) };
+            let Some(_permit) = DataStreamPermit::take(shared, &s) else {
+                return Ok(());
+            };
             relay_tcp(s, &host, port).await
         }
         Header::Udp { host, port } => {
-            let Some(_permit) = DataStreamPermit::take(shared, &s) else { return Ok(()) };
+            let Some(_permit) = DataStreamPermit::take(shared, &s) else {
+                return Ok(());
+            };
             relay_udp(s, &host, port).await
         }
         Header::Pong => {
@@ -168,7 +187,13 @@ impl DataStreamPermit {
     /// `None` (the stream is then closed by dropping it) when a stream limit is reached.
     fn take(shared: &Shared, s: &TunnelStream) -> Option<Self> {
         let session = s.session_id();
-        shared.borrow_mut().admit_data_stream(session).then(|| DataStreamPermit { shared: shared.clone(), session })
+        shared
+            .borrow_mut()
+            .admit_data_stream(session)
+            .then(|| DataStreamPermit {
+                shared: shared.clone(),
+                session,
+            })
     }
 }
 
@@ -223,9 +248,23 @@ async fn relay_udp(s: TunnelStream, host: &str, port: u16) -> Result<(), StreamE
         Ok(Err(source)) => return Err(StreamError::Resolve { target, source }),
         Err(_) => return Err(StreamError::DialTimeout { target }),
     };
-    let bind: SocketAddr = if addr.is_ipv4() { SocketAddr::from(([0u8; 4], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
-    let sock = UdpSocket::bind(bind).await.map_err(|source| StreamError::Dial { target: target.clone(), source })?;
-    sock.connect(addr).await.map_err(|source| StreamError::Dial { target: target.clone(), source })?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        SocketAddr::from(([0u8; 4], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let sock = UdpSocket::bind(bind)
+        .await
+        .map_err(|source| StreamError::Dial {
+            target: target.clone(),
+            source,
+        })?;
+    sock.connect(addr)
+        .await
+        .map_err(|source| StreamError::Dial {
+            target: target.clone(),
+            source,
+        })?;
     debug!(%target, "UDP target connected");
     let mut buf = vec![0u8; MAX_UDP_DATAGRAM + 1];
     loop {

@@ -20,16 +20,18 @@ use crate::config::{Config, ForwardProtocol, Role as CfgRole};
 use crate::front::forward::{TcpForward, UdpForward};
 use crate::front::http::{self, HttpConfig};
 use crate::front::socks5::{self, Socks5Config};
-use crate::ops::hub::PUBLISH_INTERVAL_MS;
-use crate::ops::{spawn_ops_thread, DataPathMode, KcpRetrans, MetricsHub, OpsState, RoleLabel, WorkerSnapshot};
-use crate::tools::firewall::{self, FirewallRole};
 use crate::io::pcap::{PcapConfig, PcapIo};
 use crate::io::{route, PacketIo};
-use crate::proto::kcp::KcpConfig;
-use crate::proto::session::{Role, SessionConfig};
+use crate::ops::hub::PUBLISH_INTERVAL_MS;
+use crate::ops::{
+    spawn_ops_thread, DataPathMode, KcpRetrans, MetricsHub, OpsState, RoleLabel, WorkerSnapshot,
+};
 use crate::proto::cc::CcConfig;
 use crate::proto::kcp::Autotune;
+use crate::proto::kcp::KcpConfig;
+use crate::proto::session::{Role, SessionConfig};
 use crate::proto::smux::SmuxConfig;
+use crate::tools::firewall::{self, FirewallRole};
 use crate::wire::crypt::{BlockMode, Crypto};
 use crate::wire::envelope::TcpFlags;
 
@@ -42,7 +44,10 @@ fn flags(list: &[String], key: &str) -> anyhow::Result<Vec<TcpFlags>> {
 /// The session settings (crypto, FEC, KCP preset, congestion control, window auto-tuning, smux) of `cfg`.
 pub fn session_config(cfg: &Config) -> anyhow::Result<SessionConfig> {
     let k = &cfg.transport.kcp;
-    let mode: BlockMode = k.block.parse().map_err(|e| anyhow!("transport.kcp.block = {:?}: {e}", k.block))?;
+    let mode: BlockMode = k
+        .block
+        .parse()
+        .map_err(|e| anyhow!("transport.kcp.block = {:?}: {e}", k.block))?;
     let crypto = Crypto::new(mode, &k.key).map_err(|e| anyhow!("transport.kcp.key: {e}"))?;
     let t = cfg.kcp_mode();
     let kcp = KcpConfig {
@@ -61,7 +66,11 @@ pub fn session_config(cfg: &Config) -> anyhow::Result<SessionConfig> {
             // Validation guarantees a rate with `fixed` and none otherwise.
             bandwidth: k.bandwidth.unwrap_or(0),
         },
-        autotune: Autotune { sndwnd: k.sndwnd_auto, rcvwnd: k.rcvwnd_auto, max_wnd: k.max_wnd() },
+        autotune: Autotune {
+            sndwnd: k.sndwnd_auto,
+            rcvwnd: k.rcvwnd_auto,
+            max_wnd: k.max_wnd(),
+        },
     };
     let smux = SmuxConfig {
         version: 2,
@@ -71,7 +80,14 @@ pub fn session_config(cfg: &Config) -> anyhow::Result<SessionConfig> {
         max_receive_buffer: k.smuxbuf as usize,
         max_stream_buffer: k.streambuf as usize,
     };
-    Ok(SessionConfig { crypto, dshard: k.dshard as usize, pshard: k.pshard as usize, kcp, smux, mtu: k.mtu as usize })
+    Ok(SessionConfig {
+        crypto,
+        dshard: k.dshard as usize,
+        pshard: k.pshard as usize,
+        kcp,
+        smux,
+        mtu: k.mtu as usize,
+    })
 }
 
 /// Builds the worker configuration, resolving interface MAC/addresses and `router_mac` from the kernel when
@@ -84,7 +100,10 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
     let local_mac = route::mac(iface).with_context(|| format!("network.interface {iface:?}"))?;
     let server_addr = match role {
         Role::Client => {
-            let hp = cfg.server.as_ref().ok_or_else(|| anyhow!("server.addr is required for a client"))?;
+            let hp = cfg
+                .server
+                .as_ref()
+                .ok_or_else(|| anyhow!("server.addr is required for a client"))?;
             Some(hp.resolve().with_context(|| format!("server.addr {hp}"))?)
         }
         Role::Server => None,
@@ -108,7 +127,10 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
                 None => route::resolve_router_mac(iface, probe_dst(true))
                     .context("network.ipv4.router_mac omitted")?,
             };
-            Some(FamilyConfig { addr: SocketAddr::new(IpAddr::V4(ip), f.port), router_mac })
+            Some(FamilyConfig {
+                addr: SocketAddr::new(IpAddr::V4(ip), f.port),
+                router_mac,
+            })
         }
         None => None,
     };
@@ -123,7 +145,10 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
                 None => route::resolve_router_mac(iface, probe_dst(false))
                     .context("network.ipv6.router_mac omitted")?,
             };
-            Some(FamilyConfig { addr: SocketAddr::new(IpAddr::V6(ip), f.port), router_mac })
+            Some(FamilyConfig {
+                addr: SocketAddr::new(IpAddr::V6(ip), f.port),
+                router_mac,
+            })
         }
         None => None,
     };
@@ -132,7 +157,14 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
     }
     let k = &cfg.transport.kcp;
     let guard = k.guard.then(|| {
-        (GuardConfig { magic: k.guard_magic, window_secs: u64::from(k.guard_window), skew: u64::from(k.guard_skew) }, k.key.clone())
+        (
+            GuardConfig {
+                magic: k.guard_magic,
+                window_secs: u64::from(k.guard_window),
+                skew: u64::from(k.guard_skew),
+            },
+            k.key.clone(),
+        )
     });
     let lim = |l: Option<u32>| l.map(|v| v as usize);
     Ok(WorkerConfig {
@@ -193,7 +225,11 @@ pub struct DaemonOptions {
 impl DaemonOptions {
     /// Options publishing into slot 0 of `hub`, firewall left alone.
     pub fn new(hub: Arc<MetricsHub>) -> Self {
-        DaemonOptions { hub, worker: 0, manage_firewall: false }
+        DaemonOptions {
+            hub,
+            worker: 0,
+            manage_firewall: false,
+        }
     }
 
     /// Sets [`DaemonOptions::manage_firewall`].
@@ -220,11 +256,16 @@ pub struct OpsServers {
 impl OpsServers {
     /// Starts the servers `cfg` asks for, reading `hub`. `debug.pprof` must be a loopback address.
     pub fn start(cfg: &Config, hub: &Arc<MetricsHub>) -> anyhow::Result<Self> {
-        let mut me = OpsServers { servers: Vec::new() };
+        let mut me = OpsServers {
+            servers: Vec::new(),
+        };
         if let Some(hp) = &cfg.metrics_listen {
-            let addr = hp.resolve().with_context(|| format!("metrics.listen {hp}"))?;
+            let addr = hp
+                .resolve()
+                .with_context(|| format!("metrics.listen {hp}"))?;
             let state = Arc::new(hub.ops_state());
-            let (bound, h) = spawn_ops_thread(addr, state.clone()).with_context(|| format!("metrics.listen {hp}"))?;
+            let (bound, h) = spawn_ops_thread(addr, state.clone())
+                .with_context(|| format!("metrics.listen {hp}"))?;
             info!(addr = %bound, "metrics, /healthz and /readyz served");
             me.servers.push((bound, state, Some(h)));
         }
@@ -234,7 +275,8 @@ impl OpsServers {
                 bail!("debug.pprof {hp}: profiles are only served on a loopback address");
             }
             let state = Arc::new(hub.ops_state().with_pprof(true));
-            let (bound, h) = spawn_ops_thread(addr, state.clone()).with_context(|| format!("debug.pprof {hp}"))?;
+            let (bound, h) = spawn_ops_thread(addr, state.clone())
+                .with_context(|| format!("debug.pprof {hp}"))?;
             info!(addr = %bound, "CPU and heap profiles served under /debug/pprof/");
             me.servers.push((bound, state, Some(h)));
         }
@@ -281,7 +323,10 @@ pub fn firewall_role(wcfg: &WorkerConfig) -> Option<FirewallRole> {
             let server = wcfg.server_addr?;
             let port = wcfg.local_port();
             let local_ports = if port == 0 { Vec::new() } else { vec![port] };
-            Some(FirewallRole::Client { server, local_ports })
+            Some(FirewallRole::Client {
+                server,
+                local_ports,
+            })
         }
     }
 }
@@ -327,7 +372,10 @@ impl CryptoWatch {
         if !suspicious {
             return None;
         }
-        if self.last_warn.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+        if self
+            .last_warn
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
             return None;
         }
         self.last_warn = Some(now);
@@ -398,7 +446,11 @@ impl Publisher {
         let mut srtt = Vec::with_capacity(c.sessions.len());
         for (&id, e) in &c.sessions {
             let k = e.session.kcp().stats();
-            let r = KcpRetrans { timeout: k.lost_segs, fast: k.fast_retrans_segs, early: k.early_retrans_segs };
+            let r = KcpRetrans {
+                timeout: k.lost_segs,
+                fast: k.fast_retrans_segs,
+                early: k.early_retrans_segs,
+            };
             add_retrans(&mut live, &r);
             self.seen.insert(id, r);
             srtt.push(f64::from(e.session.kcp().srtt()) / 1000.0);
@@ -422,11 +474,17 @@ impl Publisher {
             None => "new clients".to_string(),
         };
         let crypto = c.stats.rx_crypto_failures;
-        if let Some(n) = self.watch.observe(self.role, crypto, authenticated, live_sessions, opened, now) {
+        if let Some(n) =
+            self.watch
+                .observe(self.role, crypto, authenticated, live_sessions, opened, now)
+        {
             warn!("datagrams from {} failed the crypto check ({n} so far): wrong transport.kcp.key or block?", who());
         }
         let guard = c.stats.rx_guard_drops;
-        if let Some(n) = self.guard_watch.observe(self.role, guard, authenticated, live_sessions, opened, now) {
+        if let Some(n) =
+            self.guard_watch
+                .observe(self.role, guard, authenticated, live_sessions, opened, now)
+        {
             warn!(
                 "datagrams from {} failed the guard check ({n} so far): wrong transport.kcp.key, or \
                  transport.kcp.guard on at one end only?",
@@ -448,11 +506,19 @@ impl Publisher {
             .filter(|(a, _)| !c.sessions.values().any(|e| e.peer == **a))
             .map(|(a, n)| (*a, *n))
             .collect();
-        if rising.is_empty() || self.last_bad_warn.is_some_and(|t| now.duration_since(t) < CryptoWatch::EVERY) {
+        if rising.is_empty()
+            || self
+                .last_bad_warn
+                .is_some_and(|t| now.duration_since(t) < CryptoWatch::EVERY)
+        {
             return;
         }
         self.last_bad_warn = Some(now);
-        let mut list: Vec<String> = rising.iter().take(4).map(|(a, n)| format!("{a} ({n})")).collect();
+        let mut list: Vec<String> = rising
+            .iter()
+            .take(4)
+            .map(|(a, n)| format!("{a} ({n})"))
+            .collect();
         if rising.len() > 4 {
             list.push(format!("and {} more", rising.len() - 4));
         }
@@ -477,11 +543,18 @@ impl Publisher {
             return;
         }
         let since = *self.silent_since.get_or_insert(now);
-        if now.duration_since(since) < AFTER || self.last_silent_warn.is_some_and(|t| now.duration_since(t) < EVERY) {
+        if now.duration_since(since) < AFTER
+            || self
+                .last_silent_warn
+                .is_some_and(|t| now.duration_since(t) < EVERY)
+        {
             return;
         }
         self.last_silent_warn = Some(now);
-        let server = self.server.map(|s| s.to_string()).unwrap_or_else(|| "the server".into());
+        let server = self
+            .server
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "the server".into());
         warn!(
             "no datagram from {server} has passed the guard/crypto check for {} s ({} sent): server down or \
              unreachable, or it uses another transport.kcp.key, block or guard setting",
@@ -531,7 +604,9 @@ pub async fn publish_metrics_until(
 pub fn run_daemon(cfg: &Config, iface: &str, opts: DaemonOptions) -> anyhow::Result<()> {
     let wcfg = worker_config(cfg, iface)?;
     let role = wcfg.role;
-    let rules = firewall_role(&wcfg).map(|r| firewall::rules(&r)).unwrap_or_default();
+    let rules = firewall_role(&wcfg)
+        .map(|r| firewall::rules(&r))
+        .unwrap_or_default();
     for r in &rules {
         info!("host firewall rule needed: {r}");
     }
@@ -541,14 +616,21 @@ pub fn run_daemon(cfg: &Config, iface: &str, opts: DaemonOptions) -> anyhow::Res
         None
     };
     let factory = pcap_factory(iface.to_owned(), cfg.network.pcap_sockbuf as usize);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
     let local = tokio::task::LocalSet::new();
     let hub = opts.hub.clone();
     hub.set_mode(DataPathMode::Pcap);
     let result = local.block_on(&rt, async {
         let started = super::start(wcfg, factory)?;
         hub.set_attached(true);
-        tokio::task::spawn_local(publish_metrics(started.shared.clone(), hub.clone(), opts.worker));
+        tokio::task::spawn_local(publish_metrics(
+            started.shared.clone(),
+            hub.clone(),
+            opts.worker,
+        ));
         if let Some(tunnel) = started.tunnel.clone() {
             start_front_ends(cfg, tunnel).await?;
         }
@@ -570,7 +652,12 @@ pub fn run_daemon(cfg: &Config, iface: &str, opts: DaemonOptions) -> anyhow::Res
 }
 
 /// The XDP data plane entry point (`run --mode xdp|xdp-native|xdp-generic`).
-pub fn run_xdp(cfg: &Config, iface: &str, mode: XdpMode, opts: DaemonOptions) -> anyhow::Result<()> {
+pub fn run_xdp(
+    cfg: &Config,
+    iface: &str,
+    mode: XdpMode,
+    opts: DaemonOptions,
+) -> anyhow::Result<()> {
     use super::xdp::{run_xdp_daemon, XdpOptions, XdpWant};
     let want = match mode {
         XdpMode::Any => XdpWant::Auto,
@@ -589,7 +676,10 @@ pub fn run_xdp(cfg: &Config, iface: &str, mode: XdpMode, opts: DaemonOptions) ->
 /// listeners, all dialling through `tunnel`. A listener that cannot bind is an error naming its key.
 pub async fn start_front_ends(cfg: &Config, tunnel: super::Tunnel) -> anyhow::Result<()> {
     for (i, f) in cfg.forward.iter().enumerate() {
-        let listen = f.listen.resolve().with_context(|| format!("forward[{i}].listen {}", f.listen))?;
+        let listen = f
+            .listen
+            .resolve()
+            .with_context(|| format!("forward[{i}].listen {}", f.listen))?;
         let (host, port) = (f.target.host.clone(), f.target.port);
         match f.protocol {
             ForwardProtocol::Tcp => {
@@ -608,14 +698,27 @@ pub async fn start_front_ends(cfg: &Config, tunnel: super::Tunnel) -> anyhow::Re
     }
     let dialer = Rc::new(tunnel);
     for (i, s) in cfg.socks5.iter().enumerate() {
-        let listen = s.listen.resolve().with_context(|| format!("socks5[{i}].listen {}", s.listen))?;
-        let l = TcpListener::bind(listen).await.with_context(|| format!("socks5[{i}].listen {listen}"))?;
-        let sc = Socks5Config { username: s.username.clone(), password: s.password.clone() };
+        let listen = s
+            .listen
+            .resolve()
+            .with_context(|| format!("socks5[{i}].listen {}", s.listen))?;
+        let l = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("socks5[{i}].listen {listen}"))?;
+        let sc = Socks5Config {
+            username: s.username.clone(),
+            password: s.password.clone(),
+        };
         tokio::task::spawn_local(socks5::serve(l, sc, dialer.clone()));
     }
     for (i, h) in cfg.http.iter().enumerate() {
-        let listen = h.listen.resolve().with_context(|| format!("http[{i}].listen {}", h.listen))?;
-        let l = TcpListener::bind(listen).await.with_context(|| format!("http[{i}].listen {listen}"))?;
+        let listen = h
+            .listen
+            .resolve()
+            .with_context(|| format!("http[{i}].listen {}", h.listen))?;
+        let l = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("http[{i}].listen {listen}"))?;
         let hc = HttpConfig {
             username: h.username.clone().unwrap_or_default(),
             password: h.password.clone().unwrap_or_default(),
@@ -668,32 +771,73 @@ mod tests {
     #[test]
     fn firewall_rules_follow_the_role_and_ports() {
         let s = worker_config(&server_cfg(), "lo").expect("server worker config");
-        assert_eq!(firewall_role(&s), Some(FirewallRole::Server { port: 9999, ipv4: true, ipv6: false }));
-        let rules: Vec<String> = firewall::rules(&firewall_role(&s).unwrap()).iter().map(|r| r.to_shell()).collect();
+        assert_eq!(
+            firewall_role(&s),
+            Some(FirewallRole::Server {
+                port: 9999,
+                ipv4: true,
+                ipv6: false
+            })
+        );
+        let rules: Vec<String> = firewall::rules(&firewall_role(&s).unwrap())
+            .iter()
+            .map(|r| r.to_shell())
+            .collect();
         assert_eq!(rules.len(), 4);
         assert!(rules.iter().all(|r| r.contains("9999")), "{rules:?}");
 
         let server: SocketAddr = "127.0.0.2:9999".parse().unwrap();
         let c = worker_config(&client_cfg(0), "lo").expect("client worker config");
-        assert_eq!(firewall_role(&c), Some(FirewallRole::Client { server, local_ports: vec![] }));
+        assert_eq!(
+            firewall_role(&c),
+            Some(FirewallRole::Client {
+                server,
+                local_ports: vec![]
+            })
+        );
         let c = worker_config(&client_cfg(40000), "lo").expect("client worker config");
-        assert_eq!(firewall_role(&c), Some(FirewallRole::Client { server, local_ports: vec![40000] }));
+        assert_eq!(
+            firewall_role(&c),
+            Some(FirewallRole::Client {
+                server,
+                local_ports: vec![40000]
+            })
+        );
     }
 
     #[test]
     fn crypto_watch_client_warns_until_something_authenticates() {
         let t0 = Instant::now();
         let mut w = CryptoWatch::default();
-        assert_eq!(w.observe(Role::Client, 0, false, 1, 1, t0), None, "no failures yet");
+        assert_eq!(
+            w.observe(Role::Client, 0, false, 1, 1, t0),
+            None,
+            "no failures yet"
+        );
         assert_eq!(w.observe(Role::Client, 3, false, 1, 1, t0), Some(3));
         // Rising again within the rate-limit window: silent; after it: warns with the new total.
-        assert_eq!(w.observe(Role::Client, 7, false, 1, 1, t0 + Duration::from_secs(1)), None);
-        assert_eq!(w.observe(Role::Client, 9, false, 1, 1, t0 + CryptoWatch::EVERY), Some(9));
+        assert_eq!(
+            w.observe(Role::Client, 7, false, 1, 1, t0 + Duration::from_secs(1)),
+            None
+        );
+        assert_eq!(
+            w.observe(Role::Client, 9, false, 1, 1, t0 + CryptoWatch::EVERY),
+            Some(9)
+        );
         // Not rising: silent even after the window.
-        assert_eq!(w.observe(Role::Client, 9, false, 1, 1, t0 + 3 * CryptoWatch::EVERY), None);
+        assert_eq!(
+            w.observe(Role::Client, 9, false, 1, 1, t0 + 3 * CryptoWatch::EVERY),
+            None
+        );
         // Once a datagram authenticated, later failures (e.g. junk) are not blamed on the key.
-        assert_eq!(w.observe(Role::Client, 9, true, 1, 1, t0 + 4 * CryptoWatch::EVERY), None);
-        assert_eq!(w.observe(Role::Client, 20, false, 1, 1, t0 + 6 * CryptoWatch::EVERY), None);
+        assert_eq!(
+            w.observe(Role::Client, 9, true, 1, 1, t0 + 4 * CryptoWatch::EVERY),
+            None
+        );
+        assert_eq!(
+            w.observe(Role::Client, 20, false, 1, 1, t0 + 6 * CryptoWatch::EVERY),
+            None
+        );
     }
 
     #[test]
@@ -705,8 +849,14 @@ mod tests {
         // A session opened in this interval: the failures may be someone else's junk, not the key.
         assert_eq!(w.observe(Role::Server, 6, false, 0, 1, t1), None);
         // Live sessions: silent.
-        assert_eq!(w.observe(Role::Server, 8, false, 1, 1, t1 + CryptoWatch::EVERY), None);
+        assert_eq!(
+            w.observe(Role::Server, 8, false, 1, 1, t1 + CryptoWatch::EVERY),
+            None
+        );
         // Back to no session, failures rising, nothing opened: warns.
-        assert_eq!(w.observe(Role::Server, 10, false, 0, 1, t1 + 2 * CryptoWatch::EVERY), Some(10));
+        assert_eq!(
+            w.observe(Role::Server, 10, false, 0, 1, t1 + 2 * CryptoWatch::EVERY),
+            Some(10)
+        );
     }
 }

@@ -32,7 +32,12 @@ fn session_gone() -> io::Error {
 impl TunnelStream {
     /// Wraps stream `sid` of session `id`; the stream must already be registered with the core.
     pub(crate) fn attach(shared: Shared, id: u64, sid: u32) -> Self {
-        TunnelStream { shared, id, sid, closed: false }
+        TunnelStream {
+            shared,
+            id,
+            sid,
+            closed: false,
+        }
     }
 
     /// The smux stream id.
@@ -56,7 +61,9 @@ impl TunnelStream {
             return Poll::Ready(Ok(0));
         }
         let mut c = self.shared.borrow_mut();
-        let Some(e) = c.sessions.get_mut(&self.id) else { return Poll::Ready(Err(session_gone())) };
+        let Some(e) = c.sessions.get_mut(&self.id) else {
+            return Poll::Ready(Err(session_gone()));
+        };
         match e.session.read(self.sid, buf) {
             Ok(n) if n > 0 => {
                 c.mark_dirty(self.id); // the read may have to send a window update
@@ -82,7 +89,9 @@ impl TunnelStream {
             return Poll::Ready(Ok(0));
         }
         let mut c = self.shared.borrow_mut();
-        let Some(e) = c.sessions.get_mut(&self.id) else { return Poll::Ready(Err(session_gone())) };
+        let Some(e) = c.sessions.get_mut(&self.id) else {
+            return Poll::Ready(Err(session_gone()));
+        };
         match e.session.write(self.sid, data) {
             Ok(n) if n > 0 => {
                 c.mark_dirty(self.id);
@@ -107,12 +116,18 @@ impl TunnelStream {
         if data.len() > super::MAX_UDP_DATAGRAM {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("datagram of {} bytes exceeds the {}-byte limit", data.len(), super::MAX_UDP_DATAGRAM),
+                format!(
+                    "datagram of {} bytes exceeds the {}-byte limit",
+                    data.len(),
+                    super::MAX_UDP_DATAGRAM
+                ),
             ));
         }
         poll_fn(|cx| {
             let mut c = self.shared.borrow_mut();
-            let Some(e) = c.sessions.get_mut(&self.id) else { return Poll::Ready(Err(session_gone())) };
+            let Some(e) = c.sessions.get_mut(&self.id) else {
+                return Poll::Ready(Err(session_gone()));
+            };
             match e.session.write_datagram(self.sid, data) {
                 Ok(true) => {
                     c.mark_dirty(self.id);
@@ -137,7 +152,9 @@ impl TunnelStream {
     pub async fn recv_datagram(&self) -> io::Result<Option<Vec<u8>>> {
         poll_fn(|cx| {
             let mut c = self.shared.borrow_mut();
-            let Some(e) = c.sessions.get_mut(&self.id) else { return Poll::Ready(Err(session_gone())) };
+            let Some(e) = c.sessions.get_mut(&self.id) else {
+                return Poll::Ready(Err(session_gone()));
+            };
             match e.session.read_frame(self.sid) {
                 Ok(Some(d)) => {
                     c.mark_dirty(self.id);
@@ -170,7 +187,11 @@ impl TunnelStream {
 }
 
 impl AsyncRead for TunnelStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.closed {
             return Poll::Ready(Ok(()));
         }
@@ -187,9 +208,16 @@ impl AsyncRead for TunnelStream {
 }
 
 impl AsyncWrite for TunnelStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if self.closed {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")));
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "stream closed",
+            )));
         }
         self.poll_write_bytes(cx, data)
     }

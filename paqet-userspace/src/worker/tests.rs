@@ -42,7 +42,10 @@ fn cfg(role: Role, limits: Limits, guard: Option<(GuardConfig, String)>) -> Work
         role,
         session: session_cfg(BlockMode::Aes),
         local_mac: mac,
-        ipv4: Some(FamilyConfig { addr: me.parse().unwrap(), router_mac: peer_mac }),
+        ipv4: Some(FamilyConfig {
+            addr: me.parse().unwrap(),
+            router_mac: peer_mac,
+        }),
         ipv6: None,
         server_addr: (role == Role::Client).then(|| SERVER.parse().unwrap()),
         conn: 1,
@@ -70,14 +73,21 @@ where
     F: FnOnce(Tunnel, Shared) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let (a, b) = mem::pair(4096);
-        let server = start(cfg(Role::Server, limits, guard.clone()), once(b)).expect("server start");
-        let client = start(cfg(Role::Client, Limits::default(), guard), once(a)).expect("client start");
+        let server =
+            start(cfg(Role::Server, limits, guard.clone()), once(b)).expect("server start");
+        let client =
+            start(cfg(Role::Client, Limits::default(), guard), once(a)).expect("client start");
         let tunnel = client.tunnel.expect("client tunnel");
-        tokio::time::timeout(BOUND, body(tunnel, server.shared)).await.expect("test body timed out");
+        tokio::time::timeout(BOUND, body(tunnel, server.shared))
+            .await
+            .expect("test body timed out");
     });
 }
 
@@ -86,7 +96,9 @@ async fn echo_server() -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::task::spawn_local(async move {
         loop {
-            let Ok((mut c, _)) = l.accept().await else { return };
+            let Ok((mut c, _)) = l.accept().await else {
+                return;
+            };
             tokio::task::spawn_local(async move {
                 let (mut r, mut w) = c.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -97,7 +109,9 @@ async fn echo_server() -> SocketAddr {
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| ((i * 131 + seed as usize) % 251) as u8).collect()
+    (0..n)
+        .map(|i| ((i * 131 + seed as usize) % 251) as u8)
+        .collect()
 }
 
 /// Writes `data` and reads the echo concurrently; returns what came back.
@@ -123,7 +137,10 @@ fn tcp_echo_through_the_tunnel_is_byte_exact() {
         let echo = echo_server().await;
         let data = pattern(4 << 20, 7);
         let want = Sha256::digest(&data);
-        let s = tunnel.open_tcp("127.0.0.1", echo.port()).await.expect("open_tcp");
+        let s = tunnel
+            .open_tcp("127.0.0.1", echo.port())
+            .await
+            .expect("open_tcp");
         let got = echo_through(s, data).await;
         assert_eq!(Sha256::digest(&got), want);
         // Several streams at once on the same session.
@@ -132,7 +149,10 @@ fn tcp_echo_through_the_tunnel_is_byte_exact() {
             let t = tunnel.clone();
             tasks.push(tokio::task::spawn_local(async move {
                 let d = pattern(200_000 + k as usize * 1000, k);
-                let s = t.open_tcp("127.0.0.1", echo.port()).await.expect("open_tcp");
+                let s = t
+                    .open_tcp("127.0.0.1", echo.port())
+                    .await
+                    .expect("open_tcp");
                 let got = echo_through(s, d.clone()).await;
                 assert_eq!(got, d, "stream {k}");
             }));
@@ -141,7 +161,11 @@ fn tcp_echo_through_the_tunnel_is_byte_exact() {
             t.await.expect("stream task");
         }
         assert_eq!(server.borrow().session_count(), 1);
-        assert!(server.borrow().stats.streams_opened > 9 * 3, "{:?}", server.borrow().stats);
+        assert!(
+            server.borrow().stats.streams_opened > 9 * 3,
+            "{:?}",
+            server.borrow().stats
+        );
     });
 }
 
@@ -153,7 +177,9 @@ fn udp_datagrams_keep_their_boundaries() {
         tokio::task::spawn_local(async move {
             let mut buf = vec![0u8; 8192];
             loop {
-                let Ok((n, from)) = echo.recv_from(&mut buf).await else { return };
+                let Ok((n, from)) = echo.recv_from(&mut buf).await else {
+                    return;
+                };
                 let _ = echo.send_to(&buf[..n], from).await;
             }
         });
@@ -174,7 +200,10 @@ fn ping_gets_pong_and_ptcpf_is_stored() {
         tunnel.ping().await.expect("ping");
         let c = server.borrow();
         let peer: SocketAddr = CLIENT.parse().unwrap();
-        let flags = c.peer_flags.get(&peer).expect("PTCPF stored for the client");
+        let flags = c
+            .peer_flags
+            .get(&peer)
+            .expect("PTCPF stored for the client");
         assert_eq!(flags.flags(), &[TcpFlags(TcpFlags::ACK.0)]);
     });
 }
@@ -191,7 +220,11 @@ fn stream_limit_closes_the_excess() {
     // Each user stream costs three smux streams (probe, PTCPF, target), opened in one go. The limits count
     // proxied (PTCP/PUDP) streams only: with a per-session limit of 1 the first user stream fits; while it
     // is held, the next one's target stream is closed by the server after its header.
-    let limits = Limits { max_sessions: None, max_streams_total: None, max_streams_per_session: Some(1) };
+    let limits = Limits {
+        max_sessions: None,
+        max_streams_total: None,
+        max_streams_per_session: Some(1),
+    };
     with_pair(limits, None, |tunnel, server| async move {
         let echo = echo_server().await;
         // Let the session-start PTCPF stream come and go first.
@@ -205,7 +238,10 @@ fn stream_limit_closes_the_excess() {
         let mut b = tunnel.open_tcp("127.0.0.1", echo.port()).await.unwrap();
         let mut rest = Vec::new();
         let n = b.read_to_end(&mut rest).await.unwrap_or(0);
-        assert_eq!(n, 0, "the stream over the limit must be closed without data");
+        assert_eq!(
+            n, 0,
+            "the stream over the limit must be closed without data"
+        );
         assert_eq!(server.borrow().stats.streams_rejected, 1);
         // The admitted stream still works.
         a.write_all(b"again").await.unwrap();
@@ -216,10 +252,17 @@ fn stream_limit_closes_the_excess() {
 
 #[test]
 fn session_limit_refuses_new_sessions() {
-    let limits = Limits { max_sessions: Some(0), max_streams_total: None, max_streams_per_session: None };
+    let limits = Limits {
+        max_sessions: Some(0),
+        max_streams_total: None,
+        max_streams_per_session: None,
+    };
     with_pair(limits, None, |tunnel, server| async move {
         let r = tokio::time::timeout(Duration::from_secs(2), tunnel.ping()).await;
-        assert!(!matches!(r, Ok(Ok(_))), "no PONG may come back from a server with max_sessions 0");
+        assert!(
+            !matches!(r, Ok(Ok(_))),
+            "no PONG may come back from a server with max_sessions 0"
+        );
         assert_eq!(server.borrow().session_count(), 0);
         assert!(server.borrow().stats.sessions_rejected > 0);
     });
@@ -227,14 +270,22 @@ fn session_limit_refuses_new_sessions() {
 
 #[test]
 fn guard_on_both_ends_carries_traffic() {
-    let g = GuardConfig { magic: *b"PQT1", window_secs: 30, skew: 1 };
-    with_pair(Limits::default(), Some((g, "guard-test-key".into())), |tunnel, server| async move {
-        let echo = echo_server().await;
-        let s = tunnel.open_tcp("127.0.0.1", echo.port()).await.unwrap();
-        let d = pattern(100_000, 3);
-        assert_eq!(echo_through(s, d.clone()).await, d);
-        assert_eq!(server.borrow().stats.rx_guard_drops, 0);
-    });
+    let g = GuardConfig {
+        magic: *b"PQT1",
+        window_secs: 30,
+        skew: 1,
+    };
+    with_pair(
+        Limits::default(),
+        Some((g, "guard-test-key".into())),
+        |tunnel, server| async move {
+            let echo = echo_server().await;
+            let s = tunnel.open_tcp("127.0.0.1", echo.port()).await.unwrap();
+            let d = pattern(100_000, 3);
+            assert_eq!(echo_through(s, d.clone()).await, d);
+            assert_eq!(server.borrow().stats.rx_guard_drops, 0);
+        },
+    );
 }
 
 /// The client's stream sequence is upstream's (spec §3.9, captures README): sid 3 = PTCPF at session start,
@@ -246,7 +297,10 @@ fn client_stream_sequence_matches_upstream() {
     use crate::wire::envelope::{parse_frame, EnvelopeBuilder};
     use std::collections::BTreeMap;
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let (a, mut b) = mem::pair(4096);
@@ -272,11 +326,18 @@ fn client_stream_sequence_matches_upstream() {
         let start_at = std::time::Instant::now();
         let mut order = Vec::new();
         let mut data: BTreeMap<u32, (Vec<u8>, bool)> = BTreeMap::new();
-        let ptcp: &[u8] = &[0x50, 0x01, 0x04, 0x00, 0x0c, 0x09, b'1', b'2', b'7', b'.', b'0', b'.', b'0', b'.', b'1', 0x1f, 0x40];
+        let ptcp: &[u8] = &[
+            0x50, 0x01, 0x04, 0x00, 0x0c, 0x09, b'1', b'2', b'7', b'.', b'0', b'.', b'0', b'.',
+            b'1', 0x1f, 0x40,
+        ];
         while data.get(&9).is_none_or(|(d, _)| d.len() < ptcp.len()) {
-            assert!(start_at.elapsed() < BOUND, "sequence incomplete: {order:?} {data:?}");
+            assert!(
+                start_at.elapsed() < BOUND,
+                "sequence incomplete: {order:?} {data:?}"
+            );
             let mut frames = Vec::new();
-            b.recv_batch(Duration::ZERO, &mut |f| frames.push(f.to_vec())).unwrap();
+            b.recv_batch(Duration::ZERO, &mut |f| frames.push(f.to_vec()))
+                .unwrap();
             let now = start_at.elapsed().as_millis() as u32;
             for mut f in frames {
                 let p = parse_frame(&f, Some(9999)).expect("client frame parses");
@@ -297,7 +358,9 @@ fn client_stream_sequence_matches_upstream() {
                             order.push(sid);
                             data.entry(sid).or_default();
                         }
-                        crate::proto::smux::SmuxEvent::Closed(e) => panic!("server session died: {e}"),
+                        crate::proto::smux::SmuxEvent::Closed(e) => {
+                            panic!("server session died: {e}")
+                        }
                         _ => {}
                     }
                 }
@@ -314,7 +377,13 @@ fn client_stream_sequence_matches_upstream() {
                 }
                 s.poll_transmit(now, &mut |dgram: &[u8]| {
                     let mut out = vec![0u8; 128 + dgram.len()];
-                    let n = env.emit_with_payload(TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0), dgram, &mut out).unwrap();
+                    let n = env
+                        .emit_with_payload(
+                            TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0),
+                            dgram,
+                            &mut out,
+                        )
+                        .unwrap();
                     b.send(&out[..n]).unwrap();
                 });
             }
@@ -325,8 +394,14 @@ fn client_stream_sequence_matches_upstream() {
         assert_eq!(data[&3].0, ptcpf, "session-start PTCPF");
         assert_eq!(data[&5].0, b"", "liveness probe carries nothing");
         assert_eq!(data[&7].0, ptcpf, "PTCPF re-send");
-        assert_eq!(data[&9].0, ptcp, "PTCP header for 127.0.0.1:8000 (captures README)");
-        assert!(data[&3].1 && data[&5].1 && data[&7].1, "probe and PTCPF streams are closed at once");
+        assert_eq!(
+            data[&9].0, ptcp,
+            "PTCP header for 127.0.0.1:8000 (captures README)"
+        );
+        assert!(
+            data[&3].1 && data[&5].1 && data[&7].1,
+            "probe and PTCPF streams are closed at once"
+        );
         assert!(!data[&9].1, "the user stream stays open");
     });
 }
@@ -338,16 +413,25 @@ fn new_conversation_from_the_same_source_replaces_the_session() {
     use crate::proto::session::Session;
     use crate::wire::envelope::EnvelopeBuilder;
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let (mut a, b) = mem::pair(4096);
-        let server = start(cfg(Role::Server, Limits::default(), None), once(b)).expect("server start");
+        let server =
+            start(cfg(Role::Server, Limits::default(), None), once(b)).expect("server start");
         let shared = server.shared;
         let scfg = session_cfg(BlockMode::Aes);
-        let mut env =
-            EnvelopeBuilder::new([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], CLIENT.parse().unwrap(), SERVER.parse().unwrap(), 1)
-                .unwrap();
+        let mut env = EnvelopeBuilder::new(
+            [2, 0, 0, 0, 0, 1],
+            [2, 0, 0, 0, 0, 2],
+            CLIENT.parse().unwrap(),
+            SERVER.parse().unwrap(),
+            1,
+        )
+        .unwrap();
         let start_at = std::time::Instant::now();
         // Opens a stream on a fresh client session with `conv` and pushes its datagrams to the server.
         let mut push = |conv: u32| {
@@ -357,19 +441,31 @@ fn new_conversation_from_the_same_source_replaces_the_session() {
             s.write(sid, &[0x50, 0x01, 0x01, 0x00, 0x00]).unwrap(); // PING
             s.poll_transmit(now, &mut |dgram: &[u8]| {
                 let mut out = vec![0u8; 128 + dgram.len()];
-                let n = env.emit_with_payload(TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0), dgram, &mut out).unwrap();
+                let n = env
+                    .emit_with_payload(TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0), dgram, &mut out)
+                    .unwrap();
                 a.send(&out[..n]).unwrap();
             });
         };
         push(0x1111_1111);
         until(&shared, |c| c.session_count() == 1).await;
-        let first = shared.borrow().sessions.values().next().unwrap().session.conv();
+        let first = shared
+            .borrow()
+            .sessions
+            .values()
+            .next()
+            .unwrap()
+            .session
+            .conv();
         assert_eq!(first, 0x1111_1111);
         // Restarted client, same address, new conv: the old session goes, the retransmission opens the new one.
         push(0x2222_2222);
         until(&shared, |c| c.stats.sessions_replaced == 1).await;
         push(0x2222_2222);
-        until(&shared, |c| c.sessions.values().any(|e| e.session.conv() == 0x2222_2222)).await;
+        until(&shared, |c| {
+            c.sessions.values().any(|e| e.session.conv() == 0x2222_2222)
+        })
+        .await;
         let c = shared.borrow();
         assert_eq!(c.session_count(), 1);
         assert_eq!(c.stats.sessions_opened, 2);
@@ -379,7 +475,11 @@ fn new_conversation_from_the_same_source_replaces_the_session() {
 #[test]
 fn xdp_steer_config_matches_address_port_and_guard() {
     use paqet_common::SteerConfig;
-    let g = GuardConfig { magic: *b"ABCD", window_secs: 30, skew: 1 };
+    let g = GuardConfig {
+        magic: *b"ABCD",
+        window_secs: 30,
+        skew: 1,
+    };
     let sc = super::xdp::steer_config(&cfg(Role::Server, Limits::default(), Some((g, "k".into()))));
     assert_eq!(sc.port, 9999);
     assert_eq!(sc.ipv4, [10, 9, 0, 2]);

@@ -86,12 +86,18 @@ pub struct XdpStop {
 impl XdpStop {
     /// A stop handle that only [`XdpStop::stop`] triggers.
     pub fn new() -> Self {
-        XdpStop { tx: Arc::new(watch::channel(false).0), signals: false }
+        XdpStop {
+            tx: Arc::new(watch::channel(false).0),
+            signals: false,
+        }
     }
 
     /// A stop handle that SIGINT and SIGTERM trigger too (what the binary uses).
     pub fn with_signals() -> Self {
-        XdpStop { signals: true, ..Self::new() }
+        XdpStop {
+            signals: true,
+            ..Self::new()
+        }
     }
 
     /// Asks the daemon to stop: workers end, then the program is detached.
@@ -126,7 +132,12 @@ pub struct XdpOptions {
 impl XdpOptions {
     /// Front ends on, pinning on, stopping on SIGINT/SIGTERM: what the binary runs.
     pub fn new(want: XdpWant) -> Self {
-        XdpOptions { want, front: true, pin: true, stop: XdpStop::with_signals() }
+        XdpOptions {
+            want,
+            front: true,
+            pin: true,
+            stop: XdpStop::with_signals(),
+        }
     }
 }
 
@@ -163,11 +174,18 @@ impl Mailbox {
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
             let e = std::io::Error::last_os_error();
-            return Err(std::io::Error::new(e.kind(), format!("eventfd for a worker mailbox: {e}")));
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("eventfd for a worker mailbox: {e}"),
+            ));
         }
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Mailbox { queue: ArrayQueue::new(frames.max(1)), free: ArrayQueue::new(frames.max(1)), wake })
+        Ok(Mailbox {
+            queue: ArrayQueue::new(frames.max(1)),
+            free: ArrayQueue::new(frames.max(1)),
+            wake,
+        })
     }
 
     fn signal(&self) {
@@ -215,12 +233,20 @@ pub fn owner_of(role: Role, src: SocketAddr, dst_port: u16, workers: usize) -> u
 }
 
 /// [`Router::client_port`] for worker `index` of `workers`.
-pub fn client_port_for(index: usize, workers: usize, base: u16, busy: impl Fn(u16) -> bool) -> Option<u16> {
+pub fn client_port_for(
+    index: usize,
+    workers: usize,
+    base: u16,
+    busy: impl Fn(u16) -> bool,
+) -> Option<u16> {
     let n = workers.max(1) as u32;
     let want = index as u32 % n;
     let base = base.max(CLIENT_PORT_MIN);
     let owned = |p: &u16| u32::from(*p) % n == want;
-    (base..=u16::MAX).chain(CLIENT_PORT_MIN..base).filter(owned).find(|&p| !busy(p))
+    (base..=u16::MAX)
+        .chain(CLIENT_PORT_MIN..base)
+        .filter(owned)
+        .find(|&p| !busy(p))
 }
 
 /// The local ports each worker's client sessions will be dialled from, indexed by worker: exactly the
@@ -299,7 +325,10 @@ impl Router {
             };
             match added {
                 Ok(false) => {}
-                Ok(true) => info!(worker = self.index, port, "session port outside the start plan added to XDP steering"),
+                Ok(true) => info!(
+                    worker = self.index,
+                    port, "session port outside the start plan added to XDP steering"
+                ),
                 Err(e) => {
                     warn!(worker = self.index, port, error = %e, "cannot steer a new session port; not dialling on it");
                     return None;
@@ -311,11 +340,16 @@ impl Router {
 
     /// Copies `frame` into `owner`'s mailbox; false if it is full (or the frame too long).
     pub fn hand_to(&mut self, owner: usize, frame: &[u8]) -> bool {
-        let Some(mb) = self.boxes.get(owner) else { return false };
+        let Some(mb) = self.boxes.get(owner) else {
+            return false;
+        };
         if frame.len() > HANDOFF_FRAME {
             return false;
         }
-        let mut buf = mb.free.pop().unwrap_or_else(|| Vec::with_capacity(HANDOFF_FRAME));
+        let mut buf = mb
+            .free
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(HANDOFF_FRAME));
         buf.clear();
         buf.extend_from_slice(frame);
         if mb.queue.push(buf).is_err() {
@@ -405,7 +439,10 @@ const SIOCETHTOOL: libc::c_ulong = 0x8946;
 /// rx + combined channels of `iface` through the ethtool ioctl.
 fn ethtool_rx_channels(iface: &str) -> std::io::Result<usize> {
     if iface.is_empty() || iface.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad interface name {iface:?}")));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad interface name {iface:?}"),
+        ));
     }
     // SAFETY: plain socket syscall; the descriptor is owned right away.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -414,7 +451,10 @@ fn ethtool_rx_channels(iface: &str) -> std::io::Result<usize> {
     }
     // SAFETY: fresh descriptor.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut ch = EthtoolChannels { cmd: ETHTOOL_GCHANNELS, ..Default::default() };
+    let mut ch = EthtoolChannels {
+        cmd: ETHTOOL_GCHANNELS,
+        ..Default::default()
+    };
     // SAFETY: ifreq is plain data; the name is NUL-terminated (length checked above) and ifru_data
     // points at `ch`, which outlives the ioctl.
     let r = unsafe {
@@ -427,7 +467,10 @@ fn ethtool_rx_channels(iface: &str) -> std::io::Result<usize> {
     };
     if r < 0 {
         let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(e.kind(), format!("ETHTOOL_GCHANNELS on {iface}: {e}")));
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("ETHTOOL_GCHANNELS on {iface}: {e}"),
+        ));
     }
     Ok((ch.rx_count + ch.combined_count) as usize)
 }
@@ -440,7 +483,9 @@ pub fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return vec![0];
         }
-        let v: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect();
+        let v: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect();
         if v.is_empty() {
             vec![0]
         } else {
@@ -475,7 +520,10 @@ pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
             let e = std::io::Error::last_os_error();
-            return Err(std::io::Error::new(e.kind(), format!("pinning a worker to CPU {cpu}: {e}")));
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("pinning a worker to CPU {cpu}: {e}"),
+            ));
         }
     }
     Ok(())
@@ -484,10 +532,16 @@ pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
 /// A TCP listener on `addr` with `SO_REUSEPORT`, so every worker can listen on the same address and the
 /// kernel spreads new connections over them.
 pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
     s.set_reuseaddr(true)?;
     s.set_reuseport(true)?;
-    s.bind(addr).map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr} (SO_REUSEPORT): {e}")))?;
+    s.bind(addr).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("binding {addr} (SO_REUSEPORT): {e}"))
+    })?;
     s.listen(1024)
 }
 
@@ -548,8 +602,18 @@ pub fn steer_config(wcfg: &WorkerConfig) -> SteerConfig {
 /// network namespace. Sets the hub's mode (`XdpNative`/`XdpGeneric`) and attached flag. Errors: the
 /// program cannot attach in the wanted mode (with the reason), an AF_XDP socket cannot be opened, or a
 /// worker fails to start; the program is detached in every case.
-pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: XdpOptions) -> anyhow::Result<XdpOutcome> {
-    let XdpOptions { want, front, pin, stop } = opts;
+pub fn run_xdp_daemon(
+    cfg: &Config,
+    iface: &str,
+    hub: Arc<MetricsHub>,
+    opts: XdpOptions,
+) -> anyhow::Result<XdpOutcome> {
+    let XdpOptions {
+        want,
+        front,
+        pin,
+        stop,
+    } = opts;
     let mut wcfg = worker_config(cfg, iface)?;
     let role = wcfg.role;
     if role == Role::Client {
@@ -558,7 +622,10 @@ pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: Xdp
             0 => rand::Rng::gen_range(&mut rand::thread_rng(), 32768..=CLIENT_BASE_MAX),
             p => p,
         };
-        for f in [wcfg.ipv4.as_mut(), wcfg.ipv6.as_mut()].into_iter().flatten() {
+        for f in [wcfg.ipv4.as_mut(), wcfg.ipv6.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             f.addr.set_port(port);
         }
     }
@@ -577,24 +644,38 @@ pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: Xdp
     info!(iface, mode = %attach, port = sc.port, src_port = sc.src_port, "XDP program attached");
 
     let queues = rx_queue_count(iface).with_context(|| format!("RX queues of {iface}"))?;
-    let cpus = if pin { worker_cpus(&cfg.io.cpus, &allowed_cpus())? } else { Vec::new() };
+    let cpus = if pin {
+        worker_cpus(&cfg.io.cpus, &allowed_cpus())?
+    } else {
+        Vec::new()
+    };
     if !cpus.is_empty() && queues > cpus.len() {
-        warn!(queues, cpus = cpus.len(), "more RX queues than CPUs: workers share cores (consider ethtool -L or io.cpus)");
+        warn!(
+            queues,
+            cpus = cpus.len(),
+            "more RX queues than CPUs: workers share cores (consider ethtool -L or io.cpus)"
+        );
     }
     let mut socks = Vec::with_capacity(queues);
     for q in 0..queues {
         let io = AfXdpIo::open(AfXdpConfig::new(iface, q as u32))
             .with_context(|| format!("AF_XDP socket on {iface} queue {q}"))?;
-        steering.register_socket(q as u32, &io).with_context(|| format!("registering {iface} queue {q}"))?;
+        steering
+            .register_socket(q as u32, &io)
+            .with_context(|| format!("registering {iface} queue {q}"))?;
         socks.push(io);
     }
     // Guard cookies before arming, so valid frames are never dropped at start.
-    let mut guard = wcfg.guard.as_ref().map(|(g, key)| Guard::new(g.clone(), key));
+    let mut guard = wcfg
+        .guard
+        .as_ref()
+        .map(|(g, key)| Guard::new(g.clone(), key));
     if let Some(g) = guard.as_mut() {
         rotate_guard(&mut steering, g, &wcfg)?;
     }
-    let boxes: Vec<Mailbox> =
-        (0..queues).map(|_| Mailbox::new(MAILBOX_FRAMES)).collect::<std::io::Result<_>>()?;
+    let boxes: Vec<Mailbox> = (0..queues)
+        .map(|_| Mailbox::new(MAILBOX_FRAMES))
+        .collect::<std::io::Result<_>>()?;
     let mut routers = Router::for_workers(boxes.into());
     if role == Role::Client {
         // Session ports before arming: only frames from the server to these ports are steered.
@@ -675,16 +756,28 @@ pub fn run_xdp_daemon(cfg: &Config, iface: &str, hub: Arc<MetricsHub>, opts: Xdp
         return Err(e);
     }
     info!("XDP data plane stopped");
-    Ok(XdpOutcome { attach, workers: queues, counters, snapshots })
+    Ok(XdpOutcome {
+        attach,
+        workers: queues,
+        counters,
+        snapshots,
+    })
 }
 
 /// Writes the guard prefixes valid around now into the program's table.
 fn rotate_guard(steering: &mut Steering, g: &mut Guard, wcfg: &WorkerConfig) -> anyhow::Result<()> {
-    let Some((gc, _)) = &wcfg.guard else { return Ok(()) };
-    let prefixes = guard_prefixes(unix_now().as_secs(), gc.window_secs, gc.skew, |t, out: &mut [u8; GUARD_PREFIX_LEN]| {
-        g.write_prefix(t, out)
-    });
-    steering.set_guard_cookies(&prefixes).context("rotating the XDP guard cookies")
+    let Some((gc, _)) = &wcfg.guard else {
+        return Ok(());
+    };
+    let prefixes = guard_prefixes(
+        unix_now().as_secs(),
+        gc.window_secs,
+        gc.skew,
+        |t, out: &mut [u8; GUARD_PREFIX_LEN]| g.write_prefix(t, out),
+    );
+    steering
+        .set_guard_cookies(&prefixes)
+        .context("rotating the XDP guard cookies")
 }
 
 /// Warns when the XDP program drops frames for a bad guard cookie: those never reach userspace, so the
@@ -703,7 +796,10 @@ impl GuardDropWarn {
     /// Feeds the program's current `guard_dropped` total; returns the number of new drops when it warned.
     fn observe(&mut self, total: u64, now: std::time::Instant) -> Option<u64> {
         let new = total.checked_sub(self.reported).filter(|&n| n > 0)?;
-        if self.last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
             return None;
         }
         self.last = Some(now);
@@ -726,7 +822,10 @@ fn control_loop(
     hub: &MetricsHub,
     stop: &XdpStop,
 ) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
     let mut rx = stop.subscribe();
     let signals = stop.signals;
     rt.block_on(async {
@@ -791,11 +890,27 @@ fn worker_thread(ctx: WorkerCtx) {
 }
 
 fn worker_main(ctx: WorkerCtx) -> anyhow::Result<()> {
-    let WorkerCtx { index, cpu, wcfg, io, router, slots, hub, cfg, front, udp_front, mut stop, ready } = ctx;
+    let WorkerCtx {
+        index,
+        cpu,
+        wcfg,
+        io,
+        router,
+        slots,
+        hub,
+        cfg,
+        front,
+        udp_front,
+        mut stop,
+        ready,
+    } = ctx;
     if let Some(Err(e)) = cpu.map(pin_current_thread) {
         warn!(worker = index, error = %e, "worker not pinned");
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let role = wcfg.role;
@@ -816,7 +931,8 @@ fn worker_main(ctx: WorkerCtx) -> anyhow::Result<()> {
         if role == Role::Client {
             super::client::start_shared(&shared, link, slots)?;
             if front {
-                start_worker_front_ends(&cfg, Tunnel::new(shared.clone()), index, udp_front).await?;
+                start_worker_front_ends(&cfg, Tunnel::new(shared.clone()), index, udp_front)
+                    .await?;
             }
         }
         // Publishes every PUBLISH_INTERVAL_MS and, once the worker is told to stop (after a moment for the
@@ -855,7 +971,12 @@ impl AsRawFd for Watched {
     }
 }
 
-async fn shared_rx_loop(shared: &Shared, link: u64, fd: RawFd, inbox_fd: RawFd) -> std::io::Result<()> {
+async fn shared_rx_loop(
+    shared: &Shared,
+    link: u64,
+    fd: RawFd,
+    inbox_fd: RawFd,
+) -> std::io::Result<()> {
     // SAFETY (both): the socket lives in the core's link table and the eventfd in the router's mailbox
     // until the worker's runtime is dropped, which drops this task (and the registrations) first.
     let xsk = unsafe { AsyncFd::register_with_interest(Watched(fd), Interest::READABLE)? };
@@ -890,12 +1011,20 @@ async fn shared_rx_loop(shared: &Shared, link: u64, fd: RawFd, inbox_fd: RawFd) 
 /// The client front ends of one worker: TCP forwards, SOCKS5 and HTTP on `SO_REUSEPORT` listeners (every
 /// session-running worker binds them); UDP forwards only when `udp` (one worker: a UDP source's state must
 /// stay in one worker).
-async fn start_worker_front_ends(cfg: &Config, tunnel: Tunnel, index: usize, udp: bool) -> anyhow::Result<()> {
+async fn start_worker_front_ends(
+    cfg: &Config,
+    tunnel: Tunnel,
+    index: usize,
+    udp: bool,
+) -> anyhow::Result<()> {
     use crate::front::forward::UdpForward;
     use crate::front::{http, socks5};
     use std::rc::Rc;
     for (i, f) in cfg.forward.iter().enumerate() {
-        let listen = f.listen.resolve().with_context(|| format!("forward[{i}].listen {}", f.listen))?;
+        let listen = f
+            .listen
+            .resolve()
+            .with_context(|| format!("forward[{i}].listen {}", f.listen))?;
         let (host, port) = (f.target.host.clone(), f.target.port);
         match f.protocol {
             ForwardProtocol::Tcp => {
@@ -911,13 +1040,22 @@ async fn start_worker_front_ends(cfg: &Config, tunnel: Tunnel, index: usize, udp
     }
     let dialer = Rc::new(tunnel);
     for (i, s) in cfg.socks5.iter().enumerate() {
-        let listen = s.listen.resolve().with_context(|| format!("socks5[{i}].listen {}", s.listen))?;
+        let listen = s
+            .listen
+            .resolve()
+            .with_context(|| format!("socks5[{i}].listen {}", s.listen))?;
         let l = reuseport_listener(listen).with_context(|| format!("socks5[{i}]"))?;
-        let sc = socks5::Socks5Config { username: s.username.clone(), password: s.password.clone() };
+        let sc = socks5::Socks5Config {
+            username: s.username.clone(),
+            password: s.password.clone(),
+        };
         tokio::task::spawn_local(socks5::serve(l, sc, dialer.clone()));
     }
     for (i, h) in cfg.http.iter().enumerate() {
-        let listen = h.listen.resolve().with_context(|| format!("http[{i}].listen {}", h.listen))?;
+        let listen = h
+            .listen
+            .resolve()
+            .with_context(|| format!("http[{i}].listen {}", h.listen))?;
         let l = reuseport_listener(listen).with_context(|| format!("http[{i}]"))?;
         let hc = http::HttpConfig {
             username: h.username.clone().unwrap_or_default(),
@@ -962,18 +1100,36 @@ mod tests {
         let ip = IpAddr::from([10, 0, 0, 7]);
         let a = owner_of(Role::Server, SocketAddr::new(ip, 40000), 9999, 2);
         let b = owner_of(Role::Server, SocketAddr::new(ip, 40001), 9999, 2);
-        assert_ne!(a, b, "consecutive client ports must land on different workers of 2");
-        assert_eq!(a, owner_of(Role::Server, SocketAddr::new(ip, 40000), 1, 2), "dst port is irrelevant");
-        assert_eq!(owner_of(Role::Server, SocketAddr::new(ip, 40000), 9999, 1), 0);
+        assert_ne!(
+            a, b,
+            "consecutive client ports must land on different workers of 2"
+        );
+        assert_eq!(
+            a,
+            owner_of(Role::Server, SocketAddr::new(ip, 40000), 1, 2),
+            "dst port is irrelevant"
+        );
+        assert_eq!(
+            owner_of(Role::Server, SocketAddr::new(ip, 40000), 9999, 1),
+            0
+        );
     }
 
     #[test]
     fn worker_cpus_follow_io_cpus() {
         let allowed = [0usize, 1, 2, 3];
-        assert_eq!(worker_cpus(&CpuPin::Auto, &allowed).unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(
+            worker_cpus(&CpuPin::Auto, &allowed).unwrap(),
+            vec![0, 1, 2, 3]
+        );
         assert!(worker_cpus(&CpuPin::None, &allowed).unwrap().is_empty());
-        assert_eq!(worker_cpus(&CpuPin::Cpus(vec![3, 1]), &allowed).unwrap(), vec![3, 1]);
-        let e = worker_cpus(&CpuPin::Cpus(vec![1, 7]), &allowed).unwrap_err().to_string();
+        assert_eq!(
+            worker_cpus(&CpuPin::Cpus(vec![3, 1]), &allowed).unwrap(),
+            vec![3, 1]
+        );
+        let e = worker_cpus(&CpuPin::Cpus(vec![1, 7]), &allowed)
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "io.cpus = \"1,7\": CPU 7 is not available to this process (its CPU affinity allows [0, 1, 2, 3])");
     }
 
@@ -990,16 +1146,29 @@ mod tests {
         assert_eq!(client_port_for(1, 2, 40000, |_| false), Some(40001));
         assert_eq!(client_port_for(0, 2, 40000, |_| false), Some(40000));
         let busy = [40001u16, 40003];
-        assert_eq!(client_port_for(1, 2, 40000, |p| busy.contains(&p)), Some(40005));
+        assert_eq!(
+            client_port_for(1, 2, 40000, |p| busy.contains(&p)),
+            Some(40005)
+        );
         // Every port a worker hands out routes back to it.
         for (i, n) in [(0usize, 1usize), (2, 3), (3, 4), (1, 4)] {
             let p = client_port_for(i, n, 50001, |_| false).unwrap();
-            assert_eq!(owner_of(Role::Client, "10.0.0.1:9999".parse().unwrap(), p, n), i, "port {p}");
+            assert_eq!(
+                owner_of(Role::Client, "10.0.0.1:9999".parse().unwrap(), p, n),
+                i,
+                "port {p}"
+            );
             assert!(p >= 50001 && p < 50001 + n as u16);
         }
         // Past 65535 the search wraps to CLIENT_PORT_MIN (1024 is even: worker 0 of 2).
-        assert_eq!(client_port_for(0, 2, 65535, |_| false), Some(CLIENT_PORT_MIN));
-        assert_eq!(client_port_for(1, 2, 65534, |p| p == 65535), Some(CLIENT_PORT_MIN + 1));
+        assert_eq!(
+            client_port_for(0, 2, 65535, |_| false),
+            Some(CLIENT_PORT_MIN)
+        );
+        assert_eq!(
+            client_port_for(1, 2, 65534, |p| p == 65535),
+            Some(CLIENT_PORT_MIN + 1)
+        );
         // A base below the minimum starts at the minimum; port 0 is never handed out.
         assert_eq!(client_port_for(0, 1, 0, |_| false), Some(CLIENT_PORT_MIN));
         // All owned ports busy: none.
@@ -1022,13 +1191,22 @@ mod tests {
             for dead in 0..live.len() {
                 let mut rest = live.clone();
                 let gone = rest.remove(dead);
-                assert_eq!(client_port_for(i, 2, 40000, |p| rest.contains(&p)), Some(gone));
+                assert_eq!(
+                    client_port_for(i, 2, 40000, |p| rest.contains(&p)),
+                    Some(gone)
+                );
             }
         }
         // Wrapping past 65535 and a single worker.
-        assert_eq!(client_port_plan(3, 1, 65534), vec![vec![65534, 65535, CLIENT_PORT_MIN]]);
+        assert_eq!(
+            client_port_plan(3, 1, 65534),
+            vec![vec![65534, 65535, CLIENT_PORT_MIN]]
+        );
         // More workers than sessions: idle workers dial nothing.
-        assert_eq!(client_port_plan(1, 3, 50000), vec![vec![50001], vec![], vec![]]);
+        assert_eq!(
+            client_port_plan(1, 3, 50000),
+            vec![vec![50001], vec![], vec![]]
+        );
     }
 
     #[test]
@@ -1037,16 +1215,37 @@ mod tests {
         let mut w = GuardDropWarn::default();
         assert_eq!(w.observe(0, t0), None, "no drops, no warning");
         assert_eq!(w.observe(5, t0), Some(5), "the first drops warn at once");
-        assert_eq!(w.observe(9, t0 + Duration::from_secs(1)), None, "rate-limited");
-        assert_eq!(w.observe(12, t0 + GuardDropWarn::EVERY), Some(7), "counts every drop since the last warning");
-        assert_eq!(w.observe(12, t0 + 3 * GuardDropWarn::EVERY), None, "no new drops");
+        assert_eq!(
+            w.observe(9, t0 + Duration::from_secs(1)),
+            None,
+            "rate-limited"
+        );
+        assert_eq!(
+            w.observe(12, t0 + GuardDropWarn::EVERY),
+            Some(7),
+            "counts every drop since the last warning"
+        );
+        assert_eq!(
+            w.observe(12, t0 + 3 * GuardDropWarn::EVERY),
+            None,
+            "no new drops"
+        );
     }
 
     #[test]
     fn client_slots_spread_conn_over_workers() {
-        assert_eq!((0..2).map(|i| client_slots(4, 2, i)).collect::<Vec<_>>(), vec![2, 2]);
-        assert_eq!((0..3).map(|i| client_slots(4, 3, i)).collect::<Vec<_>>(), vec![2, 1, 1]);
-        assert_eq!((0..4).map(|i| client_slots(1, 4, i)).collect::<Vec<_>>(), vec![1, 0, 0, 0]);
+        assert_eq!(
+            (0..2).map(|i| client_slots(4, 2, i)).collect::<Vec<_>>(),
+            vec![2, 2]
+        );
+        assert_eq!(
+            (0..3).map(|i| client_slots(4, 3, i)).collect::<Vec<_>>(),
+            vec![2, 1, 1]
+        );
+        assert_eq!(
+            (0..4).map(|i| client_slots(1, 4, i)).collect::<Vec<_>>(),
+            vec![1, 0, 0, 0]
+        );
         assert_eq!(client_slots(5, 1, 0), 5);
     }
 
@@ -1056,7 +1255,9 @@ mod tests {
         let sc = steer_config(&wcfg);
         assert_eq!(sc.port, 0, "a client steers no destination port");
         assert!(sc.is_armed());
-        assert!(sc.has(SteerConfig::FLAG_IPV4 | SteerConfig::FLAG_IPV4_ADDR | SteerConfig::FLAG_SRC_IPV4));
+        assert!(sc.has(
+            SteerConfig::FLAG_IPV4 | SteerConfig::FLAG_IPV4_ADDR | SteerConfig::FLAG_SRC_IPV4
+        ));
         assert!(!sc.has(SteerConfig::FLAG_SRC_IPV6));
         assert_eq!((sc.src_ipv4, sc.src_port), ([10, 0, 0, 2], 9999));
         assert_eq!(sc.ipv4, [10, 0, 0, 1]);
@@ -1083,7 +1284,10 @@ mod tests {
             role,
             session,
             local_mac: [2, 0, 0, 0, 0, 1],
-            ipv4: Some(super::super::FamilyConfig { addr: local.parse().unwrap(), router_mac: [2, 0, 0, 0, 0, 2] }),
+            ipv4: Some(super::super::FamilyConfig {
+                addr: local.parse().unwrap(),
+                router_mac: [2, 0, 0, 0, 0, 2],
+            }),
             ipv6: None,
             server_addr: server.map(|s| s.parse().unwrap()),
             conn: 4,
@@ -1104,7 +1308,10 @@ mod tests {
         assert!(r0.hand_to(1, b"one"));
         assert!(r0.hand_to(1, b"two"));
         assert!(!r0.hand_to(1, b"three"), "a full mailbox refuses");
-        assert!(!r0.hand_to(1, &vec![0u8; HANDOFF_FRAME + 1]), "oversized frames are refused");
+        assert!(
+            !r0.hand_to(1, &vec![0u8; HANDOFF_FRAME + 1]),
+            "oversized frames are refused"
+        );
         r0.wake_owners();
         // The owner's eventfd is readable now.
         assert!(crate::io::poll_readable(r1.wake_fd(), Duration::ZERO).unwrap());

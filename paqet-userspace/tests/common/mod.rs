@@ -225,7 +225,11 @@ pub fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'stat
 
 enum Link {
     // Field order = drop order: the veth before its namespaces.
-    Direct { _veth: VethPair, client: Netns, server: Netns },
+    Direct {
+        _veth: VethPair,
+        client: Netns,
+        server: Netns,
+    },
     Impaired(ImpairedLink),
 }
 
@@ -252,7 +256,9 @@ pub fn if_mac(ns: &Netns, dev: &str) -> String {
 
 /// The interface of `ns` that carries address `ip`.
 pub fn if_with_addr(ns: &Netns, ip: Ipv4Addr) -> String {
-    let out = ns.exec(&["ip", "-o", "-4", "addr", "show"]).expect("ip addr show");
+    let out = ns
+        .exec(&["ip", "-o", "-4", "addr", "show"])
+        .expect("ip addr show");
     out.lines()
         .find(|l| l.contains(&format!(" {ip}/")))
         .and_then(|l| l.split_whitespace().nth(1))
@@ -282,12 +288,22 @@ impl Net {
             }
         }
         let (cip, sip) = (Ipv4Addr::new(10, 216, 0, 1), Ipv4Addr::new(10, 216, 0, 2));
-        veth.configure(&client, &server, &format!("{cip}/24"), &format!("{sip}/24"), true)
-            .expect("veth addresses / ethtool -K tx off");
+        veth.configure(
+            &client,
+            &server,
+            &format!("{cip}/24"),
+            &format!("{sip}/24"),
+            true,
+        )
+        .expect("veth addresses / ethtool -K tx off");
         let client_mac = if_mac(&client, &cif);
         let server_mac = if_mac(&server, &sif);
         Net {
-            link: Link::Direct { _veth: veth, client, server },
+            link: Link::Direct {
+                _veth: veth,
+                client,
+                server,
+            },
             client_if: cif,
             client_ip: cip,
             client_gw_mac: server_mac,
@@ -299,7 +315,8 @@ impl Net {
 
     /// Client (A) and server (B) routed through a middle namespace M that impairs the path per `spec`.
     pub fn impaired(tag: &str, spec: LinkSpec) -> Net {
-        let link = ImpairedLink::with_relay_bin(tag, spec, Path::new(RELAY)).expect("impaired link");
+        let link =
+            ImpairedLink::with_relay_bin(tag, spec, Path::new(RELAY)).expect("impaired link");
         let m_a_if = if_with_addr(&link.m, link.m_a_ip);
         let m_b_if = if_with_addr(&link.m, link.m_b_ip);
         let client_gw_mac = if_mac(&link.m, &m_a_if);
@@ -346,10 +363,23 @@ impl Net {
     pub fn apply_firewall(&self, server: bool, client: bool) {
         let mut todo = Vec::new();
         if server {
-            todo.push((self.server(), FirewallRole::Server { port: TUNNEL_PORT, ipv4: true, ipv6: false }));
+            todo.push((
+                self.server(),
+                FirewallRole::Server {
+                    port: TUNNEL_PORT,
+                    ipv4: true,
+                    ipv6: false,
+                },
+            ));
         }
         if client {
-            todo.push((self.client(), FirewallRole::Client { server: self.server_addr(), local_ports: vec![] }));
+            todo.push((
+                self.client(),
+                FirewallRole::Client {
+                    server: self.server_addr(),
+                    local_ports: vec![],
+                },
+            ));
         }
         for (ns, role) in todo {
             for r in firewall::rules(&role) {
@@ -461,11 +491,16 @@ fn serve_http(mut c: TcpStream, gate: &HoldGate) -> std::io::Result<()> {
     let mut req = lines.next().unwrap_or("").split_whitespace();
     let (method, target) = (req.next().unwrap_or(""), req.next().unwrap_or(""));
     // Through the HTTP proxy the request arrives in origin form; accept absolute form too.
-    let path = target.strip_prefix("http://").map(|r| &r[r.find('/').unwrap_or(r.len())..]).unwrap_or(target);
+    let path = target
+        .strip_prefix("http://")
+        .map(|r| &r[r.find('/').unwrap_or(r.len())..])
+        .unwrap_or(target);
     let header = |name: &str| {
-        text.lines()
-            .skip(1)
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_owned()))
+        text.lines().skip(1).find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_owned())
+        })
     };
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let nums = |i: usize| parts.get(i).and_then(|s| s.parse::<u64>().ok());
@@ -505,7 +540,10 @@ fn serve_http(mut c: TcpStream, gate: &HoldGate) -> std::io::Result<()> {
                 let want = left.min(buf.len() as u64) as usize;
                 let n = c.read(&mut buf[..want])?;
                 if n == 0 {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "upload cut short"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "upload cut short",
+                    ));
                 }
                 h.update(&buf[..n]);
                 left -= n as u64;
@@ -519,7 +557,9 @@ fn serve_http(mut c: TcpStream, gate: &HoldGate) -> std::io::Result<()> {
 /// Starts a TCP echo server (one thread per connection) on the loopback of `ns`; returns its address.
 pub fn tcp_echo(ns: &Netns) -> SocketAddr {
     // A socket stays in the namespace it was made in: only the bind needs a thread inside `ns`.
-    let l = in_ns(ns, || TcpListener::bind("127.0.0.1:0").expect("bind TCP echo"));
+    let l = in_ns(ns, || {
+        TcpListener::bind("127.0.0.1:0").expect("bind TCP echo")
+    });
     let addr = l.local_addr().expect("TCP echo address");
     std::thread::spawn(move || {
         for mut c in l.incoming().map_while(Result::ok) {
@@ -539,7 +579,9 @@ pub struct UdpEcho {
 
 impl UdpEcho {
     pub fn start(ns: &Netns) -> UdpEcho {
-        let u = in_ns(ns, || UdpSocket::bind("127.0.0.1:0").expect("bind UDP echo"));
+        let u = in_ns(ns, || {
+            UdpSocket::bind("127.0.0.1:0").expect("bind UDP echo")
+        });
         let addr = u.local_addr().expect("UDP echo address");
         std::thread::spawn(move || {
             let mut buf = [0u8; 65536];
@@ -578,17 +620,41 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `config` to `DIR/NAME.toml` and starts `paqet-dp run -c` on it inside `ns` with `--mode mode`
     /// (plus `--manage-firewall` when `manage_firewall`); stdout and stderr go to `DIR/NAME.log`.
-    pub fn spawn(ns: &Netns, dir: &Path, name: &str, config: &str, mode: Mode, manage_firewall: bool) -> Daemon {
-        let extra: &[&str] = if manage_firewall { &["--manage-firewall"] } else { &[] };
+    pub fn spawn(
+        ns: &Netns,
+        dir: &Path,
+        name: &str,
+        config: &str,
+        mode: Mode,
+        manage_firewall: bool,
+    ) -> Daemon {
+        let extra: &[&str] = if manage_firewall {
+            &["--manage-firewall"]
+        } else {
+            &[]
+        };
         Self::spawn_with(ns, dir, name, config, mode, extra)
     }
 
     /// Like [`spawn`](Self::spawn) with `extra` arguments after `--mode mode` (e.g. `--manage-firewall`,
     /// `--key-file PATH`).
-    pub fn spawn_with(ns: &Netns, dir: &Path, name: &str, config: &str, mode: Mode, extra: &[&str]) -> Daemon {
+    pub fn spawn_with(
+        ns: &Netns,
+        dir: &Path,
+        name: &str,
+        config: &str,
+        mode: Mode,
+        extra: &[&str],
+    ) -> Daemon {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, config).expect("write config");
-        let mut args = vec!["run".to_owned(), "-c".into(), cfg.to_string_lossy().into_owned(), "--mode".into(), mode.arg().into()];
+        let mut args = vec![
+            "run".to_owned(),
+            "-c".into(),
+            cfg.to_string_lossy().into_owned(),
+            "--mode".into(),
+            mode.arg().into(),
+        ];
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         Self::spawn_args(ns, dir, name, &args)
     }
@@ -610,7 +676,11 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .expect("spawn paqet-dp");
-        Daemon { child, log, name: name.to_owned() }
+        Daemon {
+            child,
+            log,
+            name: name.to_owned(),
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -669,7 +739,12 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
         if std::thread::panicking() {
-            eprintln!("---- {} log ({}) ----\n{}", self.name, self.log.display(), self.log_text());
+            eprintln!(
+                "---- {} log ({}) ----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }
@@ -683,18 +758,28 @@ pub fn http_get(ns: &Netns, port: u16, path: &str) -> Result<(u16, String), Stri
     let path = path.to_owned();
     in_ns(ns, move || {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect {addr}: {e}"))?;
-        c.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-        write!(c, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(|e| e.to_string())?;
         let mut raw = Vec::new();
-        c.read_to_end(&mut raw).map_err(|e| format!("read {addr}{path}: {e}"))?;
+        c.read_to_end(&mut raw)
+            .map_err(|e| format!("read {addr}{path}: {e}"))?;
         let text = String::from_utf8_lossy(&raw).into_owned();
         let status = text
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse::<u16>().ok())
             .ok_or_else(|| format!("no HTTP status in {text:?}"))?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Ok((status, body))
     })
 }
@@ -711,7 +796,14 @@ pub fn scrape(ns: &Netns) -> String {
 /// absent, as in pcap mode).
 pub fn series_sum(text: &str, series: &str) -> f64 {
     text.lines()
-        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split_whitespace().next()?.parse::<f64>().ok())
+        .filter_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
         .sum()
 }
 
@@ -721,7 +813,11 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let rest = l.strip_prefix(name)?;
-            let value_part = if rest.starts_with('{') { &rest[rest.find('}')? + 1..] } else { rest };
+            let value_part = if rest.starts_with('{') {
+                &rest[rest.find('}')? + 1..]
+            } else {
+                rest
+            };
             if !value_part.starts_with(' ') {
                 return None;
             }
@@ -773,8 +869,20 @@ pub enum Via {
 pub fn curl_cmd(ns: &Netns, via: Via, max_secs: u64) -> Command {
     let mut c = ns.command("curl");
     c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
-        .args(["-sS", "--fail", "-H", "Expect:", "--connect-timeout", "10", "--max-time", &max_secs.to_string()]);
+        .env(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        )
+        .args([
+            "-sS",
+            "--fail",
+            "-H",
+            "Expect:",
+            "--connect-timeout",
+            "10",
+            "--max-time",
+            &max_secs.to_string(),
+        ]);
     match via {
         Via::Socks5(p) => c.args(["--socks5-hostname", &format!("127.0.0.1:{p}")]),
         Via::HttpProxy(p) => c.args(["-x", &format!("http://127.0.0.1:{p}")]),
@@ -793,7 +901,9 @@ pub struct Fetched {
 
 /// Starts `cmd` (a curl writing the body to stdout) and hashes its output as it streams.
 pub fn spawn_fetch(mut cmd: Command) -> std::thread::JoinHandle<Fetched> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
     let mut child = cmd.spawn().expect("spawn curl");
     std::thread::spawn(move || {
         let mut out = child.stdout.take().unwrap();
@@ -814,7 +924,12 @@ pub fn spawn_fetch(mut cmd: Command) -> std::thread::JoinHandle<Fetched> {
             len += n as u64;
         }
         let status = child.wait().expect("wait curl");
-        Fetched { ok: status.success(), len, sha256: hex::encode(h.finalize()), stderr: errt.join().unwrap_or_default() }
+        Fetched {
+            ok: status.success(),
+            len,
+            sha256: hex::encode(h.finalize()),
+            stderr: errt.join().unwrap_or_default(),
+        }
     })
 }
 
@@ -849,8 +964,20 @@ pub struct ClientPorts {
 }
 
 impl ClientPorts {
-    pub const MAIN: ClientPorts = ClientPorts { socks: 1080, http: 8118, fwd_http: 18080, fwd_udp: 18053, metrics: METRICS_PORT };
-    pub const SECOND: ClientPorts = ClientPorts { socks: 1081, http: 8119, fwd_http: 18090, fwd_udp: 18063, metrics: 9101 };
+    pub const MAIN: ClientPorts = ClientPorts {
+        socks: 1080,
+        http: 8118,
+        fwd_http: 18080,
+        fwd_udp: 18053,
+        metrics: METRICS_PORT,
+    };
+    pub const SECOND: ClientPorts = ClientPorts {
+        socks: 1081,
+        http: 8119,
+        fwd_http: 18090,
+        fwd_udp: 18063,
+        metrics: 9101,
+    };
 }
 
 /// What a [`Tunnel`] is built with.
@@ -939,13 +1066,23 @@ impl Tunnel {
         // The daemons manage their own rules when the binary can; otherwise the test applies them.
         let manage_firewall = opts.firewall && run_supports("--manage-firewall");
         if opts.firewall && !manage_firewall {
-            net.apply_firewall(opts.server_mode.needs_firewall(), opts.client_mode.needs_firewall());
+            net.apply_firewall(
+                opts.server_mode.needs_firewall(),
+                opts.client_mode.needs_firewall(),
+            );
         }
         let (scfg, ccfg) = match configs {
             Some(f) => f(&net, &http, &udp, dir.path()),
             None => (
                 Self::server_config(&net, &opts),
-                Self::client_config(&net, &opts, &http, &udp, ClientPorts::MAIN, &opts.client_key),
+                Self::client_config(
+                    &net,
+                    &opts,
+                    &http,
+                    &udp,
+                    ClientPorts::MAIN,
+                    &opts.client_key,
+                ),
             ),
         };
         let server = Daemon::spawn(
@@ -964,8 +1101,19 @@ impl Tunnel {
             opts.client_mode,
             manage_firewall && opts.client_mode.needs_firewall(),
         );
-        let mut t = Tunnel { client, server, extra: Vec::new(), http, udp, opts, net, dir, manage_firewall };
-        t.wait_ready(READY_WITHIN).unwrap_or_else(|e| panic!("tunnel not ready within {READY_WITHIN:?}: {e}"));
+        let mut t = Tunnel {
+            client,
+            server,
+            extra: Vec::new(),
+            http,
+            udp,
+            opts,
+            net,
+            dir,
+            manage_firewall,
+        };
+        t.wait_ready(READY_WITHIN)
+            .unwrap_or_else(|e| panic!("tunnel not ready within {READY_WITHIN:?}: {e}"));
         t
     }
 
@@ -1009,7 +1157,14 @@ listen = "127.0.0.1:{METRICS_PORT}"
     }
 
     /// A client's TOML config with the listeners of `ports` and key `key`.
-    pub fn client_config(net: &Net, o: &Opts, http: &HttpServer, udp: &UdpEcho, ports: ClientPorts, key: &str) -> String {
+    pub fn client_config(
+        net: &Net,
+        o: &Opts,
+        http: &HttpServer,
+        udp: &UdpEcho,
+        ports: ClientPorts,
+        key: &str,
+    ) -> String {
         Self::client_config_to(net, o, http.addr, udp.addr, ports, key)
     }
 
@@ -1083,7 +1238,8 @@ listen = "127.0.0.1:{metrics}"
     pub fn spawn_client(&self, name: &str, ports: ClientPorts, key: &str) -> Daemon {
         let cfg = Self::client_config(&self.net, &self.opts, &self.http, &self.udp, ports, key);
         let mode = self.opts.client_mode.beside();
-        if mode.needs_firewall() && !self.opts.client_mode.needs_firewall() && !self.manage_firewall {
+        if mode.needs_firewall() && !self.opts.client_mode.needs_firewall() && !self.manage_firewall
+        {
             // The tunnel was built without the client's rules (XDP client): the pcap client needs them.
             self.net.apply_firewall(false, true);
         }
@@ -1100,7 +1256,8 @@ listen = "127.0.0.1:{metrics}"
     /// Starts the server again (after a kill) from the config it ran with, logging to `name`.
     pub fn restart_server(&mut self, name: &str) {
         self.server.kill();
-        let cfg = std::fs::read_to_string(self.dir.path().join("server.toml")).expect("server config");
+        let cfg =
+            std::fs::read_to_string(self.dir.path().join("server.toml")).expect("server config");
         self.server = Daemon::spawn(
             self.net.server(),
             self.dir.path(),
@@ -1115,11 +1272,16 @@ listen = "127.0.0.1:{metrics}"
     pub fn probe(&self, fwd_port: u16) -> Result<(), String> {
         in_ns(self.net.client(), move || {
             let addr = SocketAddr::from(([127, 0, 0, 1], fwd_port));
-            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect {addr}: {e}"))?;
-            c.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-            c.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+            c.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .map_err(|e| e.to_string())?;
             let mut r = String::new();
-            BufReader::new(c).read_to_string(&mut r).map_err(|e| format!("read through {addr}: {e}"))?;
+            BufReader::new(c)
+                .read_to_string(&mut r)
+                .map_err(|e| format!("read through {addr}: {e}"))?;
             if r.starts_with("HTTP/1.1 200") && r.ends_with("pong") {
                 Ok(())
             } else {
@@ -1162,11 +1324,24 @@ listen = "127.0.0.1:{metrics}"
     /// Downloads `/gen/seed/len` via `via` and asserts it arrived complete and byte-exact.
     pub fn download_checked(&self, via: Via, seed: u64, len: u64, max_secs: u64) -> Duration {
         let t0 = Instant::now();
-        let f = fetch(self.net.client(), via, &self.url(&format!("/gen/{seed}/{len}")), max_secs);
+        let f = fetch(
+            self.net.client(),
+            via,
+            &self.url(&format!("/gen/{seed}/{len}")),
+            max_secs,
+        );
         let took = t0.elapsed();
-        assert!(f.ok, "download of {len} bytes via {via:?} failed after {} bytes: {}", f.len, f.stderr);
+        assert!(
+            f.ok,
+            "download of {len} bytes via {via:?} failed after {} bytes: {}",
+            f.len, f.stderr
+        );
         assert_eq!(f.len, len, "download via {via:?}: length");
-        assert_eq!(f.sha256, pattern_sha256(seed, len), "download via {via:?}: sha256");
+        assert_eq!(
+            f.sha256,
+            pattern_sha256(seed, len),
+            "download via {via:?}: sha256"
+        );
         took
     }
 
@@ -1175,32 +1350,62 @@ listen = "127.0.0.1:{metrics}"
         let file = self.dir.path().join(format!("upload-{seed}.bin"));
         let want = write_pattern_file(&file, seed, len);
         let t0 = Instant::now();
-        let out = upload(self.net.client(), via, &self.url("/upload"), &file, max_secs);
+        let out = upload(
+            self.net.client(),
+            via,
+            &self.url("/upload"),
+            &file,
+            max_secs,
+        );
         let took = t0.elapsed();
         let _ = std::fs::remove_file(&file);
-        assert!(out.status.success(), "upload via {via:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "upload via {via:?}: sha256 seen by the server");
+        assert!(
+            out.status.success(),
+            "upload via {via:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            want,
+            "upload via {via:?}: sha256 seen by the server"
+        );
         took
     }
 }
 
 /// Prints a throughput line for `bytes` moved in `took`.
 pub fn report(what: &str, bytes: u64, took: Duration) {
-    eprintln!("{what}: {} MiB in {:.2} s ({:.1} MB/s)", bytes >> 20, took.as_secs_f64(), bytes as f64 / 1e6 / took.as_secs_f64());
+    eprintln!(
+        "{what}: {} MiB in {:.2} s ({:.1} MB/s)",
+        bytes >> 20,
+        took.as_secs_f64(),
+        bytes as f64 / 1e6 / took.as_secs_f64()
+    );
 }
 
 /// One request/response through a SOCKS5 UDP ASSOCIATE on `127.0.0.1:socks_port` in `ns` to `target`:
 /// returns the reply payload. Bounded: retries the datagram for up to `within`.
-pub fn socks5_udp_roundtrip(ns: &Netns, socks_port: u16, target: SocketAddr, payload: &[u8], within: Duration) -> Result<Vec<u8>, String> {
+pub fn socks5_udp_roundtrip(
+    ns: &Netns,
+    socks_port: u16,
+    target: SocketAddr,
+    payload: &[u8],
+    within: Duration,
+) -> Result<Vec<u8>, String> {
     let payload = payload.to_vec();
     in_ns(ns, move || {
-        let SocketAddr::V4(t) = target else { return Err("IPv4 targets only".to_string()) };
+        let SocketAddr::V4(t) = target else {
+            return Err("IPv4 targets only".to_string());
+        };
         let proxy = SocketAddr::from(([127, 0, 0, 1], socks_port));
-        let mut ctl = TcpStream::connect_timeout(&proxy, Duration::from_secs(2)).map_err(|e| format!("connect {proxy}: {e}"))?;
-        ctl.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        let mut ctl = TcpStream::connect_timeout(&proxy, Duration::from_secs(2))
+            .map_err(|e| format!("connect {proxy}: {e}"))?;
+        ctl.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
         ctl.write_all(&[5, 1, 0]).map_err(|e| e.to_string())?;
         let mut m = [0u8; 2];
-        ctl.read_exact(&mut m).map_err(|e| format!("method reply: {e}"))?;
+        ctl.read_exact(&mut m)
+            .map_err(|e| format!("method reply: {e}"))?;
         if m != [5, 0] {
             return Err(format!("method reply {m:?}"));
         }
@@ -1210,31 +1415,43 @@ pub fn socks5_udp_roundtrip(ns: &Netns, socks_port: u16, target: SocketAddr, pay
         req.extend_from_slice(&local.port().to_be_bytes());
         ctl.write_all(&req).map_err(|e| e.to_string())?;
         let mut rep = [0u8; 10];
-        ctl.read_exact(&mut rep).map_err(|e| format!("UDP ASSOCIATE reply: {e}"))?;
+        ctl.read_exact(&mut rep)
+            .map_err(|e| format!("UDP ASSOCIATE reply: {e}"))?;
         if rep[..2] != [5, 0] || rep[3] != 1 {
             return Err(format!("UDP ASSOCIATE reply {rep:?}"));
         }
-        let relay = SocketAddr::from(([rep[4], rep[5], rep[6], rep[7]], u16::from_be_bytes([rep[8], rep[9]])));
+        let relay = SocketAddr::from((
+            [rep[4], rep[5], rep[6], rep[7]],
+            u16::from_be_bytes([rep[8], rep[9]]),
+        ));
         let mut dgram = vec![0, 0, 0, 1];
         dgram.extend_from_slice(&t.ip().octets());
         dgram.extend_from_slice(&t.port().to_be_bytes());
         let hdr = dgram.len();
         dgram.extend_from_slice(&payload);
-        udp.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+        udp.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + within;
         let mut buf = [0u8; 65536];
         loop {
-            udp.send_to(&dgram, relay).map_err(|e| format!("send to relay {relay}: {e}"))?;
+            udp.send_to(&dgram, relay)
+                .map_err(|e| format!("send to relay {relay}: {e}"))?;
             match udp.recv_from(&mut buf) {
                 Ok((n, from)) if from == relay && n >= hdr => {
                     if buf[..hdr] != dgram[..hdr] {
-                        return Err(format!("reply header {:?}, want {:?}", &buf[..hdr], &dgram[..hdr]));
+                        return Err(format!(
+                            "reply header {:?}, want {:?}",
+                            &buf[..hdr],
+                            &dgram[..hdr]
+                        ));
                     }
                     drop(ctl);
                     return Ok(buf[hdr..n].to_vec());
                 }
                 Ok((n, from)) => return Err(format!("unexpected {n}-byte datagram from {from}")),
-                Err(e) if Instant::now() >= deadline => return Err(format!("no reply through the relay {relay}: {e}")),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!("no reply through the relay {relay}: {e}"))
+                }
                 Err(_) => {}
             }
         }
@@ -1242,18 +1459,27 @@ pub fn socks5_udp_roundtrip(ns: &Netns, socks_port: u16, target: SocketAddr, pay
 }
 
 /// One request/response through a UDP forward at `127.0.0.1:port` in `ns`, retried for up to `within`.
-pub fn udp_forward_roundtrip(ns: &Netns, port: u16, payload: &[u8], within: Duration) -> Result<Vec<u8>, String> {
+pub fn udp_forward_roundtrip(
+    ns: &Netns,
+    port: u16,
+    payload: &[u8],
+    within: Duration,
+) -> Result<Vec<u8>, String> {
     let payload = payload.to_vec();
     in_ns(ns, move || {
         let u = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        u.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+        u.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + within;
         let mut buf = [0u8; 65536];
         loop {
-            u.send_to(&payload, ("127.0.0.1", port)).map_err(|e| e.to_string())?;
+            u.send_to(&payload, ("127.0.0.1", port))
+                .map_err(|e| e.to_string())?;
             match u.recv_from(&mut buf) {
                 Ok((n, _)) => return Ok(buf[..n].to_vec()),
-                Err(e) if Instant::now() >= deadline => return Err(format!("no reply through the UDP forward: {e}")),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!("no reply through the UDP forward: {e}"))
+                }
                 Err(_) => {}
             }
         }
@@ -1265,7 +1491,8 @@ pub fn key_complaints(text: &str) -> Vec<String> {
     text.lines()
         .filter(|l| {
             let l = l.to_ascii_lowercase();
-            l.contains("key") && (l.contains("crypto") || l.contains("guard") || l.contains("decrypt"))
+            l.contains("key")
+                && (l.contains("crypto") || l.contains("guard") || l.contains("decrypt"))
         })
         .map(str::to_owned)
         .collect()
@@ -1317,7 +1544,11 @@ impl Tcpdump {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
-        let out = Command::new("tcpdump").args(["-n", "-r"]).arg(&self.file).output().expect("tcpdump -r");
+        let out = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(&self.file)
+            .output()
+            .expect("tcpdump -r");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -1336,7 +1567,13 @@ impl RstCapture {
     pub fn start(ns: &Netns, dev: &str, file: PathBuf) -> RstCapture {
         // Everything from the tunnel port; RSTs are picked out when reading (a `tcp[tcpflags]` capture filter
         // matched nothing even when RSTs were on the wire).
-        RstCapture(Tcpdump::start(ns, dev, file, &[], &format!("tcp src port {TUNNEL_PORT}")))
+        RstCapture(Tcpdump::start(
+            ns,
+            dev,
+            file,
+            &[],
+            &format!("tcp src port {TUNNEL_PORT}"),
+        ))
     }
 
     /// Stops the capture; (packets from the tunnel port, of which RSTs).

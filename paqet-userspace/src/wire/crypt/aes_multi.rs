@@ -242,9 +242,15 @@ mod tests {
     fn reference_block(key: &[u8], block: &mut [u8; 16]) {
         let b = aes::cipher::generic_array::GenericArray::from_mut_slice(block);
         match key.len() {
-            16 => aes::Aes128Enc::new_from_slice(key).unwrap().encrypt_block(b),
-            24 => aes::Aes192Enc::new_from_slice(key).unwrap().encrypt_block(b),
-            _ => aes::Aes256Enc::new_from_slice(key).unwrap().encrypt_block(b),
+            16 => aes::Aes128Enc::new_from_slice(key)
+                .unwrap()
+                .encrypt_block(b),
+            24 => aes::Aes192Enc::new_from_slice(key)
+                .unwrap()
+                .encrypt_block(b),
+            _ => aes::Aes256Enc::new_from_slice(key)
+                .unwrap()
+                .encrypt_block(b),
         }
     }
 
