@@ -15,6 +15,12 @@ if [ "$(id -u)" = 0 ]; then
     ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^pq[0-9]' | xargs -r -n1 ip netns del || true
 fi
 
+echo "== cargo fmt --check, cargo clippy -D warnings (workspace, the eBPF crate and the fuzz crate)"
+cargo fmt --all -- --check
+(cd paqet-ebpf && cargo fmt -- --check)
+(cd paqet-userspace/fuzz && cargo fmt -- --check)
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 echo "== cargo test (workspace)"
 cargo test --workspace --locked
 

@@ -156,38 +156,33 @@ fn drive(
         // Receive everything pending (wait up to 1 ms for the first datagram).
         sock.set_read_timeout(Some(Duration::from_millis(1)))
             .unwrap();
-        loop {
-            match sock.recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    if peer.is_some_and(|p| p != from) {
-                        continue;
-                    }
-                    if session.is_none() {
-                        // Server: the first datagram from a new source opens the session with its conv.
-                        let mut probe = buf[..n].to_vec();
-                        let c = cfg.crypto.clone();
-                        let Ok(r) = c.open(&mut probe) else { continue };
-                        let body = &probe[r];
-                        let kcp = if cfg.dshard > 0 && paqet::wire::fec::is_fec(body) {
-                            match paqet::wire::fec::parse(body) {
-                                Ok(p) => p.payload.to_vec(),
-                                Err(_) => continue,
-                            }
-                        } else {
-                            body.to_vec()
-                        };
-                        let Some(conv) = paqet::wire::kcp::peek_conv(&kcp) else {
-                            continue;
-                        };
-                        *session = Some((Session::new(Role::Server, conv, cfg, now), from));
-                    }
-                    let (s, _) = session.as_mut().unwrap();
-                    let _ = s.handle_datagram(now, &mut buf[..n]);
-                    sock.set_read_timeout(Some(Duration::from_micros(1))).ok();
-                    sock.set_nonblocking(true).unwrap();
-                }
-                Err(_) => break,
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if peer.is_some_and(|p| p != from) {
+                continue;
             }
+            if session.is_none() {
+                // Server: the first datagram from a new source opens the session with its conv.
+                let mut probe = buf[..n].to_vec();
+                let c = cfg.crypto.clone();
+                let Ok(r) = c.open(&mut probe) else { continue };
+                let body = &probe[r];
+                let kcp = if cfg.dshard > 0 && paqet::wire::fec::is_fec(body) {
+                    match paqet::wire::fec::parse(body) {
+                        Ok(p) => p.payload.to_vec(),
+                        Err(_) => continue,
+                    }
+                } else {
+                    body.to_vec()
+                };
+                let Some(conv) = paqet::wire::kcp::peek_conv(&kcp) else {
+                    continue;
+                };
+                *session = Some((Session::new(Role::Server, conv, cfg, now), from));
+            }
+            let (s, _) = session.as_mut().unwrap();
+            let _ = s.handle_datagram(now, &mut buf[..n]);
+            sock.set_read_timeout(Some(Duration::from_micros(1))).ok();
+            sock.set_nonblocking(true).unwrap();
         }
         sock.set_nonblocking(false).unwrap();
         let Some((s, to)) = session.as_mut() else {
@@ -245,7 +240,7 @@ fn ours_to_theirs(block: BlockMode, fec: bool) {
     let sids: Vec<u32> = (0..STREAMS)
         .map(|_| sess.as_mut().unwrap().0.open_stream().unwrap())
         .collect();
-    let mut sent = vec![0usize; STREAMS];
+    let mut sent = [0usize; STREAMS];
     let mut echoed: Vec<Vec<u8>> = vec![Vec::new(); STREAMS];
     let mut rbuf = vec![0u8; 64 * 1024];
     drive(&sock, Some(server), &mut sess, &cfg, start, |s| {

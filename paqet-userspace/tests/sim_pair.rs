@@ -128,8 +128,8 @@ fn run(loss: f64) -> Outcome {
     let sids: Vec<u32> = (0..STREAMS)
         .map(|_| client.open_stream().expect("open"))
         .collect();
-    let mut written = vec![0usize; STREAMS];
-    let mut closed = vec![false; STREAMS];
+    let mut written = [0usize; STREAMS];
+    let mut closed = [false; STREAMS];
     // Server side: sid → (hasher, bytes)
     let mut got: std::collections::BTreeMap<u32, (Sha256, usize, bool)> = Default::default();
     let mut buf = vec![0u8; 256 * 1024];

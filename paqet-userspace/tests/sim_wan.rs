@@ -157,6 +157,8 @@ fn session_config(seed: u64, sc: &Scenario) -> SessionConfig {
 fn run(sc: Scenario, seed: u64) -> Outcome {
     let rate = sc.rate_mbit * 1_000_000 / 8;
     let buffer = rate * sc.buffer_ms / 1000;
+    /// (arrival µs, seq, to_client, bytes)
+    type InFlight = (u64, u64, bool, Vec<u8>);
     let one_way = sc.rtt_ms * 1000 / 2;
     let jitter = sc.jitter_ms * 1000;
     let mut down = Path::new(seed, sc.loss, rate, buffer, one_way, jitter);
@@ -164,7 +166,7 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
     let mut client = Session::new(Role::Client, 0x0bad_cafe, &session_config(seed + 1, &sc), 0);
     let mut server = Session::new(Role::Server, 0x0bad_cafe, &session_config(seed + 2, &sc), 0);
     // (arrival µs, seq, to_client, bytes)
-    let mut flight: BinaryHeap<Reverse<(u64, u64, bool, Vec<u8>)>> = BinaryHeap::new();
+    let mut flight: BinaryHeap<Reverse<InFlight>> = BinaryHeap::new();
     let mut seq = 0u64;
     let sids_c: Vec<u32> = (0..sc.streams)
         .map(|_| client.open_stream().expect("open"))

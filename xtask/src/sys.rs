@@ -135,6 +135,7 @@ pub struct Veth {
 
 impl Veth {
     /// Creates `a` in `ns_a` and `b` in `ns_b`, sets MACs and addresses, brings both up.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         a: &str,
         b: &str,
@@ -188,7 +189,7 @@ pub fn raise_nofile(want: u64) -> Result<u64> {
             std::io::Error::last_os_error()
         );
     }
-    let target = want.max(r.rlim_cur as u64);
+    let target = want.max(r.rlim_cur);
     let n = libc::rlimit {
         rlim_cur: target as libc::rlim_t,
         rlim_max: (target as libc::rlim_t).max(r.rlim_max),
@@ -210,7 +211,7 @@ pub fn raise_nofile(want: u64) -> Result<u64> {
             std::io::Error::last_os_error()
         );
     }
-    Ok(r.rlim_max as u64)
+    Ok(r.rlim_max)
 }
 
 /// Clock ticks per second of `/proc/*/stat` times.

@@ -1435,8 +1435,7 @@ pub fn run(opts: &Opts) -> Result<String> {
         md.push_str("\n### Data-path modes (fast3, 2048-packet windows)\n\n`pcap` runs with the host rules `paqet-dp --manage-firewall` applies (upstream's NOTRACK/RST rules plus a raw PREROUTING DROP); `pcap-upstream-rules` with upstream's three rules only, so the kernel's stack still processes every tunnel packet.\n\n| mode | MB/s | × pcap MB/s | × pcap (share of plain TCP vs pcap's) | % of plain TCP | CPU ms per MB | × pcap CPU/MB |\n|---|---|---|---|---|---|---|\n");
         for (m, b) in &mode_rows {
             match b {
-                Some((b, p)) => {
-                    md.push_str(&format!(
+                Some((b, p)) => md.push_str(&format!(
                         "| {m} | {:.1} | {} | {} | {:.2} % | {:.2} | {} |\n",
                         b.mb_per_s,
                         fmt_opt(base.map(|(pb, _)| b.mb_per_s / pb.mb_per_s), 2),
@@ -1449,8 +1448,7 @@ pub fn run(opts: &Opts) -> Result<String> {
                         b.mb_per_s / p.mb_per_s * 100.0,
                         b.cpu_ms_per_mb,
                         fmt_opt(base.map(|(pb, _)| b.cpu_ms_per_mb / pb.cpu_ms_per_mb), 2)
-                    ))
-                }
+                    )),
                 None => md.push_str(&format!("| {m} | failed | | | | | |\n")),
             }
         }

@@ -1338,14 +1338,14 @@ fn render(
                     None => " - | - | - |".into(),
                 };
                 md.push_str(&format!(
-                    "{head} {:.1} | {:.1} | {} | {} n={} | {} | {} | {} | {} |{par}\n",
+                    "{head} {:.1} | {:.1} | {} | {} n={} | {approx}{} | {approx}{} | {} | {} |{par}\n",
                     m.goodput_mbit / f64::from(cell.rate) * 100.0,
                     m.idle_ms,
                     added(0.5),
                     added(0.99),
                     m.added_ms.len(),
-                    format!("{approx}{}", fmt_ratio(wire)),
-                    format!("{approx}{}", fmt_ratio(net)),
+                    fmt_ratio(wire),
+                    fmt_ratio(net),
                     m.tbf_drops,
                     m.relay_lag
                         .map_or("n/a".into(), |(a, b)| format!("{a:.1} / {b:.1}")),

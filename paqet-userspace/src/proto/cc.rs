@@ -133,7 +133,7 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, BandwidthParseError> {
         _ => return Err(err()),
     };
     let bytes = v * mult / if bits { 8.0 } else { 1.0 };
-    if !bytes.is_finite() || bytes < 1.0 || bytes > 1e12 {
+    if !bytes.is_finite() || !(1.0..=1e12).contains(&bytes) {
         return Err(err());
     }
     Ok(bytes.round() as u64)

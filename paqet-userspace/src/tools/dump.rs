@@ -602,12 +602,12 @@ impl Dumper {
                 );
             }
             out.push_str(" | rtt ");
-            if t.rtt_samples > 0 {
+            if let Some(avg_us) = t.rtt_sum_us.checked_div(t.rtt_samples) {
                 let ms = |us: u64| us as f64 / 1000.0;
                 let _ = write!(
                     out,
                     "{:.3} ms (min {:.3}, max {:.3}, {} samples)",
-                    ms(t.rtt_sum_us / t.rtt_samples),
+                    ms(avg_us),
                     ms(t.rtt_min_us),
                     ms(t.rtt_max_us),
                     t.rtt_samples
