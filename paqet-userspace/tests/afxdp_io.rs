@@ -12,11 +12,11 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use paqet::io::afxdp::{AfXdpConfig, AfXdpIo};
-use paqet::io::netns::{is_root, Netns, VethPair};
 use paqet::io::pcap::{PcapConfig, PcapIo, RawTx};
 use paqet::io::steer::{has_xdp_program, Steering, XdpAttach, XdpMode, COUNTERS};
 use paqet::io::{route, PacketIo};
 use paqet_common::{SteerConfig, XdpCounter};
+use paqet_testkit::netns::{is_root, Netns, VethPair};
 
 const TUNNEL_PORT: u16 = 7443;
 const OTHER_PORT: u16 = 7444;

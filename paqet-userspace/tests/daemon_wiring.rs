@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use paqet::io::netns::Netns;
+use paqet_testkit::netns::Netns;
 
 const PORT: u16 = 9931;
 const KEY: &str = "paqet-dp-wiring-test-key";

@@ -6,7 +6,7 @@
 //! findings must flip.
 
 use paqet::doctor::{run, DoctorOptions, Report, Status};
-use paqet::io::netns::{is_root, Netns, VethPair};
+use paqet_testkit::netns::{is_root, Netns, VethPair};
 
 fn doctor(iface: &str) -> Report {
     run(&DoctorOptions {

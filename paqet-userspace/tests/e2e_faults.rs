@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use paqet::tools::impair::LinkSpec;
 use paqet::wire::envelope::{EnvelopeBuilder, TcpFlags};
+use paqet_testkit::impair::LinkSpec;
 use rand::{Rng, SeedableRng};
 
 const MIB: u64 = 1 << 20;

@@ -1,7 +1,7 @@
 //! Root-only: `tools::firewall::apply` inserts the rules in a fresh namespace, leaves existing ones
 //! alone and removes exactly what it added.
-use paqet::io::netns::{is_root, Netns};
 use paqet::tools::firewall::{apply, is_present, rules, FirewallRole};
+use paqet_testkit::netns::{is_root, Netns};
 
 #[test]
 fn apply_and_remove_in_a_namespace() {
@@ -39,7 +39,7 @@ fn apply_and_remove_in_a_namespace() {
         for r in &all {
             assert!(is_present(r).unwrap(), "missing after apply: {r}");
         }
-        let raw = paqet::io::netns::run("iptables", &["-t", "raw", "-S"]).unwrap();
+        let raw = paqet_testkit::netns::run("iptables", &["-t", "raw", "-S"]).unwrap();
         assert!(
             raw.contains(
                 "-A PREROUTING -p tcp -m tcp --dport 9999 -m comment --comment paqet-dp -j NOTRACK"
@@ -52,7 +52,7 @@ fn apply_and_remove_in_a_namespace() {
             ),
             "{raw}"
         );
-        let raw6 = paqet::io::netns::run("ip6tables", &["-t", "raw", "-S"]).unwrap();
+        let raw6 = paqet_testkit::netns::run("ip6tables", &["-t", "raw", "-S"]).unwrap();
         assert!(
             raw6.contains("--sport 9999 -m comment --comment paqet-dp -j NOTRACK"),
             "{raw6}"
@@ -69,12 +69,12 @@ fn apply_and_remove_in_a_namespace() {
         // Drop removes too.
         let g = apply(&server).expect("apply server rules");
         drop(g);
-        let raw = paqet::io::netns::run("iptables", &["-t", "raw", "-S"]).unwrap();
+        let raw = paqet_testkit::netns::run("iptables", &["-t", "raw", "-S"]).unwrap();
         assert!(
             !raw.contains("--dport 9999 -m comment"),
             "rules left after drop:\n{raw}"
         );
-        let mangle = paqet::io::netns::run("iptables", &["-t", "mangle", "-S"]).unwrap();
+        let mangle = paqet_testkit::netns::run("iptables", &["-t", "mangle", "-S"]).unwrap();
         assert!(
             !mangle.contains("paqet-dp"),
             "rules left after drop:\n{mangle}"

@@ -1,13 +1,11 @@
 //! Root-only: the impaired A—M—B link delays, drops and still carries TCP byte-exact
-//! (`paqet::tools::impair`). Skips with a message when not root.
+//! (`paqet_testkit::impair`). Skips with a message when not root.
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 
-use paqet::io::netns::is_root;
-use paqet::tools::impair::{ImpairedLink, LinkSpec};
-
-const RELAY: &str = env!("CARGO_BIN_EXE_paqet-impair");
+use paqet_testkit::impair::{ImpairedLink, LinkSpec};
+use paqet_testkit::netns::is_root;
 
 fn link(tag: &str, spec: LinkSpec) -> Option<ImpairedLink> {
     if !is_root() {
@@ -18,7 +16,8 @@ fn link(tag: &str, spec: LinkSpec) -> Option<ImpairedLink> {
         eprintln!("skipping: kernel has no nfnetlink_queue");
         return None;
     }
-    Some(ImpairedLink::with_relay_bin(tag, spec, Path::new(RELAY)).expect("impaired link"))
+    // The relay runs on a thread of this test inside the middle namespace.
+    Some(ImpairedLink::new(tag, spec).expect("impaired link"))
 }
 
 /// Result of a ping run.

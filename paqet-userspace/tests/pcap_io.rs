@@ -6,10 +6,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use paqet::io::netns::{is_root, Netns, VethPair};
 use paqet::io::pcap::{PcapConfig, PcapIo, TxMethod};
 use paqet::io::route;
 use paqet::io::PacketIo;
+use paqet_testkit::netns::{is_root, Netns, VethPair};
 
 /// Port the receiver listens on; frames to `PORT + 1` must be filtered out.
 const PORT: u16 = 7913;

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use paqet::config::Config;
-use paqet::io::netns::Netns;
 use paqet::ops::hub::MetricsHub;
 use paqet::ops::metrics::{DataPathMode, RoleLabel};
 use paqet::worker::xdp::{run_xdp_daemon, XdpOptions, XdpOutcome, XdpStop, XdpWant};
 use paqet_common::XdpCounter;
+use paqet_testkit::netns::Netns;
 use sha2::{Digest, Sha256};
 
 const MIB16: usize = 16 << 20;

@@ -12,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use paqet::io::netns::Netns;
+use paqet_testkit::netns::Netns;
 
 /// RSTs from the server's tunnel port during an 8 MiB download, with no iptables rules anywhere.
 fn rsts_without_rules(tag: &str, server: Mode) -> usize {

@@ -147,7 +147,7 @@ fn bench(args: &[String]) -> Result<()> {
                    Run `sudo -E cargo xtask bench tunnel`, or `cargo xtask bench micro` without root.");
         }
         if opts.bin.is_empty() {
-            build_release(&root, &["--bin", "paqet-dp"])?;
+            build_release(&root, "paqet-userspace", &["--bin", "paqet-dp"])?;
             opts.bin = root
                 .join("target/release/paqet-dp")
                 .to_string_lossy()
@@ -243,7 +243,7 @@ fn bench_wan(args: &[String]) -> Result<()> {
     }
     let root = root();
     if opts.bin.is_empty() {
-        build_release(&root, &["--bins"])?;
+        build_release(&root, "paqet-userspace", &["--bin", "paqet-dp"])?;
         opts.bin = root
             .join("target/release/paqet-dp")
             .to_string_lossy()
@@ -252,7 +252,7 @@ fn bench_wan(args: &[String]) -> Result<()> {
     opts.relay = match wan::relay_beside(&opts.bin) {
         Some(r) => r,
         None => {
-            build_release(&root, &["--bin", "paqet-impair"])?;
+            build_release(&root, "paqet-testkit", &["--bin", "paqet-impair"])?;
             root.join("target/release/paqet-impair")
                 .to_string_lossy()
                 .into_owned()
@@ -269,8 +269,9 @@ fn bench_wan(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `cargo build --release -p paqet-userspace ARGS` (e.g. `--bin paqet-dp`, `--bins`) with bpf-linker on the PATH.
-fn build_release(root: &Path, what: &[&str]) -> Result<()> {
+/// `cargo build --release -p PACKAGE ARGS` (e.g. `-p paqet-userspace --bin paqet-dp`, `-p paqet-testkit --bin
+/// paqet-impair`) with bpf-linker on the PATH.
+fn build_release(root: &Path, package: &str, what: &[&str]) -> Result<()> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     let path = std::env::var("PATH").unwrap_or_default();
     let on_path = std::env::split_paths(&path).any(|d| d.join("bpf-linker").is_file());
@@ -284,13 +285,13 @@ fn build_release(root: &Path, what: &[&str]) -> Result<()> {
     }
     let st = cmd
         .current_dir(root)
-        .args(["build", "--release", "-p", "paqet-userspace"])
+        .args(["build", "--release", "-p", package])
         .args(what)
         .status()
         .context("running cargo build --release")?;
     if !st.success() {
         bail!(
-            "cargo build --release -p paqet-userspace {} failed: {st}",
+            "cargo build --release -p {package} {} failed: {st}",
             what.join(" ")
         );
     }

@@ -1,70 +1,30 @@
-//! Small Linux helpers for the tunnel bench: network namespaces and a veth pair (created and deleted with
-//! `ip`), threads living inside a namespace, `/proc` readers (CPU ticks, VmRSS), RLIMIT_NOFILE, and a
-//! daemon child that is stopped (SIGTERM, then SIGKILL) when dropped.
-use std::ffi::CString;
+//! Small Linux helpers for the benches: network namespaces and veth pairs (those of `paqet-testkit`, named
+//! `pqb<pid>…`) with bench extras (CPU pinning, closures run inside a namespace, MAC addresses), `/proc`
+//! readers (CPU ticks, VmRSS), RLIMIT_NOFILE, and a daemon child that is stopped (SIGTERM, then SIGKILL)
+//! when dropped.
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+pub use paqet_testkit::netns::{is_root, Netns, VethPair};
 
-/// True when the effective uid is 0.
-pub fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
+/// A bench namespace `pqb<pid><tag>` with loopback up (deleted on drop).
+pub fn netns(tag: &str) -> Result<Netns> {
+    Netns::with_prefix("pqb", tag)
+        .with_context(|| format!("creating network namespace for {tag:?}"))
 }
 
-/// Runs `program args…`; returns stdout or an error naming the command and its stderr.
-pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A named network namespace (`ip netns add`), deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    /// Creates `pqb<pid><tag>` with loopback up, replacing a stale one of the same name.
-    pub fn new(tag: &str) -> Result<Self> {
-        let name = format!("pqb{}{}", std::process::id(), tag);
-        let _ = run("ip", &["netns", "del", &name]);
-        run("ip", &["netns", "add", &name])?;
-        let ns = Self { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// Runs a command inside the namespace; returns stdout.
-    pub fn exec(&self, cmd: &[&str]) -> Result<String> {
-        let mut args = vec!["netns", "exec", self.name.as_str()];
-        args.extend_from_slice(cmd);
-        run("ip", &args)
-    }
-
-    /// A command running `program` inside the namespace (`ip netns exec` execs in place, so the child's
-    /// pid is the program's pid).
-    pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-
+/// What the benches add to [`Netns`].
+pub trait NetnsExt {
     /// `program` inside this namespace, restricted to CPU `cpu` (through `taskset`) when given.
-    pub fn command_on(&self, cpu: Option<usize>, program: &str) -> Command {
+    fn command_on(&self, cpu: Option<usize>, program: &str) -> Command;
+    /// Runs `f` on a new thread inside the namespace and waits for its result.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T>;
+}
+
+impl NetnsExt for Netns {
+    fn command_on(&self, cpu: Option<usize>, program: &str) -> Command {
         match cpu {
             Some(c) => {
                 let mut cmd = self.command("taskset");
@@ -75,105 +35,33 @@ impl Netns {
         }
     }
 
-    /// Runs `f` on a new thread that stays inside this namespace (threads it spawns inherit it).
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T> + Send + 'static,
-    ) -> JoinHandle<Result<T>> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            enter(&path)?;
-            f()
-        })
-    }
-
-    /// Runs `f` inside the namespace and waits for its result.
-    pub fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T> + Send + 'static,
-    ) -> Result<T> {
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
         match self.spawn(f).join() {
-            Ok(r) => r,
-            Err(_) => bail!("thread inside netns {} panicked", self.name),
+            Ok(r) => r.with_context(|| format!("entering netns {}", self.name()))?,
+            Err(_) => bail!("thread inside netns {} panicked", self.name()),
         }
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
-            eprintln!("warning: cannot delete netns {}: {e:#}", self.name);
-        }
+/// A veth pair `a` (in `ns_a`) — `b` (in `ns_b`) with the given MACs and addresses, up; deleted on drop.
+#[allow(clippy::too_many_arguments)]
+pub fn veth(
+    a: &str,
+    b: &str,
+    ns_a: &Netns,
+    ns_b: &Netns,
+    mac_a: &str,
+    mac_b: &str,
+    cidr_a: &str,
+    cidr_b: &str,
+) -> Result<VethPair> {
+    let v = VethPair::new(a, b, ns_a, ns_b).with_context(|| format!("veth {a}—{b}"))?;
+    for (ns, dev, mac) in [(ns_a, a, mac_a), (ns_b, b, mac_b)] {
+        ns.exec(&["ip", "link", "set", dev, "address", mac])?;
     }
-}
-
-/// Moves the calling thread into the network namespace at `path` for the rest of its life.
-fn enter(path: &str) -> Result<()> {
-    let c = CString::new(path).context("netns path")?;
-    // SAFETY: valid C string; the fd is closed below.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        bail!("cannot open {path}: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a namespace file; CLONE_NEWNET only affects this thread.
-    let r = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd) };
-    if r < 0 {
-        bail!("setns({path}): {err}");
-    }
-    Ok(())
-}
-
-/// A veth pair with one end in each namespace, deleted on drop.
-pub struct Veth {
-    pub a: String,
-    pub b: String,
-    ns_a: String,
-}
-
-impl Veth {
-    /// Creates `a` in `ns_a` and `b` in `ns_b`, sets MACs and addresses, brings both up.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        a: &str,
-        b: &str,
-        ns_a: &Netns,
-        ns_b: &Netns,
-        mac_a: &str,
-        mac_b: &str,
-        cidr_a: &str,
-        cidr_b: &str,
-    ) -> Result<Self> {
-        run(
-            "ip",
-            &[
-                "link", "add", a, "netns", &ns_a.name, "type", "veth", "peer", "name", b, "netns",
-                &ns_b.name,
-            ],
-        )?;
-        let v = Self {
-            a: a.into(),
-            b: b.into(),
-            ns_a: ns_a.name.clone(),
-        };
-        for (ns, dev, mac, cidr) in [(ns_a, a, mac_a, cidr_a), (ns_b, b, mac_b, cidr_b)] {
-            ns.exec(&["ip", "link", "set", dev, "address", mac])?;
-            ns.exec(&["ip", "addr", "add", cidr, "dev", dev])?;
-            ns.exec(&["ip", "link", "set", dev, "up"])?;
-        }
-        Ok(v)
-    }
-}
-
-impl Drop for Veth {
-    fn drop(&mut self) {
-        let _ = run(
-            "ip",
-            &["netns", "exec", &self.ns_a, "ip", "link", "del", &self.a],
-        );
-    }
+    v.configure(ns_a, ns_b, cidr_a, cidr_b, false)
+        .with_context(|| format!("addresses of veth {a}—{b}"))?;
+    Ok(v)
 }
 
 /// Raises RLIMIT_NOFILE (soft and hard) to at least `want` (root may raise the hard limit); children inherit it.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::flood;
-use crate::sys::{self, Daemon, Netns, TempDir, Veth};
+use crate::sys::{self, Daemon, Netns, NetnsExt, TempDir, VethPair};
 
 const PORT: u16 = 9999;
 const SOURCE_PORT: u16 = 5201;
@@ -228,7 +228,7 @@ pub fn idle_target_main(port: &str) -> Result<()> {
 
 /// Namespaces, veth and target servers. Field order = drop order: the veth goes before the namespaces.
 struct Topo {
-    veth: Veth,
+    veth: VethPair,
     ns_c: Netns,
     ns_s: Netns,
     ip_c: Ipv4Addr,
@@ -241,9 +241,9 @@ impl Topo {
         let pid = std::process::id();
         let k = (pid % 250 + 1) as u8;
         let (ip_c, ip_s) = (Ipv4Addr::new(10, 217, k, 1), Ipv4Addr::new(10, 217, k, 2));
-        let ns_c = Netns::new("c")?;
-        let ns_s = Netns::new("s")?;
-        let veth = Veth::new(
+        let ns_c = sys::netns("c")?;
+        let ns_s = sys::netns("s")?;
+        let veth = sys::veth(
             &format!("pb{pid}c"),
             &format!("pb{pid}s"),
             &ns_c,

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::sys::{self, Daemon, Netns, TempDir, Veth};
+use crate::sys::{self, Daemon, Netns, NetnsExt, TempDir, VethPair};
 use crate::tunnel::{self, Front, Proc};
 
 /// The target in the server namespace: first byte `S` = endless source (`B`: with TCP congestion control bbr,
@@ -282,8 +282,8 @@ fn parse_lag(line: &str, at: Instant) -> Option<LagSample> {
 /// the veths, then the namespaces.
 struct Topo {
     relay: Option<Relay>,
-    _cm: Veth,
-    _ms: Veth,
+    _cm: VethPair,
+    _ms: VethPair,
     ns_c: Netns,
     ns_m: Netns,
     ns_s: Netns,
@@ -302,16 +302,16 @@ impl Topo {
         let k = (pid % 250 + 1) as u8;
         let (ip_c, ip_mc) = (Ipv4Addr::new(10, 218, k, 1), Ipv4Addr::new(10, 218, k, 254));
         let (ip_s, ip_ms) = (Ipv4Addr::new(10, 219, k, 1), Ipv4Addr::new(10, 219, k, 254));
-        let ns_c = Netns::new("wc")?;
-        let ns_m = Netns::new("wm")?;
-        let ns_s = Netns::new("ws")?;
+        let ns_c = sys::netns("wc")?;
+        let ns_m = sys::netns("wm")?;
+        let ns_s = sys::netns("ws")?;
         let (c_if, mc_if, ms_if, s_if) = (
             format!("pw{pid}c"),
             format!("pw{pid}mc"),
             format!("pw{pid}ms"),
             format!("pw{pid}s"),
         );
-        let cm = Veth::new(
+        let cm = sys::veth(
             &c_if,
             &mc_if,
             &ns_c,
@@ -321,7 +321,7 @@ impl Topo {
             &format!("{ip_c}/24"),
             &format!("{ip_mc}/24"),
         )?;
-        let ms = Veth::new(
+        let ms = sys::veth(
             &ms_if,
             &s_if,
             &ns_m,

@@ -6,7 +6,8 @@
 //! one, a [`Status`] and the command that changes it.
 //!
 //! Network-namespace aware: sysctls under `net.` and the NIC queries are made by the calling
-//! thread, so a thread that entered a namespace (see [`crate::io::netns`]) checks that namespace.
+//! thread, so a thread that entered a namespace (`setns(2)`; the tests use `paqet_testkit::netns`) checks
+//! that namespace.
 
 pub mod ethtool;
 pub mod host;

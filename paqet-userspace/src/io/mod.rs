@@ -6,11 +6,9 @@
 //! - [`pcap`]: libpcap capture + AF_PACKET (or pcap) injection, like upstream paqet.
 //! - [`mem`]: an in-memory pair for simulated tests, with seeded loss.
 //! - [`route`]: kernel lookups (MAC, addresses, next hop, neighbour MAC, ifindex, MTU) over rtnetlink.
-//! - [`netns`]: network-namespace helpers for root-only tests.
 
 pub mod afxdp;
 pub mod mem;
-pub mod netns;
 pub mod pcap;
 pub mod route;
 pub mod steer;

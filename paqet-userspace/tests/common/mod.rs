@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use paqet::io::netns::{is_root, Netns, VethPair};
 use paqet::tools::firewall::{self, FirewallRole};
-use paqet::tools::impair::{ImpairedLink, LinkSpec};
+use paqet_testkit::impair::{ImpairedLink, LinkSpec};
+use paqet_testkit::netns::{is_root, Netns, VethPair};
 use sha2::{Digest, Sha256};
 
 /// The daemon under test.
@@ -34,8 +34,6 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_paqet-dp");
 pub fn bin() -> String {
     std::env::var("PAQET_DP_BIN").unwrap_or_else(|_| BIN.to_owned())
 }
-/// The impairment relay (NFQUEUE) binary.
-pub const RELAY: &str = env!("CARGO_BIN_EXE_paqet-impair");
 /// The shared secret both daemons use unless a test says otherwise.
 pub const KEY: &str = "paqet-dp-e2e-test-key";
 /// The server's tunnel port.
@@ -315,8 +313,8 @@ impl Net {
 
     /// Client (A) and server (B) routed through a middle namespace M that impairs the path per `spec`.
     pub fn impaired(tag: &str, spec: LinkSpec) -> Net {
-        let link =
-            ImpairedLink::with_relay_bin(tag, spec, Path::new(RELAY)).expect("impaired link");
+        // The NFQUEUE relay runs on a thread of this test process inside M, stopped when the link drops.
+        let link = ImpairedLink::new(tag, spec).expect("impaired link");
         let m_a_if = if_with_addr(&link.m, link.m_a_ip);
         let m_b_if = if_with_addr(&link.m, link.m_b_ip);
         let client_gw_mac = if_mac(&link.m, &m_a_if);

@@ -11,33 +11,41 @@
 //!
 //! M routes between A and B (`ip_forward=1`; A and B have a default route via M). In M's FORWARD
 //! chain, `-m statistic --mode random --probability p -j DROP` drops `loss_pct` % of the packets of
-//! each direction, and every surviving packet goes to an NFQUEUE. The `paqet-impair` binary (spawned
-//! inside M, killed on drop) binds that queue over raw netlink and issues each packet's ACCEPT verdict
-//! `delay ± jitter` ms after it arrived; verdicts are issued in due-time order, not arrival order, so
-//! jitter larger than the packet spacing reorders packets (without jitter and duplication packets fall due
-//! in the kernel's id order, and one batch verdict per wake-up accepts all that are due). Duplication: NFQUEUE cannot reinject a
-//! packet, so the relay sends a copy of a `dup_pct` % share of IPv4 packets through a raw
+//! each direction, and every surviving packet goes to an NFQUEUE. The relay ([`run_relay`]) binds that
+//! queue over raw netlink and issues each packet's ACCEPT verdict `delay ± jitter` ms after it arrived;
+//! verdicts are issued in due-time order, not arrival order, so jitter larger than the packet spacing
+//! reorders packets (without jitter and duplication packets fall due in the kernel's id order, and one
+//! batch verdict per wake-up accepts all that are due). Duplication: NFQUEUE cannot reinject a packet,
+//! so the relay sends a copy of a `dup_pct` % share of IPv4 packets through a raw
 //! `IPPROTO_RAW` socket in M at its own due time; the kernel routes it out towards its destination
 //! (the copy traverses M's OUTPUT path, not FORWARD, so it is not queued again and its TTL is not
 //! decremented). The queue is not fail-open: if the relay dies, forwarded traffic stops (a loud
 //! failure rather than a silently unimpaired link).
 //!
+//! The relay runs on a thread of the calling process that entered M ([`ImpairedLink::new`], stopped and
+//! joined on drop), or as the `paqet-impair` binary of this crate spawned inside M
+//! ([`ImpairedLink::with_relay_bin`], killed on drop). Both run the same [`run_relay`] with the same settings.
+//!
 //! Delay applies per direction, so a round trip takes at least `2 × delay_ms`. The iptables loss is
 //! drawn from the kernel's PRNG; `seed` drives the relay's jitter and duplication draws. All names
 //! include the process id; veth TX checksum offload is off on every end.
+use std::cell::Cell;
 use std::collections::BinaryHeap;
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use thiserror::Error;
 
-use crate::io::netns::{Netns, VethPair};
+use crate::netns::{Netns, VethPair};
 
 /// Errors of the impaired link and of the relay.
 #[derive(Debug, Error)]
@@ -56,6 +64,8 @@ pub enum ImpairError {
         #[source]
         source: std::io::Error,
     },
+    #[error("relay thread: {0}")]
+    RelayThread(String),
     #[error("relay did not report ready: {0}")]
     RelayNotReady(String),
     #[error("nfqueue {op} failed: {source}")]
@@ -102,10 +112,30 @@ impl LinkSpec {
 /// NFQUEUE number used in M (queues are per network namespace).
 const QUEUE_NUM: u16 = 7;
 
+/// Kernel queue length of the relay (the `paqet-impair` default).
+const QUEUE_MAX_LEN: u32 = 65536;
+
+/// How long building the link waits for the relay thread to bind its queue.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long dropping the link waits for the relay thread to notice its stop flag (it checks every 200 ms).
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The relay of a running link.
+enum RelayRunner {
+    /// [`run_relay`] on a thread inside M; set `stop` and join it to end it.
+    Thread {
+        stop: Arc<AtomicBool>,
+        handle: JoinHandle<std::io::Result<Result<(), ImpairError>>>,
+    },
+    /// A `paqet-impair` process inside M (`ip netns exec` execs in place: the pid is the relay's).
+    Process(Child),
+}
+
 /// Three namespaces A — M — B with an impaired, routed path between A and B (see the module docs).
 /// Dropping it stops the relay and deletes the veths and namespaces.
 pub struct ImpairedLink {
-    relay: Option<Child>,
+    relay: Option<RelayRunner>,
     // Field order = drop order: the veths go before their namespaces.
     _am: VethPair,
     _mb: VethPair,
@@ -127,19 +157,22 @@ pub struct ImpairedLink {
 }
 
 impl ImpairedLink {
-    /// Builds the link; the relay binary is found with [`relay_binary`].
+    /// Builds the link with the relay on a thread of this process inside M (no binary needed). `tag`
+    /// (≤ 6 bytes) keeps namespaces and interfaces of parallel links apart.
     pub fn new(tag: &str, spec: LinkSpec) -> Result<Self, ImpairError> {
-        let bin = relay_binary()?;
-        Self::with_relay_bin(tag, spec, &bin)
+        Self::build(tag, spec, None)
     }
 
-    /// Builds the link using the `paqet-impair` binary at `relay_bin`. `tag` (≤ 6 bytes) keeps
-    /// namespaces and interfaces of parallel links apart.
+    /// Builds the link with the relay running as the `paqet-impair` binary at `relay_bin`, spawned inside M.
     pub fn with_relay_bin(
         tag: &str,
         spec: LinkSpec,
         relay_bin: &Path,
     ) -> Result<Self, ImpairError> {
+        Self::build(tag, spec, Some(relay_bin))
+    }
+
+    fn build(tag: &str, spec: LinkSpec, relay_bin: Option<&Path>) -> Result<Self, ImpairError> {
         spec.validate()?;
         let pid = std::process::id();
         let ifname = |end: &str| format!("{tag}{pid}{end}");
@@ -200,7 +233,10 @@ impl ImpairedLink {
             m_b_ip,
         };
         if needs_relay {
-            link.start_relay(spec, relay_bin)?;
+            match relay_bin {
+                Some(bin) => link.start_relay_process(spec, bin)?,
+                None => link.start_relay_thread(spec)?,
+            }
             let q = QUEUE_NUM.to_string();
             link.m
                 .exec(&[
@@ -225,7 +261,67 @@ impl ImpairedLink {
         Ok(link)
     }
 
-    fn start_relay(&mut self, spec: LinkSpec, bin: &Path) -> Result<(), ImpairError> {
+    /// Runs [`run_relay`] on a thread inside M and waits until it has bound the queue.
+    fn start_relay_thread(&mut self, spec: LinkSpec) -> Result<(), ImpairError> {
+        let cfg = RelayConfig {
+            queue: QUEUE_NUM,
+            delay_ms: spec.delay_ms,
+            jitter_ms: spec.jitter_ms,
+            dup_pct: spec.dup_pct,
+            seed: spec.seed,
+            max_len: QUEUE_MAX_LEN,
+            stats_every: None,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let (tx, rx) = mpsc::channel();
+        let handle = self.m.spawn(move || {
+            let bound = Cell::new(false);
+            let r = run_relay(
+                cfg,
+                || {
+                    bound.set(true);
+                    let _ = tx.send(());
+                },
+                &flag,
+            );
+            if let Err(e) = &r {
+                if bound.get() {
+                    // Forwarded traffic stops with the relay (the queue is not fail-open): say why now.
+                    eprintln!("impaired link: relay stopped: {e}");
+                }
+            }
+            r
+        });
+        match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(()) => {
+                self.relay = Some(RelayRunner::Thread { stop, handle });
+                Ok(())
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Drop sets the flag and waits (bounded) for the thread.
+                self.relay = Some(RelayRunner::Thread { stop, handle });
+                Err(ImpairError::RelayNotReady(format!(
+                    "the queue was not bound within {READY_TIMEOUT:?}"
+                )))
+            }
+            // The thread ended before binding the queue: its result says why.
+            Err(mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
+                Ok(Ok(Err(e))) => Err(e),
+                Ok(Err(e)) => Err(ImpairError::Setup {
+                    step: "enter namespace M for the relay thread".into(),
+                    source: e,
+                }),
+                Ok(Ok(Ok(()))) => Err(ImpairError::RelayNotReady(
+                    "the relay returned before binding the queue".into(),
+                )),
+                Err(_) => Err(ImpairError::RelayThread("panicked".into())),
+            },
+        }
+    }
+
+    /// Spawns the `paqet-impair` binary inside M and waits for its `ready` line.
+    fn start_relay_process(&mut self, spec: LinkSpec, bin: &Path) -> Result<(), ImpairError> {
         let mut cmd = self.m.command(&bin.to_string_lossy());
         cmd.args([
             "--queue".to_string(),
@@ -249,7 +345,7 @@ impl ImpairedLink {
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut line = String::new();
         let read = BufReader::new(stdout).read_line(&mut line);
-        self.relay = Some(child);
+        self.relay = Some(RelayRunner::Process(child));
         match read {
             Ok(_) if line.trim() == "ready" => Ok(()),
             Ok(_) => Err(ImpairError::RelayNotReady(format!(
@@ -263,38 +359,32 @@ impl ImpairedLink {
 
 impl Drop for ImpairedLink {
     fn drop(&mut self) {
-        if let Some(mut c) = self.relay.take() {
-            // `ip netns exec` execs the relay in place, so this pid is the relay itself.
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Finds the `paqet-impair` binary: `$PAQET_IMPAIR_BIN`, else next to the current executable or one
-/// directory up (where cargo puts binaries relative to test executables in `deps/`).
-pub fn relay_binary() -> Result<PathBuf, ImpairError> {
-    if let Some(p) = std::env::var_os("PAQET_IMPAIR_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().map_err(setup("locate the current executable"))?;
-    let mut dir = exe.parent();
-    for _ in 0..2 {
-        if let Some(d) = dir {
-            let cand = d.join("paqet-impair");
-            if cand.is_file() {
-                return Ok(cand);
+        match self.relay.take() {
+            None => {}
+            Some(RelayRunner::Process(mut c)) => {
+                // `ip netns exec` execs the relay in place, so this pid is the relay itself.
+                let _ = c.kill();
+                let _ = c.wait();
             }
-            dir = d.parent();
+            Some(RelayRunner::Thread { stop, handle }) => {
+                stop.store(true, Ordering::Relaxed);
+                let deadline = Instant::now() + STOP_TIMEOUT;
+                while !handle.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if !handle.is_finished() {
+                    eprintln!(
+                        "impaired link: the relay thread did not stop within {STOP_TIMEOUT:?}; left detached"
+                    );
+                    return;
+                }
+                // A relay error after binding was already reported by the thread.
+                if handle.join().is_err() {
+                    eprintln!("impaired link: the relay thread panicked");
+                }
+            }
         }
     }
-    Err(ImpairError::RelaySpawn {
-        path: PathBuf::from("paqet-impair"),
-        source: std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "not next to the current executable; build it or set PAQET_IMPAIR_BIN",
-        ),
-    })
 }
 
 // ------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-//! `paqet-impair`: the userspace half of the impaired test link (see `paqet::tools::impair`).
+//! `paqet-impair`: the userspace half of the impaired test link (see `paqet_testkit::impair`).
 //!
 //! Run inside the middle namespace, with an `iptables -A FORWARD -j NFQUEUE --queue-num N` rule: it
 //! binds queue N and accepts each packet after `delay ± jitter` ms (out-of-order verdicts reorder), and
@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use paqet::tools::impair::{run_relay, RelayConfig};
+use paqet_testkit::impair::{run_relay, RelayConfig};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -1,4 +1,4 @@
-//! Network-namespace helpers for root-only tests (integration tests and later daemon tests).
+//! Network-namespace helpers for root-only tests and the benchmarks (`xtask`).
 //!
 //! - [`Netns`]: a named namespace (`ip netns add`), deleted on drop.
 //! - [`NetnsGuard`]: moves the *current thread* into a namespace with `setns(2)` and moves it back
@@ -49,7 +49,13 @@ impl Netns {
     /// Creates namespace `pq<pid><tag>` with its loopback up. A stale namespace of the same name
     /// (left by a killed run with the same pid) is replaced.
     pub fn new(tag: &str) -> std::io::Result<Self> {
-        let name = format!("pq{}{}", std::process::id(), tag);
+        Self::with_prefix("pq", tag)
+    }
+
+    /// Like [`Netns::new`] with another prefix: `<prefix><pid><tag>` (the benchmarks use `pqb`, so the test
+    /// script's cleanup of stale `pq<digits>` namespaces leaves a running benchmark alone).
+    pub fn with_prefix(prefix: &str, tag: &str) -> std::io::Result<Self> {
+        let name = format!("{prefix}{}{tag}", std::process::id());
         let _ = run("ip", &["netns", "del", &name]);
         run("ip", &["netns", "add", &name])?;
         let ns = Self { name };

@@ -1,0 +1,11 @@
+//! Test-only helpers of paqet-dp, kept out of the shipped `paqet` library and the `paqet-dp` binary.
+//!
+//! - [`netns`]: network namespaces, threads inside them (`setns(2)`) and veth pairs for root-only tests and
+//!   the benchmarks.
+//! - [`impair`]: a three-namespace link with delay, jitter, reordering, loss and duplication for fault tests;
+//!   its NFQUEUE relay runs on a thread inside the middle namespace ([`impair::ImpairedLink::new`]) or as the
+//!   `paqet-impair` binary of this crate (manual use, `cargo xtask bench wan`).
+//!
+//! `paqet-userspace` uses this crate as a dev-dependency only; `xtask` uses it for its namespaces.
+pub mod impair;
+pub mod netns;
