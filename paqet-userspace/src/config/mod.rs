@@ -9,6 +9,7 @@
 mod build;
 mod keys;
 pub mod raw;
+mod read;
 mod schema;
 mod types;
 
