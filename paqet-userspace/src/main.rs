@@ -118,6 +118,12 @@ enum ConfigCmd {
     Check { file: PathBuf },
     /// Convert an upstream paqet YAML file to paqet-dp TOML (printed on stdout).
     Import { file: PathBuf },
+    /// Print every configuration key with its type, default, allowed values and meaning.
+    Keys {
+        /// Print the Markdown table of docs/configuration.md instead.
+        #[arg(long)]
+        markdown: bool,
+    },
 }
 
 /// Installs the log subscriber at `level` (upstream's names); `PAQET_LOG` (an `EnvFilter`) overrides.
@@ -420,6 +426,12 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Cmd::Config {
             cmd: ConfigCmd::Check { file },
         } => config_check(&file),
+        Cmd::Config {
+            cmd: ConfigCmd::Keys { markdown },
+        } => {
+            print!("{}", paqet::config::render_keys(markdown));
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Config {
             cmd: ConfigCmd::Import { file },
         } => {

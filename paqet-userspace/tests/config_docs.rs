@@ -1,9 +1,10 @@
-//! `docs/configuration.md` against the code: the key table lists exactly the schema's keys with their
-//! types, defaults and ranges, and every TOML example in the doc is a valid configuration.
+//! `docs/configuration.md` against the code: the doc's key table lists exactly the keys of the code's key
+//! table (`config/keys.rs`, which drives validation) with their types, defaults, ranges and meanings, in the
+//! same order; and every TOML example in the doc is a valid configuration.
 
 use std::collections::BTreeSet;
 
-use paqet::config::{key_info, schema, CcAlgorithm, Config, Role};
+use paqet::config::{key_info, render_keys, schema, CcAlgorithm, Config, Role};
 
 fn doc() -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
@@ -64,14 +65,17 @@ fn key_table_matches_schema() {
         if ty != info.type_text {
             problems.push(format!("{key}: doc type {ty:?}, code {:?}", info.type_text));
         }
-        if default != info.default {
+        if *default != info.default_text() {
             problems.push(format!(
                 "{key}: doc default {default:?}, code {:?}",
-                info.default
+                info.default_text()
             ));
         }
-        if range != info.range {
-            problems.push(format!("{key}: doc range {range:?}, code {:?}", info.range));
+        if *range != info.range_text() {
+            problems.push(format!(
+                "{key}: doc range {range:?}, code {:?}",
+                info.range_text()
+            ));
         }
     }
     for info in schema() {
@@ -88,6 +92,30 @@ fn key_table_matches_schema() {
         problems.join("\n")
     );
     assert_eq!(rows.len(), schema().len());
+}
+
+#[test]
+fn key_table_is_the_rendered_code_table_in_order() {
+    // The whole table, header included, is what `paqet-dp config keys --markdown` prints.
+    let doc = doc();
+    let start = doc
+        .find("| key | type | default |")
+        .expect("the key table header");
+    let table: String = doc[start..]
+        .lines()
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let rendered = render_keys(true);
+    if table != rendered {
+        let first = table
+            .lines()
+            .zip(rendered.lines())
+            .find(|(d, c)| d != c)
+            .map(|(d, c)| format!("first difference:\n  doc:  {d}\n  code: {c}"))
+            .unwrap_or_else(|| "the tables differ in length".to_string());
+        panic!("docs/configuration.md key table is not `paqet-dp config keys --markdown`; {first}");
+    }
 }
 
 #[test]
@@ -258,10 +286,11 @@ transport.kcp.key = "k"
             .parse()
             .expect("own TOML parses");
         for info in schema() {
-            if info.path.contains("[]") || info.default.starts_with('—') {
+            let default = info.default_text();
+            if info.path.contains("[]") || default.starts_with('—') {
                 continue;
             }
-            let mut expected = info.default.to_string();
+            let mut expected = default;
             // "X (TOML), Y (imported YAML)": these configs are TOML.
             if let Some((toml_default, _)) = expected.split_once(" (TOML)") {
                 expected = toml_default.to_string();
@@ -277,12 +306,45 @@ transport.kcp.key = "k"
                 other => other.to_string(),
             };
             assert_eq!(
-                shown, expected,
+                shown,
+                expected,
                 "{role}: default of {} (schema text {:?})",
-                info.path, info.default
+                info.path,
+                info.default_text()
             );
             checked += 1;
         }
     }
     assert!(checked >= 60, "only {checked} defaults checked");
+}
+
+#[test]
+fn config_keys_command_prints_the_table() {
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_paqet-dp"))
+            .args(args)
+            .env_remove("PAQET_LOG")
+            .output()
+            .expect("running paqet-dp");
+        assert!(
+            o.status.success(),
+            "paqet-dp {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).expect("utf-8 output")
+    };
+    let markdown = run(&["config", "keys", "--markdown"]);
+    assert_eq!(markdown, render_keys(true));
+    assert!(doc().contains(&markdown), "doc lacks the printed table");
+    let plain = run(&["config", "keys"]);
+    for info in schema() {
+        let head = plain
+            .lines()
+            .find(|l| l.split("  (").next() == Some(info.path))
+            .unwrap_or_else(|| panic!("{} not printed", info.path));
+        assert!(head.contains(info.type_text), "{head}");
+    }
+    assert!(plain.contains(
+        "transport.kcp.mtu  (integer (bytes))\n    default: 1350\n    allowed: 50..=1500\n"
+    ));
 }

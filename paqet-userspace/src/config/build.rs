@@ -1,349 +1,73 @@
 //! Defaults per role and value validation: [`RawConfig`] → [`Config`], collecting every problem; and the
 //! reverse mapping used by `Config::to_toml_string`.
+//!
+//! Every default, bound and "must be …" text comes from the key table ([`super::keys`]) through the
+//! per-key readers of `read.rs`; [`build`] is a sequence of one small function per section, each reporting
+//! in the order the keys are documented.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::str::FromStr;
 
+use super::keys::{info, Allowed, PORT_RANGE};
 use super::raw::*;
-use super::schema::{info, Issues, Mode};
-use super::types::{CpuPin, BLOCK_MODES, TCP_FLAG_LETTERS};
+use super::read::{must, q, Ctx};
+use super::schema::{Issues, Mode};
 use super::{
     CcAlgorithm, Config, FamilyConfig, ForwardProtocol, ForwardRule, HostPort, HttpListener,
-    IoBackend, IoConfig, KcpConfig, KcpMode, Limit, LogLevel, MacAddr, NetworkConfig, Role,
-    Socks5Listener, TransportConfig, MAX_WND,
+    IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, Role, Socks5Listener,
+    TransportConfig,
 };
 use crate::proto::cc::parse_bandwidth;
 
-const MIB: i64 = 1024 * 1024;
-/// Default `transport.kcp.window_mem`.
-const WINDOW_MEM_DEFAULT: i64 = 32 * MIB;
-
-/// Quotes a string value for messages the way TOML writes it.
-fn q(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
-}
-
-/// The "must be …" message for a key, from the schema's range text.
-fn must(path: &str) -> String {
-    format!("must be {}", info(path).range)
-}
-
-/// An integer key with a default and an inclusive range; out-of-range → error and the default.
-fn int(is: &mut Issues, path: &str, v: Option<i64>, default: i64, lo: i64, hi: i64) -> i64 {
-    match v {
-        None => default,
-        Some(x) if (lo..=hi).contains(&x) => x,
-        Some(x) => {
-            is.error(path, Some(x.to_string()), must(path));
-            default
-        }
+impl Ctx<'_> {
+    /// `role` (required).
+    fn role(&mut self, raw: &RawConfig) {
+        self.role = self.required_choice("role", "role", raw.role.as_ref());
     }
-}
 
-/// A limit key: -1 = unlimited, else 1..=hi.
-fn limit(is: &mut Issues, path: &str, v: Option<i64>, default: u32, hi: i64) -> Limit {
-    match v {
-        None => Some(default),
-        Some(-1) => None,
-        Some(x) if (1..=hi).contains(&x) => Some(x as u32),
-        Some(x) => {
-            is.error(path, Some(x.to_string()), must(path));
-            Some(default)
-        }
-    }
-}
-
-/// A KCP window key: an integer 1..=32768 is a fixed window, `"auto"` an auto-tuned one starting at
-/// `default`; unset = `default`, auto-tuned when `unset_auto` (TOML) and fixed otherwise (imported YAML
-/// keeps upstream's window). Returns `(window, auto)`.
-fn window(
-    is: &mut Issues,
-    path: &str,
-    v: Option<&IntOrString>,
-    default: u32,
-    unset_auto: bool,
-) -> (u32, bool) {
-    match v {
-        None => (default, unset_auto),
-        Some(IntOrString::Int(x)) if (1..=i64::from(MAX_WND)).contains(x) => (*x as u32, false),
-        Some(IntOrString::Str(s)) if s == "auto" => (default, true),
-        Some(other) => {
-            is.error(path, Some(other.to_string()), must(path));
-            (default, unset_auto)
-        }
-    }
-}
-
-fn window_raw(wnd: u32, auto: bool) -> Option<IntOrString> {
-    Some(if auto {
-        IntOrString::Str("auto".to_string())
-    } else {
-        IntOrString::Int(i64::from(wnd))
-    })
-}
-
-/// A string enum key with an optional default.
-fn enumv<T: FromStr<Err = String>>(
-    is: &mut Issues,
-    path: &str,
-    v: Option<&String>,
-    default: Option<T>,
-) -> Option<T> {
-    match v {
-        None => default,
-        Some(s) => match s.parse() {
-            Ok(t) => Some(t),
-            Err(e) => {
-                is.error(path, Some(q(s)), e);
-                default
+    /// `listen.addr` (server) / `server.addr` (client).
+    fn addresses(&mut self, raw: &RawConfig) -> (Option<HostPort>, Option<HostPort>) {
+        let listen_raw = raw.listen.as_ref().and_then(|l| l.addr.as_ref());
+        let listen = if self.server() {
+            self.endpoint("listen.addr", listen_raw, true)
+        } else {
+            if listen_raw.is_some() && self.client() {
+                self.wrong_role("listen.addr", Role::Server);
             }
-        },
-    }
-}
-
-/// A `host:port` with port 1..=65535; `disp` is the displayed path (array index included).
-fn endpoint(is: &mut Issues, disp: &str, v: Option<&String>, required: bool) -> Option<HostPort> {
-    let Some(s) = v else {
-        if required {
-            is.error(disp, None, "required (host:port)");
-        }
-        return None;
-    };
-    match HostPort::parse(s) {
-        Ok(hp) if hp.port != 0 => Some(hp),
-        Ok(_) => {
-            is.error(disp, Some(q(s)), "port must be 1..=65535");
             None
-        }
-        Err(e) => {
-            is.error(
-                disp,
-                Some(q(s)),
-                format!("{e}; expected host:port with port 1..=65535"),
-            );
-            None
-        }
-    }
-}
-
-/// Reports a key set for the wrong role: error in TOML, ignored with a warning in imported YAML.
-fn wrong_role(is: &mut Issues, mode: Mode, path: &str, role: Role, only: Role) {
-    let msg = match mode {
-        Mode::Strict => format!("only valid for role {only} (this config is role {role})"),
-        Mode::Lenient => format!("ignored: only used by role {only} (this config is role {role})"),
-    };
-    is.strict(mode, path, None, msg);
-}
-
-fn flags(is: &mut Issues, path: &str, v: Option<&Vec<String>>) -> Vec<String> {
-    let default = vec!["PA".to_string()];
-    let Some(list) = v else { return default };
-    if list.is_empty() {
-        return default;
-    }
-    if list.len() > 64 {
-        is.error(path, Some(format!("[…{} entries]", list.len())), must(path));
-        return default;
-    }
-    let mut ok = true;
-    for (i, entry) in list.iter().enumerate() {
-        let disp = format!("{path}[{i}]");
-        if entry.is_empty() {
-            is.error(
-                disp,
-                Some(q(entry)),
-                "empty flag string; use letters F S R P A U E C N",
-            );
-            ok = false;
-        } else if let Some(bad) = entry.chars().find(|c| !TCP_FLAG_LETTERS.contains(*c)) {
-            is.error(
-                disp,
-                Some(q(entry)),
-                format!("{bad:?} is not a TCP flag letter; allowed F S R P A U E C N"),
-            );
-            ok = false;
-        }
-    }
-    if ok {
-        list.clone()
-    } else {
-        default
-    }
-}
-
-/// Parses one `network.ipv4`/`ipv6` table.
-fn family<A: Copy>(
-    is: &mut Issues,
-    fam: &str,
-    raw: &RawFamily,
-    role: Option<Role>,
-    pick: impl Fn(IpAddr) -> Option<A>,
-) -> FamilyConfig<A> {
-    let path = format!("network.{fam}.addr");
-    let mut out = FamilyConfig {
-        ip: None,
-        port: 0,
-        router_mac: None,
-    };
-    match &raw.addr {
-        None => {
-            if role == Some(Role::Server) {
-                is.error(
-                    &path,
-                    None,
-                    "required for a server: its port is the port the server listens on",
-                );
+        };
+        let server_raw = raw.server.as_ref().and_then(|s| s.addr.as_ref());
+        let server = if self.client() {
+            self.endpoint("server.addr", server_raw, true)
+        } else {
+            if server_raw.is_some() && self.server() {
+                self.wrong_role("server.addr", Role::Client);
             }
-        }
-        Some(s) => match HostPort::parse(s) {
-            Err(e) => is.error(
-                &path,
-                Some(q(s)),
-                format!("{e}; expected {}", info(&path).range),
-            ),
-            Ok(hp) => {
-                out.port = hp.port;
-                if role == Some(Role::Server) && hp.port == 0 {
-                    is.error(&path, Some(q(s)), "a server needs a fixed port 1..=65535");
-                }
-                if !hp.host.is_empty() {
-                    match hp.ip() {
-                        Some(ip) if ip.is_unspecified() => {}
-                        Some(ip) => match pick(ip) {
-                            Some(a) => out.ip = Some(a),
-                            None => is.error(
-                                &path,
-                                Some(q(s)),
-                                format!("must be an {fam} address; {}", info(&path).range),
-                            ),
-                        },
-                        None => is.error(
-                            &path,
-                            Some(q(s)),
-                            format!("host must be an IP literal; {}", info(&path).range),
-                        ),
-                    }
+            None
+        };
+        (listen, server)
+    }
+
+    /// Client front ends: `socks5[]`, `forward[]`, `http[]`.
+    fn front_ends(
+        &mut self,
+        raw: &RawConfig,
+    ) -> (Vec<Socks5Listener>, Vec<ForwardRule>, Vec<HttpListener>) {
+        if self.server() {
+            for (name, n) in [
+                ("socks5", raw.socks5.len()),
+                ("forward", raw.forward.len()),
+                ("http", raw.http.len()),
+            ] {
+                if n > 0 {
+                    self.wrong_role(name, Role::Client);
                 }
             }
-        },
-    }
-    if let Some(m) = &raw.router_mac {
-        match m.parse::<MacAddr>() {
-            Ok(mac) => out.router_mac = Some(mac),
-            Err(e) => is.error(format!("network.{fam}.router_mac"), Some(q(m)), e),
+            return (Vec::new(), Vec::new(), Vec::new());
         }
-    }
-    out
-}
-
-/// Builds the validated configuration; `None` when the role is unusable. Errors go to `is`.
-pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Config> {
-    let role = match &raw.role {
-        None => {
-            is.error("role", None, "required: must be one of client, server");
-            None
-        }
-        Some(_) => enumv::<Role>(is, "role", raw.role.as_ref(), None),
-    };
-    let client = role == Some(Role::Client);
-    let server = role == Some(Role::Server);
-    let r = role.unwrap_or(Role::Client);
-
-    let log_level = enumv(
-        is,
-        "log.level",
-        raw.log.as_ref().and_then(|l| l.level.as_ref()),
-        Some(LogLevel::None),
-    )
-    .unwrap_or(LogLevel::None);
-
-    // listen.addr (server) / server.addr (client).
-    let listen_raw = raw.listen.as_ref().and_then(|l| l.addr.as_ref());
-    let listen = if server {
-        endpoint(is, "listen.addr", listen_raw, true)
-    } else {
-        if listen_raw.is_some() && client {
-            wrong_role(is, mode, "listen.addr", r, Role::Server);
-        }
-        None
-    };
-    let server_raw = raw.server.as_ref().and_then(|s| s.addr.as_ref());
-    let server_addr = if client {
-        endpoint(is, "server.addr", server_raw, true)
-    } else {
-        if server_raw.is_some() && server {
-            wrong_role(is, mode, "server.addr", r, Role::Client);
-        }
-        None
-    };
-
-    // Front ends (client only).
-    let mut socks5 = Vec::new();
-    let mut forward = Vec::new();
-    let mut http = Vec::new();
-    if server {
-        for (name, n) in [
-            ("socks5", raw.socks5.len()),
-            ("forward", raw.forward.len()),
-            ("http", raw.http.len()),
-        ] {
-            if n > 0 {
-                wrong_role(is, mode, name, r, Role::Client);
-            }
-        }
-    } else {
-        for (i, s) in raw.socks5.iter().enumerate() {
-            let listen = endpoint(is, &format!("socks5[{i}].listen"), s.listen.as_ref(), true);
-            if let Some(listen) = listen {
-                socks5.push(Socks5Listener {
-                    listen,
-                    username: s.username.clone().unwrap_or_default(),
-                    password: s.password.clone().unwrap_or_default(),
-                });
-            }
-        }
-        for (i, f) in raw.forward.iter().enumerate() {
-            let listen = endpoint(is, &format!("forward[{i}].listen"), f.listen.as_ref(), true);
-            let target = endpoint(is, &format!("forward[{i}].target"), f.target.as_ref(), true);
-            let ppath = format!("forward[{i}].protocol");
-            let protocol = match &f.protocol {
-                None => {
-                    is.error(&ppath, None, "required: must be one of tcp, udp");
-                    None
-                }
-                Some(_) => enumv::<ForwardProtocol>(is, &ppath, f.protocol.as_ref(), None),
-            };
-            if let (Some(listen), Some(target), Some(protocol)) = (listen, target, protocol) {
-                forward.push(ForwardRule {
-                    listen,
-                    target,
-                    protocol,
-                });
-            }
-        }
-        for (i, h) in raw.http.iter().enumerate() {
-            let listen = endpoint(is, &format!("http[{i}].listen"), h.listen.as_ref(), true);
-            if h.username.is_some() != h.password.is_some() {
-                let missing = if h.username.is_none() {
-                    "username"
-                } else {
-                    "password"
-                };
-                is.error(
-                    format!("http[{i}].{missing}"),
-                    None,
-                    "required when the other of username/password is set",
-                );
-            }
-            if let Some(listen) = listen {
-                http.push(HttpListener {
-                    listen,
-                    username: h.username.clone(),
-                    password: h.password.clone(),
-                });
-            }
-        }
-        if client
+        let socks5 = self.socks5(&raw.socks5);
+        let forward = self.forward(&raw.forward);
+        let http = self.http(&raw.http);
+        if self.client()
             && socks5.is_empty()
             && forward.is_empty()
             && http.is_empty()
@@ -351,449 +75,141 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
             && raw.forward.is_empty()
             && raw.http.is_empty()
         {
-            is.warn(
+            self.is.warn(
                 "socks5",
                 None,
                 "client has no socks5, forward or http listener: nothing will use the tunnel",
             );
         }
+        (socks5, forward, http)
     }
 
-    // network.*
-    let net = raw.network.clone().unwrap_or_default();
-    let interface = match &net.interface {
-        None => {
-            is.error(
-                "network.interface",
-                None,
-                "required: the interface name (1..=15 characters)",
-            );
-            String::new()
+    fn socks5(&mut self, raw: &[RawSocks5]) -> Vec<Socks5Listener> {
+        let mut out = Vec::new();
+        for (i, s) in raw.iter().enumerate() {
+            let listen = self.endpoint(&format!("socks5[{i}].listen"), s.listen.as_ref(), true);
+            let text = |v: &Option<String>, path: &str| {
+                v.clone().unwrap_or_else(|| self.def_str(path).to_string())
+            };
+            let username = text(&s.username, "socks5[].username");
+            let password = text(&s.password, "socks5[].password");
+            if let Some(listen) = listen {
+                out.push(Socks5Listener {
+                    listen,
+                    username,
+                    password,
+                });
+            }
         }
-        Some(s) if s.is_empty() || s.len() > 15 => {
-            is.error("network.interface", Some(q(s)), must("network.interface"));
-            String::new()
-        }
-        Some(s) => s.clone(),
-    };
-    if net.guid.is_some() {
-        is.warn(
-            "network.guid",
-            None,
-            "ignored: only used by upstream on Windows (Npcap)",
-        );
-    }
-    let ipv4 = net.ipv4.as_ref().map(|f| {
-        family(is, "ipv4", f, role, |ip| match ip {
-            IpAddr::V4(a) => Some(a),
-            IpAddr::V6(_) => None,
-        })
-    });
-    let ipv6 = net.ipv6.as_ref().map(|f| {
-        family(is, "ipv6", f, role, |ip| match ip {
-            IpAddr::V6(a) => Some(a),
-            IpAddr::V4(_) => None,
-        })
-    });
-    if ipv4.is_none() && ipv6.is_none() {
-        is.error(
-            "network.ipv4",
-            None,
-            "at least one of network.ipv4 / network.ipv6 must be configured",
-        );
-    }
-    if let (Some(a), Some(b), Some(_), Some(_)) = (
-        &ipv4,
-        &ipv6,
-        net.ipv4.as_ref().and_then(|f| f.addr.as_ref()),
-        net.ipv6.as_ref().and_then(|f| f.addr.as_ref()),
-    ) {
-        if a.port != b.port {
-            is.error(
-                "network.ipv6.addr",
-                net.ipv6.as_ref().and_then(|f| f.addr.as_deref()).map(q),
-                format!(
-                    "port {} must equal network.ipv4.addr's port {}",
-                    b.port, a.port
-                ),
-            );
-        }
-    }
-    let tcp = net.tcp.clone().unwrap_or_default();
-    let local_flag = flags(is, "network.tcp.local_flag", tcp.local_flag.as_ref());
-    let remote_flag = flags(is, "network.tcp.remote_flag", tcp.remote_flag.as_ref());
-    let sockbuf_default = if server { 8 * MIB } else { 4 * MIB };
-    let sockbuf = int(
-        is,
-        "network.pcap.sockbuf",
-        net.pcap.as_ref().and_then(|p| p.sockbuf),
-        sockbuf_default,
-        1024,
-        100 * MIB,
-    );
-    if !(sockbuf as u64).is_power_of_two() {
-        is.warn(
-            "network.pcap.sockbuf",
-            Some(sockbuf.to_string()),
-            "not a power of two",
-        );
+        out
     }
 
-    // transport.*
-    let transport = raw.transport.clone().unwrap_or_default();
-    match &transport.protocol {
-        None => is.error("transport.protocol", None, "required: must be \"kcp\""),
-        Some(p) if p != "kcp" => is.error("transport.protocol", Some(q(p)), "must be \"kcp\""),
-        Some(_) => {}
-    }
-    let conn = int(is, "transport.conn", transport.conn, 1, 1, 256);
-    let kcp_present = transport.kcp.is_some();
-    if !kcp_present {
-        is.error(
-            "transport.kcp",
-            None,
-            "transport.kcp configuration is required",
-        );
-    }
-    let k = transport.kcp.clone().unwrap_or_default();
-    let kp = |name: &str| format!("transport.kcp.{name}");
-    let mode_v = enumv(
-        is,
-        "transport.kcp.mode",
-        k.mode.as_ref(),
-        Some(KcpMode::Fast),
-    )
-    .unwrap_or(KcpMode::Fast);
-    let nodelay = int(is, "transport.kcp.nodelay", k.nodelay, 0, 0, 2);
-    let interval = int(is, "transport.kcp.interval", k.interval, 0, 0, 5000);
-    let resend = int(is, "transport.kcp.resend", k.resend, 0, 0, 65535);
-    let nocongestion = int(is, "transport.kcp.nocongestion", k.nocongestion, 0, 0, 1);
-    if mode_v != KcpMode::Manual {
-        let manual_set = [
-            ("nodelay", k.nodelay.is_some_and(|v| v != 0)),
-            ("interval", k.interval.is_some_and(|v| v != 0)),
-            ("resend", k.resend.is_some_and(|v| v != 0)),
-            ("nocongestion", k.nocongestion.is_some_and(|v| v != 0)),
-            ("wdelay", k.wdelay == Some(true)),
-            ("acknodelay", k.acknodelay == Some(true)),
-        ];
-        for (name, set) in manual_set {
-            if set {
-                is.warn(kp(name), None, format!("ignored: only used when transport.kcp.mode = \"manual\" (mode is {mode_v})"));
+    fn forward(&mut self, raw: &[RawForward]) -> Vec<ForwardRule> {
+        let mut out = Vec::new();
+        for (i, f) in raw.iter().enumerate() {
+            let listen = self.endpoint(&format!("forward[{i}].listen"), f.listen.as_ref(), true);
+            let target = self.endpoint(&format!("forward[{i}].target"), f.target.as_ref(), true);
+            let protocol = self.required_choice::<ForwardProtocol>(
+                &format!("forward[{i}].protocol"),
+                "forward[].protocol",
+                f.protocol.as_ref(),
+            );
+            if let (Some(listen), Some(target), Some(protocol)) = (listen, target, protocol) {
+                out.push(ForwardRule {
+                    listen,
+                    target,
+                    protocol,
+                });
             }
         }
+        out
     }
-    let mtu = int(is, "transport.kcp.mtu", k.mtu, 1350, 50, 1500);
-    // Unset windows: auto-tuned in TOML; upstream's fixed windows in imported YAML (unless `auto`).
-    let unset_auto = mode == Mode::Strict;
-    let (rcvwnd, rcvwnd_auto) = window(
-        is,
-        "transport.kcp.rcvwnd",
-        k.rcvwnd.as_ref(),
-        if server { 1024 } else { 512 },
-        unset_auto,
-    );
-    let (sndwnd, sndwnd_auto) = window(
-        is,
-        "transport.kcp.sndwnd",
-        k.sndwnd.as_ref(),
-        if server { 1024 } else { 128 },
-        unset_auto,
-    );
-    let dshard = int(is, "transport.kcp.dshard", k.dshard, 0, 0, 255);
-    let pshard = int(is, "transport.kcp.pshard", k.pshard, 0, 0, 255);
-    if dshard + pshard > 256 {
-        is.error(
-            "transport.kcp.pshard",
-            Some(pshard.to_string()),
-            format!("dshard + pshard = {} exceeds 256", dshard + pshard),
-        );
-    }
-    if (dshard > 0) != (pshard > 0) {
-        is.warn(
-            "transport.kcp.dshard",
-            Some(dshard.to_string()),
-            format!("FEC stays off unless both dshard and pshard are > 0 (pshard = {pshard})"),
-        );
-    }
-    let block = match &k.block {
-        None => "aes".to_string(),
-        Some(b) if BLOCK_MODES.contains(&b.as_str()) => b.clone(),
-        Some(b) => {
-            is.error(
-                "transport.kcp.block",
-                Some(q(b)),
-                format!("must be one of {}", BLOCK_MODES.join(", ")),
-            );
-            "aes".to_string()
-        }
-    };
-    let guard = k.guard.unwrap_or(mode == Mode::Strict);
-    let key = k.key.clone().unwrap_or_default();
-    if key.is_empty() && kcp_present {
-        let keyless_block = block == "none" || block == "null";
-        if !keyless_block {
-            is.error(
-                "transport.kcp.key",
-                None,
-                format!(
-                    "required for block = {} (generate one with `paqet-dp secret`)",
-                    q(&block)
-                ),
-            );
-        } else if guard {
-            is.error("transport.kcp.key", None, format!("required: the guard needs a key even with block = {} (or set transport.kcp.guard = false)", q(&block)));
-        }
-    }
-    let smuxbuf = int(
-        is,
-        "transport.kcp.smuxbuf",
-        k.smuxbuf,
-        4_194_304,
-        1024,
-        i32::MAX as i64,
-    );
-    let streambuf = match k.streambuf {
-        None => 2_097_152,
-        Some(x) if (1024..=smuxbuf).contains(&x) => x,
-        Some(x) => {
-            is.error(
-                "transport.kcp.streambuf",
-                Some(x.to_string()),
-                format!("must be 1024..=smuxbuf ({smuxbuf})"),
-            );
-            2_097_152.min(smuxbuf)
-        }
-    };
-    if k.streambuf.is_none() && streambuf > smuxbuf {
-        is.error(
-            "transport.kcp.smuxbuf",
-            Some(smuxbuf.to_string()),
-            format!("must be >= streambuf ({streambuf})"),
-        );
-    }
-    let smuxkalive = int(is, "transport.kcp.smuxkalive", k.smuxkalive, 2, 1, 3600);
-    let smuxktimeout = match k.smuxktimeout {
-        None if smuxkalive <= 8 => 8,
-        None => {
-            is.error(
-                "transport.kcp.smuxktimeout",
-                None,
-                format!(
-                    "default 8 is below smuxkalive ({smuxkalive}); set smuxktimeout >= smuxkalive"
-                ),
-            );
-            smuxkalive
-        }
-        Some(x) if (smuxkalive..=86400).contains(&x) => x,
-        Some(x) => {
-            is.error(
-                "transport.kcp.smuxktimeout",
-                Some(x.to_string()),
-                format!("must be smuxkalive ({smuxkalive})..=86400"),
-            );
-            8.max(smuxkalive)
-        }
-    };
-    // Congestion control (sender side only: the wire is unchanged).
-    let cc_path = "transport.kcp.cc";
-    let (cc, cc_ok) = match &k.cc {
-        None => (CcAlgorithm::Bbr, true),
-        Some(c) => match c.parse::<CcAlgorithm>() {
-            Ok(a) => (a, true),
-            Err(_) => {
-                is.error(
-                    cc_path,
-                    Some(q(c)),
-                    format!("must be one of {}", info(cc_path).range),
-                );
-                (CcAlgorithm::Bbr, false)
-            }
-        },
-    };
-    let bw_path = "transport.kcp.bandwidth";
-    let bandwidth = k.bandwidth.as_ref().and_then(|b| {
-        let text = match b {
-            IntOrString::Int(i) => i.to_string(),
-            IntOrString::Str(s) => s.clone(),
-        };
-        match parse_bandwidth(&text) {
-            Ok(rate) => Some(rate),
-            Err(_) => {
-                is.error(bw_path, Some(b.to_string()), must(bw_path));
-                None
-            }
-        }
-    });
-    let bandwidth = match cc {
-        CcAlgorithm::Fixed => {
-            if k.bandwidth.is_none() {
-                is.error(
-                    bw_path,
+
+    fn http(&mut self, raw: &[RawHttp]) -> Vec<HttpListener> {
+        let mut out = Vec::new();
+        for (i, h) in raw.iter().enumerate() {
+            let listen = self.endpoint(&format!("http[{i}].listen"), h.listen.as_ref(), true);
+            if h.username.is_some() != h.password.is_some() {
+                let missing = if h.username.is_none() {
+                    "username"
+                } else {
+                    "password"
+                };
+                self.is.error(
+                    format!("http[{i}].{missing}"),
                     None,
-                    "required for cc = \"fixed\": the pacing rate, e.g. \"100mbit\"",
+                    "required when the other of username/password is set",
                 );
             }
-            bandwidth
-        }
-        other => {
-            if let (Some(b), Some(_), true) = (&k.bandwidth, bandwidth, cc_ok) {
-                is.warn(
-                    bw_path,
-                    Some(b.to_string()),
-                    format!("ignored: only used when transport.kcp.cc = \"fixed\" (cc is {other})"),
-                );
+            if let Some(listen) = listen {
+                out.push(HttpListener {
+                    listen,
+                    username: h.username.clone(),
+                    password: h.password.clone(),
+                });
             }
-            None
         }
-    };
-    let window_mem = int(
-        is,
-        "transport.kcp.window_mem",
-        k.window_mem,
-        WINDOW_MEM_DEFAULT,
-        MIB,
-        1024 * MIB,
-    );
-    if !sndwnd_auto && !rcvwnd_auto && k.window_mem.is_some_and(|v| v != WINDOW_MEM_DEFAULT) {
-        is.warn(
-            "transport.kcp.window_mem",
-            Some(window_mem.to_string()),
-            "ignored: only caps an auto-tuned window (sndwnd and rcvwnd are both fixed)",
-        );
+        out
     }
-    let guard_magic = match &k.guard_magic {
-        None => *b"PQT1",
-        Some(m) => match <[u8; 4]>::try_from(m.as_bytes()) {
-            Ok(b) => b,
-            Err(_) => {
-                is.error(
-                    "transport.kcp.guard_magic",
-                    Some(q(m)),
-                    format!("must be exactly 4 bytes (is {} bytes)", m.len()),
-                );
-                *b"PQT1"
-            }
-        },
-    };
-    let guard_window = int(
-        is,
-        "transport.kcp.guard_window",
-        k.guard_window,
-        30,
-        1,
-        3600,
-    );
-    let guard_skew = int(is, "transport.kcp.guard_skew", k.guard_skew, 1, 0, 10);
-    let max_sessions = limit(
-        is,
-        "transport.kcp.max_sessions",
-        k.max_sessions,
-        512,
-        1_000_000,
-    );
-    let max_streams_total = limit(
-        is,
-        "transport.kcp.max_streams_total",
-        k.max_streams_total,
-        16384,
-        10_000_000,
-    );
-    let mut max_streams_per_session = limit(
-        is,
-        "transport.kcp.max_streams_per_session",
-        k.max_streams_per_session,
-        256,
-        1_000_000,
-    );
-    if let (Some(per), Some(total)) = (max_streams_per_session, max_streams_total) {
-        if per > total {
-            if k.max_streams_per_session.is_some() {
-                is.warn(
-                    "transport.kcp.max_streams_per_session",
-                    Some(per.to_string()),
-                    format!("clamped to max_streams_total ({total})"),
-                );
-            }
-            max_streams_per_session = Some(total);
-        }
-    }
-    let header_timeout = int(
-        is,
-        "transport.kcp.header_timeout",
-        k.header_timeout,
-        10,
-        1,
-        3600,
-    );
 
-    // Cross-key rules.
-    let local_port = ipv4
-        .as_ref()
-        .map(|f| f.port)
-        .or(ipv6.as_ref().map(|f| f.port))
-        .unwrap_or(0);
-    if client && local_port != 0 && conn > 1 {
-        is.error(
-            "transport.conn",
-            Some(conn.to_string()),
-            format!("only one connection is allowed when a client port is explicitly set (network port {local_port})"),
-        );
-    }
-    if let Some(ip) = server_addr.as_ref().and_then(HostPort::ip) {
-        let (fam, configured) = match ip {
-            IpAddr::V4(_) => ("IPv4", ipv4.is_some()),
-            IpAddr::V6(_) => ("IPv6", ipv6.is_some()),
-        };
-        if !configured {
-            is.error(
-                "server.addr",
-                server_raw.map(|s| q(s)),
-                format!("server address is {fam}, but the {fam} interface is not configured (network.{})", fam.to_ascii_lowercase()),
+    /// `network.*`.
+    fn network(&mut self, net: &RawNetwork) -> NetworkConfig {
+        let interface = self.interface(net.interface.as_ref());
+        if net.guid.is_some() {
+            self.is.warn(
+                "network.guid",
+                None,
+                "ignored: only used by upstream on Windows (Npcap)",
             );
         }
-    }
-    if let Some(l) = &listen {
-        if local_port != 0 && l.port != local_port {
-            is.warn("listen.addr", Some(q(&l.to_string())), format!("port differs from the network address port {local_port}, which is the port actually served"));
-        }
-    }
-
-    // metrics / debug / io.
-    let metrics_listen = endpoint(
-        is,
-        "metrics.listen",
-        raw.metrics.as_ref().and_then(|m| m.listen.as_ref()),
-        false,
-    );
-    let pprof_raw = raw.debug.as_ref().and_then(|d| d.pprof.as_ref());
-    let debug_pprof = endpoint(is, "debug.pprof", pprof_raw, false).filter(|hp| {
-        let ok = hp.is_loopback();
-        if !ok {
-            is.error(
-                "debug.pprof",
-                pprof_raw.map(|s| q(s)),
-                "must be a loopback address (127.0.0.1, ::1 or localhost)",
+        let ipv4 = net.ipv4.as_ref().map(|f| {
+            self.family("ipv4", f, |ip| match ip {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            })
+        });
+        let ipv6 = net.ipv6.as_ref().map(|f| {
+            self.family("ipv6", f, |ip| match ip {
+                IpAddr::V6(a) => Some(a),
+                IpAddr::V4(_) => None,
+            })
+        });
+        if ipv4.is_none() && ipv6.is_none() {
+            self.is.error(
+                "network.ipv4",
+                None,
+                "at least one of network.ipv4 / network.ipv6 must be configured",
             );
         }
-        ok
-    });
-    let io = raw.io.clone().unwrap_or_default();
-    let backend = enumv(is, "io.backend", io.backend.as_ref(), Some(IoBackend::Auto))
-        .unwrap_or(IoBackend::Auto);
-    let workers = int(is, "io.workers", io.workers, 0, 0, 256);
-    let cpus = enumv(is, "io.cpus", io.cpus.as_ref(), Some(CpuPin::Auto)).unwrap_or_default();
-
-    let role = role?;
-    Some(Config {
-        role,
-        log_level,
-        listen,
-        server: server_addr,
-        socks5,
-        forward,
-        http,
-        network: NetworkConfig {
+        let v4_addr = net.ipv4.as_ref().and_then(|f| f.addr.as_ref());
+        let v6_addr = net.ipv6.as_ref().and_then(|f| f.addr.as_ref());
+        if let (Some(a), Some(b), Some(_), Some(v6)) = (&ipv4, &ipv6, v4_addr, v6_addr) {
+            if a.port != b.port {
+                self.is.error(
+                    "network.ipv6.addr",
+                    Some(q(v6)),
+                    format!(
+                        "port {} must equal network.ipv4.addr's port {}",
+                        b.port, a.port
+                    ),
+                );
+            }
+        }
+        let tcp = net.tcp.clone().unwrap_or_default();
+        let local_flag = self.flags("network.tcp.local_flag", tcp.local_flag.as_ref());
+        let remote_flag = self.flags("network.tcp.remote_flag", tcp.remote_flag.as_ref());
+        let sockbuf = self.int(
+            "network.pcap.sockbuf",
+            net.pcap.as_ref().and_then(|p| p.sockbuf),
+        );
+        if !(sockbuf as u64).is_power_of_two() {
+            self.is.warn(
+                "network.pcap.sockbuf",
+                Some(sockbuf.to_string()),
+                "not a power of two",
+            );
+        }
+        NetworkConfig {
             interface,
             guid: net.guid.clone(),
             ipv4,
@@ -801,50 +217,588 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
             local_flag,
             remote_flag,
             pcap_sockbuf: sockbuf as u32,
-        },
-        transport: TransportConfig {
-            conn: conn as u32,
-            kcp: KcpConfig {
-                mode: mode_v,
-                nodelay: nodelay as i32,
-                interval: interval as i32,
-                resend: resend as i32,
-                nocongestion: nocongestion as i32,
-                wdelay: k.wdelay.unwrap_or(false),
-                acknodelay: k.acknodelay.unwrap_or(false),
-                mtu: mtu as u32,
-                rcvwnd,
-                rcvwnd_auto,
-                sndwnd,
-                sndwnd_auto,
-                window_mem: window_mem as u32,
-                dshard: dshard as u32,
-                pshard: pshard as u32,
-                block,
-                key,
-                smuxbuf: smuxbuf as u32,
-                streambuf: streambuf as u32,
-                smuxkalive: smuxkalive as u32,
-                smuxktimeout: smuxktimeout as u32,
-                cc,
-                bandwidth,
-                guard,
-                guard_magic,
-                guard_window: guard_window as u32,
-                guard_skew: guard_skew as u32,
-                max_sessions,
-                max_streams_total,
-                max_streams_per_session,
-                header_timeout: header_timeout as u32,
+        }
+    }
+
+    /// `network.interface` (required; its length in bytes within the table's range).
+    fn interface(&mut self, v: Option<&String>) -> String {
+        const PATH: &str = "network.interface";
+        let Allowed::Len { lo, hi } = info(PATH).allowed else {
+            panic!("config key {PATH} has no length range");
+        };
+        match v {
+            None => {
+                self.is.error(
+                    PATH,
+                    None,
+                    format!("required: the interface name ({})", info(PATH).allowed),
+                );
+                String::new()
+            }
+            Some(s) if !(lo..=hi).contains(&s.len()) => {
+                self.is.error(PATH, Some(q(s)), must(PATH));
+                String::new()
+            }
+            Some(s) => s.clone(),
+        }
+    }
+
+    /// One `network.ipv4`/`ipv6` table.
+    fn family<A: Copy>(
+        &mut self,
+        fam: &str,
+        raw: &RawFamily,
+        pick: impl Fn(IpAddr) -> Option<A>,
+    ) -> FamilyConfig<A> {
+        let path = format!("network.{fam}.addr");
+        let range = info(&path).allowed;
+        let server = self.server();
+        let mut out = FamilyConfig {
+            ip: None,
+            port: 0,
+            router_mac: None,
+        };
+        match &raw.addr {
+            None => {
+                if server {
+                    self.is.error(
+                        &path,
+                        None,
+                        "required for a server: its port is the port the server listens on",
+                    );
+                }
+            }
+            Some(s) => match HostPort::parse(s) {
+                Err(e) => self
+                    .is
+                    .error(&path, Some(q(s)), format!("{e}; expected {range}")),
+                Ok(hp) => {
+                    out.port = hp.port;
+                    if server && hp.port == 0 {
+                        self.is.error(
+                            &path,
+                            Some(q(s)),
+                            format!("a server needs a fixed port {PORT_RANGE}"),
+                        );
+                    }
+                    if !hp.host.is_empty() {
+                        match hp.ip() {
+                            Some(ip) if ip.is_unspecified() => {}
+                            Some(ip) => match pick(ip) {
+                                Some(a) => out.ip = Some(a),
+                                None => self.is.error(
+                                    &path,
+                                    Some(q(s)),
+                                    format!("must be an {fam} address; {range}"),
+                                ),
+                            },
+                            None => self.is.error(
+                                &path,
+                                Some(q(s)),
+                                format!("host must be an IP literal; {range}"),
+                            ),
+                        }
+                    }
+                }
             },
-        },
+        }
+        if let Some(m) = &raw.router_mac {
+            match m.parse::<MacAddr>() {
+                Ok(mac) => out.router_mac = Some(mac),
+                Err(e) => self
+                    .is
+                    .error(format!("network.{fam}.router_mac"), Some(q(m)), e),
+            }
+        }
+        out
+    }
+
+    /// `transport.*`.
+    fn transport(&mut self, transport: &RawTransport) -> TransportConfig {
+        const PROTOCOL: &str = "transport.protocol";
+        if transport.protocol.is_none() {
+            self.is
+                .error(PROTOCOL, None, format!("required: {}", must(PROTOCOL)));
+        } else {
+            self.word(PROTOCOL, transport.protocol.as_ref());
+        }
+        let conn = self.int("transport.conn", transport.conn);
+        if transport.kcp.is_none() {
+            self.is.error(
+                "transport.kcp",
+                None,
+                "transport.kcp configuration is required",
+            );
+        }
+        let k = transport.kcp.clone().unwrap_or_default();
+        TransportConfig {
+            conn: conn as u32,
+            kcp: self.kcp(&k, transport.kcp.is_some()),
+        }
+    }
+
+    /// `transport.kcp.*`.
+    fn kcp(&mut self, k: &RawKcp, present: bool) -> KcpConfig {
+        let tuning = self.kcp_tuning(k);
+        let mtu = self.int("transport.kcp.mtu", k.mtu);
+        let (rcvwnd, rcvwnd_auto) = self.window("transport.kcp.rcvwnd", k.rcvwnd.as_ref());
+        let (sndwnd, sndwnd_auto) = self.window("transport.kcp.sndwnd", k.sndwnd.as_ref());
+        let (dshard, pshard) = self.kcp_fec(k);
+        let (block, guard, key) = self.kcp_crypto(k, present);
+        let smux = self.kcp_smux(k);
+        let (cc, bandwidth) = self.kcp_cc(k);
+        let window_mem = self.window_mem(k, sndwnd_auto || rcvwnd_auto);
+        let (guard_magic, guard_window, guard_skew) = self.kcp_guard(k);
+        let limits = self.kcp_limits(k);
+        KcpConfig {
+            mode: tuning.mode,
+            nodelay: tuning.nodelay,
+            interval: tuning.interval,
+            resend: tuning.resend,
+            nocongestion: tuning.nocongestion,
+            wdelay: tuning.wdelay,
+            acknodelay: tuning.acknodelay,
+            mtu: mtu as u32,
+            rcvwnd,
+            rcvwnd_auto,
+            sndwnd,
+            sndwnd_auto,
+            window_mem,
+            dshard,
+            pshard,
+            block,
+            key,
+            smuxbuf: smux.smuxbuf,
+            streambuf: smux.streambuf,
+            smuxkalive: smux.smuxkalive,
+            smuxktimeout: smux.smuxktimeout,
+            cc,
+            bandwidth,
+            guard,
+            guard_magic,
+            guard_window,
+            guard_skew,
+            max_sessions: limits.sessions,
+            max_streams_total: limits.streams_total,
+            max_streams_per_session: limits.streams_per_session,
+            header_timeout: limits.header_timeout,
+        }
+    }
+
+    /// `mode` and the manual-mode knobs (warned about when set away from their default outside manual).
+    fn kcp_tuning(&mut self, k: &RawKcp) -> Tuning {
+        let mode: KcpMode = self.choice_or_default("transport.kcp.mode", k.mode.as_ref());
+        let nodelay = self.int("transport.kcp.nodelay", k.nodelay);
+        let interval = self.int("transport.kcp.interval", k.interval);
+        let resend = self.int("transport.kcp.resend", k.resend);
+        let nocongestion = self.int("transport.kcp.nocongestion", k.nocongestion);
+        let wdelay = k
+            .wdelay
+            .unwrap_or_else(|| self.def_bool("transport.kcp.wdelay"));
+        let acknodelay = k
+            .acknodelay
+            .unwrap_or_else(|| self.def_bool("transport.kcp.acknodelay"));
+        if mode != KcpMode::Manual {
+            let int_set = |v: Option<i64>, name: &str| {
+                v.is_some_and(|v| v != self.def_int(&format!("transport.kcp.{name}")))
+            };
+            let bool_set = |v: Option<bool>, name: &str| {
+                v.is_some_and(|v| v != self.def_bool(&format!("transport.kcp.{name}")))
+            };
+            let manual_set = [
+                ("nodelay", int_set(k.nodelay, "nodelay")),
+                ("interval", int_set(k.interval, "interval")),
+                ("resend", int_set(k.resend, "resend")),
+                ("nocongestion", int_set(k.nocongestion, "nocongestion")),
+                ("wdelay", bool_set(k.wdelay, "wdelay")),
+                ("acknodelay", bool_set(k.acknodelay, "acknodelay")),
+            ];
+            for (name, set) in manual_set {
+                if set {
+                    self.is.warn(
+                        format!("transport.kcp.{name}"),
+                        None,
+                        format!("ignored: only used when transport.kcp.mode = \"manual\" (mode is {mode})"),
+                    );
+                }
+            }
+        }
+        Tuning {
+            mode,
+            nodelay: nodelay as i32,
+            interval: interval as i32,
+            resend: resend as i32,
+            nocongestion: nocongestion as i32,
+            wdelay,
+            acknodelay,
+        }
+    }
+
+    /// `dshard` / `pshard`.
+    fn kcp_fec(&mut self, k: &RawKcp) -> (u32, u32) {
+        const PSHARD: &str = "transport.kcp.pshard";
+        let dshard = self.int("transport.kcp.dshard", k.dshard);
+        let pshard = self.int(PSHARD, k.pshard);
+        if let Allowed::FecShards { sum, .. } = info(PSHARD).allowed {
+            if dshard + pshard > sum {
+                self.is.error(
+                    PSHARD,
+                    Some(pshard.to_string()),
+                    format!("dshard + pshard = {} exceeds {sum}", dshard + pshard),
+                );
+            }
+        }
+        if (dshard > 0) != (pshard > 0) {
+            self.is.warn(
+                "transport.kcp.dshard",
+                Some(dshard.to_string()),
+                format!("FEC stays off unless both dshard and pshard are > 0 (pshard = {pshard})"),
+            );
+        }
+        (dshard as u32, pshard as u32)
+    }
+
+    /// `block`, `guard` and `key` (the key is required unless nothing uses it).
+    fn kcp_crypto(&mut self, k: &RawKcp, present: bool) -> (String, bool, String) {
+        const BLOCK: &str = "transport.kcp.block";
+        let block = match self.word(BLOCK, k.block.as_ref()) {
+            Some(b) => b,
+            None => self.def_str(BLOCK).to_string(),
+        };
+        let guard = k
+            .guard
+            .unwrap_or_else(|| self.def_bool("transport.kcp.guard"));
+        let key = k.key.clone().unwrap_or_default();
+        if key.is_empty() && present {
+            let keyless_block = block == "none" || block == "null";
+            if !keyless_block {
+                self.is.error(
+                    "transport.kcp.key",
+                    None,
+                    format!(
+                        "required for block = {} (generate one with `paqet-dp secret`)",
+                        q(&block)
+                    ),
+                );
+            } else if guard {
+                self.is.error("transport.kcp.key", None, format!("required: the guard needs a key even with block = {} (or set transport.kcp.guard = false)", q(&block)));
+            }
+        }
+        (block, guard, key)
+    }
+
+    /// `smuxbuf`, `streambuf` (≤ smuxbuf), `smuxkalive`, `smuxktimeout` (≥ smuxkalive).
+    fn kcp_smux(&mut self, k: &RawKcp) -> Smux {
+        const SMUXBUF: &str = "transport.kcp.smuxbuf";
+        const STREAMBUF: &str = "transport.kcp.streambuf";
+        const KTIMEOUT: &str = "transport.kcp.smuxktimeout";
+        let smuxbuf = self.int(SMUXBUF, k.smuxbuf);
+        let streambuf_def = self.def_int(STREAMBUF);
+        let streambuf = match (k.streambuf, info(STREAMBUF).allowed) {
+            (None, _) => streambuf_def,
+            (Some(x), Allowed::UpToKey { lo, .. }) if (lo..=smuxbuf).contains(&x) => x,
+            (Some(x), allowed) => {
+                self.is.error(
+                    STREAMBUF,
+                    Some(x.to_string()),
+                    format!("must be {}", allowed.with_bound(smuxbuf)),
+                );
+                streambuf_def.min(smuxbuf)
+            }
+        };
+        if k.streambuf.is_none() && streambuf > smuxbuf {
+            self.is.error(
+                SMUXBUF,
+                Some(smuxbuf.to_string()),
+                format!("must be >= streambuf ({streambuf})"),
+            );
+        }
+        let smuxkalive = self.int("transport.kcp.smuxkalive", k.smuxkalive);
+        let ktimeout_def = self.def_int(KTIMEOUT);
+        let smuxktimeout = match (k.smuxktimeout, info(KTIMEOUT).allowed) {
+            (None, _) if smuxkalive <= ktimeout_def => ktimeout_def,
+            (None, _) => {
+                self.is.error(
+                    KTIMEOUT,
+                    None,
+                    format!(
+                        "default {ktimeout_def} is below smuxkalive ({smuxkalive}); set smuxktimeout >= smuxkalive"
+                    ),
+                );
+                smuxkalive
+            }
+            (Some(x), Allowed::FromKey { hi, .. }) if (smuxkalive..=hi).contains(&x) => x,
+            (Some(x), allowed) => {
+                self.is.error(
+                    KTIMEOUT,
+                    Some(x.to_string()),
+                    format!("must be {}", allowed.with_bound(smuxkalive)),
+                );
+                ktimeout_def.max(smuxkalive)
+            }
+        };
+        Smux {
+            smuxbuf: smuxbuf as u32,
+            streambuf: streambuf as u32,
+            smuxkalive: smuxkalive as u32,
+            smuxktimeout: smuxktimeout as u32,
+        }
+    }
+
+    /// `cc` and `bandwidth` (required with `cc = "fixed"`, ignored otherwise).
+    fn kcp_cc(&mut self, k: &RawKcp) -> (CcAlgorithm, Option<u64>) {
+        const CC: &str = "transport.kcp.cc";
+        const BW: &str = "transport.kcp.bandwidth";
+        let parsed = self.choice::<CcAlgorithm>(CC, CC, k.cc.as_ref());
+        let cc_ok = k.cc.is_none() || parsed.is_some();
+        let cc = parsed.unwrap_or_else(|| self.def_choice(CC));
+        let bandwidth = k.bandwidth.as_ref().and_then(|b| {
+            let text = match b {
+                IntOrString::Int(i) => i.to_string(),
+                IntOrString::Str(s) => s.clone(),
+            };
+            match parse_bandwidth(&text) {
+                Ok(rate) => Some(rate),
+                Err(_) => {
+                    self.is.error(BW, Some(b.to_string()), must(BW));
+                    None
+                }
+            }
+        });
+        let bandwidth = match cc {
+            CcAlgorithm::Fixed => {
+                if k.bandwidth.is_none() {
+                    self.is.error(
+                        BW,
+                        None,
+                        "required for cc = \"fixed\": the pacing rate, e.g. \"100mbit\"",
+                    );
+                }
+                bandwidth
+            }
+            other => {
+                if let (Some(b), Some(_), true) = (&k.bandwidth, bandwidth, cc_ok) {
+                    self.is.warn(
+                        BW,
+                        Some(b.to_string()),
+                        format!(
+                            "ignored: only used when transport.kcp.cc = \"fixed\" (cc is {other})"
+                        ),
+                    );
+                }
+                None
+            }
+        };
+        (cc, bandwidth)
+    }
+
+    /// `window_mem` (warned about when set away from its default while no window is auto-tuned).
+    fn window_mem(&mut self, k: &RawKcp, any_auto: bool) -> u32 {
+        const PATH: &str = "transport.kcp.window_mem";
+        let window_mem = self.int(PATH, k.window_mem);
+        if !any_auto && k.window_mem.is_some_and(|v| v != self.def_int(PATH)) {
+            self.is.warn(
+                PATH,
+                Some(window_mem.to_string()),
+                "ignored: only caps an auto-tuned window (sndwnd and rcvwnd are both fixed)",
+            );
+        }
+        window_mem as u32
+    }
+
+    /// `guard_magic`, `guard_window`, `guard_skew`.
+    fn kcp_guard(&mut self, k: &RawKcp) -> ([u8; 4], u32, u32) {
+        const MAGIC: &str = "transport.kcp.guard_magic";
+        let default = || {
+            <[u8; 4]>::try_from(self.def_str(MAGIC).as_bytes())
+                .unwrap_or_else(|_| panic!("config key {MAGIC}: default is not 4 bytes"))
+        };
+        let magic = match &k.guard_magic {
+            None => default(),
+            Some(m) => match <[u8; 4]>::try_from(m.as_bytes()) {
+                Ok(b) => b,
+                Err(_) => {
+                    let d = default();
+                    self.is.error(
+                        MAGIC,
+                        Some(q(m)),
+                        format!("must be {} (is {} bytes)", info(MAGIC).allowed, m.len()),
+                    );
+                    d
+                }
+            },
+        };
+        let window = self.int("transport.kcp.guard_window", k.guard_window);
+        let skew = self.int("transport.kcp.guard_skew", k.guard_skew);
+        (magic, window as u32, skew as u32)
+    }
+
+    /// Server limits: `max_sessions`, `max_streams_*` (per session clamped to total), `header_timeout`.
+    fn kcp_limits(&mut self, k: &RawKcp) -> Limits {
+        const PER: &str = "transport.kcp.max_streams_per_session";
+        let sessions = self.limit("transport.kcp.max_sessions", k.max_sessions);
+        let streams_total = self.limit("transport.kcp.max_streams_total", k.max_streams_total);
+        let mut streams_per_session = self.limit(PER, k.max_streams_per_session);
+        if let (Some(per), Some(total)) = (streams_per_session, streams_total) {
+            if per > total {
+                if k.max_streams_per_session.is_some() {
+                    self.is.warn(
+                        PER,
+                        Some(per.to_string()),
+                        format!("clamped to max_streams_total ({total})"),
+                    );
+                }
+                streams_per_session = Some(total);
+            }
+        }
+        let header_timeout = self.int("transport.kcp.header_timeout", k.header_timeout);
+        Limits {
+            sessions,
+            streams_total,
+            streams_per_session,
+            header_timeout: header_timeout as u32,
+        }
+    }
+
+    /// Rules across sections: one connection with a fixed client port, the server address family, the
+    /// cosmetic listen port.
+    fn cross_checks(
+        &mut self,
+        raw: &RawConfig,
+        net: &NetworkConfig,
+        conn: u32,
+        listen: Option<&HostPort>,
+        server: Option<&HostPort>,
+    ) {
+        let local_port = net
+            .ipv4
+            .as_ref()
+            .map(|f| f.port)
+            .or(net.ipv6.as_ref().map(|f| f.port))
+            .unwrap_or(0);
+        if self.client() && local_port != 0 && conn > 1 {
+            self.is.error(
+                "transport.conn",
+                Some(conn.to_string()),
+                format!("only one connection is allowed when a client port is explicitly set (network port {local_port})"),
+            );
+        }
+        if let Some(ip) = server.and_then(HostPort::ip) {
+            let (fam, configured) = match ip {
+                IpAddr::V4(_) => ("IPv4", net.ipv4.is_some()),
+                IpAddr::V6(_) => ("IPv6", net.ipv6.is_some()),
+            };
+            if !configured {
+                let server_raw = raw.server.as_ref().and_then(|s| s.addr.as_deref());
+                self.is.error(
+                    "server.addr",
+                    server_raw.map(q),
+                    format!("server address is {fam}, but the {fam} interface is not configured (network.{})", fam.to_ascii_lowercase()),
+                );
+            }
+        }
+        if let Some(l) = listen {
+            if local_port != 0 && l.port != local_port {
+                self.is.warn("listen.addr", Some(q(&l.to_string())), format!("port differs from the network address port {local_port}, which is the port actually served"));
+            }
+        }
+    }
+
+    /// `metrics.listen` and `debug.pprof` (loopback only).
+    fn ops(&mut self, raw: &RawConfig) -> (Option<HostPort>, Option<HostPort>) {
+        let metrics = self.endpoint(
+            "metrics.listen",
+            raw.metrics.as_ref().and_then(|m| m.listen.as_ref()),
+            false,
+        );
+        let pprof_raw = raw.debug.as_ref().and_then(|d| d.pprof.as_ref());
+        let pprof = self.endpoint("debug.pprof", pprof_raw, false).filter(|hp| {
+            let ok = hp.is_loopback();
+            if !ok {
+                self.is.error(
+                    "debug.pprof",
+                    pprof_raw.map(|s| q(s)),
+                    "must be a loopback address (127.0.0.1, ::1 or localhost)",
+                );
+            }
+            ok
+        });
+        (metrics, pprof)
+    }
+
+    /// `io.*`.
+    fn io(&mut self, io: &RawIo) -> IoConfig {
+        IoConfig {
+            backend: self.choice_or_default("io.backend", io.backend.as_ref()),
+            workers: self.int("io.workers", io.workers) as u32,
+            cpus: self.choice_or_default("io.cpus", io.cpus.as_ref()),
+        }
+    }
+}
+
+/// The KCP preset and manual knobs.
+struct Tuning {
+    mode: KcpMode,
+    nodelay: i32,
+    interval: i32,
+    resend: i32,
+    nocongestion: i32,
+    wdelay: bool,
+    acknodelay: bool,
+}
+
+/// smux buffers and keep-alive.
+struct Smux {
+    smuxbuf: u32,
+    streambuf: u32,
+    smuxkalive: u32,
+    smuxktimeout: u32,
+}
+
+/// Server limits.
+struct Limits {
+    sessions: Limit,
+    streams_total: Limit,
+    streams_per_session: Limit,
+    header_timeout: u32,
+}
+
+/// Builds the validated configuration; `None` when the role is unusable. Errors go to `is`.
+pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Config> {
+    let mut cx = Ctx {
+        is,
+        mode,
+        role: None,
+    };
+    cx.role(raw);
+    let log_level =
+        cx.choice_or_default("log.level", raw.log.as_ref().and_then(|l| l.level.as_ref()));
+    let (listen, server) = cx.addresses(raw);
+    let (socks5, forward, http) = cx.front_ends(raw);
+    let network = cx.network(&raw.network.clone().unwrap_or_default());
+    let transport = cx.transport(&raw.transport.clone().unwrap_or_default());
+    cx.cross_checks(
+        raw,
+        &network,
+        transport.conn,
+        listen.as_ref(),
+        server.as_ref(),
+    );
+    let (metrics_listen, debug_pprof) = cx.ops(raw);
+    let io = cx.io(&raw.io.clone().unwrap_or_default());
+    Some(Config {
+        role: cx.role?,
+        log_level,
+        listen,
+        server,
+        socks5,
+        forward,
+        http,
+        network,
+        transport,
         metrics_listen,
         debug_pprof,
-        io: IoConfig {
-            backend,
-            workers: workers as u32,
-            cpus,
-        },
+        io,
     })
 }
 
@@ -857,6 +811,14 @@ where
         addr: Some(format!("{ip}:{}", f.port)),
         router_mac: f.router_mac.map(|m| m.to_string()),
     }
+}
+
+fn window_raw(wnd: u32, auto: bool) -> Option<IntOrString> {
+    Some(if auto {
+        IntOrString::Str("auto".to_string())
+    } else {
+        IntOrString::Int(i64::from(wnd))
+    })
 }
 
 fn limit_raw(l: Limit) -> Option<i64> {

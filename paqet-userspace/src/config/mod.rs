@@ -1,11 +1,15 @@
 //! Configuration: TOML schema under upstream paqet's key paths, upstream YAML import, validation.
 //!
-//! Loading goes: text → `toml::Value` (YAML is converted to the same tree) → [`schema`] walk (unknown keys,
-//! wrong types) → serde [`raw`] structs → defaults per role and value checks → [`Config`]. Every problem is
+//! Every key, with its type, default, allowed values and meaning, is one row of the key table ([`schema()`],
+//! `keys.rs`), the single source of defaults and ranges. Loading goes: text → `toml::Value` (YAML is
+//! converted to the same tree) → schema walk over the table (unknown keys, wrong types) → serde [`raw`]
+//! structs → defaults per role and value checks from the table → [`Config`]. Every problem is
 //! collected and reported at once as `key.path = value: message`.
 
 mod build;
+mod keys;
 pub mod raw;
+mod read;
 mod schema;
 mod types;
 
@@ -14,7 +18,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-pub use schema::{key_info, schema, KeyInfo, KeyType, Scope};
+pub use keys::{key_info, render_keys, schema, Allowed, Def, KeyInfo, KeyType, Scope, PORT_RANGE};
 pub use types::{
     CpuPin, ForwardProtocol, HostPort, IoBackend, KcpMode, LogLevel, MacAddr, Role, BLOCK_MODES,
     TCP_FLAG_LETTERS,

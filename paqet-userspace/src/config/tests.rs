@@ -222,7 +222,7 @@ mtuu = 3
         "colour = \"blue\": unknown key",
         "transport.kcp.mtuu = 3: unknown key; did you mean `transport.kcp.mtu`?",
         "server.addr = \"10.0.0.2:0\": port must be 1..=65535",
-        "network.interface = \"an-interface-name-too-long\": must be 1..=15 characters",
+        "network.interface = \"an-interface-name-too-long\": must be 1..=15 bytes",
         "network.ipv4.router_mac = \"zz:bb:cc:dd:ee:ff\"",
         "network.tcp.local_flag[1] = \"PX\": 'X' is not a TCP flag letter",
         "transport.protocol = \"quic\": must be \"kcp\"",
@@ -1030,4 +1030,117 @@ fn session_config_carries_cc_and_autotune() {
     let k = session_config(&yaml).unwrap().kcp;
     assert_eq!((k.cc, k.sndwnd, k.rcvwnd), (CcConfig::BBR, 128, 512));
     assert!(!k.autotune.sndwnd && !k.autotune.rcvwnd);
+}
+
+/// A minimal client in dotted keys only, plus `extra` (`path = value` lines); a key that `extra` sets
+/// replaces the base's line for it.
+fn dotted_client(extra: &str) -> String {
+    let base = format!(
+        "role = \"client\"\nserver.addr = \"10.0.0.2:9999\"\nsocks5 = [{{ listen = \"127.0.0.1:1080\" }}]\n\
+         network.interface = \"eth0\"\nnetwork.ipv4.addr = \"10.0.0.1:0\"\ntransport.protocol = \"kcp\"\n\
+         transport.kcp.key = \"{KEY}\"\n"
+    );
+    let key_of = |l: &str| l.split(" = ").next().unwrap_or_default().to_string();
+    let set: Vec<String> = extra.lines().map(key_of).collect();
+    let mut out: String = base
+        .lines()
+        .filter(|l| !set.contains(&key_of(l)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    out.push_str(extra);
+    out.push('\n');
+    out
+}
+
+#[test]
+fn every_integer_range_in_the_table_is_enforced_with_its_text() {
+    // Just outside each end of every table range: an error naming the key, the value and the table's
+    // allowed values; the bounds themselves load.
+    let mut checked = 0;
+    for key in schema() {
+        let (lo, hi) = match key.allowed {
+            Allowed::Int { lo, hi, .. } => (lo, hi),
+            Allowed::FecShards { hi, .. } => (0, hi),
+            Allowed::Limit(hi) => (0, hi),
+            Allowed::Window(hi) => (1, hi),
+            _ => continue,
+        };
+        let range = key.range_text();
+        for bad in [lo - 1, hi + 1] {
+            if key.allowed == Allowed::Limit(hi) && bad == -1 {
+                continue;
+            }
+            let errors = toml_errors(&dotted_client(&format!("{} = {bad}", key.path)));
+            assert_has(&errors, &format!("{} = {bad}: must be {range}", key.path));
+        }
+        let lowest = if matches!(key.allowed, Allowed::Limit(_)) {
+            1
+        } else {
+            lo
+        };
+        for good in [lowest, hi] {
+            // The bounds pass the key's own check (a rule with another key, such as smuxbuf >= streambuf,
+            // may still object).
+            let text = dotted_client(&format!("{} = {good}", key.path));
+            if let Err(ConfigError::Invalid { errors, .. }) = Config::from_toml_str(&text) {
+                let own = format!("{} = {good}: must be {range}", key.path);
+                assert!(
+                    errors.iter().all(|e| e.to_string() != own),
+                    "{} = {good} rejected: {errors:?}",
+                    key.path
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} integer keys");
+}
+
+#[test]
+fn every_word_list_in_the_table_is_what_validation_accepts() {
+    for key in schema() {
+        let Allowed::OneOf(words) = key.allowed else {
+            continue;
+        };
+        if key.kind != KeyType::Str || key.path.contains("[]") || key.path == "role" {
+            continue;
+        }
+        for w in words {
+            let mut line = format!("{} = {}", key.path, toml::Value::String(w.to_string()));
+            if key.path == "transport.kcp.cc" && *w == "fixed" {
+                line.push_str("\ntransport.kcp.bandwidth = \"10mbit\"");
+            }
+            if let Err(e) = Config::from_toml_str(&dotted_client(&line)) {
+                panic!("{line} rejected: {e}");
+            }
+        }
+        let errors = toml_errors(&dotted_client(&format!("{} = \"zzz\"", key.path)));
+        let list = if words.len() == 1 {
+            format!("must be \"{}\"", words[0])
+        } else {
+            format!("must be one of {}", words.join(", "))
+        };
+        assert_has(&errors, &format!("{} = \"zzz\": {list}", key.path));
+    }
+}
+
+#[test]
+fn yaml_defaults_of_the_table_apply_to_imported_yaml() {
+    // Keys whose default differs in imported YAML: the table's YAML default is what the import yields.
+    let yaml = "role: client\nserver:\n  addr: 10.0.0.2:9999\nsocks5:\n  - listen: 127.0.0.1:1080\n\
+                network:\n  interface: eth0\n  ipv4:\n    addr: 10.0.0.1:0\ntransport:\n  protocol: kcp\n  \
+                kcp:\n    key: k\n";
+    let c = Config::from_yaml_str(yaml).unwrap().config;
+    let k = &c.transport.kcp;
+    let yaml_def = |p: &str| *key_info(p).unwrap().def.for_format(true);
+    assert_eq!(yaml_def("transport.kcp.guard"), Def::Bool(k.guard));
+    assert_eq!(
+        yaml_def("transport.kcp.rcvwnd").int(Some(Role::Client)),
+        Some(i64::from(k.rcvwnd))
+    );
+    assert_eq!(
+        yaml_def("transport.kcp.sndwnd").int(Some(Role::Client)),
+        Some(i64::from(k.sndwnd))
+    );
+    assert!(!k.rcvwnd_auto && !k.sndwnd_auto);
 }
