@@ -212,8 +212,8 @@ pub enum DatagramEvent<T> {
     Input { id: SessionId, accepted: bool },
     /// Server: a new session was learned from this datagram (which it took). Flush it.
     Opened(SessionId),
-    /// A session was closed (the datagram is consumed).
-    Closed(Closed<T>),
+    /// A session was closed (the datagram is consumed). Boxed: rare, and a session is large.
+    Closed(Box<Closed<T>>),
     /// The datagram was dropped.
     Dropped(DropReason),
 }
@@ -351,7 +351,7 @@ impl<T: Default> Endpoint<T> {
 
     fn closed_event(&mut self, id: SessionId, reason: CloseReason) -> DatagramEvent<T> {
         match self.close(id, reason) {
-            Some(c) => DatagramEvent::Closed(c),
+            Some(c) => DatagramEvent::Closed(Box::new(c)),
             None => DatagramEvent::Dropped(DropReason::NoSession),
         }
     }

@@ -5,9 +5,11 @@
 //! reads a clock or touches a socket, so the daemon, the data plane and the tests drive the same code:
 //!
 //! ```text
-//! handle_datagram(now, payload) ─► [guard] ─► crypto.open ─► FEC decode ─► KCP input ─► smux input ─► events
+//! handle_datagram(now, payload) ─► crypto.open ─► FEC decode ─► KCP input ─► smux input ─► events
 //! write(sid, bytes) ─► smux frames ─► KCP send ─► KCP flush ─► FEC encode ─► crypto.seal ─► transmit(datagram)
 //! ```
+//!
+//! The guard prefix (spec §5) is not the session's: [`crate::proto::endpoint`] checks and strips it first.
 use std::fmt;
 
 use thiserror::Error;

@@ -903,7 +903,7 @@ impl Core {
                 self.mark_dirty(id);
             }
             DatagramEvent::Opened(id) => self.session_added(id, now),
-            DatagramEvent::Closed(closed) => self.session_closed(closed),
+            DatagramEvent::Closed(closed) => self.session_closed(*closed),
             DatagramEvent::Dropped(_) => {}
         }
     }
