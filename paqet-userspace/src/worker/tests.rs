@@ -492,3 +492,29 @@ fn xdp_steer_config_matches_address_port_and_guard() {
     let off = super::xdp::steer_config(&cfg(Role::Server, Limits::default(), None));
     assert!(!off.has(SteerConfig::FLAG_GUARD));
 }
+
+#[test]
+fn bad_fec_shard_counts_fail_the_worker_start() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let (_a, b) = mem::pair(16);
+        let mut c = cfg(Role::Server, Limits::default(), None);
+        c.session.dshard = 200;
+        c.session.pshard = 100;
+        let err = match start(c, once(b)) {
+            Ok(_) => panic!("a worker started with dshard 200 + pshard 100"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, StartError::Config(_)), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("transport.kcp.dshard = 200")
+                && msg.contains("transport.kcp.pshard = 100"),
+            "{msg}"
+        );
+    });
+}
