@@ -27,8 +27,8 @@ fn config(block: BlockMode) -> SessionConfig {
 
 /// Moves TOTAL bytes client → server; returns bytes received.
 fn transfer(cfg: &SessionConfig, src: &[u8], sink: &mut [u8], wire: &mut Vec<Vec<u8>>) -> usize {
-    let mut c = Session::new(Role::Client, 7, cfg, 0);
-    let mut s = Session::new(Role::Server, 7, cfg, 0);
+    let mut c = Session::new(Role::Client, 7, cfg, 0).expect("session");
+    let mut s = Session::new(Role::Server, 7, cfg, 0).expect("session");
     let sid = c.open_stream().unwrap();
     let (mut sent, mut got, mut now) = (0usize, 0usize, 0u32);
     let mut rsid = None;

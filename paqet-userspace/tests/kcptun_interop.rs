@@ -177,7 +177,10 @@ fn drive(
                 let Some(conv) = paqet::wire::kcp::peek_conv(&kcp) else {
                     continue;
                 };
-                *session = Some((Session::new(Role::Server, conv, cfg, now), from));
+                *session = Some((
+                    Session::new(Role::Server, conv, cfg, now).expect("session"),
+                    from,
+                ));
             }
             let (s, _) = session.as_mut().unwrap();
             let _ = s.handle_datagram(now, &mut buf[..n]);
@@ -235,7 +238,10 @@ fn ours_to_theirs(block: BlockMode, fec: bool) {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let cfg = session_config(block, fec);
     let start = Instant::now();
-    let mut sess = Some((Session::new(Role::Client, rand::random(), &cfg, 0), server));
+    let mut sess = Some((
+        Session::new(Role::Client, rand::random(), &cfg, 0).expect("session"),
+        server,
+    ));
     let data: Vec<Vec<u8>> = (0..STREAMS as u64).map(payload).collect();
     let sids: Vec<u32> = (0..STREAMS)
         .map(|_| sess.as_mut().unwrap().0.open_stream().unwrap())

@@ -101,8 +101,8 @@ fn run(loss: f64) -> Outcome {
     let seed = 0x5eed_0000 + (loss * 1000.0) as u64;
     let ccfg = config(seed);
     let scfg = config(seed + 1);
-    let mut client = Session::new(Role::Client, 0x1234_5678, &ccfg, 0);
-    let mut server = Session::new(Role::Server, 0x1234_5678, &scfg, 0);
+    let mut client = Session::new(Role::Client, 0x1234_5678, &ccfg, 0).expect("session");
+    let mut server = Session::new(Role::Server, 0x1234_5678, &scfg, 0).expect("session");
     let mut link = Link {
         rng: SmallRng::seed_from_u64(seed),
         loss,

@@ -163,8 +163,10 @@ fn run(sc: Scenario, seed: u64) -> Outcome {
     let jitter = sc.jitter_ms * 1000;
     let mut down = Path::new(seed, sc.loss, rate, buffer, one_way, jitter);
     let mut up = Path::new(seed ^ 0x5555, sc.loss, rate, buffer, one_way, jitter);
-    let mut client = Session::new(Role::Client, 0x0bad_cafe, &session_config(seed + 1, &sc), 0);
-    let mut server = Session::new(Role::Server, 0x0bad_cafe, &session_config(seed + 2, &sc), 0);
+    let mut client = Session::new(Role::Client, 0x0bad_cafe, &session_config(seed + 1, &sc), 0)
+        .expect("session");
+    let mut server = Session::new(Role::Server, 0x0bad_cafe, &session_config(seed + 2, &sc), 0)
+        .expect("session");
     // (arrival µs, seq, to_client, bytes)
     let mut flight: BinaryHeap<Reverse<InFlight>> = BinaryHeap::new();
     let mut seq = 0u64;

@@ -5,9 +5,11 @@
 //! reads a clock or touches a socket, so the daemon, the data plane and the tests drive the same code:
 //!
 //! ```text
-//! handle_datagram(now, payload) ─► [guard] ─► crypto.open ─► FEC decode ─► KCP input ─► smux input ─► events
+//! handle_datagram(now, payload) ─► crypto.open ─► FEC decode ─► KCP input ─► smux input ─► events
 //! write(sid, bytes) ─► smux frames ─► KCP send ─► KCP flush ─► FEC encode ─► crypto.seal ─► transmit(datagram)
 //! ```
+//!
+//! The guard prefix (spec §5) is not the session's: [`crate::proto::endpoint`] checks and strips it first.
 use std::fmt;
 
 use thiserror::Error;
@@ -56,6 +58,16 @@ pub struct SessionConfig {
 }
 
 impl SessionConfig {
+    /// Checks what a session cannot run with: FEC shard counts the Reed-Solomon coder refuses. (The config
+    /// module refuses them too; this guards every other way of building a `SessionConfig`.)
+    pub fn validate(&self) -> Result<(), SessionConfigError> {
+        let (dshard, pshard) = (self.dshard, self.pshard);
+        if self.fec_enabled() && (dshard > 255 || pshard > 255 || dshard + pshard > 256) {
+            return Err(SessionConfigError::FecShards { dshard, pshard });
+        }
+        Ok(())
+    }
+
     /// True when FEC is on (both shard counts > 0, as upstream).
     pub fn fec_enabled(&self) -> bool {
         self.dshard > 0 && self.pshard > 0
@@ -77,6 +89,18 @@ impl SessionConfig {
             .min(MAX_DATAGRAM)
             .saturating_sub(self.header_overhead() + self.crypto.trailer_len())
     }
+}
+
+/// A [`SessionConfig`] a session cannot be built from.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum SessionConfigError {
+    /// FEC is on (both counts > 0) but the Reed-Solomon coder cannot be built with these counts. Turning
+    /// FEC off instead would make every datagram unreadable to a peer that has it on.
+    #[error(
+        "transport.kcp.dshard = {dshard}, transport.kcp.pshard = {pshard}: FEC shard counts must be 0..=255 \
+         each with dshard + pshard <= 256 (FEC is on when both are > 0, off when either is 0)"
+    )]
+    FecShards { dshard: usize, pshard: usize },
 }
 
 /// Why a datagram or the session failed. Datagram-level errors are counted and leave the session intact;
@@ -150,7 +174,15 @@ pub struct Session {
 
 impl Session {
     /// A new session. `conv` is the KCP conversation id (random on a client, the peer's on a server).
-    pub fn new(role: Role, conv: u32, cfg: &SessionConfig, now: u32) -> Self {
+    /// Fails when FEC is on with shard counts the Reed-Solomon coder refuses (see
+    /// [`SessionConfig::validate`]): FEC is never turned off behind the configuration's back.
+    pub fn new(
+        role: Role,
+        conv: u32,
+        cfg: &SessionConfig,
+        now: u32,
+    ) -> Result<Self, SessionConfigError> {
+        cfg.validate()?;
         let mut kcfg = cfg.kcp.clone();
         kcfg.mtu = cfg.kcp_mtu();
         let reserved = cfg.header_overhead();
@@ -159,19 +191,26 @@ impl Session {
             Role::Client => SmuxRole::Client,
             Role::Server => SmuxRole::Server,
         };
-        Session {
+        let bad_shards = |_| SessionConfigError::FecShards {
+            dshard: cfg.dshard,
+            pshard: cfg.pshard,
+        };
+        let (fec_enc, fec_dec) = if fec {
+            (
+                Some(
+                    FecEncoder::new(cfg.dshard, cfg.pshard, cfg.crypto.header_len())
+                        .map_err(bad_shards)?,
+                ),
+                Some(FecDecoder::new(cfg.dshard, cfg.pshard).map_err(bad_shards)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Session {
             role,
             crypto: cfg.crypto.clone(),
-            fec_enc: if fec {
-                FecEncoder::new(cfg.dshard, cfg.pshard, cfg.crypto.header_len()).ok()
-            } else {
-                None
-            },
-            fec_dec: if fec {
-                FecDecoder::new(cfg.dshard, cfg.pshard).ok()
-            } else {
-                None
-            },
+            fec_enc,
+            fec_dec,
             kcp: Kcp::new(conv, &kcfg, reserved),
             smux: Smux::new(smux_role, cfg.smux.clone(), now),
             rx_pending: Vec::with_capacity(64 * 1024),
@@ -187,7 +226,7 @@ impl Session {
             } else {
                 0
             },
-        }
+        })
     }
 
     pub fn role(&self) -> Role {
@@ -467,5 +506,71 @@ impl Session {
     /// Mark the session closed (nothing more is sent or accepted).
     pub fn close(&mut self) {
         self.dead = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::kcp::KcpMode;
+    use crate::wire::crypt::BlockMode;
+
+    fn cfg(dshard: usize, pshard: usize) -> SessionConfig {
+        SessionConfig {
+            crypto: Crypto::from_derived(BlockMode::Aes, &[3; 32]).expect("crypto"),
+            dshard,
+            pshard,
+            kcp: KcpConfig::preset(KcpMode::Fast),
+            smux: SmuxConfig::default(),
+            mtu: 1350,
+        }
+    }
+
+    #[test]
+    fn bad_fec_shard_counts_are_an_error_not_fec_off() {
+        for (d, p) in [(200, 100), (256, 1), (1, 256), (300, 5)] {
+            let err = Session::new(Role::Client, 1, &cfg(d, p), 0)
+                .err()
+                .unwrap_or_else(|| panic!("dshard {d} pshard {p} accepted"));
+            assert_eq!(
+                err,
+                SessionConfigError::FecShards {
+                    dshard: d,
+                    pshard: p
+                }
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains("transport.kcp.dshard = ")
+                    && msg.contains("transport.kcp.pshard = ")
+                    && msg.contains("0..=255")
+                    && msg.contains("<= 256"),
+                "{msg}"
+            );
+        }
+        // FEC off (either count 0, as upstream) and the largest valid groups build.
+        for (d, p) in [(0, 0), (0, 3), (10, 0), (10, 3), (128, 128), (255, 1)] {
+            let s = Session::new(Role::Server, 1, &cfg(d, p), 0).expect("valid counts");
+            assert_eq!(s.fec_enc.is_some(), d > 0 && p > 0, "dshard {d} pshard {p}");
+            assert_eq!(s.fec_dec.is_some(), d > 0 && p > 0);
+        }
+    }
+
+    #[test]
+    fn fec_session_pair_carries_a_stream() {
+        let c = cfg(10, 3);
+        let mut a = Session::new(Role::Client, 9, &c, 0).expect("client");
+        let mut b = Session::new(Role::Server, 9, &c, 0).expect("server");
+        let sid = a.open_stream().expect("stream");
+        assert_eq!(a.write(sid, b"over fec").expect("write"), 8);
+        let mut wire = Vec::new();
+        a.poll_transmit(1, &mut |d| wire.push(d.to_vec()));
+        assert!(!wire.is_empty());
+        for mut d in wire {
+            b.handle_datagram(2, &mut d).expect("datagram");
+        }
+        let mut buf = [0u8; 16];
+        assert_eq!(b.read(sid, &mut buf).expect("read"), 8);
+        assert_eq!(&buf[..8], b"over fec");
     }
 }

@@ -103,6 +103,20 @@ pub fn parse(body: &[u8]) -> Result<FecPacket<'_>, FecError> {
     }
 }
 
+/// The KCP bytes of a decrypted datagram body. Without FEC (`fec` false) the body is KCP (kcp-go feeds it
+/// to KCP whatever it looks like); with FEC an FEC-framed body yields its data packet's KCP bytes, and
+/// `None` for parity and malformed FEC packets (which carry no KCP segment); a body without FEC header
+/// is KCP.
+pub fn kcp_bytes(body: &[u8], fec: bool) -> Option<&[u8]> {
+    if !fec || !is_fec(body) {
+        return Some(body);
+    }
+    match parse(body) {
+        Ok(p) if p.kind == FecKind::Data => Some(p.payload),
+        _ => None,
+    }
+}
+
 /// Writes `seqid | type` into `out[..6]`. Panics if `out` is shorter than 6 bytes (caller bug).
 #[inline]
 pub fn write_header(out: &mut [u8], seqid: u32, kind: FecKind) {
@@ -117,6 +131,28 @@ pub fn write_header(out: &mut [u8], seqid: u32, kind: FecKind) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kcp_bytes_of_plain_data_and_parity_bodies() {
+        let kcp = [7u8; 24];
+        assert_eq!(kcp_bytes(&kcp, false), Some(&kcp[..]));
+        assert_eq!(kcp_bytes(&kcp, true), Some(&kcp[..]), "not FEC-framed");
+        let mut data = vec![1, 0, 0, 0, 0xf1, 0, 26, 0];
+        data.extend_from_slice(&kcp);
+        assert_eq!(kcp_bytes(&data, true), Some(&kcp[..]));
+        assert_eq!(
+            kcp_bytes(&data, false),
+            Some(&data[..]),
+            "FEC off: the body is KCP"
+        );
+        let parity = [2, 0, 0, 0, 0xf2, 0, 9, 9, 9];
+        assert_eq!(kcp_bytes(&parity, true), None);
+        assert_eq!(
+            kcp_bytes(&[0, 0, 0, 0, 0xf1, 0, 99, 0, 1], true),
+            None,
+            "bad size"
+        );
+    }
 
     #[test]
     fn parse_data_and_parity() {

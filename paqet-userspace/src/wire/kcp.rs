@@ -157,6 +157,17 @@ pub fn peek_conv(buf: &[u8]) -> Option<u32> {
     Some(le32(buf, 0))
 }
 
+/// The `conv` and `sn` of the first segment of a datagram, read from its fixed header without validating
+/// `cmd` or `len` (a routing peek: the session's KCP input checks the segment), if it is at least one header
+/// long.
+#[inline]
+pub fn peek_conv_sn(buf: &[u8]) -> Option<(u32, u32)> {
+    if buf.len() < OVERHEAD {
+        return None;
+    }
+    Some((le32(buf, 0), le32(buf, 12)))
+}
+
 /// An iterator over the segments of one datagram; stops after the first error (which it yields).
 pub struct Segments<'a> {
     rest: &'a [u8],
@@ -220,6 +231,25 @@ pub fn fuzz_segments(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peek_conv_sn_reads_the_first_header() {
+        let h = SegmentHeader {
+            conv: 0x0102_0304,
+            cmd: Cmd::Push,
+            frg: 0,
+            wnd: 128,
+            ts: 9,
+            sn: 77,
+            una: 3,
+            len: 0,
+        };
+        let mut b = [0u8; OVERHEAD + 2];
+        h.emit(&mut b);
+        assert_eq!(peek_conv_sn(&b), Some((0x0102_0304, 77)));
+        assert_eq!(peek_conv_sn(&b[..OVERHEAD]), Some((0x0102_0304, 77)));
+        assert_eq!(peek_conv_sn(&b[..OVERHEAD - 1]), None);
+    }
 
     /// Body of the first client → server frame of `fast.pcap` (captures README, worked example).
     const FAST_BODY: &str = "63942f55 51 00 0002 52000000 00000000 00000000 20000000 \

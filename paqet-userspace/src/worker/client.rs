@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::core::{spawn_link_rx, unix_now, Core, Shared};
 use super::stream::TunnelStream;
 use super::IoFactory;
-use crate::proto::session::{Role, Session, SessionError};
+use crate::proto::session::{Role, SessionConfigError, SessionError};
 use crate::wire::envelope::EnvelopeBuilder;
 use crate::wire::header::Header;
 
@@ -48,6 +48,8 @@ pub enum TunnelError {
     NoSession { server: SocketAddr, secs: u64 },
     #[error("session: {0}")]
     Session(#[from] SessionError),
+    #[error("session settings: {0}")]
+    Config(#[from] SessionConfigError),
     #[error("no PONG: {0}")]
     Ping(String),
     #[error("local port {port} already carries a session to {server} (XDP mode: no free local port owned by this worker)")]
@@ -126,7 +128,7 @@ fn header_bytes(h: &Header) -> Result<Vec<u8>, TunnelError> {
 
 /// Opens a stream on session `id`, writes `bytes` as its first frame and, if `close`, closes it at once.
 fn stream_with(c: &mut Core, id: u64, bytes: &[u8], close: bool) -> Result<u32, TunnelError> {
-    let e = c.sessions.get_mut(&id).ok_or(SessionError::Dead)?;
+    let e = c.endpoint.get_mut(id).ok_or(SessionError::Dead)?;
     let sid = e.session.open_stream()?;
     if !bytes.is_empty() {
         let n = e.session.write(sid, bytes)?;
@@ -211,9 +213,7 @@ pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError
             }
         };
         let conv: u32 = rand::random();
-        let now = c.now();
-        let session = Session::new(Role::Client, conv, &c.cfg.session, now);
-        let id = c.add_session(link_id, port, server, session, own_env);
+        let id = c.connect(link_id, port, server, conv, own_env)?;
         if let Some(s) = c.client.slots.get_mut(slot) {
             s.session = Some(id);
         }
@@ -384,7 +384,7 @@ impl Tunnel {
                     let Some(id) = c.client.slots[i].session else {
                         continue;
                     };
-                    let alive = c.sessions.get(&id).is_some_and(|e| !e.session.is_dead());
+                    let alive = c.endpoint.get(id).is_some_and(|e| !e.session.is_dead());
                     if !alive {
                         c.kill_session(id, "found dead when opening a stream");
                         continue;

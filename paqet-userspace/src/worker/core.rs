@@ -1,4 +1,11 @@
-//! Shared worker state: links (packet-I/O backends), sessions, timers, limits and counters.
+//! Shared worker state: links (packet-I/O backends), the sessions' endpoint, timers and counters.
+//!
+//! The sessions themselves, the demultiplexing of received datagrams to them, conv learning, session
+//! replacement, the guard check and the limits are the sans-IO [`Endpoint`]'s
+//! ([`crate::proto::endpoint`]); the core does the I/O around it: it parses envelopes, hands frames of
+//! other workers' sessions to their owner (XDP mode), feeds each TCP payload to the endpoint and acts on
+//! its decision (flush the session, wake the streams of a closed one, re-dial on a client), sends what the
+//! sessions emit and turns their smux events into task wake-ups.
 //!
 //! Everything lives in one `Rc<RefCell<Core>>` owned by the worker thread. Tasks borrow it briefly and never
 //! across an `.await`. The RX task of each link drains its backend in batches ([`Core::rx_link`]); the driver
@@ -18,17 +25,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, Notify};
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, trace, warn};
 
 use super::client::ClientState;
-use super::guard::{Guard, GUARD_LEN};
 use super::WorkerConfig;
 use crate::io::PacketIo;
 use crate::ops::metrics::{window_limited_index, CcSnapshot};
 use crate::proto::cc::CcStats;
-use crate::proto::session::{Role, Session, SessionError};
+use crate::proto::endpoint::{
+    BadSources, CloseReason, Closed, DatagramEvent, Endpoint, EndpointConfig, SessionTable,
+};
+use crate::proto::guard::{Guard, GUARD_LEN};
+use crate::proto::session::{Role, SessionConfigError};
 use crate::proto::smux::SmuxEvent;
-use crate::wire::crypt::Crypto;
 use crate::wire::envelope::{parse_frame, EnvelopeBuilder, FlagCycler, TcpFlags};
 
 /// The worker's shared state handle.
@@ -98,29 +107,20 @@ impl StreamSlot {
     }
 }
 
-/// One session and the streams tasks hold on it.
-pub(crate) struct Entry {
-    pub session: Session,
-    pub link: u64,
-    /// Local TCP port the session's frames carry (the link's port, or on a shared link the session's own).
-    pub local_port: u16,
-    pub peer: SocketAddr,
+/// The worker's I/O state of one session, carried in the endpoint's session table
+/// ([`Entry::io`](crate::proto::endpoint::Entry)).
+#[derive(Default)]
+pub(crate) struct SessionIo {
     /// Envelope of a session on a shared link whose source port differs from the link's (client sessions
     /// of an XDP worker); `None` = use the link's builders.
     pub env: Option<EnvelopeBuilder>,
+    /// Wakers of the streams tasks hold on the session.
     pub streams: HashMap<u32, StreamSlot>,
-    /// Proxied streams (PTCP/PUDP past their header) counted against `max_streams_per_session`.
-    pub data_streams: usize,
-    /// When a datagram of this session last authenticated (worker ms clock); `None` = never.
-    pub last_rx: Option<u32>,
     pub dirty: bool,
     pub deadline: u32,
     /// The "held below the BDP by a window" warning was logged for this session (once per session).
     pub cc_window_warned: bool,
 }
-
-/// Streams beyond the stream limits that may wait for their header (control streams, slow headers).
-const PENDING_STREAM_SLACK: usize = 64;
 
 /// One packet-I/O backend (a "socket" in upstream's terms) with its envelope builders.
 pub(crate) struct Link {
@@ -136,39 +136,43 @@ pub(crate) struct Link {
     pub retire: Rc<Notify>,
 }
 
+/// The [`DaemonStats`] counters the worker itself keeps (the endpoint keeps the others).
+#[derive(Clone, Copy, Debug, Default)]
+struct IoCounters {
+    rx_frames: u64,
+    rx_bad_envelope: u64,
+    tx_datagrams: u64,
+    tx_errors: u64,
+    rx_cross_worker: u64,
+    rx_handoff_drops: u64,
+    rx_handed_in: u64,
+}
+
 /// The worker's state. See the module docs.
 pub struct Core {
     pub(crate) cfg: Rc<WorkerConfig>,
     start: Instant,
     pub(crate) links: HashMap<u64, Link>,
     next_link: u64,
-    pub(crate) sessions: HashMap<u64, Entry>,
-    /// (link, local port, peer) → session.
-    by_peer: HashMap<(u64, u16, SocketAddr), u64>,
-    next_session: u64,
+    /// Sessions, demultiplexing, session and stream admission, guard check (sans-IO).
+    pub(crate) endpoint: Endpoint<SessionIo>,
     dirty: Vec<u64>,
     pub(crate) notify: Rc<Notify>,
     /// Server: flag lists clients sent with PTCPF, keyed by client address.
     pub(crate) peer_flags: HashMap<SocketAddr, FlagCycler>,
     local_flags: FlagCycler,
-    guard: Option<Guard>,
-    /// Server: decrypts a copy of an unknown source's first datagram to learn its conv.
-    probe: Crypto,
+    /// The guard that writes the prefix of sent datagrams (a copy of the endpoint's, which checks them).
+    tx_guard: Option<Guard>,
     rx_arena: Vec<u8>,
     rx_frames: Vec<(usize, usize)>,
-    scratch: Vec<u8>,
     /// Server: streams the peer opened, handed to the accept task.
     accept_tx: Option<mpsc::UnboundedSender<(u64, u32)>>,
-    pub(crate) streams_total: usize,
-    /// Proxied streams of all sessions (`max_streams_total`).
-    pub(crate) data_streams_total: usize,
-    /// Sources whose datagrams failed the guard or crypto check before any session of theirs existed
-    /// (a wrong key or guard setting): source → failures. Bounded; read by the metrics publisher.
-    pub(crate) bad_sources: HashMap<SocketAddr, u64>,
     pub(crate) client: ClientState,
     /// XDP mode: where frames of other workers' sessions go.
     pub(crate) router: Option<super::xdp::Router>,
-    pub stats: DaemonStats,
+    counters: IoCounters,
+    /// Congestion-control figures as of the last [`Core::refresh_cc`].
+    cc: CcSnapshot,
     /// When [`Core::refresh_cc`] last ran (worker ms clock).
     cc_refreshed: Option<u32>,
     /// Cumulative congestion-control counters of sessions that are gone.
@@ -236,7 +240,8 @@ fn due(deadline: u32, now: u32) -> bool {
 
 impl Core {
     /// A new, empty core. `local_flags` must be non-empty (the config guarantees it; `["PA"]` otherwise).
-    pub fn new(cfg: WorkerConfig) -> Shared {
+    /// Fails when the session settings cannot make a session (FEC shard counts).
+    pub fn new(cfg: WorkerConfig) -> Result<Shared, SessionConfigError> {
         let local_flags = FlagCycler::new(cfg.local_flags.clone()).unwrap_or_else(|_| {
             FlagCycler::new(vec![TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0)]).expect("one entry")
         });
@@ -244,36 +249,36 @@ impl Core {
             .guard
             .as_ref()
             .map(|(g, key)| Guard::new(g.clone(), key));
-        let probe = cfg.session.crypto.clone();
+        let endpoint = Endpoint::new(EndpointConfig {
+            role: cfg.role,
+            session: cfg.session.clone(),
+            server_addr: cfg.server_addr,
+            limits: cfg.limits,
+            guard: guard.clone(),
+        })?;
         let conn = cfg.conn.max(1);
-        Rc::new(RefCell::new(Core {
+        Ok(Rc::new(RefCell::new(Core {
             cfg: Rc::new(cfg),
             start: Instant::now(),
             links: HashMap::default(),
             next_link: 1,
-            sessions: HashMap::default(),
-            by_peer: HashMap::default(),
-            next_session: 1,
+            endpoint,
             dirty: Vec::new(),
             notify: Rc::new(Notify::new()),
             peer_flags: HashMap::default(),
             local_flags,
-            guard,
-            probe,
+            tx_guard: guard,
             rx_arena: Vec::with_capacity(64 * 2048),
             rx_frames: Vec::with_capacity(64),
-            scratch: Vec::with_capacity(2048),
             accept_tx: None,
-            streams_total: 0,
-            data_streams_total: 0,
-            bad_sources: HashMap::default(),
             client: ClientState::new(conn),
             router: None,
-            stats: DaemonStats::default(),
+            counters: IoCounters::default(),
+            cc: CcSnapshot::default(),
             cc_refreshed: None,
             cc_retired: CcRetired::default(),
             cc_window_limited_total: [0; 2],
-        }))
+        })))
     }
 
     /// The worker clock: milliseconds since the worker started (wrapping u32).
@@ -286,19 +291,53 @@ impl Core {
         &self.cfg
     }
 
+    /// The daemon counters: the worker's I/O counters and the endpoint's decisions.
+    pub fn stats(&self) -> DaemonStats {
+        let io = self.counters;
+        let ep = self.endpoint.stats();
+        DaemonStats {
+            rx_frames: io.rx_frames,
+            rx_bad_envelope: io.rx_bad_envelope,
+            rx_guard_drops: ep.rx_guard_drops,
+            rx_foreign: ep.rx_foreign,
+            rx_no_session: ep.rx_no_session,
+            rx_crypto_failures: ep.rx_crypto_failures,
+            rx_session_errors: ep.rx_session_errors,
+            tx_datagrams: io.tx_datagrams,
+            tx_errors: io.tx_errors,
+            sessions_opened: ep.sessions_opened,
+            sessions_closed: ep.sessions_closed,
+            sessions_rejected: ep.sessions_rejected,
+            sessions_replaced: ep.sessions_replaced,
+            streams_opened: ep.streams_opened,
+            streams_rejected: ep.streams_rejected,
+            rx_cross_worker: io.rx_cross_worker,
+            rx_handoff_drops: io.rx_handoff_drops,
+            rx_handed_in: io.rx_handed_in,
+            cc: self.cc.clone(),
+        }
+    }
+
+    /// The session table (the endpoint's).
+    pub(crate) fn sessions(&self) -> &SessionTable<SessionIo> {
+        self.endpoint.sessions()
+    }
+
+    /// Sources whose datagrams failed the guard or crypto check with no session of theirs (a wrong key or
+    /// guard setting): source → failures. Bounded; read by the metrics publisher.
+    pub(crate) fn bad_sources(&self) -> &BadSources {
+        self.endpoint.bad_sources()
+    }
+
     /// Number of sessions (live or still dialling).
     pub fn session_count(&self) -> usize {
-        self.sessions.len()
+        self.endpoint.len()
     }
 
     /// Sessions that authenticated a datagram within the last `window_ms` (a client counts as
     /// connected only through these).
     pub fn live_sessions(&self, window_ms: u32) -> usize {
-        let now = self.now();
-        self.sessions
-            .values()
-            .filter(|e| e.last_rx.is_some_and(|t| now.wrapping_sub(t) <= window_ms))
-            .count()
+        self.endpoint.live_sessions(self.now(), window_ms)
     }
 
     /// True when this worker drives shared links (AF_XDP queue sockets).
@@ -306,54 +345,21 @@ impl Core {
         self.links.values().any(|l| l.shared)
     }
 
-    /// Records a datagram from `src` that failed the guard or crypto check with no session of its own.
-    fn note_bad_source(&mut self, src: SocketAddr) {
-        const MAX_BAD_SOURCES: usize = 256;
-        let n = self.bad_sources.len();
-        if let Some(c) = self.bad_sources.get_mut(&src) {
-            *c += 1;
-        } else if n < MAX_BAD_SOURCES {
-            self.bad_sources.insert(src, 1);
-        }
-    }
-
-    /// Server: a stream's header asked for a proxied connection (PTCP/PUDP). Applies
-    /// `max_streams_per_session` and `max_streams_total` to proxied streams only (the PTCPF and liveness
-    /// streams upstream clients open around every connection are control traffic, not counted). Returns
-    /// false (and counts the rejection) when a limit is reached; on true the caller must call
-    /// [`Core::end_data_stream`] when the stream ends.
+    /// Server: a stream's header asked for a proxied connection (PTCP/PUDP); see
+    /// [`Endpoint::admit_data_stream`]. On true the caller must call [`Core::end_data_stream`] when the
+    /// stream ends.
     pub(crate) fn admit_data_stream(&mut self, id: u64) -> bool {
-        let limits = self.cfg.limits;
-        let total = self.data_streams_total;
-        let Some(e) = self.sessions.get_mut(&id) else {
-            return false;
-        };
-        let over_session = limits
-            .max_streams_per_session
-            .is_some_and(|m| e.data_streams >= m);
-        let over_total = limits.max_streams_total.is_some_and(|m| total >= m);
-        if over_session || over_total {
-            self.stats.streams_rejected += 1;
-            debug!(peer = %e.peer, over_session, over_total, "proxied stream rejected by a stream limit");
-            return false;
-        }
-        e.data_streams += 1;
-        self.data_streams_total += 1;
-        true
+        self.endpoint.admit_data_stream(id)
     }
 
     /// A proxied stream admitted by [`Core::admit_data_stream`] ended.
-    /// (When the session is gone, `kill_session` already took its streams off the total.)
     pub(crate) fn end_data_stream(&mut self, id: u64) {
-        if let Some(e) = self.sessions.get_mut(&id) {
-            e.data_streams = e.data_streams.saturating_sub(1);
-            self.data_streams_total = self.data_streams_total.saturating_sub(1);
-        }
+        self.endpoint.end_data_stream(id)
     }
 
     /// Number of open streams (all sessions).
     pub fn stream_count(&self) -> usize {
-        self.streams_total
+        self.endpoint.stream_count()
     }
 
     /// Sum of the I/O backends' counters.
@@ -383,7 +389,7 @@ impl Core {
     /// Sum of the sessions' counters.
     pub fn session_stats(&self) -> crate::proto::session::SessionStats {
         let mut s = crate::proto::session::SessionStats::default();
-        for e in self.sessions.values() {
+        for e in self.endpoint.sessions().values() {
             let x = e.session.stats();
             s.datagrams_in += x.datagrams_in;
             s.datagrams_out += x.datagrams_out;
@@ -449,52 +455,45 @@ impl Core {
 
     /// True if a live session uses local port `port` on link `link` towards `peer`.
     pub(crate) fn has_session_on(&self, link: u64, port: u16, peer: SocketAddr) -> bool {
-        self.by_peer.contains_key(&(link, port, peer))
+        self.endpoint.has_session_on(link, port, peer)
     }
 
-    /// Registers a new session on `link` (local port `local_port`) for `peer`; returns its id. `env` is the
-    /// session's own envelope when its source port differs from the link's.
-    pub(crate) fn add_session(
+    /// Client: registers the session dialled to `server` on `link` (local port `local_port`) with
+    /// conversation `conv`; returns its id. `env` is the session's own envelope when its source port
+    /// differs from the link's.
+    pub(crate) fn connect(
         &mut self,
         link: u64,
         local_port: u16,
-        peer: SocketAddr,
-        session: Session,
+        server: SocketAddr,
+        conv: u32,
         env: Option<EnvelopeBuilder>,
-    ) -> u64 {
-        let id = self.next_session;
-        self.next_session += 1;
+    ) -> Result<u64, SessionConfigError> {
         let now = self.now();
-        let deadline = session.poll_deadline(now);
-        self.sessions.insert(
-            id,
-            Entry {
-                session,
-                link,
-                local_port,
-                peer,
-                env,
-                streams: HashMap::default(),
-                data_streams: 0,
-                // A server session exists because its first datagram authenticated; a client's has heard
-                // nothing yet.
-                last_rx: (self.cfg.role == Role::Server).then_some(now),
-                dirty: false,
-                deadline,
-                cc_window_warned: false,
-            },
-        );
-        self.by_peer.insert((link, local_port, peer), id);
-        self.stats.sessions_opened += 1;
+        let io = SessionIo {
+            env,
+            ..SessionIo::default()
+        };
+        let id = self
+            .endpoint
+            .connect(now, link, local_port, server, conv, io)?;
+        self.session_added(id, now);
+        Ok(id)
+    }
+
+    /// A session entered the table: schedule its first flush.
+    fn session_added(&mut self, id: u64, now: u32) {
+        if let Some(e) = self.endpoint.get_mut(id) {
+            e.io.deadline = e.session.poll_deadline(now);
+        }
         self.mark_dirty(id);
-        id
     }
 
     /// Schedules a flush of session `id` by the driver.
     pub(crate) fn mark_dirty(&mut self, id: u64) {
-        if let Some(e) = self.sessions.get_mut(&id) {
-            if !e.dirty {
-                e.dirty = true;
+        if let Some(e) = self.endpoint.get_mut(id) {
+            if !e.io.dirty {
+                e.io.dirty = true;
                 self.dirty.push(id);
                 self.notify.notify_one();
             }
@@ -503,20 +502,19 @@ impl Core {
 
     /// Registers a task-held stream (wakers) on session `id`.
     pub(crate) fn register_stream(&mut self, id: u64, sid: u32) {
-        if let Some(e) = self.sessions.get_mut(&id) {
-            if e.streams.insert(sid, StreamSlot::default()).is_none() {
-                self.streams_total += 1;
-                self.stats.streams_opened += 1;
+        if let Some(e) = self.endpoint.get_mut(id) {
+            if e.io.streams.insert(sid, StreamSlot::default()).is_none() {
+                self.endpoint.stream_opened(id);
             }
         }
     }
 
     /// Closes a task-held stream (FIN) and forgets it.
     pub(crate) fn release_stream(&mut self, id: u64, sid: u32) {
-        if let Some(e) = self.sessions.get_mut(&id) {
+        if let Some(e) = self.endpoint.get_mut(id) {
             e.session.close_stream(sid);
-            if e.streams.remove(&sid).is_some() {
-                self.streams_total = self.streams_total.saturating_sub(1);
+            if e.io.streams.remove(&sid).is_some() {
+                self.endpoint.stream_closed(id);
             }
             self.mark_dirty(id);
         }
@@ -539,32 +537,43 @@ impl Core {
 
     /// Drops session `id`: wakes every task waiting on it; on a client also retires its link.
     pub(crate) fn kill_session(&mut self, id: u64, why: &str) {
-        let Some(mut e) = self.sessions.remove(&id) else {
-            return;
-        };
-        let cc = e.session.cc_stats();
+        if let Some(closed) = self.endpoint.close(id, CloseReason::Local(why.to_owned())) {
+            self.session_closed(closed);
+        }
+    }
+
+    /// The I/O side of a closed session: keeps its congestion-control counters, wakes its stream tasks,
+    /// forgets the client's flag list (server) or retires its link and frees its slot (client).
+    fn session_closed(&mut self, closed: Closed<SessionIo>) {
+        let Closed {
+            id,
+            peer,
+            link,
+            session,
+            io: mut sio,
+            ..
+        } = closed;
+        let cc = session.cc_stats();
         let r = &mut self.cc_retired;
         r.bytes_sent = r.bytes_sent.saturating_add(cc.bytes_sent);
         r.bytes_delivered = r.bytes_delivered.saturating_add(cc.bytes_delivered);
         r.spurious_retrans = r.spurious_retrans.saturating_add(cc.spurious_retrans);
-        e.session.close();
-        self.by_peer.remove(&(e.link, e.local_port, e.peer));
-        self.streams_total = self.streams_total.saturating_sub(e.streams.len());
-        self.data_streams_total = self.data_streams_total.saturating_sub(e.data_streams);
-        for slot in e.streams.values_mut() {
+        for slot in sio.streams.values_mut() {
             slot.wake_all();
         }
-        self.stats.sessions_closed += 1;
-        if self.cfg.role == Role::Server && !self.by_peer.keys().any(|(_, _, p)| *p == e.peer) {
-            // The client re-sends PTCPF at the start of any new session.
-            self.peer_flags.remove(&e.peer);
-        }
-        info!(peer = %e.peer, conv = e.session.conv(), streams = e.streams.len(), reason = why, "session closed");
-        if self.cfg.role == Role::Client {
-            if let Some(l) = self.links.get(&e.link).filter(|l| !l.shared) {
-                l.retire.notify_one();
+        match self.cfg.role {
+            Role::Server => {
+                if !self.endpoint.serves_peer(peer) {
+                    // The client re-sends PTCPF at the start of any new session.
+                    self.peer_flags.remove(&peer);
+                }
             }
-            self.client.session_gone(id);
+            Role::Client => {
+                if let Some(l) = self.links.get(&link).filter(|l| !l.shared) {
+                    l.retire.notify_one();
+                }
+                self.client.session_gone(id);
+            }
         }
     }
 
@@ -575,27 +584,30 @@ impl Core {
     /// Runs the session's timers and sends what it has; then dispatches its events.
     fn flush_session(&mut self, id: u64, now: u32, unix_secs: u64) {
         let Core {
-            sessions,
+            endpoint,
             links,
             peer_flags,
             local_flags,
-            guard,
-            stats,
+            tx_guard: guard,
+            counters,
             cfg,
             ..
         } = self;
-        let Some(e) = sessions.get_mut(&id) else {
+        let Some(e) = endpoint.get_mut(id) else {
             return;
         };
-        e.dirty = false;
-        if let Some(link) = links.get_mut(&e.link) {
+        let (peer, link_id) = (e.peer(), e.link());
+        let crate::proto::endpoint::Entry {
+            session, io: sio, ..
+        } = e;
+        sio.dirty = false;
+        if let Some(link) = links.get_mut(&link_id) {
             let flags = match cfg.role {
-                Role::Server => peer_flags.get(&e.peer).unwrap_or(local_flags),
+                Role::Server => peer_flags.get(&peer).unwrap_or(local_flags),
                 Role::Client => &*local_flags,
             };
-            let peer = e.peer;
             let Link { io, env4, env6, .. } = link;
-            let env = match e.env.as_mut() {
+            let env = match sio.env.as_mut() {
                 Some(own) => Some(own),
                 None if peer.is_ipv4() => env4.as_mut(),
                 None => env6.as_mut(),
@@ -606,7 +618,7 @@ impl Core {
                 }
                 let glen = if guard.is_some() { GUARD_LEN } else { 0 };
                 let mut sent = false;
-                e.session.poll_transmit(now, &mut |dgram: &[u8]| {
+                session.poll_transmit(now, &mut |dgram: &[u8]| {
                     let f = flags.next();
                     let hl = env.header_len(f);
                     let total = hl + glen + dgram.len();
@@ -619,9 +631,9 @@ impl Core {
                             .unwrap_or(0)
                     });
                     match r {
-                        Ok(()) => stats.tx_datagrams += 1,
+                        Ok(()) => counters.tx_datagrams += 1,
                         Err(err) => {
-                            stats.tx_errors += 1;
+                            counters.tx_errors += 1;
                             trace!(%peer, error = %err, "frame injection failed");
                         }
                     }
@@ -634,11 +646,11 @@ impl Core {
                 }
             }
         }
-        e.deadline = e.session.poll_deadline(now);
+        sio.deadline = session.poll_deadline(now);
         // Blocked writers retry after every flush (KCP may have taken smux's queue, freeing send buffer);
         // they re-register if still blocked. Readers are woken by smux's Readable/Fin events only, so idle
         // streams cost nothing here.
-        for slot in e.streams.values_mut() {
+        for slot in sio.streams.values_mut() {
             if let Some(w) = slot.write.take() {
                 w.wake();
             }
@@ -650,7 +662,7 @@ impl Core {
     fn dispatch_events(&mut self, id: u64) {
         let mut dead: Option<String> = None;
         loop {
-            let Some(e) = self.sessions.get_mut(&id) else {
+            let Some(e) = self.endpoint.get_mut(id) else {
                 return;
             };
             let Some(ev) = e.session.poll_event() else {
@@ -659,7 +671,7 @@ impl Core {
             match ev {
                 SmuxEvent::Opened(sid) => self.on_peer_opened(id, sid),
                 SmuxEvent::Readable(sid) | SmuxEvent::Fin(sid) => {
-                    if let Some(s) = e.streams.get_mut(&sid) {
+                    if let Some(s) = e.io.streams.get_mut(&sid) {
                         if let Some(w) = s.read.take() {
                             w.wake();
                         }
@@ -669,7 +681,7 @@ impl Core {
                     }
                 }
                 SmuxEvent::Writable(sid) => {
-                    if let Some(w) = e.streams.get_mut(&sid).and_then(|s| s.write.take()) {
+                    if let Some(w) = e.io.streams.get_mut(&sid).and_then(|s| s.write.take()) {
                         w.wake();
                     }
                 }
@@ -677,7 +689,7 @@ impl Core {
             }
         }
         if dead.is_none() {
-            if let Some(e) = self.sessions.get(&id) {
+            if let Some(e) = self.endpoint.get(id) {
                 if e.session.is_dead() {
                     dead = Some("session dead".into());
                 }
@@ -688,26 +700,13 @@ impl Core {
         }
     }
 
-    /// Server: the peer opened stream `sid`; apply the limits and hand it to the accept task.
+    /// Server: the peer opened stream `sid`; the endpoint applies the limits, then it goes to the accept
+    /// task.
     fn on_peer_opened(&mut self, id: u64, sid: u32) {
-        let limits = self.cfg.limits;
-        let role = self.cfg.role;
-        let total = self.streams_total;
-        let Some(e) = self.sessions.get_mut(&id) else {
-            return;
-        };
-        // Proxied streams are limited once their header is read (`admit_data_stream`); here only a bound
-        // on streams of any kind, so a peer opening streams without headers cannot pile them up.
-        let over_session = limits
-            .max_streams_per_session
-            .is_some_and(|m| e.streams.len() >= m.saturating_add(PENDING_STREAM_SLACK));
-        let over_total = limits
-            .max_streams_total
-            .is_some_and(|m| total >= m.saturating_add(PENDING_STREAM_SLACK));
-        if role != Role::Server || over_session || over_total || self.accept_tx.is_none() {
-            e.session.close_stream(sid);
-            self.stats.streams_rejected += 1;
-            debug!(peer = %e.peer, sid, over_session, over_total, "stream rejected");
+        if !self
+            .endpoint
+            .admit_peer_stream(id, sid, self.accept_tx.is_some())
+        {
             self.mark_dirty(id);
             return;
         }
@@ -722,30 +721,31 @@ impl Core {
     /// bandwidth-delay product. The driver calls it every [`CC_REFRESH_MS`].
     pub fn refresh_cc(&mut self) {
         let mut snap = CcSnapshot::default();
-        for e in self.sessions.values_mut() {
+        for (_, e) in self.endpoint.sessions_mut() {
             let s = e.session.cc_stats();
             let conv = e.session.conv();
+            let peer = e.peer();
             if let Some(msg) = window_limited_warning(
-                e.peer,
+                peer,
                 conv,
                 &s,
-                &mut e.cc_window_warned,
+                &mut e.io.cc_window_warned,
                 &mut self.cc_window_limited_total,
             ) {
                 warn!(
-                    peer = %e.peer,
+                    peer = %peer,
                     window = s.window_limited_by.unwrap_or_default(),
                     bdp_segments = s.bdp_segments,
                     "{msg}"
                 );
             }
-            snap.add_session(e.peer, &s);
+            snap.add_session(peer, &s);
         }
         let r = self.cc_retired;
         snap.add_retired(r.bytes_sent, r.bytes_delivered, r.spurious_retrans);
         snap.window_limited_total = self.cc_window_limited_total;
         snap.finish();
-        self.stats.cc = snap;
+        self.cc = snap;
         self.cc_refreshed = Some(self.now());
     }
 
@@ -760,8 +760,8 @@ impl Core {
             self.refresh_cc();
         }
         let mut ids = std::mem::take(&mut self.dirty);
-        for (&id, e) in self.sessions.iter() {
-            if !e.dirty && due(e.deadline, now) {
+        for (&id, e) in self.endpoint.sessions().iter() {
+            if !e.io.dirty && due(e.io.deadline, now) {
                 ids.push(id);
             }
         }
@@ -781,8 +781,8 @@ impl Core {
         }
         let now = self.now();
         let mut wait = MAX_IDLE_WAIT.as_millis() as u32;
-        for e in self.sessions.values() {
-            let d = e.deadline.wrapping_sub(now) as i32;
+        for e in self.endpoint.sessions().values() {
+            let d = e.io.deadline.wrapping_sub(now) as i32;
             wait = wait.min(d.max(1) as u32);
         }
         Duration::from_millis(u64::from(wait))
@@ -847,7 +847,7 @@ impl Core {
         let unix_secs = unix_now().as_secs();
         let port = self.links.get(&link_id).map(|l| l.port).unwrap_or(0);
         let n = router.drain_inbox(&mut |frame: &mut [u8]| {
-            self.stats.rx_handed_in += 1;
+            self.counters.rx_handed_in += 1;
             self.handle_frame(link_id, port, frame, now, unix_secs);
         });
         self.router = Some(router);
@@ -855,6 +855,8 @@ impl Core {
         n
     }
 
+    /// Parses one frame's envelope, hands frames of other workers' sessions to their owner (XDP mode) and
+    /// gives the TCP payload to the endpoint, then acts on its decision.
     fn handle_frame(
         &mut self,
         link_id: u64,
@@ -863,7 +865,7 @@ impl Core {
         now: u32,
         unix_secs: u64,
     ) {
-        self.stats.rx_frames += 1;
+        self.counters.rx_frames += 1;
         let want = (port != 0).then_some(port);
         let (src, dst_port, off, len) = match parse_frame(frame, want) {
             Ok(p) => (
@@ -873,7 +875,7 @@ impl Core {
                 p.payload.len(),
             ),
             Err(e) => {
-                self.stats.rx_bad_envelope += 1;
+                self.counters.rx_bad_envelope += 1;
                 trace!(reason = e.reason(), "frame dropped");
                 return;
             }
@@ -882,163 +884,29 @@ impl Core {
             let owner = r.owner(self.cfg.role, src, dst_port);
             if owner != r.index() {
                 if r.hand_to(owner, frame) {
-                    self.stats.rx_cross_worker += 1;
+                    self.counters.rx_cross_worker += 1;
                 } else {
-                    self.stats.rx_handoff_drops += 1;
+                    self.counters.rx_handoff_drops += 1;
                 }
                 return;
             }
         }
-        let mut payload = &mut frame[off..off + len];
-        if let Some(g) = self.guard.as_mut() {
-            if !g.check(unix_secs, payload) {
-                self.stats.rx_guard_drops += 1;
-                self.note_bad_source(src);
-                trace!(%src, "guard check failed");
-                return;
-            }
-            payload = &mut payload[GUARD_LEN..];
-        }
-        if self.cfg.role == Role::Client && self.cfg.server_addr != Some(src) {
-            self.stats.rx_foreign += 1;
-            return;
-        }
-        match self.by_peer.get(&(link_id, dst_port, src)).copied() {
-            Some(id) => self.input_existing(id, payload, now),
-            None if self.cfg.role == Role::Server => {
-                self.accept_new(link_id, dst_port, src, payload, now)
-            }
-            None => self.stats.rx_no_session += 1,
-        }
-    }
-
-    fn input_existing(&mut self, id: u64, payload: &mut [u8], now: u32) {
-        let role = self.cfg.role;
-        let Some(e) = self.sessions.get_mut(&id) else {
-            return;
-        };
-        match e.session.handle_datagram(now, payload) {
-            Ok(()) => {
-                e.last_rx = Some(now);
-                if role == Role::Client {
+        let payload = &mut frame[off..off + len];
+        match self
+            .endpoint
+            .handle(now, unix_secs, link_id, dst_port, src, payload)
+        {
+            DatagramEvent::Input { id, accepted } => {
+                if accepted && self.cfg.role == Role::Client {
                     self.client.session_alive(id);
                 }
+                self.mark_dirty(id);
             }
-            Err(SessionError::Kcp(err)) => {
-                self.stats.rx_session_errors += 1;
-                // A new conversation from the same source (client restarted with the same port)?
-                let conv = e.session.conv();
-                if role == Role::Server {
-                    let h = self.cfg.session.crypto.header_len();
-                    let t = self.cfg.session.crypto.trailer_len();
-                    if let Some((c, sn)) =
-                        peek_plain_conv_sn(payload, h, t, self.cfg.session.fec_enabled())
-                    {
-                        if c != conv && sn == 0 {
-                            let peer = e.peer;
-                            info!(%peer, old = conv, new = c, "new conversation from the same source: replacing session");
-                            self.stats.sessions_replaced += 1;
-                            // The datagram is consumed (decrypted in place); KCP retransmits it to the new session.
-                            self.kill_session(id, "replaced by a new conversation");
-                            return;
-                        }
-                    }
-                }
-                trace!(conv, error = %err, "datagram rejected by KCP");
-            }
-            Err(SessionError::Dead) => {
-                self.kill_session(id, "session dead");
-                return;
-            }
-            Err(SessionError::Crypto(err)) => {
-                self.stats.rx_crypto_failures += 1;
-                trace!(error = %err, "datagram failed the crypto check");
-            }
-            Err(err) => {
-                self.stats.rx_session_errors += 1;
-                trace!(error = %err, reason = err.reason(), "datagram rejected");
-                if e.session.is_dead() {
-                    self.kill_session(id, &err.to_string());
-                    return;
-                }
-            }
+            DatagramEvent::Opened(id) => self.session_added(id, now),
+            DatagramEvent::Closed(closed) => self.session_closed(*closed),
+            DatagramEvent::Dropped(_) => {}
         }
-        self.mark_dirty(id);
     }
-
-    /// Server: an unknown source. Learn its conv from a decrypted copy and open a session.
-    fn accept_new(
-        &mut self,
-        link_id: u64,
-        local_port: u16,
-        src: SocketAddr,
-        payload: &mut [u8],
-        now: u32,
-    ) {
-        if let Some(max) = self.cfg.limits.max_sessions {
-            if self.sessions.len() >= max {
-                self.stats.sessions_rejected += 1;
-                debug!(%src, max, "new session refused: max_sessions reached");
-                return;
-            }
-        }
-        self.scratch.clear();
-        self.scratch.extend_from_slice(payload);
-        let conv = match self.probe.open(&mut self.scratch) {
-            Ok(range) => {
-                let body = &self.scratch[range];
-                match kcp_bytes(body, self.cfg.session.fec_enabled()) {
-                    Some(k) if k.len() >= 24 => u32::from_le_bytes([k[0], k[1], k[2], k[3]]),
-                    _ => {
-                        self.stats.rx_no_session += 1;
-                        return;
-                    }
-                }
-            }
-            Err(err) => {
-                self.stats.rx_crypto_failures += 1;
-                self.note_bad_source(src);
-                trace!(%src, error = %err, "datagram from an unknown source failed the crypto check");
-                return;
-            }
-        };
-        let mut session = Session::new(Role::Server, conv, &self.cfg.session, now);
-        if let Err(err) = session.handle_datagram(now, payload) {
-            self.stats.rx_session_errors += 1;
-            debug!(%src, conv, error = %err, "first datagram of a new session rejected");
-            return;
-        }
-        info!(%src, conv, "new session");
-        self.add_session(link_id, local_port, src, session, None);
-    }
-}
-
-/// The KCP bytes of a decrypted body (skipping the FEC data header; FEC parity carries no KCP).
-fn kcp_bytes(body: &[u8], fec: bool) -> Option<&[u8]> {
-    use crate::wire::fec::{is_fec, FEC_DATA_HEADER, TYPE_DATA};
-    if fec && is_fec(body) {
-        let ty = u16::from_le_bytes([body[4], body[5]]);
-        if ty == TYPE_DATA && body.len() >= FEC_DATA_HEADER {
-            return Some(&body[FEC_DATA_HEADER..]);
-        }
-        return None;
-    }
-    Some(body)
-}
-
-/// conv and sn of the first KCP segment of a datagram already decrypted in place.
-fn peek_plain_conv_sn(pkt: &[u8], header: usize, trailer: usize, fec: bool) -> Option<(u32, u32)> {
-    if pkt.len() < header + trailer {
-        return None;
-    }
-    let k = kcp_bytes(&pkt[header..pkt.len() - trailer], fec)?;
-    if k.len() < 24 {
-        return None;
-    }
-    Some((
-        u32::from_le_bytes([k[0], k[1], k[2], k[3]]),
-        u32::from_le_bytes([k[12], k[13], k[14], k[15]]),
-    ))
 }
 
 /// A raw fd that tokio's reactor watches (the backend owns and closes the descriptor).
@@ -1127,9 +995,10 @@ pub(crate) async fn drive(shared: Shared) {
 mod cc_tests {
     use super::*;
     use crate::proto::kcp::{KcpConfig, KcpMode};
+    use crate::proto::session::Session;
     use crate::proto::session::SessionConfig;
     use crate::proto::smux::SmuxConfig;
-    use crate::wire::crypt::BlockMode;
+    use crate::wire::crypt::{BlockMode, Crypto};
 
     fn server_core() -> Shared {
         Core::new(WorkerConfig {
@@ -1153,6 +1022,7 @@ mod cc_tests {
             limits: super::super::Limits::default(),
             header_timeout: Duration::from_secs(10),
         })
+        .expect("core")
     }
 
     #[test]
@@ -1216,32 +1086,35 @@ mod cc_tests {
         let shared = server_core();
         let mut c = shared.borrow_mut();
         c.refresh_cc();
-        assert_eq!(c.stats.cc, CcSnapshot::default(), "no session");
+        assert_eq!(c.stats().cc, CcSnapshot::default(), "no session");
         let peer: SocketAddr = "10.0.0.1:4000".parse().unwrap();
-        let mut session = Session::new(Role::Server, 0x1234, &c.cfg.session, 0);
+        let mut session = Session::new(Role::Server, 0x1234, &c.cfg.session, 0).expect("session");
         let sid = session.open_stream().expect("stream");
         assert!(session.write(sid, &[0x55; 4000]).expect("write") > 0);
         session.poll_transmit(10, &mut |_| {});
         let sent = session.cc_stats().bytes_sent;
         assert!(sent > 0, "the session sent data");
-        let id = c.add_session(1, 9999, peer, session, None);
+        let id = c
+            .endpoint
+            .insert(0, 1, 9999, peer, session, SessionIo::default());
         c.refresh_cc();
-        let cc = c.stats.cc.clone();
+        let cc = c.stats().cc;
         assert_eq!(cc.states.iter().map(|(_, _, n)| n).sum::<u64>(), 1);
         assert_eq!(cc.bytes_sent, sent);
         assert_eq!(cc.top.len(), 1);
         assert_eq!(cc.top[0].peer, peer);
         // The snapshot the publisher builds carries it.
-        let w = crate::ops::WorkerSnapshot::from_daemon(&c.stats, &crate::io::IoStats::default());
+        let w = crate::ops::WorkerSnapshot::from_daemon(&c.stats(), &crate::io::IoStats::default());
         assert_eq!(w.cc, cc);
         c.kill_session(id, "test");
         c.refresh_cc();
         assert!(
-            c.stats.cc.top.is_empty() && c.stats.cc.states.is_empty(),
+            c.stats().cc.top.is_empty() && c.stats().cc.states.is_empty(),
             "the gone session left the lists"
         );
         assert_eq!(
-            c.stats.cc.bytes_sent, sent,
+            c.stats().cc.bytes_sent,
+            sent,
             "sent bytes stay counted after the session went"
         );
     }

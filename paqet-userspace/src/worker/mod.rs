@@ -5,16 +5,18 @@
 //! received TCP payloads, drains their datagrams into envelopes ([`crate::wire::envelope::EnvelopeBuilder`])
 //! and turns their smux events into task wake-ups.
 //!
-//! - [`core`]: the shared state (`Rc<RefCell<Core>>`), RX/TX paths, timers, session table and limits.
+//! - [`core`]: the shared state (`Rc<RefCell<Core>>`), RX/TX paths, timers; it feeds received payloads to
+//!   the sans-IO [`Endpoint`] (session table, demultiplexing, conv learning, replacement, guard check,
+//!   limits) and acts on its decisions.
 //! - [`stream`]: [`TunnelStream`], an `AsyncRead + AsyncWrite` smux stream (plus datagram calls for UDP).
 //! - [`server`]: per-stream handlers of the server role (PING, PTCPF, PTCP, PUDP).
 //! - [`client`]: the client role's sessions and the [`Tunnel`] handle the front ends use.
-//! - [`guard`]: the optional packet guard prefix (spec §5).
+//! - [`guard`]: the optional packet guard prefix (spec §5; now [`crate::proto::guard`]).
 //!
 //! [`Session`]: crate::proto::session::Session
+//! [`Endpoint`]: crate::proto::endpoint::Endpoint
 pub mod client;
 pub mod core;
-pub mod guard;
 pub mod server;
 pub mod setup;
 pub mod stream;
@@ -26,6 +28,9 @@ use std::time::Duration;
 use crate::io::PacketIo;
 use crate::proto::session::{Role, SessionConfig};
 use crate::wire::envelope::TcpFlags;
+
+pub use crate::proto::endpoint::Limits;
+pub use crate::proto::guard;
 
 pub use self::client::{Tunnel, TunnelError};
 pub use self::core::{DaemonStats, Shared};
@@ -44,14 +49,6 @@ pub struct FamilyConfig {
     pub addr: SocketAddr,
     /// Ethernet destination of every frame of this family (next hop MAC).
     pub router_mac: [u8; 6],
-}
-
-/// Server limits; `None` = unlimited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub max_sessions: Option<usize>,
-    pub max_streams_total: Option<usize>,
-    pub max_streams_per_session: Option<usize>,
 }
 
 /// Everything a worker needs, resolved from the configuration (addresses and MACs already known).
@@ -104,6 +101,8 @@ pub use self::server::copy_until_either_ends;
 /// Errors starting a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("session settings: {0}")]
+    Config(#[from] crate::proto::session::SessionConfigError),
     #[error("client start: {0}")]
     Client(#[from] TunnelError),
     #[error("server start: {0}")]
@@ -121,7 +120,7 @@ pub struct Started {
 /// dials all `transport.conn` sessions (a failure here is fatal, as upstream).
 pub fn start(cfg: WorkerConfig, factory: IoFactory) -> Result<Started, StartError> {
     let role = cfg.role;
-    let shared = self::core::Core::new(cfg);
+    let shared = self::core::Core::new(cfg)?;
     tokio::task::spawn_local(self::core::drive(shared.clone()));
     match role {
         Role::Server => {

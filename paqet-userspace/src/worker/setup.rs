@@ -429,7 +429,7 @@ impl Publisher {
     fn snapshot(&mut self, c: &Core) -> WorkerSnapshot {
         // Once per publish: for AF_XDP links this reads the sockets' kernel statistics (a syscall each).
         let io = c.io_stats();
-        let mut snap = WorkerSnapshot::from_daemon(&c.stats, &io);
+        let mut snap = WorkerSnapshot::from_daemon(&c.stats(), &io);
         snap.sessions = c.session_count() as u64;
         snap.live_sessions = c.live_sessions(c.config().session.smux.keepalive_timeout_ms) as u64;
         snap.streams = c.stream_count() as u64;
@@ -443,8 +443,8 @@ impl Publisher {
         }
         let mut live = KcpRetrans::default();
         let mut authenticated = false;
-        let mut srtt = Vec::with_capacity(c.sessions.len());
-        for (&id, e) in &c.sessions {
+        let mut srtt = Vec::with_capacity(c.sessions().len());
+        for (&id, e) in c.sessions() {
             let k = e.session.kcp().stats();
             let r = KcpRetrans {
                 timeout: k.lost_segs,
@@ -458,7 +458,7 @@ impl Publisher {
         }
         let retired = &mut self.retired;
         self.seen.retain(|id, r| {
-            let keep = c.sessions.contains_key(id);
+            let keep = c.sessions().contains_key(id);
             if !keep {
                 add_retrans(retired, r);
             }
@@ -468,19 +468,19 @@ impl Publisher {
         snap.kcp_retrans = live;
         snap.srtt_seconds = srtt;
         let now = Instant::now();
-        let (live_sessions, opened) = (c.session_count(), c.stats.sessions_opened);
+        let (live_sessions, opened) = (c.session_count(), c.stats().sessions_opened);
         let who = || match self.server {
             Some(s) => s.to_string(),
             None => "new clients".to_string(),
         };
-        let crypto = c.stats.rx_crypto_failures;
+        let crypto = c.stats().rx_crypto_failures;
         if let Some(n) =
             self.watch
                 .observe(self.role, crypto, authenticated, live_sessions, opened, now)
         {
             warn!("datagrams from {} failed the crypto check ({n} so far): wrong transport.kcp.key or block?", who());
         }
-        let guard = c.stats.rx_guard_drops;
+        let guard = c.stats().rx_guard_drops;
         if let Some(n) =
             self.guard_watch
                 .observe(self.role, guard, authenticated, live_sessions, opened, now)
@@ -500,10 +500,10 @@ impl Publisher {
     /// check while they have no session: the signature of a peer with another key or guard setting.
     fn warn_bad_sources(&mut self, c: &Core, now: Instant) {
         let rising: Vec<(SocketAddr, u64)> = c
-            .bad_sources
+            .bad_sources()
             .iter()
             .filter(|(a, n)| self.bad_seen.get(*a).is_none_or(|seen| **n > *seen))
-            .filter(|(a, _)| !c.sessions.values().any(|e| e.peer == **a))
+            .filter(|(a, _)| !c.sessions().values().any(|e| e.peer() == **a))
             .map(|(a, n)| (*a, *n))
             .collect();
         if rising.is_empty()
@@ -559,7 +559,7 @@ impl Publisher {
             "no datagram from {server} has passed the guard/crypto check for {} s ({} sent): server down or \
              unreachable, or it uses another transport.kcp.key, block or guard setting",
             now.duration_since(since).as_secs(),
-            c.stats.tx_datagrams
+            c.stats().tx_datagrams
         );
     }
 }

@@ -52,7 +52,7 @@ impl TunnelStream {
 
     /// The session's peer (client address on a server, server address on a client), if still alive.
     pub fn peer(&self) -> Option<std::net::SocketAddr> {
-        self.shared.borrow().sessions.get(&self.id).map(|e| e.peer)
+        self.shared.borrow().endpoint.get(self.id).map(|e| e.peer())
     }
 
     /// Reads into `buf`; `Ready(Ok(0))` = end of stream.
@@ -61,7 +61,7 @@ impl TunnelStream {
             return Poll::Ready(Ok(0));
         }
         let mut c = self.shared.borrow_mut();
-        let Some(e) = c.sessions.get_mut(&self.id) else {
+        let Some(e) = c.endpoint.get_mut(self.id) else {
             return Poll::Ready(Err(session_gone()));
         };
         match e.session.read(self.sid, buf) {
@@ -71,7 +71,7 @@ impl TunnelStream {
             }
             Ok(_) if e.session.is_fin(self.sid) => Poll::Ready(Ok(0)),
             Ok(_) => {
-                if let Some(s) = e.streams.get_mut(&self.sid) {
+                if let Some(s) = e.io.streams.get_mut(&self.sid) {
                     s.read = Some(cx.waker().clone());
                 }
                 Poll::Pending
@@ -89,7 +89,7 @@ impl TunnelStream {
             return Poll::Ready(Ok(0));
         }
         let mut c = self.shared.borrow_mut();
-        let Some(e) = c.sessions.get_mut(&self.id) else {
+        let Some(e) = c.endpoint.get_mut(self.id) else {
             return Poll::Ready(Err(session_gone()));
         };
         match e.session.write(self.sid, data) {
@@ -98,7 +98,7 @@ impl TunnelStream {
                 Poll::Ready(Ok(n))
             }
             Ok(_) => {
-                if let Some(s) = e.streams.get_mut(&self.sid) {
+                if let Some(s) = e.io.streams.get_mut(&self.sid) {
                     s.write = Some(cx.waker().clone());
                 }
                 Poll::Pending
@@ -125,7 +125,7 @@ impl TunnelStream {
         }
         poll_fn(|cx| {
             let mut c = self.shared.borrow_mut();
-            let Some(e) = c.sessions.get_mut(&self.id) else {
+            let Some(e) = c.endpoint.get_mut(self.id) else {
                 return Poll::Ready(Err(session_gone()));
             };
             match e.session.write_datagram(self.sid, data) {
@@ -134,7 +134,7 @@ impl TunnelStream {
                     Poll::Ready(Ok(()))
                 }
                 Ok(false) => {
-                    if let Some(s) = e.streams.get_mut(&self.sid) {
+                    if let Some(s) = e.io.streams.get_mut(&self.sid) {
                         s.write = Some(cx.waker().clone());
                     }
                     Poll::Pending
@@ -152,7 +152,7 @@ impl TunnelStream {
     pub async fn recv_datagram(&self) -> io::Result<Option<Vec<u8>>> {
         poll_fn(|cx| {
             let mut c = self.shared.borrow_mut();
-            let Some(e) = c.sessions.get_mut(&self.id) else {
+            let Some(e) = c.endpoint.get_mut(self.id) else {
                 return Poll::Ready(Err(session_gone()));
             };
             match e.session.read_frame(self.sid) {
@@ -162,7 +162,7 @@ impl TunnelStream {
                 }
                 Ok(None) if e.session.is_fin(self.sid) => Poll::Ready(Ok(None)),
                 Ok(None) => {
-                    if let Some(s) = e.streams.get_mut(&self.sid) {
+                    if let Some(s) = e.io.streams.get_mut(&self.sid) {
                         s.read = Some(cx.waker().clone());
                     }
                     Poll::Pending

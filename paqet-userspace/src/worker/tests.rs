@@ -162,9 +162,9 @@ fn tcp_echo_through_the_tunnel_is_byte_exact() {
         }
         assert_eq!(server.borrow().session_count(), 1);
         assert!(
-            server.borrow().stats.streams_opened > 9 * 3,
+            server.borrow().stats().streams_opened > 9 * 3,
             "{:?}",
-            server.borrow().stats
+            server.borrow().stats()
         );
     });
 }
@@ -242,7 +242,7 @@ fn stream_limit_closes_the_excess() {
             n, 0,
             "the stream over the limit must be closed without data"
         );
-        assert_eq!(server.borrow().stats.streams_rejected, 1);
+        assert_eq!(server.borrow().stats().streams_rejected, 1);
         // The admitted stream still works.
         a.write_all(b"again").await.unwrap();
         a.read_exact(&mut buf).await.unwrap();
@@ -264,7 +264,7 @@ fn session_limit_refuses_new_sessions() {
             "no PONG may come back from a server with max_sessions 0"
         );
         assert_eq!(server.borrow().session_count(), 0);
-        assert!(server.borrow().stats.sessions_rejected > 0);
+        assert!(server.borrow().stats().sessions_rejected > 0);
     });
 }
 
@@ -283,7 +283,7 @@ fn guard_on_both_ends_carries_traffic() {
             let s = tunnel.open_tcp("127.0.0.1", echo.port()).await.unwrap();
             let d = pattern(100_000, 3);
             assert_eq!(echo_through(s, d.clone()).await, d);
-            assert_eq!(server.borrow().stats.rx_guard_drops, 0);
+            assert_eq!(server.borrow().stats().rx_guard_drops, 0);
         },
     );
 }
@@ -347,7 +347,7 @@ fn client_stream_sequence_matches_upstream() {
                     let mut copy = payload.to_vec();
                     let body = scfg.crypto.open(&mut copy).expect("decrypts").start;
                     let conv = u32::from_le_bytes(copy[body..body + 4].try_into().unwrap());
-                    Session::new(Role::Server, conv, &scfg, now)
+                    Session::new(Role::Server, conv, &scfg, now).expect("session")
                 });
                 s.handle_datagram(now, payload).expect("datagram accepted");
             }
@@ -436,7 +436,7 @@ fn new_conversation_from_the_same_source_replaces_the_session() {
         // Opens a stream on a fresh client session with `conv` and pushes its datagrams to the server.
         let mut push = |conv: u32| {
             let now = start_at.elapsed().as_millis() as u32;
-            let mut s = Session::new(Role::Client, conv, &scfg, now);
+            let mut s = Session::new(Role::Client, conv, &scfg, now).expect("session");
             let sid = s.open_stream().unwrap();
             s.write(sid, &[0x50, 0x01, 0x01, 0x00, 0x00]).unwrap(); // PING
             s.poll_transmit(now, &mut |dgram: &[u8]| {
@@ -451,7 +451,7 @@ fn new_conversation_from_the_same_source_replaces_the_session() {
         until(&shared, |c| c.session_count() == 1).await;
         let first = shared
             .borrow()
-            .sessions
+            .sessions()
             .values()
             .next()
             .unwrap()
@@ -460,15 +460,17 @@ fn new_conversation_from_the_same_source_replaces_the_session() {
         assert_eq!(first, 0x1111_1111);
         // Restarted client, same address, new conv: the old session goes, the retransmission opens the new one.
         push(0x2222_2222);
-        until(&shared, |c| c.stats.sessions_replaced == 1).await;
+        until(&shared, |c| c.stats().sessions_replaced == 1).await;
         push(0x2222_2222);
         until(&shared, |c| {
-            c.sessions.values().any(|e| e.session.conv() == 0x2222_2222)
+            c.sessions()
+                .values()
+                .any(|e| e.session.conv() == 0x2222_2222)
         })
         .await;
         let c = shared.borrow();
         assert_eq!(c.session_count(), 1);
-        assert_eq!(c.stats.sessions_opened, 2);
+        assert_eq!(c.stats().sessions_opened, 2);
     });
 }
 
@@ -489,4 +491,30 @@ fn xdp_steer_config_matches_address_port_and_guard() {
     assert_eq!(&sc.guard_magic, b"ABCD");
     let off = super::xdp::steer_config(&cfg(Role::Server, Limits::default(), None));
     assert!(!off.has(SteerConfig::FLAG_GUARD));
+}
+
+#[test]
+fn bad_fec_shard_counts_fail_the_worker_start() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let (_a, b) = mem::pair(16);
+        let mut c = cfg(Role::Server, Limits::default(), None);
+        c.session.dshard = 200;
+        c.session.pshard = 100;
+        let err = match start(c, once(b)) {
+            Ok(_) => panic!("a worker started with dshard 200 + pshard 100"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, StartError::Config(_)), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("transport.kcp.dshard = 200")
+                && msg.contains("transport.kcp.pshard = 100"),
+            "{msg}"
+        );
+    });
 }

@@ -914,7 +914,7 @@ fn worker_main(ctx: WorkerCtx) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let role = wcfg.role;
-        let shared = Core::new(wcfg);
+        let shared = Core::new(wcfg)?;
         tokio::task::spawn_local(drive(shared.clone()));
         let inbox_fd = router.wake_fd();
         shared.borrow_mut().set_router(router);

@@ -3,6 +3,9 @@
 //! `cookie(win) = HMAC-SHA256(gkey, magic || win as u64be)[:8]`, `win = unix_seconds / window` and
 //! `gkey = PBKDF2-HMAC-SHA256(kcp.key, "paqet_guard", 100000, 32)`. The receiver accepts the cookies of
 //! windows `now − 0 ..= now − skew` and drops everything else before any decryption.
+//!
+//! Sans-IO like the rest of `proto`: the caller passes unix seconds. The endpoint
+//! ([`crate::proto::endpoint`]) checks the prefix of every received datagram; the worker writes it on send.
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
