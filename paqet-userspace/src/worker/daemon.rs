@@ -208,7 +208,7 @@ impl Plane {
                 }
                 None
             }
-            Plane::Xdp(x) => {
+            Plane::Xdp(mut x) => {
                 let counters = x.counters();
                 hub.set_xdp(counters);
                 drop(x); // detaches the program, after every socket is closed

@@ -503,9 +503,10 @@ impl XdpPlane {
         self.steering.attached()
     }
 
-    /// The control thread's periodic work: the program's counters into `hub` (and a warning when the guard
-    /// drops frames), guard cookie rotation.
+    /// The control thread's periodic work: the program's log records, its counters into `hub` (and a
+    /// warning when the guard drops frames), guard cookie rotation.
     pub fn tick(&mut self, hub: &MetricsHub) -> anyhow::Result<()> {
+        self.steering.flush_logs();
         match self.steering.counters() {
             Ok(c) => {
                 hub.set_xdp(c);
@@ -519,8 +520,9 @@ impl XdpPlane {
         self.rotate_guard()
     }
 
-    /// The program's counters now (zeros when they cannot be read).
-    pub fn counters(&self) -> [u64; COUNTERS] {
+    /// The program's counters now (zeros when they cannot be read), after forwarding its last log records.
+    pub fn counters(&mut self) -> [u64; COUNTERS] {
+        self.steering.flush_logs();
         self.steering.counters().unwrap_or([0; COUNTERS])
     }
 
