@@ -10,8 +10,8 @@
 //!    mode) with a current-thread tokio runtime and `LocalSet`, its links, on a client its sessions and
 //!    the front ends ([`crate::front::start`], `SO_REUSEPORT` when several workers listen), and its metrics
 //!    publisher;
-//! 4. the calling thread becomes the control thread: the plane's periodic work (XDP counters, guard cookie
-//!    rotation) and SIGINT/SIGTERM ([`Stop::with_signals`]);
+//! 4. the calling thread becomes the control thread: the plane's periodic work (XDP counters and log
+//!    records, guard cookie rotation) and SIGINT/SIGTERM ([`Stop::with_signals`]);
 //! 5. shutdown in one order: workers stop and are joined, the final counters are published, then the plane
 //!    is torn down (XDP program detached, iptables rules removed), then the ops servers stop.
 use std::sync::Arc;
