@@ -18,6 +18,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, XskMap},
     programs::XdpContext,
 };
+use aya_log_ebpf::warn;
 use paqet_common::{
     port_bit, GuardTable, SteerConfig, XdpCounter, GUARD_PREFIX_LEN, MAX_QUEUES, PORT_WORDS,
 };
@@ -70,6 +71,13 @@ fn bump(c: XdpCounter) {
     }
 }
 
+/// True when counter `c` of this CPU holds exactly 1: right after its first [`bump`], so a log
+/// statement behind it runs once per CPU.
+#[inline(always)]
+fn first(c: XdpCounter) -> bool {
+    PAQET_COUNTERS.get(c as u32).is_some_and(|n| *n == 1)
+}
+
 /// Reads a `T` at byte offset `off` of the frame, or `None` past the end.
 #[inline(always)]
 fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
@@ -118,6 +126,14 @@ pub fn paqet_xdp(ctx: XdpContext) -> u32 {
                 Err(action) => {
                     bump(XdpCounter::NoSocket);
                     bump(XdpCounter::Passed);
+                    if first(XdpCounter::NoSocket) {
+                        // Once per CPU (the counter's first count), never per packet.
+                        warn!(
+                            &ctx,
+                            "tunnel frame on RX queue {} which has no AF_XDP socket: passed to the kernel (more RX queues than workers?)",
+                            ctx.rx_queue_index()
+                        );
+                    }
                     action
                 }
             }

@@ -8,8 +8,10 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use paqet::config::{Config, ConfigError, IoBackend, LogLevel};
-use paqet::ops::{DataPathMode, MetricsHub};
-use paqet::worker::setup::{self, DaemonOptions, OpsServers, XdpMode};
+use paqet::ops::MetricsHub;
+use paqet::worker::daemon::{self, DaemonOptions, DataPlane as Plane};
+use paqet::worker::setup;
+use paqet::worker::xdp::XdpWant;
 
 /// The sampling heap profiler behind `/debug/pprof/heap` (forwards every call to the system allocator).
 #[global_allocator]
@@ -31,7 +33,7 @@ struct Cli {
 /// `run --mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum DataPlane {
-    /// `io.backend` from the config (`auto` = pcap until the XDP data plane is wired).
+    /// `io.backend` from the config (`auto`: native XDP, then generic XDP, then pcap).
     Auto,
     /// XDP + AF_XDP, native mode when the driver supports it, else generic.
     Xdp,
@@ -357,7 +359,7 @@ fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `run`: loads the config, starts the ops servers and runs the chosen data plane until a signal.
+/// `run`: loads the config and runs the daemon assembly with the chosen data plane until a signal.
 fn run(
     config: &Path,
     iface: Option<String>,
@@ -374,45 +376,20 @@ fn run(
     if iface.is_empty() {
         bail!("no interface: set network.interface or pass --iface");
     }
-    let xdp = match mode {
-        DataPlane::Pcap => None,
-        DataPlane::Xdp => Some(XdpMode::Any),
-        DataPlane::XdpNative => Some(XdpMode::Native),
-        DataPlane::XdpGeneric => Some(XdpMode::Generic),
+    let plane = match mode {
+        DataPlane::Pcap => Plane::Pcap,
+        DataPlane::Xdp => Plane::Xdp(XdpWant::Auto),
+        DataPlane::XdpNative => Plane::Xdp(XdpWant::Native),
+        DataPlane::XdpGeneric => Plane::Xdp(XdpWant::Generic),
         DataPlane::Auto => match cfg.io.backend {
-            IoBackend::Afxdp | IoBackend::Auto => Some(XdpMode::Any),
-            IoBackend::Pcap => None,
+            IoBackend::Afxdp => Plane::Xdp(XdpWant::Auto),
+            IoBackend::Auto => Plane::Auto,
+            IoBackend::Pcap => Plane::Pcap,
         },
     };
-    let dp = match xdp {
-        None => DataPathMode::Pcap,
-        Some(XdpMode::Generic) => DataPathMode::XdpGeneric,
-        Some(_) => DataPathMode::XdpNative,
-    };
-    let hub = MetricsHub::new(setup::role_label(&cfg), dp, 1);
-    let mut ops = OpsServers::start(&cfg, &hub)?;
+    let hub = MetricsHub::new(setup::role_label(&cfg), plane.expected_mode(), 1);
     let opts = DaemonOptions::new(hub).with_manage_firewall(manage_firewall);
-    let auto = matches!(mode, DataPlane::Auto) && !matches!(cfg.io.backend, IoBackend::Afxdp);
-    let result = match xdp {
-        None => setup::run_daemon(&cfg, &iface, opts),
-        Some(m) => {
-            let hub = opts.hub.clone();
-            match setup::run_xdp(&cfg, &iface, m, opts.clone()) {
-                // `auto`: native XDP, then generic XDP, then pcap. Fall back only when the XDP data path
-                // never came up (attach or AF_XDP socket failed); a failure after that is an error.
-                Err(e) if auto && !hub.is_attached() => {
-                    tracing::warn!(
-                        "XDP data plane unavailable on {iface}: {e:#}; falling back to pcap"
-                    );
-                    hub.set_mode(DataPathMode::Pcap);
-                    setup::run_daemon(&cfg, &iface, opts)
-                }
-                r => r,
-            }
-        }
-    };
-    ops.shutdown();
-    result
+    daemon::run(&cfg, &iface, plane, opts).map(drop)
 }
 
 fn real_main() -> anyhow::Result<ExitCode> {

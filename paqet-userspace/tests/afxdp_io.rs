@@ -8,7 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use paqet::io::afxdp::{AfXdpConfig, AfXdpIo};
@@ -28,6 +28,36 @@ const IP6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xdb8, 0x231, 0, 0, 0, 0, 2);
 /// Bounded waits: this many polls of POLL each.
 const POLLS: usize = 100;
 const POLL: Duration = Duration::from_millis(50);
+
+/// Captures the `log` records of this test process: what [`Steering::flush_logs`] forwards from the XDP
+/// program (aya-log).
+struct Capture(Mutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        let line = format!("{} {}", r.level(), r.args());
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+    }
+    fn flush(&self) {}
+}
+
+static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
+
+/// Installs [`CAPTURE`] as the process's `log` logger (before a program is loaded: its log reader binds
+/// the logger installed at that moment).
+fn capture_logs() {
+    if log::set_logger(&CAPTURE).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
+    }
+}
+
+/// The records captured since the last call.
+fn captured() -> Vec<String> {
+    std::mem::take(&mut *CAPTURE.0.lock().unwrap_or_else(|p| p.into_inner()))
+}
 
 fn skip(test: &str) -> bool {
     if !is_root() {
@@ -844,6 +874,7 @@ fn xdp_afxdp_two_queues() {
         .exec(&["ethtool", "-L", &ib, "rx", "2", "tx", "2"])
         .expect("2 channels on B");
     let _in_a = topo.a.enter().expect("enter A");
+    capture_logs();
     let (mut steer, how) =
         Steering::attach_auto(&ia, SteerConfig::any(TUNNEL_PORT)).expect("attach XDP");
     assert_eq!(how, XdpAttach::Native, "veth supports native XDP");
@@ -880,6 +911,22 @@ fn xdp_afxdp_two_queues() {
     assert!(
         c[XdpCounter::NoSocket as usize] > 0,
         "no frame landed on queue 1: {c:?}"
+    );
+    // The program logged the first of them (once per CPU, aya-log), never each frame.
+    steer.flush_logs();
+    let logged: Vec<String> = captured()
+        .into_iter()
+        .filter(|l| l.contains("no AF_XDP socket"))
+        .collect();
+    assert!(
+        !logged.is_empty()
+            && logged.len() as u64 <= c[XdpCounter::NoSocket as usize].min(cpus as u64),
+        "no-socket log records: {logged:?} for {} frames",
+        c[XdpCounter::NoSocket as usize]
+    );
+    assert!(
+        logged[0].starts_with("WARN tunnel frame on RX queue 1 "),
+        "{logged:?}"
     );
 
     let mut q1 = AfXdpIo::open(AfXdpConfig::new(&ia, 1)).expect("socket on queue 1");

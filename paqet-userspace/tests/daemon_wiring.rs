@@ -286,15 +286,7 @@ pprof = "127.0.0.1:{pprof}"
     );
 
     // The server's metrics count the session too (once its worker published, every 500 ms).
-    let srv = wait_metric(ns_b, Duration::from_secs(10), |t| {
-        series_sum(t, "paqet_sessions{role=\"server\"}") >= 1.0
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "no live session in the server's /metrics:\n{}",
-            scrape(ns_b)
-        )
-    });
+    let srv = wait_sessions(ns_b, "server", 1);
     assert!(
         metric_sum(&srv, "paqet_guard_drops_total") > 0.0,
         "guard drops not counted:\n{srv}"
@@ -305,24 +297,136 @@ pprof = "127.0.0.1:{pprof}"
     );
 
     // 3. Graceful exits remove the rules.
+    terminate_clean(ns_a, &mut client);
+    terminate_clean(ns_b, &mut server);
+}
+
+/// The `/metrics` text of the daemon in `ns` once it counts at least `n` live `role` sessions (bounded
+/// wait: the workers publish every 500 ms).
+fn wait_sessions(ns: &Netns, role: &str, n: u32) -> String {
+    let series = format!("paqet_sessions{{role=\"{role}\"}}");
+    wait_metric(ns, Duration::from_secs(10), |t| {
+        series_sum(t, &series) >= f64::from(n)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "fewer than {n} live sessions in the {role}'s /metrics:\n{}",
+            scrape(ns)
+        )
+    })
+}
+
+/// SIGTERMs `d` (running in `ns`) and checks it exited by itself and left none of our rules behind.
+fn terminate_clean(ns: &Netns, d: &mut Daemon) {
     assert!(
-        client.terminate(),
-        "client did not exit on SIGTERM:\n{}",
-        client.log_text()
+        d.terminate(),
+        "{} did not exit on SIGTERM:\n{}",
+        d.name,
+        d.log_text()
     );
     assert!(
-        our_rules(ns_a).is_empty(),
-        "client left rules behind: {:?}",
-        our_rules(ns_a)
+        our_rules(ns).is_empty(),
+        "{} left rules behind: {:?}",
+        d.name,
+        our_rules(ns)
     );
-    assert!(
-        server.terminate(),
-        "server did not exit on SIGTERM:\n{}",
-        server.log_text()
-    );
-    assert!(
-        our_rules(ns_b).is_empty(),
-        "server left rules behind: {:?}",
-        our_rules(ns_b)
-    );
+}
+
+/// One datagram through the UDP forward at 127.0.0.1:`fwd` and its echo back.
+fn via_udp_forward(fwd: u16, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let u = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    u.set_read_timeout(Some(Duration::from_secs(2)))?;
+    u.send_to(msg, ("127.0.0.1", fwd))?;
+    let mut buf = [0u8; 2048];
+    let n = u.recv(&mut buf)?;
+    Ok(buf[..n].to_vec())
+}
+
+/// The daemon assembly is one code path for every data plane: the same client configuration (a TCP and a
+/// UDP forward, SOCKS5, HTTP proxy, metrics; `conn = 2`) run by the binary with `--mode pcap` (one worker)
+/// and `--mode xdp-native` (one worker per RX queue of a two-queue veth, front ends on `SO_REUSEPORT`
+/// listeners of both workers, the UDP forward on one) answers on every front end, and `--manage-firewall`
+/// adds rules only where the kernel sees tunnel packets (pcap) and removes them on exit.
+#[test]
+fn every_front_end_answers_in_pcap_and_xdp_mode() {
+    if skip("every_front_end_answers_in_pcap_and_xdp_mode", &["ethtool"]) {
+        return;
+    }
+    if !paqet::io::steer::has_xdp_program() {
+        eprintln!(
+            "skipped every_front_end_answers_in_pcap_and_xdp_mode: this build has no XDP program"
+        );
+        return;
+    }
+    let net = Net::direct_queues("wfe", 2);
+    let (ns_a, ns_b) = (net.client(), net.server());
+    let echo = tcp_echo(ns_b);
+    let udp = UdpEcho::start(ns_b);
+    let dir = TempDir::new("wiring-fe");
+    // The common tunnel configs (conn = 2): TCP forward to the echo server, UDP forward to the UDP echo,
+    // SOCKS5, HTTP proxy and metrics on the client.
+    let opts = Opts::new((Mode::Pcap, Mode::Pcap));
+    let server_cfg = Tunnel::server_config(&net, &opts);
+    let ports = ClientPorts::MAIN;
+    let client_cfg = Tunnel::client_config_to(&net, &opts, echo, udp.addr, ports, &opts.client_key);
+    let (tcp_fwd, udp_fwd, socks, http) = (ports.fwd_http, ports.fwd_udp, ports.socks, ports.http);
+    let mut server = spawn_daemon(ns_b, &dir, "server", &server_cfg, &[]);
+    for (mode, rules, workers) in [(Mode::Pcap, 4, 1), (Mode::XdpNative, 0, 2)] {
+        let name = format!("client-{}", mode.arg());
+        let mut client = Daemon::spawn_with(
+            ns_a,
+            dir.path(),
+            &name,
+            &client_cfg,
+            mode,
+            &["--manage-firewall"],
+        );
+        let running = format!("workers={workers}");
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                client.assert_running();
+                client.log_text().contains("paqet-dp running")
+            }),
+            "{name} did not start:\n{}",
+            logs(&client, &server)
+        );
+        let log = client.log_text();
+        assert!(log.contains(&running), "{name}: not {running}:\n{log}");
+        assert_eq!(
+            our_rules(ns_a).len(),
+            rules,
+            "{name}: iptables rules {:?}",
+            our_rules(ns_a)
+        );
+        let r = in_ns(ns_a, move || -> std::io::Result<()> {
+            let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+            // Several connections per TCP front end, so both workers' listeners take some in XDP mode.
+            for i in 0..6u8 {
+                let msg = [b'f', b'w', i];
+                let got = retry(Duration::from_secs(20), || {
+                    let mut c = TcpStream::connect_timeout(&at(tcp_fwd), Duration::from_secs(2))?;
+                    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    echo_round(&mut c, &msg)
+                })?;
+                assert_eq!(got, msg, "TCP forward");
+                let msg = [b's', b'5', i];
+                assert_eq!(via_socks5(at(socks), echo, &msg)?, msg, "SOCKS5");
+                let msg = [b'h', b't', i];
+                assert_eq!(via_http_connect(at(http), echo, &msg)?, msg, "HTTP proxy");
+            }
+            let got = retry(Duration::from_secs(10), || via_udp_forward(udp_fwd, b"udp"))?;
+            assert_eq!(got, b"udp", "UDP forward");
+            Ok(())
+        });
+        r.unwrap_or_else(|e| {
+            panic!(
+                "{name}: a front end failed: {e}\n{}",
+                logs(&client, &server)
+            )
+        });
+        let body = wait_sessions(ns_a, "client", 2);
+        assert!(metric_sum(&body, "paqet_packets_total") > 0.0, "{body}");
+        terminate_clean(ns_a, &mut client);
+    }
+    terminate_clean(ns_b, &mut server);
 }

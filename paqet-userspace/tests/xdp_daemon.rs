@@ -1,7 +1,8 @@
 //! The XDP data plane end to end (root only; skipped otherwise).
 //!
 //! Two network namespaces joined by a veth pair (names carry the pid). The XDP daemons run in-process
-//! (`worker::xdp::run_xdp_daemon` on a thread inside their namespace, stopped through `XdpStop`); pcap
+//! (`worker::daemon::run` with an XDP data plane on a thread inside their namespace, stopped through
+//! `daemon::Stop`); pcap
 //! peers run the real `paqet-dp run --mode pcap` binary with the iptables rules of spec §2.4 on their
 //! side only. The XDP side never gets any iptables rule. The server namespace runs a TCP echo server on
 //! loopback; the client forwards 127.0.0.1:FWD to it. Every wait is bounded; `Drop` stops daemons and
@@ -19,7 +20,8 @@ use common::*;
 use paqet::config::Config;
 use paqet::ops::hub::MetricsHub;
 use paqet::ops::metrics::{DataPathMode, RoleLabel};
-use paqet::worker::xdp::{run_xdp_daemon, XdpOptions, XdpOutcome, XdpStop, XdpWant};
+use paqet::worker::daemon::{self, DaemonOptions, DataPlane, Outcome, Stop};
+use paqet::worker::xdp::XdpWant;
 use paqet_common::XdpCounter;
 use paqet_testkit::netns::Netns;
 use sha2::{Digest, Sha256};
@@ -134,8 +136,8 @@ fn setup(test: &str, tag: &str, queues: u32) -> Option<(MutexGuard<'static, ()>,
 /// An in-process XDP daemon on a thread inside its namespace; stopped (and joined) on drop.
 struct XdpDaemon {
     hub: Arc<MetricsHub>,
-    stop: XdpStop,
-    thread: Option<JoinHandle<std::io::Result<anyhow::Result<XdpOutcome>>>>,
+    stop: Stop,
+    thread: Option<JoinHandle<std::io::Result<anyhow::Result<Outcome>>>>,
 }
 
 impl XdpDaemon {
@@ -148,15 +150,12 @@ impl XdpDaemon {
             RoleLabel::Client
         };
         let hub = MetricsHub::new(role, DataPathMode::Pcap, 1);
-        let stop = XdpStop::new();
-        let opts = XdpOptions {
-            want,
-            front: true,
-            pin: false,
-            stop: stop.clone(),
-        };
-        let (h, iface) = (hub.clone(), iface.to_owned());
-        let thread = ns.spawn(move || run_xdp_daemon(&cfg, &iface, h, opts));
+        let stop = Stop::new();
+        let opts = DaemonOptions::new(hub.clone())
+            .with_pin(false)
+            .with_stop(stop.clone());
+        let iface = iface.to_owned();
+        let thread = ns.spawn(move || daemon::run(&cfg, &iface, DataPlane::Xdp(want), opts));
         let mut d = XdpDaemon {
             hub,
             stop,
@@ -183,7 +182,7 @@ impl XdpDaemon {
         }
     }
 
-    fn finish(mut self) -> XdpOutcome {
+    fn finish(mut self) -> Outcome {
         self.stop.stop();
         let r = self
             .thread
@@ -344,8 +343,8 @@ fn scopeguard(fd: i32) -> impl Drop {
     Close(fd)
 }
 
-fn counter(o: &XdpOutcome, c: XdpCounter) -> u64 {
-    o.counters[c as usize]
+fn counter(o: &Outcome, c: XdpCounter) -> u64 {
+    o.xdp.expect("an XDP daemon reports the program's counters")[c as usize]
 }
 
 /// Both ends XDP in `want` mode: 16 MiB each way; on the server no RST leaves the tunnel port (no iptables
@@ -419,12 +418,12 @@ fn xdp_pair(topo: &Topo, want: XdpWant, expect: DataPathMode) {
     assert!(
         counter(&s, XdpCounter::Steered) > 10_000,
         "server steered {:?}",
-        s.counters
+        s.xdp
     );
     assert!(
         counter(&c, XdpCounter::Steered) > 10_000,
         "client steered {:?}",
-        c.counters
+        c.xdp
     );
     assert!(
         counter(&s, XdpCounter::Passed) > 0,
@@ -480,11 +479,7 @@ fn mixed_pair(topo: &Topo, xdp_server: bool, want: XdpWant, fwd: u16, seed: u64)
     };
     echo_through(topo.a(), fwd, MIB16, seed);
     let o = xdp.finish();
-    assert!(
-        counter(&o, XdpCounter::Steered) > 10_000,
-        "{:?}",
-        o.counters
-    );
+    assert!(counter(&o, XdpCounter::Steered) > 10_000, "{:?}", o.xdp);
 }
 
 #[test]
@@ -782,7 +777,7 @@ fn xdp_client_runs_all_conn_sessions_over_both_workers() {
     assert!(
         counter(&c, XdpCounter::Steered) > 10_000,
         "client steered {:?}",
-        c.counters
+        c.xdp
     );
     assert_eq!(counter(&c, XdpCounter::GuardDropped), 0);
 }
@@ -835,7 +830,7 @@ fn xdp_pair_with_conn_4_and_guard_on_two_queues() {
     assert!(
         counter(&c, XdpCounter::Steered) > 5_000,
         "client steered {:?}",
-        c.counters
+        c.xdp
     );
 }
 
@@ -877,7 +872,7 @@ fn io_cpus_places_the_workers_of_the_binary() {
         .unwrap()
         .trim()
         .to_owned();
-    let last = *paqet::worker::xdp::allowed_cpus().last().unwrap();
+    let last = *paqet::worker::daemon::allowed_cpus().last().unwrap();
     for (i, (cpus, want)) in [
         (last.to_string(), last.to_string()),
         ("none".to_string(), mask.clone()),

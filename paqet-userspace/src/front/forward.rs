@@ -32,14 +32,18 @@ pub struct TcpForward {
 impl TcpForward {
     /// Binds `listen`; connections will be carried to `host:port` (resolved on the server).
     pub async fn bind(listen: SocketAddr, host: String, port: u16) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(listen).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("tcp forward: binding {listen}: {e}"))
-        })?;
-        Ok(TcpForward {
+        let listener = super::bind_tcp(listen, false)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("tcp forward: {e}")))?;
+        Ok(Self::new(listener, host, port))
+    }
+
+    /// A forward on an already bound `listener` (e.g. one of several workers' `SO_REUSEPORT` listeners).
+    pub fn new(listener: TcpListener, host: String, port: u16) -> Self {
+        TcpForward {
             listener,
             host,
             port,
-        })
+        }
     }
 
     /// The bound local address.

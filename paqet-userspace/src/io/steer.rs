@@ -285,6 +285,9 @@ pub struct Steering {
     config: SteerConfig,
     armed: bool,
     guard: GuardTable,
+    /// Reads the program's `aya-log` records (never per packet: see `paqet-ebpf`) into `log`, which the
+    /// binary forwards to `tracing`; `None` when the object has no log map.
+    logs: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl std::fmt::Debug for Steering {
@@ -376,6 +379,13 @@ impl Steering {
         cfg: SteerConfig,
     ) -> Result<Self, SteerError> {
         let ports = Arc::new(Mutex::new(PortSet::open(&mut ebpf)?));
+        let logs = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::debug!(error = %e, "the XDP program's log records are not read");
+                None
+            }
+        };
         let mut s = Steering {
             ebpf,
             ports,
@@ -384,12 +394,21 @@ impl Steering {
             config: cfg,
             armed: false,
             guard: GuardTable::default(),
+            logs,
         };
         // Explicitly disarmed (the map starts zeroed anyway) and an empty guard table.
         s.write_config(SteerConfig::default())?;
         s.write_guard()?;
         tracing::info!(iface, mode = %attach, "XDP program attached (disarmed)");
         Ok(s)
+    }
+
+    /// Forwards the log records the program wrote since the last call (call periodically, off the data
+    /// path: the records wait in a 128 KiB ring buffer).
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = self.logs.as_mut() {
+            l.flush();
+        }
     }
 
     /// The interface the program is attached to.

@@ -12,11 +12,16 @@
 //! - [`server`]: per-stream handlers of the server role (PING, PTCPF, PTCP, PUDP).
 //! - [`client`]: the client role's sessions and the [`Tunnel`] handle the front ends use.
 //! - [`guard`]: the optional packet guard prefix (spec §5; now [`crate::proto::guard`]).
+//! - [`daemon`]: the assembly: configuration → data plane (pcap: one worker; XDP: one per RX queue) →
+//!   worker threads, front ends, ops servers, signals and shutdown, the same code for every mode.
+//! - [`setup`]: configuration resolution ([`setup::worker_config`]), ops servers, metrics publisher.
+//! - [`xdp`]: the XDP plane's bring-up, cross-worker routing and per-queue worker start.
 //!
 //! [`Session`]: crate::proto::session::Session
 //! [`Endpoint`]: crate::proto::endpoint::Endpoint
 pub mod client;
 pub mod core;
+pub mod daemon;
 pub mod server;
 pub mod setup;
 pub mod stream;

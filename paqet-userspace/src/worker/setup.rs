@@ -1,37 +1,29 @@
-//! From a validated [`Config`] to a running daemon: resolve what the config may omit (interface MAC and
-//! address, `router_mac`) through [`crate::io::route`], build the [`WorkerConfig`], open the pcap backend,
-//! start the worker, its metrics publisher ([`publish_metrics`]) and the front ends, and run until
-//! SIGINT/SIGTERM. The ops HTTP servers ([`OpsServers`]) and the [`MetricsHub`] are process-wide and
-//! created by the caller ([`DaemonOptions`]).
+//! What the daemon assembly ([`super::daemon`]) is built from: the [`WorkerConfig`] resolved from a
+//! validated [`Config`] (interface MAC and address, `router_mac` through [`crate::io::route`] when the
+//! config leaves them out), the pcap backend's link factory, the host's iptables rules, the ops HTTP
+//! servers ([`OpsServers`]) and each worker's metrics publisher ([`publish_metrics_until`]).
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
-use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use super::core::{Core, Shared};
 use super::{FamilyConfig, GuardConfig, IoFactory, Limits, WorkerConfig};
-use crate::config::{Config, ForwardProtocol, Role as CfgRole};
-use crate::front::forward::{TcpForward, UdpForward};
-use crate::front::http::{self, HttpConfig};
-use crate::front::socks5::{self, Socks5Config};
+use crate::config::{Config, Role as CfgRole};
 use crate::io::pcap::{PcapConfig, PcapIo};
 use crate::io::{route, PacketIo};
 use crate::ops::hub::PUBLISH_INTERVAL_MS;
-use crate::ops::{
-    spawn_ops_thread, DataPathMode, KcpRetrans, MetricsHub, OpsState, RoleLabel, WorkerSnapshot,
-};
+use crate::ops::{spawn_ops_thread, KcpRetrans, MetricsHub, OpsState, RoleLabel, WorkerSnapshot};
 use crate::proto::cc::CcConfig;
 use crate::proto::kcp::Autotune;
 use crate::proto::kcp::KcpConfig;
 use crate::proto::session::{Role, SessionConfig};
 use crate::proto::smux::SmuxConfig;
-use crate::tools::firewall::{self, FirewallRole};
+use crate::tools::firewall::FirewallRole;
 use crate::wire::crypt::{BlockMode, Crypto};
 use crate::wire::envelope::TcpFlags;
 
@@ -197,46 +189,6 @@ pub fn pcap_factory(iface: String, sockbuf: usize) -> IoFactory {
         let io = PcapIo::open(pc).map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Box::new(io))
     })
-}
-
-/// Which XDP attach flavour `run --mode` asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XdpMode {
-    /// Native when the driver supports it, else generic (`--mode xdp`).
-    Any,
-    /// Driver (native) mode only (`--mode xdp-native`).
-    Native,
-    /// Generic (skb) mode (`--mode xdp-generic`).
-    Generic,
-}
-
-/// What a daemon run needs besides the configuration: the process-wide metrics hub (one hub for all
-/// workers; this worker publishes into slot `worker`) and the host options.
-#[derive(Clone)]
-pub struct DaemonOptions {
-    /// Where the worker publishes its counters and its readiness.
-    pub hub: Arc<MetricsHub>,
-    /// This worker's slot in the hub.
-    pub worker: usize,
-    /// Apply the iptables rules the host needs at start and remove them on shutdown.
-    pub manage_firewall: bool,
-}
-
-impl DaemonOptions {
-    /// Options publishing into slot 0 of `hub`, firewall left alone.
-    pub fn new(hub: Arc<MetricsHub>) -> Self {
-        DaemonOptions {
-            hub,
-            worker: 0,
-            manage_firewall: false,
-        }
-    }
-
-    /// Sets [`DaemonOptions::manage_firewall`].
-    pub fn with_manage_firewall(mut self, on: bool) -> Self {
-        self.manage_firewall = on;
-        self
-    }
 }
 
 /// The metrics role label of `cfg`.
@@ -598,153 +550,10 @@ pub async fn publish_metrics_until(
     }
 }
 
-/// Runs the daemon for `cfg` on the current thread (pcap backend) until SIGINT/SIGTERM: prints (and with
-/// `opts.manage_firewall` applies, then removes) the host's iptables rules, starts the worker, its metrics
-/// publisher and the client front ends.
-pub fn run_daemon(cfg: &Config, iface: &str, opts: DaemonOptions) -> anyhow::Result<()> {
-    let wcfg = worker_config(cfg, iface)?;
-    let role = wcfg.role;
-    let rules = firewall_role(&wcfg)
-        .map(|r| firewall::rules(&r))
-        .unwrap_or_default();
-    for r in &rules {
-        info!("host firewall rule needed: {r}");
-    }
-    let mut fw_guard = if opts.manage_firewall {
-        Some(firewall::apply(&rules).context("--manage-firewall: applying the iptables rules")?)
-    } else {
-        None
-    };
-    let factory = pcap_factory(iface.to_owned(), cfg.network.pcap_sockbuf as usize);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
-    let local = tokio::task::LocalSet::new();
-    let hub = opts.hub.clone();
-    hub.set_mode(DataPathMode::Pcap);
-    let result = local.block_on(&rt, async {
-        let started = super::start(wcfg, factory)?;
-        hub.set_attached(true);
-        tokio::task::spawn_local(publish_metrics(
-            started.shared.clone(),
-            hub.clone(),
-            opts.worker,
-        ));
-        if let Some(tunnel) = started.tunnel.clone() {
-            start_front_ends(cfg, tunnel).await?;
-        }
-        info!(role = %role, iface, "paqet-dp running");
-        wait_for_signal().await?;
-        info!("shutting down");
-        Ok::<(), anyhow::Error>(())
-    });
-    hub.set_attached(false);
-    // Dropping the LocalSet and runtime ends every task and closes every socket.
-    drop(local);
-    drop(rt);
-    if let Some(g) = fw_guard.as_mut() {
-        if let Err(e) = g.remove() {
-            warn!(error = %e, "--manage-firewall: removing the iptables rules");
-        }
-    }
-    result
-}
-
-/// The XDP data plane entry point (`run --mode xdp|xdp-native|xdp-generic`).
-pub fn run_xdp(
-    cfg: &Config,
-    iface: &str,
-    mode: XdpMode,
-    opts: DaemonOptions,
-) -> anyhow::Result<()> {
-    use super::xdp::{run_xdp_daemon, XdpOptions, XdpWant};
-    let want = match mode {
-        XdpMode::Any => XdpWant::Auto,
-        XdpMode::Native => XdpWant::Native,
-        XdpMode::Generic => XdpWant::Generic,
-    };
-    if opts.manage_firewall {
-        info!("XDP mode: tunnel packets never reach the kernel's stack, so no iptables rules are needed");
-    }
-    let out = run_xdp_daemon(cfg, iface, opts.hub.clone(), XdpOptions::new(want))?;
-    info!(mode = %out.attach, workers = out.workers, "XDP data plane stopped");
-    Ok(())
-}
-
-/// Binds and spawns the client front ends the config lists: TCP/UDP forwards, SOCKS5 and HTTP proxy
-/// listeners, all dialling through `tunnel`. A listener that cannot bind is an error naming its key.
-pub async fn start_front_ends(cfg: &Config, tunnel: super::Tunnel) -> anyhow::Result<()> {
-    for (i, f) in cfg.forward.iter().enumerate() {
-        let listen = f
-            .listen
-            .resolve()
-            .with_context(|| format!("forward[{i}].listen {}", f.listen))?;
-        let (host, port) = (f.target.host.clone(), f.target.port);
-        match f.protocol {
-            ForwardProtocol::Tcp => {
-                let fw = TcpForward::bind(listen, host, port)
-                    .await
-                    .with_context(|| format!("forward[{i}].listen {listen}"))?;
-                tokio::task::spawn_local(fw.run(tunnel.clone()));
-            }
-            ForwardProtocol::Udp => {
-                let fw = UdpForward::bind(listen, host, port)
-                    .await
-                    .with_context(|| format!("forward[{i}].listen {listen}"))?;
-                tokio::task::spawn_local(fw.run(tunnel.clone()));
-            }
-        }
-    }
-    let dialer = Rc::new(tunnel);
-    for (i, s) in cfg.socks5.iter().enumerate() {
-        let listen = s
-            .listen
-            .resolve()
-            .with_context(|| format!("socks5[{i}].listen {}", s.listen))?;
-        let l = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("socks5[{i}].listen {listen}"))?;
-        let sc = Socks5Config {
-            username: s.username.clone(),
-            password: s.password.clone(),
-        };
-        tokio::task::spawn_local(socks5::serve(l, sc, dialer.clone()));
-    }
-    for (i, h) in cfg.http.iter().enumerate() {
-        let listen = h
-            .listen
-            .resolve()
-            .with_context(|| format!("http[{i}].listen {}", h.listen))?;
-        let l = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("http[{i}].listen {listen}"))?;
-        let hc = HttpConfig {
-            username: h.username.clone().unwrap_or_default(),
-            password: h.password.clone().unwrap_or_default(),
-        };
-        tokio::task::spawn_local(http::serve(l, hc, dialer.clone()));
-    }
-    Ok(())
-}
-
-/// Waits for SIGINT or SIGTERM.
-pub async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    // Give the driver one tick to push out FINs queued by dropped streams.
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tools::firewall;
 
     fn cfg(text: &str) -> Config {
         Config::from_toml_str(text).expect("test config").config

@@ -1,7 +1,9 @@
 //! The multi-queue XDP data plane: the `paqet-ebpf` program steers tunnel frames into one AF_XDP socket
-//! per RX queue, and one worker thread per queue (pinned to a core, with its own current-thread tokio
-//! runtime and `LocalSet`) owns that socket, its sessions, their timers and stream sockets, and on a client
-//! its own front-end listeners (`SO_REUSEPORT`, so the kernel spreads accepted connections over workers).
+//! per RX queue, and one worker per queue owns that socket, its sessions, their timers and stream sockets.
+//! This module brings the plane up ([`XdpPlane::bring_up`]), does the control thread's share of it
+//! ([`XdpPlane::tick`]: counters, guard cookies) and starts a worker's core on its queue
+//! ([`start_worker`]); the worker threads, their front ends and shutdown are the daemon assembly's
+//! ([`crate::worker::daemon`]), the same code as in pcap mode.
 //!
 //! Session ownership is a pure function of the frame, so no table is shared between workers:
 //! - server: `owner = (fold(peer ip) + peer port) % workers`;
@@ -26,7 +28,7 @@
 //! [`DaemonStats::rx_cross_worker`](super::DaemonStats::rx_cross_worker) by the receiver.
 //!
 //! Order of operations (spike pitfall 9): attach disarmed → open and register every queue's socket → arm
-//! → start the workers. On exit the workers stop first, then the [`Steering`] is dropped (detached).
+//! → start the workers. On exit the workers stop first, then the [`XdpPlane`] is dropped (detached).
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
@@ -37,19 +39,16 @@ use crossbeam_queue::ArrayQueue;
 use paqet_common::{SteerConfig, XdpCounter, GUARD_PREFIX_LEN};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::core::{drive, unix_now, Core, Shared};
 use super::guard::Guard;
-use super::setup::worker_config;
 use super::{Tunnel, WorkerConfig};
-use crate::config::{Config, CpuPin, ForwardProtocol};
+use crate::doctor::ethtool::Ethtool;
 use crate::io::afxdp::{AfXdpConfig, AfXdpIo};
 use crate::io::steer::{guard_prefixes, SharedPorts, Steering, XdpAttach, XdpMode, COUNTERS};
 use crate::io::PacketIo;
-use crate::ops::hub::{MetricsHub, PUBLISH_INTERVAL_MS};
-use crate::ops::metrics::{DataPathMode, WorkerSnapshot};
+use crate::ops::hub::MetricsHub;
 use crate::proto::session::Role;
 
 /// Frames each mailbox holds before hand-offs to it are dropped (counted).
@@ -73,85 +72,6 @@ pub enum XdpWant {
     Native,
     /// Generic (SKB) mode only.
     Generic,
-}
-
-/// Stops a running [`run_xdp_daemon`] from another thread (or, with [`XdpStop::with_signals`], on
-/// SIGINT/SIGTERM as well). Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct XdpStop {
-    tx: Arc<watch::Sender<bool>>,
-    signals: bool,
-}
-
-impl XdpStop {
-    /// A stop handle that only [`XdpStop::stop`] triggers.
-    pub fn new() -> Self {
-        XdpStop {
-            tx: Arc::new(watch::channel(false).0),
-            signals: false,
-        }
-    }
-
-    /// A stop handle that SIGINT and SIGTERM trigger too (what the binary uses).
-    pub fn with_signals() -> Self {
-        XdpStop {
-            signals: true,
-            ..Self::new()
-        }
-    }
-
-    /// Asks the daemon to stop: workers end, then the program is detached.
-    pub fn stop(&self) {
-        self.tx.send_replace(true);
-    }
-
-    fn subscribe(&self) -> watch::Receiver<bool> {
-        self.tx.subscribe()
-    }
-}
-
-impl Default for XdpStop {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// How [`run_xdp_daemon`] runs.
-#[derive(Clone, Debug)]
-pub struct XdpOptions {
-    /// Attach mode.
-    pub want: XdpWant,
-    /// Serve the client front ends the config lists (forwards, SOCKS5, HTTP).
-    pub front: bool,
-    /// Pin worker `i` to the `i`-th allowed CPU (off for tests running several daemons in one process).
-    pub pin: bool,
-    /// When to stop.
-    pub stop: XdpStop,
-}
-
-impl XdpOptions {
-    /// Front ends on, pinning on, stopping on SIGINT/SIGTERM: what the binary runs.
-    pub fn new(want: XdpWant) -> Self {
-        XdpOptions {
-            want,
-            front: true,
-            pin: true,
-            stop: XdpStop::with_signals(),
-        }
-    }
-}
-
-/// What a finished [`run_xdp_daemon`] reports.
-#[derive(Clone, Debug)]
-pub struct XdpOutcome {
-    /// The mode the program was attached in.
-    pub attach: XdpAttach,
-    /// Number of workers (= RX queues).
-    pub workers: usize,
-    /// Final XDP counters, indexed by [`XdpCounter`].
-    pub counters: [u64; COUNTERS],
-    /// Each worker's last snapshot.
-    pub snapshots: Vec<WorkerSnapshot>,
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -400,14 +320,15 @@ impl Router {
 // Host helpers
 // ----------------------------------------------------------------------------------------------------
 
-/// Number of RX queues of `iface`: the ethtool channel count (`ETHTOOL_GCHANNELS`, rx + combined), which
-/// works in the calling thread's network namespace; else the `rx-*` entries under
-/// /sys/class/net/IF/queues (sysfs shows the namespace it was mounted in). At least 1.
+/// Number of RX queues of `iface`: the ethtool channel count (rx + combined,
+/// [`Ethtool::channels`](crate::doctor::ethtool::Ethtool::channels)), which works in the calling thread's
+/// network namespace; else the `rx-*` entries under /sys/class/net/IF/queues (sysfs shows the namespace it
+/// was mounted in). At least 1.
 pub fn rx_queue_count(iface: &str) -> std::io::Result<usize> {
-    match ethtool_rx_channels(iface) {
-        Ok(n) if n > 0 => return Ok(n),
+    match Ethtool::new(iface).and_then(|e| e.channels()) {
+        Ok(c) if c.rx_queues() > 0 => return Ok(c.rx_queues() as usize),
         Ok(_) => {}
-        Err(e) => debug!(iface, error = %e, "ETHTOOL_GCHANNELS failed; reading sysfs"),
+        Err(e) => debug!(iface, error = %e, "ethtool channels failed; reading sysfs"),
     }
     let dir = format!("/sys/class/net/{iface}/queues");
     let n = std::fs::read_dir(&dir)
@@ -416,133 +337,6 @@ pub fn rx_queue_count(iface: &str) -> std::io::Result<usize> {
         .filter(|e| e.file_name().to_str().is_some_and(|s| s.starts_with("rx-")))
         .count();
     Ok(n.max(1))
-}
-
-/// `struct ethtool_channels` (linux/ethtool.h).
-#[repr(C)]
-#[derive(Default)]
-struct EthtoolChannels {
-    cmd: u32,
-    max_rx: u32,
-    max_tx: u32,
-    max_other: u32,
-    max_combined: u32,
-    rx_count: u32,
-    tx_count: u32,
-    other_count: u32,
-    combined_count: u32,
-}
-
-const ETHTOOL_GCHANNELS: u32 = 0x3c;
-const SIOCETHTOOL: libc::c_ulong = 0x8946;
-
-/// rx + combined channels of `iface` through the ethtool ioctl.
-fn ethtool_rx_channels(iface: &str) -> std::io::Result<usize> {
-    if iface.is_empty() || iface.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("bad interface name {iface:?}"),
-        ));
-    }
-    // SAFETY: plain socket syscall; the descriptor is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptor.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut ch = EthtoolChannels {
-        cmd: ETHTOOL_GCHANNELS,
-        ..Default::default()
-    };
-    // SAFETY: ifreq is plain data; the name is NUL-terminated (length checked above) and ifru_data
-    // points at `ch`, which outlives the ioctl.
-    let r = unsafe {
-        let mut ifr: libc::ifreq = std::mem::zeroed();
-        for (d, s) in ifr.ifr_name.iter_mut().zip(iface.as_bytes()) {
-            *d = *s as libc::c_char;
-        }
-        ifr.ifr_ifru.ifru_data = (&mut ch as *mut EthtoolChannels).cast();
-        libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL as _, &mut ifr)
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(
-            e.kind(),
-            format!("ETHTOOL_GCHANNELS on {iface}: {e}"),
-        ));
-    }
-    Ok((ch.rx_count + ch.combined_count) as usize)
-}
-
-/// The CPUs this process may run on (sched_getaffinity), in ascending order.
-pub fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most size_of::<cpu_set_t>() bytes.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return vec![0];
-        }
-        let v: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect();
-        if v.is_empty() {
-            vec![0]
-        } else {
-            v
-        }
-    }
-}
-
-/// The CPUs the workers pin to, worker *i* on entry `i % len` (`io.cpus`); empty = no pinning. A listed
-/// CPU outside the process's affinity mask is an error naming the key (pinning there would fail).
-pub fn worker_cpus(pin: &CpuPin, allowed: &[usize]) -> anyhow::Result<Vec<usize>> {
-    match pin {
-        CpuPin::Auto => Ok(allowed.to_vec()),
-        CpuPin::None => Ok(Vec::new()),
-        CpuPin::Cpus(list) => {
-            let list: Vec<usize> = list.iter().map(|&c| c as usize).collect();
-            if let Some(c) = list.iter().find(|c| !allowed.contains(c)) {
-                anyhow::bail!(
-                    "io.cpus = \"{pin}\": CPU {c} is not available to this process (its CPU affinity allows {allowed:?})"
-                );
-            }
-            Ok(list)
-        }
-    }
-}
-
-/// Pins the calling thread to `cpu`.
-pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: as above; `set` is a valid cpu_set_t and pid 0 means the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(std::io::Error::new(
-                e.kind(),
-                format!("pinning a worker to CPU {cpu}: {e}"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// A TCP listener on `addr` with `SO_REUSEPORT`, so every worker can listen on the same address and the
-/// kernel spreads new connections over them.
-pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let s = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    s.set_reuseaddr(true)?;
-    s.set_reuseport(true)?;
-    s.bind(addr).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("binding {addr} (SO_REUSEPORT): {e}"))
-    })?;
-    s.listen(1024)
 }
 
 /// The steering config for a worker configuration, on the configured families and local addresses: a
@@ -592,192 +386,161 @@ pub fn steer_config(wcfg: &WorkerConfig) -> SteerConfig {
 }
 
 // ----------------------------------------------------------------------------------------------------
-// Entry point
+// Bring-up and the control thread's share
 // ----------------------------------------------------------------------------------------------------
 
-/// Runs the daemon for `cfg` on `iface` with the XDP data plane until `opts.stop` fires (or, for
-/// [`XdpStop::with_signals`], SIGINT/SIGTERM). Blocks the calling thread, which becomes the control thread
-/// (XDP counters into `hub` every 500 ms, guard cookie rotation); the workers (one per RX queue, publishing
-/// their snapshots into `hub` under their index) run on their own threads, created in the calling thread's
-/// network namespace. Sets the hub's mode (`XdpNative`/`XdpGeneric`) and attached flag. Errors: the
-/// program cannot attach in the wanted mode (with the reason), an AF_XDP socket cannot be opened, or a
-/// worker fails to start; the program is detached in every case.
-pub fn run_xdp_daemon(
-    cfg: &Config,
-    iface: &str,
-    hub: Arc<MetricsHub>,
-    opts: XdpOptions,
-) -> anyhow::Result<XdpOutcome> {
-    let XdpOptions {
-        want,
-        front,
-        pin,
-        stop,
-    } = opts;
-    let mut wcfg = worker_config(cfg, iface)?;
-    let role = wcfg.role;
-    if role == Role::Client {
-        // The base of the sessions' local ports (each worker counts up from it to ports it owns).
-        let port = match wcfg.local_port() {
-            0 => rand::Rng::gen_range(&mut rand::thread_rng(), 32768..=CLIENT_BASE_MAX),
-            p => p,
-        };
-        for f in [wcfg.ipv4.as_mut(), wcfg.ipv6.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            f.addr.set_port(port);
-        }
-    }
-    let sc = steer_config(&wcfg);
-    let mut steering = match want {
-        XdpWant::Auto => Steering::attach_auto(iface, sc).map(|(s, _)| s),
-        XdpWant::Native => Steering::attach(iface, XdpMode::Native, sc),
-        XdpWant::Generic => Steering::attach(iface, XdpMode::Generic, sc),
-    }
-    .with_context(|| format!("XDP data plane on {iface}"))?;
-    let attach = steering.attached();
-    hub.set_mode(match attach {
-        XdpAttach::Native => DataPathMode::XdpNative,
-        XdpAttach::Generic => DataPathMode::XdpGeneric,
-    });
-    info!(iface, mode = %attach, port = sc.port, src_port = sc.src_port, "XDP program attached");
-
-    let queues = rx_queue_count(iface).with_context(|| format!("RX queues of {iface}"))?;
-    let cpus = if pin {
-        worker_cpus(&cfg.io.cpus, &allowed_cpus())?
-    } else {
-        Vec::new()
-    };
-    if !cpus.is_empty() && queues > cpus.len() {
-        warn!(
-            queues,
-            cpus = cpus.len(),
-            "more RX queues than CPUs: workers share cores (consider ethtool -L or io.cpus)"
-        );
-    }
-    let mut socks = Vec::with_capacity(queues);
-    for q in 0..queues {
-        let io = AfXdpIo::open(AfXdpConfig::new(iface, q as u32))
-            .with_context(|| format!("AF_XDP socket on {iface} queue {q}"))?;
-        steering
-            .register_socket(q as u32, &io)
-            .with_context(|| format!("registering {iface} queue {q}"))?;
-        socks.push(io);
-    }
-    // Guard cookies before arming, so valid frames are never dropped at start.
-    let mut guard = wcfg
-        .guard
-        .as_ref()
-        .map(|(g, key)| Guard::new(g.clone(), key));
-    if let Some(g) = guard.as_mut() {
-        rotate_guard(&mut steering, g, &wcfg)?;
-    }
-    let boxes: Vec<Mailbox> = (0..queues)
-        .map(|_| Mailbox::new(MAILBOX_FRAMES))
-        .collect::<std::io::Result<_>>()?;
-    let mut routers = Router::for_workers(boxes.into());
-    if role == Role::Client {
-        // Session ports before arming: only frames from the server to these ports are steered.
-        let plan = client_port_plan(wcfg.conn, queues, wcfg.local_port());
-        steering
-            .add_ports(plan.iter().flatten().copied())
-            .context("writing the session ports into the XDP program")?;
-        let ports = steering.port_set();
-        for r in &mut routers {
-            r.set_port_set(ports.clone());
-        }
-        info!(conn = wcfg.conn, workers = queues, base_port = wcfg.local_port(), ports = ?plan, "client sessions spread over the workers");
-    }
-    steering.arm().context("arming the XDP program")?;
-    hub.set_attached(true);
-
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, anyhow::Result<()>)>();
-    let cfg_arc = Arc::new(cfg.clone());
-    let mut handles = Vec::with_capacity(queues);
-    for (i, (io, router)) in socks.into_iter().zip(routers).enumerate() {
-        let slots = match role {
-            Role::Client => client_slots(wcfg.conn, queues, i),
-            Role::Server => 0,
-        };
-        let ctx = WorkerCtx {
-            index: i,
-            cpu: (!cpus.is_empty()).then(|| cpus[i % cpus.len()]),
-            wcfg: wcfg.clone(),
-            io,
-            router,
-            slots,
-            hub: hub.clone(),
-            cfg: cfg_arc.clone(),
-            front: front && slots > 0,
-            // UDP forwards keep per-source state: only the first session-running worker binds them.
-            udp_front: i == 0,
-            stop: stop.subscribe(),
-            ready: ready_tx.clone(),
-        };
-        let h = std::thread::Builder::new()
-            .name(format!("paqet-xdp-{i}"))
-            .spawn(move || worker_thread(ctx))
-            .context("spawning a worker thread")?;
-        handles.push(h);
-    }
-    drop(ready_tx);
-    let mut start_err = None;
-    for _ in 0..queues {
-        match ready_rx.recv() {
-            Ok((_, Ok(()))) => {}
-            Ok((i, Err(e))) => {
-                start_err.get_or_insert(e.context(format!("worker {i}")));
-            }
-            Err(_) => {
-                start_err.get_or_insert(anyhow!("a worker thread ended before starting"));
-                break;
-            }
-        }
-    }
-    if start_err.is_none() {
-        info!(role = %role, workers = queues, mode = %attach, "paqet-dp running (XDP)");
-        if let Err(e) = control_loop(&mut steering, guard.as_mut(), &wcfg, &hub, &stop) {
-            start_err = Some(e);
-        }
-    }
-    stop.stop();
-    for h in handles {
-        if h.join().is_err() {
-            warn!("a worker thread panicked");
-        }
-    }
-    let counters = steering.counters().unwrap_or([0; COUNTERS]);
-    hub.set_xdp(counters);
-    hub.set_attached(false);
-    let snapshots = hub.snapshot().workers;
-    drop(steering); // detaches the program, after every socket is closed
-    if let Some(e) = start_err {
-        return Err(e);
-    }
-    info!("XDP data plane stopped");
-    Ok(XdpOutcome {
-        attach,
-        workers: queues,
-        counters,
-        snapshots,
-    })
+/// The XDP data plane of a running daemon, kept by its control thread: the attached, armed program and
+/// the guard. Dropping it detaches the program (after the workers, which own the sockets, stopped).
+pub struct XdpPlane {
+    steering: Steering,
+    guard: Option<Guard>,
+    guard_warn: GuardDropWarn,
+    wcfg: WorkerConfig,
 }
 
-/// Writes the guard prefixes valid around now into the program's table.
-fn rotate_guard(steering: &mut Steering, g: &mut Guard, wcfg: &WorkerConfig) -> anyhow::Result<()> {
-    let Some((gc, _)) = &wcfg.guard else {
-        return Ok(());
-    };
-    let prefixes = guard_prefixes(
-        unix_now().as_secs(),
-        gc.window_secs,
-        gc.skew,
-        |t, out: &mut [u8; GUARD_PREFIX_LEN]| g.write_prefix(t, out),
-    );
-    steering
-        .set_guard_cookies(&prefixes)
-        .context("rotating the XDP guard cookies")
+/// One XDP worker's share of the plane: its RX queue's AF_XDP socket, its router, and how many client
+/// sessions it runs.
+pub struct XdpLinks {
+    io: AfXdpIo,
+    router: Router,
+    /// Client sessions this worker dials (0 on a server).
+    pub slots: usize,
+}
+
+impl XdpPlane {
+    /// Brings the XDP data plane up on `iface` in the order spike pitfall 9 asks for: attach the program
+    /// disarmed (mode `want`), open and register one AF_XDP socket per RX queue, write the guard cookies and
+    /// (client) the planned session ports, arm. On a client, sets the sessions' base local port in `wcfg`
+    /// (the configured one, or one picked at random). Returns the plane and every queue's worker share.
+    /// Errors: the program cannot attach in the wanted mode (with the reason), or a socket cannot be opened;
+    /// the program is detached then.
+    pub fn bring_up(
+        iface: &str,
+        want: XdpWant,
+        wcfg: &mut WorkerConfig,
+    ) -> anyhow::Result<(XdpPlane, Vec<XdpLinks>)> {
+        let role = wcfg.role;
+        if role == Role::Client {
+            // The base of the sessions' local ports (each worker counts up from it to ports it owns).
+            let port = match wcfg.local_port() {
+                0 => rand::Rng::gen_range(&mut rand::thread_rng(), 32768..=CLIENT_BASE_MAX),
+                p => p,
+            };
+            for f in [wcfg.ipv4.as_mut(), wcfg.ipv6.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                f.addr.set_port(port);
+            }
+        }
+        let sc = steer_config(wcfg);
+        let mut steering = match want {
+            XdpWant::Auto => Steering::attach_auto(iface, sc).map(|(s, _)| s),
+            XdpWant::Native => Steering::attach(iface, XdpMode::Native, sc),
+            XdpWant::Generic => Steering::attach(iface, XdpMode::Generic, sc),
+        }
+        .with_context(|| format!("XDP data plane on {iface}"))?;
+        info!(iface, mode = %steering.attached(), port = sc.port, src_port = sc.src_port, "XDP program attached");
+
+        let queues = rx_queue_count(iface).with_context(|| format!("RX queues of {iface}"))?;
+        let mut socks = Vec::with_capacity(queues);
+        for q in 0..queues {
+            let io = AfXdpIo::open(AfXdpConfig::new(iface, q as u32))
+                .with_context(|| format!("AF_XDP socket on {iface} queue {q}"))?;
+            steering
+                .register_socket(q as u32, &io)
+                .with_context(|| format!("registering {iface} queue {q}"))?;
+            socks.push(io);
+        }
+        // Guard cookies before arming, so valid frames are never dropped at start.
+        let guard = wcfg
+            .guard
+            .as_ref()
+            .map(|(g, key)| Guard::new(g.clone(), key));
+        let mut plane = XdpPlane {
+            steering,
+            guard,
+            guard_warn: GuardDropWarn::default(),
+            wcfg: wcfg.clone(),
+        };
+        plane.rotate_guard()?;
+        let boxes: Vec<Mailbox> = (0..queues)
+            .map(|_| Mailbox::new(MAILBOX_FRAMES))
+            .collect::<std::io::Result<_>>()?;
+        let mut routers = Router::for_workers(boxes.into());
+        if role == Role::Client {
+            // Session ports before arming: only frames from the server to these ports are steered.
+            let plan = client_port_plan(wcfg.conn, queues, wcfg.local_port());
+            plane
+                .steering
+                .add_ports(plan.iter().flatten().copied())
+                .context("writing the session ports into the XDP program")?;
+            let ports = plane.steering.port_set();
+            for r in &mut routers {
+                r.set_port_set(ports.clone());
+            }
+            info!(conn = wcfg.conn, workers = queues, base_port = wcfg.local_port(), ports = ?plan, "client sessions spread over the workers");
+        }
+        plane.steering.arm().context("arming the XDP program")?;
+        let links = socks
+            .into_iter()
+            .zip(routers)
+            .enumerate()
+            .map(|(i, (io, router))| XdpLinks {
+                io,
+                router,
+                slots: match role {
+                    Role::Client => client_slots(wcfg.conn, queues, i),
+                    Role::Server => 0,
+                },
+            })
+            .collect();
+        Ok((plane, links))
+    }
+
+    /// The mode the program was attached in.
+    pub fn attached(&self) -> XdpAttach {
+        self.steering.attached()
+    }
+
+    /// The control thread's periodic work: the program's log records, its counters into `hub` (and a
+    /// warning when the guard drops frames), guard cookie rotation.
+    pub fn tick(&mut self, hub: &MetricsHub) -> anyhow::Result<()> {
+        self.steering.flush_logs();
+        match self.steering.counters() {
+            Ok(c) => {
+                hub.set_xdp(c);
+                self.guard_warn.observe(
+                    c[XdpCounter::GuardDropped as usize],
+                    std::time::Instant::now(),
+                );
+            }
+            Err(e) => debug!(error = %e, "reading the XDP counters failed"),
+        }
+        self.rotate_guard()
+    }
+
+    /// The program's counters now (zeros when they cannot be read), after forwarding its last log records.
+    pub fn counters(&mut self) -> [u64; COUNTERS] {
+        self.steering.flush_logs();
+        self.steering.counters().unwrap_or([0; COUNTERS])
+    }
+
+    /// Writes the guard prefixes valid around now into the program's table.
+    fn rotate_guard(&mut self) -> anyhow::Result<()> {
+        let (Some(g), Some((gc, _))) = (self.guard.as_mut(), &self.wcfg.guard) else {
+            return Ok(());
+        };
+        let prefixes = guard_prefixes(
+            unix_now().as_secs(),
+            gc.window_secs,
+            gc.skew,
+            |t, out: &mut [u8; GUARD_PREFIX_LEN]| g.write_prefix(t, out),
+        );
+        self.steering
+            .set_guard_cookies(&prefixes)
+            .context("rotating the XDP guard cookies")
+    }
 }
 
 /// Warns when the XDP program drops frames for a bad guard cookie: those never reach userspace, so the
@@ -814,145 +577,41 @@ impl GuardDropWarn {
     }
 }
 
-/// The control thread: publishes the XDP counters and rotates guard cookies until stopped.
-fn control_loop(
-    steering: &mut Steering,
-    mut guard: Option<&mut Guard>,
-    wcfg: &WorkerConfig,
-    hub: &MetricsHub,
-    stop: &XdpStop,
-) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
-    let mut rx = stop.subscribe();
-    let signals = stop.signals;
-    rt.block_on(async {
-        let mut tick = tokio::time::interval(Duration::from_millis(PUBLISH_INTERVAL_MS));
-        let sig = async {
-            if signals {
-                super::setup::wait_for_signal().await
-            } else {
-                std::future::pending().await
-            }
-        };
-        tokio::pin!(sig);
-        let mut guard_warn = GuardDropWarn::default();
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    match steering.counters() {
-                        Ok(c) => {
-                            hub.set_xdp(c);
-                            guard_warn.observe(c[XdpCounter::GuardDropped as usize], std::time::Instant::now());
-                        }
-                        Err(e) => debug!(error = %e, "reading the XDP counters failed"),
-                    }
-                    if let Some(g) = guard.as_deref_mut() {
-                        rotate_guard(steering, g, wcfg)?;
-                    }
-                }
-                r = rx.wait_for(|s| *s) => { let _ = r; return Ok(()); }
-                r = &mut sig => { r?; info!("shutting down"); return Ok(()); }
-            }
-        }
-    })
-}
-
 // ----------------------------------------------------------------------------------------------------
 // Workers
 // ----------------------------------------------------------------------------------------------------
 
-struct WorkerCtx {
-    index: usize,
-    cpu: Option<usize>,
+/// Starts an XDP worker's core on the current `LocalSet` (the worker thread of
+/// [`crate::worker::daemon`]): its queue socket as the one shared link, the router, the RX task and, on a
+/// client, its `links.slots` sessions. Returns the core and, on a client, the tunnel for the front ends.
+pub fn start_worker(
     wcfg: WorkerConfig,
-    io: AfXdpIo,
-    router: Router,
-    slots: usize,
-    hub: Arc<MetricsHub>,
-    cfg: Arc<Config>,
-    front: bool,
-    udp_front: bool,
-    stop: watch::Receiver<bool>,
-    ready: std::sync::mpsc::Sender<(usize, anyhow::Result<()>)>,
-}
-
-fn worker_thread(ctx: WorkerCtx) {
-    let index = ctx.index;
-    let ready = ctx.ready.clone();
-    if let Err(e) = worker_main(ctx) {
-        // Reported to the control thread if start-up had not finished; logged either way.
-        warn!(worker = index, error = %format!("{e:#}"), "worker stopped");
-        let _ = ready.send((index, Err(e)));
-    }
-}
-
-fn worker_main(ctx: WorkerCtx) -> anyhow::Result<()> {
-    let WorkerCtx {
-        index,
-        cpu,
-        wcfg,
-        io,
-        router,
-        slots,
-        hub,
-        cfg,
-        front,
-        udp_front,
-        mut stop,
-        ready,
-    } = ctx;
-    if let Some(Err(e)) = cpu.map(pin_current_thread) {
-        warn!(worker = index, error = %e, "worker not pinned");
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let role = wcfg.role;
-        let shared = Core::new(wcfg)?;
-        tokio::task::spawn_local(drive(shared.clone()));
-        let inbox_fd = router.wake_fd();
-        shared.borrow_mut().set_router(router);
-        let io: Box<dyn PacketIo> = Box::new(io);
-        let (link, fd) = match role {
-            Role::Server => super::server::start_shared(&shared, io)?,
-            Role::Client => {
-                let (link, fd, _retire) = shared.borrow_mut().add_shared_link(io, 0, None, None);
-                (link, fd)
-            }
-        };
-        let fd = fd.ok_or_else(|| anyhow!("the AF_XDP backend has no readiness descriptor"))?;
-        tokio::task::spawn_local(shared_rx(shared.clone(), link, fd, inbox_fd));
-        if role == Role::Client {
-            super::client::start_shared(&shared, link, slots)?;
-            if front {
-                start_worker_front_ends(&cfg, Tunnel::new(shared.clone()), index, udp_front)
-                    .await?;
-            }
+    links: XdpLinks,
+) -> anyhow::Result<(Shared, Option<Tunnel>)> {
+    let XdpLinks { io, router, slots } = links;
+    let role = wcfg.role;
+    let shared = Core::new(wcfg)?;
+    tokio::task::spawn_local(drive(shared.clone()));
+    let inbox_fd = router.wake_fd();
+    shared.borrow_mut().set_router(router);
+    let io: Box<dyn PacketIo> = Box::new(io);
+    let (link, fd) = match role {
+        Role::Server => super::server::start_shared(&shared, io)?,
+        Role::Client => {
+            let (link, fd, _retire) = shared.borrow_mut().add_shared_link(io, 0, None, None);
+            (link, fd)
         }
-        // Publishes every PUBLISH_INTERVAL_MS and, once the worker is told to stop (after a moment for the
-        // driver to push out FINs of dropped streams), the final counters.
-        let mut stop_publisher = stop.clone();
-        let publisher = tokio::task::spawn_local(super::setup::publish_metrics_until(
-            shared.clone(),
-            hub.clone(),
-            index,
-            async move {
-                let _ = stop_publisher.wait_for(|s| *s).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            },
-        ));
-        info!(worker = index, cpu = ?cpu, sessions = slots, "XDP worker running");
-        let _ = ready.send((index, Ok(())));
-        let _ = stop.wait_for(|s| *s).await;
-        let _ = publisher.await;
-        Ok::<(), anyhow::Error>(())
-    })
+    };
+    let fd = fd.ok_or_else(|| anyhow!("the AF_XDP backend has no readiness descriptor"))?;
+    tokio::task::spawn_local(shared_rx(shared.clone(), link, fd, inbox_fd));
+    let tunnel = match role {
+        Role::Client => {
+            super::client::start_shared(&shared, link, slots)?;
+            Some(Tunnel::new(shared.clone()))
+        }
+        Role::Server => None,
+    };
+    Ok((shared, tunnel))
 }
 
 /// The RX task of a worker's queue socket and mailbox.
@@ -1008,89 +667,6 @@ async fn shared_rx_loop(
     }
 }
 
-/// The client front ends of one worker: TCP forwards, SOCKS5 and HTTP on `SO_REUSEPORT` listeners (every
-/// session-running worker binds them); UDP forwards only when `udp` (one worker: a UDP source's state must
-/// stay in one worker).
-async fn start_worker_front_ends(
-    cfg: &Config,
-    tunnel: Tunnel,
-    index: usize,
-    udp: bool,
-) -> anyhow::Result<()> {
-    use crate::front::forward::UdpForward;
-    use crate::front::{http, socks5};
-    use std::rc::Rc;
-    for (i, f) in cfg.forward.iter().enumerate() {
-        let listen = f
-            .listen
-            .resolve()
-            .with_context(|| format!("forward[{i}].listen {}", f.listen))?;
-        let (host, port) = (f.target.host.clone(), f.target.port);
-        match f.protocol {
-            ForwardProtocol::Tcp => {
-                let l = reuseport_listener(listen).with_context(|| format!("forward[{i}]"))?;
-                tokio::task::spawn_local(serve_tcp_forward(l, tunnel.clone(), host, port));
-            }
-            ForwardProtocol::Udp if !udp => {}
-            ForwardProtocol::Udp => {
-                let fw = UdpForward::bind(listen, host, port).await?;
-                tokio::task::spawn_local(fw.run(tunnel.clone()));
-            }
-        }
-    }
-    let dialer = Rc::new(tunnel);
-    for (i, s) in cfg.socks5.iter().enumerate() {
-        let listen = s
-            .listen
-            .resolve()
-            .with_context(|| format!("socks5[{i}].listen {}", s.listen))?;
-        let l = reuseport_listener(listen).with_context(|| format!("socks5[{i}]"))?;
-        let sc = socks5::Socks5Config {
-            username: s.username.clone(),
-            password: s.password.clone(),
-        };
-        tokio::task::spawn_local(socks5::serve(l, sc, dialer.clone()));
-    }
-    for (i, h) in cfg.http.iter().enumerate() {
-        let listen = h
-            .listen
-            .resolve()
-            .with_context(|| format!("http[{i}].listen {}", h.listen))?;
-        let l = reuseport_listener(listen).with_context(|| format!("http[{i}]"))?;
-        let hc = http::HttpConfig {
-            username: h.username.clone().unwrap_or_default(),
-            password: h.password.clone().unwrap_or_default(),
-        };
-        tokio::task::spawn_local(http::serve(l, hc, dialer.clone()));
-    }
-    debug!(worker = index, "front ends started");
-    Ok(())
-}
-
-/// Accepts connections on `l` and carries each to `host:port` through the tunnel.
-async fn serve_tcp_forward(l: tokio::net::TcpListener, tunnel: Tunnel, host: String, port: u16) {
-    info!(listen = ?l.local_addr().ok(), target = %format!("{host}:{port}"), "tcp forward ready (XDP worker)");
-    let host = std::rc::Rc::new(host);
-    loop {
-        let (conn, from) = match l.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "tcp forward: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = conn.set_nodelay(true);
-        let (tunnel, host) = (tunnel.clone(), host.clone());
-        tokio::task::spawn_local(async move {
-            match tunnel.open_tcp(&host, port).await {
-                Ok(stream) => super::copy_until_either_ends(stream, conn).await,
-                Err(e) => warn!(%from, error = %e, "tcp forward: cannot open a tunnel stream"),
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1113,24 +689,6 @@ mod tests {
             owner_of(Role::Server, SocketAddr::new(ip, 40000), 9999, 1),
             0
         );
-    }
-
-    #[test]
-    fn worker_cpus_follow_io_cpus() {
-        let allowed = [0usize, 1, 2, 3];
-        assert_eq!(
-            worker_cpus(&CpuPin::Auto, &allowed).unwrap(),
-            vec![0, 1, 2, 3]
-        );
-        assert!(worker_cpus(&CpuPin::None, &allowed).unwrap().is_empty());
-        assert_eq!(
-            worker_cpus(&CpuPin::Cpus(vec![3, 1]), &allowed).unwrap(),
-            vec![3, 1]
-        );
-        let e = worker_cpus(&CpuPin::Cpus(vec![1, 7]), &allowed)
-            .unwrap_err()
-            .to_string();
-        assert_eq!(e, "io.cpus = \"1,7\": CPU 7 is not available to this process (its CPU affinity allows [0, 1, 2, 3])");
     }
 
     #[test]
