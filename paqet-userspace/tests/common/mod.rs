@@ -26,6 +26,8 @@ use paqet::tools::firewall::{self, FirewallRole};
 use paqet::tools::impair::{ImpairedLink, LinkSpec};
 use sha2::{Digest, Sha256};
 
+pub mod v6;
+
 /// The daemon under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_paqet-dp");
 
