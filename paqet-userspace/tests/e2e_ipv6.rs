@@ -1,20 +1,22 @@
 //! IPv6 end to end through the real `paqet-dp` binary (root only; skipped otherwise).
 //!
 //! A client and a server namespace joined by a veth carrying both families (`common::v6::dual_net`).
-//! Each test moves TCP through SOCKS5 CONNECT (a sha256-checked transfer of tens of MiB each way, and a
-//! request to an IPv6 literal target) and UDP through SOCKS5 UDP ASSOCIATE (IPv4 and IPv6 targets):
+//! Each test moves TCP through SOCKS5 CONNECT (a sha256-checked transfer of tens of MiB each way, and
+//! requests to an IPv6 literal target) and UDP through SOCKS5 UDP ASSOCIATE (IPv4 and IPv6 targets),
+//! through SOCKS5 listeners on `127.0.0.1` and `[::1]`:
 //!
 //! - pcap mode, both sides IPv6 only, with captures on both veth ends proving every tunnel frame is
 //!   IPv6 with upstream's envelope (traffic class 184, flow label 0, next header 6, hop limit 64) and
 //!   that neither kernel answers with a RST (the daemons' ip6tables rules);
-//! - XDP native and XDP generic, both sides IPv6 only, the client taking its IPv6 address and
-//!   `router_mac` from the kernel (route and neighbour lookups over IPv6);
+//! - XDP native and XDP generic, both sides IPv6 only, both taking their IPv6 address and `router_mac`
+//!   from the kernel (route and neighbour lookups over IPv6, the server's via a link-local default
+//!   gateway), then a pcap client beside the XDP one, also over IPv6;
 //! - a dual-stack client (both `network.ipv4` and `network.ipv6`) against a dual-stack server: dialing
 //!   the server's IPv6 address it uses IPv6, and the same config dialing the IPv4 address uses IPv4, both
 //!   clients at once (pcap, and XDP with the second client in pcap mode beside it).
 mod common;
 
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use common::v6::{self, Fam, Plan, Tunnel6, WireFrame, CLIENT_IP6, SERVER_IP6};
@@ -24,8 +26,9 @@ use paqet::wire::envelope::{ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 const MIB: u64 = 1 << 20;
 const RST: u8 = 0x04;
 
-/// A few requests through the tunnel: SOCKS5 CONNECT to the IPv4 and the IPv6 HTTP service, SOCKS5 UDP
-/// ASSOCIATE to the IPv4 and the IPv6 UDP echo, and the UDP forward.
+/// A few requests through the tunnel: SOCKS5 CONNECT to the IPv4 and the IPv6 HTTP service (through the
+/// SOCKS5 listener on `127.0.0.1` and on `[::1]`), SOCKS5 UDP ASSOCIATE to the IPv4 and the IPv6 UDP
+/// echo (through both listeners), and a 3000-byte datagram.
 fn small_traffic(t6: &Tunnel6, socks: u16) {
     let t = &t6.t;
     let ns = t.net.client();
@@ -36,16 +39,31 @@ fn small_traffic(t6: &Tunnel6, socks: u16) {
         f.ok && f.len == 100_000 && f.sha256 == pattern_sha256(7, 100_000),
         "GET from the [::1] target via SOCKS5: {f:?}"
     );
-    for (i, target) in [t.udp.addr, t6.v6.udp.addr].into_iter().enumerate() {
-        let msg = format!("socks5-udp-{i}-to-{target}").into_bytes();
-        let got = v6::socks5_udp_any(ns, socks, target, &msg, Duration::from_secs(15))
-            .unwrap_or_else(|e| panic!("SOCKS5 UDP ASSOCIATE to {target}: {e}"));
-        assert_eq!(got, msg, "SOCKS5 UDP reply from {target}");
+    // The same through the SOCKS5 listener on [::1].
+    let mut c = curl_cmd(ns, Via::Socks5(socks), 20);
+    c.args(["--socks5-hostname", &format!("[::1]:{socks}")])
+        .arg(t6.url6("/gen/8/100000"));
+    let f = spawn_fetch(c).join().expect("fetch thread");
+    assert!(
+        f.ok && f.len == 100_000 && f.sha256 == pattern_sha256(8, 100_000),
+        "GET from the [::1] target via the SOCKS5 listener on [::1]: {f:?}"
+    );
+    let proxies = [
+        SocketAddr::from(([127, 0, 0, 1], socks)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, socks)),
+    ];
+    for proxy in proxies {
+        for target in [t.udp.addr, t6.v6.udp.addr] {
+            let msg = format!("socks5-udp-via-{proxy}-to-{target}").into_bytes();
+            let got = v6::socks5_udp_any(ns, proxy, target, &msg, Duration::from_secs(15))
+                .unwrap_or_else(|e| panic!("SOCKS5 UDP ASSOCIATE via {proxy} to {target}: {e}"));
+            assert_eq!(got, msg, "SOCKS5 UDP reply via {proxy} from {target}");
+        }
     }
     let big: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
     let got = v6::socks5_udp_any(
         ns,
-        socks,
+        proxies[0],
         t6.v6.udp.addr,
         &big,
         Duration::from_secs(15),
@@ -139,6 +157,7 @@ fn check_envelopes(frames: &[WireFrame], client: std::net::IpAddr) -> (usize, us
             );
         }
         assert_eq!(f.tcp_flags, 0x18, "flags PA (default local_flag): {f:?}");
+        assert!(f.checksum_ok, "TCP checksum: {f:?}");
         if f.dst.port() == TUNNEL_PORT {
             up += 1;
         } else {
@@ -185,14 +204,17 @@ fn pcap_ipv6_tcp_and_udp() {
     t6.t.client.assert_running();
 }
 
-/// Both sides IPv6 only in `mode`; the client's IPv6 address and `router_mac` come from the kernel.
+/// Both sides IPv6 only in `mode`; both take their IPv6 address and `router_mac` from the kernel (the
+/// client from its on-link route to the server, the server from its default route via a link-local
+/// gateway).
 fn xdp_ipv6(test: &str, tag: &str, mode: Mode) {
-    if skip(test, &["curl", "ethtool"]) {
+    if skip(test, &["curl", "ethtool", "ip6tables"]) {
         return;
     }
     let _serial = serial();
     let plan = Plan {
         client_v6_from_kernel: true,
+        server_v6_from_kernel: true,
         ..Plan::V6
     };
     let t6 = v6::start(tag, Opts::new((mode, mode)), plan);
@@ -215,6 +237,28 @@ fn xdp_ipv6(test: &str, tag: &str, mode: Mode) {
             ns.name()
         );
     }
+    // The kernel lookups picked the global address (not a link-local one).
+    let log = t6.t.client.log_text();
+    assert!(
+        log.contains(&format!("local=[{CLIENT_IP6}]:")),
+        "the client's sessions do not come from {CLIENT_IP6}:\n{log}"
+    );
+    // A pcap client on the same interface, also over IPv6: the XDP client passes the server's frames to
+    // other ports to the kernel, and the XDP server serves a pcap peer.
+    let mut second = t6.spawn_client("client-pcap", Plan::V6, ClientPorts::SECOND, mode.beside());
+    let t = &t6.t;
+    let up = poll(READY_WITHIN, || {
+        second.assert_running();
+        t.probe(ClientPorts::SECOND.fwd_http).ok()
+    });
+    assert!(
+        up.is_some(),
+        "the pcap client beside the XDP one never carried a request: {:?}",
+        t.probe(ClientPorts::SECOND.fwd_http)
+    );
+    small_traffic(&t6, ClientPorts::SECOND.socks);
+    t.download_checked(Via::Socks5(ClientPorts::SECOND.socks), 9, 8 * MIB, 30);
+    drop(second);
     let mut t6 = t6;
     t6.t.server.assert_running();
     t6.t.client.assert_running();
@@ -239,6 +283,7 @@ fn dual_stack(tag: &str, modes: (Mode, Mode)) {
         client: Fam::Dual,
         dial_v6: true,
         client_v6_from_kernel: true,
+        server_v6_from_kernel: false,
     };
     let plan4 = Plan {
         dial_v6: false,

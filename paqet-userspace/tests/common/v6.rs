@@ -16,7 +16,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 
 use paqet::util::pcapfile::PcapFile;
-use paqet::wire::envelope::{parse_frame, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
+use paqet::wire::envelope::{parse_frame, transport_checksum, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 
 use super::*;
 
@@ -24,6 +24,11 @@ use super::*;
 pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x216, 0, 0, 0, 0, 0, 1);
 /// The server's IPv6 address on the veth.
 pub const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x216, 0, 0, 0, 0, 0, 2);
+/// A link-local address of the client's veth end (the server's IPv6 default gateway when
+/// [`Plan::server_v6_from_kernel`] is set, as a router advertisement would install it).
+pub const CLIENT_LL6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0x216, 1);
+/// A link-local address of the server's veth end.
+pub const SERVER_LL6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0x216, 2);
 
 /// Which `network.*` tables a daemon's config carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +60,10 @@ pub struct Plan {
     pub dial_v6: bool,
     /// The client's `[network.ipv6]` table is empty: its address and `router_mac` come from the kernel.
     pub client_v6_from_kernel: bool,
+    /// The server's `[network.ipv6]` table has only the port (`addr = ":PORT"`): its address comes from
+    /// the kernel, and its `router_mac` from its IPv6 default route, which goes via the client's
+    /// link-local address [`CLIENT_LL6`].
+    pub server_v6_from_kernel: bool,
 }
 
 impl Plan {
@@ -64,6 +73,7 @@ impl Plan {
         client: Fam::V6,
         dial_v6: true,
         client_v6_from_kernel: false,
+        server_v6_from_kernel: false,
     };
 }
 
@@ -71,9 +81,9 @@ impl Plan {
 /// module docs). `tag` (≤ 4 bytes) must be unique per test.
 pub fn dual_net(tag: &str) -> Net {
     let net = Net::direct(tag);
-    for (ns, dev, ip) in [
-        (net.client(), &net.client_if, CLIENT_IP6),
-        (net.server(), &net.server_if, SERVER_IP6),
+    for (ns, dev, ip, ll) in [
+        (net.client(), &net.client_if, CLIENT_IP6, CLIENT_LL6),
+        (net.server(), &net.server_if, SERVER_IP6, SERVER_LL6),
     ] {
         for key in ["all", "default", dev.as_str()] {
             for (k, v) in [("accept_ra", "0"), ("accept_dad", "0"), ("disable_ipv6", "0")] {
@@ -81,17 +91,10 @@ pub fn dual_net(tag: &str) -> Net {
                     .unwrap_or_else(|e| panic!("sysctl net.ipv6.conf.{key}.{k}: {e}"));
             }
         }
-        ns.exec(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{ip}/64"),
-            "dev",
-            dev,
-            "nodad",
-        ])
-        .unwrap_or_else(|e| panic!("ip -6 addr add {ip}/64 dev {dev}: {e}"));
+        for cidr in [format!("{ip}/64"), format!("{ll}/64")] {
+            ns.exec(&["ip", "-6", "addr", "add", &cidr, "dev", dev, "nodad"])
+                .unwrap_or_else(|e| panic!("ip -6 addr add {cidr} dev {dev}: {e}"));
+        }
     }
     net
 }
@@ -106,7 +109,8 @@ pub fn server_endpoint(net: &Net, v6: bool) -> SocketAddr {
 }
 
 /// The `[network.ipv4]` / `[network.ipv6]` tables for `fam`: `ip4`/`ip6` with `port`, next hop `gw`.
-/// `v6_from_kernel` leaves the IPv6 table empty (address and `router_mac` from the kernel).
+/// `v6_from_kernel` leaves the IPv6 address and `router_mac` to the kernel (the table keeps a non-zero
+/// port).
 fn family_tables(
     fam: Fam,
     ip4: Ipv4Addr,
@@ -120,7 +124,9 @@ fn family_tables(
         s += &format!("[network.ipv4]\naddr = \"{ip4}:{port}\"\nrouter_mac = \"{gw}\"\n");
     }
     if fam.v6() {
-        if v6_from_kernel {
+        if v6_from_kernel && port != 0 {
+            s += &format!("[network.ipv6]\naddr = \":{port}\"\n");
+        } else if v6_from_kernel {
             s += "[network.ipv6]\n";
         } else {
             s += &format!("[network.ipv6]\naddr = \"[{ip6}]:{port}\"\nrouter_mac = \"{gw}\"\n");
@@ -141,8 +147,9 @@ fn transport(o: &Opts, key: &str, conn: Option<u32>) -> String {
     )
 }
 
-/// The server's TOML config with the families of `fam`.
-pub fn server_config(net: &Net, o: &Opts, fam: Fam) -> String {
+/// The server's TOML config with the families of `fam` (`v6_from_kernel`: see
+/// [`Plan::server_v6_from_kernel`]).
+pub fn server_config(net: &Net, o: &Opts, fam: Fam, v6_from_kernel: bool) -> String {
     format!(
         "role = \"server\"\n[log]\nlevel = \"info\"\n[listen]\naddr = \":{TUNNEL_PORT}\"\n[network]\ninterface = \"{sif}\"\n{tables}{transport}[metrics]\nlisten = \"127.0.0.1:{METRICS_PORT}\"\n",
         sif = net.server_if,
@@ -152,13 +159,13 @@ pub fn server_config(net: &Net, o: &Opts, fam: Fam) -> String {
             SERVER_IP6,
             TUNNEL_PORT,
             &net.server_gw_mac,
-            false
+            v6_from_kernel
         ),
         transport = transport(o, &o.server_key, None),
     )
 }
 
-/// A client's TOML config for `plan`: SOCKS5 on `ports.socks`, a TCP forward (`ports.fwd_http`) to
+/// A client's TOML config for `plan`: SOCKS5 on `127.0.0.1` and `[::1]`, port `ports.socks`, a TCP forward (`ports.fwd_http`) to
 /// `http` (the readiness probe), a UDP forward (`ports.fwd_udp`) to `udp`, metrics on `ports.metrics`.
 pub fn client_config(
     net: &Net,
@@ -176,6 +183,8 @@ level = "info"
 addr = "{server}"
 [[socks5]]
 listen = "127.0.0.1:{socks}"
+[[socks5]]
+listen = "[::1]:{socks}"
 [[forward]]
 listen = "127.0.0.1:{fwd_http}"
 target = "{http}"
@@ -270,7 +279,13 @@ pub fn start(tag: &str, opts: Opts, plan: Plan) -> Tunnel6 {
         !manage_firewall || run_supports("--manage-firewall"),
         "paqet-dp run has no --manage-firewall"
     );
-    let scfg = server_config(&net, &opts, plan.server);
+    if plan.server_v6_from_kernel {
+        let via = CLIENT_LL6.to_string();
+        net.server()
+            .exec(&["ip", "-6", "route", "add", "default", "via", &via, "dev", &net.server_if])
+            .unwrap_or_else(|e| panic!("IPv6 default route via {via}: {e}"));
+    }
+    let scfg = server_config(&net, &opts, plan.server, plan.server_v6_from_kernel);
     let ccfg = client_config(&net, &opts, plan, http.addr, udp.addr, ClientPorts::MAIN);
     let server = Daemon::spawn(
         net.server(),
@@ -326,18 +341,18 @@ impl Tunnel6 {
     }
 }
 
-/// One request/response through a SOCKS5 UDP ASSOCIATE on `127.0.0.1:socks_port` in `ns` to `target`
-/// (IPv4 or IPv6: ATYP 1 or 4): returns the reply payload. Retries the datagram for up to `within`.
+/// One request/response through a SOCKS5 UDP ASSOCIATE on `proxy` (a loopback address of either
+/// family) in `ns` to `target` (IPv4 or IPv6: ATYP 1 or 4): returns the reply payload. Retries the
+/// datagram for up to `within`.
 pub fn socks5_udp_any(
     ns: &Netns,
-    socks_port: u16,
+    proxy: SocketAddr,
     target: SocketAddr,
     payload: &[u8],
     within: Duration,
 ) -> Result<Vec<u8>, String> {
     let payload = payload.to_vec();
     in_ns(ns, move || {
-        let proxy = SocketAddr::from(([127, 0, 0, 1], socks_port));
         let mut ctl = TcpStream::connect_timeout(&proxy, Duration::from_secs(2))
             .map_err(|e| format!("connect {proxy}: {e}"))?;
         ctl.set_read_timeout(Some(Duration::from_secs(10)))
@@ -349,33 +364,33 @@ pub fn socks5_udp_any(
         if m != [5, 0] {
             return Err(format!("method reply {m:?}"));
         }
-        let udp = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let udp = UdpSocket::bind(SocketAddr::new(proxy.ip(), 0)).map_err(|e| e.to_string())?;
         let local = udp.local_addr().map_err(|e| e.to_string())?;
-        let mut req = vec![5, 3, 0, 1, 127, 0, 0, 1];
-        req.extend_from_slice(&local.port().to_be_bytes());
+        let mut req = vec![5, 3, 0];
+        push_addr(&mut req, local);
         ctl.write_all(&req).map_err(|e| e.to_string())?;
-        let mut rep = [0u8; 10];
-        ctl.read_exact(&mut rep)
+        let mut head = [0u8; 4];
+        ctl.read_exact(&mut head)
             .map_err(|e| format!("UDP ASSOCIATE reply: {e}"))?;
-        if rep[..2] != [5, 0] || rep[3] != 1 {
-            return Err(format!("UDP ASSOCIATE reply {rep:?}"));
+        let alen = match head {
+            [5, 0, 0, 1] => 4,
+            [5, 0, 0, 4] => 16,
+            _ => return Err(format!("UDP ASSOCIATE reply {head:?}")),
+        };
+        let mut rest = vec![0u8; alen + 2];
+        ctl.read_exact(&mut rest)
+            .map_err(|e| format!("UDP ASSOCIATE reply address: {e}"))?;
+        let port = u16::from_be_bytes([rest[alen], rest[alen + 1]]);
+        let ip: IpAddr = match alen {
+            4 => <[u8; 4]>::try_from(&rest[..4]).expect("4 bytes").into(),
+            _ => <[u8; 16]>::try_from(&rest[..16]).expect("16 bytes").into(),
+        };
+        let relay = SocketAddr::new(ip, port);
+        if ip != proxy.ip() {
+            return Err(format!("relay {relay} is not on the proxy's address {proxy}"));
         }
-        let relay = SocketAddr::from((
-            [rep[4], rep[5], rep[6], rep[7]],
-            u16::from_be_bytes([rep[8], rep[9]]),
-        ));
         let mut dgram = vec![0, 0, 0];
-        match target.ip() {
-            IpAddr::V4(a) => {
-                dgram.push(1);
-                dgram.extend_from_slice(&a.octets());
-            }
-            IpAddr::V6(a) => {
-                dgram.push(4);
-                dgram.extend_from_slice(&a.octets());
-            }
-        }
-        dgram.extend_from_slice(&target.port().to_be_bytes());
+        push_addr(&mut dgram, target);
         let hdr = dgram.len();
         dgram.extend_from_slice(&payload);
         udp.set_read_timeout(Some(Duration::from_secs(2)))
@@ -407,6 +422,21 @@ pub fn socks5_udp_any(
     })
 }
 
+/// Appends SOCKS5 `ATYP ADDR PORT` for `a` (ATYP 1 or 4).
+fn push_addr(out: &mut Vec<u8>, a: SocketAddr) {
+    match a.ip() {
+        IpAddr::V4(ip) => {
+            out.push(1);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&a.port().to_be_bytes());
+}
+
 /// One tunnel frame of a capture: where it went and its IP header's bytes.
 #[derive(Clone, Debug)]
 pub struct WireFrame {
@@ -420,6 +450,8 @@ pub struct WireFrame {
     pub tcp_flags: u8,
     /// TCP payload length.
     pub payload_len: usize,
+    /// The TCP checksum (with the IPv4 or IPv6 pseudo-header) is correct.
+    pub checksum_ok: bool,
 }
 
 impl Tcpdump {
@@ -472,12 +504,19 @@ fn frame_of(f: &[u8]) -> Option<WireFrame> {
             (SocketAddr::new(s, sp), SocketAddr::new(d, dp), t, 0)
         }
     };
+    // The segment ends where the IP header says (Ethernet padding excluded).
+    let seg_end = match ethertype {
+        ETHERTYPE_IPV4 => 14 + usize::from(u16::from_be_bytes([ip_head[2], ip_head[3]])),
+        _ => 14 + 40 + usize::from(u16::from_be_bytes([ip_head[4], ip_head[5]])),
+    };
+    let segment = f.get(tcp..seg_end)?;
     Some(WireFrame {
         src,
         dst,
         ethertype,
         ip_head,
-        tcp_flags: *f.get(tcp + 13)?,
+        tcp_flags: *segment.get(13)?,
         payload_len,
+        checksum_ok: transport_checksum(src.ip(), dst.ip(), 6, segment) == 0,
     })
 }
