@@ -140,13 +140,20 @@ fn check_envelopes(frames: &[WireFrame], client: std::net::IpAddr) -> (usize, us
         if client.is_ipv6() {
             assert_eq!(f.ethertype, ETHERTYPE_IPV6, "{f:?}");
             let h = f.ip_head;
-            assert_eq!(h[0], 0x6B, "version 6, traffic class 184 (high nibble): {f:?}");
+            assert_eq!(
+                h[0], 0x6B,
+                "version 6, traffic class 184 (high nibble): {f:?}"
+            );
             assert_eq!(
                 (h[1], h[2], h[3]),
                 (0x80, 0, 0),
                 "traffic class 184 (low nibble), flow label 0: {f:?}"
             );
-            assert_eq!((h[6], h[7]), (6, 64), "next header TCP, hop limit 64: {f:?}");
+            assert_eq!(
+                (h[6], h[7]),
+                (6, 64),
+                "next header TCP, hop limit 64: {f:?}"
+            );
         } else {
             assert_eq!(f.ethertype, ETHERTYPE_IPV4, "{f:?}");
             let h = f.ip_head;
@@ -222,14 +229,16 @@ fn xdp_ipv6(test: &str, tag: &str, mode: Mode) {
     bulk_traffic(&t6);
     let steered = "paqet_xdp_packets_total{counter=\"steered\"}";
     for ns in [t6.t.net.client(), t6.t.net.server()] {
-        let text = wait_metric(ns, Duration::from_secs(5), |t| series_sum(t, steered) > 1000.0)
-            .unwrap_or_else(|| {
-                panic!(
-                    "{}: the XDP program steered (almost) nothing:\n{}",
-                    ns.name(),
-                    scrape(ns)
-                )
-            });
+        let text = wait_metric(ns, Duration::from_secs(5), |t| {
+            series_sum(t, steered) > 1000.0
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: the XDP program steered (almost) nothing:\n{}",
+                ns.name(),
+                scrape(ns)
+            )
+        });
         assert_eq!(
             series_sum(&text, "paqet_xdp_packets_total{counter=\"malformed\"}"),
             0.0,
@@ -284,18 +293,14 @@ fn dual_stack(tag: &str, modes: (Mode, Mode)) {
         dial_v6: true,
         client_v6_from_kernel: true,
         server_v6_from_kernel: false,
+        dial_name: None,
     };
     let plan4 = Plan {
         dial_v6: false,
         ..plan6
     };
     let t6 = v6::start(tag, Opts::new(modes), plan6);
-    let mut second = t6.spawn_client(
-        "client-v4",
-        plan4,
-        ClientPorts::SECOND,
-        modes.1.beside(),
-    );
+    let mut second = t6.spawn_client("client-v4", plan4, ClientPorts::SECOND, modes.1.beside());
     let t = &t6.t;
     let up = poll(READY_WITHIN, || {
         second.assert_running();
@@ -378,4 +383,81 @@ fn dual_stack_client_xdp() {
     }
     let _serial = serial();
     dual_stack("dsx", (Mode::XdpNative, Mode::XdpNative));
+}
+
+/// `server.addr` as a host name with both an IPv4 and an IPv6 address (IPv6 listed first): a client
+/// configured for one family dials that family's address, a dual-stack client dials IPv4 (upstream
+/// resolves names preferring IPv4).
+#[test]
+fn server_host_name_picks_a_configured_family() {
+    if skip(
+        "server_host_name_picks_a_configured_family",
+        &["curl", "iptables", "ip6tables", "ethtool"],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let name = Some("paqet-test-server");
+    let only4 = Plan {
+        server: Fam::Dual,
+        client: Fam::V4,
+        dial_v6: false,
+        client_v6_from_kernel: false,
+        server_v6_from_kernel: false,
+        dial_name: name,
+    };
+    let t6 = v6::start("hn", Opts::new((Mode::Pcap, Mode::Pcap)), only4);
+    let t = &t6.t;
+    let third = ClientPorts {
+        socks: 1082,
+        http: 8120,
+        fwd_http: 18100,
+        fwd_udp: 18073,
+        metrics: 9102,
+    };
+    let mut only6 = t6.spawn_client(
+        "client-v6-only",
+        Plan {
+            client: Fam::V6,
+            ..only4
+        },
+        ClientPorts::SECOND,
+        Mode::Pcap,
+    );
+    let mut dual = t6.spawn_client(
+        "client-dual",
+        Plan {
+            client: Fam::Dual,
+            ..only4
+        },
+        third,
+        Mode::Pcap,
+    );
+    for (d, ports) in [(&mut only6, ClientPorts::SECOND), (&mut dual, third)] {
+        let up = poll(READY_WITHIN, || {
+            d.assert_running();
+            t.probe(ports.fwd_http).ok()
+        });
+        assert!(
+            up.is_some(),
+            "{} never carried a request: {:?}\n{}",
+            d.name,
+            t.probe(ports.fwd_http),
+            d.log_text()
+        );
+        t.download_checked(Via::Socks5(ports.socks), 31, 4 * MIB, 30);
+    }
+    t.download_checked(t.socks(), 32, 4 * MIB, 30);
+    let s4 = format!("server={}", t.net.server_addr());
+    let s6 = format!("server=[{SERVER_IP6}]:{TUNNEL_PORT}");
+    for (log, want, what) in [
+        (t.client.log_text(), &s4, "the IPv4-only client"),
+        (only6.log_text(), &s6, "the IPv6-only client"),
+        (dual.log_text(), &s4, "the dual-stack client"),
+    ] {
+        assert!(
+            log.contains(want.as_str()),
+            "{what} did not dial {want}:\n{log}"
+        );
+    }
 }

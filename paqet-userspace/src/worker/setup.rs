@@ -4,7 +4,7 @@
 //! SIGINT/SIGTERM. The ops HTTP servers ([`OpsServers`]) and the [`MetricsHub`] are process-wide and
 //! created by the caller ([`DaemonOptions`]).
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::core::{Core, Shared};
 use super::{FamilyConfig, GuardConfig, IoFactory, Limits, WorkerConfig};
-use crate::config::{Config, ForwardProtocol, Role as CfgRole};
+use crate::config::{Config, ForwardProtocol, HostPort, Role as CfgRole};
 use crate::front::forward::{TcpForward, UdpForward};
 use crate::front::http::{self, HttpConfig};
 use crate::front::socks5::{self, Socks5Config};
@@ -90,6 +90,27 @@ pub fn session_config(cfg: &Config) -> anyhow::Result<SessionConfig> {
     })
 }
 
+/// `server.addr` as a socket address: an IP literal as is; of a host name's addresses the first IPv4 one
+/// when `network.ipv4` is configured (upstream resolves names preferring IPv4), else the first IPv6 one
+/// when `network.ipv6` is, else the first (whose family then fails the family check with a clear error).
+fn resolve_server(hp: &HostPort, v4: bool, v6: bool) -> std::io::Result<SocketAddr> {
+    if let Some(sa) = hp.socket_addr() {
+        return Ok(sa);
+    }
+    let all: Vec<SocketAddr> = (hp.host.as_str(), hp.port).to_socket_addrs()?.collect();
+    all.iter()
+        .find(|a| v4 && a.is_ipv4())
+        .or_else(|| all.iter().find(|a| v6 && a.is_ipv6()))
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("host {:?} resolved to no address", hp.host),
+            )
+        })
+}
+
 /// Builds the worker configuration, resolving interface MAC/addresses and `router_mac` from the kernel when
 /// the config leaves them out. `iface` overrides `network.interface`.
 pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> {
@@ -104,7 +125,8 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
                 .server
                 .as_ref()
                 .ok_or_else(|| anyhow!("server.addr is required for a client"))?;
-            Some(hp.resolve().with_context(|| format!("server.addr {hp}"))?)
+            let (v4, v6) = (cfg.network.ipv4.is_some(), cfg.network.ipv6.is_some());
+            Some(resolve_server(hp, v4, v6).with_context(|| format!("server.addr {hp}"))?)
         }
         Role::Server => None,
     };
@@ -823,10 +845,7 @@ mod tests {
              [transport]\nprotocol = \"kcp\"\n[transport.kcp]\nkey = \"{KEY}\"\n"
         );
         let c = worker_config(&cfg(&text), "lo").expect("dual-stack client worker config");
-        assert_eq!(
-            c.ipv4.map(|f| f.addr),
-            Some("127.0.0.1:0".parse().unwrap())
-        );
+        assert_eq!(c.ipv4.map(|f| f.addr), Some("127.0.0.1:0".parse().unwrap()));
         assert!(c.ipv6.is_none(), "the unused family is left out");
         // A server keeps both families.
         let text = format!(

@@ -64,6 +64,9 @@ pub struct Plan {
     /// the kernel, and its `router_mac` from its IPv6 default route, which goes via the client's
     /// link-local address [`CLIENT_LL6`].
     pub server_v6_from_kernel: bool,
+    /// Dial the server by this host name instead of an IP literal: the client namespace's hosts file
+    /// ([`NetnsHosts`]) gives it both the server's IPv4 and IPv6 address.
+    pub dial_name: Option<&'static str>,
 }
 
 impl Plan {
@@ -74,6 +77,7 @@ impl Plan {
         dial_v6: true,
         client_v6_from_kernel: false,
         server_v6_from_kernel: false,
+        dial_name: None,
     };
 }
 
@@ -86,7 +90,11 @@ pub fn dual_net(tag: &str) -> Net {
         (net.server(), &net.server_if, SERVER_IP6, SERVER_LL6),
     ] {
         for key in ["all", "default", dev.as_str()] {
-            for (k, v) in [("accept_ra", "0"), ("accept_dad", "0"), ("disable_ipv6", "0")] {
+            for (k, v) in [
+                ("accept_ra", "0"),
+                ("accept_dad", "0"),
+                ("disable_ipv6", "0"),
+            ] {
                 ns.exec(&["sysctl", "-qw", &format!("net.ipv6.conf.{key}.{k}={v}")])
                     .unwrap_or_else(|e| panic!("sysctl net.ipv6.conf.{key}.{k}: {e}"));
             }
@@ -198,7 +206,10 @@ interface = "{cif}"
 {tables}{transport}[metrics]
 listen = "127.0.0.1:{metrics}"
 "#,
-        server = server_endpoint(net, plan.dial_v6),
+        server = match plan.dial_name {
+            Some(name) => format!("{name}:{TUNNEL_PORT}"),
+            None => server_endpoint(net, plan.dial_v6).to_string(),
+        },
         socks = ports.socks,
         fwd_http = ports.fwd_http,
         fwd_udp = ports.fwd_udp,
@@ -257,11 +268,42 @@ impl Services6 {
     }
 }
 
+/// `/etc/netns/NS/hosts` for namespace `NS`: `ip netns exec` bind-mounts it over `/etc/hosts` for the
+/// programs it runs there (the daemons), so names resolve inside the test only. Removed on drop.
+pub struct NetnsHosts {
+    dir: PathBuf,
+}
+
+impl NetnsHosts {
+    /// Gives `name` the addresses `ips` (in this order) inside `ns`.
+    pub fn new(ns: &Netns, name: &str, ips: &[IpAddr]) -> NetnsHosts {
+        let dir = Path::new("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost\n");
+        for ip in ips {
+            text += &format!("{ip} {name}\n");
+        }
+        let file = dir.join("hosts");
+        std::fs::write(&file, text).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        NetnsHosts { dir }
+    }
+}
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // Only when no other namespace has files there.
+        let _ = std::fs::remove_dir("/etc/netns");
+    }
+}
+
 /// A [`Tunnel`] on a [`dual_net`] with the IPv6 services.
 pub struct Tunnel6 {
+    // Field order = drop order: the daemons before the hosts file they read.
     pub t: Tunnel,
     pub plan: Plan,
     pub v6: Services6,
+    pub hosts: Option<NetnsHosts>,
 }
 
 /// Builds the dual-stack network, the services (`127.0.0.1` and `[::1]`) and both daemons from `opts`
@@ -282,9 +324,26 @@ pub fn start(tag: &str, opts: Opts, plan: Plan) -> Tunnel6 {
     if plan.server_v6_from_kernel {
         let via = CLIENT_LL6.to_string();
         net.server()
-            .exec(&["ip", "-6", "route", "add", "default", "via", &via, "dev", &net.server_if])
+            .exec(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &via,
+                "dev",
+                &net.server_if,
+            ])
             .unwrap_or_else(|e| panic!("IPv6 default route via {via}: {e}"));
     }
+    let hosts = plan.dial_name.map(|name| {
+        NetnsHosts::new(
+            net.client(),
+            name,
+            &[SERVER_IP6.into(), net.server_ip.into()],
+        )
+    });
     let scfg = server_config(&net, &opts, plan.server, plan.server_v6_from_kernel);
     let ccfg = client_config(&net, &opts, plan, http.addr, udp.addr, ClientPorts::MAIN);
     let server = Daemon::spawn(
@@ -316,7 +375,7 @@ pub fn start(tag: &str, opts: Opts, plan: Plan) -> Tunnel6 {
     };
     t.wait_ready(READY_WITHIN)
         .unwrap_or_else(|e| panic!("tunnel not ready within {READY_WITHIN:?}: {e}"));
-    Tunnel6 { t, plan, v6 }
+    Tunnel6 { t, plan, v6, hosts }
 }
 
 impl Tunnel6 {
@@ -387,7 +446,9 @@ pub fn socks5_udp_any(
         };
         let relay = SocketAddr::new(ip, port);
         if ip != proxy.ip() {
-            return Err(format!("relay {relay} is not on the proxy's address {proxy}"));
+            return Err(format!(
+                "relay {relay} is not on the proxy's address {proxy}"
+            ));
         }
         let mut dgram = vec![0, 0, 0];
         push_addr(&mut dgram, target);
