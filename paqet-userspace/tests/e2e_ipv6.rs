@@ -6,8 +6,9 @@
 //! through SOCKS5 listeners on `127.0.0.1` and `[::1]`:
 //!
 //! - pcap mode, both sides IPv6 only, with captures on both veth ends proving every tunnel frame is
-//!   IPv6 with upstream's envelope (traffic class 184, flow label 0, next header 6, hop limit 64) and
-//!   that neither kernel answers with a RST (the daemons' ip6tables rules);
+//!   IPv6 with upstream's envelope (traffic class 184, flow label 0, next header 6, hop limit 64, valid
+//!   TCP checksums) and that neither kernel answers with a RST (the daemons' ip6tables rules); then
+//!   `paqet-dp ping` and `paqet-dp dump` over IPv6;
 //! - XDP native and XDP generic, both sides IPv6 only, both taking their IPv6 address and `router_mac`
 //!   from the kernel (route and neighbour lookups over IPv6, the server's via a link-local default
 //!   gateway), then a pcap client beside the XDP one, also over IPv6;
@@ -17,7 +18,8 @@
 mod common;
 
 use std::net::{Ipv6Addr, SocketAddr};
-use std::time::Duration;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use common::v6::{self, Fam, Plan, Tunnel6, WireFrame, CLIENT_IP6, SERVER_IP6};
 use common::*;
@@ -175,6 +177,60 @@ fn check_envelopes(frames: &[WireFrame], client: std::net::IpAddr) -> (usize, us
     (up, down)
 }
 
+/// `paqet-dp dump` with the server's config decodes the tunnel's IPv6 frames (with the key: the crypto
+/// layer authenticates), while `paqet-dp ping` with the client's config gets its PONGs over IPv6.
+fn ping_and_dump(t6: &Tunnel6) {
+    let t = &t6.t;
+    let cfg = |name: &str| t.dir.path().join(name).to_string_lossy().into_owned();
+    let mut dump = t
+        .net
+        .server()
+        .command(&bin())
+        .args(["dump", "-c", &cfg("server.toml"), "--count", "6"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn paqet-dp dump");
+    // Let dump open its capture before the pings.
+    std::thread::sleep(Duration::from_millis(500));
+    let ping = t
+        .net
+        .client()
+        .command(&bin())
+        .args(["ping", "-c", &cfg("client.toml"), "--count", "3"])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run paqet-dp ping");
+    let stdout = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        ping.status.success() && stdout.matches("pong ").count() == 3,
+        "paqet-dp ping over IPv6: {}\n{stdout}\n{}",
+        ping.status,
+        String::from_utf8_lossy(&ping.stderr)
+    );
+    // Six frames come within a few seconds (the pings, the daemons' keepalives): bounded wait.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dump.try_wait().expect("wait dump").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = dump.kill();
+    let out = dump.wait_with_output().expect("dump output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let from_client = format!("[{CLIENT_IP6}]:");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&from_client)
+                && l.contains(&format!("[{SERVER_IP6}]:{TUNNEL_PORT}"))),
+        "paqet-dp dump shows no frame between {CLIENT_IP6} and {SERVER_IP6}:\n{text}"
+    );
+    assert!(
+        text.contains("crypto aes: crc ok") && !text.contains("crypto check failed"),
+        "paqet-dp dump did not authenticate every frame:\n{text}"
+    );
+}
+
 #[test]
 fn pcap_ipv6_tcp_and_udp() {
     if skip(
@@ -184,7 +240,12 @@ fn pcap_ipv6_tcp_and_udp() {
         return;
     }
     let _serial = serial();
-    let t6 = v6::start("p6", Opts::new((Mode::Pcap, Mode::Pcap)), Plan::V6);
+    // Guard off: the wire is exactly upstream's (and `dump` decodes it).
+    let plan = Plan {
+        guard: false,
+        ..Plan::V6
+    };
+    let t6 = v6::start("p6", Opts::new((Mode::Pcap, Mode::Pcap)), plan);
     let frames = capture_both(&t6, "p6", || small_traffic(&t6, ClientPorts::MAIN.socks));
     let (up, down) = check_envelopes(&frames, CLIENT_IP6.into());
     assert!(
@@ -206,6 +267,7 @@ fn pcap_ipv6_tcp_and_udp() {
         );
     }
     bulk_traffic(&t6);
+    ping_and_dump(&t6);
     let mut t6 = t6;
     t6.t.server.assert_running();
     t6.t.client.assert_running();
@@ -294,6 +356,7 @@ fn dual_stack(tag: &str, modes: (Mode, Mode)) {
         client_v6_from_kernel: true,
         server_v6_from_kernel: false,
         dial_name: None,
+        guard: true,
     };
     let plan4 = Plan {
         dial_v6: false,
@@ -405,6 +468,7 @@ fn server_host_name_picks_a_configured_family() {
         client_v6_from_kernel: false,
         server_v6_from_kernel: false,
         dial_name: name,
+        guard: true,
     };
     let t6 = v6::start("hn", Opts::new((Mode::Pcap, Mode::Pcap)), only4);
     let t = &t6.t;

@@ -67,6 +67,8 @@ pub struct Plan {
     /// Dial the server by this host name instead of an IP literal: the client namespace's hosts file
     /// ([`NetnsHosts`]) gives it both the server's IPv4 and IPv6 address.
     pub dial_name: Option<&'static str>,
+    /// `transport.kcp.guard` on both sides (off: the wire is exactly upstream's).
+    pub guard: bool,
 }
 
 impl Plan {
@@ -78,6 +80,7 @@ impl Plan {
         client_v6_from_kernel: false,
         server_v6_from_kernel: false,
         dial_name: None,
+        guard: true,
     };
 }
 
@@ -144,10 +147,10 @@ fn family_tables(
 }
 
 /// The `[transport]` tables both sides share.
-fn transport(o: &Opts, key: &str, conn: Option<u32>) -> String {
+fn transport(o: &Opts, key: &str, conn: Option<u32>, guard: bool) -> String {
     let conn = conn.map(|c| format!("conn = {c}\n")).unwrap_or_default();
     format!(
-        "[transport]\nprotocol = \"kcp\"\n{conn}[transport.kcp]\nmode = \"{mode}\"\nsndwnd = {wnd}\nrcvwnd = {wnd}\nblock = \"aes\"\nkey = \"{key}\"\nsmuxkalive = {ka}\nsmuxktimeout = {kt}\n",
+        "[transport]\nprotocol = \"kcp\"\n{conn}[transport.kcp]\nmode = \"{mode}\"\nsndwnd = {wnd}\nrcvwnd = {wnd}\nblock = \"aes\"\nkey = \"{key}\"\nguard = {guard}\nsmuxkalive = {ka}\nsmuxktimeout = {kt}\n",
         mode = o.kcp_mode,
         wnd = o.wnd,
         ka = o.smuxkalive,
@@ -155,21 +158,20 @@ fn transport(o: &Opts, key: &str, conn: Option<u32>) -> String {
     )
 }
 
-/// The server's TOML config with the families of `fam` (`v6_from_kernel`: see
-/// [`Plan::server_v6_from_kernel`]).
-pub fn server_config(net: &Net, o: &Opts, fam: Fam, v6_from_kernel: bool) -> String {
+/// The server's TOML config for `plan` (its families, [`Plan::server_v6_from_kernel`], the guard).
+pub fn server_config(net: &Net, o: &Opts, plan: Plan) -> String {
     format!(
         "role = \"server\"\n[log]\nlevel = \"info\"\n[listen]\naddr = \":{TUNNEL_PORT}\"\n[network]\ninterface = \"{sif}\"\n{tables}{transport}[metrics]\nlisten = \"127.0.0.1:{METRICS_PORT}\"\n",
         sif = net.server_if,
         tables = family_tables(
-            fam,
+            plan.server,
             net.server_ip,
             SERVER_IP6,
             TUNNEL_PORT,
             &net.server_gw_mac,
-            v6_from_kernel
+            plan.server_v6_from_kernel
         ),
-        transport = transport(o, &o.server_key, None),
+        transport = transport(o, &o.server_key, None, plan.guard),
     )
 }
 
@@ -223,7 +225,7 @@ listen = "127.0.0.1:{metrics}"
             &net.client_gw_mac,
             plan.client_v6_from_kernel
         ),
-        transport = transport(o, &o.client_key, Some(o.conn)),
+        transport = transport(o, &o.client_key, Some(o.conn), plan.guard),
     )
 }
 
@@ -344,7 +346,7 @@ pub fn start(tag: &str, opts: Opts, plan: Plan) -> Tunnel6 {
             &[SERVER_IP6.into(), net.server_ip.into()],
         )
     });
-    let scfg = server_config(&net, &opts, plan.server, plan.server_v6_from_kernel);
+    let scfg = server_config(&net, &opts, plan);
     let ccfg = client_config(&net, &opts, plan, http.addr, udp.addr, ClientPorts::MAIN);
     let server = Daemon::spawn(
         net.server(),
