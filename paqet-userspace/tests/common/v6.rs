@@ -2,14 +2,18 @@
 //! in `network`, services on the server namespace's `::1`, a SOCKS5 UDP ASSOCIATE round trip for any
 //! target family, and a reader for the raw frames of a [`Tcpdump`] capture.
 //!
-//! - [`dual_net`]: [`Net::direct`] plus `fd00:216::1/64` (client) and `fd00:216::2/64` (server), added
-//!   with `nodad` after router advertisements are switched off, so the addresses are usable at once;
-//!   neighbour discovery works across the veth like ARP does.
-//! - [`Plan`]: which families each daemon configures, which one the client dials, and whether the
-//!   client leaves its IPv6 address and `router_mac` to the kernel (route and neighbour lookups).
+//! - [`dual_net`]: [`Net::direct`] plus `fd00:216::1/64` and `fe80::216:1/64` (client),
+//!   `fd00:216::2/64` and `fe80::216:2/64` (server), added with `nodad` after router advertisements and
+//!   DAD are switched off, so the addresses are usable at once; neighbour discovery works across the
+//!   veth like ARP does.
+//! - [`Plan`]: which families each daemon configures, which one the client dials (or a host name with
+//!   both addresses, from a per-namespace hosts file, [`NetnsHosts`]), whether either side leaves its
+//!   IPv6 address and `router_mac` to the kernel (route and neighbour lookups), and the guard.
 //! - [`start`]: a [`Tunnel`] on [`dual_net`] from a [`Plan`] (the daemons install their own
 //!   iptables/ip6tables rules with `--manage-firewall` in pcap mode), with extra HTTP and UDP echo
 //!   services on `[::1]` ([`Services6`]).
+//! - [`Tcpdump::frames`]: a capture's TCP frames with their IP header bytes, flags and checksum
+//!   validity.
 //!
 //! Every address lives only inside the test's namespaces; every wait is bounded.
 
