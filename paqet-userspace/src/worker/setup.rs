@@ -3,7 +3,7 @@
 //! config leaves them out), the pcap backend's link factory, the host's iptables rules, the ops HTTP
 //! servers ([`OpsServers`]) and each worker's metrics publisher ([`publish_metrics_until`]).
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::core::{Core, Shared};
 use super::{FamilyConfig, GuardConfig, IoFactory, Limits, WorkerConfig};
-use crate::config::{Config, Role as CfgRole};
+use crate::config::{Config, HostPort, Role as CfgRole};
 use crate::io::pcap::{PcapConfig, PcapIo};
 use crate::io::{route, PacketIo};
 use crate::ops::hub::PUBLISH_INTERVAL_MS;
@@ -82,6 +82,27 @@ pub fn session_config(cfg: &Config) -> anyhow::Result<SessionConfig> {
     })
 }
 
+/// `server.addr` as a socket address: an IP literal as is; of a host name's addresses the first IPv4 one
+/// when `network.ipv4` is configured (upstream resolves names preferring IPv4), else the first IPv6 one
+/// when `network.ipv6` is, else the first (whose family then fails the family check with a clear error).
+fn resolve_server(hp: &HostPort, v4: bool, v6: bool) -> std::io::Result<SocketAddr> {
+    if let Some(sa) = hp.socket_addr() {
+        return Ok(sa);
+    }
+    let all: Vec<SocketAddr> = (hp.host.as_str(), hp.port).to_socket_addrs()?.collect();
+    all.iter()
+        .find(|a| v4 && a.is_ipv4())
+        .or_else(|| all.iter().find(|a| v6 && a.is_ipv6()))
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("host {:?} resolved to no address", hp.host),
+            )
+        })
+}
+
 /// Builds the worker configuration, resolving interface MAC/addresses and `router_mac` from the kernel when
 /// the config leaves them out. `iface` overrides `network.interface`.
 pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> {
@@ -96,7 +117,8 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
                 .server
                 .as_ref()
                 .ok_or_else(|| anyhow!("server.addr is required for a client"))?;
-            Some(hp.resolve().with_context(|| format!("server.addr {hp}"))?)
+            let (v4, v6) = (cfg.network.ipv4.is_some(), cfg.network.ipv6.is_some());
+            Some(resolve_server(hp, v4, v6).with_context(|| format!("server.addr {hp}"))?)
         }
         Role::Server => None,
     };
@@ -108,8 +130,11 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
             _ => IpAddr::from([0x2606, 0x4700, 0, 0, 0, 0, 0, 0x1111]),
         }
     };
+    // A client sends and receives only in server.addr's family: the other family's table (configs for
+    // dual-stack hosts carry both) is unused, so none of it is looked up in the kernel.
+    let used = |fam_v4: bool| server_addr.is_none_or(|s| s.is_ipv4() == fam_v4);
     let ipv4 = match &cfg.network.ipv4 {
-        Some(f) => {
+        Some(f) if used(true) => {
             let ip = match f.ip {
                 Some(ip) => ip,
                 None => route::ipv4_addr(iface).context("network.ipv4.addr omitted")?,
@@ -124,10 +149,10 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
                 router_mac,
             })
         }
-        None => None,
+        _ => None,
     };
     let ipv6 = match &cfg.network.ipv6 {
-        Some(f) => {
+        Some(f) if used(false) => {
             let ip = match f.ip {
                 Some(ip) => ip,
                 None => route::ipv6_addr(iface).context("network.ipv6.addr omitted")?,
@@ -142,8 +167,12 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
                 router_mac,
             })
         }
-        None => None,
+        _ => None,
     };
+    if let Some(s) = server_addr.filter(|_| ipv4.is_none() && ipv6.is_none()) {
+        let fam = if s.is_ipv4() { "ipv4" } else { "ipv6" };
+        bail!("server.addr {s} needs network.{fam}, which is not configured");
+    }
     if ipv4.is_none() && ipv6.is_none() {
         bail!("network: neither ipv4 nor ipv6 is configured");
     }
@@ -612,6 +641,30 @@ mod tests {
                 local_ports: vec![40000]
             })
         );
+    }
+
+    #[test]
+    fn a_dual_stack_client_uses_only_the_server_family() {
+        // The IPv6 table asks for kernel lookups that cannot succeed on lo (no global IPv6 address, no
+        // route to a public one): a client dialing IPv4 must not need them.
+        let text = format!(
+            "role = \"client\"\n[server]\naddr = \"127.0.0.2:9999\"\n[[socks5]]\nlisten = \"127.0.0.1:1080\"\n\
+             [network]\ninterface = \"lo\"\n[network.ipv4]\naddr = \"127.0.0.1:0\"\n\
+             router_mac = \"02:00:00:00:00:01\"\n[network.ipv6]\n\
+             [transport]\nprotocol = \"kcp\"\n[transport.kcp]\nkey = \"{KEY}\"\n"
+        );
+        let c = worker_config(&cfg(&text), "lo").expect("dual-stack client worker config");
+        assert_eq!(c.ipv4.map(|f| f.addr), Some("127.0.0.1:0".parse().unwrap()));
+        assert!(c.ipv6.is_none(), "the unused family is left out");
+        // A server keeps both families.
+        let text = format!(
+            "role = \"server\"\n[listen]\naddr = \":9999\"\n[network]\ninterface = \"lo\"\n\
+             [network.ipv4]\naddr = \"127.0.0.1:9999\"\nrouter_mac = \"02:00:00:00:00:01\"\n\
+             [network.ipv6]\naddr = \"[::1]:9999\"\nrouter_mac = \"02:00:00:00:00:01\"\n\
+             [transport]\nprotocol = \"kcp\"\n[transport.kcp]\nkey = \"{KEY}\"\n"
+        );
+        let s = worker_config(&cfg(&text), "lo").expect("dual-stack server worker config");
+        assert!(s.ipv4.is_some() && s.ipv6.is_some());
     }
 
     #[test]

@@ -26,6 +26,8 @@ use paqet_testkit::impair::{ImpairedLink, LinkSpec};
 use paqet_testkit::netns::{is_root, Netns, VethPair};
 use sha2::{Digest, Sha256};
 
+pub mod v6;
+
 /// The daemon under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_paqet-dp");
 
