@@ -2,5 +2,6 @@
 pub mod cc;
 pub mod fec;
 pub mod kcp;
+pub mod noise;
 pub mod session;
 pub mod smux;
