@@ -871,3 +871,49 @@ proptest! {
         prop_assert!(client_gets(&mut e, 1, &b).is_err());
     }
 }
+
+/// What an upstream peer and a noise peer make of each other's datagrams (codec level; the e2e test of the
+/// wiring step checks the same against real processes).
+#[test]
+fn upstream_and_noise_ignore_each_other() {
+    use crate::wire::crypt::{BlockMode, Crypto};
+    let mut e = ends();
+    let (init, resp) = handshake(&mut e, 0);
+    let tr = c2s(&mut e, 1, &[0x51; 120]);
+    let mut rng_body = 0x1234_5678u32;
+    for mode in BlockMode::ALL {
+        let mut c = Crypto::new(mode, "upstream key").unwrap();
+        // an upstream datagram (a kcp-looking body) meets both noise ends: dropped, nothing sent back
+        for len in [24usize, 80, 200] {
+            let mut buf = vec![0u8; c.overhead() + len];
+            for b in &mut buf[c.header_len()..c.header_len() + len] {
+                rng_body = rng_body.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                *b = (rng_body >> 16) as u8;
+            }
+            let n = c.seal(&mut buf, len).unwrap();
+            let mut out = Vec::new();
+            assert!(
+                matches!(e.r.handle(2, src(), &buf[..n], &mut out), Outcome::Drop(_)),
+                "{mode:?}"
+            );
+            assert!(out.is_empty());
+            assert!(
+                matches!(
+                    e.i.handle(2, &buf[..n], &mut out),
+                    InitiatorOutcome::Drop(_)
+                ),
+                "{mode:?}"
+            );
+        }
+        // noise messages meet kcp-go's crypto check: refused by every mode that checks anything
+        if mode != BlockMode::Null {
+            for m in [&init, &resp, &tr] {
+                let mut pkt = m.clone();
+                assert!(
+                    c.open(&mut pkt).is_err(),
+                    "{mode:?} accepted a noise message"
+                );
+            }
+        }
+    }
+}
