@@ -257,7 +257,7 @@ fn random_u8() -> u8 {
 // Tunables
 
 /// Timers and budgets (milliseconds / message counts). Defaults follow WireGuard's orders of magnitude.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timers {
     /// The client starts a new handshake once its keys are this old.
     pub rekey_after_ms: u64,
@@ -297,7 +297,7 @@ impl Default for Timers {
 }
 
 /// Initiation rate limits on the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimits {
     /// Initiations accepted per second from one source IP (after mac1).
     pub per_source_per_sec: u32,
@@ -860,7 +860,7 @@ impl NoiseResponder {
             return Err(DropReason::BadMac1);
         }
         // 2. Under load, only initiations with a valid cookie (mac2) from this source are processed.
-        let rate = self.rate.clone();
+        let rate = self.rate;
         let global = self
             .global
             .get_or_insert_with(|| Bucket::full(rate.global_burst, now));
@@ -995,7 +995,7 @@ impl NoiseResponder {
             .index
             .get(&m.receiver)
             .ok_or(DropReason::UnknownIndex)?;
-        let t = self.timers.clone();
+        let t = self.timers;
         let peer = self
             .peers
             .get_mut(&client)
@@ -1351,7 +1351,7 @@ impl NoiseInitiator {
         self.unanswered_since = None;
         self.initiations_unanswered = 0;
         self.silent_since = None;
-        let t = self.timers.clone();
+        let t = self.timers;
         self.current
             .as_mut()
             .expect("just set")
@@ -1388,7 +1388,7 @@ impl NoiseInitiator {
         m: &w::Transport<'_>,
         out: &mut Vec<u8>,
     ) -> Result<InitiatorOutcome, DropReason> {
-        let t = self.timers.clone();
+        let t = self.timers;
         let keys = [&mut self.current, &mut self.previous]
             .into_iter()
             .find_map(|s| s.as_mut().filter(|k| k.local == m.receiver))
