@@ -4,5 +4,6 @@ pub mod endpoint;
 pub mod fec;
 pub mod guard;
 pub mod kcp;
+pub mod noise;
 pub mod session;
 pub mod smux;

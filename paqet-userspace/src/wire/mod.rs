@@ -5,4 +5,5 @@ pub mod envelope;
 pub mod fec;
 pub mod header;
 pub mod kcp;
+pub mod noise;
 pub mod smux;
