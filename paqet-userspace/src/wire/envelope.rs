@@ -1870,7 +1870,11 @@ mod tests {
             assert_eq!(ip.header_len(flags) + 14, eth.header_len(flags));
             let fe = emit_vec(&mut eth, flags, payload);
             let fi = emit_vec(&mut ip, flags, payload);
-            assert_eq!(&fe[14..], &fi[..], "{flags}: IP frame = Ethernet frame minus 14 bytes");
+            assert_eq!(
+                &fe[14..],
+                &fi[..],
+                "{flags}: IP frame = Ethernet frame minus 14 bytes"
+            );
             let pe = parse_frame(&fe, Some(eth.destination().port())).unwrap();
             let pi = parse_frame_on(Medium::Ip, &fi, Some(ip.destination().port())).unwrap();
             assert_eq!(
@@ -1886,7 +1890,10 @@ mod tests {
             assert_eq!(pi.dst_addr(), ip.destination());
             assert_eq!(pi.flags, flags);
             // The Ethernet parser of the same medium call is the old one, byte for byte.
-            assert_eq!(parse_frame_on(Medium::Ethernet, &fe, None), parse_frame(&fe, None));
+            assert_eq!(
+                parse_frame_on(Medium::Ethernet, &fe, None),
+                parse_frame(&fe, None)
+            );
             let mut relinked = vec![0u8; 14];
             relinked[12..14].copy_from_slice(&fe[12..14]);
             relinked.extend_from_slice(&fi);
