@@ -138,8 +138,9 @@ fn classify(ctx: &XdpContext, cfg: &SteerConfig) -> Verdict {
 #[inline(always)]
 fn parse(ctx: &XdpContext, cfg: &SteerConfig) -> Option<Verdict> {
     let (mut l3, mut ethertype) = if cfg.has(SteerConfig::FLAG_MEDIUM_IP) {
-        // No link header: the IP version nibble stands in for the EtherType.
-        let version = load::<u8>(ctx, 0)? >> 4;
+        // No link header: the IP version nibble stands in for the EtherType. Two bytes are read: a
+        // one-byte bounds check compiles to `data_end > data`, which the verifier cannot use.
+        let version = u16::from_be(load::<u16>(ctx, 0)?) >> 12;
         let ethertype = match version {
             4 => ETH_P_IP,
             6 => ETH_P_IPV6,
