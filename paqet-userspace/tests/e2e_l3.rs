@@ -471,3 +471,33 @@ fn unsupported_datalink_is_a_clear_error() {
         "{e}"
     );
 }
+
+/// XDP on a tun: `auto` attaches in generic mode (native XDP cannot be attached to a tun in tun mode) and
+/// the program is told to parse from the IP header.
+#[test]
+fn xdp_auto_on_tun_is_generic() {
+    if skip("xdp_auto_on_tun_is_generic", &[]) {
+        return;
+    }
+    if !paqet::io::steer::has_xdp_program() {
+        eprintln!("skipped xdp_auto_on_tun_is_generic: this build has no XDP program");
+        return;
+    }
+    use paqet::io::steer::{Steering, XdpAttach, XdpMode};
+    use paqet_common::SteerConfig;
+    let t = OneTun::new("l3x", None);
+    let iface = t.iface.clone();
+    let (auto, native) = in_ns(&t.ns, move || {
+        let auto = Steering::attach_auto(&iface, SteerConfig::any(PORT))
+            .map(|(s, a)| (a, s.medium(), s.attached()));
+        let native = Steering::attach(&iface, XdpMode::Native, SteerConfig::any(PORT)).err();
+        (auto, native)
+    });
+    let (attach, medium, attached) = auto.expect("auto attach on a tun");
+    assert_eq!(attach, XdpAttach::Generic);
+    assert_eq!(attached, XdpAttach::Generic);
+    assert_eq!(medium, Medium::Ip);
+    let e = native.expect("native XDP on a tun");
+    eprintln!("native XDP on a tun: {e}");
+    assert!(e.to_string().contains("native mode"), "{e}");
+}
