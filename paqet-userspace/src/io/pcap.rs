@@ -186,7 +186,7 @@ impl Datalink {
 
     /// Bytes stripped from the front of every captured frame.
     #[inline]
-    const fn strip(self) -> usize {
+    pub const fn strip(self) -> usize {
         match self {
             Datalink::Cooked { header } => header,
             _ => 0,
