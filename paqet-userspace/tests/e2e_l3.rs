@@ -8,8 +8,9 @@
 //!
 //! Below the daemon: the pcap backend on a tun (DLT_RAW) and on a ppp-typed tun (libpcap's cooked
 //! LINUX_SLL mode) receives and injects bare IP packets (IPv4 and IPv6), an unsupported datalink is a clear
-//! error naming the interface and the datalink, and a `router_mac` configured for an L3 interface is
-//! refused at start naming the key and the medium.
+//! error naming the interface and the datalink (and `doctor`'s `nic.medium` says so), a `router_mac`
+//! configured for an L3 interface is refused at start naming the key and the medium, XDP `auto` attaches in
+//! generic mode on a tun, and `paqet-dp dump` decodes a live tunnel on a tun.
 mod common;
 
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::tunlink::{open_tun, read_packet, write_packet};
 use common::*;
+use paqet::doctor::{self, DoctorOptions, Finding, Status};
 use paqet::io::netns::Netns;
 use paqet::io::pcap::{Datalink, PcapConfig, PcapIo, PcapIoError, TxMethod};
 use paqet::io::route::{self, RouteError};
@@ -296,6 +298,20 @@ impl OneTun {
 
 const PORT: u16 = 9999;
 
+/// `paqet-dp doctor`'s `nic.medium` finding for the tun of `t`, checked inside its namespace.
+fn doctor_medium(t: &OneTun) -> Finding {
+    let iface = t.iface.clone();
+    in_ns(&t.ns, move || {
+        doctor::run(&DoctorOptions {
+            iface: Some(iface),
+            pcap_sockbuf: None,
+        })
+        .get("nic.medium")
+        .cloned()
+    })
+    .expect("doctor reports nic.medium")
+}
+
 /// RX and TX of bare IP packets (IPv4 and IPv6) through a pcap backend on `t`, for each TX method / batch
 /// size in `tx`: a packet written into the tun is what the device receives from its peer; a packet the
 /// backend sends comes out of the tun fd unchanged.
@@ -387,6 +403,10 @@ fn pcap_on_tun_is_raw_ip() {
     .expect("link info");
     assert_eq!(info.arphrd, 65534, "tun is ARPHRD_NONE");
     assert_eq!(info.medium().unwrap(), Medium::Ip);
+    let m = doctor_medium(&t);
+    assert_eq!(m.current, "ip (ARPHRD 65534 none (tun, wireguard))");
+    assert_eq!(m.status, Status::Ok);
+    assert!(m.note.unwrap_or_default().contains("router_mac"));
     pcap_moves_bare_ip(
         &t,
         Datalink::Raw,
@@ -460,6 +480,9 @@ fn unsupported_datalink_is_a_clear_error() {
         )),
         "{text}"
     );
+    let m = doctor_medium(&t);
+    assert_eq!(m.current, "unsupported (ARPHRD 774 unknown)");
+    assert_eq!(m.status, Status::Fail);
     let e = medium.expect("link_medium on an FDDI-typed device must fail");
     assert!(
         matches!(&e, RouteError::UnsupportedLinkType { arphrd: 774, .. }),
@@ -500,4 +523,50 @@ fn xdp_auto_on_tun_is_generic() {
     let e = native.expect("native XDP on a tun");
     eprintln!("native XDP on a tun: {e}");
     assert!(e.to_string().contains("native mode"), "{e}");
+}
+
+/// `paqet-dp dump` on the server's tun decodes the bare IP frames of a live tunnel (the capture's datalink
+/// sets the medium): tunnel frames in both directions, none described as "not a tunnel frame".
+#[test]
+fn l3_dump_decodes_bare_ip() {
+    if skip("l3_dump_decodes_bare_ip", &["curl", "iptables"]) {
+        return;
+    }
+    let _serial = serial();
+    let t = l3_tunnel("l3d", (Mode::Pcap, Mode::Pcap));
+    let cfg = t.dir.path().join("server.toml");
+    let out = t.dir.path().join("dump.txt");
+    let mut child = t
+        .net
+        .server()
+        .command(&bin())
+        .args(["dump", "-c"])
+        .arg(&cfg)
+        .args(["--count", "60"])
+        .stdout(std::fs::File::create(&out).expect("dump output"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn paqet-dp dump");
+    // Let the capture start, then move data until the dump has its frames (bounded).
+    std::thread::sleep(Duration::from_millis(500));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        t.download_checked(t.socks(), 41, MIB, 30);
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let to = format!("-> {}:{TUNNEL_PORT} (to port)", t.net.server_ip);
+    let from = format!("{}:{TUNNEL_PORT} -> ", t.net.server_ip);
+    assert!(
+        text.lines().filter(|l| l.contains(&to)).count() >= 5
+            && text.lines().any(|l| l.contains(&from)),
+        "dump on the tun shows no tunnel frames both ways:\n{text}"
+    );
+    assert!(
+        !text.contains("not a tunnel frame"),
+        "dump on the tun misread frames:\n{text}"
+    );
 }
