@@ -135,6 +135,9 @@ impl SteerConfig {
     /// Client-side steering: IPv6 frames from (`src_ipv6`, `src_port`) to a destination port listed
     /// in the [`MAP_PORTS`] bitmap are tunnel frames (the family must be enabled with `FLAG_IPV6` too).
     pub const FLAG_SRC_IPV6: u16 = 1 << 6;
+    /// The interface has no link header (tun, WireGuard under generic XDP): frames start at the
+    /// IPv4/IPv6 header, told apart by the version nibble. Without it frames start with Ethernet.
+    pub const FLAG_MEDIUM_IP: u16 = 1 << 7;
 
     /// A config steering TCP to `port` on any address of both families, guard off.
     pub const fn any(port: u16) -> Self {
@@ -308,6 +311,20 @@ mod tests {
         assert!(!d.is_armed());
         d.src_port = 443;
         assert!(d.is_armed());
+        // The medium flag alone arms nothing, and is a bit of its own.
+        let mut m = SteerConfig::default();
+        m.flags |= SteerConfig::FLAG_MEDIUM_IP;
+        assert!(!m.is_armed());
+        let all = [
+            SteerConfig::FLAG_IPV4,
+            SteerConfig::FLAG_IPV6,
+            SteerConfig::FLAG_IPV4_ADDR,
+            SteerConfig::FLAG_IPV6_ADDR,
+            SteerConfig::FLAG_GUARD,
+            SteerConfig::FLAG_SRC_IPV4,
+            SteerConfig::FLAG_SRC_IPV6,
+        ];
+        assert!(all.iter().all(|f| f & SteerConfig::FLAG_MEDIUM_IP == 0));
     }
 
     #[test]

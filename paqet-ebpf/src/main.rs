@@ -1,6 +1,7 @@
 //! paqet-dp XDP program.
 //!
-//! Parses Ethernet (with up to two 802.1Q/802.1ad tags), IPv4 (any IHL, first fragments only) or
+//! Parses Ethernet (with up to two 802.1Q/802.1ad tags) — or nothing on an interface without a link
+//! header (`SteerConfig::FLAG_MEDIUM_IP`: the frame starts at the IP header, version nibble 4 or 6) —, IPv4 (any IHL, first fragments only) or
 //! IPv6 (fixed header, next header TCP), then TCP. A frame whose destination (address, port)
 //! matches [`SteerConfig`] (server side), or whose source (address, port) is the configured peer
 //! endpoint, whose destination address matches and whose destination port is one of our session
@@ -152,8 +153,19 @@ fn classify(ctx: &XdpContext, cfg: &SteerConfig) -> Verdict {
 
 #[inline(always)]
 fn parse(ctx: &XdpContext, cfg: &SteerConfig) -> Option<Verdict> {
-    let mut l3 = ETH_HLEN;
-    let mut ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    let (mut l3, mut ethertype) = if cfg.has(SteerConfig::FLAG_MEDIUM_IP) {
+        // No link header: the IP version nibble stands in for the EtherType. Two bytes are read: a
+        // one-byte bounds check compiles to `data_end > data`, which the verifier cannot use.
+        let version = u16::from_be(load::<u16>(ctx, 0)?) >> 12;
+        let ethertype = match version {
+            4 => ETH_P_IP,
+            6 => ETH_P_IPV6,
+            _ => return Some(Verdict::Pass),
+        };
+        (0, ethertype)
+    } else {
+        (ETH_HLEN, u16::from_be(load::<u16>(ctx, 12)?))
+    };
     // Up to two VLAN tags (802.1ad outer, 802.1Q inner, or QinQ with 0x8100 twice).
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         ethertype = u16::from_be(load::<u16>(ctx, l3 + 2)?);

@@ -1,6 +1,6 @@
 //! `paqet-dp doctor`: checks the host against the production runbook (`docs/runbook.md`).
 //!
-//! [`run`] probes fd limits, `net.core` sysctls, the NIC (driver, rings, channels, offloads, IRQ
+//! [`run`] probes fd limits, `net.core` sysctls, the NIC (medium, driver, rings, channels, offloads, IRQ
 //! spread, XDP support), the CPU frequency governor, the kernel (version, BTF) and the pcap buffer,
 //! and returns a [`Report`] of [`Finding`]s. Each finding carries the current value, the recommended
 //! one, a [`Status`] and the command that changes it.
@@ -17,6 +17,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::io::route;
+use crate::wire::envelope::Medium;
 use ethtool::{Ethtool, EthtoolError};
 
 /// Minimum recommended `RLIMIT_NOFILE` soft limit.
@@ -380,6 +382,7 @@ fn nic(iface: &str, out: &mut Vec<Finding>) {
         );
         return;
     }
+    medium(iface, out);
     let et = match Ethtool::new(iface) {
         Ok(e) => e,
         Err(e) => {
@@ -534,6 +537,33 @@ fn nic(iface: &str, out: &mut Vec<Finding>) {
     );
 }
 
+/// `nic.medium`: what frames start with on `iface` (its ARPHRD type): Ethernet, or no link header (tun,
+/// ppp, WireGuard: no `router_mac`, generic XDP), or a link type paqet cannot run on.
+fn medium(iface: &str, out: &mut Vec<Finding>) {
+    let recommended = "ethernet, or ip (no link header)";
+    let f = match route::link_info(iface) {
+        Err(e) => Finding::new("nic.medium", e.to_string(), recommended, Status::Warn),
+        Ok(li) => {
+            let current = format!(
+                "{} (ARPHRD {} {})",
+                li.medium().map_or("unsupported", |m| m.as_str()),
+                li.arphrd,
+                Medium::arphrd_name(li.arphrd)
+            );
+            match li.medium() {
+                Ok(Medium::Ethernet) => Finding::new("nic.medium", current, recommended, Status::Ok),
+                Ok(Medium::Ip) => Finding::new("nic.medium", current, recommended, Status::Ok).note(
+                    "no link header: leave network.ipv4.router_mac / network.ipv6.router_mac unset; \
+                     XDP runs in generic mode",
+                ),
+                Err(e) => Finding::new("nic.medium", current, recommended, Status::Fail)
+                    .note(e.to_string()),
+            }
+        }
+    };
+    out.push(f);
+}
+
 fn ethtool_info(name: &str, e: &EthtoolError) -> Finding {
     let status = match e {
         EthtoolError::Unsupported { .. } => Status::Info,
@@ -686,6 +716,9 @@ mod tests {
             pcap_sockbuf: Some(1 << 40),
         });
         assert_eq!(r.iface.as_deref(), Some("lo"));
+        let m = r.get("nic.medium").unwrap();
+        assert_eq!(m.current, "ethernet (ARPHRD 772 loopback)");
+        assert_eq!(m.status, Status::Ok);
         for name in [
             "limits.nofile",
             "sysctl.net.core.rmem_max",

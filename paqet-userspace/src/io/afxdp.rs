@@ -13,6 +13,10 @@
 //!   [`PacketIo::flush`] (copy mode transmits only inside `sendto`; `need_wakeup` is honoured in
 //!   zero-copy mode); completed frames are reaped back into the free list.
 //!
+//! Medium: on an interface without a link header (tun, WireGuard; ARPHRD_NONE), generic XDP hands the
+//! program and the socket bare IP packets, and frames sent on the TX ring must be bare IP packets too:
+//! [`PacketIo::medium`] reports the interface's medium, read at open.
+//!
 //! Steering frames into the socket is [`super::steer::Steering`]'s job: register
 //! [`AfXdpIo::raw_socket_fd`] for [`AfXdpIo::queue`] there, then arm it.
 
@@ -25,7 +29,7 @@ use std::time::Duration;
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig, User};
 
-use super::{poll_readable, IoStats, PacketIo};
+use super::{poll_readable, IoStats, Medium, PacketIo};
 
 /// Settings of one AF_XDP socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,6 +188,8 @@ pub struct AfXdpIo {
     tx_unkicked: u32,
     /// RX descriptors pointing outside the UMEM (ignored; should never happen).
     rx_bad_desc: u64,
+    /// What frames start with on this interface (from its ARPHRD type).
+    medium: Medium,
     stats: IoStats,
 }
 
@@ -222,6 +228,12 @@ impl AfXdpIo {
         }
         let c_iface = CString::new(cfg.iface.as_str())
             .map_err(|_| conf_err("interface name contains a NUL byte".into()))?;
+        let medium = super::route::link_medium(&cfg.iface).map_err(|e| AfXdpError::Setup {
+            iface: cfg.iface.clone(),
+            queue: cfg.queue,
+            step: "reading the interface's link type",
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let len = cfg.frame_count as usize * cfg.frame_size as usize;
         let area = Area::new(len).map_err(|source| AfXdpError::Setup {
             iface: cfg.iface.clone(),
@@ -278,6 +290,7 @@ impl AfXdpIo {
             tx_outstanding: 0,
             tx_unkicked: 0,
             rx_bad_desc: 0,
+            medium,
             stats: IoStats::default(),
             cfg,
         };
@@ -294,7 +307,8 @@ impl AfXdpIo {
             });
         }
         tracing::debug!(iface = %io.cfg.iface, queue = io.cfg.queue, mode = ?io.mode,
-            frames = io.cfg.frame_count, frame_size = io.cfg.frame_size, "AF_XDP socket bound");
+            frames = io.cfg.frame_count, frame_size = io.cfg.frame_size, medium = %io.medium,
+            "AF_XDP socket bound");
         Ok(io)
     }
 
@@ -606,6 +620,10 @@ impl PacketIo for AfXdpIo {
 
     fn name(&self) -> &'static str {
         "afxdp"
+    }
+
+    fn medium(&self) -> Medium {
+        self.medium
     }
 
     fn raw_fd(&self) -> Option<RawFd> {

@@ -6,6 +6,10 @@
 //! - [`pcap`]: libpcap capture + AF_PACKET (or pcap) injection, like upstream paqet.
 //! - [`mem`]: an in-memory pair for simulated tests, with seeded loss.
 //! - [`route`]: kernel lookups (MAC, addresses, next hop, neighbour MAC, ifindex, MTU) over rtnetlink.
+//!
+//! Every backend reports the [`Medium`] of its frames ([`PacketIo::medium`]): Ethernet, or bare IP
+//! packets on interfaces without a link header (tun, ppp, WireGuard). The worker parses and builds
+//! envelopes for that medium.
 
 pub mod afxdp;
 pub mod mem;
@@ -15,6 +19,8 @@ pub mod steer;
 
 use std::os::fd::RawFd;
 use std::time::Duration;
+
+pub use crate::wire::envelope::Medium;
 
 /// Counters a backend keeps. All are monotonic since the backend was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,6 +92,11 @@ pub trait PacketIo: Send {
     /// Short backend name for logs ("pcap", "mem", ...).
     fn name(&self) -> &'static str;
 
+    /// What the frames of this backend start with: an Ethernet header (default) or the IP header.
+    fn medium(&self) -> Medium {
+        Medium::Ethernet
+    }
+
     /// A file descriptor that becomes readable (POLLIN) when [`PacketIo::recv_batch`] would deliver
     /// at least one frame, so a worker can poll it together with its other sockets. `None` if the
     /// backend has no such descriptor.
@@ -120,6 +131,9 @@ impl<T: PacketIo + ?Sized> PacketIo for Box<T> {
     }
     fn name(&self) -> &'static str {
         (**self).name()
+    }
+    fn medium(&self) -> Medium {
+        (**self).medium()
     }
     fn raw_fd(&self) -> Option<RawFd> {
         (**self).raw_fd()

@@ -21,6 +21,13 @@
 //! 628-796 kpps, AF_PACKET `sendmmsg` x32 728-937 kpps, AF_PACKET `send` + `PACKET_QDISC_BYPASS`
 //! 826-1108 kpps. Plain pcap and AF_PACKET are the same syscall underneath (within noise); AF_PACKET
 //! is the default because it adds batching and the qdisc bypass, the one clear win.
+//!
+//! Medium: the capture's datalink type decides what frames start with ([`PcapIo::medium`]). EN10MB is
+//! Ethernet; RAW / IPV4 / IPV6 (tun, WireGuard) are bare IP packets; LINUX_SLL / LINUX_SLL2 (libpcap's
+//! cooked mode, chosen for ppp) carry a pseudo-header that is stripped here, so the worker sees bare IP
+//! packets too. Any other datalink is refused at open with [`PcapIoError::UnsupportedDatalink`]. On an IP
+//! medium the AF_PACKET injector sends each packet with `sll_protocol` = IPv4/IPv6 from its version
+//! nibble (ppp and WireGuard look at the skb protocol; with protocol 0 they would drop it).
 
 use std::ffi::{c_int, c_uint, c_void, CString};
 use std::mem::MaybeUninit;
@@ -31,7 +38,7 @@ use std::time::Duration;
 use pcap::{Active, Capture};
 use thiserror::Error;
 
-use super::{poll_readable, IoStats, PacketIo};
+use super::{poll_readable, IoStats, Medium, PacketIo};
 
 /// Upper bound on frames per `sendmmsg` batch.
 pub const MAX_TX_BATCH: usize = 64;
@@ -123,6 +130,81 @@ pub enum PcapIoError {
     /// The configuration cannot work.
     #[error("invalid pcap configuration for interface \"{iface}\": {msg}")]
     Config { iface: String, msg: String },
+    /// The capture's datalink type is neither Ethernet nor bare IP.
+    #[error("interface \"{iface}\" has pcap datalink {name} ({dlt}): paqet runs on EN10MB (Ethernet) or on RAW / IPV4 / IPV6 / LINUX_SLL (no link header: tun, WireGuard, ppp)")]
+    UnsupportedDatalink {
+        iface: String,
+        dlt: i32,
+        name: String,
+    },
+}
+
+/// How captured frames map to the worker's [`Medium`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datalink {
+    /// DLT_EN10MB: Ethernet frames, handed over as they are.
+    Ethernet,
+    /// DLT_RAW / DLT_IPV4 / DLT_IPV6: bare IP packets, handed over as they are.
+    Raw,
+    /// DLT_LINUX_SLL (16 bytes) / DLT_LINUX_SLL2 (20 bytes): a cooked pseudo-header in front of the IP
+    /// packet, stripped before the frame is handed over.
+    Cooked { header: usize },
+}
+
+/// DLT_EN10MB.
+pub const DLT_EN10MB: i32 = 1;
+/// DLT_RAW as Linux libpcap reports it (12; 14 on OpenBSD, 101 as LINKTYPE_RAW).
+pub const DLT_RAW: i32 = 12;
+/// DLT_LINUX_SLL (libpcap's cooked mode).
+pub const DLT_LINUX_SLL: i32 = 113;
+/// DLT_IPV4.
+pub const DLT_IPV4: i32 = 228;
+/// DLT_IPV6.
+pub const DLT_IPV6: i32 = 229;
+/// DLT_LINUX_SLL2.
+pub const DLT_LINUX_SLL2: i32 = 276;
+
+impl Datalink {
+    /// The framing of pcap datalink `dlt`, or `None` when paqet cannot run on it.
+    pub const fn from_dlt(dlt: i32) -> Option<Datalink> {
+        match dlt {
+            DLT_EN10MB => Some(Datalink::Ethernet),
+            DLT_RAW | 14 | 101 | DLT_IPV4 | DLT_IPV6 => Some(Datalink::Raw),
+            DLT_LINUX_SLL => Some(Datalink::Cooked { header: 16 }),
+            DLT_LINUX_SLL2 => Some(Datalink::Cooked { header: 20 }),
+            _ => None,
+        }
+    }
+
+    /// The medium of the frames handed to the worker.
+    pub const fn medium(self) -> Medium {
+        match self {
+            Datalink::Ethernet => Medium::Ethernet,
+            Datalink::Raw | Datalink::Cooked { .. } => Medium::Ip,
+        }
+    }
+
+    /// Bytes stripped from the front of every captured frame.
+    #[inline]
+    pub const fn strip(self) -> usize {
+        match self {
+            Datalink::Cooked { header } => header,
+            _ => 0,
+        }
+    }
+}
+
+/// The [`Datalink`] of an activated capture on `iface`, or [`PcapIoError::UnsupportedDatalink`].
+pub fn datalink_of<T: pcap::Activated + ?Sized>(
+    iface: &str,
+    cap: &Capture<T>,
+) -> Result<Datalink, PcapIoError> {
+    let lt = cap.get_datalink();
+    Datalink::from_dlt(lt.0).ok_or_else(|| PcapIoError::UnsupportedDatalink {
+        iface: iface.to_owned(),
+        dlt: lt.0,
+        name: lt.get_name().unwrap_or_else(|_| "unknown".into()),
+    })
 }
 
 #[repr(C)]
@@ -207,6 +289,17 @@ fn os_err(iface: &str, op: &'static str, what: &'static str, e: std::io::Error) 
 pub struct RawTx {
     fd: OwnedFd,
     ifindex: u32,
+    /// [`Medium::Ip`]: frames are bare IP packets, sent with an explicit `sll_protocol`.
+    medium: Medium,
+}
+
+/// The EtherType of a bare IP packet from its version nibble (network order for `sll_protocol`).
+#[inline]
+fn ip_protocol_be(packet: &[u8]) -> u16 {
+    match packet.first().map(|b| b >> 4) {
+        Some(6) => 0x86DDu16.to_be(),
+        _ => 0x0800u16.to_be(),
+    }
 }
 
 impl RawTx {
@@ -267,7 +360,18 @@ impl RawTx {
                 ));
             }
         }
-        Ok(Self { fd, ifindex })
+        Ok(Self {
+            fd,
+            ifindex,
+            medium: Medium::Ethernet,
+        })
+    }
+
+    /// The same socket sending frames of `medium` (on [`Medium::Ip`]: bare IP packets, each sent with
+    /// `sll_protocol` IPv4 or IPv6 so that ppp and WireGuard accept it).
+    pub fn with_medium(mut self, medium: Medium) -> Self {
+        self.medium = medium;
+        self
     }
 
     /// The interface index the socket is bound to.
@@ -275,16 +379,37 @@ impl RawTx {
         self.ifindex
     }
 
+    /// The destination of a bare IP packet: this interface, protocol from the version nibble.
+    fn l3_addr(&self, packet: &[u8]) -> libc::sockaddr_ll {
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ip_protocol_be(packet);
+        sll.sll_ifindex = self.ifindex as i32;
+        sll
+    }
+
     /// Sends one frame.
     pub fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        let sll = (self.medium == Medium::Ip).then(|| self.l3_addr(frame));
+        let (addr, addr_len) = match &sll {
+            Some(a) => (
+                a as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            ),
+            None => (std::ptr::null(), 0),
+        };
         loop {
-            // SAFETY: valid fd; pointer/len describe `frame`.
+            // SAFETY: valid fd; pointer/len describe `frame`; `addr` is null (len 0) or points at `sll`,
+            // which outlives the call.
             let r = unsafe {
-                libc::send(
+                libc::sendto(
                     self.fd.as_raw_fd(),
                     frame.as_ptr() as *const c_void,
                     frame.len(),
                     0,
+                    addr,
+                    addr_len,
                 )
             };
             if r >= 0 {
@@ -305,6 +430,9 @@ impl RawTx {
             [const { MaybeUninit::uninit() }; MAX_TX_BATCH];
         // SAFETY: mmsghdr is plain data; zero is valid (null pointers, zero lengths).
         let mut msgs: [libc::mmsghdr; MAX_TX_BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, sockaddr_ll is plain data.
+        let mut addrs: [libc::sockaddr_ll; MAX_TX_BATCH] = unsafe { std::mem::zeroed() };
+        let l3 = self.medium == Medium::Ip;
         for (i, f) in frames[..n].iter().enumerate() {
             iov[i].write(libc::iovec {
                 iov_base: f.as_ptr() as *mut c_void,
@@ -312,6 +440,12 @@ impl RawTx {
             });
             msgs[i].msg_hdr.msg_iov = iov[i].as_mut_ptr();
             msgs[i].msg_hdr.msg_iovlen = 1;
+            if l3 {
+                addrs[i] = self.l3_addr(f);
+                msgs[i].msg_hdr.msg_name = &mut addrs[i] as *mut libc::sockaddr_ll as *mut c_void;
+                msgs[i].msg_hdr.msg_namelen =
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            }
         }
         let mut done = 0usize;
         while done < n {
@@ -359,6 +493,8 @@ pub struct PcapIo {
     cfg: PcapConfig,
     rx: Capture<Active>,
     rx_fd: RawFd,
+    /// The capture's framing (what is stripped, which medium the worker sees).
+    datalink: Datalink,
     tx: Tx,
     /// TX slots; `tx_pending` of them hold frames not yet sent (each slot's length = frame length).
     tx_slots: Vec<Vec<u8>>,
@@ -401,6 +537,7 @@ impl PcapIo {
             .map_err(|e| pcap_err(iface, "activate", what, e))?
             .setnonblock()
             .map_err(|e| pcap_err(iface, "setnonblock", what, e))?;
+        let datalink = datalink_of(iface, &rx)?;
         rx.direction(pcap::Direction::In)
             .map_err(|e| pcap_err(iface, "setdirection(IN)", what, e))?;
         let filter = cfg.filter_expr();
@@ -412,7 +549,16 @@ impl PcapIo {
         let rx_fd = rx.as_raw_fd();
 
         let tx = match cfg.tx {
-            TxMethod::AfPacket => Tx::Raw(RawTx::open(iface, cfg.qdisc_bypass)?),
+            TxMethod::AfPacket => {
+                Tx::Raw(RawTx::open(iface, cfg.qdisc_bypass)?.with_medium(datalink.medium()))
+            }
+            TxMethod::Pcap if matches!(datalink, Datalink::Cooked { .. }) => {
+                return Err(PcapIoError::Config {
+                    iface: iface.to_owned(),
+                    msg: "libpcap cannot inject in cooked (LINUX_SLL) mode; use the AF_PACKET injector"
+                        .into(),
+                });
+            }
             TxMethod::Pcap => {
                 let what = "a pcap injection handle";
                 let mut h = Capture::from_device(iface)
@@ -440,12 +586,15 @@ impl PcapIo {
             sockbuf = cfg.sockbuf,
             tx = ?cfg.tx,
             tx_batch = batch,
+            datalink = ?datalink,
+            medium = %datalink.medium(),
             "pcap backend opened"
         );
         Ok(Self {
             cfg,
             rx,
             rx_fd,
+            datalink,
             tx,
             tx_slots: (0..batch).map(|_| Vec::new()).collect(),
             tx_pending: 0,
@@ -458,15 +607,22 @@ impl PcapIo {
         &self.cfg
     }
 
+    /// The capture's datalink framing.
+    pub fn datalink(&self) -> Datalink {
+        self.datalink
+    }
+
     fn dispatch(&mut self, f: &mut dyn FnMut(&[u8])) -> std::io::Result<usize> {
         let stats = &mut self.stats;
+        let strip = self.datalink.strip();
         let r = self.rx.dispatch(Some(self.cfg.rx_batch), |p| {
             stats.rx_frames += 1;
             stats.rx_bytes += p.data.len() as u64;
             if p.header.len > p.header.caplen {
                 stats.rx_truncated += 1;
             }
-            f(p.data);
+            // A cooked frame shorter than its pseudo-header is handed over empty (a parse error).
+            f(p.data.get(strip..).unwrap_or(&[]));
         });
         r.map_err(|e| {
             std::io::Error::other(format!(
@@ -587,6 +743,10 @@ impl PacketIo for PcapIo {
         "pcap"
     }
 
+    fn medium(&self) -> Medium {
+        self.datalink.medium()
+    }
+
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.rx_fd)
     }
@@ -617,6 +777,42 @@ mod tests {
         assert_eq!(
             c.filter_expr(),
             "tcp and dst port 9999 and dst host 2001:db8::1"
+        );
+    }
+
+    #[test]
+    fn datalinks_map_to_media() {
+        assert_eq!(Datalink::from_dlt(DLT_EN10MB), Some(Datalink::Ethernet));
+        assert_eq!(
+            Datalink::from_dlt(DLT_EN10MB).unwrap().medium(),
+            Medium::Ethernet
+        );
+        for dlt in [DLT_RAW, DLT_IPV4, DLT_IPV6, 101] {
+            assert_eq!(Datalink::from_dlt(dlt), Some(Datalink::Raw), "{dlt}");
+        }
+        assert_eq!(Datalink::from_dlt(DLT_LINUX_SLL).unwrap().strip(), 16);
+        assert_eq!(Datalink::from_dlt(DLT_LINUX_SLL2).unwrap().strip(), 20);
+        assert_eq!(
+            Datalink::from_dlt(DLT_LINUX_SLL).unwrap().medium(),
+            Medium::Ip
+        );
+        assert_eq!(Datalink::from_dlt(DLT_RAW).unwrap().strip(), 0);
+        // 127 = IEEE802_11_RADIO, 10 = FDDI, 9 = PPP (with its own header)
+        for dlt in [127, 10, 9, 0] {
+            assert_eq!(Datalink::from_dlt(dlt), None, "{dlt}");
+        }
+        assert_eq!(ip_protocol_be(&[0x45]), 0x0800u16.to_be());
+        assert_eq!(ip_protocol_be(&[0x60]), 0x86DDu16.to_be());
+        let e = PcapIoError::UnsupportedDatalink {
+            iface: "fddi0".into(),
+            dlt: 10,
+            name: "FDDI".into(),
+        };
+        assert!(
+            e.to_string().starts_with(
+                "interface \"fddi0\" has pcap datalink FDDI (10): paqet runs on EN10MB"
+            ),
+            "{e}"
         );
     }
 

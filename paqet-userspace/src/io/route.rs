@@ -1,5 +1,7 @@
 //! Kernel lookups for what a configuration may omit: an interface's ifindex, MAC, MTU and
-//! addresses, the next hop towards a destination and that next hop's MAC (the `router_mac`).
+//! addresses, the next hop towards a destination and that next hop's MAC (the `router_mac`), and
+//! the interface's [`Medium`] (Ethernet, or bare IP on tun/ppp/WireGuard: [`link_medium`]), which
+//! decides whether MACs are needed at all ([`local_mac_for`], [`router_mac_for`]).
 //!
 //! Everything goes through a raw `NETLINK_ROUTE` socket with small hand-written messages, so it
 //! works inside network namespaces — including a thread moved with `setns(2)`, where `/proc/net`
@@ -12,6 +14,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+
+use crate::wire::envelope::Medium;
 
 // Netlink / rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/neighbour.h).
 const NLMSG_HDRLEN: usize = 16;
@@ -77,6 +81,20 @@ pub enum RouteError {
         dst: IpAddr,
         iface: String,
         reason: String,
+    },
+    /// The interface's link type carries neither Ethernet nor bare IP frames.
+    #[error("interface \"{iface}\" has link type {arphrd} ({name}): paqet runs on Ethernet (ARPHRD 1) or on interfaces without a link header (tun/WireGuard 65534, ppp 512, ipip/gre/sit)")]
+    UnsupportedLinkType {
+        iface: String,
+        arphrd: u16,
+        name: &'static str,
+    },
+    /// A `router_mac` was configured for an interface whose frames carry no MAC addresses.
+    #[error("network.{family}.router_mac is set, but interface \"{iface}\" has medium {medium} (no link header, no MAC addresses): remove network.{family}.router_mac")]
+    RouterMacOnL3 {
+        iface: String,
+        family: &'static str,
+        medium: Medium,
     },
     /// The next hop's MAC is not in the neighbour table even after probing.
     #[error("cannot resolve router_mac for {next_hop} via {iface}: no neighbour entry; set network.{family}.router_mac")]
@@ -345,6 +363,19 @@ pub struct LinkInfo {
     pub mac: Option<[u8; 6]>,
     /// MTU in bytes.
     pub mtu: u32,
+    /// ARPHRD type (`ifinfomsg.ifi_type`, as `/sys/class/net/<if>/type`): 1 Ethernet, 65534 tun, ...
+    pub arphrd: u16,
+}
+
+impl LinkInfo {
+    /// The medium of the link, or [`RouteError::UnsupportedLinkType`].
+    pub fn medium(&self) -> Result<Medium, RouteError> {
+        Medium::from_arphrd(self.arphrd).ok_or_else(|| RouteError::UnsupportedLinkType {
+            iface: self.name.clone(),
+            arphrd: self.arphrd,
+            name: Medium::arphrd_name(self.arphrd),
+        })
+    }
 }
 
 /// One address configured on an interface.
@@ -398,6 +429,7 @@ pub fn link_info(iface: &str) -> Result<LinkInfo, RouteError> {
             ifindex: i32::from_ne_bytes([p[4], p[5], p[6], p[7]]) as u32,
             mac: None,
             mtu: 0,
+            arphrd: u16::from_ne_bytes([p[2], p[3]]),
         };
         for a in attrs(&p[16..], &op) {
             let (aty, v) = a?;
@@ -428,6 +460,45 @@ pub fn mac(iface: &str) -> Result<[u8; 6], RouteError> {
     link_info(iface)?.mac.ok_or(RouteError::NoMac {
         iface: iface.to_owned(),
     })
+}
+
+/// The [`Medium`] of `iface` from its ARPHRD type (read over rtnetlink, so correct in a thread moved
+/// into another network namespace; the same value as `/sys/class/net/<if>/type`).
+pub fn link_medium(iface: &str) -> Result<Medium, RouteError> {
+    link_info(iface)?.medium()
+}
+
+/// The Ethernet source address of frames on `iface`: its MAC on [`Medium::Ethernet`], unused (zero)
+/// on [`Medium::Ip`].
+pub fn local_mac_for(iface: &str, medium: Medium) -> Result<[u8; 6], RouteError> {
+    match medium {
+        Medium::Ethernet => mac(iface),
+        Medium::Ip => Ok([0; 6]),
+    }
+}
+
+/// The Ethernet destination for the `family` (`"ipv4"` / `"ipv6"`) frames to `dst` out of `iface`:
+/// on [`Medium::Ethernet`] the configured `router_mac` or the resolved next hop's MAC
+/// ([`resolve_router_mac`]); on [`Medium::Ip`] nothing is resolved (zero) and a configured
+/// `router_mac` is refused ([`RouteError::RouterMacOnL3`]): it would mean the configuration was
+/// written for another interface.
+pub fn router_mac_for(
+    iface: &str,
+    medium: Medium,
+    family: &'static str,
+    configured: Option<[u8; 6]>,
+    dst: IpAddr,
+) -> Result<[u8; 6], RouteError> {
+    match (medium, configured) {
+        (Medium::Ip, Some(_)) => Err(RouteError::RouterMacOnL3 {
+            iface: iface.to_owned(),
+            family,
+            medium,
+        }),
+        (Medium::Ip, None) => Ok([0; 6]),
+        (Medium::Ethernet, Some(m)) => Ok(m),
+        (Medium::Ethernet, None) => resolve_router_mac(iface, dst),
+    }
 }
 
 /// The MTU of `iface`.
@@ -842,6 +913,66 @@ mod tests {
             e.to_string(),
             "cannot resolve router_mac for 10.0.0.1 via eth0: no neighbour entry; set network.ipv4.router_mac"
         );
+    }
+
+    #[test]
+    fn medium_of_loopback_and_link_types() {
+        let li = link_info("lo").unwrap();
+        assert_eq!(li.arphrd, 772, "lo is ARPHRD_LOOPBACK");
+        assert_eq!(link_medium("lo").unwrap(), Medium::Ethernet);
+        assert!(matches!(
+            link_medium("nosuchif9"),
+            Err(RouteError::InterfaceNotFound { .. })
+        ));
+        let odd = LinkInfo {
+            name: "wlan0mon".into(),
+            ifindex: 7,
+            mac: None,
+            mtu: 1500,
+            arphrd: 803,
+        };
+        let e = odd.medium().unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "interface \"wlan0mon\" has link type 803 (unknown): paqet runs on Ethernet"
+            ),
+            "{e}"
+        );
+        let tun = LinkInfo {
+            arphrd: 65534,
+            ..odd
+        };
+        assert_eq!(tun.medium().unwrap(), Medium::Ip);
+    }
+
+    #[test]
+    fn router_mac_on_l3_is_refused_and_not_resolved() {
+        let dst: IpAddr = "10.0.0.1".parse().unwrap();
+        let e =
+            router_mac_for("tun0", Medium::Ip, "ipv4", Some([2, 0, 0, 0, 0, 1]), dst).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "network.ipv4.router_mac is set, but interface \"tun0\" has medium ip (no link header, no MAC \
+             addresses): remove network.ipv4.router_mac"
+        );
+        let e = router_mac_for("wg0", Medium::Ip, "ipv6", Some([0; 6]), dst).unwrap_err();
+        assert!(e.to_string().contains("network.ipv6.router_mac"), "{e}");
+        // No lookup on L3: an interface that does not exist still gives the zero MAC.
+        assert_eq!(
+            router_mac_for("nosuchif9", Medium::Ip, "ipv4", None, dst).unwrap(),
+            [0; 6]
+        );
+        assert_eq!(local_mac_for("nosuchif9", Medium::Ip).unwrap(), [0; 6]);
+        // Ethernet: the configured MAC wins, otherwise the lookup runs (and names the interface).
+        assert_eq!(
+            router_mac_for("nosuchif9", Medium::Ethernet, "ipv4", Some([2; 6]), dst).unwrap(),
+            [2; 6]
+        );
+        assert!(matches!(
+            router_mac_for("nosuchif9", Medium::Ethernet, "ipv4", None, dst),
+            Err(RouteError::InterfaceNotFound { .. })
+        ));
+        assert!(local_mac_for("nosuchif9", Medium::Ethernet).is_err());
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! sessions on many local ports while frames from the same server to other clients on this host
 //! (a second paqet client, an upstream client) still reach the kernel.
 //!
+//! Medium: on an interface without a link header (tun, WireGuard: generic XDP hands the program the
+//! IP header first) every config written carries `SteerConfig::FLAG_MEDIUM_IP`, so the program parses
+//! from offset 0; the interface's medium is read at attach. Native XDP cannot be attached to a tun
+//! device in tun mode (`EOPNOTSUPP`, measured on 6.18), and WireGuard and ppp have no native XDP, so
+//! [`Steering::attach_auto`] goes straight to generic mode there.
+//!
 //! Only one XDP program can be attached to an interface: one XDP daemon per interface (a second
 //! daemon on the same interface must run in pcap mode; with the port bitmap both coexist).
 //!
@@ -20,6 +26,8 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
+use crate::io::route;
+use crate::wire::envelope::Medium;
 use aya::maps::{Array, MapData, MapError, PerCpuArray, XskMap};
 use aya::programs::{ProgramError, Xdp};
 use aya::{Ebpf, EbpfError};
@@ -135,6 +143,9 @@ pub enum SteerError {
     /// The shared port set's lock was poisoned (a thread panicked while holding it).
     #[error("the XDP session port set is unusable: a thread panicked while updating it")]
     PortsPoisoned,
+    /// The interface's link type is neither Ethernet nor bare IP (or cannot be read).
+    #[error("XDP on interface {iface:?}: {msg}")]
+    LinkType { iface: String, msg: String },
     /// More guard prefixes than the program holds.
     #[error("{given} guard prefixes given, the XDP program holds at most {max}")]
     TooManyGuardPrefixes { given: usize, max: usize },
@@ -288,6 +299,16 @@ pub struct Steering {
     /// Reads the program's `aya-log` records (never per packet: see `paqet-ebpf`) into `log`, which the
     /// binary forwards to `tracing`; `None` when the object has no log map.
     logs: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// The interface's medium: [`Medium::Ip`] adds `FLAG_MEDIUM_IP` to every config written.
+    medium: Medium,
+}
+
+/// The medium of `iface`, as a [`SteerError`].
+fn iface_medium(iface: &str) -> Result<Medium, SteerError> {
+    route::link_medium(iface).map_err(|e| SteerError::LinkType {
+        iface: iface.to_owned(),
+        msg: e.to_string(),
+    })
 }
 
 impl std::fmt::Debug for Steering {
@@ -351,6 +372,11 @@ impl Steering {
 
     /// Like [`Steering::attach`], trying native mode first and generic mode second; reports which.
     pub fn attach_auto(iface: &str, cfg: SteerConfig) -> Result<(Self, XdpAttach), SteerError> {
+        if iface_medium(iface)? == Medium::Ip {
+            tracing::info!(iface, "no link header (tun, WireGuard, ppp): generic XDP");
+            let s = Self::attach(iface, XdpMode::Generic, cfg)?;
+            return Ok((s, XdpAttach::Generic));
+        }
         let mut ebpf = load_program()?;
         let attach = match attach_mode(&mut ebpf, iface, XdpMode::Native) {
             Ok(()) => XdpAttach::Native,
@@ -386,6 +412,7 @@ impl Steering {
                 None
             }
         };
+        let medium = iface_medium(iface)?;
         let mut s = Steering {
             ebpf,
             ports,
@@ -395,11 +422,12 @@ impl Steering {
             armed: false,
             guard: GuardTable::default(),
             logs,
+            medium,
         };
         // Explicitly disarmed (the map starts zeroed anyway) and an empty guard table.
         s.write_config(SteerConfig::default())?;
         s.write_guard()?;
-        tracing::info!(iface, mode = %attach, "XDP program attached (disarmed)");
+        tracing::info!(iface, mode = %attach, %medium, "XDP program attached (disarmed)");
         Ok(s)
     }
 
@@ -414,6 +442,11 @@ impl Steering {
     /// The interface the program is attached to.
     pub fn iface(&self) -> &str {
         &self.iface
+    }
+
+    /// The interface's medium (what the program parses first).
+    pub fn medium(&self) -> Medium {
+        self.medium
     }
 
     /// The mode the program is attached in.
@@ -516,7 +549,10 @@ impl Steering {
         Ok(())
     }
 
-    fn write_config(&mut self, cfg: SteerConfig) -> Result<(), SteerError> {
+    fn write_config(&mut self, mut cfg: SteerConfig) -> Result<(), SteerError> {
+        if self.medium == Medium::Ip {
+            cfg.flags |= SteerConfig::FLAG_MEDIUM_IP;
+        }
         self.set_slot0(MAP_CONFIG, PodConfig(cfg))
     }
 

@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use thiserror::Error;
 
 use crate::wire::crypt::{BlockMode, CryptError, Crypto};
-use crate::wire::envelope::{self, EnvelopeError, TcpFlags};
+use crate::wire::envelope::{self, EnvelopeError, Medium, TcpFlags};
 use crate::wire::{fec, header, kcp, smux};
 
 /// smux protocol version paqet uses.
@@ -238,6 +238,8 @@ pub struct Dumper {
     crypto: Option<Crypto>,
     fec: Option<(usize, usize)>,
     port: u16,
+    /// What frames start with (Ethernet, or the IP header on tun/ppp/WireGuard).
+    medium: Medium,
     /// Reused buffer the payload is decrypted in.
     buf: Vec<u8>,
     flows: HashMap<FlowKey, FlowState>,
@@ -262,6 +264,7 @@ impl Dumper {
             crypto,
             fec,
             port,
+            medium: Medium::Ethernet,
             buf: Vec::with_capacity(2048),
             flows: HashMap::new(),
             summary_every: Some(SUMMARY_INTERVAL_MICROS),
@@ -282,6 +285,12 @@ impl Dumper {
         self.port
     }
 
+    /// Sets what the frames start with (default Ethernet; [`Medium::Ip`] for captures without a link
+    /// header, as [`run_live`] does from the capture's datalink).
+    pub fn set_medium(&mut self, medium: Medium) {
+        self.medium = medium;
+    }
+
     /// Describes one Ethernet frame captured at `ts_micros` (microseconds since the Unix epoch).
     /// The result ends with a newline.
     /// When the frame starts a new summary interval, the summary lines of the one that ended come first.
@@ -289,7 +298,7 @@ impl Dumper {
         let mut out = String::with_capacity(256);
         self.roll_interval(&mut out, ts_micros);
         write_time(&mut out, ts_micros);
-        match envelope::parse_frame(frame, None) {
+        match envelope::parse_frame_on(self.medium, frame, None) {
             Ok(p) => {
                 let dir = self.direction(p.src_port, p.dst_port);
                 let _ = writeln!(
@@ -303,7 +312,7 @@ impl Dumper {
                 );
                 self.describe_payload(&mut out, (p.src_addr(), p.dst_addr(), ts_micros), p.payload);
             }
-            Err(EnvelopeError::EmptyPayload) => match peek_tcp(frame) {
+            Err(EnvelopeError::EmptyPayload) => match peek_tcp(self.medium, frame) {
                 Some((src, dst, flags)) => {
                     let dir = self.direction(src.port(), dst.port());
                     let _ = writeln!(
@@ -837,11 +846,18 @@ pub fn hex_dump(out: &mut String, data: &[u8]) {
     }
 }
 
-/// Addresses and flags of an untagged Ethernet/IPv4|IPv6/TCP frame, for segments the envelope parser
-/// rejects as empty (kernel ACK/RST/FIN).
-fn peek_tcp(frame: &[u8]) -> Option<(SocketAddr, SocketAddr, TcpFlags)> {
-    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
-    let ip = frame.get(envelope::ETHERNET_HEADER_LEN..)?;
+/// Addresses and flags of an untagged Ethernet/IPv4|IPv6/TCP frame (or a bare IPv4|IPv6/TCP packet on
+/// [`Medium::Ip`]), for segments the envelope parser rejects as empty (kernel ACK/RST/FIN).
+fn peek_tcp(medium: Medium, frame: &[u8]) -> Option<(SocketAddr, SocketAddr, TcpFlags)> {
+    let ethertype = match medium {
+        Medium::Ethernet => u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]),
+        Medium::Ip => match *frame.first()? >> 4 {
+            4 => envelope::ETHERTYPE_IPV4,
+            6 => envelope::ETHERTYPE_IPV6,
+            _ => return None,
+        },
+    };
+    let ip = frame.get(medium.link_header_len()..)?;
     let (src, dst, tcp) = match ethertype {
         envelope::ETHERTYPE_IPV4 => {
             let ihl = usize::from(*ip.first()? & 0x0F) * 4;
@@ -901,9 +917,16 @@ pub fn run_live(
         .timeout(100)
         .open()
         .map_err(err("activate"))?;
+    let datalink = crate::io::pcap::datalink_of(iface, &cap).map_err(|e| DumpError::Pcap {
+        iface: iface.to_owned(),
+        op: "datalink",
+        msg: e.to_string(),
+    })?;
+    dumper.set_medium(datalink.medium());
+    let strip = datalink.strip();
     let filter = format!("tcp port {port}");
     cap.filter(&filter, true).map_err(err("filter"))?;
-    tracing::info!(iface, filter = %filter, "dump: capturing");
+    tracing::info!(iface, filter = %filter, medium = %datalink.medium(), "dump: capturing");
     let mut n = 0usize;
     while !stop.load(Ordering::Relaxed) && count.is_none_or(|c| n < c) {
         match cap.next_packet() {
@@ -911,7 +934,7 @@ pub fn run_live(
                 let ts = p.header.ts;
                 let micros = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000
                     + u64::try_from(ts.tv_usec).unwrap_or(0);
-                let text = dumper.describe(micros, p.data);
+                let text = dumper.describe(micros, p.data.get(strip..).unwrap_or(&[]));
                 out.write_all(text.as_bytes())?;
                 out.flush()?;
                 n += 1;
@@ -943,12 +966,56 @@ mod tests {
     }
 
     #[test]
+    fn ip_medium_frames_are_described_like_ethernet_ones() {
+        let src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "10.0.0.2:9999".parse().unwrap();
+        let mut b = envelope::EnvelopeBuilder::new([2; 6], [4; 6], src, dst, 1).unwrap();
+        let payload = [0x5Au8; 64];
+        let mut eth = vec![0u8; b.header_len(TcpFlags::PSH_ACK) + payload.len()];
+        b.clone()
+            .emit_with_payload(TcpFlags::PSH_ACK, &payload, &mut eth)
+            .unwrap();
+        let ip = eth[14..].to_vec();
+        let mut de = Dumper::new(None, None, 9999);
+        let mut di = Dumper::new(None, None, 9999);
+        di.set_medium(Medium::Ip);
+        let te = de.describe(0, &eth);
+        let ti = di.describe(0, &ip);
+        assert!(
+            te.contains("10.0.0.1:40000 -> 10.0.0.2:9999 (to port)"),
+            "{te}"
+        );
+        assert_eq!(
+            ti.replace(&format!("{} bytes", ip.len()), "N bytes"),
+            te.replace(&format!("{} bytes", eth.len()), "N bytes")
+        );
+        // A bare ACK without payload is still named, from the IP header.
+        let mut ack = vec![0u8; b.header_len(TcpFlags::ACK)];
+        b.emit(TcpFlags::ACK, 0, &mut ack).unwrap();
+        let t = di.describe(0, &ack[14..]);
+        assert!(
+            t.contains("10.0.0.1:40000 -> 10.0.0.2:9999 (to port)") && t.contains("no payload"),
+            "{t}"
+        );
+        // An Ethernet frame on an IP capture is not a tunnel frame (and does not panic).
+        assert!(di.describe(0, &eth).contains("not a tunnel frame"));
+    }
+
+    #[test]
     fn garbage_frames_are_described_not_panicked() {
         let mut d = Dumper::new(None, Some((10, 3)), 9999);
         for len in 0..200usize {
             let frame: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
             let s = d.describe(0, &frame);
             assert!(s.ends_with('\n'));
+        }
+        d.set_medium(Medium::Ip);
+        for len in 0..200usize {
+            let mut frame: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
+            if let Some(b) = frame.first_mut() {
+                *b = 0x45; // reach the IPv4 decoder
+            }
+            assert!(d.describe(0, &frame).ends_with('\n'));
         }
     }
 }

@@ -1,12 +1,17 @@
 //! The Ethernet / IP / TCP envelope around every paqet datagram (spec §3.1, §3.2).
 //!
+//! - [`Medium`]: what a frame starts with on the interface it travels on, as smoltcp's `phy::Medium`:
+//!   an Ethernet II header ([`Medium::Ethernet`], the default: every byte exactly upstream's) or directly
+//!   the IPv4/IPv6 header ([`Medium::Ip`]: tun, ppp, WireGuard; no link header, no MACs).
 //! - [`parse_frame`] decodes an Ethernet II frame (optionally 802.1Q / 802.1ad tagged) carrying IPv4 or IPv6
 //!   and a TCP header, and hands back the addresses, ports, flags and the TCP payload (one kcp-go datagram).
 //!   Like upstream's receiver it checks structure only: no L4 checksum (veth offload leaves it partial), no
 //!   seq/ack/flag checks. Untrusted bytes never panic; every rejection is a distinct [`EnvelopeError`].
+//!   [`parse_frame_on`] does the same for a frame of any [`Medium`].
 //! - [`EnvelopeBuilder`] writes the headers exactly as upstream's `send_handle.go` does (TOS 184, DF, TTL 64,
 //!   window 65535, synthetic seq/ack/timestamps derived from a per-socket `time` and `counter`), in place in
-//!   front of a payload that is already in the output buffer, with both checksums computed.
+//!   front of a payload that is already in the output buffer, with both checksums computed; on
+//!   [`Medium::Ip`] the same bytes without the Ethernet header ([`EnvelopeBuilder::with_medium`]).
 //! - [`TcpFlags`] / [`FlagCycler`]: the flag letters of `local_flag` / `remote_flag` and the PTCPF bitmask.
 //! - [`ones_complement_sum`] and friends: the Internet checksum, summed 32 bits at a time.
 use std::fmt;
@@ -48,6 +53,100 @@ const TOS: u8 = 184;
 const TTL: u8 = 64;
 /// At most this many VLAN tags are accepted in front of the IP header.
 const MAX_VLAN_TAGS: usize = 2;
+
+// ------------------------------------------------------------------------------------------------------------
+// Medium
+// ------------------------------------------------------------------------------------------------------------
+
+/// What a frame starts with on its interface (smoltcp's `phy::Medium`).
+///
+/// Chosen from the interface, never configured: its ARPHRD type ([`Medium::from_arphrd`]) and, in pcap
+/// mode, the capture's datalink type. The default, [`Medium::Ethernet`], keeps every byte exactly
+/// upstream's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Medium {
+    /// Ethernet II header (optionally VLAN-tagged on receive), then IPv4/IPv6.
+    #[default]
+    Ethernet,
+    /// No link header: frames start at the IPv4/IPv6 header (tun, ppp, WireGuard, ipip/gre/sit).
+    Ip,
+}
+
+/// ARPHRD_ETHER (`/sys/class/net/<if>/type` = 1): Ethernet, veth, bridges, VLANs, bonds.
+pub const ARPHRD_ETHER: u16 = 1;
+/// ARPHRD_PPP (512): PPP and PPPoE sessions.
+pub const ARPHRD_PPP: u16 = 512;
+/// ARPHRD_RAWIP (519): raw IP (e.g. cellular modems).
+pub const ARPHRD_RAWIP: u16 = 519;
+/// ARPHRD_TUNNEL (768): ipip.
+pub const ARPHRD_TUNNEL: u16 = 768;
+/// ARPHRD_TUNNEL6 (769): ip6tnl.
+pub const ARPHRD_TUNNEL6: u16 = 769;
+/// ARPHRD_LOOPBACK (772): `lo` (frames carry an all-zero Ethernet header).
+pub const ARPHRD_LOOPBACK: u16 = 772;
+/// ARPHRD_SIT (776): IPv6-in-IPv4.
+pub const ARPHRD_SIT: u16 = 776;
+/// ARPHRD_IPGRE (778): GRE over IP (layer 3).
+pub const ARPHRD_IPGRE: u16 = 778;
+/// ARPHRD_NONE (65534): tun (`IFF_TUN`), WireGuard.
+pub const ARPHRD_NONE: u16 = 65534;
+
+impl Medium {
+    /// Bytes of link header in front of the IP header of an untagged frame (14 or 0).
+    #[inline]
+    pub const fn link_header_len(self) -> usize {
+        match self {
+            Medium::Ethernet => ETHERNET_HEADER_LEN,
+            Medium::Ip => 0,
+        }
+    }
+
+    /// The medium of an interface of ARPHRD type `arphrd`, or `None` when paqet cannot run on it.
+    pub const fn from_arphrd(arphrd: u16) -> Option<Medium> {
+        match arphrd {
+            ARPHRD_ETHER | ARPHRD_LOOPBACK => Some(Medium::Ethernet),
+            ARPHRD_NONE | ARPHRD_PPP | ARPHRD_RAWIP | ARPHRD_TUNNEL | ARPHRD_TUNNEL6
+            | ARPHRD_SIT | ARPHRD_IPGRE => Some(Medium::Ip),
+            _ => None,
+        }
+    }
+
+    /// A short name of an ARPHRD type for messages (`"ether"`, `"none"`, `"ppp"`, ...; `"unknown"`).
+    pub const fn arphrd_name(arphrd: u16) -> &'static str {
+        match arphrd {
+            ARPHRD_ETHER => "ether",
+            ARPHRD_PPP => "ppp",
+            ARPHRD_RAWIP => "rawip",
+            ARPHRD_TUNNEL => "tunnel (ipip)",
+            ARPHRD_TUNNEL6 => "tunnel6",
+            ARPHRD_LOOPBACK => "loopback",
+            ARPHRD_SIT => "sit",
+            ARPHRD_IPGRE => "ipgre",
+            ARPHRD_NONE => "none (tun, wireguard)",
+            _ => "unknown",
+        }
+    }
+
+    /// `"ethernet"` or `"ip"` (logs, metrics, `doctor`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Medium::Ethernet => "ethernet",
+            Medium::Ip => "ip",
+        }
+    }
+
+    /// True when frames carry MAC addresses (a `router_mac` is needed).
+    #[inline]
+    pub const fn has_link_addresses(self) -> bool {
+        matches!(self, Medium::Ethernet)
+    }
+}
+
+impl fmt::Display for Medium {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 // ------------------------------------------------------------------------------------------------------------
 // TCP flags
@@ -273,6 +372,10 @@ pub enum EnvelopeError {
     TooManyVlanTags,
     #[error("unsupported EtherType {0:#06x} (want IPv4 0x0800 or IPv6 0x86dd)")]
     UnsupportedEtherType(u16),
+    #[error("empty packet on an IP (no link header) medium")]
+    EmptyIpPacket,
+    #[error("IP version {0} on an IP (no link header) medium (want 4 or 6)")]
+    UnsupportedIpVersion(u8),
     #[error("IP version {found} in a frame whose EtherType says IPv{expected}")]
     IpVersionMismatch { expected: u8, found: u8 },
     #[error("IPv4 header truncated: {len} bytes left, need 20")]
@@ -322,6 +425,8 @@ impl EnvelopeError {
             EnvelopeError::TruncatedVlan { .. } => "truncated_vlan",
             EnvelopeError::TooManyVlanTags => "too_many_vlan_tags",
             EnvelopeError::UnsupportedEtherType(_) => "unsupported_ethertype",
+            EnvelopeError::EmptyIpPacket => "empty_ip_packet",
+            EnvelopeError::UnsupportedIpVersion(_) => "unsupported_ip_version",
             EnvelopeError::IpVersionMismatch { .. } => "ip_version_mismatch",
             EnvelopeError::TruncatedIpv4 { .. } => "truncated_ipv4",
             EnvelopeError::BadIpv4HeaderLen { .. } => "bad_ipv4_header_len",
@@ -347,6 +452,7 @@ impl EnvelopeError {
 // ------------------------------------------------------------------------------------------------------------
 
 /// What the receive path needs from one frame. `payload` borrows the TCP payload from the frame.
+/// On [`Medium::Ip`] the MACs are all-zero and `vlan` is `None`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parsed<'a> {
     pub src_mac: [u8; 6],
@@ -393,6 +499,35 @@ fn mac(b: &[u8]) -> [u8; 6] {
 /// [`EnvelopeError::WrongPort`]. A segment without payload is [`EnvelopeError::EmptyPayload`].
 /// Checksums, seq/ack and flags are not checked (spec §3.2).
 pub fn parse_frame(frame: &[u8], want_dst_port: Option<u16>) -> Result<Parsed<'_>, EnvelopeError> {
+    parse_frame_on(Medium::Ethernet, frame, want_dst_port)
+}
+
+/// [`parse_frame`] for a frame of `medium`: on [`Medium::Ip`] the frame starts at the IPv4/IPv6 header
+/// (told apart by the version nibble); the IP/TCP checks are the same.
+#[inline]
+pub fn parse_frame_on(
+    medium: Medium,
+    frame: &[u8],
+    want_dst_port: Option<u16>,
+) -> Result<Parsed<'_>, EnvelopeError> {
+    match medium {
+        Medium::Ethernet => parse_ethernet(frame, want_dst_port),
+        Medium::Ip => {
+            let Some(&first) = frame.first() else {
+                return Err(EnvelopeError::EmptyIpPacket);
+            };
+            let (src_ip, dst_ip, segment) = match first >> 4 {
+                4 => parse_ipv4(frame)?,
+                6 => parse_ipv6(frame)?,
+                v => return Err(EnvelopeError::UnsupportedIpVersion(v)),
+            };
+            parse_tcp([0; 6], [0; 6], None, src_ip, dst_ip, segment, want_dst_port)
+        }
+    }
+}
+
+#[inline]
+fn parse_ethernet(frame: &[u8], want_dst_port: Option<u16>) -> Result<Parsed<'_>, EnvelopeError> {
     if frame.len() < ETHERNET_HEADER_LEN {
         return Err(EnvelopeError::TruncatedEthernet { len: frame.len() });
     }
@@ -425,6 +560,28 @@ pub fn parse_frame(frame: &[u8], want_dst_port: Option<u16>) -> Result<Parsed<'_
         ETHERTYPE_IPV6 => parse_ipv6(ip)?,
         other => return Err(EnvelopeError::UnsupportedEtherType(other)),
     };
+    parse_tcp(
+        src_mac,
+        dst_mac,
+        vlan,
+        src_ip,
+        dst_ip,
+        segment,
+        want_dst_port,
+    )
+}
+
+/// The TCP part common to every medium.
+#[inline(always)]
+fn parse_tcp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    vlan: Option<u16>,
+    src_ip: IpAddr,
+    dst_ip: IpAddr,
+    segment: &[u8],
+    want_dst_port: Option<u16>,
+) -> Result<Parsed<'_>, EnvelopeError> {
     if segment.len() < 20 {
         return Err(EnvelopeError::TruncatedTcp { len: segment.len() });
     }
@@ -554,12 +711,14 @@ fn parse_ipv6(ip: &[u8]) -> Result<(IpAddr, IpAddr, &[u8]), EnvelopeError> {
     ))
 }
 
-/// Fuzzing entry point: parses `data` as a whole frame, then as the payload of an Ethernet header with the
-/// IPv4 and with the IPv6 EtherType (so the IP/TCP decoders are reached without guessing 14 bytes first),
-/// with and without a port filter. Results are ignored; only panics matter.
+/// Fuzzing entry point: parses `data` as a whole frame (Ethernet and IP media), then as the payload of an
+/// Ethernet header with the IPv4 and with the IPv6 EtherType (so the IP/TCP decoders are reached without
+/// guessing 14 bytes first), with and without a port filter. Results are ignored; only panics matter.
 pub fn fuzz_parse(data: &[u8]) {
     let _ = parse_frame(data, None);
     let _ = parse_frame(data, Some(9999));
+    let _ = parse_frame_on(Medium::Ip, data, None);
+    let _ = parse_frame_on(Medium::Ip, data, Some(9999));
     let mut frame = Vec::with_capacity(ETHERNET_HEADER_LEN + data.len());
     for ethertype in [ETHERTYPE_IPV4, ETHERTYPE_IPV6] {
         frame.clear();
@@ -655,15 +814,23 @@ pub fn transport_checksum(src: IpAddr, dst: IpAddr, protocol: u8, segment: &[u8]
 /// value, as upstream's `atomic.AddUint32(&tsCounter, 1)` does, so a fresh builder (`counter` 0) sends its
 /// first frame with counter 1 — which is what the reference captures show. One builder serves one address
 /// family; the destination may be changed per frame with [`set_destination`](Self::set_destination)
-/// (a server socket talks to many clients with one counter).
+/// (a server socket talks to many clients with one counter). On [`Medium::Ip`]
+/// ([`with_medium`](Self::with_medium)) the frame is the same without the Ethernet header.
 #[derive(Debug, Clone)]
 pub struct EnvelopeBuilder {
     /// Unix milliseconds (truncated to 32 bits) at socket creation.
     pub time: u32,
     /// Frames emitted so far (the next frame uses `counter + 1`).
     pub counter: u32,
-    /// Ethernet + IP + first 20 TCP bytes with every per-frame field zero.
+    /// Link header (if any) + IP + first 20 TCP bytes with every per-frame field zero.
     template: [u8; MAX_HEADER_LEN],
+    /// What frames start with; the IP header is at `medium.link_header_len()`.
+    medium: Medium,
+    /// Offset of the IP header in the template and in every frame (14 or 0).
+    l3: usize,
+    /// MACs (kept on every medium so a medium change can restore them).
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
     /// 20 (IPv4) or 40 (IPv6).
     ip_len: usize,
     /// Unfolded sum of the constant IPv4 header words (IPv4 only; total length and checksum excluded).
@@ -675,8 +842,21 @@ pub struct EnvelopeBuilder {
 }
 
 impl EnvelopeBuilder {
-    /// A builder for frames `src_mac`/`src` → `dst_mac`/`dst`; `src` and `dst` must be the same family.
+    /// A builder for Ethernet frames `src_mac`/`src` → `dst_mac`/`dst`; `src` and `dst` must be the same
+    /// family.
     pub fn new(
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        src: SocketAddr,
+        dst: SocketAddr,
+        time: u32,
+    ) -> Result<Self, EnvelopeError> {
+        Self::new_on(Medium::Ethernet, src_mac, dst_mac, src, dst, time)
+    }
+
+    /// A builder for frames of `medium` (the MACs are kept but not written on [`Medium::Ip`]).
+    pub fn new_on(
+        medium: Medium,
         src_mac: [u8; 6],
         dst_mac: [u8; 6],
         src: SocketAddr,
@@ -692,19 +872,51 @@ impl EnvelopeBuilder {
             time,
             counter: 0,
             template: [0u8; MAX_HEADER_LEN],
+            medium,
+            l3: medium.link_header_len(),
+            src_mac,
+            dst_mac,
             ip_len,
             ipv4_fixed_sum: 0,
             pseudo_sum: 0,
             src_ip: src.ip(),
             dst_ip: dst.ip(),
         };
-        let t = &mut b.template;
-        t[0..6].copy_from_slice(&dst_mac);
-        t[6..12].copy_from_slice(&src_mac);
-        let ip = ETHERNET_HEADER_LEN;
+        b.write_template(src, dst);
+        Ok(b)
+    }
+
+    /// The same builder (time, counter, addresses) writing frames of `medium`.
+    pub fn with_medium(mut self, medium: Medium) -> Self {
+        if medium != self.medium {
+            let (src, dst) = (self.source(), self.destination());
+            self.medium = medium;
+            self.l3 = medium.link_header_len();
+            self.template = [0u8; MAX_HEADER_LEN];
+            self.write_template(src, dst);
+        }
+        self
+    }
+
+    /// The medium frames are built for.
+    pub fn medium(&self) -> Medium {
+        self.medium
+    }
+
+    /// Fills the template for `src` → `dst` (same family, checked by the caller) on `self.medium`.
+    fn write_template(&mut self, src: SocketAddr, dst: SocketAddr) {
+        let ip = self.l3;
+        let t = &mut self.template;
+        let ethernet = self.medium == Medium::Ethernet;
+        if ethernet {
+            t[0..6].copy_from_slice(&self.dst_mac);
+            t[6..12].copy_from_slice(&self.src_mac);
+        }
         match (src.ip(), dst.ip()) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                t[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+                if ethernet {
+                    t[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+                }
                 t[ip] = 0x45;
                 t[ip + 1] = TOS;
                 // total length (2..4) per frame; ID 0; flags DF, fragment offset 0.
@@ -716,7 +928,9 @@ impl EnvelopeBuilder {
                 t[ip + 16..ip + 20].copy_from_slice(&d.octets());
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
-                t[12..14].copy_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+                if ethernet {
+                    t[12..14].copy_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+                }
                 // version 6, traffic class 184, flow label 0.
                 t[ip] = 0x60 | (TOS >> 4);
                 t[ip + 1] = (TOS & 0x0F) << 4;
@@ -726,18 +940,17 @@ impl EnvelopeBuilder {
                 t[ip + 8..ip + 24].copy_from_slice(&s.octets());
                 t[ip + 24..ip + 40].copy_from_slice(&d.octets());
             }
-            _ => unreachable!("families checked above"),
+            _ => unreachable!("families checked by the constructor"),
         }
-        let tcp = ip + ip_len;
+        let tcp = ip + self.ip_len;
         t[tcp..tcp + 2].copy_from_slice(&src.port().to_be_bytes());
         t[tcp + 2..tcp + 4].copy_from_slice(&dst.port().to_be_bytes());
         t[tcp + 14..tcp + 16].copy_from_slice(&0xFFFFu16.to_be_bytes());
-        b.recompute_sums();
-        Ok(b)
+        self.recompute_sums();
     }
 
     fn recompute_sums(&mut self) {
-        let ip = ETHERNET_HEADER_LEN;
+        let ip = self.l3;
         self.ipv4_fixed_sum = if self.ip_len == IPV4_HEADER_LEN {
             sum_words(&self.template[ip..ip + IPV4_HEADER_LEN])
         } else {
@@ -749,8 +962,8 @@ impl EnvelopeBuilder {
     /// Changes the peer (IP and port) for the following frames; the family must stay the same.
     /// Cheap when `dst` is unchanged.
     pub fn set_destination(&mut self, dst: SocketAddr) -> Result<(), EnvelopeError> {
-        let tcp = ETHERNET_HEADER_LEN + self.ip_len;
-        let ip = ETHERNET_HEADER_LEN;
+        let tcp = self.l3 + self.ip_len;
+        let ip = self.l3;
         match (self.src_ip, dst.ip()) {
             (IpAddr::V4(_), IpAddr::V4(d)) => {
                 if self.dst_ip != dst.ip() {
@@ -772,27 +985,32 @@ impl EnvelopeBuilder {
         Ok(())
     }
 
-    /// Changes the destination MAC (the `router_mac`) for the following frames.
+    /// Changes the destination MAC (the `router_mac`) for the following frames (kept, not written, on
+    /// [`Medium::Ip`]).
     pub fn set_dst_mac(&mut self, dst_mac: [u8; 6]) {
-        self.template[0..6].copy_from_slice(&dst_mac);
+        self.dst_mac = dst_mac;
+        if self.medium == Medium::Ethernet {
+            self.template[0..6].copy_from_slice(&dst_mac);
+        }
     }
 
     /// The current destination.
     pub fn destination(&self) -> SocketAddr {
-        let tcp = ETHERNET_HEADER_LEN + self.ip_len;
+        let tcp = self.l3 + self.ip_len;
         SocketAddr::new(self.dst_ip, be16(&self.template, tcp + 2))
     }
 
     /// The local address frames are sent from.
     pub fn source(&self) -> SocketAddr {
-        let tcp = ETHERNET_HEADER_LEN + self.ip_len;
+        let tcp = self.l3 + self.ip_len;
         SocketAddr::new(self.src_ip, be16(&self.template, tcp))
     }
 
-    /// Bytes of header in front of the payload: 66 for IPv4, 86 for IPv6, 8 more with SYN.
+    /// Bytes of header in front of the payload: 66 for IPv4, 86 for IPv6 on Ethernet (14 less on
+    /// [`Medium::Ip`]), 8 more with SYN.
     #[inline]
     pub fn header_len(&self, flags: TcpFlags) -> usize {
-        ETHERNET_HEADER_LEN + self.ip_len + Self::tcp_len(flags)
+        self.l3 + self.ip_len + Self::tcp_len(flags)
     }
 
     #[inline]
@@ -815,7 +1033,7 @@ impl EnvelopeBuilder {
         out: &mut [u8],
     ) -> Result<usize, EnvelopeError> {
         let tcp_len = Self::tcp_len(flags);
-        let l4 = ETHERNET_HEADER_LEN + self.ip_len;
+        let l4 = self.l3 + self.ip_len;
         let hdr = l4 + tcp_len;
         let max_payload = usize::from(u16::MAX)
             - tcp_len
@@ -842,7 +1060,7 @@ impl EnvelopeBuilder {
         let segment_len = tcp_len + payload_len;
 
         out[..l4 + 20].copy_from_slice(&self.template[..l4 + 20]);
-        let ip = ETHERNET_HEADER_LEN;
+        let ip = self.l3;
         if self.ip_len == IPV4_HEADER_LEN {
             let total_len = (IPV4_HEADER_LEN + segment_len) as u16;
             out[ip + 2..ip + 4].copy_from_slice(&total_len.to_be_bytes());
@@ -1575,6 +1793,8 @@ mod tests {
             EnvelopeError::TruncatedVlan { offset: 0, len: 0 },
             EnvelopeError::TooManyVlanTags,
             EnvelopeError::UnsupportedEtherType(0),
+            EnvelopeError::EmptyIpPacket,
+            EnvelopeError::UnsupportedIpVersion(0),
             EnvelopeError::IpVersionMismatch {
                 expected: 4,
                 found: 0,
@@ -1613,6 +1833,175 @@ mod tests {
         assert!(reasons.iter().all(|r| !r.is_empty()
             && r.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')));
+    }
+
+    // ---- medium --------------------------------------------------------------------------------------------
+
+    #[test]
+    fn medium_from_arphrd_and_names() {
+        assert_eq!(Medium::default(), Medium::Ethernet);
+        assert_eq!(Medium::from_arphrd(1), Some(Medium::Ethernet));
+        assert_eq!(Medium::from_arphrd(772), Some(Medium::Ethernet));
+        for t in [65534, 512, 519, 768, 769, 776, 778] {
+            assert_eq!(Medium::from_arphrd(t), Some(Medium::Ip), "ARPHRD {t}");
+            assert_ne!(Medium::arphrd_name(t), "unknown");
+        }
+        // 801 = ARPHRD_IEEE80211_RADIOTAP, 24 = ARPHRD_IEEE1394: no IP frames paqet could build.
+        assert_eq!(Medium::from_arphrd(801), None);
+        assert_eq!(Medium::from_arphrd(24), None);
+        assert_eq!(Medium::arphrd_name(801), "unknown");
+        assert_eq!(Medium::Ethernet.to_string(), "ethernet");
+        assert_eq!(Medium::Ip.to_string(), "ip");
+        assert_eq!(Medium::Ip.link_header_len(), 0);
+        assert_eq!(Medium::Ethernet.link_header_len(), ETHERNET_HEADER_LEN);
+        assert!(Medium::Ethernet.has_link_addresses() && !Medium::Ip.has_link_addresses());
+    }
+
+    /// Emits the same frames (same counter) on both media; the IP-medium frame is the Ethernet frame
+    /// without its first 14 bytes and parses to the same fields (MACs zero).
+    fn ip_medium_matches_ethernet(mut eth: EnvelopeBuilder, mut ip: EnvelopeBuilder) {
+        assert_eq!(ip.medium(), Medium::Ip);
+        for (flags, payload) in [
+            (TcpFlags::PSH_ACK, &b"paqet over tun"[..]),
+            (TcpFlags::SYN, &b"s"[..]),
+            (TcpFlags::SYN | TcpFlags::ACK, &[0xAB; 1200][..]),
+            (TcpFlags::ACK, &b"x"[..]),
+        ] {
+            assert_eq!(ip.header_len(flags) + 14, eth.header_len(flags));
+            let fe = emit_vec(&mut eth, flags, payload);
+            let fi = emit_vec(&mut ip, flags, payload);
+            assert_eq!(
+                &fe[14..],
+                &fi[..],
+                "{flags}: IP frame = Ethernet frame minus 14 bytes"
+            );
+            let pe = parse_frame(&fe, Some(eth.destination().port())).unwrap();
+            let pi = parse_frame_on(Medium::Ip, &fi, Some(ip.destination().port())).unwrap();
+            assert_eq!(
+                pi,
+                Parsed {
+                    src_mac: [0; 6],
+                    dst_mac: [0; 6],
+                    ..pe
+                }
+            );
+            assert_eq!(pi.payload, payload);
+            assert_eq!(pi.src_addr(), ip.source());
+            assert_eq!(pi.dst_addr(), ip.destination());
+            assert_eq!(pi.flags, flags);
+            // The Ethernet parser of the same medium call is the old one, byte for byte.
+            assert_eq!(
+                parse_frame_on(Medium::Ethernet, &fe, None),
+                parse_frame(&fe, None)
+            );
+            let mut relinked = vec![0u8; 14];
+            relinked[12..14].copy_from_slice(&fe[12..14]);
+            relinked.extend_from_slice(&fi);
+            assert_checksums_valid(&relinked);
+        }
+        assert_eq!(eth.counter, ip.counter);
+    }
+
+    #[test]
+    fn ip_medium_round_trip_v4() {
+        let ip = EnvelopeBuilder::new_on(
+            Medium::Ip,
+            CLIENT_MAC,
+            SERVER_MAC,
+            SocketAddr::new(CLIENT_IP.into(), 35748),
+            SocketAddr::new(SERVER_IP.into(), SERVER_PORT),
+            77,
+        )
+        .unwrap();
+        ip_medium_matches_ethernet(v4_builder(77), ip);
+        // with_medium converts an existing builder the same way
+        ip_medium_matches_ethernet(v4_builder(78), v4_builder(78).with_medium(Medium::Ip));
+    }
+
+    #[test]
+    fn ip_medium_round_trip_v6() {
+        ip_medium_matches_ethernet(v6_builder(5), v6_builder(5).with_medium(Medium::Ip));
+        let mut b = v6_builder(5).with_medium(Medium::Ip);
+        let f = emit_vec(&mut b, TcpFlags::PSH_ACK, b"six");
+        assert_eq!(f[0] >> 4, 6);
+        assert_eq!(f.len(), 40 + 32 + 3);
+        let p = parse_frame_on(Medium::Ip, &f, Some(9999)).unwrap();
+        assert_eq!(p.src_addr(), "[fd00::1]:40000".parse().unwrap());
+        assert_eq!(p.payload, b"six");
+    }
+
+    #[test]
+    fn medium_switch_keeps_state_and_macs() {
+        let mut b = v4_builder(9);
+        let f1 = emit_vec(&mut b, TcpFlags::PSH_ACK, b"a");
+        let mut ip = b.clone().with_medium(Medium::Ip);
+        assert_eq!(ip.counter, 1);
+        ip.set_dst_mac([2, 0, 0, 0, 0, 0x99]); // remembered, not written
+        let other: SocketAddr = "10.200.0.7:7000".parse().unwrap();
+        ip.set_destination(other).unwrap();
+        let f2 = emit_vec(&mut ip, TcpFlags::PSH_ACK, b"b");
+        let p = parse_frame_on(Medium::Ip, &f2, Some(7000)).unwrap();
+        assert_eq!(p.dst_addr(), other);
+        assert_eq!(p.dst_mac, [0; 6]);
+        let mut back = ip.with_medium(Medium::Ethernet);
+        assert_eq!(back.medium(), Medium::Ethernet);
+        let f3 = emit_vec(&mut back, TcpFlags::PSH_ACK, b"c");
+        let p = parse_frame(&f3, Some(7000)).unwrap();
+        assert_eq!(p.dst_mac, [2, 0, 0, 0, 0, 0x99]);
+        assert_eq!(p.src_mac, CLIENT_MAC);
+        assert_eq!(back.counter, 3);
+        assert_checksums_valid(&f3);
+        // same medium: unchanged builder
+        let same = v4_builder(9).with_medium(Medium::Ethernet);
+        assert_eq!(emit_vec(&mut same.clone(), TcpFlags::PSH_ACK, b"a"), f1);
+    }
+
+    #[test]
+    fn ip_medium_parse_errors() {
+        assert_eq!(
+            parse_frame_on(Medium::Ip, &[], None),
+            Err(EnvelopeError::EmptyIpPacket)
+        );
+        assert_eq!(
+            parse_frame_on(Medium::Ip, &[0x55; 60], None),
+            Err(EnvelopeError::UnsupportedIpVersion(5))
+        );
+        // An Ethernet frame read as a bare IP packet (first byte 0x02 of the MAC) is rejected, and a bare
+        // IP packet read as Ethernet is too: the medium must match the interface.
+        let mut b = v4_builder(0);
+        let eth = emit_vec(&mut b, TcpFlags::PSH_ACK, b"z");
+        assert_eq!(
+            parse_frame_on(Medium::Ip, &eth, None),
+            Err(EnvelopeError::UnsupportedIpVersion(0))
+        );
+        let ip = &eth[14..];
+        assert!(parse_frame(ip, None).is_err());
+        assert_eq!(
+            parse_frame_on(Medium::Ip, &ip[..19], None),
+            Err(EnvelopeError::TruncatedIpv4 { len: 19 })
+        );
+        assert_eq!(
+            parse_frame_on(Medium::Ip, ip, Some(1)),
+            Err(EnvelopeError::WrongPort {
+                want: 1,
+                found: 9999
+            })
+        );
+        let mut b6 = v6_builder(0).with_medium(Medium::Ip);
+        let ip6 = emit_vec(&mut b6, TcpFlags::PSH_ACK, b"z");
+        assert_eq!(
+            parse_frame_on(Medium::Ip, &ip6[..39], None),
+            Err(EnvelopeError::TruncatedIpv6 { len: 39 })
+        );
+        // trailing bytes past the IP length are trimmed, as on Ethernet
+        let mut padded = ip6.clone();
+        padded.extend_from_slice(&[0xEE; 6]);
+        assert_eq!(
+            parse_frame_on(Medium::Ip, &padded, None).unwrap().payload,
+            b"z"
+        );
+        let e = EnvelopeError::UnsupportedIpVersion(5);
+        assert!(e.to_string().contains("version 5"), "{e}");
     }
 
     #[test]
@@ -1699,6 +2088,31 @@ mod tests {
             prop_assert!(parse_frame(&wire, None).is_ok());
             for len in 0..wire.len() {
                 prop_assert!(parse_frame(&wire[..len], None).is_err(), "accepted a frame cut at {}", len);
+            }
+        }
+
+        #[test]
+        fn ip_medium_emit_parse_round_trip(
+            (src_ip, dst_ip) in addr_pair(),
+            src_port in any::<u16>(),
+            dst_port in any::<u16>(),
+            flags in 0u16..0x200,
+            payload in proptest::collection::vec(any::<u8>(), 1..1500),
+            time in any::<u32>(),
+        ) {
+            let flags = TcpFlags(flags);
+            let (src, dst) = (SocketAddr::new(src_ip, src_port), SocketAddr::new(dst_ip, dst_port));
+            let mut b = EnvelopeBuilder::new_on(Medium::Ip, [1; 6], [2; 6], src, dst, time).unwrap();
+            let mut frame = vec![0u8; b.header_len(flags) + payload.len()];
+            let n = b.emit_with_payload(flags, &payload, &mut frame).unwrap();
+            prop_assert_eq!(n, frame.len());
+            let p = parse_frame_on(Medium::Ip, &frame, Some(dst_port)).unwrap();
+            prop_assert_eq!(p, Parsed {
+                src_mac: [0; 6], dst_mac: [0; 6], vlan: None, src_ip, dst_ip, src_port, dst_port, flags,
+                payload: &payload[..],
+            });
+            for len in 0..frame.len() {
+                prop_assert!(parse_frame_on(Medium::Ip, &frame[..len], None).is_err(), "accepted a cut at {}", len);
             }
         }
 

@@ -38,7 +38,7 @@ use crate::proto::endpoint::{
 use crate::proto::guard::{Guard, GUARD_LEN};
 use crate::proto::session::{Role, SessionConfigError};
 use crate::proto::smux::SmuxEvent;
-use crate::wire::envelope::{parse_frame, EnvelopeBuilder, FlagCycler, TcpFlags};
+use crate::wire::envelope::{parse_frame_on, EnvelopeBuilder, FlagCycler, Medium, TcpFlags};
 
 /// The worker's shared state handle.
 pub type Shared = Rc<RefCell<Core>>;
@@ -417,6 +417,12 @@ impl Core {
         let id = self.next_link;
         self.next_link += 1;
         let fd = io.raw_fd();
+        // Frames are built for the link's medium (Ethernet, or bare IP on tun/ppp/WireGuard).
+        let medium = io.medium();
+        let (env4, env6) = (
+            env4.map(|e| e.with_medium(medium)),
+            env6.map(|e| e.with_medium(medium)),
+        );
         let retire = Rc::new(Notify::new());
         self.links.insert(
             id,
@@ -470,6 +476,10 @@ impl Core {
         env: Option<EnvelopeBuilder>,
     ) -> Result<u64, SessionConfigError> {
         let now = self.now();
+        let env = match self.links.get(&link) {
+            Some(l) => env.map(|e| e.with_medium(l.io.medium())),
+            None => env,
+        };
         let io = SessionIo {
             env,
             ..SessionIo::default()
@@ -800,7 +810,7 @@ impl Core {
         let mut frames = std::mem::take(&mut self.rx_frames);
         arena.clear();
         frames.clear();
-        let (n, port) = {
+        let (n, port, medium) = {
             let Some(link) = self.links.get_mut(&link_id) else {
                 return Ok(0);
             };
@@ -809,10 +819,11 @@ impl Core {
                 arena.extend_from_slice(f);
                 frames.push((off, f.len()));
             });
-            (n, link.port)
+            (n, link.port, link.io.medium())
         };
         for &(off, len) in &frames {
-            self.handle_frame(link_id, port, &mut arena[off..off + len], now, unix_secs);
+            let frame = &mut arena[off..off + len];
+            self.handle_frame(link_id, port, medium, frame, now, unix_secs);
         }
         self.rx_arena = arena;
         self.rx_frames = frames;
@@ -845,10 +856,13 @@ impl Core {
         };
         let now = self.now();
         let unix_secs = unix_now().as_secs();
-        let port = self.links.get(&link_id).map(|l| l.port).unwrap_or(0);
+        let (port, medium) = self
+            .links
+            .get(&link_id)
+            .map_or((0, Medium::Ethernet), |l| (l.port, l.io.medium()));
         let n = router.drain_inbox(&mut |frame: &mut [u8]| {
             self.counters.rx_handed_in += 1;
-            self.handle_frame(link_id, port, frame, now, unix_secs);
+            self.handle_frame(link_id, port, medium, frame, now, unix_secs);
         });
         self.router = Some(router);
         self.flush_dirty(now, unix_secs);
@@ -861,13 +875,14 @@ impl Core {
         &mut self,
         link_id: u64,
         port: u16,
+        medium: Medium,
         frame: &mut [u8],
         now: u32,
         unix_secs: u64,
     ) {
         self.counters.rx_frames += 1;
         let want = (port != 0).then_some(port);
-        let (src, dst_port, off, len) = match parse_frame(frame, want) {
+        let (src, dst_port, off, len) = match parse_frame_on(medium, frame, want) {
             Ok(p) => (
                 p.src_addr(),
                 p.dst_port,

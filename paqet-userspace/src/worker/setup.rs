@@ -110,7 +110,11 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
         CfgRole::Client => Role::Client,
         CfgRole::Server => Role::Server,
     };
-    let local_mac = route::mac(iface).with_context(|| format!("network.interface {iface:?}"))?;
+    // Ethernet, or no link header (tun, ppp, WireGuard): no MACs to resolve, and none may be configured.
+    let medium =
+        route::link_medium(iface).with_context(|| format!("network.interface {iface:?}"))?;
+    let local_mac = route::local_mac_for(iface, medium)
+        .with_context(|| format!("network.interface {iface:?}"))?;
     let server_addr = match role {
         Role::Client => {
             let hp = cfg
@@ -139,11 +143,14 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
                 Some(ip) => ip,
                 None => route::ipv4_addr(iface).context("network.ipv4.addr omitted")?,
             };
-            let router_mac = match f.router_mac {
-                Some(m) => m.0,
-                None => route::resolve_router_mac(iface, probe_dst(true))
-                    .context("network.ipv4.router_mac omitted")?,
-            };
+            let router_mac = route::router_mac_for(
+                iface,
+                medium,
+                "ipv4",
+                f.router_mac.map(|m| m.0),
+                probe_dst(true),
+            )
+            .context("network.ipv4.router_mac")?;
             Some(FamilyConfig {
                 addr: SocketAddr::new(IpAddr::V4(ip), f.port),
                 router_mac,
@@ -157,11 +164,14 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
                 Some(ip) => ip,
                 None => route::ipv6_addr(iface).context("network.ipv6.addr omitted")?,
             };
-            let router_mac = match f.router_mac {
-                Some(m) => m.0,
-                None => route::resolve_router_mac(iface, probe_dst(false))
-                    .context("network.ipv6.router_mac omitted")?,
-            };
+            let router_mac = route::router_mac_for(
+                iface,
+                medium,
+                "ipv6",
+                f.router_mac.map(|m| m.0),
+                probe_dst(false),
+            )
+            .context("network.ipv6.router_mac")?;
             Some(FamilyConfig {
                 addr: SocketAddr::new(IpAddr::V6(ip), f.port),
                 router_mac,

@@ -13,6 +13,8 @@
 //! Every wait is bounded; nothing is sent anywhere but loopback and the test's own namespaces.
 #![allow(dead_code)] // every test binary uses a different subset
 
+pub mod tunlink;
+
 use std::io::{BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -231,6 +233,8 @@ enum Link {
         server: Netns,
     },
     Impaired(ImpairedLink),
+    /// A tun pair and its relay (no link header): [`tunlink`].
+    Tun(tunlink::TunLink),
 }
 
 /// The client and server namespaces and how they are joined.
@@ -336,6 +340,7 @@ impl Net {
         match &self.link {
             Link::Direct { client, .. } => client,
             Link::Impaired(l) => &l.a,
+            Link::Tun(l) => &l.client,
         }
     }
 
@@ -343,13 +348,14 @@ impl Net {
         match &self.link {
             Link::Direct { server, .. } => server,
             Link::Impaired(l) => &l.b,
+            Link::Tun(l) => &l.server,
         }
     }
 
     /// The middle (router) namespace of an impaired link: a third party on the path.
     pub fn middle(&self) -> Option<&Netns> {
         match &self.link {
-            Link::Direct { .. } => None,
+            Link::Direct { .. } | Link::Tun(_) => None,
             Link::Impaired(l) => Some(&l.m),
         }
     }
@@ -1001,6 +1007,8 @@ pub struct Opts {
     pub server_kcp_extra: String,
     /// Install the iptables NOTRACK/RST rules pcap mode needs (off: to show what happens without them).
     pub firewall: bool,
+    /// Join the namespaces with a tun pair (no link header, no `router_mac`) instead of `link`.
+    pub tun: bool,
 }
 
 impl Opts {
@@ -1018,7 +1026,17 @@ impl Opts {
             smuxktimeout: 8,
             server_kcp_extra: String::new(),
             firewall: true,
+            tun: false,
         }
+    }
+}
+
+/// `router_mac = "MAC"`, or nothing for an interface without MACs (empty `mac`: a tun link).
+pub fn router_mac_line(mac: &str) -> String {
+    if mac.is_empty() {
+        String::new()
+    } else {
+        format!("router_mac = \"{mac}\"")
     }
 }
 
@@ -1057,6 +1075,7 @@ impl Tunnel {
         configs: Option<&dyn Fn(&Net, &HttpServer, &UdpEcho, &Path) -> (String, String)>,
     ) -> Tunnel {
         let net = match opts.link {
+            _ if opts.tun => Net::tun(tag),
             None => Net::direct(tag),
             Some(spec) => Net::impaired(tag, spec),
         };
@@ -1129,7 +1148,7 @@ addr = ":{TUNNEL_PORT}"
 interface = "{sif}"
 [network.ipv4]
 addr = "{sip}:{TUNNEL_PORT}"
-router_mac = "{gw}"
+{gw}
 [transport]
 protocol = "kcp"
 [transport.kcp]
@@ -1146,7 +1165,7 @@ listen = "127.0.0.1:{METRICS_PORT}"
 "#,
             sif = net.server_if,
             sip = net.server_ip,
-            gw = net.server_gw_mac,
+            gw = router_mac_line(&net.server_gw_mac),
             mode = o.kcp_mode,
             wnd = o.wnd,
             key = o.server_key,
@@ -1200,7 +1219,7 @@ protocol = "udp"
 interface = "{cif}"
 [network.ipv4]
 addr = "{cip}:0"
-router_mac = "{gw}"
+{gw}
 [transport]
 protocol = "kcp"
 conn = {conn}
@@ -1223,7 +1242,7 @@ listen = "127.0.0.1:{metrics}"
             metrics = ports.metrics,
             cif = net.client_if,
             cip = net.client_ip,
-            gw = net.client_gw_mac,
+            gw = router_mac_line(&net.client_gw_mac),
             conn = o.conn,
             mode = o.kcp_mode,
             wnd = o.wnd,
