@@ -101,19 +101,19 @@ fn from_git(dir: &Path) -> Option<(String, String)> {
     let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
     // Re-run when HEAD moves (checkout, commit), when the index changes (add, commit) and when a
     // source file of the workspace changes (the dirty flag); paths are relative to this crate.
-    for p in ["HEAD", "index", "packed-refs"] {
-        if let Some(f) = git(&["rev-parse", "--path-format=absolute", "--git-path", p]) {
+    // A path that does not exist (no packed-refs yet, a packed branch ref) would make every build stale.
+    let watch = |f: String| {
+        if Path::new(&f).exists() {
             println!("cargo:rerun-if-changed={f}");
         }
-    }
-    if let Some(head_ref) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        if let Some(f) = git(&[
-            "rev-parse",
-            "--path-format=absolute",
-            "--git-path",
-            &head_ref,
-        ]) {
-            println!("cargo:rerun-if-changed={f}");
+    };
+    let head_ref = git(&["symbolic-ref", "-q", "HEAD"]);
+    for p in ["HEAD", "index", "packed-refs"]
+        .into_iter()
+        .chain(head_ref.as_deref())
+    {
+        if let Some(f) = git(&["rev-parse", "--path-format=absolute", "--git-path", p]) {
+            watch(f);
         }
     }
     for src in [
@@ -126,7 +126,12 @@ fn from_git(dir: &Path) -> Option<(String, String)> {
         println!("cargo:rerun-if-changed={}", dir.join(src).display());
     }
     // Tracked files changed (staged or not); untracked files do not make a build dirty.
-    let dirty = match git(&["status", "--porcelain", "--untracked-files=no"]) {
+    let dirty = match git(&[
+        "--no-optional-locks",
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+    ]) {
         Some(s) if s.is_empty() => "false",
         Some(_) => "true",
         None => "unknown",

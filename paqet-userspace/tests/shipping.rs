@@ -1,7 +1,8 @@
 //! What paqet-dp ships, checked from the artifacts `scripts/ship.sh` makes (`scripts/test.sh` runs it
 //! before `cargo test`): the arm64 release binary under qemu-user, the OCI images for amd64 and arm64
-//! (their root filesystem runs the binary), the Helm chart's default image naming that image, and the
-//! .deb installed and removed with dpkg. Plus the build stamp of the binary under test.
+//! (their root filesystem runs the binary, as root and as a non-root user holding the chart's
+//! capabilities), and the .debs (installed and removed with dpkg). Plus the build stamp, man page and
+//! completions of the binary under test. The chart's default image: `tests/helm_chart.rs`.
 //!
 //! A missing artifact fails with the command that makes it; a tool that cannot run here (not root,
 //! no qemu-aarch64-static, no dpkg) skips with a message.
@@ -413,28 +414,6 @@ fn image_amd64_rootfs_runs_the_binary() {
 #[test]
 fn image_arm64_rootfs_runs_the_binary() {
     check_image("arm64", "aarch64");
-}
-
-#[test]
-fn chart_default_image_is_the_built_image() {
-    let values: serde_yaml::Value = serde_yaml::from_str(
-        &std::fs::read_to_string(root().join("deploy/helm/paqet-dp/values.yaml")).unwrap(),
-    )
-    .unwrap();
-    let chart: serde_yaml::Value = serde_yaml::from_str(
-        &std::fs::read_to_string(root().join("deploy/helm/paqet-dp/Chart.yaml")).unwrap(),
-    )
-    .unwrap();
-    let repo = values["image"]["repository"].as_str().unwrap();
-    let tag = match values["image"]["tag"].as_str() {
-        Some("") | None => chart["appVersion"].as_str().unwrap(),
-        Some(t) => t,
-    };
-    // What a node resolves `paqet-dp:<tag>` to is the name scripts/image.sh gives the image.
-    assert_eq!(repo, "paqet-dp");
-    assert_eq!(tag, VERSION, "chart appVersion vs crate version");
-    let script = std::fs::read_to_string(root().join("scripts/image.sh")).unwrap();
-    assert!(script.contains("NAME=docker.io/library/paqet-dp\n"));
 }
 
 #[test]
