@@ -1,7 +1,7 @@
 //! What paqet-dp ships, checked from the artifacts `scripts/ship.sh` makes (`scripts/test.sh` runs it
 //! before `cargo test`): the arm64 release binary under qemu-user, the OCI images for amd64 and arm64
-//! (their root filesystem runs the binary, as root and as a non-root user holding the chart's
-//! capabilities), and the .debs (installed and removed with dpkg). Plus the build stamp, man page and
+//! (their root filesystem runs the binary, through `buildah run` and chroot, as root and as a non-root
+//! user holding the chart's capabilities), and the .debs (installed and removed with dpkg). Plus the build stamp, man page and
 //! completions of the binary under test. The chart's default image: `tests/helm_chart.rs`.
 //!
 //! A missing artifact fails with the command that makes it; a tool that cannot run here (not root,
@@ -337,7 +337,47 @@ fn check_image(arch: &str, triple_arch: &str) {
             .args(["/usr/bin/paqet-dp", "version"]));
         check_version(&out, triple_arch);
         non_root_daemon_holds_the_capabilities(fs);
+        buildah_runs_the_image(&img.dir, revision);
     }
+}
+
+/// `buildah run` of the amd64 archive (chroot isolation: crun cannot create a container on a host with
+/// cgroups in hybrid mode, and needs none here), as root and as a non-root user, in a private store.
+fn buildah_runs_the_image(dir: &Path, revision: &str) {
+    if !have("buildah") {
+        eprintln!("SKIP buildah run: buildah not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let archive = target().join(format!("image/paqet-dp_{VERSION}_amd64.oci.tar"));
+    let store = dir.join("buildah");
+    let buildah = || {
+        let mut c = Command::new("buildah");
+        c.arg("--root")
+            .arg(store.join("storage"))
+            .arg("--runroot")
+            .arg(store.join("run"))
+            .args(["--storage-driver", "vfs"]);
+        c
+    };
+    let from = format!("oci-archive:{}", archive.display());
+    let ctr = ok(buildah().args(["from", "--quiet", &from]));
+    let ctr = ctr.trim();
+    for user in ["0:0", "65532:65532"] {
+        let out = ok(buildah().args([
+            "run",
+            "--isolation",
+            "chroot",
+            "--user",
+            user,
+            ctr,
+            "--",
+            "/usr/bin/paqet-dp",
+            "version",
+        ]));
+        check_version(&out, "x86_64");
+        assert!(out.contains(&format!("Commit: {revision}")), "{out}");
+    }
+    let _ = buildah().args(["rm", ctr]).output();
 }
 
 /// The daemon from the image, run as uid 65532 (in a namespace of its own, on its loopback), holds the
