@@ -4,7 +4,13 @@
 //! Without `bpf-linker` on PATH, or with `PAQET_NO_EBPF=1`, the eBPF build is skipped and
 //! `cfg(paqet_no_ebpf)` is set: the crate still builds (pcap backend only) and the XDP code returns
 //! a clear error at run time. Install bpf-linker with `scripts/install-bpf-linker.sh`.
+//!
+//! It also stamps the build with its git commit (`PAQET_GIT_COMMIT`, 12 hex digits, or `unknown`
+//! outside a git checkout) and whether the work tree had uncommitted changes (`PAQET_GIT_DIRTY`:
+//! `true`, `false` or `unknown`), read by `paqet-dp version` and `paqet_build_info`. A build from a
+//! source tarball can pass both in the environment (they win over git).
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 const EBPF_PACKAGE: &str = "paqet-ebpf";
 
@@ -12,6 +18,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(paqet_no_ebpf)");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=PAQET_NO_EBPF");
+    git_stamp();
 
     let skip = std::env::var("PAQET_NO_EBPF")
         .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
@@ -59,6 +66,77 @@ fn main() {
              Set PAQET_NO_EBPF=1 to build without XDP support (pcap backend only)."
         );
     }
+}
+
+/// Sets `PAQET_GIT_COMMIT` and `PAQET_GIT_DIRTY` for the crate, from the environment or from git.
+fn git_stamp() {
+    println!("cargo:rerun-if-env-changed=PAQET_GIT_COMMIT");
+    println!("cargo:rerun-if-env-changed=PAQET_GIT_DIRTY");
+    let manifest =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let (commit, dirty) = match std::env::var("PAQET_GIT_COMMIT") {
+        Ok(c) if !c.trim().is_empty() => (
+            c.trim().to_owned(),
+            std::env::var("PAQET_GIT_DIRTY").unwrap_or_else(|_| "unknown".into()),
+        ),
+        _ => from_git(&manifest).unwrap_or_else(|| ("unknown".into(), "unknown".into())),
+    };
+    println!("cargo:rustc-env=PAQET_GIT_COMMIT={commit}");
+    println!("cargo:rustc-env=PAQET_GIT_DIRTY={dirty}");
+}
+
+/// `(commit, dirty)` of the checkout holding `dir`; `None` outside git (or without git).
+fn from_git(dir: &Path) -> Option<(String, String)> {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
+    // Re-run when HEAD moves (checkout, commit), when the index changes (add, commit) and when a
+    // source file of the workspace changes (the dirty flag); paths are relative to this crate.
+    // A path that does not exist (no packed-refs yet, a packed branch ref) would make every build stale.
+    let watch = |f: String| {
+        if Path::new(&f).exists() {
+            println!("cargo:rerun-if-changed={f}");
+        }
+    };
+    let head_ref = git(&["symbolic-ref", "-q", "HEAD"]);
+    for p in ["HEAD", "index", "packed-refs"]
+        .into_iter()
+        .chain(head_ref.as_deref())
+    {
+        if let Some(f) = git(&["rev-parse", "--path-format=absolute", "--git-path", p]) {
+            watch(f);
+        }
+    }
+    for src in [
+        "src",
+        "Cargo.toml",
+        "../paqet-common/src",
+        "../paqet-ebpf/src",
+        "../Cargo.lock",
+    ] {
+        println!("cargo:rerun-if-changed={}", dir.join(src).display());
+    }
+    // Tracked files changed (staged or not); untracked files do not make a build dirty.
+    let dirty = match git(&[
+        "--no-optional-locks",
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+    ]) {
+        Some(s) if s.is_empty() => "false",
+        Some(_) => "true",
+        None => "unknown",
+    };
+    Some((commit, dirty.to_owned()))
 }
 
 fn no_ebpf(why: &str) {

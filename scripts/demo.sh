@@ -5,14 +5,17 @@
 # the TCP forward otherwise), then throughput, latency and the daemons' metrics are printed. Everything is
 # removed on exit. Traffic stays inside the two namespaces.
 #
-#   sudo scripts/demo.sh                 # 64 MiB file, data path "pcap"
-#   DEMO_MB=256 DEMO_MODE=auto sudo -E scripts/demo.sh
+# The data path is `--mode auto` (XDP where the kernel and driver have it, pcap otherwise); the demo prints
+# which one each daemon took.
+#
+#   sudo scripts/demo.sh                 # 64 MiB file, data path "auto"
+#   DEMO_MB=256 DEMO_MODE=pcap sudo -E scripts/demo.sh   # auto|xdp|xdp-native|xdp-generic|pcap
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 MB=${DEMO_MB:-64}
-MODE=${DEMO_MODE:-pcap}
+MODE=${DEMO_MODE:-auto}
 PORT=9999
 KEY=paqet-dp-demo-key
 
@@ -178,6 +181,15 @@ if ((ready == 0)); then
     echo "demo: the tunnel did not come up within 20 s" >&2
     exit 1
 fi
+
+# Which data path each daemon took (paqet_datapath_mode is 1 for the one in use).
+datapath() {
+    ip netns exec "$1" curl -s --max-time 2 http://127.0.0.1:9090/metrics |
+        sed -n 's/^paqet_datapath_mode{mode="\([^"]*\)"} 1$/\1/p' | head -n 1
+}
+DP_S=$(datapath "$NS_S")
+DP_C=$(datapath "$NS_C")
+echo "demo: data path (--mode $MODE): server ${DP_S:-unknown}, client ${DP_C:-unknown}"
 
 # SOCKS5 when this build serves it, the TCP forward otherwise.
 if in_c curl -s --max-time 3 -o /dev/null --socks5-hostname 127.0.0.1:1080 http://127.0.0.1:8000/hello.txt; then

@@ -21,6 +21,16 @@ cargo fmt --all -- --check
 (cd paqet-userspace/fuzz && cargo fmt -- --check)
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# Release binaries (amd64, arm64), the OCI images and the .debs: tests/shipping.rs checks them.
+echo "== shipping artifacts (scripts/ship.sh; log: target/ship.log)"
+mkdir -p target
+if ! scripts/ship.sh >target/ship.log 2>&1; then
+    tail -n 40 target/ship.log
+    echo "scripts/ship.sh failed (full log: target/ship.log)" >&2
+    exit 1
+fi
+grep -E '^(ship|image):' target/ship.log
+
 echo "== cargo test (workspace)"
 cargo test --workspace --locked
 

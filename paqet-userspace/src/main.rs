@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 use paqet::config::{Config, ConfigError, IoBackend, LogLevel};
 use paqet::ops::MetricsHub;
@@ -112,6 +112,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// Print a shell completion script (packaging).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page, roff (packaging).
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -186,9 +192,7 @@ fn secret() -> anyhow::Result<()> {
 }
 
 fn version() {
-    let commit = option_env!("PAQET_GIT_COMMIT")
-        .or(option_env!("GIT_COMMIT"))
-        .unwrap_or("unknown");
+    let b = &paqet::ops::metrics::BUILD;
     let profile = if cfg!(debug_assertions) {
         "debug"
     } else {
@@ -201,15 +205,39 @@ fn version() {
     } else {
         ""
     };
-    println!("paqet-dp {}", env!("CARGO_PKG_VERSION"));
-    println!("Wire: paqet v1.0.0-alpha.21");
-    println!("Commit: {commit}");
+    let dirty = match b.dirty {
+        "true" => " (dirty: uncommitted changes)",
+        "false" => "",
+        _ => " (dirty: unknown)",
+    };
+    let xdp = if b.xdp {
+        "xdp, pcap"
+    } else {
+        "pcap (built without the XDP program)"
+    };
+    println!("paqet-dp {}", b.version);
+    println!("Wire: paqet {}", b.wire);
+    println!("Commit: {}{dirty}", b.commit);
+    println!("Features: {xdp}");
     println!("Profile: {profile}");
     println!(
         "Target: {}-{}{env}",
         std::env::consts::ARCH,
         std::env::consts::OS
     );
+}
+
+/// The hidden packaging commands: a completion script for `shell`, or the man page (`shell` = `None`).
+fn packaging(shell: Option<clap_complete::Shell>) -> anyhow::Result<()> {
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout().lock();
+    match shell {
+        Some(sh) => clap_complete::generate(sh, &mut cmd, "paqet-dp", &mut out),
+        None => clap_mangen::Man::new(cmd)
+            .render(&mut out)
+            .context("writing the man page")?,
+    }
+    Ok(())
 }
 
 fn ping(cfg: &Config, iface: &str, count: u32) -> anyhow::Result<()> {
@@ -396,6 +424,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Secret => secret().map(|()| ExitCode::SUCCESS),
+        Cmd::Completions { shell } => packaging(Some(shell)).map(|()| ExitCode::SUCCESS),
+        Cmd::Man => packaging(None).map(|()| ExitCode::SUCCESS),
         Cmd::Version => {
             version();
             Ok(ExitCode::SUCCESS)
@@ -458,7 +488,47 @@ fn real_main() -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Makes every permitted capability effective. The OCI image gives the binary its capabilities as
+/// permitted-only file capabilities (`scripts/image.sh`), so a non-root container gets the ones the
+/// runtime grants (the chart's list) without `exec` failing where it grants fewer; they take effect
+/// here. A no-op for root and under systemd's ambient capabilities (already effective).
+fn raise_effective_caps() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut hdr = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with a v3 header read/write exactly two `Data` entries, which `data` holds.
+    unsafe {
+        if libc::syscall(libc::SYS_capget, &mut hdr as *mut Header, data.as_mut_ptr()) != 0 {
+            return;
+        }
+        if data.iter().all(|d| d.effective == d.permitted) {
+            return;
+        }
+        for d in &mut data {
+            d.effective = d.permitted;
+        }
+        // Failure leaves the effective set as it was; the data path then reports what it cannot do.
+        let _ = libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr());
+    }
+}
+
 fn main() -> ExitCode {
+    raise_effective_caps();
     match real_main() {
         Ok(code) => code,
         Err(e) => {

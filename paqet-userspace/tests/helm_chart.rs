@@ -210,6 +210,22 @@ fn check_variant(dir: &Path, role: Role, sys_admin: bool) {
 fn chart_renders_lints_and_validates() {
     let Some(out) = render_chart() else { return };
     check_variant(&out.join("default"), Role::Server, false);
+
+    // The default image is the one scripts/image.sh builds: paqet-dp:<crate version> (a node resolves
+    // it to docker.io/library/paqet-dp:<version>, the name in the OCI archives), not pulled when present.
+    let ds = yaml(&out.join("default/daemonset.yaml"));
+    let c = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        c["image"].as_str(),
+        Some(format!("paqet-dp:{}", env!("CARGO_PKG_VERSION")).as_str()),
+        "default image"
+    );
+    assert_eq!(c["imagePullPolicy"].as_str(), Some("IfNotPresent"));
+    let image_sh = read(&repo_root().join("scripts/image.sh"));
+    assert!(
+        image_sh.contains("NAME=docker.io/library/paqet-dp\n"),
+        "scripts/image.sh names the image differently from the chart's default"
+    );
     check_variant(&out.join("server"), Role::Server, false);
     check_variant(&out.join("client"), Role::Client, true);
 

@@ -27,6 +27,48 @@ use crate::worker::core::DaemonStats;
 /// `Content-Type` of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// What this binary was built from; `paqet-dp version` prints it and `paqet_build_info` carries it as
+/// labels. The git fields come from `build.rs` (`unknown` for a build outside a git checkout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuildInfo {
+    /// The crate version (`CARGO_PKG_VERSION`).
+    pub version: &'static str,
+    /// The git commit (12 hex digits) or `unknown`.
+    pub commit: &'static str,
+    /// `true` when the work tree had uncommitted changes, `false`, or `unknown`.
+    pub dirty: &'static str,
+    /// The upstream paqet wire protocol version this build speaks.
+    pub wire: &'static str,
+    /// Whether the XDP program is embedded (else only the pcap data path is available).
+    pub xdp: bool,
+}
+
+impl BuildInfo {
+    /// The enabled data paths, comma-separated: `xdp,pcap` or `pcap`.
+    pub fn features(&self) -> &'static str {
+        if self.xdp {
+            "xdp,pcap"
+        } else {
+            "pcap"
+        }
+    }
+}
+
+/// This build.
+pub const BUILD: BuildInfo = BuildInfo {
+    version: env!("CARGO_PKG_VERSION"),
+    commit: match option_env!("PAQET_GIT_COMMIT") {
+        Some(c) => c,
+        None => "unknown",
+    },
+    dirty: match option_env!("PAQET_GIT_DIRTY") {
+        Some(d) => d,
+        None => "unknown",
+    },
+    wire: "v1.0.0-alpha.21",
+    xdp: crate::io::steer::has_xdp_program(),
+};
+
 /// Every sample name [`Metrics::encode`] emits (counters with their `_total` suffix).
 pub const METRIC_NAMES: &[&str] = &[
     "paqet_build_info",
@@ -606,7 +648,7 @@ impl Metrics {
         };
         r.register(
             "build_info",
-            "Always 1; label version is the paqet-dp version",
+            "Always 1; labels: version, commit (git, or unknown), dirty (uncommitted changes at build time), wire (upstream paqet protocol version), features (data paths built in: xdp,pcap or pcap)",
             m.build_info.clone(),
         );
         r.register(
@@ -882,9 +924,16 @@ impl Metrics {
         }
         self.update_cc(s);
 
+        let b = &BUILD;
         set_g(
             &self.build_info,
-            &l1("version", env!("CARGO_PKG_VERSION")),
+            &vec![
+                ("version", b.version.to_owned()),
+                ("commit", b.commit.to_owned()),
+                ("dirty", b.dirty.to_owned()),
+                ("wire", b.wire.to_owned()),
+                ("features", b.features().to_owned()),
+            ],
             1,
         );
         for m in DataPathMode::ALL {
@@ -1478,5 +1527,42 @@ mod tests {
             !t.contains("paqet_xdp_packets_total{"),
             "no XDP series in pcap mode"
         );
+    }
+
+    #[test]
+    fn build_info_carries_commit_wire_and_features() {
+        let t = Metrics::new().encode(&Snapshot::default());
+        let line = t
+            .lines()
+            .find(|l| l.starts_with("paqet_build_info{"))
+            .expect("a paqet_build_info sample");
+        assert!(line.ends_with(" 1"), "{line}");
+        for (k, v) in [
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("commit", BUILD.commit),
+            ("dirty", BUILD.dirty),
+            ("wire", "v1.0.0-alpha.21"),
+            ("features", BUILD.features()),
+        ] {
+            assert!(
+                line.contains(&format!("{k}=\"{v}\"")),
+                "{k}={v:?} not in {line}"
+            );
+        }
+        // The build script stamps a git checkout with its commit (12 hex digits) and dirty flag.
+        let in_git = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../.git")
+            .exists();
+        let have_git = std::process::Command::new("git")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if in_git && have_git {
+            assert_eq!(BUILD.commit.len(), 12, "{}", BUILD.commit);
+            assert!(BUILD.commit.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert!(matches!(BUILD.dirty, "true" | "false"), "{}", BUILD.dirty);
+        }
+        assert_eq!(BUILD.xdp, crate::io::steer::has_xdp_program());
+        assert_eq!(BUILD.features().contains("xdp"), BUILD.xdp);
     }
 }
