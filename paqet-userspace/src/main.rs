@@ -346,6 +346,13 @@ fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
             for w in &loaded.warnings {
                 println!("warning: {w}");
             }
+            if !loaded.config.key().is_empty() {
+                if let Err(e) = paqet::config::check_secret_file(file, "transport.kcp.key") {
+                    println!(
+                        "warning: {e} (`run` refuses a TOML config like this without --key-file)"
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(ConfigError::Invalid { errors, warnings }) => {

@@ -147,6 +147,15 @@ fn readable_key_files_are_refused() {
         assert!(out.contains(needle), "no {needle:?} in:\n{out}");
     }
     assert!(!out.contains(SECRET), "{out}");
+    // `config check` passes it (the key may come from --key-file) but says so.
+    let o = paqet_dp(&["config", "check", path]);
+    let out = all_output(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("warning: ") && out.contains("chmod 600") && out.contains("0644"),
+        "{out}"
+    );
+    assert!(!out.contains(SECRET), "{out}");
 
     // A key file readable by the group: refused the same way.
     let key = write_mode(dir.path(), "key", &format!("{SECRET}\n"), 0o640);
