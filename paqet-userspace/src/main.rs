@@ -158,6 +158,8 @@ fn read_key_file(path: &Path) -> anyhow::Result<String> {
     if key.is_empty() {
         bail!("--key-file {}: the file is empty", path.display());
     }
+    paqet::config::check_secret_file(path, "the key (--key-file)")
+        .map_err(|e| anyhow::anyhow!("--key-file {}: {e}", path.display()))?;
     Ok(key.to_owned())
 }
 
@@ -179,6 +181,14 @@ fn load(path: &Path, key_file: Option<&Path>) -> anyhow::Result<Config> {
     if let Some(kf) = key_file {
         cfg.transport.kcp.key = read_key_file(kf)?;
         tracing::debug!(file = %kf.display(), "transport.kcp.key read from the key file");
+    } else if !cfg.key().is_empty() {
+        // The config file itself carries the key: TOML refuses a readable file, imported YAML warns.
+        if let Err(e) = paqet::config::check_secret_file(path, "transport.kcp.key") {
+            match loaded.format {
+                paqet::config::Format::Toml => bail!("config {e}"),
+                paqet::config::Format::Yaml => tracing::warn!("config {e} (refused for TOML)"),
+            }
+        }
     }
     Ok(cfg)
 }
@@ -363,6 +373,13 @@ fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
             println!("ok: {} ({} role)", file.display(), loaded.config.role);
             for w in &loaded.warnings {
                 println!("warning: {w}");
+            }
+            if !loaded.config.key().is_empty() {
+                if let Err(e) = paqet::config::check_secret_file(file, "transport.kcp.key") {
+                    println!(
+                        "warning: {e} (`run` refuses a TOML config like this without --key-file)"
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -172,6 +172,12 @@ pprof = "127.0.0.1:{pprof}"
     };
     let key_file = dir.path().join("key");
     std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    // A key file must not be group/world-readable.
+    std::fs::set_permissions(
+        &key_file,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
 
     let mut server = spawn_daemon(ns_b, &dir, "server", &server_cfg, &[]);
     assert!(

@@ -11,6 +11,7 @@ use super::keys::{info, Allowed, PORT_RANGE};
 use super::raw::*;
 use super::read::{must, q, Ctx};
 use super::schema::{Issues, Mode};
+use super::targets::{TargetPolicy, TargetRule, TARGET_RULE_SYNTAX};
 use super::{
     CcAlgorithm, Config, FamilyConfig, ForwardProtocol, ForwardRule, HostPort, HttpListener,
     IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, Role, Socks5Listener,
@@ -94,14 +95,88 @@ impl Ctx<'_> {
             let username = text(&s.username, "socks5[].username");
             let password = text(&s.password, "socks5[].password");
             if let Some(listen) = listen {
+                let auth = !username.is_empty() || !password.is_empty();
+                let allow_open_proxy =
+                    self.open_proxy("socks5", i, &listen, auth, s.allow_open_proxy);
                 out.push(Socks5Listener {
                     listen,
                     username,
                     password,
+                    allow_open_proxy,
                 });
             }
         }
         out
+    }
+
+    /// The open-proxy guard of `socks5[i]` / `http[i]`: a listener on a non-loopback address without
+    /// authentication is an error in TOML unless `allow_open_proxy = true`; imported YAML (upstream has no
+    /// such check) gets a warning and the listener starts. Returns the effective `allow_open_proxy`.
+    fn open_proxy(
+        &mut self,
+        section: &str,
+        i: usize,
+        listen: &HostPort,
+        auth: bool,
+        allow: Option<bool>,
+    ) -> bool {
+        let allow =
+            allow.unwrap_or_else(|| self.def_bool(&format!("{section}[].allow_open_proxy")));
+        if auth || allow || listen.is_loopback() {
+            return allow;
+        }
+        let key = format!("{section}[{i}].listen");
+        let value = Some(q(&listen.to_string()));
+        match self.mode {
+            Mode::Strict => {
+                self.is.error(
+                    key,
+                    value,
+                    format!("an open proxy: a non-loopback address without username/password lets anyone who reaches it use the tunnel; listen on 127.0.0.1, set {section}[{i}].username and password, or set {section}[{i}].allow_open_proxy = true"),
+                );
+                false
+            }
+            Mode::Lenient => {
+                self.is.warn(
+                    key,
+                    value,
+                    format!("OPEN PROXY: a non-loopback address without username/password lets anyone who reaches it use the tunnel (started anyway for upstream compatibility; paqet-dp TOML refuses this without {section}[{i}].allow_open_proxy = true)"),
+                );
+                true
+            }
+        }
+    }
+
+    /// `server.allow` / `server.deny` (server only): each entry parsed, errors name the entry.
+    fn targets(&mut self, raw: &RawConfig) -> TargetPolicy {
+        let mut policy = TargetPolicy::default();
+        let Some(server) = raw.server.as_ref() else {
+            return policy;
+        };
+        for (name, list, out) in [
+            ("allow", &server.allow, &mut policy.allow),
+            ("deny", &server.deny, &mut policy.deny),
+        ] {
+            let Some(list) = list else { continue };
+            let path = format!("server.{name}");
+            if !self.server() {
+                if self.client() {
+                    self.wrong_role(&path, Role::Server);
+                }
+                continue;
+            }
+            for (i, entry) in list.iter().enumerate() {
+                match entry.parse::<TargetRule>() {
+                    Ok(r) => out.push(r),
+                    Err(e) => self.is.error(
+                        format!("{path}[{i}]"),
+                        Some(q(entry)),
+                        format!("{e}; must be {TARGET_RULE_SYNTAX}"),
+                    ),
+                }
+            }
+        }
+        policy
     }
 
     fn forward(&mut self, raw: &[RawForward]) -> Vec<ForwardRule> {
@@ -142,10 +217,14 @@ impl Ctx<'_> {
                 );
             }
             if let Some(listen) = listen {
+                let auth = h.username.is_some() && h.password.is_some();
+                let allow_open_proxy =
+                    self.open_proxy("http", i, &listen, auth, h.allow_open_proxy);
                 out.push(HttpListener {
                     listen,
                     username: h.username.clone(),
                     password: h.password.clone(),
+                    allow_open_proxy,
                 });
             }
         }
@@ -711,6 +790,13 @@ impl Ctx<'_> {
             raw.metrics.as_ref().and_then(|m| m.listen.as_ref()),
             false,
         );
+        if let Some(m) = metrics.as_ref().filter(|m| !m.is_loopback()) {
+            self.is.warn(
+                "metrics.listen",
+                Some(q(&m.to_string())),
+                "not a loopback address: /metrics, /healthz and /readyz are reachable from the network without authentication; bind 127.0.0.1 or firewall the port",
+            );
+        }
         let pprof_raw = raw.debug.as_ref().and_then(|d| d.pprof.as_ref());
         let pprof = self.endpoint("debug.pprof", pprof_raw, false).filter(|hp| {
             let ok = hp.is_loopback();
@@ -774,6 +860,7 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
     let log_level =
         cx.choice_or_default("log.level", raw.log.as_ref().and_then(|l| l.level.as_ref()));
     let (listen, server) = cx.addresses(raw);
+    let targets = cx.targets(raw);
     let (socks5, forward, http) = cx.front_ends(raw);
     let network = cx.network(&raw.network.clone().unwrap_or_default());
     let transport = cx.transport(&raw.transport.clone().unwrap_or_default());
@@ -791,6 +878,7 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
         log_level,
         listen,
         server,
+        targets,
         socks5,
         forward,
         http,
@@ -826,6 +914,19 @@ fn limit_raw(l: Limit) -> Option<i64> {
 }
 
 /// The configuration as serde structs with every value explicit (for `to_toml_string`).
+/// `[server]`: the client's `addr`, the server's `allow`/`deny` (absent when empty).
+fn server_raw(c: &Config) -> Option<RawAddr> {
+    let list = |rules: &[TargetRule]| {
+        (!rules.is_empty()).then(|| rules.iter().map(ToString::to_string).collect())
+    };
+    let raw = RawAddr {
+        addr: c.server.as_ref().map(ToString::to_string),
+        allow: list(&c.targets.allow),
+        deny: list(&c.targets.deny),
+    };
+    (raw != RawAddr::default()).then_some(raw)
+}
+
 pub(crate) fn to_raw(c: &Config) -> RawConfig {
     let k = &c.transport.kcp;
     let n = &c.network;
@@ -836,10 +937,9 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
         }),
         listen: c.listen.as_ref().map(|l| RawAddr {
             addr: Some(l.to_string()),
+            ..RawAddr::default()
         }),
-        server: c.server.as_ref().map(|s| RawAddr {
-            addr: Some(s.to_string()),
-        }),
+        server: server_raw(c),
         network: Some(RawNetwork {
             interface: Some(n.interface.clone()),
             guid: n.guid.clone(),
@@ -915,6 +1015,7 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
                 listen: Some(s.listen.to_string()),
                 username: Some(s.username.clone()),
                 password: Some(s.password.clone()),
+                allow_open_proxy: s.allow_open_proxy.then_some(true),
             })
             .collect(),
         forward: c
@@ -933,6 +1034,7 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
                 listen: Some(h.listen.to_string()),
                 username: h.username.clone(),
                 password: h.password.clone(),
+                allow_open_proxy: h.allow_open_proxy.then_some(true),
             })
             .collect(),
     }

@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+use super::targets::TARGET_RULE_SYNTAX;
 use super::types::{Role, BLOCK_MODES, MAX_CPU, TCP_FLAG_LETTERS};
 use super::{ForwardProtocol, IoBackend, KcpMode, LogLevel, MAX_WND};
 
@@ -343,10 +344,17 @@ static SCHEMA: &[KeyInfo] = &[
       "Server only, required. Cosmetic upstream (logs, `dump`); should carry the port of `network.*.addr`."),
     k("server.addr", Str, "host:port", Absent(None), Endpoint, Client, true,
       "Client only, required. The server's address; IP literal or host name; its family needs `network.ipv4`/`ipv6`."),
+    // Hardening: server dial targets (targets.rs, docs/security.md).
+    k("server.allow", StrList, "array of strings", Absent(Some("off: every target")), Allowed::Text(TARGET_RULE_SYNTAX), Server, false,
+      "Server: dial targets (after DNS) allowed; when set, others are refused. With allow or deny set, loopback/link-local need an entry inside their range."),
+    k("server.deny", StrList, "array of strings", Absent(Some("off")), Allowed::Text(TARGET_RULE_SYNTAX), Server, false,
+      "Server: dial targets (after DNS) refused; wins over server.allow."),
     k("socks5[].listen", Str, "host:port", Absent(None), Endpoint, Client, true, "SOCKS5 listener address (client)."),
     k("socks5[].username", Str, "string", DStr(""), Allowed::Text("any"), Client, true,
       "RFC 1929 user; auth is required when username or password is non-empty."),
     k("socks5[].password", Str, "string", DStr(""), Allowed::Text("any"), Client, true, "RFC 1929 password."),
+    k("socks5[].allow_open_proxy", Bool, "boolean", DBool(false), BOOLS, Client, false,
+      "Start a SOCKS5 listener on a non-loopback address without username/password (TOML refuses otherwise; imported YAML warns)."),
     k("forward[].listen", Str, "host:port", Absent(None), Endpoint, Client, true, "Local listener of a port forward (client)."),
     k("forward[].target", Str, "host:port", Absent(None), Endpoint, Client, true,
       "Destination of the forward; the host is resolved on the server."),
@@ -356,6 +364,8 @@ static SCHEMA: &[KeyInfo] = &[
       "Basic proxy-auth user."),
     k("http[].password", Str, "string", Absent(Some("no auth")), Allowed::Text("set together with username"), Client, false,
       "Basic proxy-auth password."),
+    k("http[].allow_open_proxy", Bool, "boolean", DBool(false), BOOLS, Client, false,
+      "Start an HTTP proxy listener on a non-loopback address without username/password (refused otherwise)."),
     k("network.interface", Str, "string", Absent(None), Allowed::Len { lo: 1, hi: 15 }, Any, true,
       "Interface to capture on and inject into (required; existence is checked at run time)."),
     k("network.guid", Str, "string", Absent(None), Allowed::Text("any (ignored on Linux)"), Any, true,

@@ -11,6 +11,7 @@ mod keys;
 pub mod raw;
 mod read;
 mod schema;
+pub mod targets;
 mod types;
 
 use std::fmt;
@@ -112,8 +113,8 @@ impl Loaded {
     }
 }
 
-/// One SOCKS5 listener (client).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One SOCKS5 listener (client). `Debug` redacts the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Socks5Listener {
     /// Listen address.
     pub listen: HostPort,
@@ -121,6 +122,8 @@ pub struct Socks5Listener {
     pub username: String,
     /// RFC 1929 password ("" = none).
     pub password: String,
+    /// `socks5[].allow_open_proxy`: start even on a non-loopback address without authentication.
+    pub allow_open_proxy: bool,
 }
 
 impl Socks5Listener {
@@ -141,8 +144,8 @@ pub struct ForwardRule {
     pub protocol: ForwardProtocol,
 }
 
-/// One HTTP proxy listener (client; paqet-dp addition).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One HTTP proxy listener (client; paqet-dp addition). `Debug` redacts the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct HttpListener {
     /// Listen address.
     pub listen: HostPort,
@@ -150,6 +153,8 @@ pub struct HttpListener {
     pub username: Option<String>,
     /// Basic proxy-auth password.
     pub password: Option<String>,
+    /// `http[].allow_open_proxy`: start even on a non-loopback address without authentication.
+    pub allow_open_proxy: bool,
 }
 
 impl HttpListener {
@@ -195,8 +200,8 @@ pub struct NetworkConfig {
 /// A stream/session limit: `None` = unlimited (`-1` in the file).
 pub type Limit = Option<u32>;
 
-/// `transport.kcp.*`
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `transport.kcp.*`. `Debug` redacts the key.
+#[derive(Clone, PartialEq, Eq)]
 pub struct KcpConfig {
     /// Preset.
     pub mode: KcpMode,
@@ -264,6 +269,80 @@ pub struct KcpConfig {
     pub header_timeout: u32,
 }
 
+/// How a secret shows in `Debug` output: whether it is set, never its value.
+fn redacted(s: &str) -> Redacted {
+    Redacted(if s.is_empty() { "\"\"" } else { "<redacted>" })
+}
+
+/// Debug-prints its text verbatim (no quotes).
+struct Redacted(&'static str);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl fmt::Debug for Socks5Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Socks5Listener")
+            .field("listen", &self.listen)
+            .field("username", &self.username)
+            .field("password", &redacted(&self.password))
+            .field("allow_open_proxy", &self.allow_open_proxy)
+            .finish()
+    }
+}
+
+impl fmt::Debug for HttpListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpListener")
+            .field("listen", &self.listen)
+            .field("username", &self.username)
+            .field("password", &self.password.as_deref().map(redacted))
+            .field("allow_open_proxy", &self.allow_open_proxy)
+            .finish()
+    }
+}
+
+impl fmt::Debug for KcpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KcpConfig")
+            .field("mode", &self.mode)
+            .field("nodelay", &self.nodelay)
+            .field("interval", &self.interval)
+            .field("resend", &self.resend)
+            .field("nocongestion", &self.nocongestion)
+            .field("wdelay", &self.wdelay)
+            .field("acknodelay", &self.acknodelay)
+            .field("mtu", &self.mtu)
+            .field("rcvwnd", &self.rcvwnd)
+            .field("rcvwnd_auto", &self.rcvwnd_auto)
+            .field("sndwnd", &self.sndwnd)
+            .field("sndwnd_auto", &self.sndwnd_auto)
+            .field("window_mem", &self.window_mem)
+            .field("dshard", &self.dshard)
+            .field("pshard", &self.pshard)
+            .field("block", &self.block)
+            .field("key", &redacted(&self.key))
+            .field("smuxbuf", &self.smuxbuf)
+            .field("streambuf", &self.streambuf)
+            .field("smuxkalive", &self.smuxkalive)
+            .field("smuxktimeout", &self.smuxktimeout)
+            .field("cc", &self.cc)
+            .field("bandwidth", &self.bandwidth)
+            .field("guard", &self.guard)
+            .field("guard_magic", &self.guard_magic)
+            .field("guard_window", &self.guard_window)
+            .field("guard_skew", &self.guard_skew)
+            .field("max_sessions", &self.max_sessions)
+            .field("max_streams_total", &self.max_streams_total)
+            .field("max_streams_per_session", &self.max_streams_per_session)
+            .field("header_timeout", &self.header_timeout)
+            .finish()
+    }
+}
+
 /// Largest KCP window (packets) the configuration accepts, and the ceiling of an auto-tuned window.
 pub const MAX_WND: u32 = 32768;
 
@@ -314,6 +393,8 @@ pub struct Config {
     pub listen: Option<HostPort>,
     /// Client: `server.addr`.
     pub server: Option<HostPort>,
+    /// Server: `server.allow` / `server.deny` (off when both are empty).
+    pub targets: targets::TargetPolicy,
     /// Client: SOCKS5 listeners.
     pub socks5: Vec<Socks5Listener>,
     /// Client: port forwards.
@@ -524,6 +605,38 @@ impl Config {
     pub fn has_front_ends(&self) -> bool {
         !(self.socks5.is_empty() && self.forward.is_empty() && self.http.is_empty())
     }
+}
+
+/// A file holding the shared key is readable by its group or by others.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{path} holds {what} but is readable by group/others (mode {mode:04o}): run `chmod 600 {path}`"
+)]
+pub struct SecretFileMode {
+    /// The file.
+    pub path: String,
+    /// What it holds (`transport.kcp.key`, `the key given by --key-file`).
+    pub what: &'static str,
+    /// Its permission bits.
+    pub mode: u32,
+}
+
+/// Checks that a file holding the key is not group/world-readable (mode `& 0o044 == 0`). A file whose
+/// metadata cannot be read passes (reading it failed or will fail with its own error).
+pub fn check_secret_file(path: &Path, what: &'static str) -> Result<(), SecretFileMode> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o044 == 0 {
+        return Ok(());
+    }
+    Err(SecretFileMode {
+        path: path.display().to_string(),
+        what,
+        mode,
+    })
 }
 
 /// Parses YAML into the same tree TOML produces (nulls dropped = unset, merge keys applied).

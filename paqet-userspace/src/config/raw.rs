@@ -62,12 +62,16 @@ pub struct RawLog {
     pub level: Option<String>,
 }
 
-/// `[listen]` / `[server]`
+/// `[listen]` / `[server]` (`allow`/`deny` are server keys of `[server]`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RawAddr {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Vec<String>>,
 }
 
 /// `[[socks5]]`
@@ -80,6 +84,8 @@ pub struct RawSocks5 {
     pub username: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_open_proxy: Option<bool>,
 }
 
 /// `[[forward]]`
@@ -104,6 +110,8 @@ pub struct RawHttp {
     pub username: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_open_proxy: Option<bool>,
 }
 
 /// `[network]`

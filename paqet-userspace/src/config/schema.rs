@@ -20,6 +20,19 @@ pub(crate) struct Issues {
     pub warnings: Vec<Issue>,
 }
 
+/// Whether a key path holds a secret (`transport.kcp.key`, any `password`): its value is never echoed.
+pub(crate) fn is_secret_key(path: &str) -> bool {
+    path == "transport.kcp.key" || path.ends_with(".password")
+}
+
+/// The value to show in a message: secrets become `<redacted>`.
+fn redact_value(key: &str, value: Option<String>) -> Option<String> {
+    match value {
+        Some(_) if is_secret_key(key) => Some("<redacted>".to_string()),
+        v => v,
+    }
+}
+
 impl Issues {
     pub fn error(
         &mut self,
@@ -27,8 +40,10 @@ impl Issues {
         value: Option<String>,
         message: impl Into<String>,
     ) {
+        let key = key.into();
+        let value = redact_value(&key, value);
         self.errors.push(Issue {
-            key: key.into(),
+            key,
             value,
             message: message.into(),
         });
@@ -39,8 +54,10 @@ impl Issues {
         value: Option<String>,
         message: impl Into<String>,
     ) {
+        let key = key.into();
+        let value = redact_value(&key, value);
         self.warnings.push(Issue {
-            key: key.into(),
+            key,
             value,
             message: message.into(),
         });

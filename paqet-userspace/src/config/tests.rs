@@ -1144,3 +1144,137 @@ fn yaml_defaults_of_the_table_apply_to_imported_yaml() {
     );
     assert!(!k.rcvwnd_auto && !k.sndwnd_auto);
 }
+
+/// Hardening: a proxy listener on a non-loopback address without authentication is refused in TOML
+/// (naming the listener's key, its address and `allow_open_proxy`), accepted with auth, on loopback or with
+/// `allow_open_proxy = true`, and only warned about in imported YAML (which keeps it through `config import`).
+#[test]
+fn open_proxy_listeners() {
+    let open = client_toml("").replace("127.0.0.1:1080", "0.0.0.0:1080");
+    let e = toml_errors(&open);
+    assert_has(&e, "socks5[0].listen = \"0.0.0.0:1080\": an open proxy");
+    assert_has(&e, "socks5[0].allow_open_proxy = true");
+    for fix in [
+        "username = \"u\"\npassword = \"p\"",
+        "allow_open_proxy = true",
+    ] {
+        let text = open.replace(
+            "listen = \"0.0.0.0:1080\"",
+            &format!("listen = \"0.0.0.0:1080\"\n{fix}"),
+        );
+        toml_ok(&text);
+    }
+    let http = format!("{}\n[[http]]\nlisten = \":8080\"\n", client_toml(""));
+    let e = toml_errors(&http);
+    assert_has(&e, "http[0].listen = \":8080\": an open proxy");
+    assert_has(&e, "http[0].allow_open_proxy = true");
+    toml_ok(&http.replace(":8080\"", "[::1]:8080\""));
+    toml_ok(&format!("{http}allow_open_proxy = true\n"));
+    let c = toml_ok(&format!("{http}username = \"u\"\npassword = \"p\"\n")).config;
+    assert!(!c.http[0].allow_open_proxy);
+    assert_round_trips(&c);
+
+    // Upstream YAML: starts, with a loud warning, and the import keeps it starting.
+    let yaml = spec_client_yaml().replace("\"127.0.0.1:1080\"", "\"0.0.0.0:1080\"");
+    let l = Config::from_yaml_str(&yaml).expect("open SOCKS5 in YAML still loads");
+    assert!(l.config.socks5[0].allow_open_proxy);
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.key == "socks5[0].listen" && w.message.contains("OPEN PROXY")),
+        "{:?}",
+        l.warnings
+    );
+    let t = assert_round_trips(&l.config);
+    assert_eq!(
+        t["socks5"][0]["allow_open_proxy"],
+        toml::Value::Boolean(true)
+    );
+}
+
+/// `server.allow` / `server.deny`: server only, entries parsed (errors name the entry), round trip.
+#[test]
+fn server_target_lists() {
+    let text = format!(
+        "{}\n[server]\nallow = [\"10.0.0.0/8\", \"[::]/0:80-443\"]\ndeny = [\"10.9.0.0/16:22\"]\n",
+        server_toml("")
+    );
+    let c = toml_ok(&text).config;
+    assert!(c.targets.is_active());
+    assert_eq!(c.targets.allow.len(), 2);
+    assert_eq!(c.targets.deny[0].to_string(), "10.9.0.0/16:22");
+    let t = assert_round_trips(&c);
+    assert_eq!(t["server"]["allow"][1].as_str(), Some("[::]/0:80-443"));
+    assert!(t["server"].get("addr").is_none());
+    // Default: off, and absent from the TOML.
+    let plain = toml_ok(&server_toml("")).config;
+    assert!(!plain.targets.is_active());
+    assert!(!plain.to_toml_string().contains("allow"));
+
+    let bad = text.replace("\"10.0.0.0/8\"", "\"10.0.0.0/33\"");
+    assert_has(
+        &toml_errors(&bad),
+        "server.allow[0] = \"10.0.0.0/33\": \"10.0.0.0/33\": prefix length must be 0..=32",
+    );
+    let bad = text.replace("\"10.9.0.0/16:22\"", "\"example.com\"");
+    assert_has(&toml_errors(&bad), "server.deny[0] = \"example.com\"");
+    // A client's [server] table takes addr only.
+    let client = client_toml("").replace(
+        "addr = \"10.0.0.2:9999\"",
+        "addr = \"10.0.0.2:9999\"\ndeny = [\"10.0.0.0/8\"]",
+    );
+    assert_has(&toml_errors(&client), "server.deny");
+}
+
+/// Secrets never show: not in `{:?}` of the config, not in an error about the key's own value, not in an
+/// error about a value next to it.
+#[test]
+fn secrets_are_redacted() {
+    const SECRET: &str = "distinctive-secret-9f8e7d6c5b4a";
+    let text = client_toml("mtu = 40").replace(KEY, SECRET).replace(
+        "listen = \"127.0.0.1:1080\"",
+        &format!("listen = \"127.0.0.1:1080\"\nusername = \"u\"\npassword = \"{SECRET}-pw\""),
+    );
+    let e = Config::from_toml_str(&text).expect_err("mtu = 40 is invalid");
+    let msg = e.to_string();
+    assert!(msg.contains("transport.kcp.mtu = 40"), "{msg}");
+    assert!(!msg.contains(SECRET), "{msg}");
+    assert!(!format!("{e:?}").contains(SECRET));
+
+    let ok = toml_ok(&text.replace("mtu = 40", ""));
+    let dbg = format!("{:?} {:#?}", ok, ok.config);
+    assert!(!dbg.contains(SECRET), "{dbg}");
+    assert!(dbg.contains("key: <redacted>"), "{dbg}");
+
+    // A key of the wrong type: the error names the key, never the value.
+    let wrong = text.replace(
+        &format!("key = \"{SECRET}\""),
+        &format!("key = [\"{SECRET}\"]"),
+    );
+    let msg = Config::from_toml_str(&wrong)
+        .expect_err("array key")
+        .to_string();
+    assert!(msg.contains("transport.kcp.key"), "{msg}");
+    assert!(!msg.contains(SECRET), "{msg}");
+}
+
+/// Hardening: a non-loopback `metrics.listen` is a warning naming the key.
+#[test]
+fn metrics_on_a_public_address_warns() {
+    let l = toml_ok(&format!(
+        "{}\n[metrics]\nlisten = \"0.0.0.0:9100\"\n",
+        server_toml("")
+    ));
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.key == "metrics.listen" && w.message.contains("not a loopback")),
+        "{:?}",
+        l.warnings
+    );
+    let l = toml_ok(&format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:9100\"\n",
+        server_toml("")
+    ));
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+}

@@ -89,6 +89,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "paqet_session_errors_total",
     "paqet_guard_drops_total",
     "paqet_limit_rejections_total",
+    "paqet_streams_refused_total",
     "paqet_pcap_kernel_drops_total",
     "paqet_worker_packets_total",
     "paqet_worker_sessions",
@@ -460,6 +461,8 @@ pub struct Metrics {
     session_errors: CounterFamily,
     guard_drops: Counter<u64, AtomicU64>,
     limits: CounterFamily,
+    /// Server streams refused by policy, by reason (`target_denied`: `server.allow` / `server.deny`).
+    streams_refused: CounterFamily,
     pcap_drops: CounterFamily,
     worker_packets: CounterFamily,
     worker_sessions: GaugeFamily,
@@ -628,6 +631,7 @@ impl Metrics {
             session_errors: Family::default(),
             guard_drops: Counter::default(),
             limits: Family::default(),
+            streams_refused: Family::default(),
             pcap_drops: Family::default(),
             worker_packets: Family::default(),
             worker_sessions: Family::default(),
@@ -727,6 +731,11 @@ impl Metrics {
             "limit_rejections",
             "Sessions or streams refused by a limit (limit: max_sessions, max_streams, header_timeout)",
             m.limits.clone(),
+        );
+        r.register(
+            "streams_refused",
+            "Server streams refused by policy (reason: target_denied = server.allow / server.deny)",
+            m.streams_refused.clone(),
         );
         r.register(
             "pcap_kernel_drops",
@@ -889,6 +898,12 @@ impl Metrics {
     }
 
     fn update(&self, s: &Snapshot) {
+        // Process-wide, counted where the server refuses the stream (not part of a worker's snapshot).
+        set_c(
+            &self.streams_refused,
+            &l1("reason", "target_denied"),
+            crate::config::targets::target_refusals(),
+        );
         let mut t = WorkerSnapshot::default();
         let mut srtt: Vec<f64> = Vec::new();
         for w in &s.workers {

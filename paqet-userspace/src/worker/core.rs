@@ -1036,6 +1036,7 @@ mod cc_tests {
             guard: None,
             limits: super::super::Limits::default(),
             header_timeout: Duration::from_secs(10),
+            targets: Default::default(),
         })
         .expect("core")
     }

@@ -80,6 +80,8 @@ pub struct WorkerConfig {
     pub limits: Limits,
     /// Server: deadline for reading the per-stream header.
     pub header_timeout: Duration,
+    /// Server: dial-target policy (`server.allow` / `server.deny`).
+    pub targets: std::sync::Arc<crate::config::targets::TargetPolicy>,
 }
 
 impl WorkerConfig {

@@ -10,11 +10,12 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{lookup_host, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Notify};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::core::{spawn_link_rx, unix_now, Shared};
 use super::stream::TunnelStream;
 use super::{IoFactory, DIAL_TIMEOUT, MAX_UDP_DATAGRAM};
+use crate::config::targets::{count_target_refusal, Refusal, TargetPolicy};
 use crate::io::PacketIo;
 use crate::proto::session::Role;
 use crate::wire::envelope::EnvelopeBuilder;
@@ -41,6 +42,9 @@ pub enum StreamError {
     },
     #[error("dialling {target}: timed out after {DIAL_TIMEOUT:?}")]
     DialTimeout { target: String },
+    /// The target is refused by `server.allow` / `server.deny`.
+    #[error("target {target} refused: {reason}")]
+    TargetDenied { target: String, reason: Refusal },
     #[error("stream I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -162,13 +166,17 @@ async fn handle_stream(shared: &Shared, mut s: TunnelStream) -> Result<(), Strea
             let Some(_permit) = DataStreamPermit::take(shared, &s) else {
                 return Ok(());
             };
-            relay_tcp(s, &host, port).await
+            let targets = shared.borrow().cfg.targets.clone();
+            let addrs = resolve_allowed(&targets, &host, port, "tcp").await?;
+            relay_tcp(s, &host, port, &addrs).await
         }
         Header::Udp { host, port } => {
             let Some(_permit) = DataStreamPermit::take(shared, &s) else {
                 return Ok(());
             };
-            relay_udp(s, &host, port).await
+            let targets = shared.borrow().cfg.targets.clone();
+            let addrs = resolve_allowed(&targets, &host, port, "udp").await?;
+            relay_udp(s, &host, port, addrs[0]).await
         }
         Header::Pong => {
             debug!("unexpected PONG from a client");
@@ -213,9 +221,78 @@ fn target_text(host: &str, port: u16) -> String {
     }
 }
 
-async fn relay_tcp(s: TunnelStream, host: &str, port: u16) -> Result<(), StreamError> {
+/// Resolves a stream's target and keeps the addresses `server.allow` / `server.deny` permit (checked after
+/// DNS, so a name cannot bypass them). None left → the stream is refused: a rate-limited log line and
+/// `paqet_streams_refused_total{reason="target_denied"}`. Never empty on success.
+async fn resolve_allowed(
+    policy: &TargetPolicy,
+    host: &str,
+    port: u16,
+    proto: &str,
+) -> Result<Vec<SocketAddr>, StreamError> {
     let target = target_text(host, port);
-    let tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect((host, port))).await {
+    let resolved: Vec<SocketAddr> =
+        match tokio::time::timeout(DIAL_TIMEOUT, lookup_host((host, port))).await {
+            Ok(Ok(it)) => it.collect(),
+            Ok(Err(source)) => return Err(StreamError::Resolve { target, source }),
+            Err(_) => return Err(StreamError::DialTimeout { target }),
+        };
+    let Some(first) = resolved.first().copied() else {
+        return Err(StreamError::Resolve {
+            target,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        });
+    };
+    let mut refusal = None;
+    let allowed: Vec<SocketAddr> = resolved
+        .into_iter()
+        .filter(|a| match policy.check(*a) {
+            Ok(()) => true,
+            Err(r) => {
+                refusal.get_or_insert((*a, r));
+                false
+            }
+        })
+        .collect();
+    if !allowed.is_empty() {
+        return Ok(allowed);
+    }
+    let (addr, reason) = refusal.unwrap_or((first, Refusal::NotAllowed));
+    count_target_refusal();
+    if REFUSAL_LOG.lock().map(|mut l| l.allow()).unwrap_or(false) {
+        warn!(%target, %addr, proto, %reason, "stream refused: target not permitted by server.allow/server.deny (further refusals logged at most once per second)");
+    }
+    Err(StreamError::TargetDenied { target, reason })
+}
+
+/// At most one refusal log line per second (a client probing many targets must not flood the log).
+static REFUSAL_LOG: std::sync::Mutex<LogLimit> = std::sync::Mutex::new(LogLimit { last: None });
+
+struct LogLimit {
+    last: Option<std::time::Instant>,
+}
+
+impl LogLimit {
+    fn allow(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t) < Duration::from_secs(1) => false,
+            _ => {
+                self.last = Some(now);
+                true
+            }
+        }
+    }
+}
+
+async fn relay_tcp(
+    s: TunnelStream,
+    host: &str,
+    port: u16,
+    addrs: &[SocketAddr],
+) -> Result<(), StreamError> {
+    let target = target_text(host, port);
+    let tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addrs)).await {
         Ok(Ok(t)) => t,
         Ok(Err(source)) => return Err(StreamError::Dial { target, source }),
         Err(_) => return Err(StreamError::DialTimeout { target }),
@@ -238,16 +315,13 @@ pub async fn copy_until_either_ends(s: TunnelStream, tcp: TcpStream) {
     let _ = tw.shutdown().await;
 }
 
-async fn relay_udp(s: TunnelStream, host: &str, port: u16) -> Result<(), StreamError> {
+async fn relay_udp(
+    s: TunnelStream,
+    host: &str,
+    port: u16,
+    addr: SocketAddr,
+) -> Result<(), StreamError> {
     let target = target_text(host, port);
-    let addr = match tokio::time::timeout(DIAL_TIMEOUT, lookup_host((host, port))).await {
-        Ok(Ok(mut it)) => it.next().ok_or_else(|| StreamError::Resolve {
-            target: target.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-        })?,
-        Ok(Err(source)) => return Err(StreamError::Resolve { target, source }),
-        Err(_) => return Err(StreamError::DialTimeout { target }),
-    };
     let bind: SocketAddr = if addr.is_ipv4() {
         SocketAddr::from(([0u8; 4], 0))
     } else {

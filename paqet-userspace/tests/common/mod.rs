@@ -654,6 +654,12 @@ impl Daemon {
     ) -> Daemon {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, config).expect("write config");
+        // The config holds the key: the daemon refuses a group/world-readable one.
+        std::fs::set_permissions(
+            &cfg,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .expect("chmod config");
         let mut args = vec![
             "run".to_owned(),
             "-c".into(),
