@@ -384,13 +384,19 @@ fn buildah_runs_the_image(dir: &Path, revision: &str) {
 /// chart's capabilities as effective ones: NET_ADMIN, NET_RAW, IPC_LOCK, PERFMON, BPF.
 fn non_root_daemon_holds_the_capabilities(fs: &Path) {
     let ns = paqet_testkit::netns::Netns::new("cap").expect("netns");
-    std::fs::write(
-        fs.join("etc/paqet-dp/config.toml"),
+    write_secret(
+        &fs.join("etc/paqet-dp/config.toml"),
         "role = \"server\"\n[listen]\naddr = \":39999\"\n[network]\ninterface = \"lo\"\n\
          [network.ipv4]\naddr = \"127.0.0.1:39999\"\nrouter_mac = \"02:00:00:00:00:01\"\n\
          [transport]\nprotocol = \"kcp\"\n[transport.kcp]\nkey = \"image-capability-test-key\"\n",
+    );
+    // The daemon runs as 65532 and refuses a key file others can read: its own, mode 0600.
+    std::os::unix::fs::chown(
+        fs.join("etc/paqet-dp/config.toml"),
+        Some(65532),
+        Some(65532),
     )
-    .unwrap();
+    .expect("chown the config");
     // `ip netns exec` and `chroot` exec in place: the child's pid is the daemon's.
     let child = ns
         .command("chroot")
@@ -599,23 +605,21 @@ fn ping_pair(tag: &str, runner: Option<&str>, server: &Path) -> Result<String, S
         "[transport]\nprotocol = \"kcp\"\n[transport.kcp]\nblock = \"aes\"\nkey = \"{KEY}\"\n"
     );
     let server_cfg = dir.join("server.toml");
-    std::fs::write(
+    write_secret(
         &server_cfg,
-        format!(
+        &format!(
             "role = \"server\"\n[listen]\naddr = \":9999\"\n[network]\ninterface = \"{dev_s}\"\n\
              [network.ipv4]\naddr = \"{ip_s}:9999\"\nrouter_mac = \"{mac_c}\"\n{kcp}"
         ),
-    )
-    .unwrap();
+    );
     let client_cfg = dir.join("client.toml");
-    std::fs::write(
+    write_secret(
         &client_cfg,
-        format!(
+        &format!(
             "role = \"client\"\n[server]\naddr = \"{ip_s}:9999\"\n[network]\ninterface = \"{dev_c}\"\n\
              [network.ipv4]\naddr = \"{ip_c}:0\"\nrouter_mac = \"{mac_s}\"\n{kcp}"
         ),
-    )
-    .unwrap();
+    );
     let server_log = dir.join("server.log");
     let mut cmd = match runner {
         Some(r) => {
@@ -715,4 +719,19 @@ fn deb_arm64_holds_the_arm64_binary() {
     if let Some(v) = version {
         check_version(&v, "aarch64");
     }
+}
+
+/// Writes a config that carries a key, mode 0600: the daemon refuses one that others can read.
+fn write_secret(path: &Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(text.as_bytes())
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
