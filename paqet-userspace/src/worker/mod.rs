@@ -80,6 +80,9 @@ pub struct WorkerConfig {
     pub limits: Limits,
     /// Server: deadline for reading the per-stream header.
     pub header_timeout: Duration,
+    /// Server: the replay filter shared by the daemon's workers (`None`: each endpoint keeps its own, in
+    /// memory).
+    pub replay: Option<std::sync::Arc<dyn crate::proto::replay::ReplayGate>>,
 }
 
 impl WorkerConfig {

@@ -205,6 +205,7 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
             max_streams_per_session: lim(k.max_streams_per_session),
         },
         header_timeout: cfg.header_timeout(),
+        replay: None,
     })
 }
 
