@@ -262,6 +262,10 @@ pub struct KcpConfig {
     pub max_streams_per_session: Limit,
     /// Server: header read timeout (s).
     pub header_timeout: u32,
+    /// Server: replay filter file ("" = in memory only).
+    pub replay_filter: String,
+    /// Server: replay filter horizon (days).
+    pub replay_horizon: u32,
 }
 
 /// Largest KCP window (packets) the configuration accepts, and the ceiling of an auto-tuned window.

@@ -243,6 +243,11 @@ impl ReplayFilter {
         true
     }
 
+    /// Marks the filter changed again (a save failed: try again next time).
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
     /// True (once) when the filter changed since the last call: it should be saved.
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
