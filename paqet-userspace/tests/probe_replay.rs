@@ -476,6 +476,11 @@ fn replays_and_spoofed_session_starts_get_no_answer() {
         .last()
         .map(|(p, _)| *p)
         .expect("the client's new session");
+    let log = t.server.log_text();
+    assert!(
+        log.contains(&format!("new session src={cip}:{live_port}")),
+        "the live session is {cip}:{live_port}:\n{log}"
+    );
     // Spoof: the older session's first datagram from the live client's address and port.
     inject(
         cns,
