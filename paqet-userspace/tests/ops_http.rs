@@ -471,6 +471,7 @@ fn daemon_pair_exports_congestion_control_figures() {
             limits: Limits::default(),
             header_timeout: Duration::from_secs(10),
             targets: Default::default(),
+            replay: None,
         }
     };
     let once = |io: mem::MemIo| -> IoFactory {

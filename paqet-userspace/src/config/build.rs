@@ -429,6 +429,7 @@ impl Ctx<'_> {
         let window_mem = self.window_mem(k, sndwnd_auto || rcvwnd_auto);
         let (guard_magic, guard_window, guard_skew) = self.kcp_guard(k);
         let limits = self.kcp_limits(k);
+        let (replay_filter, replay_horizon) = self.kcp_replay(k);
         KcpConfig {
             mode: tuning.mode,
             nodelay: tuning.nodelay,
@@ -461,6 +462,8 @@ impl Ctx<'_> {
             max_streams_total: limits.streams_total,
             max_streams_per_session: limits.streams_per_session,
             header_timeout: limits.header_timeout,
+            replay_filter,
+            replay_horizon,
         }
     }
 
@@ -710,6 +713,21 @@ impl Ctx<'_> {
         let window = self.int("transport.kcp.guard_window", k.guard_window);
         let skew = self.int("transport.kcp.guard_skew", k.guard_skew);
         (magic, window as u32, skew as u32)
+    }
+
+    /// Server replay filter: `replay_filter` (a path or empty), `replay_horizon` (days).
+    fn kcp_replay(&mut self, k: &RawKcp) -> (String, u32) {
+        const FILE: &str = "transport.kcp.replay_filter";
+        let file = match &k.replay_filter {
+            None => self.def_str(FILE).to_string(),
+            Some(p) if p.contains('\0') => {
+                self.is.error(FILE, Some(q(p)), must(FILE));
+                String::new()
+            }
+            Some(p) => p.clone(),
+        };
+        let horizon = self.int("transport.kcp.replay_horizon", k.replay_horizon);
+        (file, horizon as u32)
     }
 
     /// Server limits: `max_sessions`, `max_streams_*` (per session clamped to total), `header_timeout`.
@@ -995,6 +1013,8 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
                 max_streams_total: limit_raw(k.max_streams_total),
                 max_streams_per_session: limit_raw(k.max_streams_per_session),
                 header_timeout: Some(i64::from(k.header_timeout)),
+                replay_filter: Some(k.replay_filter.clone()),
+                replay_horizon: Some(i64::from(k.replay_horizon)),
             }),
         }),
         metrics: c.metrics_listen.as_ref().map(|m| RawMetrics {

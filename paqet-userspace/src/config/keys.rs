@@ -13,6 +13,9 @@ use super::targets::TARGET_RULE_SYNTAX;
 use super::types::{Role, BLOCK_MODES, MAX_CPU, TCP_FLAG_LETTERS};
 use super::{ForwardProtocol, IoBackend, KcpMode, LogLevel, MAX_WND};
 
+/// Default of `transport.kcp.replay_filter` in TOML.
+pub const DEFAULT_REPLAY_FILTER: &str = "/var/lib/paqet-dp/replay.bin";
+
 /// The TOML/YAML value type a key takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyType {
@@ -446,6 +449,12 @@ static SCHEMA: &[KeyInfo] = &[
       "Server: maximum concurrent proxied streams (PTCP/PUDP) per session (clamped to max_streams_total)."),
     k("transport.kcp.header_timeout", Int, "integer (s)", DInt(10), int(1, 3600), Any, false,
       "Server: time allowed to receive a new stream's paqet header."),
+    // Replay filter (server): keep these rows together.
+    k("transport.kcp.replay_filter", Str, "path", Def::PerFormat { toml: &DStr(DEFAULT_REPLAY_FILTER), yaml: &DStr("") },
+      Allowed::Text("a file path, or empty = in memory only"), Any, false,
+      "Server: file persisting the convs of sessions seen (replays of them never open or replace a session); saved every minute and at shutdown; not persisted while its directory is missing. Empty: in memory only (forgotten on restart)."),
+    k("transport.kcp.replay_horizon", Int, "integer (days)", DInt(7), int(1, 365), Any, false,
+      "Server: how long the replay filter remembers a conv (at least this, at most twice it)."),
     k("metrics.listen", Str, "host:port", Absent(Some("off")), Endpoint, Any, false,
       "Serve Prometheus metrics and /healthz over HTTP on this address."),
     k("debug.pprof", Str, "host:port", Absent(Some("off")), Allowed::LoopbackEndpoint, Any, false,

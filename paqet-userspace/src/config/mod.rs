@@ -267,6 +267,10 @@ pub struct KcpConfig {
     pub max_streams_per_session: Limit,
     /// Server: header read timeout (s).
     pub header_timeout: u32,
+    /// Server: replay filter file ("" = in memory only).
+    pub replay_filter: String,
+    /// Server: replay filter horizon (days).
+    pub replay_horizon: u32,
 }
 
 /// How a secret shows in `Debug` output: whether it is set, never its value.

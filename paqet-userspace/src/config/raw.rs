@@ -234,6 +234,10 @@ pub struct RawKcp {
     pub max_streams_per_session: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub header_timeout: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_filter: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_horizon: Option<i64>,
 }
 
 /// `[metrics]`

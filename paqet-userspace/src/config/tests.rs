@@ -500,6 +500,36 @@ fn buffer_and_limit_rules() {
 }
 
 #[test]
+fn replay_filter_keys_default_per_format_and_check_their_range() {
+    let c = toml_ok(&server_toml("")).config;
+    let k = &c.transport.kcp;
+    assert_eq!(
+        (k.replay_filter.as_str(), k.replay_horizon),
+        ("/var/lib/paqet-dp/replay.bin", 7)
+    );
+    let set = toml_ok(&server_toml("replay_filter = \"\"\nreplay_horizon = 30")).config;
+    assert_eq!(
+        (
+            set.transport.kcp.replay_filter.as_str(),
+            set.transport.kcp.replay_horizon
+        ),
+        ("", 30)
+    );
+    assert_eq!(&toml_ok(&set.to_toml_string()).config, &set);
+    for bad in ["replay_horizon = 0", "replay_horizon = 366"] {
+        let v = bad.rsplit(' ').next().unwrap();
+        assert_has(
+            &toml_errors(&server_toml(bad)),
+            &format!("transport.kcp.replay_horizon = {v}: must be 1..=365"),
+        );
+    }
+    // Imported upstream YAML: in memory only (no new file on disk).
+    let y = Config::from_yaml_str(&spec_server_yaml()).unwrap().config;
+    assert_eq!(y.transport.kcp.replay_filter, "");
+    assert_eq!(y.transport.kcp.replay_horizon, 7);
+}
+
+#[test]
 fn role_placement() {
     // TOML: client-only keys on a server are errors; YAML: ignored with a warning.
     let text = format!(

@@ -343,6 +343,8 @@ pub struct WorkerSnapshot {
     pub envelope_foreign: u64,
     /// Payloads for which no session exists and none may be created.
     pub no_session: u64,
+    /// Server: session starts refused because their conv was already used (replays).
+    pub replay: u64,
     /// Other per-datagram session errors (FEC, KCP, smux).
     pub session_protocol_errors: u64,
     /// Payloads without a valid guard prefix (dropped before decryption).
@@ -391,6 +393,7 @@ impl WorkerSnapshot {
             envelope_truncated: io.rx_truncated,
             envelope_foreign: d.rx_foreign,
             no_session: d.rx_no_session,
+            replay: d.rx_replay_drops,
             session_protocol_errors: d.rx_session_errors,
             guard_drops: d.rx_guard_drops,
             limit_max_sessions: d.sessions_rejected,
@@ -719,7 +722,7 @@ impl Metrics {
         );
         r.register(
             "session_errors",
-            "Decrypted datagrams dropped, by reason (no_session, protocol)",
+            "Decrypted datagrams dropped, by reason (no_session, replay, protocol)",
             m.session_errors.clone(),
         );
         r.register(
@@ -928,6 +931,7 @@ impl Metrics {
             t.envelope_truncated += w.envelope_truncated;
             t.envelope_foreign += w.envelope_foreign;
             t.no_session += w.no_session;
+            t.replay += w.replay;
             t.session_protocol_errors += w.session_protocol_errors;
             t.guard_drops += w.guard_drops;
             t.limit_max_sessions += w.limit_max_sessions;
@@ -1017,6 +1021,7 @@ impl Metrics {
             &l1("reason", "no_session"),
             t.no_session,
         );
+        set_c(&self.session_errors, &l1("reason", "replay"), t.replay);
         set_c(
             &self.session_errors,
             &l1("reason", "protocol"),

@@ -9,10 +9,15 @@
 //! 2. on a client, drops datagrams from anyone but `server.addr`;
 //! 3. routes the datagram to the session of `(link, local port, peer)` (the `by_peer` index), or on a
 //!    server learns a new session: the conv comes from a decrypted copy (trial decryption with the
-//!    configured key), `max_sessions` is applied first;
+//!    configured key), `max_sessions` is applied first. Only a datagram that starts a session opens one:
+//!    its first KCP segment is a PUSH with sn = 0 and its conv was never used by a session before (the
+//!    replay filter, [`crate::proto::replay`], shared by the daemon's workers and persisted by the daemon);
+//!    a recorded datagram replayed from any address opens nothing, so nothing is ever sent to it;
 //! 4. replaces a server session when the same source starts a new conversation (a datagram the session's
-//!    KCP rejects whose first segment has another conv and sn = 0: a client restarted on the same port,
-//!    spec §3.5); the datagram is consumed and the client's retransmission opens the new session;
+//!    KCP rejects whose first segment is a PUSH with another conv, sn = 0, and a conv the replay filter has
+//!    never seen: a client restarted on the same port, spec §3.5); the datagram is consumed and the
+//!    client's retransmission opens the new session. A replayed first datagram of an older session (its
+//!    conv seen) replaces nothing;
 //! 5. counts what it refused ([`EndpointStats`]) and remembers sources that fail the guard or the crypto
 //!    check with no session of their own ([`Endpoint::bad_sources`]: the signature of a peer with another
 //!    key or guard setting).
@@ -31,12 +36,15 @@
 //! (`T: Default` fills it for the sessions it learns itself; the tests use `()`).
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tracing::{debug, info, trace};
 
 use crate::proto::guard::{Guard, GUARD_LEN};
+use crate::proto::replay::{ReplayGate, DEFAULT_HORIZON_SECS};
 use crate::proto::session::{Role, Session, SessionConfig, SessionConfigError, SessionError};
 use crate::wire::crypt::Crypto;
+use crate::wire::kcp::CMD_PUSH;
 
 /// Looked up per datagram: foldhash (randomly seeded per process) instead of SipHash.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
@@ -76,6 +84,9 @@ pub struct EndpointConfig {
     pub limits: Limits,
     /// Packet guard (`None` = off: the wire is exactly upstream's).
     pub guard: Option<Guard>,
+    /// Server: the convs already used by sessions (shared by the daemon's workers). `None` on a server: a
+    /// private in-memory filter with the default horizon. Unused on a client.
+    pub replay: Option<Arc<dyn ReplayGate>>,
 }
 
 /// The counters the endpoint decides (the worker copies them into its `DaemonStats`).
@@ -91,6 +102,8 @@ pub struct EndpointStats {
     pub rx_crypto_failures: u64,
     /// Other per-datagram session errors (FEC, KCP, smux).
     pub rx_session_errors: u64,
+    /// Server: session starts refused because their conv was already used (a replay).
+    pub rx_replay_drops: u64,
     pub sessions_opened: u64,
     pub sessions_closed: u64,
     /// Server: new sessions refused by `max_sessions`.
@@ -197,6 +210,11 @@ pub enum DropReason {
     /// No session and none may be created (`rx_no_session`): a client with no session on that link and
     /// port, or a server datagram that decrypts but carries no KCP segment to learn a conv from.
     NoSession,
+    /// Server: an unknown source's datagram decrypts but does not start a session (its first KCP segment
+    /// is not a PUSH with sn = 0): a later datagram of some session (`rx_no_session`).
+    NotSessionStart,
+    /// Server: a session start whose conv was already used by a session: a replay (`rx_replay_drops`).
+    Replay,
     /// An unknown source's datagram failed the crypto check: wrong key or block (`rx_crypto_failures`).
     Crypto,
     /// Server: a new session refused by `max_sessions` (`sessions_rejected`).
@@ -227,6 +245,8 @@ pub struct Endpoint<T> {
     guard: Option<Guard>,
     /// Server: decrypts a copy of an unknown source's first datagram to learn its conv.
     probe: Crypto,
+    /// Server: the convs already used by sessions.
+    replay: Option<Arc<dyn ReplayGate>>,
     scratch: Vec<u8>,
     sessions: SessionTable<T>,
     /// (link, local port, peer) → session.
@@ -244,7 +264,21 @@ impl<T: Default> Endpoint<T> {
     /// An empty endpoint. Fails when the session settings cannot make a session (FEC shard counts).
     pub fn new(cfg: EndpointConfig) -> Result<Self, SessionConfigError> {
         cfg.session.validate()?;
+        let replay = match (cfg.role, cfg.replay) {
+            (Role::Server, Some(r)) => Some(r),
+            (Role::Server, None) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or_default();
+                let r: Arc<dyn ReplayGate> =
+                    crate::proto::replay::in_memory(DEFAULT_HORIZON_SECS, now);
+                Some(r)
+            }
+            (Role::Client, _) => None,
+        };
         Ok(Endpoint {
+            replay,
             role: cfg.role,
             probe: cfg.session.crypto.clone(),
             session_cfg: cfg.session,
@@ -289,9 +323,9 @@ impl<T: Default> Endpoint<T> {
             return DatagramEvent::Dropped(DropReason::Foreign);
         }
         match self.by_peer.get(&(link, local_port, src)).copied() {
-            Some(id) => self.input_existing(id, payload, now),
+            Some(id) => self.input_existing(id, payload, now, unix_secs),
             None if self.role == Role::Server => {
-                self.accept_new(link, local_port, src, payload, now)
+                self.accept_new(link, local_port, src, payload, now, unix_secs)
             }
             None => {
                 self.stats.rx_no_session += 1;
@@ -300,7 +334,13 @@ impl<T: Default> Endpoint<T> {
         }
     }
 
-    fn input_existing(&mut self, id: SessionId, payload: &mut [u8], now: u32) -> DatagramEvent<T> {
+    fn input_existing(
+        &mut self,
+        id: SessionId,
+        payload: &mut [u8],
+        now: u32,
+        unix_secs: u64,
+    ) -> DatagramEvent<T> {
         let role = self.role;
         let Some(e) = self.sessions.get_mut(&id) else {
             // by_peer and the table change together; a stale index entry only drops the datagram.
@@ -318,8 +358,16 @@ impl<T: Default> Endpoint<T> {
                 let conv = e.session.conv();
                 let peer = e.peer;
                 if role == Role::Server {
-                    if let Some((c, sn)) = self.plain_conv_sn(payload) {
-                        if c != conv && sn == 0 {
+                    if let Some((c, cmd, sn)) = self.plain_first_segment(payload) {
+                        if c != conv && sn == 0 && cmd == CMD_PUSH && self.conv_seen(c, unix_secs) {
+                            self.stats.rx_replay_drops += 1;
+                            debug!(%peer, old = conv, new = c, "session start with a conv already used: replay refused, session kept");
+                            return DatagramEvent::Input {
+                                id,
+                                accepted: false,
+                            };
+                        }
+                        if c != conv && sn == 0 && cmd == CMD_PUSH {
                             info!(%peer, old = conv, new = c, "new conversation from the same source: replacing session");
                             self.stats.sessions_replaced += 1;
                             // The datagram is consumed (decrypted in place); KCP retransmits it to the new
@@ -356,8 +404,15 @@ impl<T: Default> Endpoint<T> {
         }
     }
 
-    /// conv and sn of the first KCP segment of a datagram already decrypted in place.
-    fn plain_conv_sn(&self, pkt: &[u8]) -> Option<(u32, u32)> {
+    /// True if `conv` was already used by a session (server; a client has no filter).
+    fn conv_seen(&self, conv: u32, unix_secs: u64) -> bool {
+        self.replay
+            .as_ref()
+            .is_some_and(|r| r.seen(conv, unix_secs))
+    }
+
+    /// conv, cmd and sn of the first KCP segment of a datagram already decrypted in place.
+    fn plain_first_segment(&self, pkt: &[u8]) -> Option<(u32, u8, u32)> {
         let h = self.session_cfg.crypto.header_len();
         let t = self.session_cfg.crypto.trailer_len();
         if pkt.len() < h + t {
@@ -365,7 +420,7 @@ impl<T: Default> Endpoint<T> {
         }
         let body = &pkt[h..pkt.len() - t];
         let kcp = crate::wire::fec::kcp_bytes(body, self.session_cfg.fec_enabled())?;
-        crate::wire::kcp::peek_conv_sn(kcp)
+        first_segment(kcp)
     }
 
     /// Server: an unknown source. Learn its conv from a decrypted copy and open a session.
@@ -376,6 +431,7 @@ impl<T: Default> Endpoint<T> {
         src: SocketAddr,
         payload: &mut [u8],
         now: u32,
+        unix_secs: u64,
     ) -> DatagramEvent<T> {
         if let Some(max) = self.limits.max_sessions {
             if self.sessions.len() >= max {
@@ -389,10 +445,16 @@ impl<T: Default> Endpoint<T> {
         let conv = match self.probe.open(&mut self.scratch) {
             Ok(range) => {
                 let fec = self.session_cfg.fec_enabled();
-                match crate::wire::fec::kcp_bytes(&self.scratch[range], fec)
-                    .and_then(crate::wire::kcp::peek_conv_sn)
+                match crate::wire::fec::kcp_bytes(&self.scratch[range], fec).and_then(first_segment)
                 {
-                    Some((conv, _)) => conv,
+                    Some((conv, CMD_PUSH, 0)) => conv,
+                    Some((conv, cmd, sn)) => {
+                        // A later datagram of some session (after a server restart, or recorded and
+                        // replayed): never a reason to open a session or to answer.
+                        self.stats.rx_no_session += 1;
+                        trace!(%src, conv, cmd, sn, "datagram from an unknown source does not start a session");
+                        return DatagramEvent::Dropped(DropReason::NotSessionStart);
+                    }
                     None => {
                         self.stats.rx_no_session += 1;
                         return DatagramEvent::Dropped(DropReason::NoSession);
@@ -406,6 +468,11 @@ impl<T: Default> Endpoint<T> {
                 return DatagramEvent::Dropped(DropReason::Crypto);
             }
         };
+        if self.conv_seen(conv, unix_secs) {
+            self.stats.rx_replay_drops += 1;
+            debug!(%src, conv, "session start with a conv already used: replay refused");
+            return DatagramEvent::Dropped(DropReason::Replay);
+        }
         let rejected = |stats: &mut EndpointStats, err: &dyn fmt::Display| {
             stats.rx_session_errors += 1;
             debug!(%src, conv, error = %err, "first datagram of a new session rejected");
@@ -418,6 +485,14 @@ impl<T: Default> Endpoint<T> {
         };
         if let Err(err) = session.handle_datagram(now, payload) {
             return rejected(&mut self.stats, &err);
+        }
+        // Check and record in one step: another worker may have admitted the same conv meanwhile.
+        if let Some(r) = self.replay.as_ref() {
+            if !r.admit(conv, unix_secs) {
+                self.stats.rx_replay_drops += 1;
+                debug!(%src, conv, "session start with a conv already used: replay refused");
+                return DatagramEvent::Dropped(DropReason::Replay);
+            }
         }
         info!(%src, conv, "new session");
         let id = self.insert(now, link, local_port, src, session, T::default());
@@ -659,6 +734,12 @@ impl<T> Endpoint<T> {
     }
 }
 
+/// conv, cmd and sn of the first KCP segment of `kcp` (a routing peek), if it is one header long.
+fn first_segment(kcp: &[u8]) -> Option<(u32, u8, u32)> {
+    let (conv, sn) = crate::wire::kcp::peek_conv_sn(kcp)?;
+    Some((conv, kcp[4], sn))
+}
+
 #[cfg(test)]
 mod tests {
     //! The endpoint driven in memory: real datagrams made by client and server [`Session`]s, a simulated ms
@@ -718,6 +799,7 @@ mod tests {
             server_addr: (role == Role::Client).then(|| addr(SERVER)),
             limits,
             guard,
+            replay: None,
         })
         .expect("endpoint")
     }
@@ -867,6 +949,120 @@ mod tests {
             (st.sessions_replaced, st.sessions_opened, st.sessions_closed),
             (1, 2, 1)
         );
+    }
+
+    fn shared_endpoint(filter: &crate::proto::replay::SharedReplayFilter) -> Endpoint<()> {
+        let r: Arc<dyn ReplayGate> = filter.clone();
+        Endpoint::new(EndpointConfig {
+            role: Role::Server,
+            session: session_cfg(0x42, (0, 0)),
+            server_addr: None,
+            limits: Limits::default(),
+            guard: None,
+            replay: Some(r),
+        })
+        .expect("endpoint")
+    }
+
+    #[test]
+    fn only_a_session_start_opens_a_session() {
+        for fec in [(0, 0), (10, 3)] {
+            let cfg = session_cfg(0x42, fec);
+            let mut ep = endpoint_with(Role::Server, Limits::default(), None, cfg.clone());
+            let (mut a, first) = client(0xa1a1_a1a1, &cfg, 0);
+            let sid = a.open_stream().unwrap();
+            a.write(sid, b"later").unwrap();
+            let later = flush(&mut a, 50);
+            assert_ne!(conv_sn(&cfg, &later[0]).1, 0);
+            // A later datagram (sn != 0) from an unknown source, even the real client's: nothing opens.
+            for src in [CLIENT, OTHER] {
+                assert!(matches!(
+                    feed(&mut ep, 60, src, &later[0]),
+                    DatagramEvent::Dropped(DropReason::NotSessionStart)
+                ));
+            }
+            assert!(ep.is_empty());
+            assert_eq!(ep.stats().rx_no_session, 2);
+            assert_eq!(ep.stats().sessions_opened, 0);
+            // The first datagram (PUSH, sn 0) does.
+            opened(feed(&mut ep, 70, CLIENT, &first[0]));
+        }
+    }
+
+    #[test]
+    fn a_seen_conv_never_opens_nor_replaces_a_session() {
+        let cfg = session_cfg(0x42, (0, 0));
+        let mut ep = endpoint(Role::Server, Limits::default(), None);
+        let (_a, a) = client(0xaaaa_0001, &cfg, 0);
+        let id = opened(feed(&mut ep, 1, CLIENT, &a[0]));
+        // The real client's retransmission reaches its session.
+        assert!(matches!(
+            feed(&mut ep, 2, CLIENT, &a[0]),
+            DatagramEvent::Input { id: got, .. } if got == id
+        ));
+        // Replayed from another address: refused, nothing opened.
+        assert!(matches!(
+            feed(&mut ep, 3, OTHER, &a[0]),
+            DatagramEvent::Dropped(DropReason::Replay)
+        ));
+        assert_eq!(ep.len(), 1);
+        // The session goes; its first datagram replayed from its own address opens nothing either.
+        ep.close(id, CloseReason::Local("test".into())).unwrap();
+        assert!(matches!(
+            feed(&mut ep, 4, CLIENT, &a[0]),
+            DatagramEvent::Dropped(DropReason::Replay)
+        ));
+        assert!(ep.is_empty());
+        // A live session of a fresh conv from the same source; the old first datagram, spoofed from that
+        // source, replaces nothing.
+        let (_b, b) = client(0xbbbb_0002, &cfg, 10);
+        let live = opened(feed(&mut ep, 10, CLIENT, &b[0]));
+        assert!(matches!(
+            feed(&mut ep, 11, CLIENT, &a[0]),
+            DatagramEvent::Input { id: got, accepted: false } if got == live
+        ));
+        assert!(ep.has_session_on(LINK, PORT, addr(CLIENT)));
+        let st = ep.stats();
+        assert_eq!((st.rx_replay_drops, st.sessions_replaced), (3, 0));
+        // A real client restart (a conv never seen) still replaces the session, and its retransmission
+        // opens the new one.
+        let (_c, c) = client(0xcccc_0003, &cfg, 20);
+        match feed(&mut ep, 20, CLIENT, &c[0]) {
+            DatagramEvent::Closed(closed) => {
+                assert_eq!(closed.id, live);
+                assert!(matches!(closed.reason, CloseReason::Replaced));
+            }
+            other => panic!("{}", describe(&other)),
+        }
+        let new = opened(feed(&mut ep, 21, CLIENT, &c[0]));
+        assert_eq!(ep.get(new).unwrap().session.conv(), 0xcccc_0003);
+        assert_eq!(ep.stats().sessions_replaced, 1);
+    }
+
+    #[test]
+    fn workers_share_the_filter_and_it_survives_a_restart() {
+        use crate::proto::replay::{BloomParams, ReplayFilter};
+        let cfg = session_cfg(0x42, (0, 0));
+        let filter = crate::proto::replay::in_memory(3600, UNIX);
+        let (mut w0, mut w1) = (shared_endpoint(&filter), shared_endpoint(&filter));
+        let (_a, a) = client(0x5eed_0001, &cfg, 0);
+        opened(feed(&mut w0, 1, CLIENT, &a[0]));
+        // The same datagram replayed to another worker (another source, another RX queue).
+        assert!(matches!(
+            feed(&mut w1, 2, OTHER, &a[0]),
+            DatagramEvent::Dropped(DropReason::Replay)
+        ));
+        assert_eq!(w1.stats().rx_replay_drops, 1);
+        // Persisted and loaded by a restarted daemon: still refused.
+        let bytes = filter.lock().unwrap().encode();
+        let loaded = ReplayFilter::decode(&bytes, BloomParams::DEFAULT, 3600, UNIX + 60).unwrap();
+        let restarted = Arc::new(std::sync::Mutex::new(loaded));
+        let mut ep = shared_endpoint(&restarted);
+        assert!(matches!(
+            feed(&mut ep, 1, OTHER, &a[0]),
+            DatagramEvent::Dropped(DropReason::Replay)
+        ));
+        assert!(ep.is_empty());
     }
 
     #[test]
@@ -1102,6 +1298,7 @@ mod tests {
             server_addr: None,
             limits: Limits::default(),
             guard: None,
+            replay: None,
         });
         let err = r.err().expect("refused");
         assert!(

@@ -5,5 +5,6 @@ pub mod fec;
 pub mod guard;
 pub mod kcp;
 pub mod noise;
+pub mod replay;
 pub mod session;
 pub mod smux;

@@ -66,6 +66,8 @@ pub struct DaemonStats {
     pub rx_crypto_failures: u64,
     /// Other per-datagram session errors (FEC, KCP, smux).
     pub rx_session_errors: u64,
+    /// Server: session starts refused because their conv was already used (replays).
+    pub rx_replay_drops: u64,
     pub tx_datagrams: u64,
     pub tx_errors: u64,
     pub sessions_opened: u64,
@@ -255,6 +257,7 @@ impl Core {
             server_addr: cfg.server_addr,
             limits: cfg.limits,
             guard: guard.clone(),
+            replay: cfg.replay.clone(),
         })?;
         let conn = cfg.conn.max(1);
         Ok(Rc::new(RefCell::new(Core {
@@ -303,6 +306,7 @@ impl Core {
             rx_no_session: ep.rx_no_session,
             rx_crypto_failures: ep.rx_crypto_failures,
             rx_session_errors: ep.rx_session_errors,
+            rx_replay_drops: ep.rx_replay_drops,
             tx_datagrams: io.tx_datagrams,
             tx_errors: io.tx_errors,
             sessions_opened: ep.sessions_opened,
@@ -1037,6 +1041,7 @@ mod cc_tests {
             limits: super::super::Limits::default(),
             header_timeout: Duration::from_secs(10),
             targets: Default::default(),
+            replay: None,
         })
         .expect("core")
     }

@@ -14,8 +14,13 @@
 //!    records, guard cookie rotation) and SIGINT/SIGTERM ([`Stop::with_signals`]);
 //! 5. shutdown in one order: workers stop and are joined, the final counters are published, then the plane
 //!    is torn down (XDP program detached, iptables rules removed), then the ops servers stop.
-use std::sync::Arc;
-use std::time::Duration;
+//!
+//! A server's replay filter ([`crate::proto::replay`]) is one per daemon, shared by its workers: loaded
+//! from `transport.kcp.replay_filter` at start ([`ReplayStore`]), saved by the control thread every
+//! [`REPLAY_SAVE_INTERVAL`] when it changed and once more after the workers are joined.
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use tokio::sync::watch;
@@ -29,6 +34,8 @@ use crate::front::{self, Placement};
 use crate::io::steer::{XdpAttach, COUNTERS};
 use crate::ops::hub::{MetricsHub, PUBLISH_INTERVAL_MS};
 use crate::ops::metrics::{DataPathMode, WorkerSnapshot};
+use crate::proto::replay::{BloomParams, ReplayFilter, SharedReplayFilter};
+use crate::proto::session::Role;
 use crate::tools::firewall::{self, FirewallGuard};
 
 /// Which data plane a daemon runs (`run --mode`).
@@ -294,6 +301,11 @@ pub fn run(
             }
         },
     };
+    let mut replay = (wcfg.role == Role::Server).then(|| ReplayStore::open(cfg));
+    if let Some(r) = &replay {
+        let gate: Arc<dyn crate::proto::replay::ReplayGate> = r.filter.clone();
+        wcfg.replay = Some(gate);
+    }
     let mode = plane.mode();
     hub.set_mode(mode);
     let workers = links.len();
@@ -347,13 +359,16 @@ pub fn run(
     if result.is_ok() {
         hub.set_attached(true);
         info!(role = %wcfg.role, iface, mode = ?mode, workers, "paqet-dp running");
-        result = control_loop(&mut plane, &hub, &stop);
+        result = control_loop(&mut plane, &hub, &stop, replay.as_mut());
     }
     stop.stop();
     for h in handles {
         if h.join().is_err() {
             warn!("a worker thread panicked");
         }
+    }
+    if let Some(r) = replay.as_mut() {
+        r.save();
     }
     let xdp = plane.finish(&hub);
     hub.set_attached(false);
@@ -392,7 +407,12 @@ fn wait_ready(
 
 /// The control thread: the plane's periodic work every [`PUBLISH_INTERVAL_MS`] until stopped (or a
 /// signal, with [`Stop::with_signals`]).
-fn control_loop(plane: &mut Plane, hub: &MetricsHub, stop: &Stop) -> anyhow::Result<()> {
+fn control_loop(
+    plane: &mut Plane,
+    hub: &MetricsHub,
+    stop: &Stop,
+    mut replay: Option<&mut ReplayStore>,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -411,7 +431,12 @@ fn control_loop(plane: &mut Plane, hub: &MetricsHub, stop: &Stop) -> anyhow::Res
         tokio::pin!(sig);
         loop {
             tokio::select! {
-                _ = tick.tick() => plane.tick(hub)?,
+                _ = tick.tick() => {
+                    plane.tick(hub)?;
+                    if let Some(r) = replay.as_deref_mut() {
+                        r.save_if_due();
+                    }
+                }
                 r = rx.wait_for(|s| *s) => { let _ = r; return Ok(()); }
                 r = &mut sig => { r?; info!("shutting down"); return Ok(()); }
             }
@@ -541,6 +566,159 @@ pub fn worker_cpus(pin: &CpuPin, allowed: &[usize]) -> anyhow::Result<Vec<usize>
     }
 }
 
+/// How often the control thread saves a changed replay filter.
+pub const REPLAY_SAVE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Seconds since the Unix epoch.
+fn unix_secs() -> u64 {
+    super::core::unix_now().as_secs()
+}
+
+/// A server's replay filter and where it is persisted (`transport.kcp.replay_filter`; `None` = in memory).
+pub struct ReplayStore {
+    pub filter: SharedReplayFilter,
+    path: Option<PathBuf>,
+    last_save: Instant,
+    /// The "not persisted" warning was logged.
+    warned: bool,
+}
+
+impl ReplayStore {
+    /// Loads the configured file, or starts empty: a missing file silently, an unreadable, corrupt or
+    /// foreign one with a warning (it is replaced at the next save). Never fails.
+    pub fn open(cfg: &Config) -> Self {
+        let k = &cfg.transport.kcp;
+        let horizon = u64::from(k.replay_horizon) * 24 * 3600;
+        let path = (!k.replay_filter.is_empty()).then(|| PathBuf::from(&k.replay_filter));
+        let now = unix_secs();
+        let filter = match &path {
+            None => {
+                info!("replay filter in memory only (transport.kcp.replay_filter is empty)");
+                ReplayFilter::new(horizon, now)
+            }
+            Some(p) => load_replay_filter(p, horizon, now),
+        };
+        ReplayStore {
+            filter: Arc::new(Mutex::new(filter)),
+            path,
+            last_save: Instant::now(),
+            warned: false,
+        }
+    }
+
+    /// Saves when the filter changed and [`REPLAY_SAVE_INTERVAL`] passed since the last save.
+    pub fn save_if_due(&mut self) {
+        if self.last_save.elapsed() >= REPLAY_SAVE_INTERVAL {
+            self.save();
+        }
+    }
+
+    /// Saves the filter if it changed (atomically: a temporary file in the same directory, renamed).
+    pub fn save(&mut self) {
+        self.last_save = Instant::now();
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        let bytes = {
+            let mut f = self.filter.lock().unwrap_or_else(|p| p.into_inner());
+            if !f.take_dirty() {
+                return;
+            }
+            f.encode()
+        };
+        if let Err(e) = write_atomically(&path, &bytes) {
+            // Keep the changes for the next attempt.
+            let mut f = self.filter.lock().unwrap_or_else(|p| p.into_inner());
+            f.mark_dirty();
+            if !self.warned {
+                self.warned = true;
+                warn!(
+                    file = %path.display(),
+                    error = %e,
+                    "transport.kcp.replay_filter: not persisted (the filter works in memory; a restart forgets it)"
+                );
+            }
+        } else if std::mem::take(&mut self.warned) {
+            info!(file = %path.display(), "replay filter persisted again");
+        }
+    }
+}
+
+/// Reads a persisted replay filter; a missing, unreadable, corrupt or foreign file gives an empty one.
+pub fn load_replay_filter(path: &Path, horizon_secs: u64, unix_secs: u64) -> ReplayFilter {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            match ReplayFilter::decode(&bytes, BloomParams::DEFAULT, horizon_secs, unix_secs) {
+                Ok(f) => {
+                    let (cur, prev) = f.counts();
+                    info!(file = %path.display(), convs = cur + prev, "replay filter loaded");
+                    f
+                }
+                Err(e) => {
+                    warn!(
+                        file = %path.display(),
+                        error = %e,
+                        "transport.kcp.replay_filter: file unusable, starting with an empty replay filter (the file is replaced at the next save)"
+                    );
+                    ReplayFilter::new(horizon_secs, unix_secs)
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            info!(file = %path.display(), "no replay filter file yet: starting empty");
+            ReplayFilter::new(horizon_secs, unix_secs)
+        }
+        Err(e) => {
+            warn!(
+                file = %path.display(),
+                error = %e,
+                "transport.kcp.replay_filter: cannot read the file, starting with an empty replay filter"
+            );
+            ReplayFilter::new(horizon_secs, unix_secs)
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory (synced, then renamed over
+/// `path`): a crash leaves the old file or the new one, never a mix. The directory must exist (it is not
+/// created: packaging provides it, e.g. systemd `StateDirectory=paqet-dp`).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("directory {} does not exist", dir.display()),
+        ));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "replay".into());
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Pins the calling thread to `cpu`.
 pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     // SAFETY: `set` is a valid cpu_set_t and pid 0 means the calling thread.
@@ -561,6 +739,54 @@ pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A private directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("paqet-replay-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).expect("temp dir");
+            TempDir(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_replay_filter_persists_atomically_and_survives_bad_files() {
+        let dir = TempDir::new("persist");
+        let path = dir.0.join("replay.bin");
+        let now = unix_secs();
+        // Missing file: empty.
+        let mut f = load_replay_filter(&path, 3600, now);
+        assert_eq!(f.counts(), (0, 0));
+        assert!(f.insert(0xfeed, now));
+        write_atomically(&path, &f.encode()).expect("saved");
+        let names: Vec<_> = std::fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["replay.bin"], "no temporary file left");
+        let mut g = load_replay_filter(&path, 3600, now + 1);
+        assert!(g.contains(0xfeed, now + 1), "loaded after a restart");
+        // Corrupt or foreign files: an empty filter, no panic.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(load_replay_filter(&path, 3600, now).counts(), (0, 0));
+        std::fs::write(&path, b"key = \"not a filter\"\n").unwrap();
+        assert_eq!(load_replay_filter(&path, 3600, now).counts(), (0, 0));
+        // A missing directory is an error of the save (the daemon warns and keeps the filter in memory).
+        let err = write_atomically(&dir.0.join("no/such/replay.bin"), b"x").unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
 
     #[test]
     fn worker_cpus_follow_io_cpus() {

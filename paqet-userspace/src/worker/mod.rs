@@ -82,6 +82,9 @@ pub struct WorkerConfig {
     pub header_timeout: Duration,
     /// Server: dial-target policy (`server.allow` / `server.deny`).
     pub targets: std::sync::Arc<crate::config::targets::TargetPolicy>,
+    /// Server: the replay filter shared by the daemon's workers (`None`: each endpoint keeps its own, in
+    /// memory).
+    pub replay: Option<std::sync::Arc<dyn crate::proto::replay::ReplayGate>>,
 }
 
 impl WorkerConfig {

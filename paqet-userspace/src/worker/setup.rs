@@ -216,6 +216,7 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
         },
         header_timeout: cfg.header_timeout(),
         targets: std::sync::Arc::new(cfg.targets.clone()),
+        replay: None,
     })
 }
 

@@ -55,6 +55,7 @@ fn cfg(role: Role, limits: Limits, guard: Option<(GuardConfig, String)>) -> Work
         limits,
         header_timeout: Duration::from_secs(10),
         targets: Default::default(),
+        replay: None,
     }
 }
 

@@ -855,6 +855,7 @@ mod tests {
             limits: Default::default(),
             header_timeout: Duration::from_secs(10),
             targets: Default::default(),
+            replay: None,
         }
     }
 
