@@ -166,6 +166,8 @@ ip netns exec "$NS_S" python3 -m http.server 8000 --bind 127.0.0.1 --directory "
 PIDS+=($!)
 
 echo "demo: starting paqet-dp server and client (mode fast3, 2048-packet windows, aes, data path $MODE)"
+# The configs hold the key: the daemon refuses them unless only root can read them.
+chmod 600 "$WORK/server.toml" "$WORK/client.toml"
 ip netns exec "$NS_S" "$BIN" run -c "$WORK/server.toml" --mode "$MODE" >/dev/null 2>"$WORK/server.log" &
 PIDS+=($!)
 ip netns exec "$NS_C" "$BIN" run -c "$WORK/client.toml" --mode "$MODE" >/dev/null 2>"$WORK/client.log" &

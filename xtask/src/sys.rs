@@ -181,6 +181,12 @@ impl Daemon {
     ) -> Result<Self> {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, config).with_context(|| format!("writing {}", cfg.display()))?;
+        // The daemon refuses a config that holds the key and others can read.
+        std::fs::set_permissions(
+            &cfg,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .with_context(|| format!("chmod 600 {}", cfg.display()))?;
         let log = dir.join(format!("{name}.log"));
         let logf =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
