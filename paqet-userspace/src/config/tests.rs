@@ -218,6 +218,32 @@ fn yaml_import_adds_no_limit_upstream_lacks() {
     }
 }
 
+/// `transport.rotate`: off by default, read with its ranges, refused with a fixed client port (a new
+/// session needs a new source port), written by `to_toml_string`.
+#[test]
+fn rotate_keys() {
+    let off = toml_ok(&client_toml("")).config.transport.rotate;
+    assert!(!off.enabled());
+    assert_eq!(off.drain_secs, 300);
+    let text = client_toml("").replace(
+        "[transport.kcp]",
+        "[transport.rotate]\nafter = 30\nbytes = 1000000\ndrain = 5\n[transport.kcp]",
+    );
+    let c = toml_ok(&text).config;
+    let r = c.transport.rotate;
+    assert!(r.enabled());
+    assert_eq!((r.after_secs, r.bytes, r.drain_secs), (30, 1_000_000, 5));
+    assert_eq!(&toml_ok(&c.to_toml_string()).config, &c);
+    assert_has(
+        &toml_errors(&text.replace("drain = 5", "drain = 0")),
+        "transport.rotate.drain = 0: must be 1..=86400",
+    );
+    assert_has(
+        &toml_errors(&text.replace("10.0.0.1:0", "10.0.0.1:4000")),
+        "transport.rotate: session rotation needs a new source port per session",
+    );
+}
+
 fn testdata_dir() -> std::path::PathBuf {
     if let Some(dir) = std::env::var_os("PAQET_TESTDATA") {
         return dir.into();

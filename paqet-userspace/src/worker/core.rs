@@ -1076,6 +1076,7 @@ mod cc_tests {
             guard: None,
             limits: super::super::Limits::default(),
             header_timeout: Duration::from_secs(10),
+            rotate: Default::default(),
             targets: Default::default(),
             replay: None,
         })

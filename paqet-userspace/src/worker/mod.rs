@@ -82,6 +82,8 @@ pub struct WorkerConfig {
     pub limits: Limits,
     /// Server: deadline for reading the per-stream header.
     pub header_timeout: Duration,
+    /// Client: session rotation (`transport.rotate.*`; off by default).
+    pub rotate: crate::config::RotateConfig,
     /// Server: dial-target policy (`server.allow` / `server.deny`).
     pub targets: std::sync::Arc<crate::config::targets::TargetPolicy>,
     /// Server: the replay filter shared by the daemon's workers (`None`: each endpoint keeps its own, in
