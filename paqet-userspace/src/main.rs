@@ -414,7 +414,13 @@ fn run(
 ) -> anyhow::Result<()> {
     let cfg = load(config, key_file)?;
     match paqet::io::route::raise_nofile_limit() {
-        Ok((soft, hard)) => tracing::debug!(soft, hard, "RLIMIT_NOFILE raised"),
+        // Every proxied connection holds a descriptor (the client's accepted socket, the server's socket
+        // to the target): 1,000 streams need more than the usual soft limit of 1024.
+        Ok((soft, hard)) => tracing::info!(
+            soft,
+            hard,
+            "open-file limit (RLIMIT_NOFILE): soft limit set to the hard limit"
+        ),
         Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
     let iface = iface.unwrap_or_else(|| cfg.network.interface.clone());

@@ -14,8 +14,8 @@ use super::schema::{Issues, Mode};
 use super::targets::{TargetPolicy, TargetRule, TARGET_RULE_SYNTAX};
 use super::{
     CcAlgorithm, Config, FamilyConfig, ForwardProtocol, ForwardRule, HostPort, HttpListener,
-    IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, Role, Socks5Listener,
-    TransportConfig,
+    IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, Role, RotateConfig,
+    Socks5Listener, TransportConfig,
 };
 use crate::proto::cc::parse_bandwidth;
 
@@ -409,9 +409,16 @@ impl Ctx<'_> {
                 "transport.kcp configuration is required",
             );
         }
+        let r = transport.rotate.clone().unwrap_or_default();
+        let rotate = RotateConfig {
+            after_secs: self.int("transport.rotate.after", r.after) as u32,
+            bytes: self.int("transport.rotate.bytes", r.bytes) as u64,
+            drain_secs: self.int("transport.rotate.drain", r.drain) as u32,
+        };
         let k = transport.kcp.clone().unwrap_or_default();
         TransportConfig {
             conn: conn as u32,
+            rotate,
             kcp: self.kcp(&k, transport.kcp.is_some()),
         }
     }
@@ -764,6 +771,7 @@ impl Ctx<'_> {
         raw: &RawConfig,
         net: &NetworkConfig,
         conn: u32,
+        rotate: RotateConfig,
         listen: Option<&HostPort>,
         server: Option<&HostPort>,
     ) {
@@ -773,6 +781,13 @@ impl Ctx<'_> {
             .map(|f| f.port)
             .or(net.ipv6.as_ref().map(|f| f.port))
             .unwrap_or(0);
+        if self.client() && local_port != 0 && rotate.enabled() {
+            self.is.error(
+                "transport.rotate",
+                None,
+                format!("session rotation needs a new source port per session: set the network port to 0 (it is {local_port})"),
+            );
+        }
         if self.client() && local_port != 0 && conn > 1 {
             self.is.error(
                 "transport.conn",
@@ -886,6 +901,7 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
         raw,
         &network,
         transport.conn,
+        transport.rotate,
         listen.as_ref(),
         server.as_ref(),
     );
@@ -980,6 +996,11 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
         transport: Some(RawTransport {
             protocol: Some("kcp".to_string()),
             conn: Some(i64::from(c.transport.conn)),
+            rotate: Some(RawRotate {
+                after: Some(i64::from(c.transport.rotate.after_secs)),
+                bytes: Some(c.transport.rotate.bytes as i64),
+                drain: Some(i64::from(c.transport.rotate.drain_secs)),
+            }),
             kcp: Some(RawKcp {
                 mode: Some(k.mode.to_string()),
                 nodelay: Some(i64::from(k.nodelay)),

@@ -392,6 +392,15 @@ static SCHEMA: &[KeyInfo] = &[
     k("transport.protocol", Str, "string", Absent(None), OneOf(&["kcp"]), Any, true, "Transport; must be `kcp` (required)."),
     k("transport.conn", Int, "integer", DInt(1), int(1, 256), Any, true,
       "Client: number of parallel KCP sessions, each with its own source port. Ignored by a server."),
+    // Client session rotation (paqet-dp; each session is an ordinary upstream session).
+    k("transport.rotate.after", Int, "integer (s)", DInt(0),
+      Allowed::Int { lo: 0, hi: 604_800, note: "0 = off" }, Any, false,
+      "Client: replace each session after about this long (±20 % jitter): a fresh session from a new source port takes the new streams, the old one drains. Ignored by a server."),
+    k("transport.rotate.bytes", Int, "integer (bytes)", DInt(0),
+      Allowed::Int { lo: 0, hi: 1 << 50, note: "0 = off" }, Any, false,
+      "Client: replace each session once it has carried this many bytes (both directions, on the wire). Ignored by a server."),
+    k("transport.rotate.drain", Int, "integer (s)", DInt(300), int(1, 86_400), Any, false,
+      "Client: how long a replaced session keeps carrying its open streams; it closes when they have all ended or this has passed."),
     k("transport.kcp.mode", Str, "string", DStr("fast"), OneOf(KcpMode::ALL), Any, true,
       "KCP preset (nodelay/interval/resend/nocongestion/wdelay/acknodelay); `manual` uses the keys below."),
     k("transport.kcp.nodelay", Int, "integer", DInt(0), int(0, 2), Any, true, "KCP nodelay (manual mode only)."),
@@ -441,13 +450,19 @@ static SCHEMA: &[KeyInfo] = &[
     k("transport.kcp.guard_window", Int, "integer (s)", DInt(30), int(1, 3600), Any, false, "Guard cookie rotation period."),
     k("transport.kcp.guard_skew", Int, "integer", DInt(1), int(0, 10), Any, false,
       "Number of previous guard windows still accepted."),
-    k("transport.kcp.max_sessions", Int, "integer", DInt(512), Allowed::Limit(1_000_000), Any, false,
+    // Server limits upstream does not have: imported YAML gets none (or, for header_timeout, its ceiling),
+    // so an upstream config used as is meets no cap upstream would not (docs/configuration.md, "Limits (server)").
+    k("transport.kcp.max_sessions", Int, "integer", Def::PerFormat { toml: &DInt(512), yaml: &DInt(-1) },
+      Allowed::Limit(1_000_000), Any, false,
       "Server: maximum concurrent KCP sessions; new sessions over the limit are closed."),
-    k("transport.kcp.max_streams_total", Int, "integer", DInt(16384), Allowed::Limit(10_000_000), Any, false,
+    k("transport.kcp.max_streams_total", Int, "integer", Def::PerFormat { toml: &DInt(16384), yaml: &DInt(-1) },
+      Allowed::Limit(10_000_000), Any, false,
       "Server: maximum concurrent proxied streams (PTCP/PUDP) over all sessions; control streams (PTCPF, ping) are not counted."),
-    k("transport.kcp.max_streams_per_session", Int, "integer", DInt(256), Allowed::Limit(1_000_000), Any, false,
+    k("transport.kcp.max_streams_per_session", Int, "integer", Def::PerFormat { toml: &DInt(256), yaml: &DInt(-1) },
+      Allowed::Limit(1_000_000), Any, false,
       "Server: maximum concurrent proxied streams (PTCP/PUDP) per session (clamped to max_streams_total)."),
-    k("transport.kcp.header_timeout", Int, "integer (s)", DInt(10), int(1, 3600), Any, false,
+    k("transport.kcp.header_timeout", Int, "integer (s)", Def::PerFormat { toml: &DInt(10), yaml: &DInt(3600) },
+      int(1, 3600), Any, false,
       "Server: time allowed to receive a new stream's paqet header."),
     // Replay filter (server): keep these rows together.
     k("transport.kcp.replay_filter", Str, "path", Def::PerFormat { toml: &DStr(DEFAULT_REPLAY_FILTER), yaml: &DStr("") },
@@ -605,7 +620,10 @@ mod tests {
         assert_eq!(text("socks5[].username"), ("\"\"".into(), "any".into()));
         assert_eq!(
             text("transport.kcp.max_sessions"),
-            ("512".into(), "-1 (unlimited) or 1..=1000000".into())
+            (
+                "512 (TOML), -1 (imported YAML)".into(),
+                "-1 (unlimited) or 1..=1000000".into()
+            )
         );
         assert_eq!(
             text("metrics.listen"),

@@ -371,8 +371,28 @@ impl KcpConfig {
 pub struct TransportConfig {
     /// Parallel client connections.
     pub conn: u32,
+    /// Client session rotation.
+    pub rotate: RotateConfig,
     /// KCP/smux settings.
     pub kcp: KcpConfig,
+}
+
+/// `transport.rotate.*`: client session rotation (off when both triggers are 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RotateConfig {
+    /// Replace a session after about this many seconds (0 = never by age).
+    pub after_secs: u32,
+    /// Replace a session once it carried this many bytes (0 = never by volume).
+    pub bytes: u64,
+    /// Longest a replaced session keeps carrying its streams (s).
+    pub drain_secs: u32,
+}
+
+impl RotateConfig {
+    /// Whether any trigger is set.
+    pub fn enabled(&self) -> bool {
+        self.after_secs > 0 || self.bytes > 0
+    }
 }
 
 /// `io.*`

@@ -169,7 +169,21 @@ pub struct RawTransport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conn: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotate: Option<RawRotate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kcp: Option<RawKcp>,
+}
+
+/// `[transport.rotate]` (paqet-dp: client session rotation).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawRotate {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain: Option<i64>,
 }
 
 /// `[transport.kcp]` (upstream keys, then paqet-dp's congestion-control, guard and limit keys).

@@ -104,11 +104,14 @@ impl Ctx<'_> {
         }
     }
 
-    /// A limit key: -1 = unlimited, else 1..=hi.
+    /// A limit key: -1 = unlimited, else 1..=hi (unset or out of range: the default, which may be -1).
     pub(super) fn limit(&mut self, path: &str, v: Option<i64>) -> Limit {
         match v {
             Some(-1) => None,
-            v => Some(self.int(path, v) as u32),
+            v => match self.int(path, v) {
+                -1 => None,
+                n => Some(n as u32),
+            },
         }
     }
 

@@ -146,6 +146,104 @@ fn spec_server_example_imports_and_round_trips() {
     assert_eq!(&toml_ok(&toml_text).config, c, "round trip:\n{toml_text}");
 }
 
+/// Drop-in: an upstream YAML config gets no limit upstream lacks (the stream/session limits unlimited, the
+/// header timeout at its ceiling), with upstream's own smux/KCP values; TOML keeps the protective defaults;
+/// a limit written in the YAML is honoured; `config import` writes the YAML defaults out explicitly.
+#[test]
+fn yaml_import_adds_no_limit_upstream_lacks() {
+    let y = Config::from_yaml_str(&spec_server_yaml()).unwrap().config;
+    let k = &y.transport.kcp;
+    assert_eq!(
+        (
+            k.max_sessions,
+            k.max_streams_total,
+            k.max_streams_per_session,
+            k.header_timeout
+        ),
+        (None, None, None, 3600)
+    );
+    assert_eq!(
+        (k.smuxbuf, k.streambuf, k.smuxkalive, k.smuxktimeout),
+        (4_194_304, 2_097_152, 2, 8)
+    );
+    assert_eq!((k.rcvwnd, k.sndwnd), (1024, 1024));
+    assert!(!k.rcvwnd_auto && !k.sndwnd_auto && !k.guard);
+    let toml_text = y.to_toml_string();
+    for line in [
+        "max_sessions = -1",
+        "max_streams_total = -1",
+        "max_streams_per_session = -1",
+        "header_timeout = 3600",
+    ] {
+        assert!(toml_text.contains(line), "{line} missing in:\n{toml_text}");
+    }
+    assert_eq!(&toml_ok(&toml_text).config, &y);
+
+    // The same server in TOML: the protective defaults.
+    let t = toml_ok(&server_toml("")).config;
+    let k = &t.transport.kcp;
+    assert_eq!(
+        (
+            k.max_sessions,
+            k.max_streams_total,
+            k.max_streams_per_session,
+            k.header_timeout
+        ),
+        (Some(512), Some(16384), Some(256), 10)
+    );
+
+    // A limit the YAML sets is honoured; one it leaves out stays unlimited (no clamp to it).
+    let set = spec_server_yaml().replace(
+        "smuxbuf: 4194304,",
+        "max_streams_per_session: 10, header_timeout: 20, smuxbuf: 4194304,",
+    );
+    assert!(set.contains("max_streams_per_session: 10"), "{set}");
+    let k = Config::from_yaml_str(&set).unwrap().config.transport.kcp;
+    assert_eq!(
+        (
+            k.max_streams_per_session,
+            k.max_streams_total,
+            k.header_timeout
+        ),
+        (Some(10), None, 20)
+    );
+
+    // Every limit key paqet-dp adds is unlimited in imported YAML, so a new one cannot slip in with a cap.
+    for key in schema() {
+        if let Allowed::Limit(_) = key.allowed {
+            assert!(!key.upstream, "{}", key.path);
+            assert_eq!(*key.def.for_format(true), Def::Int(-1), "{}", key.path);
+            assert_ne!(*key.def.for_format(false), Def::Int(-1), "{}", key.path);
+        }
+    }
+}
+
+/// `transport.rotate`: off by default, read with its ranges, refused with a fixed client port (a new
+/// session needs a new source port), written by `to_toml_string`.
+#[test]
+fn rotate_keys() {
+    let off = toml_ok(&client_toml("")).config.transport.rotate;
+    assert!(!off.enabled());
+    assert_eq!(off.drain_secs, 300);
+    let text = client_toml("").replace(
+        "[transport.kcp]",
+        "[transport.rotate]\nafter = 30\nbytes = 1000000\ndrain = 5\n[transport.kcp]",
+    );
+    let c = toml_ok(&text).config;
+    let r = c.transport.rotate;
+    assert!(r.enabled());
+    assert_eq!((r.after_secs, r.bytes, r.drain_secs), (30, 1_000_000, 5));
+    assert_eq!(&toml_ok(&c.to_toml_string()).config, &c);
+    assert_has(
+        &toml_errors(&text.replace("drain = 5", "drain = 0")),
+        "transport.rotate.drain = 0: must be 1..=86400",
+    );
+    assert_has(
+        &toml_errors(&text.replace("10.0.0.1:0", "10.0.0.1:4000")),
+        "transport.rotate: session rotation needs a new source port per session",
+    );
+}
+
 fn testdata_dir() -> std::path::PathBuf {
     if let Some(dir) = std::env::var_os("PAQET_TESTDATA") {
         return dir.into();

@@ -45,7 +45,13 @@ impl Placement {
     }
 }
 
-/// A TCP listener on `addr` (backlog 1024, `SO_REUSEADDR`); with `shared` also `SO_REUSEPORT`.
+/// Backlog asked for by the front ends' listeners: the kernel caps it at `net.core.somaxconn`, which is
+/// what Go's listeners (upstream paqet) get too, so a burst of connections (a browser opening hundreds at
+/// once) is not cut by a smaller queue than upstream's.
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A TCP listener on `addr` (backlog [`LISTEN_BACKLOG`], `SO_REUSEADDR`); with `shared` also
+/// `SO_REUSEPORT`.
 pub fn bind_tcp(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
     let s = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -58,7 +64,7 @@ pub fn bind_tcp(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> 
     }
     s.bind(addr)
         .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
-    s.listen(1024)
+    s.listen(LISTEN_BACKLOG)
 }
 
 /// Binds and spawns (on the current `LocalSet`) the client front ends `cfg` lists: TCP/UDP forwards,

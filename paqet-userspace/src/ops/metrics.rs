@@ -22,6 +22,7 @@ use prometheus_client::registry::Registry;
 
 use crate::io::IoStats;
 use crate::proto::cc::{CcAlgorithm, CcStats};
+use crate::proto::limits::{LimitCounts, LimitKey};
 use crate::worker::core::DaemonStats;
 
 /// `Content-Type` of [`Metrics::encode`]'s output.
@@ -89,6 +90,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "paqet_session_errors_total",
     "paqet_guard_drops_total",
     "paqet_limit_rejections_total",
+    "paqet_limit_refusals_total",
     "paqet_streams_refused_total",
     "paqet_pcap_kernel_drops_total",
     "paqet_worker_packets_total",
@@ -355,6 +357,8 @@ pub struct WorkerSnapshot {
     pub limit_max_streams: u64,
     /// Streams closed because no header came within `header_timeout`.
     pub limit_header_timeout: u64,
+    /// Sessions and streams refused per limit key ([`LimitKey::index`]; `paqet_limit_refusals_total`).
+    pub limit_refusals: LimitCounts,
     /// pcap `ps_drop`.
     pub pcap_ps_drop: u64,
     /// pcap `ps_ifdrop`.
@@ -398,6 +402,8 @@ impl WorkerSnapshot {
             guard_drops: d.rx_guard_drops,
             limit_max_sessions: d.sessions_rejected,
             limit_max_streams: d.streams_rejected,
+            limit_header_timeout: d.limit_refusals[LimitKey::HeaderTimeout.index()],
+            limit_refusals: d.limit_refusals,
             pcap_ps_drop: io.kernel_drops,
             pcap_ps_ifdrop: io.if_drops,
             rx_cross_worker: d.rx_cross_worker,
@@ -464,6 +470,8 @@ pub struct Metrics {
     session_errors: CounterFamily,
     guard_drops: Counter<u64, AtomicU64>,
     limits: CounterFamily,
+    /// Sessions and streams refused, by the configuration key of the limit.
+    limit_refusals: CounterFamily,
     /// Server streams refused by policy, by reason (`target_denied`: `server.allow` / `server.deny`).
     streams_refused: CounterFamily,
     pcap_drops: CounterFamily,
@@ -634,6 +642,7 @@ impl Metrics {
             session_errors: Family::default(),
             guard_drops: Counter::default(),
             limits: Family::default(),
+            limit_refusals: Family::default(),
             streams_refused: Family::default(),
             pcap_drops: Family::default(),
             worker_packets: Family::default(),
@@ -734,6 +743,11 @@ impl Metrics {
             "limit_rejections",
             "Sessions or streams refused by a limit (limit: max_sessions, max_streams, header_timeout)",
             m.limits.clone(),
+        );
+        r.register(
+            "limit_refusals",
+            "Sessions or streams refused by a server limit, by its configuration key (key: transport.kcp.max_sessions, max_streams_total, max_streams_per_session, header_timeout)",
+            m.limit_refusals.clone(),
         );
         r.register(
             "streams_refused",
@@ -937,6 +951,9 @@ impl Metrics {
             t.limit_max_sessions += w.limit_max_sessions;
             t.limit_max_streams += w.limit_max_streams;
             t.limit_header_timeout += w.limit_header_timeout;
+            for (sum, v) in t.limit_refusals.iter_mut().zip(w.limit_refusals) {
+                *sum += v;
+            }
             t.pcap_ps_drop += w.pcap_ps_drop;
             t.pcap_ps_ifdrop += w.pcap_ps_ifdrop;
             srtt.extend(w.srtt_seconds.iter().copied().filter(|v| v.is_finite()));
@@ -1045,6 +1062,13 @@ impl Metrics {
             &l1("limit", "header_timeout"),
             t.limit_header_timeout,
         );
+        for key in LimitKey::ALL {
+            set_c(
+                &self.limit_refusals,
+                &l1("key", key.key()),
+                t.limit_refusals[key.index()],
+            );
+        }
         set_c(&self.pcap_drops, &l1("counter", "ps_drop"), t.pcap_ps_drop);
         set_c(
             &self.pcap_drops,
@@ -1128,6 +1152,8 @@ mod tests {
             &DaemonStats {
                 rx_guard_drops: 7,
                 sessions_rejected: 2,
+                streams_rejected: 3,
+                limit_refusals: [2, 0, 3, 1],
                 rx_cross_worker: 11,
                 rx_handoff_drops: 1,
                 ..Default::default()
@@ -1190,6 +1216,19 @@ mod tests {
             sample_value(&t, "paqet_limit_rejections_total{limit=\"max_sessions\"}").as_deref(),
             Some("2")
         );
+        assert_eq!(
+            sample_value(&t, "paqet_limit_rejections_total{limit=\"header_timeout\"}").as_deref(),
+            Some("1")
+        );
+        for (key, v) in [
+            ("max_sessions", "2"),
+            ("max_streams_total", "0"),
+            ("max_streams_per_session", "3"),
+            ("header_timeout", "1"),
+        ] {
+            let series = format!("paqet_limit_refusals_total{{key=\"transport.kcp.{key}\"}}");
+            assert_eq!(sample_value(&t, &series).as_deref(), Some(v), "{series}");
+        }
         assert_eq!(
             sample_value(&t, "paqet_pcap_kernel_drops_total{counter=\"ps_drop\"}").as_deref(),
             Some("3")

@@ -41,6 +41,7 @@ use std::sync::Arc;
 use tracing::{debug, info, trace};
 
 use crate::proto::guard::{Guard, GUARD_LEN};
+use crate::proto::limits::{LimitCounts, LimitKey};
 use crate::proto::replay::{ReplayGate, DEFAULT_HORIZON_SECS};
 use crate::proto::session::{Role, Session, SessionConfig, SessionConfigError, SessionError};
 use crate::wire::crypt::Crypto;
@@ -114,6 +115,8 @@ pub struct EndpointStats {
     pub streams_opened: u64,
     /// Server: streams closed at once by `max_streams_*`.
     pub streams_rejected: u64,
+    /// Server: sessions and streams refused, per limit key (`header_timeout` is the worker's to count).
+    pub limit_refusals: LimitCounts,
 }
 
 /// One session of the table and its bookkeeping.
@@ -436,6 +439,7 @@ impl<T: Default> Endpoint<T> {
         if let Some(max) = self.limits.max_sessions {
             if self.sessions.len() >= max {
                 self.stats.sessions_rejected += 1;
+                self.stats.limit_refusals[LimitKey::MaxSessions.index()] += 1;
                 debug!(%src, max, "new session refused: max_sessions reached");
                 return DatagramEvent::Dropped(DropReason::SessionLimit);
             }
@@ -670,14 +674,20 @@ impl<T> Endpoint<T> {
     /// The peer opened stream `sid` on session `id`; `accepting`: the worker has someone to hand it to.
     /// Only a server accepts streams, and proxied streams are limited once their header is read
     /// ([`Endpoint::admit_data_stream`]): here only a bound on streams of any kind, so a peer opening
-    /// streams without headers cannot pile them up. On false the stream is closed (FIN) and counted in
-    /// `streams_rejected`; flush the session. On true register it ([`Endpoint::stream_opened`]).
-    pub fn admit_peer_stream(&mut self, id: SessionId, sid: u32, accepting: bool) -> bool {
+    /// streams without headers cannot pile them up. On `Err` the stream is closed (FIN) and counted in
+    /// `streams_rejected`; flush the session. `Err(Some(key))` names the limit that refused it. On `Ok`
+    /// register it ([`Endpoint::stream_opened`]).
+    pub fn admit_peer_stream(
+        &mut self,
+        id: SessionId,
+        sid: u32,
+        accepting: bool,
+    ) -> Result<(), Option<LimitKey>> {
         let limits = self.limits;
         let total = self.streams_total;
         let role = self.role;
         let Some(e) = self.sessions.get_mut(&id) else {
-            return false;
+            return Err(None);
         };
         let over_session = limits
             .max_streams_per_session
@@ -689,21 +699,25 @@ impl<T> Endpoint<T> {
             e.session.close_stream(sid);
             self.stats.streams_rejected += 1;
             debug!(peer = %e.peer, sid, over_session, over_total, "stream rejected");
-            return false;
+            let key = stream_limit_key(over_session, over_total);
+            if let Some(k) = key {
+                self.stats.limit_refusals[k.index()] += 1;
+            }
+            return Err(key);
         }
-        true
+        Ok(())
     }
 
     /// Server: a stream's header asked for a proxied connection (PTCP/PUDP). Applies
     /// `max_streams_per_session` and `max_streams_total` to proxied streams only (the PTCPF and liveness
     /// streams upstream clients open around every connection are control traffic, not counted). Returns
-    /// false (and counts the rejection) when a limit is reached; on true the caller must call
-    /// [`Endpoint::end_data_stream`] when the stream ends.
-    pub fn admit_data_stream(&mut self, id: SessionId) -> bool {
+    /// `Err(Some(key))` (and counts the rejection) when the limit `key` is reached, `Err(None)` when the
+    /// session is gone; on `Ok` the caller must call [`Endpoint::end_data_stream`] when the stream ends.
+    pub fn admit_data_stream(&mut self, id: SessionId) -> Result<(), Option<LimitKey>> {
         let limits = self.limits;
         let total = self.data_streams_total;
         let Some(e) = self.sessions.get_mut(&id) else {
-            return false;
+            return Err(None);
         };
         let over_session = limits
             .max_streams_per_session
@@ -712,11 +726,20 @@ impl<T> Endpoint<T> {
         if over_session || over_total {
             self.stats.streams_rejected += 1;
             debug!(peer = %e.peer, over_session, over_total, "proxied stream rejected by a stream limit");
-            return false;
+            let key = stream_limit_key(over_session, over_total);
+            if let Some(k) = key {
+                self.stats.limit_refusals[k.index()] += 1;
+            }
+            return Err(key);
         }
         e.data_streams += 1;
         self.data_streams_total += 1;
-        true
+        Ok(())
+    }
+
+    /// The stream limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// A proxied stream admitted by [`Endpoint::admit_data_stream`] ended. (When the session is gone,
@@ -731,6 +754,17 @@ impl<T> Endpoint<T> {
     /// Proxied streams of all sessions.
     pub fn data_stream_count(&self) -> usize {
         self.data_streams_total
+    }
+}
+
+/// The key of the stream limit that refused a stream (the session's own limit when both are reached).
+fn stream_limit_key(over_session: bool, over_total: bool) -> Option<LimitKey> {
+    if over_session {
+        Some(LimitKey::MaxStreamsPerSession)
+    } else if over_total {
+        Some(LimitKey::MaxStreamsTotal)
+    } else {
+        None
     }
 }
 
@@ -1101,6 +1135,7 @@ mod tests {
             DatagramEvent::Dropped(DropReason::SessionLimit)
         ));
         assert_eq!(ep.stats().sessions_rejected, 1);
+        assert_eq!(ep.stats().limit_refusals, [1, 0, 0, 0], "max_sessions");
         assert_eq!(ep.len(), 1);
         // The admitted source keeps working; once it is gone the other one gets in.
         assert!(matches!(
@@ -1233,8 +1268,13 @@ mod tests {
         );
         assert!(ep.bad_sources().is_empty());
         // A client accepts no peer-opened stream.
-        assert!(!ep.admit_peer_stream(id, 2, true));
+        assert_eq!(ep.admit_peer_stream(id, 2, true), Err(None));
         assert_eq!(ep.stats().streams_rejected, 1);
+        assert_eq!(
+            ep.stats().limit_refusals,
+            [0; LimitKey::COUNT],
+            "not a limit"
+        );
     }
 
     #[test]
@@ -1252,39 +1292,52 @@ mod tests {
         let a = opened(feed(&mut ep, 1, CLIENT, &a[0]));
         let b = opened(feed(&mut ep, 1, OTHER, &b[0]));
         let c = opened(feed(&mut ep, 1, "10.9.0.4:1", &c[0]));
-        assert!(ep.admit_data_stream(a));
-        assert!(!ep.admit_data_stream(a), "max_streams_per_session 1");
-        assert!(ep.admit_data_stream(b));
-        assert!(!ep.admit_data_stream(c), "max_streams_total 2");
+        let per = Err(Some(LimitKey::MaxStreamsPerSession));
+        let total = Err(Some(LimitKey::MaxStreamsTotal));
+        assert_eq!(ep.admit_data_stream(a), Ok(()));
+        assert_eq!(ep.admit_data_stream(a), per, "max_streams_per_session 1");
+        assert_eq!(ep.admit_data_stream(b), Ok(()));
+        assert_eq!(ep.admit_data_stream(c), total, "max_streams_total 2");
         assert_eq!(ep.stats().streams_rejected, 2);
+        assert_eq!(ep.stats().limit_refusals, [0, 1, 1, 0], "one per key");
         assert_eq!(ep.data_stream_count(), 2);
         ep.end_data_stream(a);
-        assert!(ep.admit_data_stream(c), "a's stream ended");
+        assert_eq!(ep.admit_data_stream(c), Ok(()), "a's stream ended");
         // Closing a session takes its proxied streams off the total.
         ep.close(b, CloseReason::Dead).unwrap();
         assert_eq!(ep.data_stream_count(), 1);
-        assert!(ep.admit_data_stream(a));
-        assert!(!ep.admit_data_stream(999), "no such session");
+        assert_eq!(ep.admit_data_stream(a), Ok(()));
+        assert_eq!(ep.admit_data_stream(999), Err(None), "no such session");
         // Streams the peer opens: a bound of the limit plus PENDING_STREAM_SLACK, only when accepting.
-        assert!(!ep.admit_peer_stream(a, 1, false));
+        assert_eq!(ep.admit_peer_stream(a, 1, false), Err(None));
         for sid in 0..(1 + PENDING_STREAM_SLACK) as u32 {
-            assert!(ep.admit_peer_stream(a, 2 * sid + 1, true), "stream {sid}");
+            assert_eq!(
+                ep.admit_peer_stream(a, 2 * sid + 1, true),
+                Ok(()),
+                "stream {sid}"
+            );
             ep.stream_opened(a);
         }
         let rejected = ep.stats().streams_rejected;
-        assert!(
-            !ep.admit_peer_stream(a, 999, true),
+        assert_eq!(
+            ep.admit_peer_stream(a, 999, true),
+            per,
             "per-session bound: 1 + slack"
         );
-        assert!(ep.admit_peer_stream(c, 1, true));
+        assert_eq!(ep.admit_peer_stream(c, 1, true), Ok(()));
         ep.stream_opened(c);
-        assert!(!ep.admit_peer_stream(c, 3, true), "total bound: 2 + slack");
+        assert_eq!(
+            ep.admit_peer_stream(c, 3, true),
+            total,
+            "total bound: 2 + slack"
+        );
         assert_eq!(ep.stats().streams_rejected, rejected + 2);
+        assert_eq!(ep.stats().limit_refusals, [0, 2, 2, 0]);
         assert_eq!(ep.stream_count(), 2 + PENDING_STREAM_SLACK);
         assert_eq!(ep.get(a).unwrap().streams(), 1 + PENDING_STREAM_SLACK);
         ep.stream_closed(a);
         assert_eq!(ep.stream_count(), 1 + PENDING_STREAM_SLACK);
-        assert!(ep.admit_peer_stream(a, 1001, true), "room again");
+        assert_eq!(ep.admit_peer_stream(a, 1001, true), Ok(()), "room again");
         assert_eq!(ep.stats().streams_opened, 2 + PENDING_STREAM_SLACK as u64);
         ep.close(a, CloseReason::Local("test".into())).unwrap();
         assert_eq!(ep.stream_count(), 1, "c's stream");

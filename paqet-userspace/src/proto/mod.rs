@@ -4,6 +4,7 @@ pub mod endpoint;
 pub mod fec;
 pub mod guard;
 pub mod kcp;
+pub mod limits;
 pub mod noise;
 pub mod replay;
 pub mod session;

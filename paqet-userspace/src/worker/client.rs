@@ -61,6 +61,8 @@ struct Slot {
     session: Option<u64>,
     backoff: Duration,
     next_try: Instant,
+    /// `transport.rotate.after`: when the slot's session is to be replaced (jittered).
+    rotate_at: Option<Instant>,
 }
 
 /// Client bookkeeping inside the core.
@@ -70,6 +72,8 @@ pub(crate) struct ClientState {
     pub(crate) factory: Option<IoFactory>,
     /// XDP mode: the worker's shared link (all sessions ride on it) and the port plan.
     shared: Option<SharedPorts>,
+    /// Rotated-out sessions still carrying streams, with the time they are closed anyway.
+    draining: Vec<(u64, Instant)>,
 }
 
 /// XDP mode: the worker's shared link, which carries every session of the worker.
@@ -87,11 +91,13 @@ impl ClientState {
                     session: None,
                     backoff: MIN_BACKOFF,
                     next_try: now,
+                    rotate_at: None,
                 })
                 .collect(),
             rr: 0,
             factory: None,
             shared: None,
+            draining: Vec::new(),
         }
     }
 
@@ -214,8 +220,10 @@ pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError
         };
         let conv: u32 = rand::random();
         let id = c.connect(link_id, port, server, conv, own_env)?;
+        let after = c.cfg.rotate.after_secs;
         if let Some(s) = c.client.slots.get_mut(slot) {
             s.session = Some(id);
+            s.rotate_at = (after > 0).then(|| Instant::now() + jittered(after));
         }
         let h = header_bytes(&ptcpf(c))?;
         stream_with(c, id, &h, true)?;
@@ -291,12 +299,91 @@ fn redial_due(shared: &Shared) {
     }
 }
 
+/// `after` seconds ±20 % (so the sessions of many clients, or of one client's slots, do not rotate in step).
+fn jittered(after: u32) -> Duration {
+    Duration::from_secs(u64::from(after)).mul_f64(rand::thread_rng().gen_range(0.8..=1.2))
+}
+
+/// `transport.rotate`: replaces every live session past its age or byte trigger by a fresh one (new
+/// conv, new source port, dialled like any session) that takes the new streams, and keeps the old one for
+/// its open streams until they have ended or `transport.rotate.drain` has passed; then closes it. Each
+/// session is an ordinary upstream session, so this works against any server.
+fn rotate_due(shared: &Shared) {
+    let now = Instant::now();
+    let (rot, due) = {
+        let c = shared.borrow();
+        let rot = c.cfg.rotate;
+        if !rot.enabled() {
+            return;
+        }
+        let due: Vec<(usize, u64, &'static str)> = c
+            .client
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let id = s.session?;
+                let e = c.endpoint.get(id).filter(|e| !e.session.is_dead())?;
+                let st = e.session.stats();
+                if s.rotate_at.is_some_and(|t| now >= t) {
+                    Some((i, id, "age"))
+                } else if rot.bytes > 0 && st.bytes_in.saturating_add(st.bytes_out) >= rot.bytes {
+                    Some((i, id, "bytes"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        (rot, due)
+    };
+    for (slot, old, why) in due {
+        match dial_slot(shared, slot) {
+            Ok(new) => {
+                info!(
+                    slot,
+                    old,
+                    new,
+                    trigger = why,
+                    "session rotated: new streams use the new session, the old one drains"
+                );
+                let drain = now + Duration::from_secs(u64::from(rot.drain_secs));
+                shared.borrow_mut().client.draining.push((old, drain));
+            }
+            Err(e) => {
+                warn!(slot, error = %e, "session rotation: dialling the new session failed; the current one stays");
+                let mut c = shared.borrow_mut();
+                if let Some(s) = c.client.slots.get_mut(slot) {
+                    s.session = Some(old);
+                    s.rotate_at = Some(now + MAX_BACKOFF);
+                }
+            }
+        }
+    }
+    // Close the rotated-out sessions whose streams have all ended or whose drain time is over.
+    let mut c = shared.borrow_mut();
+    let draining = std::mem::take(&mut c.client.draining);
+    for (id, deadline) in draining {
+        let streams = match c.endpoint.get(id) {
+            None => continue, // already gone
+            Some(e) => e.streams(),
+        };
+        if streams == 0 {
+            c.kill_session(id, "rotated out: its streams have ended");
+        } else if now >= deadline {
+            c.kill_session(id, "rotated out: transport.rotate.drain passed");
+        } else {
+            c.client.draining.push((id, deadline));
+        }
+    }
+}
+
 /// Background task: keeps `transport.conn` sessions up, so a dead one is replaced even while no new
-/// stream is being opened (the others keep working meanwhile).
+/// stream is being opened (the others keep working meanwhile), and rotates them (`transport.rotate`).
 async fn maintain(shared: Shared) {
     loop {
         tokio::time::sleep(MIN_BACKOFF).await;
         redial_due(&shared);
+        rotate_due(&shared);
     }
 }
 

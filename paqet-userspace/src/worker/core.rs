@@ -33,9 +33,11 @@ use crate::io::PacketIo;
 use crate::ops::metrics::{window_limited_index, CcSnapshot};
 use crate::proto::cc::CcStats;
 use crate::proto::endpoint::{
-    BadSources, CloseReason, Closed, DatagramEvent, Endpoint, EndpointConfig, SessionTable,
+    BadSources, CloseReason, Closed, DatagramEvent, DropReason, Endpoint, EndpointConfig,
+    SessionTable,
 };
 use crate::proto::guard::{Guard, GUARD_LEN};
+use crate::proto::limits::{LimitCounts, LimitKey};
 use crate::proto::session::{Role, SessionConfigError};
 use crate::proto::smux::SmuxEvent;
 use crate::wire::envelope::{parse_frame_on, EnvelopeBuilder, FlagCycler, Medium, TcpFlags};
@@ -79,6 +81,9 @@ pub struct DaemonStats {
     pub streams_opened: u64,
     /// Server: streams closed at once by `max_streams_*`.
     pub streams_rejected: u64,
+    /// Server: sessions and streams refused (or, `header_timeout`, closed), per limit key
+    /// ([`LimitKey::index`]).
+    pub limit_refusals: LimitCounts,
     /// XDP mode: frames that landed on this worker's queue but belong to another worker's session
     /// (handed to the owner through its mailbox).
     pub rx_cross_worker: u64,
@@ -148,6 +153,8 @@ struct IoCounters {
     rx_cross_worker: u64,
     rx_handoff_drops: u64,
     rx_handed_in: u64,
+    /// Server: streams closed because no paqet header came within `header_timeout`.
+    header_timeouts: u64,
 }
 
 /// The worker's state. See the module docs.
@@ -298,6 +305,8 @@ impl Core {
     pub fn stats(&self) -> DaemonStats {
         let io = self.counters;
         let ep = self.endpoint.stats();
+        let mut limit_refusals = ep.limit_refusals;
+        limit_refusals[LimitKey::HeaderTimeout.index()] += io.header_timeouts;
         DaemonStats {
             rx_frames: io.rx_frames,
             rx_bad_envelope: io.rx_bad_envelope,
@@ -315,6 +324,7 @@ impl Core {
             sessions_replaced: ep.sessions_replaced,
             streams_opened: ep.streams_opened,
             streams_rejected: ep.streams_rejected,
+            limit_refusals,
             rx_cross_worker: io.rx_cross_worker,
             rx_handoff_drops: io.rx_handoff_drops,
             rx_handed_in: io.rx_handed_in,
@@ -352,8 +362,30 @@ impl Core {
     /// Server: a stream's header asked for a proxied connection (PTCP/PUDP); see
     /// [`Endpoint::admit_data_stream`]. On true the caller must call [`Core::end_data_stream`] when the
     /// stream ends.
+    /// A refusal by a limit is logged (rate-limited, naming the key).
     pub(crate) fn admit_data_stream(&mut self, id: u64) -> bool {
-        self.endpoint.admit_data_stream(id)
+        match self.endpoint.admit_data_stream(id) {
+            Ok(()) => true,
+            Err(key) => {
+                self.log_refusal(key, id);
+                false
+            }
+        }
+    }
+
+    /// Server: a stream of session `id` sent no paqet header within `header_timeout`: counted, and logged
+    /// (rate-limited, naming the key).
+    pub(crate) fn header_timed_out(&mut self, id: u64) {
+        self.counters.header_timeouts += 1;
+        self.log_refusal(Some(LimitKey::HeaderTimeout), id);
+    }
+
+    /// Logs a refusal by limit `key` (if any) of a stream of session `id`.
+    fn log_refusal(&self, key: Option<LimitKey>, id: u64) {
+        if let Some(key) = key {
+            let peer = self.endpoint.get(id).map(|e| e.peer());
+            super::limits::log_refusal(key, &self.cfg, peer);
+        }
     }
 
     /// A proxied stream admitted by [`Core::admit_data_stream`] ended.
@@ -717,10 +749,11 @@ impl Core {
     /// Server: the peer opened stream `sid`; the endpoint applies the limits, then it goes to the accept
     /// task.
     fn on_peer_opened(&mut self, id: u64, sid: u32) {
-        if !self
+        if let Err(key) = self
             .endpoint
             .admit_peer_stream(id, sid, self.accept_tx.is_some())
         {
+            self.log_refusal(key, id);
             self.mark_dirty(id);
             return;
         }
@@ -923,6 +956,9 @@ impl Core {
             }
             DatagramEvent::Opened(id) => self.session_added(id, now),
             DatagramEvent::Closed(closed) => self.session_closed(*closed),
+            DatagramEvent::Dropped(DropReason::SessionLimit) => {
+                super::limits::log_refusal(LimitKey::MaxSessions, &self.cfg, Some(src));
+            }
             DatagramEvent::Dropped(_) => {}
         }
     }
@@ -1040,6 +1076,7 @@ mod cc_tests {
             guard: None,
             limits: super::super::Limits::default(),
             header_timeout: Duration::from_secs(10),
+            rotate: Default::default(),
             targets: Default::default(),
             replay: None,
         })

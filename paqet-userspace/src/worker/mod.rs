@@ -11,6 +11,7 @@
 //! - [`stream`]: [`TunnelStream`], an `AsyncRead + AsyncWrite` smux stream (plus datagram calls for UDP).
 //! - [`server`]: per-stream handlers of the server role (PING, PTCPF, PTCP, PUDP).
 //! - [`client`]: the client role's sessions and the [`Tunnel`] handle the front ends use.
+//! - `limits`: the rate-limited log line of a refusal by a server limit (naming the key and its value).
 //! - [`guard`]: the optional packet guard prefix (spec §5; now [`crate::proto::guard`]).
 //! - [`daemon`]: the assembly: configuration → data plane (pcap: one worker; XDP: one per RX queue) →
 //!   worker threads, front ends, ops servers, signals and shutdown, the same code for every mode.
@@ -22,6 +23,7 @@
 pub mod client;
 pub mod core;
 pub mod daemon;
+mod limits;
 pub mod server;
 pub mod setup;
 pub mod stream;
@@ -80,6 +82,8 @@ pub struct WorkerConfig {
     pub limits: Limits,
     /// Server: deadline for reading the per-stream header.
     pub header_timeout: Duration,
+    /// Client: session rotation (`transport.rotate.*`; off by default).
+    pub rotate: crate::config::RotateConfig,
     /// Server: dial-target policy (`server.allow` / `server.deny`).
     pub targets: std::sync::Arc<crate::config::targets::TargetPolicy>,
     /// Server: the replay filter shared by the daemon's workers (`None`: each endpoint keeps its own, in

@@ -147,7 +147,10 @@ async fn handle_stream(shared: &Shared, mut s: TunnelStream) -> Result<(), Strea
     let timeout = shared.borrow().cfg.header_timeout;
     let header = match tokio::time::timeout(timeout, read_header(&mut s)).await {
         Ok(r) => r?,
-        Err(_) => return Err(StreamError::HeaderTimeout(timeout)),
+        Err(_) => {
+            shared.borrow_mut().header_timed_out(s.session_id());
+            return Err(StreamError::HeaderTimeout(timeout));
+        }
     };
     match header {
         Header::Ping => {

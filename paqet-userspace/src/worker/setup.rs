@@ -215,6 +215,7 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
             max_streams_per_session: lim(k.max_streams_per_session),
         },
         header_timeout: cfg.header_timeout(),
+        rotate: cfg.transport.rotate,
         targets: std::sync::Arc::new(cfg.targets.clone()),
         replay: None,
     })
