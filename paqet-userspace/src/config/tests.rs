@@ -298,6 +298,7 @@ fn defaults_per_role_are_upstreams() {
             backend: IoBackend::Auto,
             workers: 0,
             cpus: CpuPin::Auto,
+            probe_response: ProbeResponse::Closed,
         }
     );
     assert_eq!(c.metrics_listen, None);
@@ -631,6 +632,7 @@ fn debug_and_metrics_addresses() {
             backend: IoBackend::Pcap,
             workers: 2,
             cpus: CpuPin::Auto,
+            probe_response: ProbeResponse::Closed,
         }
     );
     assert_eq!(&toml_ok(&c.to_toml_string()).config, &c);
