@@ -229,9 +229,15 @@ mod tests {
             guard_tag(&KEY, &head, ctx, TagAddrs::None),
             siphash24(&KEY, &msg[..24])
         );
-        let v4 = TagAddrs::V4(msg[24..28].try_into().unwrap(), msg[28..32].try_into().unwrap());
+        let v4 = TagAddrs::V4(
+            msg[24..28].try_into().unwrap(),
+            msg[28..32].try_into().unwrap(),
+        );
         assert_eq!(guard_tag(&KEY, &head, ctx, v4), siphash24(&KEY, &msg[..32]));
-        let v6 = TagAddrs::V6(msg[24..40].try_into().unwrap(), msg[40..56].try_into().unwrap());
+        let v6 = TagAddrs::V6(
+            msg[24..40].try_into().unwrap(),
+            msg[40..56].try_into().unwrap(),
+        );
         assert_eq!(guard_tag(&KEY, &head, ctx, v6), siphash24(&KEY, &msg[..56]));
     }
 

@@ -26,8 +26,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use paqet_common::tag::{
-    guard_tag, tag_context, TagAddrs, BIND_4TUPLE, BIND_NONE, BIND_PORT,
-    DIR_TO_CLIENT, DIR_TO_SERVER, TAG_HEAD_LEN, TAG_LEN,
+    guard_tag, tag_context, TagAddrs, BIND_4TUPLE, BIND_NONE, BIND_PORT, DIR_TO_CLIENT,
+    DIR_TO_SERVER, TAG_HEAD_LEN, TAG_LEN,
 };
 use paqet_common::{
     port_bit, GuardTable, SteerConfig, XdpCounter, GUARD_PREFIX_LEN, MAX_QUEUES, PORT_WORDS,

@@ -567,7 +567,10 @@ fn guarded_captures_decode_with_the_key() {
         assert!(blocks.concat().contains("paqet PTCP 127.0.0.1:8000"));
         // Without the guard the prefix breaks the crypto check (what `dump` printed before).
         for b in run(None) {
-            assert!(!b.contains("kcp conv="), "{cfg:?}: decoded without the guard:\n{b}");
+            assert!(
+                !b.contains("kcp conv="),
+                "{cfg:?}: decoded without the guard:\n{b}"
+            );
         }
         // Another key, or (tag) another binding: the guard fails and nothing is decrypted.
         let mut others = vec![gkey_guard(cfg.clone(), "another-key")];
@@ -581,7 +584,10 @@ fn guarded_captures_decode_with_the_key() {
         }
         for g in others {
             for b in run(Some(g)) {
-                assert!(b.contains(&format!("guard {label}: no valid")), "{cfg:?}:\n{b}");
+                assert!(
+                    b.contains(&format!("guard {label}: no valid")),
+                    "{cfg:?}:\n{b}"
+                );
                 assert!(!b.contains("kcp conv="), "{cfg:?}:\n{b}");
             }
         }

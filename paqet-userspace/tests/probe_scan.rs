@@ -38,11 +38,19 @@ fn metric(t: &Tunnel, series: &str) -> f64 {
 }
 
 fn xdp(t: &Tunnel, counter: &str) -> f64 {
-    metric(t, &format!("paqet_xdp_packets_total{{counter=\"{counter}\"}}"))
+    metric(
+        t,
+        &format!("paqet_xdp_packets_total{{counter=\"{counter}\"}}"),
+    )
 }
 
 /// Waits (metrics are published periodically) until `f` holds; the last value.
-fn wait_metric(t: &Tunnel, what: &str, f: impl Fn(f64) -> bool, get: impl Fn(&Tunnel) -> f64) -> f64 {
+fn wait_metric(
+    t: &Tunnel,
+    what: &str,
+    f: impl Fn(f64) -> bool,
+    get: impl Fn(&Tunnel) -> f64,
+) -> f64 {
     let mut last = get(t);
     let ok = poll(Duration::from_secs(6), || {
         last = get(t);
@@ -84,7 +92,8 @@ fn tunnel(tag: &str, bind: &str, response: &str) -> (Tunnel, Sniffer) {
 /// The client's datagrams to the tunnel port since the start of its session (`sniff` from [`tunnel`]),
 /// after one more request through the tunnel; the first one starts the session.
 fn record(t: &Tunnel, sniff: Sniffer) -> Vec<Vec<u8>> {
-    t.probe(ClientPorts::MAIN.fwd_http).expect("request through the tunnel");
+    t.probe(ClientPorts::MAIN.fwd_http)
+        .expect("request through the tunnel");
     std::thread::sleep(Duration::from_millis(200));
     let server = t.net.server_addr();
     let client = t.net.client_ip;
@@ -93,9 +102,8 @@ fn record(t: &Tunnel, sniff: Sniffer) -> Vec<Vec<u8>> {
         .into_iter()
         .filter(|(kind, f)| {
             *kind == PACKET_OUTGOING
-                && raw::parse4(f).is_some_and(|p| {
-                    p.src.ip() == client && p.dst == server && p.payload_len > 0
-                })
+                && raw::parse4(f)
+                    .is_some_and(|p| p.src.ip() == client && p.dst == server && p.payload_len > 0)
         })
         .map(|(_, f)| f)
         .collect();
@@ -121,7 +129,12 @@ fn scans() -> Vec<(&'static str, u8, Vec<u8>, Vec<u8>)> {
     let mss = vec![2, 4, 0x05, 0xb4, 1, 1, 4, 2];
     vec![
         ("SYN", SYN, mss.clone(), vec![]),
-        ("SYN with payload", SYN, vec![], b"GET / HTTP/1.0\r\n\r\n".to_vec()),
+        (
+            "SYN with payload",
+            SYN,
+            vec![],
+            b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+        ),
         ("ACK", ACK, vec![], vec![]),
         ("FIN", FIN, vec![], vec![]),
         ("FIN|ACK", FIN | ACK, vec![], vec![]),
@@ -158,7 +171,12 @@ fn scan(t: &Tunnel, base: u16) -> Vec<(&'static str, Option<Vec<u8>>, Option<Vec
             }));
         }
     }
-    raw::inject(net.client(), &net.client_if, frames, Duration::from_millis(5));
+    raw::inject(
+        net.client(),
+        &net.client_if,
+        frames,
+        Duration::from_millis(5),
+    );
     std::thread::sleep(Duration::from_millis(700));
     let got = answers_to(&sniff, net.server_ip, net.client_ip);
     let from = |port: u16| {
@@ -195,7 +213,9 @@ fn setup(test: &str) -> bool {
         return false;
     }
     if !paqet::io::steer::has_xdp_program() {
-        eprintln!("skipped {test}: this build has no XDP program (bpf-linker missing at build time)");
+        eprintln!(
+            "skipped {test}: this build has no XDP program (bpf-linker missing at build time)"
+        );
         return false;
     }
     true
@@ -216,26 +236,49 @@ fn xdp_tunnel_port_drops_bad_tags_and_answers_scans_like_a_closed_port() {
 
     // Replays from another address (the 4-tuple differs: the tag fails in XDP).
     let prober = |port: u16| SocketAddr::from((PROBER, port));
-    let replays = recorded.iter().map(|f| raw::resourced(f, prober(41000))).collect();
-    raw::inject(t.net.client(), &t.net.client_if, replays, Duration::from_millis(2));
+    let replays = recorded
+        .iter()
+        .map(|f| raw::resourced(f, prober(41000)))
+        .collect();
+    raw::inject(
+        t.net.client(),
+        &t.net.client_if,
+        replays,
+        Duration::from_millis(2),
+    );
     // Flipped tag bytes and flipped nonce bytes from the client's own address, garbage from the prober.
     let own = SocketAddr::from((t.net.client_ip, 41001));
     let flipped_tag = mutated(&recorded[..1], own, |p| p[0] ^= 0x01);
     let flipped_head = mutated(&recorded[..1], own, |p| p[8 + 3] ^= 0x80);
     let garbage = mutated(&recorded[..1], prober(41002), |p| p.fill(0x5a));
     let extra = [flipped_tag, flipped_head, garbage].concat();
-    raw::inject(t.net.client(), &t.net.client_if, extra, Duration::from_millis(2));
-    let dropped = wait_metric(&t, "XDP guard drops of the replays", |v| v >= g0 + n + 3.0, |t| {
-        xdp(t, "guard_dropped")
-    });
+    raw::inject(
+        t.net.client(),
+        &t.net.client_if,
+        extra,
+        Duration::from_millis(2),
+    );
+    let dropped = wait_metric(
+        &t,
+        "XDP guard drops of the replays",
+        |v| v >= g0 + n + 3.0,
+        |t| xdp(t, "guard_dropped"),
+    );
     // Nothing of it reached userspace: the workers' own guard check and replay filter saw nothing.
-    assert_eq!(metric(&t, "paqet_guard_drops_total"), 0.0, "a replay reached userspace");
+    assert_eq!(
+        metric(&t, "paqet_guard_drops_total"),
+        0.0,
+        "a replay reached userspace"
+    );
     assert_eq!(
         metric(&t, "paqet_session_errors_total{reason=\"replay\"}"),
         0.0,
         "a replay reached the replay filter"
     );
-    assert!(t.probe(ClientPorts::MAIN.fwd_http).is_ok(), "live session unharmed");
+    assert!(
+        t.probe(ClientPorts::MAIN.fwd_http).is_ok(),
+        "live session unharmed"
+    );
 
     // Scans: the tunnel port answers exactly like a closed port.
     let answered0 = xdp(&t, "probe_answered");
@@ -248,11 +291,23 @@ fn xdp_tunnel_port_drops_bad_tags_and_answers_scans_like_a_closed_port() {
             }
             (Some(a), Some(k)) => {
                 answered += 1;
-                assert_eq!(a.len(), k.len(), "{name}: lengths\nours   {a:02x?}\nkernel {k:02x?}");
+                assert_eq!(
+                    a.len(),
+                    k.len(),
+                    "{name}: lengths\nours   {a:02x?}\nkernel {k:02x?}"
+                );
                 let pa = raw::parse4(a).unwrap();
                 assert_eq!(pa.src.port(), TUNNEL_PORT);
-                assert_eq!(raw::tcp4_csum(a), u16::from_be_bytes([a[50], a[51]]), "{name}: TCP checksum");
-                assert_eq!(raw::ip4_csum(a), u16::from_be_bytes([a[24], a[25]]), "{name}: IP checksum");
+                assert_eq!(
+                    raw::tcp4_csum(a),
+                    u16::from_be_bytes([a[50], a[51]]),
+                    "{name}: TCP checksum"
+                );
+                assert_eq!(
+                    raw::ip4_csum(a),
+                    u16::from_be_bytes([a[24], a[25]]),
+                    "{name}: IP checksum"
+                );
                 // Every byte but the ports (different probes) and the TCP checksum that covers them.
                 let differ: Vec<usize> = (0..a.len())
                     .filter(|i| !(34..38).contains(i) && !(50..52).contains(i) && a[*i] != k[*i])
@@ -266,10 +321,16 @@ fn xdp_tunnel_port_drops_bad_tags_and_answers_scans_like_a_closed_port() {
         }
     }
     assert_eq!(answered, results.len() - 1, "every scan but RST answered");
-    let a = wait_metric(&t, "probe_answered", |v| v >= answered0 + answered as f64, |t| {
-        xdp(t, "probe_answered")
-    });
-    assert!(t.probe(ClientPorts::MAIN.fwd_http).is_ok(), "live session unharmed by the scans");
+    let a = wait_metric(
+        &t,
+        "probe_answered",
+        |v| v >= answered0 + answered as f64,
+        |t| xdp(t, "probe_answered"),
+    );
+    assert!(
+        t.probe(ClientPorts::MAIN.fwd_http).is_ok(),
+        "live session unharmed by the scans"
+    );
     eprintln!(
         "probe_scan 4tuple/closed: {} replays and 3 mutations dropped in XDP (guard_dropped {dropped}), {answered} scans answered like a closed port (probe_answered {a}), {:.1} s",
         recorded.len(),
@@ -292,26 +353,56 @@ fn port_bind_replays_meet_the_replay_filter_and_silent_mode_answers_nothing() {
     // The first datagram of the session replayed from another address: the port binding holds, so it
     // passes the tag and reaches the replay filter, which refuses it.
     let first = raw::resourced(&recorded[0], SocketAddr::from((PROBER, 41100)));
-    raw::inject(t.net.client(), &t.net.client_if, vec![first], Duration::ZERO);
-    wait_metric(&t, "replay refused", |v| v >= 1.0, |t| {
-        metric(t, "paqet_session_errors_total{reason=\"replay\"}")
-    });
-    assert_eq!(xdp(&t, "guard_dropped"), g0, "the port-bound tag failed for another address");
+    raw::inject(
+        t.net.client(),
+        &t.net.client_if,
+        vec![first],
+        Duration::ZERO,
+    );
+    wait_metric(
+        &t,
+        "replay refused",
+        |v| v >= 1.0,
+        |t| metric(t, "paqet_session_errors_total{reason=\"replay\"}"),
+    );
+    assert_eq!(
+        xdp(&t, "guard_dropped"),
+        g0,
+        "the port-bound tag failed for another address"
+    );
     // Scans: no answer from the tunnel port (the closed port still answers: the kernel's).
     let empty0 = xdp(&t, "empty");
     let results = scan(&t, 44000);
     for (name, ours, kernel) in &results {
-        assert!(ours.is_none(), "{name}: the tunnel port answered: {ours:02x?}");
-        assert_eq!(kernel.is_some(), *name != "RST", "{name}: the closed port's answer");
+        assert!(
+            ours.is_none(),
+            "{name}: the tunnel port answered: {ours:02x?}"
+        );
+        assert_eq!(
+            kernel.is_some(),
+            *name != "RST",
+            "{name}: the closed port's answer"
+        );
     }
     std::thread::sleep(Duration::from_millis(300));
     let to_prober = answers_to(&sniff, t.net.server_ip, PROBER);
-    assert!(to_prober.is_empty(), "the server answered the replay: {to_prober:02x?}");
+    assert!(
+        to_prober.is_empty(),
+        "the server answered the replay: {to_prober:02x?}"
+    );
     // SYN, SYN|payload… : the payload-less scans count as `empty`, none as answered.
     let bare = scans().iter().filter(|s| s.3.is_empty()).count() as f64;
-    wait_metric(&t, "empty frames dropped", |v| v >= empty0 + bare, |t| xdp(t, "empty"));
+    wait_metric(
+        &t,
+        "empty frames dropped",
+        |v| v >= empty0 + bare,
+        |t| xdp(t, "empty"),
+    );
     assert_eq!(xdp(&t, "probe_answered"), 0.0);
-    assert!(t.probe(ClientPorts::MAIN.fwd_http).is_ok(), "live session unharmed");
+    assert!(
+        t.probe(ClientPorts::MAIN.fwd_http).is_ok(),
+        "live session unharmed"
+    );
     eprintln!(
         "probe_scan port/silent: replay refused by the filter, {} scans unanswered, {:.1} s",
         results.len(),

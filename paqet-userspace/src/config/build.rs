@@ -13,9 +13,9 @@ use super::read::{must, q, Ctx};
 use super::schema::{Issues, Mode};
 use super::targets::{TargetPolicy, TargetRule, TARGET_RULE_SYNTAX};
 use super::{
-    CcAlgorithm, Config, GuardFormat, FamilyConfig, ForwardProtocol, ForwardRule, HostPort, HttpListener,
-    IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, Role, Socks5Listener,
-    TransportConfig,
+    CcAlgorithm, Config, FamilyConfig, ForwardProtocol, ForwardRule, GuardFormat, HostPort,
+    HttpListener, IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, Role,
+    Socks5Listener, TransportConfig,
 };
 use crate::proto::cc::parse_bandwidth;
 
@@ -848,8 +848,7 @@ impl Ctx<'_> {
             backend: self.choice_or_default("io.backend", io.backend.as_ref()),
             workers: self.int("io.workers", io.workers) as u32,
             cpus: self.choice_or_default("io.cpus", io.cpus.as_ref()),
-            probe_response: self
-                .choice_or_default("io.probe_response", io.probe_response.as_ref()),
+            probe_response: self.choice_or_default("io.probe_response", io.probe_response.as_ref()),
         }
     }
 }

@@ -360,8 +360,12 @@ impl Guard {
         out: &mut [u8],
     ) {
         match self.cfg.format {
-            GuardFormat::Tag => out[..GUARD_TAG_LEN]
-                .copy_from_slice(&tag_of(&self.tag_key, self.cfg.bind, at, datagram)),
+            GuardFormat::Tag => out[..GUARD_TAG_LEN].copy_from_slice(&tag_of(
+                &self.tag_key,
+                self.cfg.bind,
+                at,
+                datagram,
+            )),
             GuardFormat::Cookie => self.write_cookie(unix_secs, out),
         }
     }
@@ -488,12 +492,16 @@ mod tests {
                 c2s(),
                 vec![2, 0, 0x9c, 0x40, 0x27, 0x0f, 4, 0, 10, 0, 0, 1, 10, 0, 0, 2],
             ),
-            (GuardBind::FourTuple, at("[fd00::1]:40000", "[fd00::2]:9999", true), {
-                let mut m = vec![2, 0, 0x9c, 0x40, 0x27, 0x0f, 6, 0];
-                m.extend_from_slice(&"fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
-                m.extend_from_slice(&"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
-                m
-            }),
+            (
+                GuardBind::FourTuple,
+                at("[fd00::1]:40000", "[fd00::2]:9999", true),
+                {
+                    let mut m = vec![2, 0, 0x9c, 0x40, 0x27, 0x0f, 6, 0];
+                    m.extend_from_slice(&"fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+                    m.extend_from_slice(&"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+                    m
+                },
+            ),
         ];
         let mut seen = std::collections::HashSet::new();
         for (bind, a, tail) in cases {
@@ -520,7 +528,10 @@ mod tests {
             for i in 0..8 + 16 {
                 let mut q = p.clone();
                 q[i] ^= 0x80;
-                assert!(!g.check(0, &c2s(), &q), "{bind:?}: flipped byte {i} accepted");
+                assert!(
+                    !g.check(0, &c2s(), &q),
+                    "{bind:?}: flipped byte {i} accepted"
+                );
             }
             let mut q = p.clone();
             q[30] ^= 1;

@@ -495,7 +495,10 @@ fn xdp_steer_config_matches_address_port_and_guard() {
     assert!(sc.has(SteerConfig::FLAG_GUARD));
     assert!(!sc.has(SteerConfig::FLAG_GUARD_TAG));
     assert_eq!(&sc.guard_magic, b"ABCD");
-    assert!(sc.has(SteerConfig::FLAG_PROBE_CLOSED), "probe_response defaults to closed");
+    assert!(
+        sc.has(SteerConfig::FLAG_PROBE_CLOSED),
+        "probe_response defaults to closed"
+    );
     let off = super::xdp::steer_config(&cfg(Role::Server, Limits::default(), None));
     assert!(!off.has(SteerConfig::FLAG_GUARD));
     for (bind, flag) in [

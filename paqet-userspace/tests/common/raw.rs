@@ -11,10 +11,13 @@ use paqet_testkit::netns::Netns;
 /// `sll_pkttype` of a frame this host sent.
 pub const PACKET_OUTGOING: u8 = 4;
 
+/// Captured frames: (`sll_pkttype`, bytes).
+type Frames = Arc<Mutex<Vec<(u8, Vec<u8>)>>>;
+
 /// Every frame seen on one interface (both directions), with its `sll_pkttype`; stopped on drop.
 pub struct Sniffer {
     stop: Arc<AtomicBool>,
-    frames: Arc<Mutex<Vec<(u8, Vec<u8>)>>>,
+    frames: Frames,
     thread: Option<JoinHandle<std::io::Result<()>>>,
 }
 
@@ -22,7 +25,7 @@ impl Sniffer {
     /// Starts capturing on `dev` in `ns`; returns once the socket is bound.
     pub fn start(ns: &Netns, dev: &str) -> Sniffer {
         let stop = Arc::new(AtomicBool::new(false));
-        let frames: Arc<Mutex<Vec<(u8, Vec<u8>)>>> = Arc::default();
+        let frames: Frames = Arc::default();
         let (ready_tx, ready_rx) = mpsc::channel();
         let (s, f) = (stop.clone(), frames.clone());
         let dev = std::ffi::CString::new(dev).unwrap();
