@@ -9,6 +9,8 @@
 //!   place; only the port and the TCP checksum differ).
 //! - `guard_bind = "port"`, `io.probe_response = "silent"`: a replay from another address passes the tag
 //!   (NAT-proof binding) and the replay filter keeps the server silent; scans get no answer at all.
+//! - Over IPv6 (default guard and `closed`): the scans' answers match the kernel's closed-port answers
+//!   byte for byte but the ports, the TCP checksum and the flow label (a keyed hash in both).
 //!
 //! Root only (network namespaces, AF_PACKET sockets); every packet stays in the test's own namespaces.
 mod common;
@@ -406,6 +408,104 @@ fn port_bind_replays_meet_the_replay_filter_and_silent_mode_answers_nothing() {
     eprintln!(
         "probe_scan port/silent: replay refused by the filter, {} scans unanswered, {:.1} s",
         results.len(),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn xdp_tunnel_port_answers_ipv6_scans_like_a_closed_port() {
+    let test = "xdp_tunnel_port_answers_ipv6_scans_like_a_closed_port";
+    if !setup(test) || skip(test, &["ip6tables"]) {
+        return;
+    }
+    let _serial = serial();
+    let t0 = Instant::now();
+    let mut opts = Opts::new((Mode::XdpGeneric, Mode::Pcap));
+    opts.conn = 1;
+    let t6 = v6::start("psc6", opts, v6::Plan::V6);
+    let net = &t6.t.net;
+    let sniff = Sniffer::start(net.client(), &net.client_if);
+    let all = scans();
+    let base = 45000u16;
+    let mut frames = Vec::new();
+    for (i, (_, flags, options, payload)) in all.iter().enumerate() {
+        for (j, port) in [TUNNEL_PORT, CLOSED_PORT].into_iter().enumerate() {
+            frames.push(raw::build6(&Probe {
+                src_mac: raw::mac(&net.server_gw_mac),
+                dst_mac: raw::mac(&net.client_gw_mac),
+                src: SocketAddr::from((v6::CLIENT_IP6, base + 2 * i as u16 + j as u16)),
+                dst: SocketAddr::from((v6::SERVER_IP6, port)),
+                seq: 0x3000_0000 + 7919 * i as u32,
+                ack: 0x4000_0000 + 104_729 * i as u32,
+                flags: *flags,
+                tos: 0x2a,
+                options: options.clone(),
+                payload: payload.clone(),
+            }));
+        }
+    }
+    raw::inject(
+        net.client(),
+        &net.client_if,
+        frames,
+        Duration::from_millis(5),
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let got: Vec<Vec<u8>> = sniff
+        .frames()
+        .into_iter()
+        .filter(|(kind, f)| {
+            *kind != PACKET_OUTGOING
+                && raw::parse6(f).is_some_and(|(src, dst, _)| {
+                    src.ip() == v6::SERVER_IP6 && dst.ip() == v6::CLIENT_IP6 && dst.port() >= base
+                })
+        })
+        .map(|(_, f)| f)
+        .collect();
+    let from = |port: u16| {
+        got.iter()
+            .find(|f| raw::parse6(f).is_some_and(|(_, dst, _)| dst.port() == port))
+            .cloned()
+    };
+    let mut answered = 0;
+    for (i, (name, ..)) in all.iter().enumerate() {
+        let p = base + 2 * i as u16;
+        match (from(p), from(p + 1)) {
+            (None, None) => assert_eq!(*name, "RST", "{name}: neither port answered"),
+            (Some(a), Some(k)) => {
+                answered += 1;
+                assert_eq!(
+                    a.len(),
+                    k.len(),
+                    "{name}: lengths\nours   {a:02x?}\nkernel {k:02x?}"
+                );
+                assert_eq!(
+                    raw::tcp6_csum(&a),
+                    u16::from_be_bytes([a[70], a[71]]),
+                    "{name}: TCP checksum"
+                );
+                let label = |f: &[u8]| u32::from_be_bytes([0, f[15] & 0x0f, f[16], f[17]]);
+                assert_ne!(label(&a), 0, "{name}: flow label");
+                // Every byte but the flow label (15 low nibble, 16, 17), the ports and the TCP checksum.
+                let differ: Vec<usize> = (0..a.len())
+                    .filter(|i| {
+                        let skip =
+                            (16..18).contains(i) || (54..58).contains(i) || (70..72).contains(i);
+                        let byte15 = *i == 15 && (a[15] & 0xf0) == (k[15] & 0xf0);
+                        !skip && !byte15 && a[*i] != k[*i]
+                    })
+                    .collect();
+                assert!(
+                    differ.is_empty(),
+                    "{name}: bytes {differ:?} differ from the kernel's closed-port answer\nours   {a:02x?}\nkernel {k:02x?}"
+                );
+            }
+            (a, k) => panic!("{name}: tunnel port answer {a:02x?}, closed port answer {k:02x?}"),
+        }
+    }
+    assert_eq!(answered, all.len() - 1, "every scan but RST answered");
+    eprintln!(
+        "probe_scan ipv6: {answered} scans answered like a closed port, {:.1} s",
         t0.elapsed().as_secs_f64()
     );
 }

@@ -482,8 +482,9 @@ impl Publisher {
                 .observe(self.role, guard, authenticated, live_sessions, opened, now)
         {
             warn!(
-                "datagrams from {} failed the guard check ({n} so far): wrong transport.kcp.key, or \
-                 transport.kcp.guard on at one end only?",
+                "datagrams from {} failed the guard check ({n} so far): wrong transport.kcp.key, \
+                 transport.kcp.guard on at one end only, another guard_format or guard_bind, or \
+                 guard_bind = \"4tuple\" through a NAT?",
                 who()
             );
         }

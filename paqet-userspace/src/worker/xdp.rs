@@ -609,7 +609,8 @@ impl GuardDropWarn {
             dropped = new,
             total,
             "{new} frames to the tunnel failed the guard check in the XDP program (dropped before userspace): \
-             a peer using another transport.kcp.key, or transport.kcp.guard on at one end only? (or a flood)"
+             a peer using another transport.kcp.key, transport.kcp.guard on at one end only, another \
+             guard_format or guard_bind, guard_bind = \"4tuple\" through a NAT? (or a flood, or probes)"
         );
         Some(new)
     }

@@ -296,3 +296,61 @@ pub fn mac(s: &str) -> [u8; 6] {
         .collect();
     v.try_into().expect("6 bytes")
 }
+
+/// The Ethernet/IPv6/TCP frame of `p` (traffic class `p.tos`, flow label 0, hop limit 64, window 1024),
+/// checksum right.
+pub fn build6(p: &Probe) -> Vec<u8> {
+    let (SocketAddr::V6(src), SocketAddr::V6(dst)) = (p.src, p.dst) else {
+        panic!("IPv6 only")
+    };
+    let thl = 20 + p.options.len();
+    let plen = thl + p.payload.len();
+    let mut f = Vec::with_capacity(14 + 40 + plen);
+    f.extend_from_slice(&p.dst_mac);
+    f.extend_from_slice(&p.src_mac);
+    f.extend_from_slice(&[0x86, 0xdd]);
+    f.extend_from_slice(&[0x60 | (p.tos >> 4), p.tos << 4, 0, 0]);
+    f.extend_from_slice(&(plen as u16).to_be_bytes());
+    f.extend_from_slice(&[6, 64]);
+    f.extend_from_slice(&src.ip().octets());
+    f.extend_from_slice(&dst.ip().octets());
+    f.extend_from_slice(&src.port().to_be_bytes());
+    f.extend_from_slice(&dst.port().to_be_bytes());
+    f.extend_from_slice(&p.seq.to_be_bytes());
+    f.extend_from_slice(&p.ack.to_be_bytes());
+    f.extend_from_slice(&[((thl / 4) as u8) << 4, p.flags, 0x04, 0x00, 0, 0, 0, 0]);
+    f.extend_from_slice(&p.options);
+    f.extend_from_slice(&p.payload);
+    let c = tcp6_csum(&f);
+    f[70..72].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// The TCP checksum of an IPv6 `frame` (Ethernet, no extension headers) as it should be.
+pub fn tcp6_csum(frame: &[u8]) -> u16 {
+    let plen = usize::from(u16::from_be_bytes([frame[18], frame[19]]));
+    let mut tcp = frame[54..54 + plen].to_vec();
+    tcp[16..18].copy_from_slice(&[0, 0]);
+    let mut sum = 6 + plen as u32;
+    for c in frame[22..54].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    csum(&tcp, sum)
+}
+
+/// Source, destination and flags of an Ethernet/IPv6/TCP frame (no extension headers).
+pub fn parse6(frame: &[u8]) -> Option<(SocketAddr, SocketAddr, u8)> {
+    if frame.len() < 14 + 40 + 20 || frame[12..14] != [0x86, 0xdd] || frame[20] != 6 {
+        return None;
+    }
+    let ip = |o: usize| -> std::net::Ipv6Addr {
+        let b: [u8; 16] = frame[o..o + 16].try_into().unwrap();
+        b.into()
+    };
+    let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    Some((
+        SocketAddr::from((ip(22), port(54))),
+        SocketAddr::from((ip(38), port(56))),
+        frame[67],
+    ))
+}
