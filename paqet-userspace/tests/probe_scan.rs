@@ -19,20 +19,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::raw::{self, Probe, Sniffer, PACKET_OUTGOING};
+use common::raw::{self, scans, Probe, Sniffer, PACKET_OUTGOING};
 use common::*;
 
 /// The replaying prober's address (nothing configures it: frames are injected raw).
 const PROBER: Ipv4Addr = Ipv4Addr::new(10, 216, 0, 77);
 /// A port of the server that nothing listens on: the kernel's closed-port answers come from it.
 const CLOSED_PORT: u16 = 9990;
-
-const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const PSH: u8 = 0x08;
-const ACK: u8 = 0x10;
-const URG: u8 = 0x20;
 
 /// `series` in the server's metrics (0 when absent).
 fn metric(t: &Tunnel, series: &str) -> f64 {
@@ -126,29 +119,6 @@ fn answers_to(sniff: &Sniffer, server: Ipv4Addr, dst_ip: Ipv4Addr) -> Vec<Vec<u8
         .collect()
 }
 
-/// The scans: (name, flags, options, payload).
-fn scans() -> Vec<(&'static str, u8, Vec<u8>, Vec<u8>)> {
-    let mss = vec![2, 4, 0x05, 0xb4, 1, 1, 4, 2];
-    vec![
-        ("SYN", SYN, mss.clone(), vec![]),
-        (
-            "SYN with payload",
-            SYN,
-            vec![],
-            b"GET / HTTP/1.0\r\n\r\n".to_vec(),
-        ),
-        ("ACK", ACK, vec![], vec![]),
-        ("FIN", FIN, vec![], vec![]),
-        ("FIN|ACK", FIN | ACK, vec![], vec![]),
-        ("NULL", 0, vec![], vec![]),
-        ("Xmas", FIN | PSH | URG, vec![], vec![]),
-        ("PSH|ACK garbage", PSH | ACK, vec![], pattern_bytes(5, 120)),
-        ("PSH garbage, no ACK", PSH, vec![], pattern_bytes(6, 64)),
-        ("SYN|ACK", SYN | ACK, vec![], vec![]),
-        ("RST", RST, vec![], vec![]),
-    ]
-}
-
 /// Sends every scan to the tunnel port and to [`CLOSED_PORT`] from the client's address (fresh source
 /// ports from `base`) and returns, per scan, the answers from each: (name, tunnel answer, closed answer).
 #[allow(clippy::type_complexity)]
@@ -157,7 +127,7 @@ fn scan(t: &Tunnel, base: u16) -> Vec<(&'static str, Option<Vec<u8>>, Option<Vec
     let sniff = Sniffer::start(net.client(), &net.client_if);
     let mut frames = Vec::new();
     let all = scans();
-    for (i, (_, flags, options, payload)) in all.iter().enumerate() {
+    for (i, sc) in all.iter().enumerate() {
         for (j, port) in [TUNNEL_PORT, CLOSED_PORT].into_iter().enumerate() {
             frames.push(raw::build4(&Probe {
                 src_mac: raw::mac(&net.server_gw_mac),
@@ -166,10 +136,10 @@ fn scan(t: &Tunnel, base: u16) -> Vec<(&'static str, Option<Vec<u8>>, Option<Vec
                 dst: SocketAddr::from((net.server_ip, port)),
                 seq: 0x1000_0000 + 7919 * i as u32,
                 ack: 0x2000_0000 + 104_729 * i as u32,
-                flags: *flags,
+                flags: sc.flags,
                 tos: 0x2a, // DSCP 10 with ECN bits: the answer reflects the DSCP only
-                options: options.clone(),
-                payload: payload.clone(),
+                options: sc.options.clone(),
+                payload: sc.payload.clone(),
             }));
         }
     }
@@ -188,9 +158,9 @@ fn scan(t: &Tunnel, base: u16) -> Vec<(&'static str, Option<Vec<u8>>, Option<Vec
     };
     all.iter()
         .enumerate()
-        .map(|(i, (name, ..))| {
+        .map(|(i, sc)| {
             let p = base + 2 * i as u16;
-            (*name, from(p), from(p + 1))
+            (sc.name, from(p), from(p + 1))
         })
         .collect()
 }
@@ -311,9 +281,7 @@ fn xdp_tunnel_port_drops_bad_tags_and_answers_scans_like_a_closed_port() {
                     "{name}: IP checksum"
                 );
                 // Every byte but the ports (different probes) and the TCP checksum that covers them.
-                let differ: Vec<usize> = (0..a.len())
-                    .filter(|i| !(34..38).contains(i) && !(50..52).contains(i) && a[*i] != k[*i])
-                    .collect();
+                let differ = raw::differing_bytes4(a, k).expect("same length");
                 assert!(
                     differ.is_empty(),
                     "{name}: bytes {differ:?} differ from the kernel's closed-port answer\nours   {a:02x?}\nkernel {k:02x?}"
@@ -393,7 +361,7 @@ fn port_bind_replays_meet_the_replay_filter_and_silent_mode_answers_nothing() {
         "the server answered the replay: {to_prober:02x?}"
     );
     // SYN, SYN|payload… : the payload-less scans count as `empty`, none as answered.
-    let bare = scans().iter().filter(|s| s.3.is_empty()).count() as f64;
+    let bare = scans().iter().filter(|s| s.payload.is_empty()).count() as f64;
     wait_metric(
         &t,
         "empty frames dropped",
@@ -428,7 +396,7 @@ fn xdp_tunnel_port_answers_ipv6_scans_like_a_closed_port() {
     let all = scans();
     let base = 45000u16;
     let mut frames = Vec::new();
-    for (i, (_, flags, options, payload)) in all.iter().enumerate() {
+    for (i, sc) in all.iter().enumerate() {
         for (j, port) in [TUNNEL_PORT, CLOSED_PORT].into_iter().enumerate() {
             frames.push(raw::build6(&Probe {
                 src_mac: raw::mac(&net.server_gw_mac),
@@ -437,10 +405,10 @@ fn xdp_tunnel_port_answers_ipv6_scans_like_a_closed_port() {
                 dst: SocketAddr::from((v6::SERVER_IP6, port)),
                 seq: 0x3000_0000 + 7919 * i as u32,
                 ack: 0x4000_0000 + 104_729 * i as u32,
-                flags: *flags,
+                flags: sc.flags,
                 tos: 0x2a,
-                options: options.clone(),
-                payload: payload.clone(),
+                options: sc.options.clone(),
+                payload: sc.payload.clone(),
             }));
         }
     }
@@ -468,10 +436,11 @@ fn xdp_tunnel_port_answers_ipv6_scans_like_a_closed_port() {
             .cloned()
     };
     let mut answered = 0;
-    for (i, (name, ..)) in all.iter().enumerate() {
+    for (i, sc) in all.iter().enumerate() {
+        let name = sc.name;
         let p = base + 2 * i as u16;
         match (from(p), from(p + 1)) {
-            (None, None) => assert_eq!(*name, "RST", "{name}: neither port answered"),
+            (None, None) => assert_eq!(name, "RST", "{name}: neither port answered"),
             (Some(a), Some(k)) => {
                 answered += 1;
                 assert_eq!(
