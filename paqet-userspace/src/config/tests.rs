@@ -450,19 +450,25 @@ fn key_rules_and_guard() {
 fn guard_format_bind_and_probe_response() {
     let c = toml_ok(&client_toml("")).config;
     let k = &c.transport.kcp;
-    assert_eq!((k.guard, k.guard_format, k.guard_bind), (true, GuardFormat::Tag, GuardBind::Port));
+    assert_eq!(
+        (k.guard, k.guard_format, k.guard_bind),
+        (true, GuardFormat::Tag, GuardBind::Port)
+    );
     assert_eq!(c.io.probe_response, ProbeResponse::Closed);
     let l = toml_ok(&format!(
         "{}[io]\nprobe_response = \"silent\"\n",
         client_toml("guard_format = \"cookie\"\nguard_bind = \"4tuple\"")
     ));
     let k = &l.config.transport.kcp;
-    assert_eq!((k.guard_format, k.guard_bind), (GuardFormat::Cookie, GuardBind::FourTuple));
+    assert_eq!(
+        (k.guard_format, k.guard_bind),
+        (GuardFormat::Cookie, GuardBind::FourTuple)
+    );
     assert_eq!(l.config.io.probe_response, ProbeResponse::Silent);
     assert!(
-        l.warnings
-            .iter()
-            .any(|w| w.to_string().contains("transport.kcp.guard_format = \"cookie\": deprecated")),
+        l.warnings.iter().any(|w| w
+            .to_string()
+            .contains("transport.kcp.guard_format = \"cookie\": deprecated")),
         "{:?}",
         l.warnings
     );
@@ -479,7 +485,10 @@ fn guard_format_bind_and_probe_response() {
         "transport.kcp.guard_bind = \"ip\": must be one of",
     );
     assert_has(
-        &toml_errors(&format!("{}[io]\nprobe_response = \"rst\"\n", client_toml(""))),
+        &toml_errors(&format!(
+            "{}[io]\nprobe_response = \"rst\"\n",
+            client_toml("")
+        )),
         "io.probe_response = \"rst\": must be one of",
     );
 }
