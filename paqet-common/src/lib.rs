@@ -5,7 +5,10 @@
 //! userspace-only helpers (still `no_std`).
 #![no_std]
 
-/// Length of the optional guard prefix carried in front of every kcp-go datagram: `magic[4] | cookie[8]`.
+pub mod tag;
+
+/// Length of the deprecated cookie-format guard prefix in front of every kcp-go datagram:
+/// `magic[4] | cookie[8]` (the tag format's prefix is [`tag::TAG_LEN`] bytes).
 pub const GUARD_PREFIX_LEN: usize = 12;
 /// Default guard magic.
 pub const GUARD_DEFAULT_MAGIC: [u8; 4] = *b"PQT1";
@@ -38,8 +41,8 @@ pub const MAX_QUEUES: u32 = 64;
 
 /// Indices of the per-CPU counters kept by the XDP program.
 ///
-/// Every frame the program sees is counted as `Seen` and then as exactly one of `Steered`, `Passed`
-/// or `GuardDropped`. `Malformed` and `NoSocket` are subsets of `Passed`: frames whose headers were
+/// Every frame the program sees is counted as `Seen` and then as exactly one of `Steered`, `Passed`,
+/// `GuardDropped` or `Empty`; `ProbeAnswered` is a subset of the last two. `Malformed` and `NoSocket` are subsets of `Passed`: frames whose headers were
 /// truncated or inconsistent, and tunnel frames whose RX queue had no AF_XDP socket.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,11 +59,17 @@ pub enum XdpCounter {
     GuardDropped = 4,
     /// Tunnel frames whose RX queue had no AF_XDP socket (passed to the kernel).
     NoSocket = 5,
+    /// Frames to the tunnel that carry no tunnel datagram (no payload, or a payload failing the guard)
+    /// answered like a closed port (`probe_response = "closed"`: an RST sent with `XDP_TX`). Counted in
+    /// `GuardDropped` too when the guard failed.
+    ProbeAnswered = 6,
+    /// Frames to the tunnel without a payload (SYN, bare ACK, FIN, RST) dropped in the program.
+    Empty = 7,
 }
 
 impl XdpCounter {
     /// Number of counters (entries of the counters map).
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 8;
     /// All counters, in index order.
     pub const ALL: [XdpCounter; XdpCounter::COUNT as usize] = [
         XdpCounter::Seen,
@@ -69,6 +78,8 @@ impl XdpCounter {
         XdpCounter::Malformed,
         XdpCounter::GuardDropped,
         XdpCounter::NoSocket,
+        XdpCounter::ProbeAnswered,
+        XdpCounter::Empty,
     ];
     /// Metric-friendly name.
     pub const fn name(self) -> &'static str {
@@ -79,6 +90,8 @@ impl XdpCounter {
             XdpCounter::Malformed => "malformed",
             XdpCounter::GuardDropped => "guard_dropped",
             XdpCounter::NoSocket => "no_socket",
+            XdpCounter::ProbeAnswered => "probe_answered",
+            XdpCounter::Empty => "empty",
         }
     }
 }
@@ -116,6 +129,12 @@ pub struct SteerConfig {
     pub src_ipv4: [u8; 4],
     /// Source IPv6 address (network order) matched when `FLAG_SRC_IPV6` is set.
     pub src_ipv6: [u8; 16],
+    /// The 128-bit key of the guard tag (`FLAG_GUARD | FLAG_GUARD_TAG`, see [`tag`]).
+    pub tag_key: [u8; 16],
+    /// TTL of the answers to probes over IPv4 (the host's `net.ipv4.ip_default_ttl`).
+    pub ttl: u8,
+    /// Hop limit of the answers to probes over IPv6 (the interface's `net.ipv6.conf.*.hop_limit`).
+    pub hop_limit: u8,
 }
 
 impl SteerConfig {
@@ -138,6 +157,17 @@ impl SteerConfig {
     /// The interface has no link header (tun, WireGuard under generic XDP): frames start at the
     /// IPv4/IPv6 header, told apart by the version nibble. Without it frames start with Ethernet.
     pub const FLAG_MEDIUM_IP: u16 = 1 << 7;
+    /// With `FLAG_GUARD`: the guard is the per-packet tag ([`tag`]) keyed by `tag_key`, not a cookie of
+    /// [`GuardTable`].
+    pub const FLAG_GUARD_TAG: u16 = 1 << 8;
+    /// Tag binding "port" (the server's tunnel port). Neither bind flag = binding "none".
+    pub const FLAG_BIND_PORT: u16 = 1 << 9;
+    /// Tag binding "4tuple" (source and destination addresses and ports).
+    pub const FLAG_BIND_4TUPLE: u16 = 1 << 10;
+    /// `probe_response = "closed"`: frames to the tunnel without a tunnel datagram (no payload, or a
+    /// payload failing the guard) are answered like a closed port (RST, `XDP_TX`); without it they are
+    /// dropped.
+    pub const FLAG_PROBE_CLOSED: u16 = 1 << 11;
 
     /// A config steering TCP to `port` on any address of both families, guard off.
     pub const fn any(port: u16) -> Self {
@@ -150,6 +180,9 @@ impl SteerConfig {
             src_port: 0,
             src_ipv4: [0; 4],
             src_ipv6: [0; 16],
+            tag_key: [0; 16],
+            ttl: 64,
+            hop_limit: 64,
         }
     }
 
@@ -166,6 +199,9 @@ impl SteerConfig {
             src_port: port,
             src_ipv4: ip,
             src_ipv6: [0; 16],
+            tag_key: [0; 16],
+            ttl: 64,
+            hop_limit: 64,
         }
     }
 
@@ -180,6 +216,9 @@ impl SteerConfig {
             src_port: port,
             src_ipv4: [0; 4],
             src_ipv6: ip,
+            tag_key: [0; 16],
+            ttl: 64,
+            hop_limit: 64,
         }
     }
 
@@ -273,7 +312,7 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         // No padding anywhere (userspace hands the bytes to the kernel as they are).
-        assert_eq!(core::mem::size_of::<SteerConfig>(), 50);
+        assert_eq!(core::mem::size_of::<SteerConfig>(), 68);
         assert_eq!(core::mem::align_of::<SteerConfig>(), 2);
         assert_eq!(core::mem::size_of::<GuardEntry>(), 16);
         assert_eq!(core::mem::size_of::<GuardTable>(), 16 * GUARD_SLOTS);
@@ -323,8 +362,18 @@ mod tests {
             SteerConfig::FLAG_GUARD,
             SteerConfig::FLAG_SRC_IPV4,
             SteerConfig::FLAG_SRC_IPV6,
+            SteerConfig::FLAG_GUARD_TAG,
+            SteerConfig::FLAG_BIND_PORT,
+            SteerConfig::FLAG_BIND_4TUPLE,
+            SteerConfig::FLAG_PROBE_CLOSED,
         ];
         assert!(all.iter().all(|f| f & SteerConfig::FLAG_MEDIUM_IP == 0));
+        let mut seen = SteerConfig::FLAG_MEDIUM_IP;
+        for f in all {
+            assert_eq!(f.count_ones(), 1);
+            assert_eq!(seen & f, 0, "flag {f:#x} used twice");
+            seen |= f;
+        }
     }
 
     #[test]

@@ -334,6 +334,16 @@ fn dump(cfg: &Config, iface: &str, count: Option<usize>) -> anyhow::Result<()> {
         _ => cfg.local_port(),
     };
     let mut dumper = paqet::tools::dump::Dumper::new(Some(crypto), fec, port);
+    if k.guard {
+        let g = paqet::proto::guard::GuardConfig {
+            format: k.guard_format,
+            bind: k.guard_bind,
+            magic: k.guard_magic,
+            window_secs: u64::from(k.guard_window),
+            skew: u64::from(k.guard_skew),
+        };
+        dumper.set_guard(Some(paqet::proto::guard::Guard::new(g, &k.key)));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone())?;
     let stdout = std::io::stdout();

@@ -468,6 +468,7 @@ fn daemon_pair_exports_congestion_control_figures() {
             local_flags: vec![TcpFlags::PSH_ACK],
             remote_flags: vec![TcpFlags::ACK],
             guard: None,
+            probe_response: Default::default(),
             limits: Limits::default(),
             header_timeout: Duration::from_secs(10),
             rotate: Default::default(),

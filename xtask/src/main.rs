@@ -10,8 +10,11 @@
 //!   paqet-dp (cc bbr / fixed / off), kcptun and plain TCP (bbr, cubic) over emulated WAN paths (bottleneck
 //!   rate × RTT × random loss, three namespaces); written to `target/bench-wan.md`. Not part of `all`.
 //! - `bench-report`: prints the criterion table from existing results only.
+//! - `probe --target IPv4:PORT [--closed PORT] [--netns NAME]` (root): the active prober of
+//!   `tests/probe_scan.rs` against a target: does its port answer scans like a closed port of the host?
 mod flood;
 mod micro;
+mod probe;
 mod sys;
 mod tunnel;
 mod wan;
@@ -27,7 +30,8 @@ const USAGE: &str = "usage: cargo xtask bench [micro|tunnel|all] [--modes pcap,p
        cargo xtask bench wan [--rates 20,100,500] [--rtts 20,100,200] [--losses 0,1,5]
                         [--rows bbr,fixed,off,kcptun,tcp-bbr,tcp-cubic] [--secs N] [--parallel N]
                         [--mode xdp-native|xdp-generic|pcap] [--windows N] [--bin PATH]
-       cargo xtask bench-report";
+       cargo xtask bench-report
+       cargo xtask probe --target IPv4:PORT [--closed PORT] [--netns NAME] [--wait-ms N]";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +39,7 @@ fn main() -> Result<()> {
         Some("bench") => bench(&args[1..]),
         // Internal: the idle-stream target the tunnel bench runs in its server namespace.
         Some("__idle-target") if args.len() == 2 => tunnel::idle_target_main(&args[1]),
+        Some("probe") => probe::main(&args[1..]),
         Some("bench-report") => {
             print!("{}", micro::table(&root(), None)?);
             Ok(())

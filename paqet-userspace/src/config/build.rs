@@ -13,8 +13,8 @@ use super::read::{must, q, Ctx};
 use super::schema::{Issues, Mode};
 use super::targets::{TargetPolicy, TargetRule, TARGET_RULE_SYNTAX};
 use super::{
-    CcAlgorithm, Config, FamilyConfig, ForwardProtocol, ForwardRule, HostPort, HttpListener,
-    IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, Role, RotateConfig,
+    CcAlgorithm, Config, FamilyConfig, ForwardProtocol, ForwardRule, GuardFormat, HostPort,
+    HttpListener, IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, Role, RotateConfig,
     Socks5Listener, TransportConfig,
 };
 use crate::proto::cc::parse_bandwidth;
@@ -435,6 +435,16 @@ impl Ctx<'_> {
         let (cc, bandwidth) = self.kcp_cc(k);
         let window_mem = self.window_mem(k, sndwnd_auto || rcvwnd_auto);
         let (guard_magic, guard_window, guard_skew) = self.kcp_guard(k);
+        let guard_format: GuardFormat =
+            self.choice_or_default("transport.kcp.guard_format", k.guard_format.as_ref());
+        if guard && guard_format == GuardFormat::Cookie {
+            self.is.warn(
+                "transport.kcp.guard_format",
+                Some(q("cookie")),
+                "deprecated: a constant magic and one cookie per window for every client fingerprint the \
+                 tunnel and can be replayed; use \"tag\" on both ends",
+            );
+        }
         let limits = self.kcp_limits(k);
         let (replay_filter, replay_horizon) = self.kcp_replay(k);
         KcpConfig {
@@ -462,6 +472,8 @@ impl Ctx<'_> {
             cc,
             bandwidth,
             guard,
+            guard_format,
+            guard_bind: self.choice_or_default("transport.kcp.guard_bind", k.guard_bind.as_ref()),
             guard_magic,
             guard_window,
             guard_skew,
@@ -851,6 +863,7 @@ impl Ctx<'_> {
             backend: self.choice_or_default("io.backend", io.backend.as_ref()),
             workers: self.int("io.workers", io.workers) as u32,
             cpus: self.choice_or_default("io.cpus", io.cpus.as_ref()),
+            probe_response: self.choice_or_default("io.probe_response", io.probe_response.as_ref()),
         }
     }
 }
@@ -1027,6 +1040,8 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
                     .map(IntOrString::Int),
                 window_mem: Some(i64::from(k.window_mem)),
                 guard: Some(k.guard),
+                guard_format: Some(k.guard_format.to_string()),
+                guard_bind: Some(k.guard_bind.to_string()),
                 guard_magic: Some(String::from_utf8_lossy(&k.guard_magic).into_owned()),
                 guard_window: Some(i64::from(k.guard_window)),
                 guard_skew: Some(i64::from(k.guard_skew)),
@@ -1048,6 +1063,7 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
             backend: Some(c.io.backend.to_string()),
             workers: Some(i64::from(c.io.workers)),
             cpus: Some(c.io.cpus.to_string()),
+            probe_response: Some(c.io.probe_response.to_string()),
         }),
         socks5: c
             .socks5

@@ -445,11 +445,15 @@ static SCHEMA: &[KeyInfo] = &[
     k("transport.kcp.window_mem", Int, "integer (bytes)", DInt(32 * MIB), int(MIB, 1024 * MIB), Any, false,
       "Memory cap of an auto-tuned window: it grows to at most min(32768, window_mem / mtu) packets (never below its start)."),
     k("transport.kcp.guard", Bool, "bool", Def::PerFormat { toml: &DBool(true), yaml: &DBool(false) }, BOOLS, Any, false,
-      "Prefix every datagram with magic + rotating HMAC cookie; drops foreign packets before decryption. Not upstream-compatible."),
-    k("transport.kcp.guard_magic", Str, "string", DStr("PQT1"), Allowed::Bytes(4), Any, false, "Guard magic prefix."),
-    k("transport.kcp.guard_window", Int, "integer (s)", DInt(30), int(1, 3600), Any, false, "Guard cookie rotation period."),
+      "Prefix every datagram with a keyed guard (`guard_format`); packets without a valid one are dropped before decryption (in the XDP program in XDP mode). Not upstream-compatible."),
+    k("transport.kcp.guard_format", Str, "string", DStr("tag"), OneOf(&["tag", "cookie"]), Any, false,
+      "`tag`: an 8-byte per-packet SipHash-2-4 tag over the datagram's nonce and `guard_bind`, no constant bytes. `cookie` (deprecated): the fork's `guard_magic` + per-window HMAC cookie, a fingerprint and replayable."),
+    k("transport.kcp.guard_bind", Str, "string", DStr("port"), OneOf(&["port", "4tuple", "none"]), Any, false,
+      "What the tag binds besides the datagram: `port` the server's tunnel port (works through NAT), `4tuple` source and destination addresses and ports (only on paths without NAT: a rewritten address or port fails the guard), `none` nothing. Both ends must agree."),
+    k("transport.kcp.guard_magic", Str, "string", DStr("PQT1"), Allowed::Bytes(4), Any, false, "Guard magic prefix (cookie format only)."),
+    k("transport.kcp.guard_window", Int, "integer (s)", DInt(30), int(1, 3600), Any, false, "Guard cookie rotation period (cookie format only)."),
     k("transport.kcp.guard_skew", Int, "integer", DInt(1), int(0, 10), Any, false,
-      "Number of previous guard windows still accepted."),
+      "Number of previous guard windows still accepted (cookie format only)."),
     // Server limits upstream does not have: imported YAML gets none (or, for header_timeout, its ceiling),
     // so an upstream config used as is meets no cap upstream would not (docs/configuration.md, "Limits (server)").
     k("transport.kcp.max_sessions", Int, "integer", Def::PerFormat { toml: &DInt(512), yaml: &DInt(-1) },
@@ -481,6 +485,8 @@ static SCHEMA: &[KeyInfo] = &[
       "Number of packet worker threads."),
     k("io.cpus", Str, "string", DStr("auto"), Allowed::Cpus, Any, false,
       "CPUs the XDP workers pin to: worker i on the i-th CPU (wrapping). auto = the process's CPU affinity mask (taskset, systemd CPUAffinity=, a cpuset); none = no pinning."),
+    k("io.probe_response", Str, "string", DStr("closed"), OneOf(&["closed", "silent"]), Any, false,
+      "XDP mode: frames to the tunnel port that carry no tunnel datagram (SYN, bare ACK, FIN; a payload failing the guard) get `closed`: the RST a closed port of this host sends, built in the XDP program; `silent`: nothing. Valid tunnel traffic is never answered. pcap mode: the kernel and the firewall rules decide (docs/runbook.md)."),
 ];
 
 /// Every leaf key the configuration knows, in documentation order.

@@ -26,6 +26,7 @@ pub use types::{
 };
 
 pub use crate::proto::cc::CcAlgorithm;
+pub use crate::proto::guard::{GuardBind, GuardFormat, ProbeResponse};
 
 use schema::{Issues, Mode};
 
@@ -253,6 +254,10 @@ pub struct KcpConfig {
     pub bandwidth: Option<u64>,
     /// Packet guard on.
     pub guard: bool,
+    /// Guard format (`tag`, or the deprecated `cookie`).
+    pub guard_format: GuardFormat,
+    /// What the guard tag binds.
+    pub guard_bind: GuardBind,
     /// Guard magic.
     pub guard_magic: [u8; 4],
     /// Guard window (s).
@@ -336,6 +341,8 @@ impl fmt::Debug for KcpConfig {
             .field("cc", &self.cc)
             .field("bandwidth", &self.bandwidth)
             .field("guard", &self.guard)
+            .field("guard_format", &self.guard_format)
+            .field("guard_bind", &self.guard_bind)
             .field("guard_magic", &self.guard_magic)
             .field("guard_window", &self.guard_window)
             .field("guard_skew", &self.guard_skew)
@@ -404,6 +411,8 @@ pub struct IoConfig {
     pub workers: u32,
     /// Where XDP workers pin themselves (`io.cpus`).
     pub cpus: CpuPin,
+    /// XDP mode: the answer to frames without a tunnel datagram (`io.probe_response`).
+    pub probe_response: ProbeResponse,
 }
 
 /// A validated configuration with every default applied.

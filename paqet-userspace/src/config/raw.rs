@@ -235,6 +235,10 @@ pub struct RawKcp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_bind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub guard_magic: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard_window: Option<i64>,
@@ -280,4 +284,6 @@ pub struct RawIo {
     pub workers: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpus: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_response: Option<String>,
 }

@@ -396,6 +396,7 @@ fn defaults_per_role_are_upstreams() {
             backend: IoBackend::Auto,
             workers: 0,
             cpus: CpuPin::Auto,
+            probe_response: ProbeResponse::Closed,
         }
     );
     assert_eq!(c.metrics_listen, None);
@@ -541,6 +542,53 @@ fn key_rules_and_guard() {
         .replace("block: \"aes\",", "block: \"null\",")
         .replace(&format!("key: \"{KEY}\","), "");
     assert_eq!(Config::from_yaml_str(&yaml).unwrap().config.key(), "");
+}
+
+#[test]
+fn guard_format_bind_and_probe_response() {
+    let c = toml_ok(&client_toml("")).config;
+    let k = &c.transport.kcp;
+    assert_eq!(
+        (k.guard, k.guard_format, k.guard_bind),
+        (true, GuardFormat::Tag, GuardBind::Port)
+    );
+    assert_eq!(c.io.probe_response, ProbeResponse::Closed);
+    let l = toml_ok(&format!(
+        "{}[io]\nprobe_response = \"silent\"\n",
+        client_toml("guard_format = \"cookie\"\nguard_bind = \"4tuple\"")
+    ));
+    let k = &l.config.transport.kcp;
+    assert_eq!(
+        (k.guard_format, k.guard_bind),
+        (GuardFormat::Cookie, GuardBind::FourTuple)
+    );
+    assert_eq!(l.config.io.probe_response, ProbeResponse::Silent);
+    assert!(
+        l.warnings.iter().any(|w| w
+            .to_string()
+            .contains("transport.kcp.guard_format = \"cookie\": deprecated")),
+        "{:?}",
+        l.warnings
+    );
+    assert_eq!(&toml_ok(&l.config.to_toml_string()).config, &l.config);
+    // The cookie with the guard off warns about nothing.
+    let off = toml_ok(&client_toml("guard = false\nguard_format = \"cookie\""));
+    assert!(off.warnings.is_empty(), "{:?}", off.warnings);
+    assert_has(
+        &toml_errors(&client_toml("guard_format = \"hmac\"")),
+        "transport.kcp.guard_format = \"hmac\": must be one of",
+    );
+    assert_has(
+        &toml_errors(&client_toml("guard_bind = \"ip\"")),
+        "transport.kcp.guard_bind = \"ip\": must be one of",
+    );
+    assert_has(
+        &toml_errors(&format!(
+            "{}[io]\nprobe_response = \"rst\"\n",
+            client_toml("")
+        )),
+        "io.probe_response = \"rst\": must be one of",
+    );
 }
 
 #[test]
@@ -729,6 +777,7 @@ fn debug_and_metrics_addresses() {
             backend: IoBackend::Pcap,
             workers: 2,
             cpus: CpuPin::Auto,
+            probe_response: ProbeResponse::Closed,
         }
     );
     assert_eq!(&toml_ok(&c.to_toml_string()).config, &c);

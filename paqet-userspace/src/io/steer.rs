@@ -1,6 +1,7 @@
 //! XDP steering: loads the `paqet-ebpf` program (built by `build.rs`) with aya, attaches it to an
 //! interface through a bpf_link (detached when [`Steering`] is dropped or the process exits), and
-//! drives its maps: the AF_XDP socket per RX queue, the steering config, the guard prefixes and
+//! drives its maps: the AF_XDP socket per RX queue, the steering config (with the guard tag's key,
+//! binding and the probe-answer flag and TTLs), the deprecated cookie format's guard prefixes and
 //! the per-CPU counters.
 //!
 //! What is steered is [`SteerConfig`]: on a server, frames to the tunnel port; on a client

@@ -776,7 +776,7 @@ impl Metrics {
         );
         r.register(
             "xdp_packets",
-            "XDP program counters (counter: seen, steered, passed, malformed, guard_dropped)",
+            "XDP program counters (counter: seen, steered, passed, malformed, guard_dropped, no_socket, probe_answered, empty)",
             m.xdp.clone(),
         );
         r.register(

@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 use tracing::{debug, info, trace};
 
-use crate::proto::guard::{Guard, GUARD_LEN};
+use crate::proto::guard::{Addressing, Guard};
 use crate::proto::limits::{LimitCounts, LimitKey};
 use crate::proto::replay::{ReplayGate, DEFAULT_HORIZON_SECS};
 use crate::proto::session::{Role, Session, SessionConfig, SessionConfigError, SessionError};
@@ -302,6 +302,7 @@ impl<T: Default> Endpoint<T> {
     /// Processes one received datagram: `payload` is the envelope's TCP payload (guard prefix included
     /// when the guard is on), received on `link` for local TCP port `local_port` from `src`. It is
     /// decrypted in place. `now` is the sessions' ms clock, `unix_secs` the guard's clock.
+    /// The local address is taken as unspecified: with `guard_bind = "4tuple"` use [`Endpoint::handle_at`].
     pub fn handle(
         &mut self,
         now: u32,
@@ -311,15 +312,40 @@ impl<T: Default> Endpoint<T> {
         src: SocketAddr,
         payload: &mut [u8],
     ) -> DatagramEvent<T> {
+        let local = match src {
+            SocketAddr::V4(_) => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, local_port)),
+            SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, local_port)),
+        };
+        self.handle_at(now, unix_secs, link, local, src, payload)
+    }
+
+    /// [`Endpoint::handle`] with the packet's destination address `dst` as received (its port is the
+    /// local port): the guard tag may bind it.
+    pub fn handle_at(
+        &mut self,
+        now: u32,
+        unix_secs: u64,
+        link: u64,
+        dst: SocketAddr,
+        src: SocketAddr,
+        payload: &mut [u8],
+    ) -> DatagramEvent<T> {
+        let local_port = dst.port();
         let mut payload = payload;
         if let Some(g) = self.guard.as_mut() {
-            if !g.check(unix_secs, payload) {
+            let at = Addressing {
+                src,
+                dst,
+                to_server: self.role == Role::Server,
+            };
+            if !g.check(unix_secs, &at, payload) {
                 self.stats.rx_guard_drops += 1;
                 self.note_bad_source(src);
                 trace!(%src, "guard check failed");
                 return DatagramEvent::Dropped(DropReason::Guard);
             }
-            payload = &mut payload[GUARD_LEN..];
+            let n = g.prefix_len();
+            payload = &mut payload[n..];
         }
         if self.role == Role::Client && self.server_addr != Some(src) {
             self.stats.rx_foreign += 1;
@@ -779,7 +805,7 @@ mod tests {
     //! The endpoint driven in memory: real datagrams made by client and server [`Session`]s, a simulated ms
     //! clock and unix clock, no runtime.
     use super::*;
-    use crate::proto::guard::GuardConfig;
+    use crate::proto::guard::{GuardBind, GuardConfig, GUARD_LEN, GUARD_TAG_LEN};
     use crate::proto::kcp::{KcpConfig, KcpMode};
     use crate::proto::smux::{SmuxConfig, SmuxEvent};
     use crate::wire::crypt::BlockMode;
@@ -807,14 +833,11 @@ mod tests {
     }
 
     fn guard() -> Guard {
-        Guard::with_derived(
-            GuardConfig {
-                magic: *b"PQT1",
-                window_secs: 30,
-                skew: 1,
-            },
-            [9; 32],
-        )
+        Guard::with_derived(GuardConfig::cookie(*b"PQT1", 30, 1), [9; 32])
+    }
+
+    fn tag_guard(bind: GuardBind) -> Guard {
+        Guard::with_derived(GuardConfig::tag(bind), [9; 32])
     }
 
     fn endpoint(role: Role, limits: Limits, guard: Option<Guard>) -> Endpoint<()> {
@@ -1164,7 +1187,7 @@ mod tests {
         let (_, d) = client(7, &cfg, 0);
         let prefixed = |unix: u64, d: &[u8]| {
             let mut p = vec![0u8; GUARD_LEN];
-            guard().write_prefix(unix, &mut p);
+            guard().write_cookie(unix, &mut p);
             p.extend_from_slice(d);
             p
         };
@@ -1195,6 +1218,61 @@ mod tests {
         // A valid prefix (this window or the previous one) opens the session.
         opened(feed(&mut ep, 3, CLIENT, &prefixed(UNIX - 30, &d[0])));
         assert_eq!(ep.len(), 1);
+    }
+
+    #[test]
+    fn guard_tag_is_checked_with_the_received_addressing() {
+        let cfg = session_cfg(0x42, (0, 0));
+        let (_, d) = client(7, &cfg, 0);
+        let server_ip = addr(SERVER).ip();
+        let dst = SocketAddr::new(server_ip, PORT);
+        // What the client sends: the tag over the datagram's head, bound to the packet's addressing.
+        let tagged = |bind: GuardBind, src: &str, d: &[u8]| {
+            let at = Addressing {
+                src: addr(src),
+                dst,
+                to_server: true,
+            };
+            let mut p = vec![0u8; GUARD_TAG_LEN];
+            tag_guard(bind).write_prefix(0, &at, d, &mut p);
+            p.extend_from_slice(d);
+            p
+        };
+        for bind in [GuardBind::Port, GuardBind::FourTuple, GuardBind::None] {
+            let mut ep = endpoint(Role::Server, Limits::default(), Some(tag_guard(bind)));
+            // Sent from CLIENT, received from OTHER (a NAT rewrote the source, or a replay).
+            let mut p = tagged(bind, CLIENT, &d[0]);
+            let ev = ep.handle_at(1, UNIX, LINK, dst, addr(OTHER), &mut p);
+            match bind {
+                GuardBind::FourTuple => {
+                    assert!(matches!(ev, DatagramEvent::Dropped(DropReason::Guard)));
+                    assert_eq!(ep.stats().rx_crypto_failures, 0, "before decryption");
+                }
+                _ => {
+                    opened(ev);
+                }
+            }
+            // Bit flips in the tag or the covered head, and no tag at all.
+            let mut flipped = tagged(bind, OTHER, &d[0]);
+            flipped[3] ^= 1;
+            let mut head = tagged(bind, OTHER, &d[0]);
+            head[GUARD_TAG_LEN + 5] ^= 1;
+            for mut p in [flipped, head, d[0].to_vec()] {
+                assert!(matches!(
+                    ep.handle_at(2, UNIX, LINK, dst, addr(CLIENT), &mut p),
+                    DatagramEvent::Dropped(DropReason::Guard)
+                ));
+            }
+            // From the right source it passes the guard, whatever the time: 4tuple opens the session;
+            // with port/none the replay from OTHER already used the conv, so the replay filter refuses it.
+            let mut p = tagged(bind, CLIENT, &d[0]);
+            let ev = ep.handle_at(3, UNIX + 100_000, LINK, dst, addr(CLIENT), &mut p);
+            let ok = match bind {
+                GuardBind::FourTuple => matches!(ev, DatagramEvent::Opened(_)),
+                _ => matches!(ev, DatagramEvent::Dropped(DropReason::Replay)),
+            };
+            assert!(ok, "{bind:?}: {}", describe(&ev));
+        }
     }
 
     #[test]

@@ -46,6 +46,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use thiserror::Error;
 
+use crate::proto::guard::{Addressing, Guard, GuardFormat};
 use crate::wire::crypt::{BlockMode, CryptError, Crypto};
 use crate::wire::envelope::{self, EnvelopeError, Medium, TcpFlags};
 use crate::wire::{fec, header, kcp, smux};
@@ -240,6 +241,8 @@ pub struct Dumper {
     port: u16,
     /// What frames start with (Ethernet, or the IP header on tun/ppp/WireGuard).
     medium: Medium,
+    /// The packet guard (`transport.kcp.guard`): checked and stripped before decryption.
+    guard: Option<Guard>,
     /// Reused buffer the payload is decrypted in.
     buf: Vec<u8>,
     flows: HashMap<FlowKey, FlowState>,
@@ -265,6 +268,7 @@ impl Dumper {
             fec,
             port,
             medium: Medium::Ethernet,
+            guard: None,
             buf: Vec::with_capacity(2048),
             flows: HashMap::new(),
             summary_every: Some(SUMMARY_INTERVAL_MICROS),
@@ -278,6 +282,13 @@ impl Dumper {
     /// reports the totals).
     pub fn set_summary_interval(&mut self, micros: Option<u64>) {
         self.summary_every = micros.filter(|m| *m > 0);
+    }
+
+    /// Sets the packet guard of the configuration (`transport.kcp.guard` on): every payload must start
+    /// with its prefix (a tag, or the deprecated cookie), which is checked and stripped before
+    /// decryption. Direction for the tag's binding: frames to [`Dumper::port`] go to the server.
+    pub fn set_guard(&mut self, guard: Option<Guard>) {
+        self.guard = guard;
     }
 
     /// The tunnel port this dumper was made for.
@@ -350,6 +361,30 @@ impl Dumper {
         at: (SocketAddr, SocketAddr, u64),
         payload: &[u8],
     ) {
+        let mut payload = payload;
+        if let Some(g) = self.guard.as_mut() {
+            let (src, dst, ts) = at;
+            let addressing = Addressing {
+                src,
+                dst,
+                to_server: dst.port() == self.port,
+            };
+            let what = match g.config().format {
+                GuardFormat::Tag => "tag",
+                GuardFormat::Cookie => "cookie",
+            };
+            if !g.check(ts / 1_000_000, &addressing, payload) {
+                let _ = writeln!(
+                    out,
+                    "  guard {what}: no valid {what} (another key, guard_format or guard_bind, a rewritten address, or not a tunnel datagram)"
+                );
+                hex_dump(out, payload);
+                return;
+            }
+            let n = g.prefix_len();
+            let _ = writeln!(out, "  guard {what}: ok ({n} bytes)");
+            payload = &payload[n..];
+        }
         self.buf.clear();
         self.buf.extend_from_slice(payload);
         let body = match &self.crypto {

@@ -36,7 +36,7 @@ use crate::proto::endpoint::{
     BadSources, CloseReason, Closed, DatagramEvent, DropReason, Endpoint, EndpointConfig,
     SessionTable,
 };
-use crate::proto::guard::{Guard, GUARD_LEN};
+use crate::proto::guard::{Addressing, Guard};
 use crate::proto::limits::{LimitCounts, LimitKey};
 use crate::proto::session::{Role, SessionConfigError};
 use crate::proto::smux::SmuxEvent;
@@ -662,7 +662,12 @@ impl Core {
                 if env.destination() != peer {
                     let _ = env.set_destination(peer);
                 }
-                let glen = if guard.is_some() { GUARD_LEN } else { 0 };
+                let glen = guard.as_ref().map_or(0, Guard::prefix_len);
+                let at = Addressing {
+                    src: env.source(),
+                    dst: peer,
+                    to_server: cfg.role == Role::Client,
+                };
                 let mut sent = false;
                 session.poll_transmit(now, &mut |dgram: &[u8]| {
                     let f = flags.next();
@@ -670,7 +675,7 @@ impl Core {
                     let total = hl + glen + dgram.len();
                     let r = io.send_with(total, &mut |buf: &mut [u8]| {
                         if let Some(g) = guard.as_mut() {
-                            g.write_prefix(unix_secs, &mut buf[hl..hl + GUARD_LEN]);
+                            g.write_prefix(unix_secs, &at, dgram, &mut buf[hl..hl + glen]);
                         }
                         buf[hl + glen..total].copy_from_slice(dgram);
                         env.emit(f, glen + dgram.len(), &mut buf[..total])
@@ -919,10 +924,10 @@ impl Core {
     ) {
         self.counters.rx_frames += 1;
         let want = (port != 0).then_some(port);
-        let (src, dst_port, off, len) = match parse_frame_on(medium, frame, want) {
+        let (src, dst, off, len) = match parse_frame_on(medium, frame, want) {
             Ok(p) => (
                 p.src_addr(),
-                p.dst_port,
+                p.dst_addr(),
                 p.payload.as_ptr() as usize - frame.as_ptr() as usize,
                 p.payload.len(),
             ),
@@ -933,7 +938,7 @@ impl Core {
             }
         };
         if let Some(r) = self.router.as_mut() {
-            let owner = r.owner(self.cfg.role, src, dst_port);
+            let owner = r.owner(self.cfg.role, src, dst.port());
             if owner != r.index() {
                 if r.hand_to(owner, frame) {
                     self.counters.rx_cross_worker += 1;
@@ -946,7 +951,7 @@ impl Core {
         let payload = &mut frame[off..off + len];
         match self
             .endpoint
-            .handle(now, unix_secs, link_id, dst_port, src, payload)
+            .handle_at(now, unix_secs, link_id, dst, src, payload)
         {
             DatagramEvent::Input { id, accepted } => {
                 if accepted && self.cfg.role == Role::Client {
@@ -1074,6 +1079,7 @@ mod cc_tests {
             local_flags: vec![TcpFlags::PSH_ACK],
             remote_flags: vec![],
             guard: None,
+            probe_response: Default::default(),
             limits: super::super::Limits::default(),
             header_timeout: Duration::from_secs(10),
             rotate: Default::default(),

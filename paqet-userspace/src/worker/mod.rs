@@ -78,6 +78,8 @@ pub struct WorkerConfig {
     pub remote_flags: Vec<TcpFlags>,
     /// Packet guard (None = off: wire exactly upstream's).
     pub guard: Option<(GuardConfig, String)>,
+    /// XDP mode: the answer to frames to the tunnel without a tunnel datagram (`io.probe_response`).
+    pub probe_response: crate::proto::guard::ProbeResponse,
     /// Server limits.
     pub limits: Limits,
     /// Server: deadline for reading the per-stream header.

@@ -190,6 +190,8 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
     let guard = k.guard.then(|| {
         (
             GuardConfig {
+                format: k.guard_format,
+                bind: k.guard_bind,
                 magic: k.guard_magic,
                 window_secs: u64::from(k.guard_window),
                 skew: u64::from(k.guard_skew),
@@ -209,6 +211,7 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
         local_flags: flags(&cfg.network.local_flag, "network.tcp.local_flag")?,
         remote_flags: flags(&cfg.network.remote_flag, "network.tcp.remote_flag")?,
         guard,
+        probe_response: cfg.io.probe_response,
         limits: Limits {
             max_sessions: lim(k.max_sessions),
             max_streams_total: lim(k.max_streams_total),
@@ -480,8 +483,9 @@ impl Publisher {
                 .observe(self.role, guard, authenticated, live_sessions, opened, now)
         {
             warn!(
-                "datagrams from {} failed the guard check ({n} so far): wrong transport.kcp.key, or \
-                 transport.kcp.guard on at one end only?",
+                "datagrams from {} failed the guard check ({n} so far): wrong transport.kcp.key, \
+                 transport.kcp.guard on at one end only, another guard_format or guard_bind, or \
+                 guard_bind = \"4tuple\" through a NAT?",
                 who()
             );
         }

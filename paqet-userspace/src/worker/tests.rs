@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use super::*;
 use crate::io::mem;
+use crate::proto::guard::GuardBind;
 use crate::proto::kcp::{KcpConfig, KcpMode};
 use crate::proto::smux::SmuxConfig;
 use crate::wire::crypt::{BlockMode, Crypto};
@@ -52,6 +53,7 @@ fn cfg(role: Role, limits: Limits, guard: Option<(GuardConfig, String)>) -> Work
         local_flags: vec![TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0)],
         remote_flags: vec![TcpFlags(TcpFlags::ACK.0)],
         guard,
+        probe_response: Default::default(),
         limits,
         header_timeout: Duration::from_secs(10),
         rotate: Default::default(),
@@ -273,11 +275,16 @@ fn session_limit_refuses_new_sessions() {
 
 #[test]
 fn guard_on_both_ends_carries_traffic() {
-    let g = GuardConfig {
-        magic: *b"PQT1",
-        window_secs: 30,
-        skew: 1,
-    };
+    for g in [
+        GuardConfig::tag(GuardBind::Port),
+        GuardConfig::tag(GuardBind::FourTuple),
+        GuardConfig::cookie(*b"PQT1", 30, 1),
+    ] {
+        guard_pair(g);
+    }
+}
+
+fn guard_pair(g: GuardConfig) {
     with_pair(
         Limits::default(),
         Some((g, "guard-test-key".into())),
@@ -480,20 +487,35 @@ fn new_conversation_from_the_same_source_replaces_the_session() {
 #[test]
 fn xdp_steer_config_matches_address_port_and_guard() {
     use paqet_common::SteerConfig;
-    let g = GuardConfig {
-        magic: *b"ABCD",
-        window_secs: 30,
-        skew: 1,
-    };
+    let g = GuardConfig::cookie(*b"ABCD", 30, 1);
     let sc = super::xdp::steer_config(&cfg(Role::Server, Limits::default(), Some((g, "k".into()))));
     assert_eq!(sc.port, 9999);
     assert_eq!(sc.ipv4, [10, 9, 0, 2]);
     assert!(sc.has(SteerConfig::FLAG_IPV4) && sc.has(SteerConfig::FLAG_IPV4_ADDR));
     assert!(!sc.has(SteerConfig::FLAG_IPV6) && !sc.has(SteerConfig::FLAG_IPV6_ADDR));
     assert!(sc.has(SteerConfig::FLAG_GUARD));
+    assert!(!sc.has(SteerConfig::FLAG_GUARD_TAG));
     assert_eq!(&sc.guard_magic, b"ABCD");
+    assert!(
+        sc.has(SteerConfig::FLAG_PROBE_CLOSED),
+        "probe_response defaults to closed"
+    );
     let off = super::xdp::steer_config(&cfg(Role::Server, Limits::default(), None));
     assert!(!off.has(SteerConfig::FLAG_GUARD));
+    for (bind, flag) in [
+        (GuardBind::Port, SteerConfig::FLAG_BIND_PORT),
+        (GuardBind::FourTuple, SteerConfig::FLAG_BIND_4TUPLE),
+        (GuardBind::None, 0),
+    ] {
+        let g = GuardConfig::tag(bind);
+        let mut w = cfg(Role::Server, Limits::default(), Some((g, "k".into())));
+        w.probe_response = crate::proto::guard::ProbeResponse::Silent;
+        let sc = super::xdp::steer_config(&w);
+        assert!(sc.has(SteerConfig::FLAG_GUARD | SteerConfig::FLAG_GUARD_TAG));
+        let binds = sc.flags & (SteerConfig::FLAG_BIND_PORT | SteerConfig::FLAG_BIND_4TUPLE);
+        assert_eq!(binds, flag, "{bind:?}");
+        assert!(!sc.has(SteerConfig::FLAG_PROBE_CLOSED));
+    }
 }
 
 #[test]

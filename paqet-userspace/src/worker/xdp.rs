@@ -42,7 +42,7 @@ use tokio::io::Interest;
 use tracing::{debug, info, warn};
 
 use super::core::{drive, unix_now, Core, Shared};
-use super::guard::Guard;
+use super::guard::{Guard, GuardBind, GuardFormat, ProbeResponse};
 use super::{Tunnel, WorkerConfig};
 use crate::doctor::ethtool::Ethtool;
 use crate::io::afxdp::{AfXdpConfig, AfXdpIo};
@@ -381,8 +381,37 @@ pub fn steer_config(wcfg: &WorkerConfig) -> SteerConfig {
     if let Some((g, _)) = &wcfg.guard {
         sc.flags |= SteerConfig::FLAG_GUARD;
         sc.guard_magic = g.magic;
+        if g.format == GuardFormat::Tag {
+            // The key itself is derived (PBKDF2) once in `XdpPlane::bring_up`.
+            sc.flags |= SteerConfig::FLAG_GUARD_TAG;
+            sc.flags |= match g.bind {
+                GuardBind::Port => SteerConfig::FLAG_BIND_PORT,
+                GuardBind::FourTuple => SteerConfig::FLAG_BIND_4TUPLE,
+                GuardBind::None => 0,
+            };
+        }
+    }
+    if wcfg.probe_response == ProbeResponse::Closed {
+        sc.flags |= SteerConfig::FLAG_PROBE_CLOSED;
     }
     sc
+}
+
+/// The TTL (IPv4) and hop limit (IPv6) this host's stack puts on the RST of a closed port: the network
+/// namespace's `net.ipv4.ip_default_ttl` and the interface's `net.ipv6.conf.<iface>.hop_limit` (64
+/// when unreadable, the kernel's default).
+pub fn host_ttls(iface: &str) -> (u8, u8) {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u8>().ok())
+            .filter(|v| *v > 0)
+            .unwrap_or(64)
+    };
+    (
+        read("/proc/sys/net/ipv4/ip_default_ttl"),
+        read(&format!("/proc/sys/net/ipv6/conf/{iface}/hop_limit")),
+    )
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -433,7 +462,16 @@ impl XdpPlane {
                 f.addr.set_port(port);
             }
         }
-        let sc = steer_config(wcfg);
+        // The guard first: the tag key goes into the steering config (one PBKDF2 derivation).
+        let guard = wcfg
+            .guard
+            .as_ref()
+            .map(|(g, key)| Guard::new(g.clone(), key));
+        let mut sc = steer_config(wcfg);
+        if let Some(g) = guard.as_ref() {
+            sc.tag_key = g.tag_key();
+        }
+        (sc.ttl, sc.hop_limit) = host_ttls(iface);
         let mut steering = match want {
             XdpWant::Auto => Steering::attach_auto(iface, sc).map(|(s, _)| s),
             XdpWant::Native => Steering::attach(iface, XdpMode::Native, sc),
@@ -453,10 +491,6 @@ impl XdpPlane {
             socks.push(io);
         }
         // Guard cookies before arming, so valid frames are never dropped at start.
-        let guard = wcfg
-            .guard
-            .as_ref()
-            .map(|(g, key)| Guard::new(g.clone(), key));
         let mut plane = XdpPlane {
             steering,
             guard,
@@ -531,11 +565,15 @@ impl XdpPlane {
         let (Some(g), Some((gc, _))) = (self.guard.as_mut(), &self.wcfg.guard) else {
             return Ok(());
         };
+        if gc.format != GuardFormat::Cookie {
+            // The tag is checked with the key in the steering config: no table to rotate.
+            return Ok(());
+        }
         let prefixes = guard_prefixes(
             unix_now().as_secs(),
             gc.window_secs,
             gc.skew,
-            |t, out: &mut [u8; GUARD_PREFIX_LEN]| g.write_prefix(t, out),
+            |t, out: &mut [u8; GUARD_PREFIX_LEN]| g.write_cookie(t, out),
         );
         self.steering
             .set_guard_cookies(&prefixes)
@@ -571,7 +609,8 @@ impl GuardDropWarn {
             dropped = new,
             total,
             "{new} frames to the tunnel failed the guard check in the XDP program (dropped before userspace): \
-             a peer using another transport.kcp.key, or transport.kcp.guard on at one end only? (or a flood)"
+             a peer using another transport.kcp.key, transport.kcp.guard on at one end only, another \
+             guard_format or guard_bind, guard_bind = \"4tuple\" through a NAT? (or a flood, or probes)"
         );
         Some(new)
     }
@@ -852,6 +891,7 @@ mod tests {
             local_flags: Vec::new(),
             remote_flags: Vec::new(),
             guard: None,
+            probe_response: Default::default(),
             limits: Default::default(),
             header_timeout: Duration::from_secs(10),
             rotate: Default::default(),

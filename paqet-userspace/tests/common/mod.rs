@@ -13,6 +13,7 @@
 //! Every wait is bounded; nothing is sent anywhere but loopback and the test's own namespaces.
 #![allow(dead_code)] // every test binary uses a different subset
 
+pub mod raw;
 pub mod tunlink;
 
 use std::io::{BufReader, Read, Write};
