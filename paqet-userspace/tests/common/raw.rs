@@ -60,6 +60,16 @@ impl Sniffer {
                     (&tv as *const libc::timeval).cast(),
                     std::mem::size_of::<libc::timeval>() as u32,
                 );
+                // A large receive buffer (root may exceed rmem_max): bulk transfers must not be dropped
+                // by the capture on a busy machine.
+                let rcvbuf: libc::c_int = 32 << 20;
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&rcvbuf as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                );
                 let _ = ready_tx.send(());
                 let mut buf = vec![0u8; 65536];
                 while !s.load(Ordering::Relaxed) {
