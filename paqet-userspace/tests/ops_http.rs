@@ -472,6 +472,7 @@ fn daemon_pair_exports_congestion_control_figures() {
             header_timeout: Duration::from_secs(10),
             targets: Default::default(),
             replay: None,
+            noise: None,
         }
     };
     let once = |io: mem::MemIo| -> IoFactory {

@@ -778,11 +778,7 @@ impl NoiseResponder {
     /// Builds a responder.
     pub fn new(cfg: ResponderConfig) -> Self {
         let public = cfg.private.public_key();
-        let peers = cfg
-            .allowed
-            .iter()
-            .map(|k| (*k, Peer::default()))
-            .collect();
+        let peers = cfg.allowed.iter().map(|k| (*k, Peer::default())).collect();
         NoiseResponder {
             mac1_key: mac1_key(&public, cfg.psk.as_ref()),
             cookie_key: cookie_key(&public),

@@ -56,6 +56,7 @@ fn cfg(role: Role, limits: Limits, guard: Option<(GuardConfig, String)>) -> Work
         header_timeout: Duration::from_secs(10),
         targets: Default::default(),
         replay: None,
+        noise: None,
     }
 }
 

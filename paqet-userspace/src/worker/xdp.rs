@@ -856,6 +856,7 @@ mod tests {
             header_timeout: Duration::from_secs(10),
             targets: Default::default(),
             replay: None,
+            noise: None,
         }
     }
 
