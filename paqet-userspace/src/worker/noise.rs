@@ -118,9 +118,17 @@ pub(crate) enum Rx {
     Nothing,
 }
 
-/// One client session's initiator and the state of its warnings.
+/// One client session's initiator.
 struct Conn {
     init: NoiseInitiator,
+}
+
+/// Client: initiations sent since the last completed handshake (over every session: a session whose
+/// server never answers dies of its keepalive timeout and is re-dialled with a new initiator).
+#[derive(Default)]
+struct Unanswered {
+    since: Option<u64>,
+    count: u32,
     warned: bool,
 }
 
@@ -135,6 +143,7 @@ enum Side {
     Client {
         cfg: InitiatorConfig,
         conns: HashMap<SessionId, Conn>,
+        unanswered: Unanswered,
     },
 }
 
@@ -193,6 +202,7 @@ impl NoiseWire {
             NoiseWireConfig::Client(c) => Side::Client {
                 cfg: c,
                 conns: HashMap::new(),
+                unanswered: Unanswered::default(),
             },
         };
         NoiseWire {
@@ -290,7 +300,9 @@ impl NoiseWire {
                 Outcome::Keepalive { .. } => Ok(Rx::Nothing),
                 Outcome::Drop(why) => Err(why),
             },
-            Side::Client { conns, .. } => {
+            Side::Client {
+                conns, unanswered, ..
+            } => {
                 let Some(id) = session else {
                     self.buf = buf;
                     self.count("unknown_index");
@@ -304,12 +316,12 @@ impl NoiseWire {
                 match c.init.handle(now, body, &mut buf) {
                     InitiatorOutcome::Established => {
                         self.stats.handshakes += 1;
-                        if c.warned {
+                        if unanswered.warned {
                             info!(server = %src, "noise: handshake with {src} completed");
                         } else {
                             debug!(server = %src, "noise: handshake completed");
                         }
-                        c.warned = false;
+                        *unanswered = Unanswered::default();
                         Ok(Rx::Established(id))
                     }
                     // A cookie arrived: the next poll sends a new initiation at once.
@@ -403,12 +415,11 @@ impl NoiseWire {
 
     /// Client: a session was dialled; it gets its own initiator.
     pub(crate) fn session_added(&mut self, id: SessionId) {
-        if let Side::Client { cfg, conns } = &mut self.side {
+        if let Side::Client { cfg, conns, .. } = &mut self.side {
             conns.insert(
                 id,
                 Conn {
                     init: NoiseInitiator::new(cfg.clone()),
-                    warned: false,
                 },
             );
         }
@@ -456,7 +467,11 @@ impl NoiseWire {
                     }
                 }
             }
-            Side::Client { conns, .. } => {
+            Side::Client {
+                cfg,
+                conns,
+                unanswered,
+            } => {
                 for (&id, c) in conns.iter_mut() {
                     if expire {
                         c.init.expire(now);
@@ -464,21 +479,25 @@ impl NoiseWire {
                     if c.init.poll_at().is_some_and(|at| at <= now) {
                         if let Some(m) = c.init.poll(now, initiation_timestamp(unix_ms)) {
                             self.stats.initiations += 1;
+                            unanswered.since.get_or_insert(now);
+                            unanswered.count += 1;
                             sends.push((id, m));
                         }
                     }
-                    if let Some((waited, n)) = c.init.unanswered(now) {
-                        if waited >= UNANSWERED_WARN_MS && !c.warned {
-                            c.warned = true;
-                            let server = server.map(|s| s.to_string()).unwrap_or_default();
-                            warn!(
-                                %server,
-                                initiations = n,
-                                "noise: no handshake response from {server} after {n} initiations in {} s: is the server paqet-dp with transport.kcp.block = \"noise\", does its transport.noise.client_public_keys list this client's public key {}, and do transport.noise.server_public_key and the psk match? (an upstream paqet server never answers the noise wire)",
-                                waited / 1000,
-                                c.init.public_key()
-                            );
-                        }
+                }
+                if let Some(since) = unanswered.since {
+                    let waited = now.saturating_sub(since);
+                    if waited >= UNANSWERED_WARN_MS && !unanswered.warned {
+                        unanswered.warned = true;
+                        let n = unanswered.count;
+                        let server = server.map(|s| s.to_string()).unwrap_or_default();
+                        warn!(
+                            %server,
+                            initiations = n,
+                            "noise: no handshake response from {server} after {n} initiations in {} s: is the server paqet-dp with transport.kcp.block = \"noise\", does its transport.noise.client_public_keys list this client's public key {}, and do transport.noise.server_public_key and the psk match? (an upstream paqet server never answers the noise wire)",
+                            waited / 1000,
+                            cfg.private.public_key()
+                        );
                     }
                 }
             }
