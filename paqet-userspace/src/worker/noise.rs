@@ -134,7 +134,7 @@ struct Unanswered {
 
 enum Side {
     Server {
-        responder: NoiseResponder,
+        responder: Box<NoiseResponder>,
         /// Session → (client key, source address) it is bound to.
         bound: HashMap<SessionId, (PublicKey, SocketAddr)>,
         /// The key of the datagram being delivered (set by `rx`, consumed by `bind`).
@@ -195,7 +195,7 @@ impl NoiseWire {
     pub fn new(cfg: NoiseWireConfig, guard: Option<Guard>) -> Self {
         let side = match cfg {
             NoiseWireConfig::Server(c) => Side::Server {
-                responder: NoiseResponder::new(c),
+                responder: Box::new(NoiseResponder::new(c)),
                 bound: HashMap::new(),
                 delivering: None,
             },
