@@ -1010,15 +1010,11 @@ impl Core {
     ) {
         use super::noise::Rx;
         let noise_now = self.noise_now();
-        // Client: the session this payload is for (the server's datagrams to our link and port).
+        // The session of this source (client: the one the server's datagram is for).
+        let known = self.endpoint.session_on(link_id, dst_port, src);
         let session = match self.cfg.role {
             Role::Server => None,
-            Role::Client => self
-                .endpoint
-                .sessions()
-                .iter()
-                .find(|(_, e)| e.link() == link_id && e.local_port() == dst_port && e.peer() == src)
-                .map(|(&id, _)| id),
+            Role::Client => known,
         };
         let Some(n) = self.noise.as_mut() else {
             return;
@@ -1043,10 +1039,6 @@ impl Core {
             Rx::Deliver => {
                 let mut body = std::mem::take(&mut n.buf);
                 // Server: a datagram of one client key never reaches a session bound to another key.
-                let known = self.endpoint.sessions().iter().find_map(|(&id, e)| {
-                    (e.link() == link_id && e.local_port() == dst_port && e.peer() == src)
-                        .then_some(id)
-                });
                 let allowed = match (self.cfg.role, known) {
                     (Role::Server, Some(id)) => {
                         self.noise.as_mut().is_some_and(|n| n.may_deliver_to(id))

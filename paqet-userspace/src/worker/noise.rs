@@ -360,7 +360,8 @@ impl NoiseWire {
                 self.count("peer_mismatch");
                 false
             }
-            _ => {
+            Some(_) => true,
+            None => {
                 bound.insert(id, (peer, src));
                 true
             }
@@ -573,6 +574,53 @@ mod tests {
             .any(|(l, _)| l == "malformed" || l == "bad_mac1"));
         s.session_gone(3);
         assert!(s.seal(4, 3, b"x").is_none());
+    }
+
+    /// A session bound to one client key never takes a datagram opened with another allowed key (a client
+    /// sending from another client's address and port).
+    #[test]
+    fn a_session_bound_to_one_key_refuses_another_keys_datagrams() {
+        let (sk, sp) = keygen();
+        let (ak, ap) = keygen();
+        let (bk, bp) = keygen();
+        let mut s = NoiseWire::new(
+            NoiseWireConfig::Server(ResponderConfig {
+                private: sk,
+                allowed: vec![ap, bp],
+                psk: None,
+                timers: Timers::default(),
+                rate: RateLimits::default(),
+            }),
+            None,
+        );
+        let src = addr("10.0.0.2:40000");
+        let ssrc = addr("10.0.0.1:9999");
+        let mut bodies = Vec::new();
+        for (k, unix) in [(ak, 1_800_000_000_000u64), (bk, 1_800_000_000_001)] {
+            let mut c = NoiseWire::new(
+                NoiseWireConfig::Client(InitiatorConfig {
+                    private: k,
+                    server: sp,
+                    psk: None,
+                    timers: Timers::default(),
+                }),
+                None,
+            );
+            c.session_added(1);
+            let (sends, _) = c.tick(0, unix, Some(ssrc));
+            assert_eq!(s.rx(0, 0, src, None, &sends[0].1), Rx::Reply);
+            let resp = s.buf.clone();
+            assert_eq!(c.rx(0, 0, ssrc, Some(1), &resp), Rx::Established(1));
+            bodies.push(c.seal(1, 1, b"body").unwrap().to_vec());
+        }
+        assert_eq!(s.rx(1, 0, src, None, &bodies[0]), Rx::Deliver);
+        assert!(s.may_deliver_to(5) && s.bind(5));
+        assert_eq!(s.rx(1, 0, src, None, &bodies[1]), Rx::Deliver);
+        assert!(
+            !s.may_deliver_to(5),
+            "key B's datagram must not reach key A's session"
+        );
+        assert!(s.stats.nonzero_drops().any(|(l, _)| l == "peer_mismatch"));
     }
 
     #[test]
