@@ -530,8 +530,14 @@ impl Publisher {
             self.guard_watch
                 .observe(self.role, guard, authenticated, live_sessions, opened, now)
         {
+            let key = if c.config().noise.is_some() {
+                // With the noise wire the guard is keyed by the server's static public key.
+                "another server key (transport.noise.server_public_key / private_key)"
+            } else {
+                "wrong transport.kcp.key"
+            };
             warn!(
-                "datagrams from {} failed the guard check ({n} so far): wrong transport.kcp.key, or \
+                "datagrams from {} failed the guard check ({n} so far): {key}, or \
                  transport.kcp.guard on at one end only?",
                 who()
             );
