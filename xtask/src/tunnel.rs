@@ -1590,6 +1590,32 @@ mod tests {
     }
 
     #[test]
+    fn noise_configs_replace_the_key_with_noise_keys() {
+        let ip = Ipv4Addr::new(10, 0, 0, 2);
+        let k = CONFIGS[1].with_crypto("noise");
+        let s = server_config("v0", ip, k, false);
+        assert!(
+            s.contains("block = \"noise\"\n") && !s.contains("\nkey = "),
+            "{s}"
+        );
+        assert!(
+            s.contains(&format!("client_public_keys = [\"{NOISE_CLIENT_PUBLIC}\"]")),
+            "{s}"
+        );
+        let c = client_config("v1", Ipv4Addr::new(10, 0, 0, 1), ip, k, false);
+        assert!(
+            c.contains(&format!("server_public_key = \"{NOISE_SERVER_PUBLIC}\"")),
+            "{c}"
+        );
+        assert_eq!(k.name(false, true), "fast3, 2048-packet windows, noise");
+        // aes stays byte for byte the old config
+        assert_eq!(
+            server_config("v0", ip, CONFIGS[1].with_crypto("aes"), false),
+            server_toml("v0", ip, MAC_C, &kcp_lines(CONFIGS[1], true), false)
+        );
+    }
+
+    #[test]
     fn configs_name_the_mode_and_windows() {
         let ip = Ipv4Addr::new(10, 0, 0, 2);
         let s = server_config("v0", ip, CONFIGS[1], false);
