@@ -2,7 +2,7 @@
 //! binary (root only; skipped otherwise): keys made by `paqet-dp keygen` (the server's in a 0600 file, the
 //! client's inline), SOCKS5 TCP with a sha256-checked bulk download and upload, SOCKS5 UDP ASSOCIATE and a
 //! UDP forward, a server restart the client recovers from, in pcap mode and generic XDP mode; a lossy,
-//! reordering link; and the two ways an ordinary (kcp-go-framed) peer meets a noise peer: the noise
+//! reordering link (with a pre-shared key); and the two ways an ordinary (kcp-go-framed) peer meets a noise peer: the noise
 //! server sends nothing back and logs why, the noise client warns that its initiations go unanswered.
 mod common;
 
@@ -87,15 +87,28 @@ fn client_section(k: &Keys) -> String {
     )
 }
 
-/// A tunnel whose two daemons speak the noise wire (guard on, as the TOML default).
-fn noise_tunnel(tag: &str, o: Opts) -> Tunnel {
+/// A tunnel whose two daemons speak the noise wire (guard on, as the TOML default); with `psk`, both ends
+/// also share a pre-shared key file made by `paqet-dp keygen --psk --out` (the handshake is IKpsk2).
+fn noise_tunnel(tag: &str, o: Opts, psk: bool) -> Tunnel {
     let configs = |net: &Net, http: &HttpServer, udp: &UdpEcho, dir: &Path| {
         let k = keygen(dir);
+        let psk_line = if psk {
+            let file = dir.join("noise.psk");
+            let out = Command::new(bin())
+                .args(["keygen", "--psk", "--out"])
+                .arg(&file)
+                .output()
+                .expect("run paqet-dp keygen --psk");
+            assert!(out.status.success(), "keygen --psk: {out:?}");
+            format!("\npsk = \"{}\"", file.display())
+        } else {
+            String::new()
+        };
         let s = Tunnel::server_config(net, &o);
         let c = Tunnel::client_config(net, &o, http, udp, ClientPorts::MAIN, &o.client_key);
         (
-            noise_config(&s, &o.server_key, &server_section(&k)),
-            noise_config(&c, &o.client_key, &client_section(&k)),
+            noise_config(&s, &o.server_key, &(server_section(&k) + &psk_line)),
+            noise_config(&c, &o.client_key, &(client_section(&k) + &psk_line)),
         )
     };
     Tunnel::start_with(tag, o.clone(), Some(&configs))
@@ -119,7 +132,7 @@ fn noise_tunnel_carries_tcp_and_udp_and_survives_a_server_restart() {
         ((Mode::XdpGeneric, Mode::XdpGeneric), 64 * MIB),
     ] {
         eprintln!("== modes {modes:?}");
-        let mut t = noise_tunnel("nzt", Opts::new(modes));
+        let mut t = noise_tunnel("nzt", Opts::new(modes), false);
         let ns = t.net.client();
         let f = fetch(ns, t.socks(), &t.url("/ping"), 20);
         assert!(f.ok && f.len == 4, "GET /ping via SOCKS5: {f:?}");
@@ -201,7 +214,8 @@ fn noise_tunnel_over_a_lossy_reordering_link() {
     });
     o.wnd = 2048;
     o.smuxktimeout = 10;
-    let mut t = noise_tunnel("nzl", o);
+    // With a pre-shared key (IKpsk2) on both ends.
+    let mut t = noise_tunnel("nzl", o, true);
     report(
         "noise: 32 MiB down over the impaired link",
         32 * MIB,
