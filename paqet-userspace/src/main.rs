@@ -67,6 +67,16 @@ enum Cmd {
     },
     /// Print a new random key (64 lowercase hex characters; used as text, never hex-decoded).
     Secret,
+    /// Create a static key pair for the noise wire (`transport.kcp.block = "noise"`): the private key goes
+    /// to --out (created 0600) or stdout, the public key (for the peer's config) is printed.
+    Keygen {
+        /// Write the private key (or the PSK) to this new file, mode 0600 (an existing file is refused).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Create a pre-shared key (`transport.noise.psk`, the same on both ends) instead of a key pair.
+        #[arg(long)]
+        psk: bool,
+    },
     /// A PING/PONG round trip through the tunnel (client config), printing the RTT.
     Ping {
         #[arg(short = 'c', long = "config", default_value = DEFAULT_CONFIG)]
@@ -179,11 +189,14 @@ fn load(path: &Path, key_file: Option<&Path>) -> anyhow::Result<Config> {
     loaded.log_warnings();
     let mut cfg = loaded.config;
     if let Some(kf) = key_file {
+        if cfg.is_noise() {
+            bail!("--key-file replaces transport.kcp.key, which block = \"noise\" does not use: put the key file's path in transport.noise.private_key");
+        }
         cfg.transport.kcp.key = read_key_file(kf)?;
         tracing::debug!(file = %kf.display(), "transport.kcp.key read from the key file");
-    } else if !cfg.key().is_empty() {
+    } else if cfg.holds_inline_secret() {
         // The config file itself carries the key: TOML refuses a readable file, imported YAML warns.
-        if let Err(e) = paqet::config::check_secret_file(path, "transport.kcp.key") {
+        if let Err(e) = paqet::config::check_secret_file(path, secret_key_name(&cfg)) {
             match loaded.format {
                 paqet::config::Format::Toml => bail!("config {e}"),
                 paqet::config::Format::Yaml => tracing::warn!("config {e} (refused for TOML)"),
@@ -191,6 +204,59 @@ fn load(path: &Path, key_file: Option<&Path>) -> anyhow::Result<Config> {
         }
     }
     Ok(cfg)
+}
+
+/// The config key naming the secret a config file holds (for the file-mode message).
+fn secret_key_name(cfg: &Config) -> &'static str {
+    if cfg.key().is_empty() {
+        "transport.noise.private_key"
+    } else {
+        "transport.kcp.key"
+    }
+}
+
+/// `keygen`: a noise static key pair (or, with `psk`, a pre-shared key). The secret goes to `out`
+/// (created with mode 0600, never overwritten) or to stdout; the public key is printed.
+fn keygen(out: Option<&Path>, psk: bool) -> anyhow::Result<()> {
+    use paqet::proto::noise;
+    let (secret, public) = if psk {
+        (noise::Psk::generate().to_text(), None)
+    } else {
+        let (k, p) = noise::keygen();
+        (k.to_text(), Some(p.to_text()))
+    };
+    match out {
+        Some(path) => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| {
+                    format!(
+                        "keygen --out {} (an existing file is never overwritten)",
+                        path.display()
+                    )
+                })?;
+            writeln!(f, "{secret}")
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("writing {}", path.display()))?;
+            match public {
+                Some(p) => println!("{p}"),
+                None => eprintln!("pre-shared key written to {}", path.display()),
+            }
+        }
+        None => match public {
+            Some(p) => {
+                println!("private_key: {secret}");
+                println!("public_key: {p}");
+            }
+            None => println!("{secret}"),
+        },
+    }
+    Ok(())
 }
 
 fn secret() -> anyhow::Result<()> {
@@ -320,6 +386,9 @@ fn stop_on_signal(flag: Arc<AtomicBool>) -> anyhow::Result<()> {
 }
 
 fn dump(cfg: &Config, iface: &str, count: Option<usize>) -> anyhow::Result<()> {
+    if cfg.is_noise() {
+        bail!("dump decodes kcp-go's crypto framing; the noise wire (transport.kcp.block = \"noise\") has per-session keys that a capture cannot open");
+    }
     let k = &cfg.transport.kcp;
     let mode = k
         .block
@@ -384,8 +453,10 @@ fn config_check(file: &Path) -> anyhow::Result<ExitCode> {
             for w in &loaded.warnings {
                 println!("warning: {w}");
             }
-            if !loaded.config.key().is_empty() {
-                if let Err(e) = paqet::config::check_secret_file(file, "transport.kcp.key") {
+            if loaded.config.holds_inline_secret() {
+                if let Err(e) =
+                    paqet::config::check_secret_file(file, secret_key_name(&loaded.config))
+                {
                     println!(
                         "warning: {e} (`run` refuses a TOML config like this without --key-file)"
                     );
@@ -457,6 +528,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Secret => secret().map(|()| ExitCode::SUCCESS),
+        Cmd::Keygen { out, psk } => keygen(out.as_deref(), psk).map(|()| ExitCode::SUCCESS),
         Cmd::Completions { shell } => packaging(Some(shell)).map(|()| ExitCode::SUCCESS),
         Cmd::Man => packaging(None).map(|()| ExitCode::SUCCESS),
         Cmd::Version => {

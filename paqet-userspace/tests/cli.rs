@@ -72,6 +72,83 @@ fn secret_prints_64_hex_chars_and_differs_each_time() {
     assert_ne!(line, b.trim_end(), "two secrets are equal");
 }
 
+/// `keygen`: a key pair on stdout, or the private key in a new 0600 file (never overwritten) and the public key
+/// on stdout; `--psk` the same for a pre-shared key. A config naming the file (noise wire) is accepted by
+/// `config check`, and the file's key is the one whose public key was printed.
+#[test]
+fn keygen_writes_private_keys_0600_and_prints_public_keys() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let o = paqet_dp(&["keygen"]);
+    assert!(o.status.success(), "keygen failed: {}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let private = lines[0]
+        .strip_prefix("private_key: ")
+        .expect("private_key line");
+    let public = lines[1]
+        .strip_prefix("public_key: ")
+        .expect("public_key line");
+    assert_eq!((private.len(), public.len()), (44, 44), "{out}");
+    assert_eq!(
+        paqet::proto::noise::PrivateKey::parse(private)
+            .expect("private key parses")
+            .public_key()
+            .to_text(),
+        public
+    );
+
+    let dir = TempDir::new("keygen");
+    let file = dir.0.join("noise.key");
+    let o = paqet_dp(&["keygen", "--out", path_str(&file)]);
+    assert!(o.status.success(), "keygen --out failed: {}", stderr(&o));
+    let printed = stdout(&o).trim().to_owned();
+    let meta = std::fs::metadata(&file).expect("key file written");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&file).expect("key file");
+    let key = paqet::proto::noise::PrivateKey::parse(text.trim()).expect("file holds a key");
+    assert_eq!(key.public_key().to_text(), printed);
+    assert!(
+        !stdout(&o).contains(text.trim()),
+        "the private key is not printed with --out"
+    );
+    // never overwritten
+    let again = paqet_dp(&["keygen", "--out", path_str(&file)]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("never overwritten"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+
+    let psk = dir.0.join("noise.psk");
+    let o = paqet_dp(&["keygen", "--psk", "--out", path_str(&psk)]);
+    assert!(o.status.success(), "keygen --psk failed: {}", stderr(&o));
+    assert_eq!(
+        std::fs::metadata(&psk).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    paqet::proto::noise::Psk::parse(std::fs::read_to_string(&psk).unwrap().trim()).expect("psk");
+
+    // a server config naming both files validates
+    let cfg = dir.write(
+        "server.toml",
+        &format!(
+            "role = \"server\"\n[listen]\naddr = \":9999\"\n[network]\ninterface = \"eth0\"\n[network.ipv4]\naddr = \"10.0.0.2:9999\"\nrouter_mac = \"02:00:00:00:00:01\"\n[transport]\nprotocol = \"kcp\"\n[transport.kcp]\nblock = \"noise\"\n[transport.noise]\nprivate_key = \"{}\"\nclient_public_keys = [\"{public}\"]\npsk = \"{}\"\n",
+            path_str(&file),
+            path_str(&psk)
+        ),
+    );
+    let o = paqet_dp(&["config", "check", path_str(&cfg)]);
+    assert!(
+        o.status.success(),
+        "config check: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+}
+
 #[test]
 fn version_names_the_version_commit_profile_and_target() {
     let o = paqet_dp(&["version"]);

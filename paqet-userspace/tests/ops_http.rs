@@ -474,6 +474,7 @@ fn daemon_pair_exports_congestion_control_figures() {
             rotate: Default::default(),
             targets: Default::default(),
             replay: None,
+            noise: None,
         }
     };
     let once = |io: mem::MemIo| -> IoFactory {

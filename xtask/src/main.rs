@@ -25,7 +25,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str = "usage: cargo xtask bench [micro|tunnel|all] [--modes pcap,pcap-upstream-rules,xdp-native,xdp-generic] [--secs N]
-                        [--streams 1000,10000] [--requests N] [--flood-secs N] [--guard] [--share-cpus] [--cc bbr,off] [--bin PATH]
+                        [--streams 1000,10000] [--requests N] [--flood-secs N] [--guard] [--share-cpus] [--cc bbr,off] [--crypto aes,noise] [--bin PATH]
                         [-- CRITERION ARGS]
        cargo xtask bench wan [--rates 20,100,500] [--rtts 20,100,200] [--losses 0,1,5]
                         [--rows bbr,fixed,off,kcptun,tcp-bbr,tcp-cubic] [--secs N] [--parallel N]
@@ -84,6 +84,7 @@ fn bench(args: &[String]) -> Result<()> {
         guard: false,
         share_cpus: false,
         ccs: vec!["bbr".into()],
+        cryptos: vec!["aes".into()],
     };
     let mut criterion = Vec::new();
     let mut it = args.iter();
@@ -125,6 +126,14 @@ fn bench(args: &[String]) -> Result<()> {
                 for c in &opts.ccs {
                     if !tunnel::CCS.contains(&c.as_str()) {
                         bail!("--cc: unknown congestion control {c:?} (bbr, off)");
+                    }
+                }
+            }
+            "--crypto" => {
+                opts.cryptos = parse_list("--crypto", &val("--crypto")?)?;
+                for c in &opts.cryptos {
+                    if !tunnel::CRYPTOS.contains(&c.as_str()) {
+                        bail!("--crypto: unknown packet protection {c:?} (aes, noise)");
                     }
                 }
             }

@@ -59,6 +59,9 @@ pub struct Opts {
     pub share_cpus: bool,
     /// Congestion controls to run every configuration with (`transport.kcp.cc`), side by side.
     pub ccs: Vec<String>,
+    /// Packet protections to run every configuration with, side by side: `aes` (kcp-go's
+    /// `block = "aes"`, upstream's wire) or `noise` (paqet-dp's authenticated wire).
+    pub cryptos: Vec<String>,
 }
 
 /// A tunnel configuration under test.
@@ -71,6 +74,8 @@ struct Kcp {
     wnd: Option<u32>,
     /// `transport.kcp.cc`.
     cc: &'static str,
+    /// `aes` or `noise` (see [`CRYPTOS`]).
+    crypto: &'static str,
 }
 
 const CONFIGS: [Kcp; 2] = [
@@ -79,17 +84,28 @@ const CONFIGS: [Kcp; 2] = [
         mode: "fast",
         wnd: None,
         cc: "bbr",
+        crypto: "aes",
     },
     Kcp {
         label: "fast3, 2048-packet windows",
         mode: "fast3",
         wnd: Some(2048),
         cc: "bbr",
+        crypto: "aes",
     },
 ];
 
 /// The congestion-control names `--cc` accepts (fixed needs a link rate, which a veth does not have).
 pub const CCS: [&str; 2] = ["bbr", "off"];
+
+/// The packet protections `--crypto` accepts: kcp-go's `aes` (upstream's wire) and paqet-dp's `noise`.
+pub const CRYPTOS: [&str; 2] = ["aes", "noise"];
+
+/// Fixed noise keys of the bench (`paqet-dp keygen` output; the bench's namespaces only).
+const NOISE_SERVER_PRIVATE: &str = "cdRfggn1x0aTbuqzmYXPuAwWdrb/+KJCNnAKWesjLYQ=";
+const NOISE_SERVER_PUBLIC: &str = "G1be7cJAM29yolG0AONk/KF7Dn8OMjIjP93Yksg0qSE=";
+const NOISE_CLIENT_PRIVATE: &str = "yOxRofI1oo3SaDNdRdyUBi4a19hYWf68TZQwNUFWW1I=";
+const NOISE_CLIENT_PUBLIC: &str = "NceY0lNxstVGKvcKh0z+O/zHdbpM8K4zxBZnV5RzPgY=";
 
 impl Kcp {
     fn with_cc(self, cc: &str) -> Kcp {
@@ -98,13 +114,42 @@ impl Kcp {
             ..self
         }
     }
-    fn name(&self, many_ccs: bool) -> String {
-        if many_ccs {
-            format!("{}, cc {}", self.label, self.cc)
-        } else {
-            self.label.to_string()
+    fn with_crypto(self, crypto: &str) -> Kcp {
+        Kcp {
+            crypto: CRYPTOS.into_iter().find(|c| *c == crypto).unwrap_or("aes"),
+            ..self
         }
     }
+    fn name(&self, many_ccs: bool, many_cryptos: bool) -> String {
+        let mut s = self.label.to_string();
+        if many_ccs {
+            s.push_str(&format!(", cc {}", self.cc));
+        }
+        if many_cryptos {
+            s.push_str(&format!(", {}", self.crypto));
+        }
+        s
+    }
+}
+
+/// `cfg` (one of [`server_toml`] / [`client_toml`]) with the protection of `k`: for `noise`, the
+/// `block = "aes"` and key lines become `block = "noise"` and a `[transport.noise]` table is added.
+fn with_crypto(cfg: String, k: Kcp, server: bool) -> String {
+    if k.crypto != "noise" {
+        return cfg;
+    }
+    let section = if server {
+        format!("private_key = \"{NOISE_SERVER_PRIVATE}\"\nclient_public_keys = [\"{NOISE_CLIENT_PUBLIC}\"]\n")
+    } else {
+        format!("private_key = \"{NOISE_CLIENT_PRIVATE}\"\nserver_public_key = \"{NOISE_SERVER_PUBLIC}\"\n")
+    };
+    format!(
+        "{}\n[transport.noise]\n{section}",
+        cfg.replace(
+            &format!("block = \"aes\"\nkey = \"{KEY}\"\n"),
+            "block = \"noise\"\n"
+        )
+    )
 }
 
 /// How the client side reaches a target on the server side.
@@ -463,11 +508,19 @@ fn kcp_lines(k: Kcp, server: bool) -> String {
 }
 
 fn server_config(dev: &str, ip_s: Ipv4Addr, k: Kcp, guard: bool) -> String {
-    server_toml(dev, ip_s, MAC_C, &kcp_lines(k, true), guard)
+    with_crypto(
+        server_toml(dev, ip_s, MAC_C, &kcp_lines(k, true), guard),
+        k,
+        true,
+    )
 }
 
 fn client_config(dev: &str, ip_c: Ipv4Addr, ip_s: Ipv4Addr, k: Kcp, guard: bool) -> String {
-    client_toml(dev, ip_c, ip_s, MAC_S, &kcp_lines(k, false), guard)
+    with_crypto(
+        client_toml(dev, ip_c, ip_s, MAC_S, &kcp_lines(k, false), guard),
+        k,
+        false,
+    )
 }
 
 /// The bench's server configuration on interface `dev` with address `ip_s`, sending to `router_mac`;
@@ -910,7 +963,7 @@ struct Pair {
 
 impl Pair {
     fn start(topo: &Topo, opts: &Opts, dir: &TempDir, mode: &str, k: Kcp) -> Result<Self> {
-        let tag = format!("{mode}-{}-{}", k.mode, k.cc);
+        let tag = format!("{mode}-{}-{}-{}", k.mode, k.cc, k.crypto);
         let cpus = daemon_cpus(opts);
         // `pcap-upstream-rules` is the pcap data path with only upstream's three host rules (see `stack_drop`).
         let mode = if mode == UPSTREAM_RULES { "pcap" } else { mode };
@@ -1118,9 +1171,14 @@ pub fn run(opts: &Opts) -> Result<String> {
     let mut md = String::new();
     md.push_str(&format!(
         "## Tunnel benches\n\nOne veth pair between two namespaces; bulk = one TCP stream downloading from the server side for {} s \
-         (after 1 s warm-up); cipher aes; guard {}; RLIMIT_NOFILE {nofile}. CPU % is utime+stime of each daemon process \
+         (after 1 s warm-up); cipher {}; guard {}; RLIMIT_NOFILE {nofile}. CPU % is utime+stime of each daemon process \
          (for plain TCP: the reading and writing threads); CPU/MB counts both sides. Daemons: {}.\n\n",
         opts.secs,
+        if opts.cryptos.iter().any(|c| c == "noise") {
+            "aes (kcp-go) and noise (paqet-dp's authenticated wire) side by side; the idle-stream (RSS) runs use aes"
+        } else {
+            "aes"
+        },
         if opts.guard { "on" } else { "off (upstream's exact wire)" },
         match daemon_cpus(opts) {
             Some((s, c)) => format!(
@@ -1168,13 +1226,18 @@ pub fn run(opts: &Opts) -> Result<String> {
     for (mi, mode) in opts.modes.iter().enumerate() {
         topo.stack_drop(mode != UPSTREAM_RULES)?;
         let many = opts.ccs.len() > 1;
-        for (k, first_cc) in opts
-            .ccs
-            .iter()
-            .enumerate()
-            .flat_map(|(i, cc)| CONFIGS.map(|k| (k.with_cc(cc), i == 0)))
-        {
-            let label = format!("{mode} / {}", k.name(many));
+        let many_cryptos = opts.cryptos.len() > 1;
+        let cryptos = if opts.cryptos.is_empty() {
+            vec!["aes".to_string()]
+        } else {
+            opts.cryptos.clone()
+        };
+        for (k, first_cc) in opts.ccs.iter().enumerate().flat_map(|(i, cc)| {
+            cryptos.iter().enumerate().flat_map(move |(j, crypto)| {
+                CONFIGS.map(|k| (k.with_cc(cc).with_crypto(crypto), i == 0 && j == 0))
+            })
+        }) {
+            let label = format!("{mode} / {}", k.name(many, many_cryptos));
             eprintln!("bench: {label}");
             // Plain TCP right before, with no daemon running (an attached XDP program changes how the veth
             // carries plain TCP too), so each ratio compares figures taken under the same machine load.
@@ -1524,6 +1587,32 @@ mod tests {
         );
         assert_eq!(metric(t, "paqet_packets_total", ""), Some(22.0));
         assert_eq!(metric(t, "paqet_guard_drops_total", ""), None);
+    }
+
+    #[test]
+    fn noise_configs_replace_the_key_with_noise_keys() {
+        let ip = Ipv4Addr::new(10, 0, 0, 2);
+        let k = CONFIGS[1].with_crypto("noise");
+        let s = server_config("v0", ip, k, false);
+        assert!(
+            s.contains("block = \"noise\"\n") && !s.contains("\nkey = "),
+            "{s}"
+        );
+        assert!(
+            s.contains(&format!("client_public_keys = [\"{NOISE_CLIENT_PUBLIC}\"]")),
+            "{s}"
+        );
+        let c = client_config("v1", Ipv4Addr::new(10, 0, 0, 1), ip, k, false);
+        assert!(
+            c.contains(&format!("server_public_key = \"{NOISE_SERVER_PUBLIC}\"")),
+            "{c}"
+        );
+        assert_eq!(k.name(false, true), "fast3, 2048-packet windows, noise");
+        // aes stays byte for byte the old config
+        assert_eq!(
+            server_config("v0", ip, CONFIGS[1].with_crypto("aes"), false),
+            server_toml("v0", ip, MAC_C, &kcp_lines(CONFIGS[1], true), false)
+        );
     }
 
     #[test]

@@ -416,10 +416,18 @@ impl Ctx<'_> {
             drain_secs: self.int("transport.rotate.drain", r.drain) as u32,
         };
         let k = transport.kcp.clone().unwrap_or_default();
+        let kcp = self.kcp(&k, transport.kcp.is_some());
+        let noise = self.noise(
+            transport.noise.as_ref(),
+            &kcp.block,
+            k.key.as_ref().is_some_and(|s| !s.is_empty()),
+            i64::from(kcp.mtu),
+        );
         TransportConfig {
             conn: conn as u32,
             rotate,
-            kcp: self.kcp(&k, transport.kcp.is_some()),
+            kcp,
+            noise,
         }
     }
 
@@ -572,7 +580,9 @@ impl Ctx<'_> {
         let key = k.key.clone().unwrap_or_default();
         if key.is_empty() && present {
             let keyless_block = block == "none" || block == "null";
-            if !keyless_block {
+            if block == "noise" {
+                // The [transport.noise] keys authenticate; the guard is keyed by the server's public key.
+            } else if !keyless_block {
                 self.is.error(
                     "transport.kcp.key",
                     None,
@@ -1052,6 +1062,7 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
                 replay_filter: Some(k.replay_filter.clone()),
                 replay_horizon: Some(i64::from(k.replay_horizon)),
             }),
+            noise: c.transport.noise.as_ref().map(super::noise::to_raw),
         }),
         metrics: c.metrics_listen.as_ref().map(|m| RawMetrics {
             listen: Some(m.to_string()),

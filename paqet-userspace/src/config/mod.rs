@@ -8,6 +8,7 @@
 
 mod build;
 mod keys;
+mod noise;
 pub mod raw;
 mod read;
 mod schema;
@@ -20,6 +21,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use keys::{key_info, render_keys, schema, Allowed, Def, KeyInfo, KeyType, Scope, PORT_RANGE};
+pub use noise::{NoiseConfig, NoiseKeyError, NoiseKeys, SecretSource, NOISE_MIN_MTU};
 pub use types::{
     CpuPin, ForwardProtocol, HostPort, IoBackend, KcpMode, LogLevel, MacAddr, Role, BLOCK_MODES,
     TCP_FLAG_LETTERS,
@@ -382,6 +384,8 @@ pub struct TransportConfig {
     pub rotate: RotateConfig,
     /// KCP/smux settings.
     pub kcp: KcpConfig,
+    /// `[transport.noise]`: set exactly when `transport.kcp.block = "noise"`.
+    pub noise: Option<NoiseConfig>,
 }
 
 /// `transport.rotate.*`: client session rotation (off when both triggers are 0).
@@ -565,6 +569,22 @@ impl Config {
                 acknodelay: k.acknodelay,
             },
         }
+    }
+
+    /// Whether the authenticated noise wire replaces kcp-go's crypto (`transport.kcp.block = "noise"`).
+    pub fn is_noise(&self) -> bool {
+        self.transport.noise.is_some()
+    }
+
+    /// Whether the config file itself holds a secret (`transport.kcp.key`, or an inline
+    /// `transport.noise.private_key` / `psk`): such a file must not be readable by group or others.
+    pub fn holds_inline_secret(&self) -> bool {
+        !self.key().is_empty()
+            || self
+                .transport
+                .noise
+                .as_ref()
+                .is_some_and(NoiseConfig::holds_inline_secret)
     }
 
     /// Whether this is a client.

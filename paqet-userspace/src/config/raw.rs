@@ -172,6 +172,22 @@ pub struct RawTransport {
     pub rotate: Option<RawRotate>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kcp: Option<RawKcp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub noise: Option<RawNoise>,
+}
+
+/// `[transport.noise]` (paqet-dp's authenticated wire, `block = "noise"`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawNoise {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_public_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_public_keys: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psk: Option<String>,
 }
 
 /// `[transport.rotate]` (paqet-dp: client session rotation).

@@ -22,7 +22,10 @@ pub(crate) struct Issues {
 
 /// Whether a key path holds a secret (`transport.kcp.key`, any `password`): its value is never echoed.
 pub(crate) fn is_secret_key(path: &str) -> bool {
-    path == "transport.kcp.key" || path.ends_with(".password")
+    path == "transport.kcp.key"
+        || path == "transport.noise.private_key"
+        || path == "transport.noise.psk"
+        || path.ends_with(".password")
 }
 
 /// The value to show in a message: secrets become `<redacted>`.

@@ -1287,6 +1287,15 @@ fn every_word_list_in_the_table_is_what_validation_accepts() {
             if key.path == "transport.kcp.cc" && *w == "fixed" {
                 line.push_str("\ntransport.kcp.bandwidth = \"10mbit\"");
             }
+            if key.path == "transport.kcp.block" && *w == "noise" {
+                // The noise wire needs its own keys (config/noise.rs tests it); the word itself is accepted.
+                let errors = toml_errors(&dotted_client(&line));
+                assert!(
+                    !errors.iter().any(|e| e.starts_with("transport.kcp.block")),
+                    "{errors:?}"
+                );
+                continue;
+            }
             if let Err(e) = Config::from_toml_str(&dotted_client(&line)) {
                 panic!("{line} rejected: {e}");
             }

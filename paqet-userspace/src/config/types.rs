@@ -292,6 +292,7 @@ pub const BLOCK_MODES: &[&str] = &[
     "sm4",
     "none",
     "null",
+    "noise",
 ];
 
 /// TCP flag letters accepted in `network.tcp.*_flag` entries.

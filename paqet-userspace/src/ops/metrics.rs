@@ -374,6 +374,8 @@ pub struct WorkerSnapshot {
     pub srtt_seconds: Vec<f64>,
     /// Congestion-control figures of the worker's sessions (`paqet_cc_*`).
     pub cc: CcSnapshot,
+    /// The noise wire's drops (`paqet_crypto_failures_total{reason="noise_…"}`).
+    pub noise: crate::worker::noise::NoiseStats,
 }
 
 impl WorkerSnapshot {
@@ -409,6 +411,7 @@ impl WorkerSnapshot {
             rx_cross_worker: d.rx_cross_worker,
             rx_handoff_drops: d.rx_handoff_drops,
             cc: d.cc.clone(),
+            noise: d.noise,
             ..WorkerSnapshot::default()
         }
     }
@@ -721,7 +724,7 @@ impl Metrics {
         );
         r.register(
             "crypto_failures",
-            "Datagrams failing decryption, by reason (integrity, truncated)",
+            "Datagrams failing decryption, by reason (integrity, truncated; noise_<drop reason> with block = noise)",
             m.crypto.clone(),
         );
         r.register(
@@ -956,6 +959,7 @@ impl Metrics {
             }
             t.pcap_ps_drop += w.pcap_ps_drop;
             t.pcap_ps_ifdrop += w.pcap_ps_ifdrop;
+            t.noise.add(&w.noise);
             srtt.extend(w.srtt_seconds.iter().copied().filter(|v| v.is_finite()));
         }
         self.update_cc(s);
@@ -1018,6 +1022,10 @@ impl Metrics {
         self.srtt.get_or_create(&l1("stat", "max")).set(max);
         set_c(&self.crypto, &l1("reason", "integrity"), t.crypto_integrity);
         set_c(&self.crypto, &l1("reason", "truncated"), t.crypto_truncated);
+        // The noise wire's drops, by `DropReason` label (series appear with the first drop).
+        for (label, n) in t.noise.nonzero_drops() {
+            set_c(&self.crypto, &l1("reason", &format!("noise_{label}")), n);
+        }
         set_c(
             &self.envelope,
             &l1("reason", "malformed"),

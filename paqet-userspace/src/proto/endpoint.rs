@@ -628,6 +628,11 @@ impl<T> Endpoint<T> {
         self.by_peer.contains_key(&(link, port, peer))
     }
 
+    /// The session using local port `port` on link `link` towards `peer`, if any.
+    pub fn session_on(&self, link: u64, port: u16, peer: SocketAddr) -> Option<SessionId> {
+        self.by_peer.get(&(link, port, peer)).copied()
+    }
+
     /// True if any session has `peer` as its peer.
     pub fn serves_peer(&self, peer: SocketAddr) -> bool {
         self.by_peer.keys().any(|(_, _, p)| *p == peer)

@@ -713,20 +713,35 @@ pub enum Outcome {
     Drop(DropReason),
 }
 
+/// One allowed client key: the newest initiation timestamp and its sessions, one per source address the
+/// handshakes came from (a client may run several connections, each from its own port, with one key).
+#[derive(Default)]
 struct Peer {
     newest_ts: Option<u64>,
+    sessions: HashMap<SocketAddr, Slots>,
+    addr: Option<SocketAddr>,
+}
+
+/// The keys of one session (one client connection).
+#[derive(Default)]
+struct Slots {
     /// Sealing keys (confirmed by the client).
     current: Option<Keys>,
     /// Replaced keys, opening in-flight datagrams during the grace period.
     previous: Option<Keys>,
     /// Keys from the latest handshake, not yet used by the client.
     next: Option<Keys>,
-    addr: Option<SocketAddr>,
 }
 
-impl Peer {
+impl Slots {
     fn slots(&mut self) -> [&mut Option<Keys>; 3] {
         [&mut self.next, &mut self.current, &mut self.previous]
+    }
+    fn can_seal(&self) -> bool {
+        self.current.is_some() || self.next.is_some()
+    }
+    fn is_empty(&self) -> bool {
+        self.current.is_none() && self.next.is_none() && self.previous.is_none()
     }
 }
 
@@ -741,7 +756,8 @@ pub struct NoiseResponder {
     mac1_key: [u8; 32],
     cookie_key: [u8; 32],
     peers: HashMap<PublicKey, Peer>,
-    index: HashMap<u32, PublicKey>,
+    /// Receiver index → (client key, source address of the handshake that made the keys).
+    index: HashMap<u32, (PublicKey, SocketAddr)>,
     sources: HashMap<IpAddr, Bucket>,
     global: Option<Bucket>,
     secret: [u8; 32],
@@ -762,22 +778,7 @@ impl NoiseResponder {
     /// Builds a responder.
     pub fn new(cfg: ResponderConfig) -> Self {
         let public = cfg.private.public_key();
-        let peers = cfg
-            .allowed
-            .iter()
-            .map(|k| {
-                (
-                    *k,
-                    Peer {
-                        newest_ts: None,
-                        current: None,
-                        previous: None,
-                        next: None,
-                        addr: None,
-                    },
-                )
-            })
-            .collect();
+        let peers = cfg.allowed.iter().map(|k| (*k, Peer::default())).collect();
         NoiseResponder {
             mac1_key: mac1_key(&public, cfg.psk.as_ref()),
             cookie_key: cookie_key(&public),
@@ -806,11 +807,19 @@ impl NoiseResponder {
         self.peers.get(peer).and_then(|p| p.addr)
     }
 
-    /// Whether `peer` has keys that can seal.
+    /// Whether `peer` has keys that can seal (for any of its connections).
     pub fn has_session(&self, peer: &PublicKey) -> bool {
         self.peers
             .get(peer)
-            .is_some_and(|p| p.current.is_some() || p.next.is_some())
+            .is_some_and(|p| p.sessions.values().any(Slots::can_seal))
+    }
+
+    /// Whether the connection of `peer` whose handshake came from `addr` has keys that can seal.
+    pub fn has_session_at(&self, peer: &PublicKey, addr: SocketAddr) -> bool {
+        self.peers
+            .get(peer)
+            .and_then(|p| p.sessions.get(&addr))
+            .is_some_and(Slots::can_seal)
     }
 
     fn cookie_for(&mut self, now: u64, src: &SocketAddr) -> [u8; 16] {
@@ -931,10 +940,10 @@ impl NoiseResponder {
         let peer = self.peers.get_mut(&client).expect("checked above");
         peer.newest_ts = Some(ts);
         peer.addr = Some(src);
-        if let Some(old) = peer.next.replace(keys) {
+        if let Some(old) = peer.sessions.entry(src).or_default().next.replace(keys) {
             self.index.remove(&old.local);
         }
-        self.index.insert(local, client);
+        self.index.insert(local, (client, src));
         Ok(Outcome::Handshake { peer: client })
     }
 
@@ -991,7 +1000,7 @@ impl NoiseResponder {
         m: &w::Transport<'_>,
         out: &mut Vec<u8>,
     ) -> Result<Outcome, DropReason> {
-        let client = *self
+        let (client, hs_addr) = *self
             .index
             .get(&m.receiver)
             .ok_or(DropReason::UnknownIndex)?;
@@ -1000,8 +1009,13 @@ impl NoiseResponder {
             .peers
             .get_mut(&client)
             .ok_or(DropReason::UnknownIndex)?;
+        peer.addr = Some(src);
+        let slots = peer
+            .sessions
+            .get_mut(&hs_addr)
+            .ok_or(DropReason::UnknownIndex)?;
         let mut which = None;
-        for (i, slot) in peer.slots().into_iter().enumerate() {
+        for (i, slot) in slots.slots().into_iter().enumerate() {
             if let Some(k) = slot.as_mut().filter(|k| k.local == m.receiver) {
                 k.open(now, &t, m, out)?;
                 which = Some(i);
@@ -1012,17 +1026,16 @@ impl NoiseResponder {
             None => return Err(DropReason::UnknownIndex),
             Some(0) => {
                 // First use of the newest keys: they become the sealing keys, the old ones stay for the grace.
-                let new = peer.next.take().expect("slot 0 is next");
-                if let Some(mut cur) = peer.current.replace(new) {
+                let new = slots.next.take().expect("slot 0 is next");
+                if let Some(mut cur) = slots.current.replace(new) {
                     cur.retired = Some(now);
-                    if let Some(old) = peer.previous.replace(cur) {
+                    if let Some(old) = slots.previous.replace(cur) {
                         self.index.remove(&old.local);
                     }
                 }
             }
             Some(_) => {}
         }
-        peer.addr = Some(src);
         Ok(if out.is_empty() {
             Outcome::Keepalive { peer: client }
         } else {
@@ -1030,7 +1043,8 @@ impl NoiseResponder {
         })
     }
 
-    /// Seals one datagram to `peer` into `out` (send it to [`peer_addr`](Self::peer_addr)).
+    /// Seals one datagram to `peer` into `out` (send it to [`peer_addr`](Self::peer_addr)), under the keys
+    /// of its connection from [`peer_addr`](Self::peer_addr).
     pub fn seal(
         &mut self,
         now: u64,
@@ -1038,8 +1052,25 @@ impl NoiseResponder {
         datagram: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), SealError> {
+        let addr = self.peer_addr(peer).ok_or(SealError::NoSession)?;
+        self.seal_to(now, peer, addr, datagram, out)
+    }
+
+    /// Seals one datagram into `out` for the connection of `peer` whose handshake came from `addr`.
+    pub fn seal_to(
+        &mut self,
+        now: u64,
+        peer: &PublicKey,
+        addr: SocketAddr,
+        datagram: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), SealError> {
         let t = &self.timers;
-        let p = self.peers.get_mut(peer).ok_or(SealError::NoSession)?;
+        let p = self
+            .peers
+            .get_mut(peer)
+            .and_then(|p| p.sessions.get_mut(&addr))
+            .ok_or(SealError::NoSession)?;
         let keys = match (&mut p.current, &mut p.next) {
             (Some(c), _) => c,
             (None, Some(n)) => n,
@@ -1051,17 +1082,31 @@ impl NoiseResponder {
     /// Housekeeping (call every second or so): forgets expired keys and idle rate-limit entries.
     /// Returns the peers that lost their last keys (their sessions are over).
     pub fn expire(&mut self, now: u64) -> Vec<PublicKey> {
+        self.expire_sessions(now).0
+    }
+
+    /// [`expire`](Self::expire), also returning each connection (client key, handshake source) that lost
+    /// its last keys.
+    pub fn expire_sessions(&mut self, now: u64) -> (Vec<PublicKey>, Vec<(PublicKey, SocketAddr)>) {
         let mut gone = Vec::new();
+        let mut gone_sessions = Vec::new();
         for (k, p) in self.peers.iter_mut() {
-            let had = p.current.is_some() || p.next.is_some() || p.previous.is_some();
-            for slot in p.slots() {
-                if slot.as_ref().is_some_and(|x| x.expired(now, &self.timers)) {
-                    if let Some(x) = slot.take() {
-                        self.index.remove(&x.local);
+            let had = !p.sessions.is_empty();
+            p.sessions.retain(|addr, s| {
+                for slot in s.slots() {
+                    if slot.as_ref().is_some_and(|x| x.expired(now, &self.timers)) {
+                        if let Some(x) = slot.take() {
+                            self.index.remove(&x.local);
+                        }
                     }
                 }
-            }
-            if had && p.current.is_none() && p.next.is_none() && p.previous.is_none() {
+                let keep = !s.is_empty();
+                if !keep {
+                    gone_sessions.push((*k, *addr));
+                }
+                keep
+            });
+            if had && p.sessions.is_empty() {
                 gone.push(*k);
             }
         }
@@ -1070,7 +1115,7 @@ impl NoiseResponder {
             b.refill(now, per, burst);
             b.milli < u64::from(burst) * 1000
         });
-        gone
+        (gone, gone_sessions)
     }
 }
 

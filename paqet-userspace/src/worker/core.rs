@@ -48,6 +48,9 @@ pub type Shared = Rc<RefCell<Core>>;
 /// Longest the driver sleeps without a deadline (keeps the clock moving for keepalives).
 const MAX_IDLE_WAIT: Duration = Duration::from_millis(1000);
 
+/// Longest the driver sleeps with the noise wire (handshake retries, cookie replies, key expiry).
+const NOISE_TICK_MS: u32 = 250;
+
 /// How often the driver gathers the sessions' congestion-control figures into [`DaemonStats::cc`] (the
 /// metrics publishing interval).
 pub const CC_REFRESH_MS: u32 = crate::ops::hub::PUBLISH_INTERVAL_MS as u32;
@@ -94,6 +97,8 @@ pub struct DaemonStats {
     /// Congestion-control figures of the live sessions (plus cumulative counters of the gone ones), as
     /// of the driver's last [`Core::refresh_cc`] (at most [`CC_REFRESH_MS`] old while the worker runs).
     pub cc: CcSnapshot,
+    /// The noise wire's counters (zero without it).
+    pub noise: super::noise::NoiseStats,
 }
 
 /// Wakers of one stream's reader and writer.
@@ -188,6 +193,8 @@ pub struct Core {
     cc_retired: CcRetired,
     /// Sessions that became window-limited, by [`WINDOW_LIMITED_BY`](crate::ops::metrics::WINDOW_LIMITED_BY).
     cc_window_limited_total: [u64; 2],
+    /// The authenticated noise wire (`transport.kcp.block = "noise"`); `None`: kcp-go's crypto.
+    pub(crate) noise: Option<super::noise::NoiseWire>,
 }
 
 /// Cumulative [`CcStats`] counters of the sessions a worker dropped (keeps the exported counters
@@ -258,12 +265,18 @@ impl Core {
             .guard
             .as_ref()
             .map(|(g, key)| Guard::new(g.clone(), key));
+        // With the noise wire, the guard prefix is checked (and stripped) before the noise layer; the
+        // endpoint then sees bare KCP bodies.
+        let noise = cfg
+            .noise
+            .clone()
+            .map(|n| super::noise::NoiseWire::new(n, guard.clone()));
         let endpoint = Endpoint::new(EndpointConfig {
             role: cfg.role,
             session: cfg.session.clone(),
             server_addr: cfg.server_addr,
             limits: cfg.limits,
-            guard: guard.clone(),
+            guard: if noise.is_some() { None } else { guard.clone() },
             replay: cfg.replay.clone(),
         })?;
         let conn = cfg.conn.max(1);
@@ -288,6 +301,7 @@ impl Core {
             cc_refreshed: None,
             cc_retired: CcRetired::default(),
             cc_window_limited_total: [0; 2],
+            noise,
         })))
     }
 
@@ -310,7 +324,8 @@ impl Core {
         DaemonStats {
             rx_frames: io.rx_frames,
             rx_bad_envelope: io.rx_bad_envelope,
-            rx_guard_drops: ep.rx_guard_drops,
+            rx_guard_drops: ep.rx_guard_drops
+                + self.noise.as_ref().map_or(0, |n| n.stats.guard_drops),
             rx_foreign: ep.rx_foreign,
             rx_no_session: ep.rx_no_session,
             rx_crypto_failures: ep.rx_crypto_failures,
@@ -329,7 +344,13 @@ impl Core {
             rx_handoff_drops: io.rx_handoff_drops,
             rx_handed_in: io.rx_handed_in,
             cc: self.cc.clone(),
+            noise: self.noise.as_ref().map(|n| n.stats).unwrap_or_default(),
         }
+    }
+
+    /// The noise wire's clock: monotonic ms since the worker started (does not wrap like [`Core::now`]).
+    fn noise_now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
     }
 
     /// The session table (the endpoint's).
@@ -523,7 +544,11 @@ impl Core {
         let id = self
             .endpoint
             .connect(now, link, local_port, server, conv, io)?;
+        if let Some(n) = self.noise.as_mut() {
+            n.session_added(id);
+        }
         self.session_added(id, now);
+        self.noise_tick();
         Ok(id)
     }
 
@@ -599,6 +624,9 @@ impl Core {
             io: mut sio,
             ..
         } = closed;
+        if let Some(n) = self.noise.as_mut() {
+            n.session_gone(id);
+        }
         let cc = session.cc_stats();
         let r = &mut self.cc_retired;
         r.bytes_sent = r.bytes_sent.saturating_add(cc.bytes_sent);
@@ -637,8 +665,11 @@ impl Core {
             tx_guard: guard,
             counters,
             cfg,
+            noise,
+            start,
             ..
         } = self;
+        let noise_now = start.elapsed().as_millis() as u64;
         let Some(e) = endpoint.get_mut(id) else {
             return;
         };
@@ -670,6 +701,13 @@ impl Core {
                 };
                 let mut sent = false;
                 session.poll_transmit(now, &mut |dgram: &[u8]| {
+                    let dgram = match noise.as_mut() {
+                        None => dgram,
+                        Some(n) => match n.seal(noise_now, id, dgram) {
+                            Some(sealed) => sealed,
+                            None => return,
+                        },
+                    };
                     let f = flags.next();
                     let hl = env.header_len(f);
                     let total = hl + glen + dgram.len();
@@ -803,6 +841,7 @@ impl Core {
 
     /// Flushes every dirty session and every session whose deadline passed.
     pub(crate) fn service(&mut self) {
+        self.noise_tick();
         let now = self.now();
         let unix_secs = unix_now().as_secs();
         if self
@@ -833,6 +872,9 @@ impl Core {
         }
         let now = self.now();
         let mut wait = MAX_IDLE_WAIT.as_millis() as u32;
+        if self.noise.is_some() {
+            wait = wait.min(NOISE_TICK_MS);
+        }
         for e in self.endpoint.sessions().values() {
             let d = e.io.deadline.wrapping_sub(now) as i32;
             wait = wait.min(d.max(1) as u32);
@@ -949,6 +991,23 @@ impl Core {
             }
         }
         let payload = &mut frame[off..off + len];
+        if self.noise.is_some() {
+            self.noise_rx(link_id, dst, src, payload, now, unix_secs);
+            return;
+        }
+        self.deliver(link_id, dst, src, payload, now, unix_secs);
+    }
+
+    /// Hands one (decrypted, for the noise wire) datagram to the endpoint and acts on its decision.
+    fn deliver(
+        &mut self,
+        link_id: u64,
+        dst: SocketAddr,
+        src: SocketAddr,
+        payload: &mut [u8],
+        now: u32,
+        unix_secs: u64,
+    ) -> Option<u64> {
         match self
             .endpoint
             .handle_at(now, unix_secs, link_id, dst, src, payload)
@@ -958,13 +1017,184 @@ impl Core {
                     self.client.session_alive(id);
                 }
                 self.mark_dirty(id);
+                Some(id)
             }
-            DatagramEvent::Opened(id) => self.session_added(id, now),
-            DatagramEvent::Closed(closed) => self.session_closed(*closed),
+            DatagramEvent::Opened(id) => {
+                self.session_added(id, now);
+                Some(id)
+            }
+            DatagramEvent::Closed(closed) => {
+                self.session_closed(*closed);
+                None
+            }
             DatagramEvent::Dropped(DropReason::SessionLimit) => {
                 super::limits::log_refusal(LimitKey::MaxSessions, &self.cfg, Some(src));
+                None
             }
-            DatagramEvent::Dropped(_) => {}
+            DatagramEvent::Dropped(_) => None,
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // The noise wire (`worker::noise`)
+    // ------------------------------------------------------------------------------------------------
+
+    /// A payload of the noise wire: handshake messages are answered, transport messages opened and
+    /// delivered to the endpoint like kcp-go-decrypted datagrams.
+    fn noise_rx(
+        &mut self,
+        link_id: u64,
+        dst: SocketAddr,
+        src: SocketAddr,
+        payload: &[u8],
+        now: u32,
+        unix_secs: u64,
+    ) {
+        use super::noise::Rx;
+        let noise_now = self.noise_now();
+        // The session of this source (client: the one the server's datagram is for).
+        let known = self.endpoint.session_on(link_id, dst.port(), src);
+        let session = match self.cfg.role {
+            Role::Server => None,
+            Role::Client => known,
+        };
+        let Some(n) = self.noise.as_mut() else {
+            return;
+        };
+        let at = Addressing {
+            src,
+            dst,
+            to_server: self.cfg.role == Role::Server,
+        };
+        match n.rx(noise_now, unix_secs, &at, session, payload) {
+            Rx::Nothing => {}
+            Rx::Reply => {
+                let bytes = std::mem::take(&mut n.buf);
+                self.send_raw(link_id, None, src, &bytes, unix_secs);
+                if let Some(n) = self.noise.as_mut() {
+                    n.buf = bytes;
+                }
+            }
+            Rx::Established(id) => {
+                let bytes = std::mem::take(&mut n.buf);
+                self.send_raw(link_id, Some(id), src, &bytes, unix_secs);
+                if let Some(n) = self.noise.as_mut() {
+                    n.buf = bytes;
+                }
+                self.mark_dirty(id);
+            }
+            Rx::Deliver => {
+                let mut body = std::mem::take(&mut n.buf);
+                // Server: a datagram of one client key never reaches a session bound to another key.
+                let allowed = match (self.cfg.role, known) {
+                    (Role::Server, Some(id)) => {
+                        self.noise.as_mut().is_some_and(|n| n.may_deliver_to(id))
+                    }
+                    _ => true,
+                };
+                if allowed {
+                    if let Some(id) = self.deliver(link_id, dst, src, &mut body, now, unix_secs) {
+                        if let Some(n) = self.noise.as_mut() {
+                            n.bind(id);
+                        }
+                    }
+                }
+                if let Some(n) = self.noise.as_mut() {
+                    n.buf = body;
+                }
+            }
+        }
+    }
+
+    /// The noise wire's timers: sends due initiations (client), closes sessions whose keys are gone
+    /// (server).
+    fn noise_tick(&mut self) {
+        let noise_now = self.noise_now();
+        let unix = unix_now();
+        let server = self.cfg.server_addr;
+        let Some(n) = self.noise.as_mut() else {
+            return;
+        };
+        let (sends, dead) = n.tick(noise_now, unix.as_millis() as u64, server);
+        for (id, bytes) in sends {
+            let Some((link, peer)) = self.endpoint.get(id).map(|e| (e.link(), e.peer())) else {
+                continue;
+            };
+            self.send_raw(link, Some(id), peer, &bytes, unix.as_secs());
+        }
+        for id in dead {
+            self.kill_session(id, "noise keys expired");
+        }
+    }
+
+    /// Sends one message outside any session's flush (a handshake message) on `link_id` to `peer`, with
+    /// the session's own envelope when it has one (client sessions of an XDP worker).
+    fn send_raw(
+        &mut self,
+        link_id: u64,
+        session: Option<u64>,
+        peer: SocketAddr,
+        bytes: &[u8],
+        unix_secs: u64,
+    ) {
+        let Core {
+            endpoint,
+            links,
+            peer_flags,
+            local_flags,
+            tx_guard: guard,
+            counters,
+            cfg,
+            ..
+        } = self;
+        let Some(link) = links.get_mut(&link_id) else {
+            return;
+        };
+        let flags = match cfg.role {
+            Role::Server => peer_flags.get(&peer).unwrap_or(local_flags),
+            Role::Client => &*local_flags,
+        };
+        let Link { io, env4, env6, .. } = link;
+        let own = session
+            .and_then(|id| endpoint.get_mut(id))
+            .and_then(|e| e.io.env.as_mut());
+        let env = match own {
+            Some(own) => Some(own),
+            None if peer.is_ipv4() => env4.as_mut(),
+            None => env6.as_mut(),
+        };
+        let Some(env) = env else {
+            return;
+        };
+        if env.destination() != peer {
+            let _ = env.set_destination(peer);
+        }
+        let glen = guard.as_ref().map_or(0, Guard::prefix_len);
+        let at = Addressing {
+            src: env.source(),
+            dst: peer,
+            to_server: cfg.role == Role::Client,
+        };
+        let f = flags.next();
+        let hl = env.header_len(f);
+        let total = hl + glen + bytes.len();
+        let r = io.send_with(total, &mut |buf: &mut [u8]| {
+            if let Some(g) = guard.as_mut() {
+                g.write_prefix(unix_secs, &at, bytes, &mut buf[hl..hl + glen]);
+            }
+            buf[hl + glen..total].copy_from_slice(bytes);
+            env.emit(f, glen + bytes.len(), &mut buf[..total])
+                .unwrap_or(0)
+        });
+        match r {
+            Ok(()) => counters.tx_datagrams += 1,
+            Err(err) => {
+                counters.tx_errors += 1;
+                trace!(%peer, error = %err, "frame injection failed");
+            }
+        }
+        if let Err(err) = io.flush() {
+            trace!(%peer, error = %err, "flush of injected frames failed");
         }
     }
 }
@@ -1085,6 +1315,7 @@ mod cc_tests {
             rotate: Default::default(),
             targets: Default::default(),
             replay: None,
+            noise: None,
         })
         .expect("core")
     }

@@ -24,6 +24,7 @@ pub mod client;
 pub mod core;
 pub mod daemon;
 mod limits;
+pub mod noise;
 pub mod server;
 pub mod setup;
 pub mod stream;
@@ -91,6 +92,9 @@ pub struct WorkerConfig {
     /// Server: the replay filter shared by the daemon's workers (`None`: each endpoint keeps its own, in
     /// memory).
     pub replay: Option<std::sync::Arc<dyn crate::proto::replay::ReplayGate>>,
+    /// The authenticated noise wire (`transport.kcp.block = "noise"`); `None`: kcp-go's crypto, upstream's
+    /// wire.
+    pub noise: Option<noise::NoiseWireConfig>,
 }
 
 impl WorkerConfig {

@@ -36,10 +36,21 @@ fn flags(list: &[String], key: &str) -> anyhow::Result<Vec<TcpFlags>> {
 /// The session settings (crypto, FEC, KCP preset, congestion control, window auto-tuning, smux) of `cfg`.
 pub fn session_config(cfg: &Config) -> anyhow::Result<SessionConfig> {
     let k = &cfg.transport.kcp;
-    let mode: BlockMode = k
-        .block
-        .parse()
-        .map_err(|e| anyhow!("transport.kcp.block = {:?}: {e}", k.block))?;
+    // The noise wire replaces kcp-go's crypto: the session emits and takes bare FEC/KCP bodies (`null`),
+    // and every datagram is one noise transport message of body + 29 bytes.
+    let (mode, mtu): (BlockMode, usize) = if cfg.is_noise() {
+        (
+            BlockMode::Null,
+            (k.mtu as usize).min(crate::proto::session::MAX_DATAGRAM)
+                - crate::wire::noise::TRANSPORT_OVERHEAD,
+        )
+    } else {
+        let mode = k
+            .block
+            .parse()
+            .map_err(|e| anyhow!("transport.kcp.block = {:?}: {e}", k.block))?;
+        (mode, k.mtu as usize)
+    };
     let crypto = Crypto::new(mode, &k.key).map_err(|e| anyhow!("transport.kcp.key: {e}"))?;
     let t = cfg.kcp_mode();
     let kcp = KcpConfig {
@@ -78,7 +89,7 @@ pub fn session_config(cfg: &Config) -> anyhow::Result<SessionConfig> {
         pshard: k.pshard as usize,
         kcp,
         smux,
-        mtu: k.mtu as usize,
+        mtu,
     })
 }
 
@@ -196,9 +207,13 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
                 window_secs: u64::from(k.guard_window),
                 skew: u64::from(k.guard_skew),
             },
-            k.key.clone(),
+            match guard_noise_key(cfg) {
+                Some(text) => text,
+                None => k.key.clone(),
+            },
         )
     });
+    let noise = noise_wire_config(cfg)?;
     let lim = |l: Option<u32>| l.map(|v| v as usize);
     Ok(WorkerConfig {
         role,
@@ -221,7 +236,44 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
         rotate: cfg.transport.rotate,
         targets: std::sync::Arc::new(cfg.targets.clone()),
         replay: None,
+        noise,
     })
+}
+
+/// With the noise wire, the guard prefix is keyed by the server's static public key (both ends know it;
+/// there is no `transport.kcp.key`). `None` without the noise wire.
+fn guard_noise_key(cfg: &Config) -> Option<String> {
+    let n = cfg.transport.noise.as_ref()?;
+    match cfg.role {
+        CfgRole::Client => n.server_public_key.map(|k| k.to_text()),
+        CfgRole::Server => n.keys().ok().map(|k| k.private.public_key().to_text()),
+    }
+}
+
+/// The noise wire's handshake settings (the key files are read here), `None` without it.
+fn noise_wire_config(cfg: &Config) -> anyhow::Result<Option<super::noise::NoiseWireConfig>> {
+    use crate::proto::noise::{InitiatorConfig, RateLimits, ResponderConfig, Timers};
+    let Some(n) = cfg.transport.noise.as_ref() else {
+        return Ok(None);
+    };
+    let keys = n.keys()?;
+    Ok(Some(match cfg.role {
+        CfgRole::Client => super::noise::NoiseWireConfig::Client(InitiatorConfig {
+            private: keys.private,
+            server: n
+                .server_public_key
+                .context("transport.noise.server_public_key is required on a client")?,
+            psk: keys.psk,
+            timers: Timers::default(),
+        }),
+        CfgRole::Server => super::noise::NoiseWireConfig::Server(ResponderConfig {
+            private: keys.private,
+            allowed: n.client_public_keys.clone(),
+            psk: keys.psk,
+            timers: Timers::default(),
+            rate: RateLimits::default(),
+        }),
+    }))
 }
 
 /// A factory opening the pcap backend on `iface` for a given local port.
@@ -482,8 +534,14 @@ impl Publisher {
             self.guard_watch
                 .observe(self.role, guard, authenticated, live_sessions, opened, now)
         {
+            let key = if c.config().noise.is_some() {
+                // With the noise wire the guard is keyed by the server's static public key.
+                "another server key (transport.noise.server_public_key / private_key)"
+            } else {
+                "wrong transport.kcp.key"
+            };
             warn!(
-                "datagrams from {} failed the guard check ({n} so far): wrong transport.kcp.key, \
+                "datagrams from {} failed the guard check ({n} so far): {key}, \
                  transport.kcp.guard on at one end only, another guard_format or guard_bind, or \
                  guard_bind = \"4tuple\" through a NAT?",
                 who()

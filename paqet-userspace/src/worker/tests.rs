@@ -59,6 +59,7 @@ fn cfg(role: Role, limits: Limits, guard: Option<(GuardConfig, String)>) -> Work
         rotate: Default::default(),
         targets: Default::default(),
         replay: None,
+        noise: None,
     }
 }
 

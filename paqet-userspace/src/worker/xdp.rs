@@ -897,6 +897,7 @@ mod tests {
             rotate: Default::default(),
             targets: Default::default(),
             replay: None,
+            noise: None,
         }
     }
 

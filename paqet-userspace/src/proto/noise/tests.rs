@@ -917,3 +917,77 @@ fn upstream_and_noise_ignore_each_other() {
         }
     }
 }
+
+/// Two connections of one client key (two source ports, as `transport.conn = 2` makes) keep separate
+/// keys on the server: each is sealed to and opened on its own, and one expiring leaves the other.
+#[test]
+fn one_client_key_two_connections() {
+    let (sk, sp) = keygen();
+    let (ck, cp) = keygen();
+    let mut r = NoiseResponder::new(ResponderConfig {
+        private: sk,
+        allowed: vec![cp],
+        psk: None,
+        timers: timers(),
+        rate: RateLimits::default(),
+    });
+    let icfg = InitiatorConfig {
+        private: ck,
+        server: sp,
+        psk: None,
+        timers: timers(),
+    };
+    let mut conns = [NoiseInitiator::new(icfg.clone()), NoiseInitiator::new(icfg)];
+    let addrs: [SocketAddr; 2] = [
+        "198.51.100.7:40000".parse().unwrap(),
+        "198.51.100.7:40001".parse().unwrap(),
+    ];
+    for (k, (i, a)) in conns.iter_mut().zip(addrs).enumerate() {
+        // the client gives each initiation a newer timestamp (one key, one clock)
+        let init = i.poll(0, UNIX0 + k as u64).unwrap();
+        let mut resp = Vec::new();
+        assert_eq!(
+            r.handle(0, a, &init, &mut resp),
+            Outcome::Handshake { peer: cp }
+        );
+        let mut ka = Vec::new();
+        assert_eq!(i.handle(0, &resp, &mut ka), InitiatorOutcome::Established);
+        let mut out = Vec::new();
+        assert_eq!(
+            r.handle(0, a, &ka, &mut out),
+            Outcome::Keepalive { peer: cp }
+        );
+    }
+    for (k, a) in addrs.into_iter().enumerate() {
+        assert!(r.has_session_at(&cp, a));
+        let msg = format!("to connection {k}").into_bytes();
+        let mut sealed = Vec::new();
+        r.seal_to(10, &cp, a, &msg, &mut sealed).unwrap();
+        let mut got = Vec::new();
+        assert_eq!(
+            conns[k].handle(10, &sealed, &mut got),
+            InitiatorOutcome::Data
+        );
+        assert_eq!(got, msg);
+        // the other connection cannot open it
+        assert!(matches!(
+            conns[1 - k].handle(10, &sealed, &mut got),
+            InitiatorOutcome::Drop(_)
+        ));
+        let mut up = Vec::new();
+        conns[k].seal(10, b"up", &mut up).unwrap();
+        assert_eq!(r.handle(10, a, &up, &mut got), Outcome::Data { peer: cp });
+        assert_eq!(got, b"up");
+    }
+    // connection 1 rekeys later; at 20 s connection 0's keys expire, connection 1's stay
+    let init = conns[1].initiate(15_000, UNIX0 + 15_000);
+    let mut resp = Vec::new();
+    assert_eq!(
+        r.handle(15_000, addrs[1], &init, &mut resp),
+        Outcome::Handshake { peer: cp }
+    );
+    let (gone, gone_sessions) = r.expire_sessions(20_000);
+    assert!(gone.is_empty());
+    assert_eq!(gone_sessions, vec![(cp, addrs[0])]);
+    assert!(!r.has_session_at(&cp, addrs[0]) && r.has_session_at(&cp, addrs[1]));
+}
