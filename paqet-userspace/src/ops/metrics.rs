@@ -90,6 +90,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "paqet_guard_drops_total",
     "paqet_limit_rejections_total",
     "paqet_streams_refused_total",
+    "paqet_socks5_udp_channels",
     "paqet_pcap_kernel_drops_total",
     "paqet_worker_packets_total",
     "paqet_worker_sessions",
@@ -466,6 +467,8 @@ pub struct Metrics {
     limits: CounterFamily,
     /// Server streams refused by policy, by reason (`target_denied`: `server.allow` / `server.deny`).
     streams_refused: CounterFamily,
+    /// Client: live SOCKS5 UDP ASSOCIATE datagram channels (each holds an idle timer), process-wide.
+    socks5_udp_channels: Gauge<i64, AtomicI64>,
     pcap_drops: CounterFamily,
     worker_packets: CounterFamily,
     worker_sessions: GaugeFamily,
@@ -635,6 +638,7 @@ impl Metrics {
             guard_drops: Counter::default(),
             limits: Family::default(),
             streams_refused: Family::default(),
+            socks5_udp_channels: Gauge::default(),
             pcap_drops: Family::default(),
             worker_packets: Family::default(),
             worker_sessions: Family::default(),
@@ -739,6 +743,11 @@ impl Metrics {
             "streams_refused",
             "Server streams refused by policy (reason: target_denied = server.allow / server.deny)",
             m.streams_refused.clone(),
+        );
+        r.register(
+            "socks5_udp_channels",
+            "Client: live SOCKS5 UDP ASSOCIATE datagram channels (one per client address and target, each with its idle timer)",
+            m.socks5_udp_channels.clone(),
         );
         r.register(
             "pcap_kernel_drops",
@@ -907,6 +916,9 @@ impl Metrics {
             &l1("reason", "target_denied"),
             crate::config::targets::target_refusals(),
         );
+        // Process-wide, counted by the SOCKS5 front end's reply tasks.
+        self.socks5_udp_channels
+            .set(i64::try_from(crate::front::socks5::udp_channels()).unwrap_or(i64::MAX));
         let mut t = WorkerSnapshot::default();
         let mut srtt: Vec<f64> = Vec::new();
         for w in &s.workers {
