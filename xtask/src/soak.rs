@@ -251,7 +251,7 @@ pub fn verdict(samples: &[Sample], warmup_min: f64, events: &Events) -> Vec<Chec
         for (what, unit, slope_max, growth_max, value) in [
             (
                 "VmRSS",
-                "KiB",
+                " KiB",
                 RSS_SLOPE_KIB_PER_MIN,
                 RSS_GROWTH_KIB,
                 (|p: &ProcSample| p.rss_min_kib as f64) as fn(&ProcSample) -> f64,
@@ -282,7 +282,7 @@ pub fn verdict(samples: &[Sample], warmup_min: f64, events: &Events) -> Vec<Chec
                             name,
                             pass: !fail,
                             detail: format!(
-                                "{:.0} → {:.0} {unit} over {} samples after warm-up ({grew:+.0}), slope of the last half {:+.1} {unit}/min \
+                                "{:.0} → {:.0}{unit} over {} samples after warm-up ({grew:+.0}), slope of the last half {:+.1}{unit}/min \
                                  (fails when slope > {slope_max} and growth > {growth_max})",
                                 g.first, g.last, g.samples, g.slope
                             ),
