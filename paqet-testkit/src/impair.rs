@@ -26,6 +26,10 @@
 //! joined on drop), or as the `paqet-impair` binary of this crate spawned inside M
 //! ([`ImpairedLink::with_relay_bin`], killed on drop). Both run the same [`run_relay`] with the same settings.
 //!
+//! [`ImpairedLink::set_spec`] changes the impairment while traffic flows (M's rules are replaced and the relay
+//! restarted); [`ImpairedLink::with_prefix`] names the namespaces for the benchmarks (`pqb…`, which the test
+//! script's cleanup of stale `pq<digits>…` namespaces leaves alone).
+//!
 //! Delay applies per direction, so a round trip takes at least `2 × delay_ms`. The iptables loss is
 //! drawn from the kernel's PRNG; `seed` drives the relay's jitter and duplication draws. All names
 //! include the process id; veth TX checksum offload is off on every end.
@@ -136,6 +140,10 @@ enum RelayRunner {
 /// Dropping it stops the relay and deletes the veths and namespaces.
 pub struct ImpairedLink {
     relay: Option<RelayRunner>,
+    /// The `paqet-impair` binary the relay runs as (`None`: a thread of this process).
+    relay_bin: Option<PathBuf>,
+    /// What the link does now ([`ImpairedLink::set_spec`] changes it).
+    spec: LinkSpec,
     // Field order = drop order: the veths go before their namespaces.
     _am: VethPair,
     _mb: VethPair,
@@ -154,13 +162,27 @@ pub struct ImpairedLink {
     /// M's addresses on the A side and on the B side (A's and B's gateways).
     pub m_a_ip: Ipv4Addr,
     pub m_b_ip: Ipv4Addr,
+    /// M's interfaces on the A side and on the B side.
+    pub m_a_if: String,
+    pub m_b_if: String,
 }
 
 impl ImpairedLink {
     /// Builds the link with the relay on a thread of this process inside M (no binary needed). `tag`
     /// (≤ 6 bytes) keeps namespaces and interfaces of parallel links apart.
     pub fn new(tag: &str, spec: LinkSpec) -> Result<Self, ImpairError> {
-        Self::build(tag, spec, None)
+        Self::build("pq", tag, spec, None)
+    }
+
+    /// Like [`ImpairedLink::new`] or [`ImpairedLink::with_relay_bin`] (`relay_bin` given) with namespaces
+    /// named `<prefix><pid><tag>A|M|B` (see [`Netns::with_prefix`]; the benchmarks use `pqb`).
+    pub fn with_prefix(
+        prefix: &str,
+        tag: &str,
+        spec: LinkSpec,
+        relay_bin: Option<&Path>,
+    ) -> Result<Self, ImpairError> {
+        Self::build(prefix, tag, spec, relay_bin)
     }
 
     /// Builds the link with the relay running as the `paqet-impair` binary at `relay_bin`, spawned inside M.
@@ -169,10 +191,15 @@ impl ImpairedLink {
         spec: LinkSpec,
         relay_bin: &Path,
     ) -> Result<Self, ImpairError> {
-        Self::build(tag, spec, Some(relay_bin))
+        Self::build("pq", tag, spec, Some(relay_bin))
     }
 
-    fn build(tag: &str, spec: LinkSpec, relay_bin: Option<&Path>) -> Result<Self, ImpairError> {
+    fn build(
+        prefix: &str,
+        tag: &str,
+        spec: LinkSpec,
+        relay_bin: Option<&Path>,
+    ) -> Result<Self, ImpairError> {
         spec.validate()?;
         let pid = std::process::id();
         let ifname = |end: &str| format!("{tag}{pid}{end}");
@@ -181,9 +208,12 @@ impl ImpairedLink {
                 "tag {tag:?} too long for 15-byte interface names"
             )));
         }
-        let a = Netns::new(&format!("{tag}A")).map_err(setup("create namespace A"))?;
-        let m = Netns::new(&format!("{tag}M")).map_err(setup("create namespace M"))?;
-        let b = Netns::new(&format!("{tag}B")).map_err(setup("create namespace B"))?;
+        let a =
+            Netns::with_prefix(prefix, &format!("{tag}A")).map_err(setup("create namespace A"))?;
+        let m =
+            Netns::with_prefix(prefix, &format!("{tag}M")).map_err(setup("create namespace M"))?;
+        let b =
+            Netns::with_prefix(prefix, &format!("{tag}B")).map_err(setup("create namespace B"))?;
         let (a_if, ma_if, mb_if, b_if) = (ifname("a"), ifname("ma"), ifname("mb"), ifname("b"));
         let am = VethPair::new(&a_if, &ma_if, &a, &m).map_err(setup("veth A—M"))?;
         let mb = VethPair::new(&mb_if, &b_if, &m, &b).map_err(setup("veth M—B"))?;
@@ -199,27 +229,10 @@ impl ImpairedLink {
             .map_err(setup("default route in B"))?;
         m.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             .map_err(setup("ip_forward in M"))?;
-        if spec.loss_pct > 0.0 {
-            let p = format!("{:.6}", spec.loss_pct / 100.0);
-            m.exec(&[
-                "iptables",
-                "-w",
-                "-A",
-                "FORWARD",
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                &p,
-                "-j",
-                "DROP",
-            ])
-            .map_err(setup("iptables statistic loss rule in M"))?;
-        }
-        let needs_relay = spec.delay_ms > 0 || spec.jitter_ms > 0 || spec.dup_pct > 0.0;
         let mut link = ImpairedLink {
             relay: None,
+            relay_bin: relay_bin.map(Path::to_path_buf),
+            spec,
             _am: am,
             _mb: mb,
             a,
@@ -231,14 +244,69 @@ impl ImpairedLink {
             b_ip,
             m_a_ip,
             m_b_ip,
+            m_a_if: ma_if,
+            m_b_if: mb_if,
         };
+        link.apply(spec)?;
+        tracing::info!(
+            ns_a = link.a.name(),
+            ns_m = link.m.name(),
+            ns_b = link.b.name(),
+            ?spec,
+            "impaired link up"
+        );
+        Ok(link)
+    }
+
+    /// What the link does now.
+    pub fn spec(&self) -> LinkSpec {
+        self.spec
+    }
+
+    /// Changes what the link does while it carries traffic: M's FORWARD rules are replaced and the relay
+    /// restarted with the new settings (packets it held are dropped: a short burst of loss).
+    pub fn set_spec(&mut self, spec: LinkSpec) -> Result<(), ImpairError> {
+        spec.validate()?;
+        self.m
+            .exec(&["iptables", "-w", "-F", "FORWARD"])
+            .map_err(setup("flush M's FORWARD chain"))?;
+        self.stop_relay();
+        self.apply(spec)?;
+        tracing::info!(ns_m = self.m.name(), ?spec, "impaired link changed");
+        Ok(())
+    }
+
+    /// Adds M's loss rule and starts the relay (with its NFQUEUE rule) for `spec`; the chain must be empty
+    /// and no relay running.
+    fn apply(&mut self, spec: LinkSpec) -> Result<(), ImpairError> {
+        self.spec = spec;
+        if spec.loss_pct > 0.0 {
+            let p = format!("{:.6}", spec.loss_pct / 100.0);
+            self.m
+                .exec(&[
+                    "iptables",
+                    "-w",
+                    "-A",
+                    "FORWARD",
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &p,
+                    "-j",
+                    "DROP",
+                ])
+                .map_err(setup("iptables statistic loss rule in M"))?;
+        }
+        let needs_relay = spec.delay_ms > 0 || spec.jitter_ms > 0 || spec.dup_pct > 0.0;
         if needs_relay {
-            match relay_bin {
-                Some(bin) => link.start_relay_process(spec, bin)?,
-                None => link.start_relay_thread(spec)?,
+            match self.relay_bin.clone() {
+                Some(bin) => self.start_relay_process(spec, &bin)?,
+                None => self.start_relay_thread(spec)?,
             }
             let q = QUEUE_NUM.to_string();
-            link.m
+            self.m
                 .exec(&[
                     "iptables",
                     "-w",
@@ -251,14 +319,7 @@ impl ImpairedLink {
                 ])
                 .map_err(setup("iptables NFQUEUE rule in M"))?;
         }
-        tracing::info!(
-            ns_a = link.a.name(),
-            ns_m = link.m.name(),
-            ns_b = link.b.name(),
-            ?spec,
-            "impaired link up"
-        );
-        Ok(link)
+        Ok(())
     }
 
     /// Runs [`run_relay`] on a thread inside M and waits until it has bound the queue.
@@ -359,6 +420,13 @@ impl ImpairedLink {
 
 impl Drop for ImpairedLink {
     fn drop(&mut self) {
+        self.stop_relay();
+    }
+}
+
+impl ImpairedLink {
+    /// Stops the relay, if one runs.
+    fn stop_relay(&mut self) {
         match self.relay.take() {
             None => {}
             Some(RelayRunner::Process(mut c)) => {

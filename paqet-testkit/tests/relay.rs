@@ -121,3 +121,36 @@ fn missing_relay_binary_is_an_error() {
         Ok(_) => panic!("a link without its relay must not come up"),
     }
 }
+
+#[test]
+fn set_spec_changes_the_link_while_it_runs() {
+    if !can_run() {
+        return;
+    }
+    // Named like the benchmarks' namespaces (`pqb…`), starting without a relay.
+    let mut l = ImpairedLink::with_prefix("pqb", "ks", spec(0), None).expect("impaired link");
+    assert!(l.a.name().starts_with("pqb") && l.m.name().ends_with("ksM"));
+    let clean = udp_rtts(&l);
+    assert!(
+        clean.iter().all(|r| *r < Duration::from_millis(20)),
+        "no delay configured yet: {clean:?}"
+    );
+    l.set_spec(spec(15)).expect("delay on");
+    assert_eq!(l.spec(), spec(15));
+    assert_delayed(&udp_rtts(&l), 15);
+    l.set_spec(spec(0)).expect("delay off");
+    let rtts = udp_rtts(&l);
+    assert!(
+        rtts.iter().all(|r| *r < Duration::from_millis(20)),
+        "the delay outlived set_spec: {rtts:?}"
+    );
+    // Bad settings are refused and leave the link as it was.
+    assert!(matches!(
+        l.set_spec(LinkSpec {
+            loss_pct: 101.0,
+            ..spec(0)
+        }),
+        Err(ImpairError::Spec(_))
+    ));
+    assert_eq!(l.spec(), spec(0));
+}

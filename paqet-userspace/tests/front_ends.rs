@@ -529,6 +529,8 @@ fn socks5_udp_associate_round_trip() {
 
         assert_eq!(*seen.borrow(), vec![b"hello".to_vec(), max.clone()]);
         assert_eq!(*seen2.borrow(), vec![b"by-name".to_vec()]);
+        // Two flows (one per target), each a live channel with its idle timer (`paqet_socks5_udp_channels`).
+        assert_eq!(socks5::udp_channels(), 2);
 
         // Closing the control connection ends the association: the relay port is released.
         drop(ctrl);
@@ -543,6 +545,11 @@ fn socks5_udp_associate_round_trip() {
         assert!(
             released,
             "relay socket {relay} still bound after the control connection closed"
+        );
+        assert_eq!(
+            socks5::udp_channels(),
+            0,
+            "the association's channels outlived it"
         );
     });
 }

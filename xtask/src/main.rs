@@ -9,12 +9,18 @@
 //! - `bench wan [OPTIONS]` (root): goodput, queueing delay, bytes sent per byte delivered and fairness of
 //!   paqet-dp (cc bbr / fixed / off), kcptun and plain TCP (bbr, cubic) over emulated WAN paths (bottleneck
 //!   rate × RTT × random loss, three namespaces); written to `target/bench-wan.md`. Not part of `all`.
+//! - `bench soak --minutes N [--mode pcap|xdp-generic|xdp-native]` (root): a server and a client under
+//!   continuous, varied load (short and long streams, UDP ASSOCIATE, client churn, a lossy minute, a server
+//!   restart) for N minutes, sampled every minute (RSS, fds, sessions, streams, UDP channels, errors), with a
+//!   verdict on growth and on what is left behind; written to `target/bench-soak.md`, exits non-zero when the
+//!   verdict fails. Not part of `all`, not run in CI.
 //! - `bench-report`: prints the criterion table from existing results only.
 //! - `probe --target IPv4:PORT [--closed PORT] [--netns NAME]` (root): the active prober of
 //!   `tests/probe_scan.rs` against a target: does its port answer scans like a closed port of the host?
 mod flood;
 mod micro;
 mod probe;
+mod soak;
 mod sys;
 mod tunnel;
 mod wan;
@@ -30,6 +36,8 @@ const USAGE: &str = "usage: cargo xtask bench [micro|tunnel|all] [--modes pcap,p
        cargo xtask bench wan [--rates 20,100,500] [--rtts 20,100,200] [--losses 0,1,5]
                         [--rows bbr,fixed,off,kcptun,tcp-bbr,tcp-cubic] [--secs N] [--parallel N]
                         [--mode xdp-native|xdp-generic|pcap] [--windows N] [--bin PATH]
+       cargo xtask bench soak [--minutes N] [--mode pcap|xdp-generic|xdp-native] [--settle-secs N]
+                        [--window-mem BYTES|default] [--bin PATH]
        cargo xtask bench-report
        cargo xtask probe --target IPv4:PORT [--closed PORT] [--netns NAME] [--wait-ms N]";
 
@@ -72,6 +80,9 @@ fn parse_list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>> {
 fn bench(args: &[String]) -> Result<()> {
     if args.first().map(String::as_str) == Some("wan") {
         return bench_wan(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("soak") {
+        return bench_soak(&args[1..]);
     }
     let mut what = "all".to_string();
     let mut opts = tunnel::Opts {
@@ -280,6 +291,82 @@ fn bench_wan(args: &[String]) -> Result<()> {
     std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
     println!("{md}");
     eprintln!("report written to {}", out.display());
+    Ok(())
+}
+
+/// `bench soak`: parses its options, builds `paqet-dp` unless given, runs the soak, writes
+/// `target/bench-soak.md` and fails when the verdict does.
+fn bench_soak(args: &[String]) -> Result<()> {
+    let mut opts = soak::Opts {
+        bin: String::new(),
+        minutes: 15,
+        mode: "pcap".into(),
+        settle_secs: 90,
+        window_mem: Some(soak::DEFAULT_WINDOW_MEM),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |flag: &str| {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--minutes" => opts.minutes = val("--minutes")?.parse().context("--minutes")?,
+            "--mode" => {
+                opts.mode = val("--mode")?;
+                if !["pcap", "xdp-generic", "xdp-native"].contains(&opts.mode.as_str()) {
+                    bail!(
+                        "--mode: {:?} is not one of pcap, xdp-generic, xdp-native",
+                        opts.mode
+                    );
+                }
+            }
+            "--settle-secs" => {
+                opts.settle_secs = val("--settle-secs")?.parse().context("--settle-secs")?
+            }
+            "--window-mem" => {
+                let v = val("--window-mem")?;
+                opts.window_mem = match v.as_str() {
+                    "default" => None,
+                    n => Some(n.parse().with_context(|| {
+                        format!("--window-mem {n:?}: bytes (1048576..=1073741824) or default")
+                    })?),
+                };
+                if opts
+                    .window_mem
+                    .is_some_and(|m| !(1 << 20..=1 << 30).contains(&m))
+                {
+                    bail!("--window-mem: must be 1048576..=1073741824 bytes, or default");
+                }
+            }
+            "--bin" => opts.bin = val("--bin")?,
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if opts.minutes < 3 {
+        bail!("--minutes must be at least 3");
+    }
+    if !sys::is_root() {
+        bail!("bench soak needs root (network namespaces, veth, pcap/XDP, iptables, NFQUEUE); run `sudo -E cargo xtask bench soak`");
+    }
+    let root = root();
+    if opts.bin.is_empty() {
+        build_release(&root, "paqet-userspace", &["--bin", "paqet-dp"])?;
+        opts.bin = root
+            .join("target/release/paqet-dp")
+            .to_string_lossy()
+            .into_owned();
+    }
+    let (report, passed) = soak::run(&opts)?;
+    let md = format!("# paqet-dp soak report\n\n{}{report}", machine());
+    let out = root.join("target/bench-soak.md");
+    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
+    println!("{md}");
+    eprintln!("report written to {}", out.display());
+    if !passed {
+        bail!("soak verdict: FAIL (see {})", out.display());
+    }
     Ok(())
 }
 

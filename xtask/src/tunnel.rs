@@ -22,15 +22,15 @@ use anyhow::{bail, Context, Result};
 use crate::flood;
 use crate::sys::{self, Daemon, Netns, NetnsExt, TempDir, VethPair};
 
-const PORT: u16 = 9999;
-const SOURCE_PORT: u16 = 5201;
-const ECHO_PORT: u16 = 5202;
+pub(crate) const PORT: u16 = 9999;
+pub(crate) const SOURCE_PORT: u16 = 5201;
+pub(crate) const ECHO_PORT: u16 = 5202;
 const IDLE_PORT: u16 = 5203;
 const FWD_SOURCE: u16 = 18001;
 const FWD_ECHO: u16 = 18002;
 const FWD_IDLE: u16 = 18003;
-const SOCKS_PORT: u16 = 11080;
-const METRICS_PORT: u16 = 19090;
+pub(crate) const SOCKS_PORT: u16 = 11080;
+pub(crate) const METRICS_PORT: u16 = 19090;
 /// kcptun reference run: its UDP port on the server side and its local TCP port on the client side.
 const KCPTUN_PORT: u16 = 29900;
 pub(crate) const KCPTUN_LOCAL: u16 = 18010;
@@ -625,39 +625,48 @@ pub(crate) fn open(front: Front, ip_s: Ipv4Addr, port: u16) -> Result<TcpStream>
             };
             connect(SocketAddr::new(lo.into(), f))
         }
-        Front::Socks5 => {
-            let mut s = connect(SocketAddr::new(lo.into(), SOCKS_PORT))?;
-            s.write_all(&[5, 1, 0])?;
-            let mut m = [0u8; 2];
-            s.read_exact(&mut m).context("SOCKS5 method reply")?;
-            if m != [5, 0] {
-                bail!("SOCKS5 method reply {m:?}, expected [5, 0]");
-            }
-            let p = port.to_be_bytes();
-            s.write_all(&[5, 1, 0, 1, 127, 0, 0, 1, p[0], p[1]])?;
-            let mut h = [0u8; 4];
-            s.read_exact(&mut h).context("SOCKS5 CONNECT reply")?;
-            if h[0] != 5 || h[1] != 0 {
-                bail!(
-                    "SOCKS5 CONNECT to 127.0.0.1:{port} refused (reply code {})",
-                    h[1]
-                );
-            }
-            let rest = match h[3] {
-                1 => 4 + 2,
-                4 => 16 + 2,
-                3 => {
-                    let mut l = [0u8; 1];
-                    s.read_exact(&mut l)?;
-                    usize::from(l[0]) + 2
-                }
-                t => bail!("SOCKS5 reply with address type {t}"),
-            };
-            let mut skip = vec![0u8; rest];
-            s.read_exact(&mut skip)?;
-            Ok(s)
-        }
+        Front::Socks5 => socks5_connect(SOCKS_PORT, port),
     }
+}
+
+/// A SOCKS5 CONNECT (no authentication) through the proxy on `127.0.0.1:socks` to `127.0.0.1:port` of the
+/// server side, from the calling thread's namespace.
+pub(crate) fn socks5_connect(socks: u16, port: u16) -> Result<TcpStream> {
+    let a = SocketAddr::from((Ipv4Addr::LOCALHOST, socks));
+    let mut s =
+        TcpStream::connect_timeout(&a, IO_TIMEOUT).with_context(|| format!("connecting to {a}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_nodelay(true)?;
+    s.write_all(&[5, 1, 0])?;
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).context("SOCKS5 method reply")?;
+    if m != [5, 0] {
+        bail!("SOCKS5 method reply {m:?}, expected [5, 0]");
+    }
+    let p = port.to_be_bytes();
+    s.write_all(&[5, 1, 0, 1, 127, 0, 0, 1, p[0], p[1]])?;
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h).context("SOCKS5 CONNECT reply")?;
+    if h[0] != 5 || h[1] != 0 {
+        bail!(
+            "SOCKS5 CONNECT to 127.0.0.1:{port} refused (reply code {})",
+            h[1]
+        );
+    }
+    let rest = match h[3] {
+        1 => 4 + 2,
+        4 => 16 + 2,
+        3 => {
+            let mut l = [0u8; 1];
+            s.read_exact(&mut l)?;
+            usize::from(l[0]) + 2
+        }
+        t => bail!("SOCKS5 reply with address type {t}"),
+    };
+    let mut skip = vec![0u8; rest];
+    s.read_exact(&mut skip)?;
+    Ok(s)
 }
 
 /// One request/reply of `REQ` bytes on a new connection; returns the elapsed time.
@@ -786,8 +795,13 @@ fn latency(topo: &Topo, front: Front, n: usize) -> Result<Latency> {
 
 /// Fetches `/metrics` from the daemon in `ns`; `None` when nothing serves it.
 fn scrape(ns: &Netns) -> Option<String> {
-    ns.run(|| {
-        let a = SocketAddr::from((Ipv4Addr::LOCALHOST, METRICS_PORT));
+    scrape_at(ns, METRICS_PORT)
+}
+
+/// Fetches `/metrics` from `127.0.0.1:port` in `ns`; `None` when nothing serves it.
+pub(crate) fn scrape_at(ns: &Netns, port: u16) -> Option<String> {
+    ns.run(move || {
+        let a = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(1))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
@@ -800,7 +814,7 @@ fn scrape(ns: &Netns) -> Option<String> {
 }
 
 /// Sum of the samples of metric `name` whose labels contain `label` (empty: all).
-fn metric(text: &str, name: &str, label: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str, label: &str) -> Option<f64> {
     let mut found = None;
     for l in text.lines() {
         let Some(rest) = l.strip_prefix(name) else {

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -34,6 +35,31 @@ use crate::worker::MAX_UDP_DATAGRAM;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(8);
 /// Idle time after which a UDP ASSOCIATE datagram channel is closed (upstream: 60 s).
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
+
+/// Live UDP ASSOCIATE datagram channels of this process (their reply tasks), for
+/// `paqet_socks5_udp_channels`.
+static UDP_CHANNELS: AtomicU64 = AtomicU64::new(0);
+
+/// Live UDP ASSOCIATE datagram channels of this process, each with its reply task and idle timer.
+pub fn udp_channels() -> u64 {
+    UDP_CHANNELS.load(Ordering::Relaxed)
+}
+
+/// Counts one live channel in [`UDP_CHANNELS`] while it exists (also when its task is aborted).
+struct LiveChannel;
+
+impl LiveChannel {
+    fn new() -> Self {
+        UDP_CHANNELS.fetch_add(1, Ordering::Relaxed);
+        LiveChannel
+    }
+}
+
+impl Drop for LiveChannel {
+    fn drop(&mut self) {
+        UDP_CHANNELS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 const VER: u8 = 0x05;
 const AUTH_VER: u8 = 0x01;
@@ -591,6 +617,7 @@ struct ReplyTask<C> {
 
 /// Carries replies of one channel back to the client until the channel ends or idles out.
 async fn reply_task<C: DatagramChannel>(t: ReplyTask<C>) {
+    let _live = LiveChannel::new();
     let hlen = t.header.len();
     let mut out = t.header.clone();
     out[..3].fill(0); // RSV RSV FRAG, as upstream rebuilds it

@@ -92,6 +92,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "paqet_limit_rejections_total",
     "paqet_limit_refusals_total",
     "paqet_streams_refused_total",
+    "paqet_socks5_udp_channels",
     "paqet_pcap_kernel_drops_total",
     "paqet_worker_packets_total",
     "paqet_worker_sessions",
@@ -477,6 +478,8 @@ pub struct Metrics {
     limit_refusals: CounterFamily,
     /// Server streams refused by policy, by reason (`target_denied`: `server.allow` / `server.deny`).
     streams_refused: CounterFamily,
+    /// Client: live SOCKS5 UDP ASSOCIATE datagram channels (each holds an idle timer), process-wide.
+    socks5_udp_channels: Gauge<i64, AtomicI64>,
     pcap_drops: CounterFamily,
     worker_packets: CounterFamily,
     worker_sessions: GaugeFamily,
@@ -647,6 +650,7 @@ impl Metrics {
             limits: Family::default(),
             limit_refusals: Family::default(),
             streams_refused: Family::default(),
+            socks5_udp_channels: Gauge::default(),
             pcap_drops: Family::default(),
             worker_packets: Family::default(),
             worker_sessions: Family::default(),
@@ -756,6 +760,11 @@ impl Metrics {
             "streams_refused",
             "Server streams refused by policy (reason: target_denied = server.allow / server.deny)",
             m.streams_refused.clone(),
+        );
+        r.register(
+            "socks5_udp_channels",
+            "Client: live SOCKS5 UDP ASSOCIATE datagram channels (one per client address and target, each with its idle timer)",
+            m.socks5_udp_channels.clone(),
         );
         r.register(
             "pcap_kernel_drops",
@@ -924,6 +933,9 @@ impl Metrics {
             &l1("reason", "target_denied"),
             crate::config::targets::target_refusals(),
         );
+        // Process-wide, counted by the SOCKS5 front end's reply tasks.
+        self.socks5_udp_channels
+            .set(i64::try_from(crate::front::socks5::udp_channels()).unwrap_or(i64::MAX));
         let mut t = WorkerSnapshot::default();
         let mut srtt: Vec<f64> = Vec::new();
         for w in &s.workers {

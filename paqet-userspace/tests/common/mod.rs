@@ -233,7 +233,7 @@ enum Link {
         client: Netns,
         server: Netns,
     },
-    Impaired(ImpairedLink),
+    Impaired(Box<ImpairedLink>),
     /// A tun pair and its relay (no link header): [`tunlink`].
     Tun(tunlink::TunLink),
 }
@@ -333,7 +333,7 @@ impl Net {
             server_if: link.b_if.clone(),
             server_ip: link.b_ip,
             server_gw_mac,
-            link: Link::Impaired(link),
+            link: Link::Impaired(Box::new(link)),
         }
     }
 
