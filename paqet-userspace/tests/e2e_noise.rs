@@ -129,7 +129,7 @@ fn noise_tunnel_carries_tcp_and_udp_and_survives_a_server_restart() {
     let _serial = serial();
     for (modes, bulk) in [
         ((Mode::Pcap, Mode::Pcap), 200 * MIB),
-        ((Mode::XdpGeneric, Mode::XdpGeneric), 64 * MIB),
+        ((Mode::XdpGeneric, Mode::XdpGeneric), 200 * MIB),
     ] {
         eprintln!("== modes {modes:?}");
         let mut t = noise_tunnel("nzt", Opts::new(modes), false);
