@@ -138,6 +138,10 @@ impl SteerConfig {
     /// The interface has no link header (tun, WireGuard under generic XDP): frames start at the
     /// IPv4/IPv6 header, told apart by the version nibble. Without it frames start with Ethernet.
     pub const FLAG_MEDIUM_IP: u16 = 1 << 7;
+    /// Client-side steering from several servers: frames of an enabled family to a destination port
+    /// listed in the [`MAP_PORTS`] bitmap are tunnel frames whatever their source (the `src_*` fields
+    /// are not compared; userspace drops datagrams from anyone but the configured servers).
+    pub const FLAG_SRC_ANY: u16 = 1 << 15;
 
     /// A config steering TCP to `port` on any address of both families, guard off.
     pub const fn any(port: u16) -> Self {
@@ -189,6 +193,7 @@ impl SteerConfig {
     pub const fn is_armed(&self) -> bool {
         self.port != 0
             || (self.src_port != 0 && self.has(Self::FLAG_SRC_IPV4 | Self::FLAG_SRC_IPV6))
+            || self.has(Self::FLAG_SRC_ANY)
     }
 
     /// True when `flag` is set.
