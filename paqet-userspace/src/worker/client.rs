@@ -84,7 +84,8 @@ pub(crate) struct ClientState {
     /// XDP mode: the worker's shared link (all sessions ride on it) and the port plan.
     shared: Option<SharedPorts>,
     /// Rotated-out sessions still carrying streams, with the time they are closed anyway.
-    draining: Vec<(u64, Instant)>,
+    /// (Also sessions moved off a slot for a rejoining server, or off a server taken out: `rotated` false.)
+    draining: Vec<(u64, Instant, bool)>,
 }
 
 /// XDP mode: the worker's shared link, which carries every session of the worker.
@@ -144,6 +145,8 @@ impl ClientState {
         for s in &mut self.slots {
             if s.session == Some(id) {
                 s.backoff = MIN_BACKOFF;
+                // A slot dialled to a down server (all were down) that answers brings it back.
+                self.servers.mark_up(s.server);
             }
         }
         let Some(i) = self.servers.list.iter().position(|v| v.probe == Some(id)) else {
@@ -161,14 +164,15 @@ impl ClientState {
         {
             let s = &mut self.slots[slot];
             if let Some(old) = s.session.replace(id) {
-                self.draining.push((old, Instant::now() + REBALANCE_DRAIN));
+                self.draining
+                    .push((old, Instant::now() + REBALANCE_DRAIN, false));
             }
             s.server = i;
             s.backoff = MIN_BACKOFF;
             info!(slot, server = %self.servers.list[i].target.addr, "session placed on the rejoined server");
         } else {
             // Nothing to move (every slot is on its share): the probe is not needed.
-            self.draining.push((id, Instant::now()));
+            self.draining.push((id, Instant::now(), false));
         }
     }
 
@@ -539,7 +543,7 @@ fn due_slots(shared: &Shared) -> Vec<usize> {
         for s in &mut c.client.slots {
             if !up.get(s.server).copied().unwrap_or(true) {
                 if let Some(old) = s.session.take() {
-                    c.client.draining.push((old, now + REBALANCE_DRAIN));
+                    c.client.draining.push((old, now + REBALANCE_DRAIN, false));
                     s.next_try = now;
                 }
             }
@@ -606,6 +610,7 @@ fn rotate_due(shared: &Shared) {
         (rot, due)
     };
     for (slot, old, why) in due {
+        let old_server = shared.borrow().client.slots.get(slot).map(|s| s.server);
         match dial_slot(shared, slot) {
             Ok(new) => {
                 info!(
@@ -616,13 +621,14 @@ fn rotate_due(shared: &Shared) {
                     "session rotated: new streams use the new session, the old one drains"
                 );
                 let drain = now + Duration::from_secs(u64::from(rot.drain_secs));
-                shared.borrow_mut().client.draining.push((old, drain));
+                shared.borrow_mut().client.draining.push((old, drain, true));
             }
             Err(e) => {
                 warn!(slot, error = %e, "session rotation: dialling the new session failed; the current one stays");
                 let mut c = shared.borrow_mut();
                 if let Some(s) = c.client.slots.get_mut(slot) {
                     s.session = Some(old);
+                    s.server = old_server.unwrap_or(s.server);
                     s.rotate_at = Some(now + MAX_BACKOFF);
                 }
             }
@@ -636,17 +642,31 @@ fn close_drained(shared: &Shared) {
     let now = Instant::now();
     let mut c = shared.borrow_mut();
     let draining = std::mem::take(&mut c.client.draining);
-    for (id, deadline) in draining {
+    for (id, deadline, rotated) in draining {
         let streams = match c.endpoint.get(id) {
             None => continue, // already gone
             Some(e) => e.streams(),
         };
         if streams == 0 {
-            c.kill_session(id, "replaced: its streams have ended");
+            c.kill_session(
+                id,
+                if rotated {
+                    "rotated out: its streams have ended"
+                } else {
+                    "moved to another server: its streams have ended"
+                },
+            );
         } else if now >= deadline {
-            c.kill_session(id, "replaced: its drain time passed");
+            c.kill_session(
+                id,
+                if rotated {
+                    "rotated out: transport.rotate.drain passed"
+                } else {
+                    "moved to another server: its drain time passed"
+                },
+            );
         } else {
-            c.client.draining.push((id, deadline));
+            c.client.draining.push((id, deadline, rotated));
         }
     }
 }
@@ -920,5 +940,18 @@ mod tests {
         assert_eq!(c.draining.len(), 1, "the displaced session drains");
         let st = c.server_stats();
         assert!(st.iter().all(|s| s.up && s.sessions == 1));
+    }
+
+    #[test]
+    fn a_slot_session_on_a_down_server_that_answers_brings_it_back() {
+        let mut c = ClientState::new(2, targets(&[1, 1]));
+        let now = Instant::now();
+        c.servers.mark_down(0, now, "test");
+        c.servers.mark_down(1, now, "test");
+        // Everything down: a slot is dialled to the first server anyway; its answer brings it back.
+        c.slots[0].server = c.servers.place();
+        c.slots[0].session = Some(5);
+        c.session_alive(5);
+        assert!(c.servers.list[0].up && !c.servers.list[1].up);
     }
 }
