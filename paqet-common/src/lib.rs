@@ -316,6 +316,10 @@ mod tests {
         assert!(!d.is_armed());
         d.src_port = 443;
         assert!(d.is_armed());
+        // Several servers: any source to the session ports (no source port needed).
+        let mut any_src = SteerConfig::any(0);
+        any_src.flags |= SteerConfig::FLAG_SRC_ANY;
+        assert!(any_src.is_armed() && any_src.src_port == 0);
         // The medium flag alone arms nothing, and is a bit of its own.
         let mut m = SteerConfig::default();
         m.flags |= SteerConfig::FLAG_MEDIUM_IP;
@@ -330,6 +334,10 @@ mod tests {
             SteerConfig::FLAG_SRC_IPV6,
         ];
         assert!(all.iter().all(|f| f & SteerConfig::FLAG_MEDIUM_IP == 0));
+        assert!(all
+            .iter()
+            .chain(&[SteerConfig::FLAG_MEDIUM_IP])
+            .all(|f| f & SteerConfig::FLAG_SRC_ANY == 0));
     }
 
     #[test]
