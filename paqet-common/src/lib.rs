@@ -168,6 +168,10 @@ impl SteerConfig {
     /// payload failing the guard) are answered like a closed port (RST, `XDP_TX`); without it they are
     /// dropped.
     pub const FLAG_PROBE_CLOSED: u16 = 1 << 11;
+    /// Client-side steering from several servers: frames of an enabled family to a destination port
+    /// listed in the [`MAP_PORTS`] bitmap are tunnel frames whatever their source (the `src_*` fields
+    /// are not compared; userspace drops datagrams from anyone but the configured servers).
+    pub const FLAG_SRC_ANY: u16 = 1 << 15;
 
     /// A config steering TCP to `port` on any address of both families, guard off.
     pub const fn any(port: u16) -> Self {
@@ -228,6 +232,7 @@ impl SteerConfig {
     pub const fn is_armed(&self) -> bool {
         self.port != 0
             || (self.src_port != 0 && self.has(Self::FLAG_SRC_IPV4 | Self::FLAG_SRC_IPV6))
+            || self.has(Self::FLAG_SRC_ANY)
     }
 
     /// True when `flag` is set.
@@ -350,6 +355,10 @@ mod tests {
         assert!(!d.is_armed());
         d.src_port = 443;
         assert!(d.is_armed());
+        // Several servers: any source to the session ports (no source port needed).
+        let mut any_src = SteerConfig::any(0);
+        any_src.flags |= SteerConfig::FLAG_SRC_ANY;
+        assert!(any_src.is_armed() && any_src.src_port == 0);
         // The medium flag alone arms nothing, and is a bit of its own.
         let mut m = SteerConfig::default();
         m.flags |= SteerConfig::FLAG_MEDIUM_IP;
@@ -369,7 +378,7 @@ mod tests {
         ];
         assert!(all.iter().all(|f| f & SteerConfig::FLAG_MEDIUM_IP == 0));
         let mut seen = SteerConfig::FLAG_MEDIUM_IP;
-        for f in all {
+        for f in all.into_iter().chain([SteerConfig::FLAG_SRC_ANY]) {
             assert_eq!(f.count_ones(), 1);
             assert_eq!(seen & f, 0, "flag {f:#x} used twice");
             seen |= f;

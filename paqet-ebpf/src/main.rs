@@ -282,7 +282,11 @@ fn parse(ctx: &XdpContext, cfg: &SteerConfig) -> Option<Verdict> {
         return None;
     }
     let to_port = cfg.port != 0 && dport == cfg.port;
-    let from_peer = src_ok && cfg.src_port != 0 && sport == cfg.src_port && our_port(dport);
+    let from_peer = if cfg.has(SteerConfig::FLAG_SRC_ANY) {
+        our_port(dport)
+    } else {
+        src_ok && cfg.src_port != 0 && sport == cfg.src_port && our_port(dport)
+    };
     if !to_port && !from_peer {
         return Some(Verdict::Pass);
     }

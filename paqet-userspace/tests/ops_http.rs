@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use flate2::read::GzDecoder;
 use paqet::ops::metrics::{
-    AfXdpStats, CcSnapshot, DataPathMode, RoleLabel, Snapshot, WorkerSnapshot, METRIC_NAMES,
+    AfXdpStats, CcSnapshot, DataPathMode, RoleLabel, ServerSnapshot, Snapshot, WorkerSnapshot,
+    METRIC_NAMES,
 };
 use paqet::ops::pprof::TrackingAlloc;
 use paqet::ops::{readiness, spawn_ops_thread, OpsState};
@@ -63,6 +64,13 @@ fn fake_snapshot() -> Snapshot {
         }),
         srtt_seconds: vec![0.002, 0.004],
         cc: fake_cc(i),
+        servers: vec![ServerSnapshot {
+            server: "10.0.0.2:9999".to_string(),
+            up: true,
+            slots: 1,
+            sessions: 1,
+            dial_failures: 0,
+        }],
         ..Default::default()
     };
     let mut xdp = [0u64; XdpCounter::COUNT as usize];
@@ -464,6 +472,7 @@ fn daemon_pair_exports_congestion_control_figures() {
             }),
             ipv6: None,
             server_addr: (role == Role::Client).then(|| SERVER.parse().unwrap()),
+            servers: Vec::new(),
             conn: 1,
             local_flags: vec![TcpFlags::PSH_ACK],
             remote_flags: vec![TcpFlags::ACK],

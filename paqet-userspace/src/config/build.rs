@@ -15,7 +15,7 @@ use super::targets::{TargetPolicy, TargetRule, TARGET_RULE_SYNTAX};
 use super::{
     CcAlgorithm, Config, FamilyConfig, ForwardProtocol, ForwardRule, GuardFormat, HostPort,
     HttpListener, IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, Role, RotateConfig,
-    Socks5Listener, TransportConfig,
+    ServerEntry, Socks5Listener, TransportConfig, MAX_SERVERS, MAX_WEIGHT,
 };
 use crate::proto::cc::parse_bandwidth;
 
@@ -25,27 +25,120 @@ impl Ctx<'_> {
         self.role = self.required_choice("role", "role", raw.role.as_ref());
     }
 
-    /// `listen.addr` (server) / `server.addr` (client).
-    fn addresses(&mut self, raw: &RawConfig) -> (Option<HostPort>, Option<HostPort>) {
-        let listen_raw = raw.listen.as_ref().and_then(|l| l.addr.as_ref());
+    /// `listen.addr` (server) / `server.addr` or `[[server.servers]]` (client): the listen address,
+    /// the first server and every server with its weight.
+    fn addresses(
+        &mut self,
+        raw: &RawConfig,
+    ) -> (Option<HostPort>, Option<HostPort>, Vec<ServerEntry>) {
+        let listen_addr = raw.listen.as_ref().and_then(|l| l.addr.as_ref());
         let listen = if self.server() {
-            self.endpoint("listen.addr", listen_raw, true)
+            match listen_addr {
+                Some(OneOrMany::Many(_)) => {
+                    self.is.error(
+                        "listen.addr",
+                        None,
+                        "must be a string (host:port), not an array",
+                    );
+                    None
+                }
+                _ => self.endpoint("listen.addr", listen_addr.and_then(OneOrMany::one), true),
+            }
         } else {
-            if listen_raw.is_some() && self.client() {
+            if listen_addr.is_some() && self.client() {
                 self.wrong_role("listen.addr", Role::Server);
             }
             None
         };
-        let server_raw = raw.server.as_ref().and_then(|s| s.addr.as_ref());
-        let server = if self.client() {
-            self.endpoint("server.addr", server_raw, true)
-        } else {
-            if server_raw.is_some() && self.server() {
+        let server_addr = raw.server.as_ref().and_then(|s| s.addr.as_ref());
+        let table = raw
+            .server
+            .as_ref()
+            .map(|s| s.servers.as_slice())
+            .unwrap_or_default();
+        if !self.client() {
+            if server_addr.is_some() && self.server() {
                 self.wrong_role("server.addr", Role::Client);
             }
-            None
-        };
-        (listen, server)
+            if !table.is_empty() && self.server() {
+                self.wrong_role("server.servers", Role::Client);
+            }
+            return (listen, None, Vec::new());
+        }
+        let mut servers = Vec::new();
+        match (server_addr, table.is_empty()) {
+            (Some(_), false) => {
+                self.is.error(
+                    "server.servers",
+                    None,
+                    "set either server.addr or [[server.servers]], not both",
+                );
+            }
+            (Some(OneOrMany::Many(list)), true) => {
+                if list.is_empty() || list.len() > MAX_SERVERS {
+                    self.is.error(
+                        "server.addr",
+                        Some(format!("[{} entries]", list.len())),
+                        format!("an array of server addresses needs 1..={MAX_SERVERS} entries"),
+                    );
+                }
+                for (i, a) in list.iter().enumerate() {
+                    if let Some(hp) = self.endpoint(&format!("server.addr[{i}]"), Some(a), true) {
+                        servers.push(ServerEntry {
+                            addr: hp,
+                            weight: 1,
+                        });
+                    }
+                }
+            }
+            (one, true) => {
+                if let Some(hp) = self.endpoint("server.addr", one.and_then(OneOrMany::one), true) {
+                    servers.push(ServerEntry {
+                        addr: hp,
+                        weight: 1,
+                    });
+                }
+            }
+            (None, false) => {
+                if table.len() > MAX_SERVERS {
+                    self.is.error(
+                        "server.servers",
+                        Some(format!("[{} entries]", table.len())),
+                        format!("1..={MAX_SERVERS} servers"),
+                    );
+                }
+                for (i, t) in table.iter().enumerate() {
+                    let hp =
+                        self.endpoint(&format!("server.servers[{i}].addr"), t.addr.as_ref(), true);
+                    let weight = match t.weight {
+                        None => 1,
+                        Some(w) if (1..=i64::from(MAX_WEIGHT)).contains(&w) => w as u32,
+                        Some(w) => {
+                            self.is.error(
+                                format!("server.servers[{i}].weight"),
+                                Some(w.to_string()),
+                                format!("must be 1..={MAX_WEIGHT}"),
+                            );
+                            1
+                        }
+                    };
+                    if let Some(hp) = hp {
+                        servers.push(ServerEntry { addr: hp, weight });
+                    }
+                }
+            }
+        }
+        for (i, e) in servers.iter().enumerate() {
+            if servers[..i].iter().any(|o| o.addr == e.addr) {
+                self.is.error(
+                    "server.addr",
+                    Some(q(&e.addr.to_string())),
+                    "the same server is listed twice",
+                );
+            }
+        }
+        let first = servers.first().map(|e| e.addr.clone());
+        (listen, first, servers)
     }
 
     /// Client front ends: `socks5[]`, `forward[]`, `http[]`.
@@ -790,12 +883,12 @@ impl Ctx<'_> {
     /// cosmetic listen port.
     fn cross_checks(
         &mut self,
-        raw: &RawConfig,
+        _raw: &RawConfig,
         net: &NetworkConfig,
         conn: u32,
         rotate: RotateConfig,
         listen: Option<&HostPort>,
-        server: Option<&HostPort>,
+        servers: &[ServerEntry],
     ) {
         let local_port = net
             .ipv4
@@ -817,16 +910,16 @@ impl Ctx<'_> {
                 format!("only one connection is allowed when a client port is explicitly set (network port {local_port})"),
             );
         }
-        if let Some(ip) = server.and_then(HostPort::ip) {
+        for e in servers {
+            let Some(ip) = e.addr.ip() else { continue };
             let (fam, configured) = match ip {
                 IpAddr::V4(_) => ("IPv4", net.ipv4.is_some()),
                 IpAddr::V6(_) => ("IPv6", net.ipv6.is_some()),
             };
             if !configured {
-                let server_raw = raw.server.as_ref().and_then(|s| s.addr.as_deref());
                 self.is.error(
                     "server.addr",
-                    server_raw.map(q),
+                    Some(q(&e.addr.to_string())),
                     format!("server address is {fam}, but the {fam} interface is not configured (network.{})", fam.to_ascii_lowercase()),
                 );
             }
@@ -915,7 +1008,7 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
     cx.role(raw);
     let log_level =
         cx.choice_or_default("log.level", raw.log.as_ref().and_then(|l| l.level.as_ref()));
-    let (listen, server) = cx.addresses(raw);
+    let (listen, server, servers) = cx.addresses(raw);
     let targets = cx.targets(raw);
     let (socks5, forward, http) = cx.front_ends(raw);
     let network = cx.network(&raw.network.clone().unwrap_or_default());
@@ -926,7 +1019,7 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
         transport.conn,
         transport.rotate,
         listen.as_ref(),
-        server.as_ref(),
+        &servers,
     );
     let (metrics_listen, debug_pprof) = cx.ops(raw);
     let io = cx.io(&raw.io.clone().unwrap_or_default());
@@ -935,6 +1028,7 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
         log_level,
         listen,
         server,
+        servers,
         targets,
         socks5,
         forward,
@@ -976,8 +1070,28 @@ fn server_raw(c: &Config) -> Option<RawAddr> {
     let list = |rules: &[TargetRule]| {
         (!rules.is_empty()).then(|| rules.iter().map(ToString::to_string).collect())
     };
+    let (addr, servers) = match c.servers.as_slice() {
+        [] => (None, Vec::new()),
+        [one] if one.weight == 1 => (Some(OneOrMany::One(one.addr.to_string())), Vec::new()),
+        many if many.iter().all(|e| e.weight == 1) => (
+            Some(OneOrMany::Many(
+                many.iter().map(|e| e.addr.to_string()).collect(),
+            )),
+            Vec::new(),
+        ),
+        many => (
+            None,
+            many.iter()
+                .map(|e| RawServer {
+                    addr: Some(e.addr.to_string()),
+                    weight: Some(i64::from(e.weight)),
+                })
+                .collect(),
+        ),
+    };
     let raw = RawAddr {
-        addr: c.server.as_ref().map(ToString::to_string),
+        addr,
+        servers,
         allow: list(&c.targets.allow),
         deny: list(&c.targets.deny),
     };
@@ -993,7 +1107,7 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
             level: Some(c.log_level.to_string()),
         }),
         listen: c.listen.as_ref().map(|l| RawAddr {
-            addr: Some(l.to_string()),
+            addr: Some(OneOrMany::One(l.to_string())),
             ..RawAddr::default()
         }),
         server: server_raw(c),

@@ -30,6 +30,8 @@ pub enum KeyType {
     /// An integer or a string (`sndwnd = "auto"`, `bandwidth = "100mbit"`); the value's meaning is checked
     /// by validation.
     IntOrStr,
+    /// A string or an array of strings (`server.addr`: one server or several).
+    StrOrList,
 }
 
 impl KeyType {
@@ -41,6 +43,7 @@ impl KeyType {
             KeyType::Bool => "a boolean",
             KeyType::StrList => "an array of strings",
             KeyType::IntOrStr => "an integer or a string",
+            KeyType::StrOrList => "a string or an array of strings",
         }
     }
 }
@@ -315,7 +318,7 @@ const fn int(lo: i64, hi: i64) -> Allowed {
 
 use Allowed::{Endpoint, OneOf};
 use Def::{Absent, Bool as DBool, Int as DInt, Str as DStr};
-use KeyType::{Bool, Int, IntOrStr, Str, StrList};
+use KeyType::{Bool, Int, IntOrStr, Str, StrList, StrOrList};
 use Scope::{Any, Client, Server};
 
 const MIB: i64 = 1024 * 1024;
@@ -345,8 +348,12 @@ static SCHEMA: &[KeyInfo] = &[
       "Log verbosity; `none` silences everything (upstream default)."),
     k("listen.addr", Str, "host:port", Absent(None), Endpoint, Server, true,
       "Server only, required. Cosmetic upstream (logs, `dump`); should carry the port of `network.*.addr`."),
-    k("server.addr", Str, "host:port", Absent(None), Endpoint, Client, true,
-      "Client only, required. The server's address; IP literal or host name; its family needs `network.ipv4`/`ipv6`."),
+    k("server.addr", StrOrList, "host:port or array", Absent(None), Endpoint, Client, true,
+      "Client only, required (unless `[[server.servers]]`). The server's address; IP literal or host name; its family needs `network.ipv4`/`ipv6`. An array of 1..=32 addresses (paqet-dp, also in YAML) spreads `transport.conn` sessions over several servers (weight 1 each)."),
+    k("server.servers[].addr", Str, "host:port", Absent(None), Endpoint, Client, false,
+      "Several servers (paqet-dp, TOML `[[server.servers]]`, instead of `server.addr`): one server's address. Up to 32 tables."),
+    k("server.servers[].weight", Int, "integer", DInt(1), int(1, 100), Client, false,
+      "That server's share of `transport.conn` sessions relative to the others (smooth weighted round robin over the healthy servers)."),
     // Hardening: server dial targets (targets.rs, docs/security.md).
     k("server.allow", StrList, "array of strings", Absent(Some("off: every target")), Allowed::Text(TARGET_RULE_SYNTAX), Server, false,
       "Server: dial targets (after DNS) allowed; when set, others are refused. With allow or deny set, loopback/link-local need an entry inside their range."),

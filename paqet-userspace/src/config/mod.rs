@@ -420,6 +420,19 @@ pub struct IoConfig {
 }
 
 /// A validated configuration with every default applied.
+/// Most servers a client may list (`server.addr` array / `[[server.servers]]`).
+pub const MAX_SERVERS: usize = 32;
+/// Largest `server.servers[].weight`.
+pub const MAX_WEIGHT: u32 = 100;
+
+/// One server of a client (`server.addr` entry or `[[server.servers]]` table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEntry {
+    pub addr: HostPort,
+    /// Share of `transport.conn` sessions placed on it (relative to the other servers), 1..=100.
+    pub weight: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// client or server.
@@ -428,8 +441,10 @@ pub struct Config {
     pub log_level: LogLevel,
     /// Server: `listen.addr`.
     pub listen: Option<HostPort>,
-    /// Client: `server.addr`.
+    /// Client: the first server (`server.addr`, or the first of its array / of `[[server.servers]]`).
     pub server: Option<HostPort>,
+    /// Client: every server with its weight (one entry for a plain `server.addr`; empty on a server).
+    pub servers: Vec<ServerEntry>,
     /// Server: `server.allow` / `server.deny` (off when both are empty).
     pub targets: targets::TargetPolicy,
     /// Client: SOCKS5 listeners.

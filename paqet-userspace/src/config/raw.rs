@@ -66,12 +66,51 @@ pub struct RawLog {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RawAddr {
+    /// `listen.addr` (a string), or `server.addr`: a string or (several servers) an array of strings.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub addr: Option<String>,
+    pub addr: Option<OneOrMany>,
+    /// Client: `[[server.servers]]` (several servers with weights; paqet-dp).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<RawServer>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deny: Option<Vec<String>>,
+}
+
+/// A string or an array of strings (`server.addr`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The single string (`None` for an array).
+    pub fn one(&self) -> Option<&String> {
+        match self {
+            OneOrMany::One(s) => Some(s),
+            OneOrMany::Many(_) => None,
+        }
+    }
+}
+
+impl RawAddr {
+    /// `addr` when it is a single string.
+    pub fn addr_one(&self) -> Option<&String> {
+        self.addr.as_ref().and_then(OneOrMany::one)
+    }
+}
+
+/// `[[server.servers]]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawServer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i64>,
 }
 
 /// `[[socks5]]`

@@ -195,6 +195,10 @@ fn check_leaf(
         | (KeyType::Int, V::Integer(_))
         | (KeyType::Bool, V::Boolean(_)) => Some(v.clone()),
         (KeyType::StrList, V::Array(items)) if items.iter().all(|i| i.is_str()) => Some(v.clone()),
+        (KeyType::StrOrList, V::String(_)) => Some(v.clone()),
+        (KeyType::StrOrList, V::Array(items)) if items.iter().all(|i| i.is_str()) => {
+            Some(v.clone())
+        }
         (KeyType::IntOrStr, V::Integer(_) | V::String(_)) => Some(v.clone()),
         (KeyType::IntOrStr, V::Float(f)) if mode == Mode::Lenient => Some(V::String(f.to_string())),
         // Upstream YAML: Go unmarshals plain scalars into string fields.

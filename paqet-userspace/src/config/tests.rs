@@ -1234,7 +1234,9 @@ fn every_integer_range_in_the_table_is_enforced_with_its_text() {
     // Just outside each end of every table range: an error naming the key, the value and the table's
     // allowed values; the bounds themselves load.
     let mut checked = 0;
-    for key in schema() {
+    // Keys inside arrays of tables (`server.servers[].weight`) cannot be written dotted: their own tests
+    // cover them (`server_list_errors_name_the_key`).
+    for key in schema().iter().filter(|k| !k.path.contains("[]")) {
         let (lo, hi) = match key.allowed {
             Allowed::Int { lo, hi, .. } => (lo, hi),
             Allowed::FecShards { hi, .. } => (0, hi),
@@ -1463,4 +1465,96 @@ fn metrics_on_a_public_address_warns() {
         server_toml("")
     ));
     assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+}
+
+// ---- several servers (`server.addr` array, `[[server.servers]]`) ----
+
+fn with_server(server_section: &str) -> String {
+    client_toml("").replace("[server]\naddr = \"10.0.0.2:9999\"\n", server_section)
+}
+
+#[test]
+fn server_addr_string_is_one_server_of_weight_one() {
+    let c = toml_ok(&client_toml("")).config;
+    assert_eq!(c.servers.len(), 1);
+    assert_eq!(c.servers[0].weight, 1);
+    assert_eq!(c.server, Some(c.servers[0].addr.clone()));
+}
+
+#[test]
+fn server_addr_array_and_servers_tables_parse_and_round_trip() {
+    let c = toml_ok(&with_server(
+        "[server]\naddr = [\"10.0.0.2:9999\", \"10.0.0.3:9999\", \"10.0.0.4:443\"]\n",
+    ))
+    .config;
+    let addrs: Vec<String> = c.servers.iter().map(|e| e.addr.to_string()).collect();
+    assert_eq!(addrs, ["10.0.0.2:9999", "10.0.0.3:9999", "10.0.0.4:443"]);
+    assert!(c.servers.iter().all(|e| e.weight == 1));
+    assert_eq!(c.server.as_ref().unwrap().to_string(), "10.0.0.2:9999");
+    let again = toml_ok(&c.to_toml_string()).config;
+    assert_eq!(again.servers, c.servers);
+
+    let t = toml_ok(&with_server(
+        "[[server.servers]]\naddr = \"10.0.0.2:9999\"\nweight = 3\n\
+         [[server.servers]]\naddr = \"10.0.0.3:9999\"\n",
+    ))
+    .config;
+    assert_eq!(
+        t.servers.iter().map(|e| e.weight).collect::<Vec<_>>(),
+        [3, 1]
+    );
+    let again = toml_ok(&t.to_toml_string()).config;
+    assert_eq!(again.servers, t.servers);
+}
+
+#[test]
+fn server_list_errors_name_the_key() {
+    let e = toml_errors(&with_server("[server]\naddr = []\n"));
+    assert_has(&e, "server.addr");
+    let e = toml_errors(&with_server(
+        "[server]\naddr = [\"10.0.0.2:9999\", \"10.0.0.2:0\"]\n",
+    ));
+    assert_has(&e, "server.addr[1]");
+    let e = toml_errors(&with_server(
+        "[server]\naddr = [\"10.0.0.2:9999\", \"10.0.0.2:9999\"]\n",
+    ));
+    assert_has(&e, "listed twice");
+    let e = toml_errors(&with_server(
+        "[server]\naddr = \"10.0.0.2:9999\"\n[[server.servers]]\naddr = \"10.0.0.3:9999\"\n",
+    ));
+    assert_has(&e, "not both");
+    for bad in [0, 101] {
+        let e = toml_errors(&with_server(&format!(
+            "[[server.servers]]\naddr = \"10.0.0.3:9999\"\nweight = {bad}\n"
+        )));
+        assert_has(
+            &e,
+            &format!("server.servers[0].weight = {bad}: must be 1..=100"),
+        );
+    }
+    let e = toml_errors(&with_server("[[server.servers]]\nweight = 2\n"));
+    assert_has(&e, "server.servers[0].addr");
+    let e = toml_errors(&with_server("[server]\naddr = [1, 2]\n"));
+    assert_has(&e, "server.addr");
+    let e = toml_errors(&with_server(
+        "[server]\naddr = [\"10.0.0.2:9999\", \"[fd00::2]:9999\"]\n",
+    ));
+    assert_has(&e, "IPv6 interface is not configured");
+}
+
+#[test]
+fn yaml_server_addr_may_be_a_list() {
+    let yaml = spec_client_yaml();
+    let one = Config::from_yaml_str(&yaml).unwrap().config;
+    assert_eq!(one.servers.len(), 1);
+    let first = one.servers[0].addr.to_string();
+    let list = yaml.replacen(
+        &format!("addr: \"{first}\""),
+        &format!("addr: [\"{first}\", \"10.0.0.200:9999\"]"),
+        1,
+    );
+    assert_ne!(list, yaml, "the spec YAML carries server.addr as {first:?}");
+    let two = Config::from_yaml_str(&list).unwrap().config;
+    assert_eq!(two.servers.len(), 2);
+    assert_eq!(two.server, one.server);
 }

@@ -96,6 +96,9 @@ pub const METRIC_NAMES: &[&str] = &[
     "paqet_pcap_kernel_drops_total",
     "paqet_worker_packets_total",
     "paqet_worker_sessions",
+    "paqet_server_up",
+    "paqet_server_sessions",
+    "paqet_server_dial_failures_total",
     "paqet_worker_handoffs_total",
     "paqet_xdp_packets_total",
     "paqet_afxdp_socket_events_total",
@@ -310,9 +313,26 @@ pub struct AfXdpStats {
     pub tx_invalid_descs: u64,
 }
 
+/// Client: one configured server as one worker sees it (`paqet_server_*`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerSnapshot {
+    /// The server's address (the `server` label).
+    pub server: String,
+    /// Healthy (sessions are placed on it).
+    pub up: bool,
+    /// The worker's `transport.conn` slots (a worker without slots does not judge health).
+    pub slots: u64,
+    /// The worker's slot sessions on this server.
+    pub sessions: u64,
+    /// Dials to it that failed (cumulative).
+    pub dial_failures: u64,
+}
+
 /// One worker's counters. All counters are cumulative since the worker started.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WorkerSnapshot {
+    /// Client: every configured server (health, sessions, dial failures).
+    pub servers: Vec<ServerSnapshot>,
     /// Live sessions.
     pub sessions: u64,
     /// Sessions that authenticated a datagram within the smux keepalive timeout (readiness; not exported
@@ -483,6 +503,9 @@ pub struct Metrics {
     pcap_drops: CounterFamily,
     worker_packets: CounterFamily,
     worker_sessions: GaugeFamily,
+    server_up: GaugeFamily,
+    server_sessions: GaugeFamily,
+    server_dial_failures: CounterFamily,
     worker_handoffs: CounterFamily,
     xdp: CounterFamily,
     afxdp: CounterFamily,
@@ -654,6 +677,9 @@ impl Metrics {
             pcap_drops: Family::default(),
             worker_packets: Family::default(),
             worker_sessions: Family::default(),
+            server_up: Family::default(),
+            server_sessions: Family::default(),
+            server_dial_failures: Family::default(),
             worker_handoffs: Family::default(),
             xdp: Family::default(),
             afxdp: Family::default(),
@@ -780,6 +806,21 @@ impl Metrics {
             "worker_sessions",
             "Live sessions per worker",
             m.worker_sessions.clone(),
+        );
+        r.register(
+            "server_up",
+            "Client: 1 while a configured server is healthy (sessions are placed on it), 0 while it is out",
+            m.server_up.clone(),
+        );
+        r.register(
+            "server_sessions",
+            "Client: transport.conn sessions placed on each server",
+            m.server_sessions.clone(),
+        );
+        r.register(
+            "server_dial_failures",
+            "Client: dials to each server that failed",
+            m.server_dial_failures.clone(),
         );
         r.register(
             "worker_handoffs",
@@ -1096,6 +1137,35 @@ impl Metrics {
             t.pcap_ps_ifdrop,
         );
 
+        // Per-server series (client): summed over the workers; a server is up unless a worker that
+        // places sessions took it out.
+        self.server_up.clear();
+        self.server_sessions.clear();
+        self.server_dial_failures.clear();
+        let mut per: Vec<(String, bool, bool, u64, u64)> = Vec::new();
+        for v in s.workers.iter().flat_map(|w| w.servers.iter()) {
+            let i = match per.iter().position(|p| p.0 == v.server) {
+                Some(i) => i,
+                None => {
+                    per.push((v.server.clone(), true, false, 0, 0));
+                    per.len() - 1
+                }
+            };
+            let p = &mut per[i];
+            if v.slots > 0 {
+                p.1 &= v.up;
+                p.2 = true;
+            }
+            p.3 += v.sessions;
+            p.4 += v.dial_failures;
+        }
+        for (server, up, _, sessions, failures) in &per {
+            let l = l1("server", server);
+            set_g(&self.server_up, &l, u64::from(*up));
+            set_g(&self.server_sessions, &l, *sessions);
+            set_c(&self.server_dial_failures, &l, *failures);
+        }
+
         // Per-worker series: the worker set can change between scrapes, so rebuild them.
         self.worker_packets.clear();
         self.worker_sessions.clear();
@@ -1192,10 +1262,26 @@ mod tests {
             &cc(CcAlgorithm::Bbr, "probe_bw", 1_000, 20, 4096),
         );
         w0.cc.finish();
+        let server = |addr: &str, up: bool, slots: u64, sessions: u64, fails: u64| ServerSnapshot {
+            server: addr.to_string(),
+            up,
+            slots,
+            sessions,
+            dial_failures: fails,
+        };
+        w0.servers = vec![
+            server("10.0.0.2:9999", true, 2, 1, 0),
+            server("10.0.0.3:9999", false, 2, 0, 2),
+        ];
         let mut w1 = WorkerSnapshot {
             rx_packets: 5,
             rx_bytes: 500,
             sessions: 1,
+            // A worker without slots does not judge health: server 2 stays down.
+            servers: vec![
+                server("10.0.0.2:9999", true, 1, 1, 1),
+                server("10.0.0.3:9999", true, 0, 0, 0),
+            ],
             ..Default::default()
         };
         w1.afxdp = Some(AfXdpStats {
@@ -1301,6 +1387,21 @@ mod tests {
             .as_deref(),
             Some("0")
         );
+        for (sample, want) in [
+            ("paqet_server_up{server=\"10.0.0.2:9999\"}", "1"),
+            ("paqet_server_up{server=\"10.0.0.3:9999\"}", "0"),
+            ("paqet_server_sessions{server=\"10.0.0.2:9999\"}", "2"),
+            (
+                "paqet_server_dial_failures_total{server=\"10.0.0.2:9999\"}",
+                "1",
+            ),
+            (
+                "paqet_server_dial_failures_total{server=\"10.0.0.3:9999\"}",
+                "2",
+            ),
+        ] {
+            assert_eq!(sample_value(&t, sample).as_deref(), Some(want), "{sample}");
+        }
         let mean: f64 = sample_value(&t, "paqet_kcp_srtt_seconds{stat=\"mean\"}")
             .unwrap()
             .parse()

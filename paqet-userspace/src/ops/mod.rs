@@ -11,7 +11,7 @@ pub mod pprof;
 pub use http::{readiness, serve, spawn_ops_thread, OpsState, ReadyFn, SnapshotFn};
 pub use hub::MetricsHub;
 pub use metrics::{
-    AfXdpStats, CcSnapshot, CcTopSession, DataPathMode, KcpRetrans, Metrics, RoleLabel, Snapshot,
-    WorkerSnapshot, CC_TOP_N, CONTENT_TYPE, METRIC_NAMES,
+    AfXdpStats, CcSnapshot, CcTopSession, DataPathMode, KcpRetrans, Metrics, RoleLabel,
+    ServerSnapshot, Snapshot, WorkerSnapshot, CC_TOP_N, CONTENT_TYPE, METRIC_NAMES,
 };
 pub use pprof::TrackingAlloc;

@@ -6,7 +6,7 @@
 //! with the link it came on, the local port and the peer's address. The endpoint
 //!
 //! 1. checks the guard prefix (spec §5) and strips it;
-//! 2. on a client, drops datagrams from anyone but `server.addr`;
+//! 2. on a client, drops datagrams from anyone but the configured server(s);
 //! 3. routes the datagram to the session of `(link, local port, peer)` (the `by_peer` index), or on a
 //!    server learns a new session: the conv comes from a decrypted copy (trial decryption with the
 //!    configured key), `max_sessions` is applied first. Only a datagram that starts a session opens one:
@@ -81,6 +81,8 @@ pub struct EndpointConfig {
     pub session: SessionConfig,
     /// Client: the only source datagrams are accepted from (`server.addr`).
     pub server_addr: Option<SocketAddr>,
+    /// Client with several servers: the other sources accepted too (every configured server).
+    pub more_servers: Vec<SocketAddr>,
     /// Server limits.
     pub limits: Limits,
     /// Packet guard (`None` = off: the wire is exactly upstream's).
@@ -244,6 +246,7 @@ pub struct Endpoint<T> {
     role: Role,
     session_cfg: SessionConfig,
     server_addr: Option<SocketAddr>,
+    more_servers: Vec<SocketAddr>,
     limits: Limits,
     guard: Option<Guard>,
     /// Server: decrypts a copy of an unknown source's first datagram to learn its conv.
@@ -286,6 +289,7 @@ impl<T: Default> Endpoint<T> {
             probe: cfg.session.crypto.clone(),
             session_cfg: cfg.session,
             server_addr: cfg.server_addr,
+            more_servers: cfg.more_servers,
             limits: cfg.limits,
             guard: cfg.guard,
             scratch: Vec::with_capacity(2048),
@@ -347,7 +351,10 @@ impl<T: Default> Endpoint<T> {
             let n = g.prefix_len();
             payload = &mut payload[n..];
         }
-        if self.role == Role::Client && self.server_addr != Some(src) {
+        if self.role == Role::Client
+            && self.server_addr != Some(src)
+            && !self.more_servers.contains(&src)
+        {
             self.stats.rx_foreign += 1;
             return DatagramEvent::Dropped(DropReason::Foreign);
         }
@@ -859,6 +866,7 @@ mod tests {
             role,
             session,
             server_addr: (role == Role::Client).then(|| addr(SERVER)),
+            more_servers: Vec::new(),
             limits,
             guard,
             replay: None,
@@ -1019,6 +1027,7 @@ mod tests {
             role: Role::Server,
             session: session_cfg(0x42, (0, 0)),
             server_addr: None,
+            more_servers: Vec::new(),
             limits: Limits::default(),
             guard: None,
             replay: Some(r),
@@ -1432,6 +1441,7 @@ mod tests {
             role: Role::Server,
             session: session_cfg(0x42, (200, 100)),
             server_addr: None,
+            more_servers: Vec::new(),
             limits: Limits::default(),
             guard: None,
             replay: None,

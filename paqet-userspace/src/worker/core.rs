@@ -275,11 +275,13 @@ impl Core {
             role: cfg.role,
             session: cfg.session.clone(),
             server_addr: cfg.server_addr,
+            more_servers: cfg.servers.iter().map(|s| s.addr).collect(),
             limits: cfg.limits,
             guard: if noise.is_some() { None } else { guard.clone() },
             replay: cfg.replay.clone(),
         })?;
         let conn = cfg.conn.max(1);
+        let servers = cfg.server_targets();
         Ok(Rc::new(RefCell::new(Core {
             cfg: Rc::new(cfg),
             start: Instant::now(),
@@ -294,7 +296,7 @@ impl Core {
             rx_arena: Vec::with_capacity(64 * 2048),
             rx_frames: Vec::with_capacity(64),
             accept_tx: None,
-            client: ClientState::new(conn),
+            client: ClientState::new(conn, servers),
             router: None,
             counters: IoCounters::default(),
             cc: CcSnapshot::default(),
@@ -1305,6 +1307,7 @@ mod cc_tests {
             ipv4: None,
             ipv6: None,
             server_addr: None,
+            servers: Vec::new(),
             conn: 1,
             local_flags: vec![TcpFlags::PSH_ACK],
             remote_flags: vec![],

@@ -26,7 +26,9 @@ use anyhow::{anyhow, Context as _};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::setup::{firewall_role, pcap_factory, publish_metrics_until, worker_config, OpsServers};
+use super::setup::{
+    firewall_roles, pcap_factory, publish_metrics_until, worker_config, OpsServers,
+};
 use super::xdp::{XdpLinks, XdpPlane, XdpWant};
 use super::{Tunnel, WorkerConfig};
 use crate::config::{Config, CpuPin};
@@ -232,9 +234,10 @@ fn pcap_plane(
     wcfg: &WorkerConfig,
     manage_firewall: bool,
 ) -> anyhow::Result<(Plane, Vec<Links>)> {
-    let rules = firewall_role(wcfg)
-        .map(|r| firewall::rules(&r))
-        .unwrap_or_default();
+    let rules: Vec<_> = firewall_roles(wcfg)
+        .iter()
+        .flat_map(firewall::rules)
+        .collect();
     for r in &rules {
         info!("host firewall rule needed: {r}");
     }

@@ -59,6 +59,41 @@ pub struct FamilyConfig {
     pub router_mac: [u8; 6],
 }
 
+/// Client: one server, resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerTarget {
+    pub addr: SocketAddr,
+    /// Relative share of `transport.conn` sessions.
+    pub weight: u32,
+    /// Next-hop MAC towards it.
+    pub router_mac: [u8; 6],
+}
+
+impl WorkerConfig {
+    /// Client: the servers sessions are placed on (at least `server_addr` when set).
+    pub fn server_targets(&self) -> Vec<ServerTarget> {
+        if !self.servers.is_empty() {
+            return self.servers.clone();
+        }
+        self.server_addr
+            .into_iter()
+            .filter_map(|addr| {
+                let fam = if addr.is_ipv4() { self.ipv4 } else { self.ipv6 }?;
+                Some(ServerTarget {
+                    addr,
+                    weight: 1,
+                    router_mac: fam.router_mac,
+                })
+            })
+            .collect()
+    }
+
+    /// Client: whether `src` is one of the configured servers.
+    pub fn is_server(&self, src: SocketAddr) -> bool {
+        self.server_addr == Some(src) || self.servers.iter().any(|s| s.addr == src)
+    }
+}
+
 /// Everything a worker needs, resolved from the configuration (addresses and MACs already known).
 #[derive(Clone)]
 pub struct WorkerConfig {
@@ -69,8 +104,11 @@ pub struct WorkerConfig {
     pub local_mac: [u8; 6],
     pub ipv4: Option<FamilyConfig>,
     pub ipv6: Option<FamilyConfig>,
-    /// Client only: the server's tunnel address.
+    /// Client only: the (first) server's tunnel address.
     pub server_addr: Option<SocketAddr>,
+    /// Client only: every server (`server.addr` array / `[[server.servers]]`) with its weight and next-hop
+    /// MAC; empty = just `server_addr` (weight 1, its family's `router_mac`).
+    pub servers: Vec<ServerTarget>,
     /// Client only: number of parallel sessions (`transport.conn`).
     pub conn: usize,
     /// Flags this side puts on its packets (`network.tcp.local_flag`).

@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context as _};
 use tracing::{info, warn};
 
 use super::core::{Core, Shared};
-use super::{FamilyConfig, GuardConfig, IoFactory, Limits, WorkerConfig};
+use super::{FamilyConfig, GuardConfig, IoFactory, Limits, ServerTarget, WorkerConfig};
 use crate::config::{Config, HostPort, Role as CfgRole};
 use crate::io::pcap::{PcapConfig, PcapIo};
 use crate::io::{route, PacketIo};
@@ -190,6 +190,32 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
         }
         _ => None,
     };
+    // Every server (several: `server.addr` array / `[[server.servers]]`), in the family of the first,
+    // each with the next hop towards it.
+    let mut servers = Vec::new();
+    if let (Some(first), true) = (server_addr, cfg.servers.len() > 1) {
+        let (v4, v6) = (cfg.network.ipv4.is_some(), cfg.network.ipv6.is_some());
+        for (i, e) in cfg.servers.iter().enumerate() {
+            let addr = resolve_server(&e.addr, v4, v6)
+                .with_context(|| format!("server.addr[{i}] {}", e.addr))?;
+            if addr.is_ipv4() != first.is_ipv4() {
+                bail!("server.addr[{i}] {addr}: every server must be in the address family of the first ({first})");
+            }
+            let (name, configured_mac) = if addr.is_ipv4() {
+                ("ipv4", cfg.network.ipv4.as_ref().and_then(|f| f.router_mac))
+            } else {
+                ("ipv6", cfg.network.ipv6.as_ref().and_then(|f| f.router_mac))
+            };
+            let router_mac =
+                route::router_mac_for(iface, medium, name, configured_mac.map(|m| m.0), addr.ip())
+                    .with_context(|| format!("network.{name}.router_mac (server {addr})"))?;
+            servers.push(ServerTarget {
+                addr,
+                weight: e.weight,
+                router_mac,
+            });
+        }
+    }
     if let Some(s) = server_addr.filter(|_| ipv4.is_none() && ipv6.is_none()) {
         let fam = if s.is_ipv4() { "ipv4" } else { "ipv6" };
         bail!("server.addr {s} needs network.{fam}, which is not configured");
@@ -222,6 +248,7 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
         ipv4,
         ipv6,
         server_addr,
+        servers,
         conn: cfg.transport.conn.max(1) as usize,
         local_flags: flags(&cfg.network.local_flag, "network.tcp.local_flag")?,
         remote_flags: flags(&cfg.network.remote_flag, "network.tcp.remote_flag")?,
@@ -380,6 +407,21 @@ pub fn firewall_role(wcfg: &WorkerConfig) -> Option<FirewallRole> {
     }
 }
 
+/// [`firewall_role`], plus the client rules towards every further server (several servers).
+pub fn firewall_roles(wcfg: &WorkerConfig) -> Vec<FirewallRole> {
+    let mut out: Vec<FirewallRole> = firewall_role(wcfg).into_iter().collect();
+    if let (Role::Client, Some(first)) = (wcfg.role, wcfg.server_addr) {
+        let port = wcfg.local_port();
+        for t in wcfg.servers.iter().filter(|t| t.addr != first) {
+            out.push(FirewallRole::Client {
+                server: t.addr,
+                local_ports: if port == 0 { Vec::new() } else { vec![port] },
+            });
+        }
+    }
+    out
+}
+
 /// Watches a rejection counter (crypto failures, or guard drops: the guard is keyed by the same key) for
 /// the symptoms of a wrong `transport.kcp.key` / `block`: rejections rising while nothing ever
 /// authenticated (client) or while no session exists and none opened (server). Core keeps no per-peer
@@ -482,6 +524,9 @@ impl Publisher {
         snap.sessions = c.session_count() as u64;
         snap.live_sessions = c.live_sessions(c.config().session.smux.keepalive_timeout_ms) as u64;
         snap.streams = c.stream_count() as u64;
+        if c.config().role == Role::Client {
+            snap.servers = c.client.server_stats();
+        }
         if c.uses_shared_links() {
             snap.afxdp = Some(crate::ops::AfXdpStats {
                 rx_dropped: io.xsk_rx_dropped,

@@ -49,6 +49,7 @@ fn cfg(role: Role, limits: Limits, guard: Option<(GuardConfig, String)>) -> Work
         }),
         ipv6: None,
         server_addr: (role == Role::Client).then(|| SERVER.parse().unwrap()),
+        servers: Vec::new(),
         conn: 1,
         local_flags: vec![TcpFlags(TcpFlags::PSH.0 | TcpFlags::ACK.0)],
         remote_flags: vec![TcpFlags(TcpFlags::ACK.0)],

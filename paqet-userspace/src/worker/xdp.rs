@@ -340,13 +340,17 @@ pub fn rx_queue_count(iface: &str) -> std::io::Result<usize> {
 }
 
 /// The steering config for a worker configuration, on the configured families and local addresses: a
-/// server steers its tunnel port; a client steers every frame from `server.addr` (any local port).
+/// server steers its tunnel port; a client steers every frame from `server.addr` to its session ports (with
+/// several servers: every frame to its session ports, `FLAG_SRC_ANY`).
 pub fn steer_config(wcfg: &WorkerConfig) -> SteerConfig {
     let mut sc = SteerConfig::any(wcfg.local_port());
     sc.flags = 0;
     if wcfg.role == Role::Client {
         sc.port = 0;
-        if let Some(server) = wcfg.server_addr {
+        if wcfg.servers.len() > 1 {
+            // Several servers: the session ports alone (the bitmap) select our frames.
+            sc.flags |= SteerConfig::FLAG_SRC_ANY;
+        } else if let Some(server) = wcfg.server_addr {
             sc.src_port = server.port();
             match server.ip() {
                 IpAddr::V4(ip) => {
@@ -887,6 +891,7 @@ mod tests {
             }),
             ipv6: None,
             server_addr: server.map(|s| s.parse().unwrap()),
+            servers: Vec::new(),
             conn: 4,
             local_flags: Vec::new(),
             remote_flags: Vec::new(),
