@@ -34,7 +34,7 @@ const USAGE: &str = "usage: cargo xtask bench [micro|tunnel|all] [--modes pcap,p
                         [--streams 1000,10000] [--requests N] [--flood-secs N] [--guard] [--share-cpus] [--cc bbr,off] [--crypto aes,noise] [--bin PATH]
                         [-- CRITERION ARGS]
        cargo xtask bench wan [--rates 20,100,500] [--rtts 20,100,200] [--losses 0,1,5]
-                        [--rows bbr,fixed,off,kcptun,tcp-bbr,tcp-cubic] [--secs N] [--parallel N]
+                        [--rows bbr,bbr-noise,fixed,off,kcptun,tcp-bbr,tcp-cubic] [--secs N] [--parallel N]
                         [--mode xdp-native|xdp-generic|pcap] [--windows N] [--bin PATH]
        cargo xtask bench soak [--minutes N] [--mode pcap|xdp-generic|xdp-native] [--settle-secs N]
                         [--window-mem BYTES|default] [--bin PATH]

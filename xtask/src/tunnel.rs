@@ -135,7 +135,13 @@ impl Kcp {
 /// `cfg` (one of [`server_toml`] / [`client_toml`]) with the protection of `k`: for `noise`, the
 /// `block = "aes"` and key lines become `block = "noise"` and a `[transport.noise]` table is added.
 fn with_crypto(cfg: String, k: Kcp, server: bool) -> String {
-    if k.crypto != "noise" {
+    noise_wire(cfg, k.crypto == "noise", server)
+}
+
+/// `cfg` (one of [`server_toml`] / [`client_toml`]) on the noise wire when `noise`: the `block = "aes"` and
+/// key lines become `block = "noise"` and a `[transport.noise]` table with the bench's keys is added.
+pub(crate) fn noise_wire(cfg: String, noise: bool, server: bool) -> String {
+    if !noise {
         return cfg;
     }
     let section = if server {

@@ -102,6 +102,8 @@ impl Default for Opts {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Row {
     Bbr,
+    /// `bbr` on paqet-dp's authenticated wire (`block = "noise"`) instead of kcp-go's aes.
+    BbrNoise,
     Fixed,
     Off,
     Kcptun,
@@ -109,8 +111,9 @@ pub enum Row {
     TcpCubic,
 }
 
-pub const ALL_ROWS: [Row; 6] = [
+pub const ALL_ROWS: [Row; 7] = [
     Row::Bbr,
+    Row::BbrNoise,
     Row::Fixed,
     Row::Off,
     Row::Kcptun,
@@ -122,6 +125,7 @@ impl Row {
     pub fn name(self) -> &'static str {
         match self {
             Row::Bbr => "bbr",
+            Row::BbrNoise => "bbr-noise",
             Row::Fixed => "fixed",
             Row::Off => "off",
             Row::Kcptun => "kcptun",
@@ -135,7 +139,7 @@ impl Row {
             .into_iter()
             .find(|r| r.name() == s)
             .with_context(|| {
-                format!("--rows: unknown row {s:?} (bbr, fixed, off, kcptun, tcp-bbr, tcp-cubic)")
+                format!("--rows: unknown row {s:?} (bbr, bbr-noise, fixed, off, kcptun, tcp-bbr, tcp-cubic)")
             })
     }
 
@@ -144,7 +148,7 @@ impl Row {
         match self {
             Row::TcpBbr | Row::TcpCubic => None,
             Row::Off | Row::Kcptun => Some(forced.unwrap_or(FIXED_WND)),
-            Row::Bbr | Row::Fixed => forced,
+            Row::Bbr | Row::BbrNoise | Row::Fixed => forced,
         }
     }
 
@@ -155,6 +159,7 @@ impl Row {
         };
         match self {
             Row::Bbr => format!("paqet-dp bbr, {wnd}"),
+            Row::BbrNoise => format!("paqet-dp bbr, noise wire, {wnd}"),
             Row::Fixed => format!("paqet-dp fixed=R, {wnd}"),
             Row::Off => format!("paqet-dp off, {wnd}"),
             Row::Kcptun => format!("kcptun, {wnd}"),
@@ -170,6 +175,8 @@ impl Row {
         match self {
             Row::TcpBbr | Row::TcpCubic => 20 + 32,
             Row::Bbr | Row::Fixed | Row::Off => 20 + 32 + 20 + 24,
+            // The noise wire's header and tag: 29 bytes instead of kcp-go's nonce + CRC.
+            Row::BbrNoise => 20 + 32 + 29 + 24,
             Row::Kcptun => 20 + 8 + 20 + 24,
         }
     }
@@ -1041,12 +1048,15 @@ fn start_row(
             wait_through(path, Front::Kcptun, 20, || Ok(()))?;
             Ok((Ends::Kcptun(ends), Front::Kcptun))
         }
-        Row::Bbr | Row::Fixed | Row::Off => {
+        Row::Bbr | Row::BbrNoise | Row::Fixed | Row::Off => {
             let kcp = row.kcp_lines(cell.rate, opts.windows);
             let cpus = daemon_cpus();
+            let noise = row == Row::BbrNoise;
             let server_cfg = tunnel::server_toml(&path.s_if, path.ip_s, MAC_MS, &kcp, false);
-            let mut client_cfg =
+            let server_cfg = tunnel::noise_wire(server_cfg, noise, true);
+            let client_cfg =
                 tunnel::client_toml(&path.c_if, path.ip_c, path.ip_s, MAC_MC, &kcp, false);
+            let mut client_cfg = tunnel::noise_wire(client_cfg, noise, false);
             client_cfg.push_str(&format!("[[forward]]\nlisten = \"127.0.0.1:{FWD_MUX}\"\ntarget = \"127.0.0.1:{MUX_PORT}\"\nprotocol = \"tcp\"\n"));
             let tag = row.name();
             let mut server = Daemon::spawn(
