@@ -90,6 +90,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "paqet_guard_drops_total",
     "paqet_limit_rejections_total",
     "paqet_streams_refused_total",
+    "paqet_reverse_connections_total",
+    "paqet_reverse_refusals_total",
     "paqet_pcap_kernel_drops_total",
     "paqet_worker_packets_total",
     "paqet_worker_sessions",
@@ -466,6 +468,8 @@ pub struct Metrics {
     limits: CounterFamily,
     /// Server streams refused by policy, by reason (`target_denied`: `server.allow` / `server.deny`).
     streams_refused: CounterFamily,
+    reverse_connections: CounterFamily,
+    reverse_refusals: CounterFamily,
     pcap_drops: CounterFamily,
     worker_packets: CounterFamily,
     worker_sessions: GaugeFamily,
@@ -635,6 +639,8 @@ impl Metrics {
             guard_drops: Counter::default(),
             limits: Family::default(),
             streams_refused: Family::default(),
+            reverse_connections: Family::default(),
+            reverse_refusals: Family::default(),
             pcap_drops: Family::default(),
             worker_packets: Family::default(),
             worker_sessions: Family::default(),
@@ -739,6 +745,16 @@ impl Metrics {
             "streams_refused",
             "Server streams refused by policy (reason: target_denied = server.allow / server.deny)",
             m.streams_refused.clone(),
+        );
+        r.register(
+            "reverse_connections",
+            "Connections (TCP) or sources (UDP) carried by a reverse forward (name: the client's reverse[].name, the server's protocol/listen address)",
+            m.reverse_connections.clone(),
+        );
+        r.register(
+            "reverse_refusals",
+            "Reverse forwards refused (reason: disabled, not_allowed, unavailable, invalid, unsupported = the server did not answer, other)",
+            m.reverse_refusals.clone(),
         );
         r.register(
             "pcap_kernel_drops",
@@ -907,6 +923,17 @@ impl Metrics {
             &l1("reason", "target_denied"),
             crate::config::targets::target_refusals(),
         );
+        for (name, v) in crate::worker::reverse::connections() {
+            set_c(&self.reverse_connections, &l1("name", &name), v);
+        }
+        let refused = crate::worker::reverse::refusals();
+        for reason in crate::worker::reverse::REFUSAL_REASONS {
+            let v = refused
+                .iter()
+                .find(|(r, _)| r == &reason)
+                .map_or(0, |(_, v)| *v);
+            set_c(&self.reverse_refusals, &l1("reason", reason), v);
+        }
         let mut t = WorkerSnapshot::default();
         let mut srtt: Vec<f64> = Vec::new();
         for w in &s.workers {
@@ -1165,6 +1192,7 @@ mod tests {
             xdp: Some(xdp),
         };
         let m = Metrics::new();
+        crate::worker::reverse::count_connection("metrics-test");
         let t = m.encode(&s);
         assert_eq!(
             sample_value(&t, "paqet_packets_total{direction=\"rx\"}").as_deref(),

@@ -675,7 +675,6 @@ impl<T> Endpoint<T> {
     pub fn admit_peer_stream(&mut self, id: SessionId, sid: u32, accepting: bool) -> bool {
         let limits = self.limits;
         let total = self.streams_total;
-        let role = self.role;
         let Some(e) = self.sessions.get_mut(&id) else {
             return false;
         };
@@ -685,7 +684,8 @@ impl<T> Endpoint<T> {
         let over_total = limits
             .max_streams_total
             .is_some_and(|m| total >= m.saturating_add(PENDING_STREAM_SLACK));
-        if role != Role::Server || over_session || over_total || !accepting {
+        // A client accepts server-opened streams only when it serves reverse forwards (`accepting`).
+        if over_session || over_total || !accepting {
             e.session.close_stream(sid);
             self.stats.streams_rejected += 1;
             debug!(peer = %e.peer, sid, over_session, over_total, "stream rejected");
@@ -1232,9 +1232,10 @@ mod tests {
             "silent for longer than the window"
         );
         assert!(ep.bad_sources().is_empty());
-        // A client accepts no peer-opened stream.
-        assert!(!ep.admit_peer_stream(id, 2, true));
+        // A client accepts peer-opened streams only when it serves reverse forwards (`accepting`).
+        assert!(!ep.admit_peer_stream(id, 2, false));
         assert_eq!(ep.stats().streams_rejected, 1);
+        assert!(ep.admit_peer_stream(id, 4, true));
     }
 
     #[test]

@@ -117,7 +117,7 @@ impl ClientState {
 }
 
 /// Emits a header into a fresh vector.
-fn header_bytes(h: &Header) -> Result<Vec<u8>, TunnelError> {
+pub(super) fn header_bytes(h: &Header) -> Result<Vec<u8>, TunnelError> {
     let mut v = Vec::with_capacity(h.encoded_len());
     h.try_emit(&mut v).map_err(|e| TunnelError::Header {
         what: format!("{h:?}"),
@@ -127,7 +127,7 @@ fn header_bytes(h: &Header) -> Result<Vec<u8>, TunnelError> {
 }
 
 /// Opens a stream on session `id`, writes `bytes` as its first frame and, if `close`, closes it at once.
-fn stream_with(c: &mut Core, id: u64, bytes: &[u8], close: bool) -> Result<u32, TunnelError> {
+pub(super) fn stream_with(c: &mut Core, id: u64, bytes: &[u8], close: bool) -> Result<u32, TunnelError> {
     let e = c.endpoint.get_mut(id).ok_or(SessionError::Dead)?;
     let sid = e.session.open_stream()?;
     if !bytes.is_empty() {
@@ -152,7 +152,7 @@ fn ptcpf(c: &Core) -> Header {
 
 /// Dials slot `slot`: new packet I/O on a (random) local port, new conv, session-start PTCPF.
 pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError> {
-    let (link_id, fd, retire, id) = {
+    let (link_id, fd, retire, id, control) = {
         let mut guard = shared.borrow_mut();
         let c = &mut *guard;
         if c.cfg.role != Role::Client {
@@ -219,9 +219,13 @@ pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError
         }
         let h = header_bytes(&ptcpf(c))?;
         stream_with(c, id, &h, true)?;
+        let control = super::reverse::declare(c, id, slot)?;
         info!(slot, local = %src, %server, conv, "session dialled");
-        (link_id, fd, retire, id)
+        (link_id, fd, retire, id, control)
     };
+    if let Some(sid) = control {
+        super::reverse::spawn_control(shared, id, sid);
+    }
     if let Some(retire) = retire {
         spawn_link_rx(shared.clone(), link_id, fd, retire);
     }
@@ -235,6 +239,7 @@ pub(crate) fn start(shared: &Shared, factory: IoFactory) -> Result<(), TunnelErr
         c.client.factory = Some(factory);
         c.client.slots.len()
     };
+    super::reverse::start_client(shared);
     for slot in 0..n {
         dial_slot(shared, slot)?;
     }
@@ -257,6 +262,7 @@ pub(crate) fn start_shared(shared: &Shared, link: u64, slots: usize) -> Result<(
         c.client.shared = Some(SharedPorts { link });
         c.client.slots.len()
     };
+    super::reverse::start_client(shared);
     for slot in 0..n {
         dial_slot(shared, slot)?;
     }

@@ -1040,6 +1040,7 @@ mod cc_tests {
             guard: None,
             limits: super::super::Limits::default(),
             header_timeout: Duration::from_secs(10),
+            reverse: Default::default(),
             targets: Default::default(),
             replay: None,
         })

@@ -22,6 +22,7 @@
 pub mod client;
 pub mod core;
 pub mod daemon;
+pub mod reverse;
 pub mod server;
 pub mod setup;
 pub mod stream;
@@ -85,6 +86,8 @@ pub struct WorkerConfig {
     /// Server: the replay filter shared by the daemon's workers (`None`: each endpoint keeps its own, in
     /// memory).
     pub replay: Option<std::sync::Arc<dyn crate::proto::replay::ReplayGate>>,
+    /// Reverse forwards: the client's `[[reverse]]`, the server's `server.reverse_allow`.
+    pub reverse: std::sync::Arc<reverse::ReverseConfig>,
 }
 
 impl WorkerConfig {

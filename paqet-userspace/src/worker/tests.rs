@@ -54,6 +54,7 @@ fn cfg(role: Role, limits: Limits, guard: Option<(GuardConfig, String)>) -> Work
         guard,
         limits,
         header_timeout: Duration::from_secs(10),
+        reverse: Default::default(),
         targets: Default::default(),
         replay: None,
     }

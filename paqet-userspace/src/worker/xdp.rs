@@ -854,6 +854,7 @@ mod tests {
             guard: None,
             limits: Default::default(),
             header_timeout: Duration::from_secs(10),
+            reverse: Default::default(),
             targets: Default::default(),
             replay: None,
         }
