@@ -470,6 +470,7 @@ fn daemon_pair_exports_congestion_control_figures() {
             guard: None,
             limits: Limits::default(),
             header_timeout: Duration::from_secs(10),
+            reverse: Default::default(),
             targets: Default::default(),
             replay: None,
         }

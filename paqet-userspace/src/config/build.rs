@@ -14,8 +14,8 @@ use super::schema::{Issues, Mode};
 use super::targets::{TargetPolicy, TargetRule, TARGET_RULE_SYNTAX};
 use super::{
     CcAlgorithm, Config, FamilyConfig, ForwardProtocol, ForwardRule, HostPort, HttpListener,
-    IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, ReverseRule, Role,
-    Socks5Listener, TransportConfig, MAX_REVERSE,
+    IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, ReverseRule, Role, Socks5Listener,
+    TransportConfig, MAX_REVERSE,
 };
 use crate::proto::cc::parse_bandwidth;
 
@@ -246,8 +246,7 @@ impl Ctx<'_> {
             let name = match &r.name {
                 Some(n) => {
                     let ok = (1..=64).contains(&n.len())
-                        && n
-                            .bytes()
+                        && n.bytes()
                             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
                     if !ok {
                         self.is.error(

@@ -23,8 +23,7 @@ use tracing::{debug, info, warn};
 use crate::worker::{copy_until_either_ends, Tunnel, TunnelStream, MAX_UDP_DATAGRAM};
 
 /// Opens the tunnel stream for one TCP connection or one UDP source; the error is logged.
-pub type StreamOpener =
-    Rc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<TunnelStream, String>>>>>;
+pub type StreamOpener = Rc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<TunnelStream, String>>>>>;
 
 fn tunnel_opener(tunnel: Tunnel, host: String, port: u16, udp: bool) -> StreamOpener {
     let host = Rc::new(host);

@@ -127,7 +127,12 @@ pub(super) fn header_bytes(h: &Header) -> Result<Vec<u8>, TunnelError> {
 }
 
 /// Opens a stream on session `id`, writes `bytes` as its first frame and, if `close`, closes it at once.
-pub(super) fn stream_with(c: &mut Core, id: u64, bytes: &[u8], close: bool) -> Result<u32, TunnelError> {
+pub(super) fn stream_with(
+    c: &mut Core,
+    id: u64,
+    bytes: &[u8],
+    close: bool,
+) -> Result<u32, TunnelError> {
     let e = c.endpoint.get_mut(id).ok_or(SessionError::Dead)?;
     let sid = e.session.open_stream()?;
     if !bytes.is_empty() {
@@ -152,7 +157,7 @@ fn ptcpf(c: &Core) -> Header {
 
 /// Dials slot `slot`: new packet I/O on a (random) local port, new conv, session-start PTCPF.
 pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError> {
-    let (link_id, fd, retire, id, control) = {
+    let (link_id, fd, retire, id) = {
         let mut guard = shared.borrow_mut();
         let c = &mut *guard;
         if c.cfg.role != Role::Client {
@@ -219,13 +224,10 @@ pub(crate) fn dial_slot(shared: &Shared, slot: usize) -> Result<u64, TunnelError
         }
         let h = header_bytes(&ptcpf(c))?;
         stream_with(c, id, &h, true)?;
-        let control = super::reverse::declare(c, id, slot)?;
         info!(slot, local = %src, %server, conv, "session dialled");
-        (link_id, fd, retire, id, control)
+        (link_id, fd, retire, id)
     };
-    if let Some(sid) = control {
-        super::reverse::spawn_control(shared, id, sid);
-    }
+    super::reverse::spawn_control(shared, id, slot);
     if let Some(retire) = retire {
         spawn_link_rx(shared.clone(), link_id, fd, retire);
     }

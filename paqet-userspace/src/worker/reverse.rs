@@ -33,6 +33,8 @@ use crate::wire::header::{Header, ReverseEntry, ReverseProto, ReverseStatus};
 
 /// How long the client waits for the server's PREVA before deciding it does not support reverse forwards.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a client declares again while the server answers `unavailable` for an entry.
+pub const RETRY: Duration = Duration::from_secs(3);
 
 /// Both ends' reverse-forward settings (shared by a daemon's workers).
 #[derive(Debug, Clone, Default)]
@@ -122,57 +124,90 @@ pub fn declaration(rules: &[ReverseRule]) -> Header {
     )
 }
 
-/// Client: the session of slot `slot` was just dialled. With `[[reverse]]` entries and slot 0, opens the
-/// control stream with PREVD and returns its id (the caller then runs [`spawn_control`]).
-pub(super) fn declare(
-    c: &mut super::core::Core,
-    id: u64,
-    slot: usize,
-) -> Result<Option<u32>, TunnelError> {
-    if slot != 0 || c.cfg.reverse.rules.is_empty() {
-        return Ok(None);
-    }
+/// Client: opens a control stream on session `id` with PREVD.
+fn declare(shared: &Shared, id: u64) -> Result<TunnelStream, TunnelError> {
+    let mut c = shared.borrow_mut();
     let bytes = header_bytes(&declaration(&c.cfg.reverse.rules))?;
-    let sid = stream_with(c, id, &bytes, false)?;
+    let sid = stream_with(&mut c, id, &bytes, false)?;
     c.register_stream(id, sid);
-    Ok(Some(sid))
+    drop(c);
+    Ok(TunnelStream::attach(shared.clone(), id, sid))
 }
 
-/// Client: waits for the server's answer on the control stream, logs it, then holds the stream (the
-/// server keeps the listeners while it is open).
-pub(super) fn spawn_control(shared: &Shared, id: u64, sid: u32) {
-    let mut s = TunnelStream::attach(shared.clone(), id, sid);
+/// Client: the session of slot `slot` was just dialled. With `[[reverse]]` entries and slot 0, declares
+/// them on a control stream, logs the answer and holds the stream (the server keeps the listeners while
+/// it is open). Entries the server could not listen on (`unavailable`: e.g. the session of this client's
+/// previous run still holds them until it times out) are declared again every [`RETRY`] on a fresh
+/// control stream, as long as the session lives.
+pub(super) fn spawn_control(shared: &Shared, id: u64, slot: usize) {
     let rules = shared.borrow().cfg.reverse.rules.clone();
+    if slot != 0 || rules.is_empty() {
+        return;
+    }
+    let shared = shared.clone();
     tokio::task::spawn_local(async move {
-        match tokio::time::timeout(ANSWER_TIMEOUT, read_header(&mut s)).await {
-            Ok(Ok(Header::ReverseAnswer(st))) => log_answer(&rules, &st),
-            Ok(Ok(other)) => {
-                count_refusal("unsupported");
-                error!(answer = ?other, "[[reverse]]: server does not support reverse forwards (unexpected answer to the declaration)");
-                return;
+        let mut quiet = false;
+        loop {
+            let mut s = match declare(&shared, id) {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "[[reverse]]: session gone before the declaration");
+                    return;
+                }
+            };
+            let st = match tokio::time::timeout(ANSWER_TIMEOUT, read_header(&mut s)).await {
+                Ok(Ok(Header::ReverseAnswer(st))) => st,
+                Ok(Ok(other)) => {
+                    count_refusal("unsupported");
+                    error!(answer = ?other, "[[reverse]]: server does not support reverse forwards (unexpected answer to the declaration)");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    if !shared
+                        .borrow()
+                        .endpoint
+                        .get(id)
+                        .is_some_and(|e| !e.session.is_dead())
+                    {
+                        return; // the session ended, not the server's answer
+                    }
+                    count_refusal("unsupported");
+                    error!(error = %e, "[[reverse]]: server does not support reverse forwards (it closed the declaration without an answer: an upstream paqet server, or its server.reverse_allow is empty); the other streams keep working");
+                    return;
+                }
+                Err(_) => {
+                    count_refusal("unsupported");
+                    error!(
+                        "[[reverse]]: server does not support reverse forwards (no answer within {}s); the other streams keep working",
+                        ANSWER_TIMEOUT.as_secs()
+                    );
+                    return;
+                }
+            };
+            let retry = st.contains(&ReverseStatus::Unavailable);
+            if !quiet || !retry {
+                log_answer(&rules, &st);
             }
-            Ok(Err(e)) => {
-                count_refusal("unsupported");
-                error!(error = %e, "[[reverse]]: server does not support reverse forwards (it closed the declaration without an answer: an upstream paqet server, or server.reverse_allow is empty); the other streams keep working");
-                return;
+            if retry {
+                // Declare again later (closing this stream releases what it got).
+                quiet = true;
+                drop(s);
+                tokio::time::sleep(RETRY).await;
+                continue;
             }
-            Err(_) => {
-                count_refusal("unsupported");
-                error!(
-                    "[[reverse]]: server does not support reverse forwards (no answer within {}s); the other streams keep working",
-                    ANSWER_TIMEOUT.as_secs()
-                );
-                return;
+            if quiet {
+                info!("[[reverse]]: every entry the server accepts is listening now");
             }
+            // Hold the stream until the session ends (or the server closes it).
+            let mut buf = [0u8; 64];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            debug!("[[reverse]]: control stream ended");
+            return;
         }
-        // Hold the stream until the session ends (or the server closes it).
-        let mut buf = [0u8; 64];
-        while let Ok(n) = s.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-        debug!("[[reverse]]: control stream ended");
     });
 }
 
@@ -312,7 +347,10 @@ pub(super) async fn serve_declaration(
     if allow.is_empty() {
         // Upstream's reaction to a header type it does not know: close the stream without an answer.
         count_refusal("disabled");
-        debug!(?peer, "reverse forwards declared but server.reverse_allow is empty: stream closed");
+        debug!(
+            ?peer,
+            "reverse forwards declared but server.reverse_allow is empty: stream closed"
+        );
         return Ok(());
     }
     let session = s.session_id();
@@ -383,7 +421,8 @@ fn opener(shared: &Shared, session: u64, index: u8, label: String) -> StreamOpen
         let shared = shared.clone();
         let label = label.clone();
         Box::pin(async move {
-            let bytes = header_bytes(&Header::ReverseConnect { index }).map_err(|e| e.to_string())?;
+            let bytes =
+                header_bytes(&Header::ReverseConnect { index }).map_err(|e| e.to_string())?;
             let sid = {
                 let mut c = shared.borrow_mut();
                 let sid = stream_with(&mut c, session, &bytes, false).map_err(|e| e.to_string())?;
@@ -424,8 +463,14 @@ mod tests {
             panic!("not a declaration");
         };
         assert_eq!(e.len(), 2);
-        assert_eq!((e[0].proto, e[0].host.as_str(), e[0].port), (ReverseProto::Tcp, "0.0.0.0", 8022));
-        assert_eq!((e[1].proto, e[1].host.as_str(), e[1].port), (ReverseProto::Udp, "::1", 5353));
+        assert_eq!(
+            (e[0].proto, e[0].host.as_str(), e[0].port),
+            (ReverseProto::Tcp, "0.0.0.0", 8022)
+        );
+        assert_eq!(
+            (e[1].proto, e[1].host.as_str(), e[1].port),
+            (ReverseProto::Udp, "::1", 5353)
+        );
     }
 
     #[tokio::test]
