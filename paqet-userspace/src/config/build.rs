@@ -1175,7 +1175,8 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
             .reverse
             .iter()
             .map(|r| RawReverse {
-                name: Some(r.name.clone()),
+                // The default name (protocol/remote) is not a valid explicit one: leave it implicit.
+                name: (r.name != format!("{}/{}", r.protocol, r.remote)).then(|| r.name.clone()),
                 remote: Some(r.remote.to_string()),
                 target: Some(r.target.to_string()),
                 protocol: Some(r.protocol.to_string()),
