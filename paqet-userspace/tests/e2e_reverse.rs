@@ -12,7 +12,6 @@ mod common;
 
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -67,30 +66,15 @@ protocol = "tcp"
     c
 }
 
-/// curl in the server namespace straight to a reverse listener (no proxy).
-fn curl_direct(ns: &Netns, max_secs: u64) -> std::process::Command {
-    let mut c = ns.command("curl");
-    c.env_clear()
-        .env(
-            "PATH",
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
-        )
-        .args([
-            "-sS",
-            "--fail",
-            "-H",
-            "Expect:",
-            "--connect-timeout",
-            "10",
-            "--max-time",
-            &max_secs.to_string(),
-        ])
-        .stdin(Stdio::null());
-    c
-}
-
 fn rev_url(path: &str) -> String {
     format!("http://127.0.0.1:{REV_TCP}{path}")
+}
+
+/// GET `path` from the reverse TCP listener, from the server namespace.
+fn rev_fetch(ns: &Netns, path: &str, max_secs: u64) -> Fetched {
+    let mut c = curl_direct(ns, max_secs);
+    c.arg(rev_url(path));
+    spawn_fetch(c).join().expect("fetch thread")
 }
 
 /// Whether a TCP connect to `127.0.0.1:port` in `ns` succeeds.
@@ -188,13 +172,7 @@ fn reverse_tcp_udp_refusal_and_restart() {
 
         // 200 MiB from the client's side to the server's side, 16 MiB the other way.
         let len = 200 * MIB;
-        let f = spawn_fetch({
-            let mut c = curl_direct(s, 120);
-            c.arg(rev_url(&format!("/gen/7/{len}")));
-            c
-        })
-        .join()
-        .expect("fetch thread");
+        let f = rev_fetch(s, &format!("/gen/7/{len}"), 120);
         assert!(
             f.ok && f.len == len,
             "reverse download: {f:?}\n{}",
@@ -261,13 +239,7 @@ fn reverse_tcp_udp_refusal_and_restart() {
             "reverse forward after the client restarted",
             Duration::from_secs(40),
             || {
-                let f = spawn_fetch({
-                    let mut c = curl_direct(s, 5);
-                    c.arg(rev_url("/gen/3/1000"));
-                    c
-                })
-                .join()
-                .expect("fetch thread");
+                let f = rev_fetch(s, "/gen/3/1000", 5);
                 f.ok && f.sha256 == pattern_sha256(3, 1000)
             },
             &t,

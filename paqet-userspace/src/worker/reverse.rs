@@ -163,11 +163,11 @@ pub(super) fn spawn_control(shared: &Shared, id: u64, slot: usize) {
                     return;
                 }
                 Ok(Err(e)) => {
-                    if !shared
+                    if shared
                         .borrow()
                         .endpoint
                         .get(id)
-                        .is_some_and(|e| !e.session.is_dead())
+                        .is_none_or(|e| e.session.is_dead())
                     {
                         return; // the session ended, not the server's answer
                     }
