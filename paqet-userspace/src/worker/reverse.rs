@@ -45,6 +45,20 @@ pub struct ReverseConfig {
     pub allow: Vec<SocketAddr>,
 }
 
+/// Worker `index`'s copy of `wcfg`: a client's `[[reverse]]` entries are declared by worker 0 only (its
+/// slot 0 session; worker 0 always runs a session), so several workers do not compete for the same
+/// listeners. The server's allow list is shared by every worker.
+pub(crate) fn for_worker(wcfg: &super::WorkerConfig, index: usize) -> super::WorkerConfig {
+    let mut w = wcfg.clone();
+    if index > 0 && !w.reverse.rules.is_empty() {
+        w.reverse = std::sync::Arc::new(ReverseConfig {
+            rules: Vec::new(),
+            allow: w.reverse.allow.clone(),
+        });
+    }
+    w
+}
+
 // ------------------------------------------------------------------------------------------------
 // Counters (process-wide; published as paqet_reverse_connections_total{name} and
 // paqet_reverse_refusals_total{reason}).
