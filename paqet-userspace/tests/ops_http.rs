@@ -198,6 +198,8 @@ fn parse_sample(line: &str) -> String {
 
 #[test]
 fn metrics_are_prometheus_text_with_every_name() {
+    // A daemon registers its configured reverse forwards at start (0 until their first connection).
+    paqet::worker::reverse::register_names(["ssh".to_owned()]);
     let srv = Server::start(Arc::new(AtomicBool::new(true)), false);
     let (status, head, body) = srv.get("/metrics");
     assert_eq!(status, 200);

@@ -59,6 +59,19 @@ pub(crate) fn for_worker(wcfg: &super::WorkerConfig, index: usize) -> super::Wor
     w
 }
 
+impl ReverseConfig {
+    /// The settings, with their forwards registered in `paqet_reverse_connections_total` (0 until used).
+    pub fn registered(rules: Vec<ReverseRule>, allow: Vec<SocketAddr>) -> Self {
+        register_names(rules.iter().map(|r| r.name.clone()));
+        register_names(
+            allow
+                .iter()
+                .flat_map(|a| [format!("tcp/{a}"), format!("udp/{a}")]),
+        );
+        ReverseConfig { rules, allow }
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Counters (process-wide; published as paqet_reverse_connections_total{name} and
 // paqet_reverse_refusals_total{reason}).
@@ -76,6 +89,16 @@ pub const REFUSAL_REASONS: [&str; 6] = [
     "unsupported",
     "other",
 ];
+
+/// Exports `names` in `paqet_reverse_connections_total` with 0 until their first connection (the daemon
+/// registers its configured forwards: the client's names, the server's `tcp/…` and `udp/…` allow entries).
+pub fn register_names(names: impl IntoIterator<Item = String>) {
+    if let Ok(mut m) = CONNECTIONS.lock() {
+        for n in names {
+            m.entry(n).or_default();
+        }
+    }
+}
 
 pub(crate) fn count_connection(name: &str) {
     if let Ok(mut m) = CONNECTIONS.lock() {

@@ -215,10 +215,10 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
             max_streams_per_session: lim(k.max_streams_per_session),
         },
         header_timeout: cfg.header_timeout(),
-        reverse: std::sync::Arc::new(super::reverse::ReverseConfig {
-            rules: cfg.reverse.clone(),
-            allow: cfg.reverse_allow.clone(),
-        }),
+        reverse: std::sync::Arc::new(super::reverse::ReverseConfig::registered(
+            cfg.reverse.clone(),
+            cfg.reverse_allow.clone(),
+        )),
         targets: std::sync::Arc::new(cfg.targets.clone()),
         replay: None,
     })
