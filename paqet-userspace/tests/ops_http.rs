@@ -206,6 +206,8 @@ fn parse_sample(line: &str) -> String {
 
 #[test]
 fn metrics_are_prometheus_text_with_every_name() {
+    // A daemon registers its configured reverse forwards at start (0 until their first connection).
+    paqet::worker::reverse::register_names(["ssh".to_owned()]);
     let srv = Server::start(Arc::new(AtomicBool::new(true)), false);
     let (status, head, body) = srv.get("/metrics");
     assert_eq!(status, 200);
@@ -481,6 +483,7 @@ fn daemon_pair_exports_congestion_control_figures() {
             limits: Limits::default(),
             header_timeout: Duration::from_secs(10),
             rotate: Default::default(),
+            reverse: Default::default(),
             targets: Default::default(),
             replay: None,
             noise: None,

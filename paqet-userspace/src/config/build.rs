@@ -14,8 +14,9 @@ use super::schema::{Issues, Mode};
 use super::targets::{TargetPolicy, TargetRule, TARGET_RULE_SYNTAX};
 use super::{
     CcAlgorithm, Config, FamilyConfig, ForwardProtocol, ForwardRule, GuardFormat, HostPort,
-    HttpListener, IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, Role, RotateConfig,
-    ServerEntry, Socks5Listener, TransportConfig, MAX_SERVERS, MAX_WEIGHT,
+    HttpListener, IoConfig, KcpConfig, KcpMode, Limit, MacAddr, NetworkConfig, ReverseRule, Role,
+    RotateConfig, ServerEntry, Socks5Listener, TransportConfig, MAX_REVERSE, MAX_SERVERS,
+    MAX_WEIGHT,
 };
 use crate::proto::cc::parse_bandwidth;
 
@@ -151,6 +152,7 @@ impl Ctx<'_> {
                 ("socks5", raw.socks5.len()),
                 ("forward", raw.forward.len()),
                 ("http", raw.http.len()),
+                ("reverse", raw.reverse.len()),
             ] {
                 if n > 0 {
                     self.wrong_role(name, Role::Client);
@@ -168,6 +170,7 @@ impl Ctx<'_> {
             && raw.socks5.is_empty()
             && raw.forward.is_empty()
             && raw.http.is_empty()
+            && raw.reverse.is_empty()
         {
             self.is.warn(
                 "socks5",
@@ -288,6 +291,122 @@ impl Ctx<'_> {
                     target,
                     protocol,
                 });
+            }
+        }
+        out
+    }
+
+    /// `[[reverse]]` (client): each remote an IP literal with a port, names and (protocol, remote) unique.
+    fn reverse(&mut self, raw: &[RawReverse]) -> Vec<ReverseRule> {
+        if raw.is_empty() {
+            return Vec::new();
+        }
+        if self.server() {
+            self.wrong_role("reverse", Role::Client);
+            return Vec::new();
+        }
+        if raw.len() > MAX_REVERSE {
+            self.is.error(
+                "reverse",
+                Some(format!("[…{} entries]", raw.len())),
+                format!("at most {MAX_REVERSE} [[reverse]] entries"),
+            );
+            return Vec::new();
+        }
+        let mut out: Vec<ReverseRule> = Vec::new();
+        for (i, r) in raw.iter().enumerate() {
+            let remote = self
+                .endpoint(&format!("reverse[{i}].remote"), r.remote.as_ref(), true)
+                .and_then(|hp| match hp.ip() {
+                    Some(ip) => Some(std::net::SocketAddr::new(ip, hp.port)),
+                    None => {
+                        self.is.error(
+                            format!("reverse[{i}].remote"),
+                            r.remote.as_deref().map(q),
+                            "must be an IP literal:port (the server listens on it; no names)",
+                        );
+                        None
+                    }
+                });
+            let target = self.endpoint(&format!("reverse[{i}].target"), r.target.as_ref(), true);
+            let protocol = self.required_choice::<ForwardProtocol>(
+                &format!("reverse[{i}].protocol"),
+                "reverse[].protocol",
+                r.protocol.as_ref(),
+            );
+            let (Some(remote), Some(target), Some(protocol)) = (remote, target, protocol) else {
+                continue;
+            };
+            let name = match &r.name {
+                Some(n) => {
+                    let ok = (1..=64).contains(&n.len())
+                        && n.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                    if !ok {
+                        self.is.error(
+                            format!("reverse[{i}].name"),
+                            Some(q(n)),
+                            "must be 1..=64 of A-Z a-z 0-9 . _ -",
+                        );
+                        continue;
+                    }
+                    n.clone()
+                }
+                None => format!("{protocol}/{remote}"),
+            };
+            if out.iter().any(|o| o.name == name) {
+                self.is.error(
+                    format!("reverse[{i}].name"),
+                    Some(q(&name)),
+                    "must be unique among [[reverse]] entries",
+                );
+                continue;
+            }
+            if out
+                .iter()
+                .any(|o| o.remote == remote && o.protocol == protocol)
+            {
+                self.is.error(
+                    format!("reverse[{i}].remote"),
+                    Some(q(&remote.to_string())),
+                    "declared twice for the same protocol",
+                );
+                continue;
+            }
+            out.push(ReverseRule {
+                name,
+                remote,
+                target,
+                protocol,
+            });
+        }
+        out
+    }
+
+    /// `server.reverse_allow` (server): IP-literal listen addresses with a port.
+    fn reverse_allow(&mut self, raw: &RawConfig) -> Vec<std::net::SocketAddr> {
+        let Some(list) = raw.server.as_ref().and_then(|s| s.reverse_allow.as_ref()) else {
+            return Vec::new();
+        };
+        if !self.server() {
+            if self.client() {
+                self.wrong_role("server.reverse_allow", Role::Server);
+            }
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (i, entry) in list.iter().enumerate() {
+            let addr = HostPort::parse(entry)
+                .ok()
+                .and_then(|h| Some(std::net::SocketAddr::new(h.ip()?, h.port)))
+                .filter(|a| a.port() != 0);
+            match addr {
+                Some(a) => out.push(a),
+                None => self.is.error(
+                    format!("server.reverse_allow[{i}]"),
+                    Some(q(entry)),
+                    "must be an IP literal:port with port 1..=65535 (e.g. \"0.0.0.0:8022\", \"[::1]:5353\")",
+                ),
             }
         }
         out
@@ -1011,6 +1130,8 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
     let (listen, server, servers) = cx.addresses(raw);
     let targets = cx.targets(raw);
     let (socks5, forward, http) = cx.front_ends(raw);
+    let reverse = cx.reverse(&raw.reverse);
+    let reverse_allow = cx.reverse_allow(raw);
     let network = cx.network(&raw.network.clone().unwrap_or_default());
     let transport = cx.transport(&raw.transport.clone().unwrap_or_default());
     cx.cross_checks(
@@ -1033,6 +1154,8 @@ pub(crate) fn build(raw: &RawConfig, mode: Mode, is: &mut Issues) -> Option<Conf
         socks5,
         forward,
         http,
+        reverse,
+        reverse_allow,
         network,
         transport,
         metrics_listen,
@@ -1094,6 +1217,8 @@ fn server_raw(c: &Config) -> Option<RawAddr> {
         servers,
         allow: list(&c.targets.allow),
         deny: list(&c.targets.deny),
+        reverse_allow: (!c.reverse_allow.is_empty())
+            .then(|| c.reverse_allow.iter().map(ToString::to_string).collect()),
     };
     (raw != RawAddr::default()).then_some(raw)
 }
@@ -1207,6 +1332,17 @@ pub(crate) fn to_raw(c: &Config) -> RawConfig {
                 listen: Some(f.listen.to_string()),
                 target: Some(f.target.to_string()),
                 protocol: Some(f.protocol.to_string()),
+            })
+            .collect(),
+        reverse: c
+            .reverse
+            .iter()
+            .map(|r| RawReverse {
+                // The default name (protocol/remote) is not a valid explicit one: leave it implicit.
+                name: (r.name != format!("{}/{}", r.protocol, r.remote)).then(|| r.name.clone()),
+                remote: Some(r.remote.to_string()),
+                target: Some(r.target.to_string()),
+                protocol: Some(r.protocol.to_string()),
             })
             .collect(),
         http: c

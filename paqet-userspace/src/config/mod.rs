@@ -147,6 +147,23 @@ pub struct ForwardRule {
     pub protocol: ForwardProtocol,
 }
 
+/// Largest number of `[[reverse]]` entries (one PREVD carries them all).
+pub const MAX_REVERSE: usize = crate::wire::header::MAX_REVERSE;
+
+/// One reverse forward (client; paqet-dp addition): the server listens on `remote` and carries each
+/// connection back through this client's session to `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReverseRule {
+    /// Label in logs and metrics (`reverse[].name`, default `protocol/remote`).
+    pub name: String,
+    /// Listen address on the server (an IP literal).
+    pub remote: std::net::SocketAddr,
+    /// Target on the client's side, resolved by the client.
+    pub target: HostPort,
+    /// tcp or udp.
+    pub protocol: ForwardProtocol,
+}
+
 /// One HTTP proxy listener (client; paqet-dp addition). `Debug` redacts the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HttpListener {
@@ -453,6 +470,10 @@ pub struct Config {
     pub forward: Vec<ForwardRule>,
     /// Client: HTTP proxy listeners.
     pub http: Vec<HttpListener>,
+    /// Client: reverse forwards (`[[reverse]]`).
+    pub reverse: Vec<ReverseRule>,
+    /// Server: `server.reverse_allow` (empty: reverse forwards off).
+    pub reverse_allow: Vec<std::net::SocketAddr>,
     /// Raw-packet network settings.
     pub network: NetworkConfig,
     /// Transport settings.
@@ -671,7 +692,10 @@ impl Config {
 
     /// Whether the client has anything to serve (SOCKS5, forward or HTTP listeners).
     pub fn has_front_ends(&self) -> bool {
-        !(self.socks5.is_empty() && self.forward.is_empty() && self.http.is_empty())
+        !(self.socks5.is_empty()
+            && self.forward.is_empty()
+            && self.http.is_empty()
+            && self.reverse.is_empty())
     }
 }
 

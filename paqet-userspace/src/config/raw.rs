@@ -52,6 +52,22 @@ pub struct RawConfig {
     pub forward: Vec<RawForward>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub http: Vec<RawHttp>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reverse: Vec<RawReverse>,
+}
+
+/// `[[reverse]]` (paqet-dp: a listener on the server carried back to a target on the client's side).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawReverse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// `[log]`
@@ -76,6 +92,8 @@ pub struct RawAddr {
     pub allow: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deny: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverse_allow: Option<Vec<String>>,
 }
 
 /// A string or an array of strings (`server.addr`).

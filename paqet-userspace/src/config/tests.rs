@@ -1558,3 +1558,124 @@ fn yaml_server_addr_may_be_a_list() {
     assert_eq!(two.servers.len(), 2);
     assert_eq!(two.server, one.server);
 }
+
+#[test]
+fn reverse_forwards() {
+    let rev = |name: &str, remote: &str, target: &str, proto: &str| {
+        format!("[[reverse]]\nname = \"{name}\"\nremote = \"{remote}\"\ntarget = \"{target}\"\nprotocol = \"{proto}\"\n")
+    };
+    // Valid: names default to protocol/remote; the TOML round trip keeps them.
+    let text = format!(
+        "{}\n{}[[reverse]]\nremote = \"[::1]:5353\"\ntarget = \"localhost:53\"\nprotocol = \"udp\"\n",
+        client_toml(""),
+        rev("ssh", "0.0.0.0:8022", "127.0.0.1:22", "tcp")
+    );
+    let c = toml_ok(&text).config;
+    assert_eq!(c.reverse.len(), 2);
+    assert_eq!(c.reverse[0].name, "ssh");
+    assert_eq!(c.reverse[0].remote, "0.0.0.0:8022".parse().unwrap());
+    assert_eq!(c.reverse[1].name, "udp/[::1]:5353");
+    assert_eq!(c.reverse[1].target.host, "localhost");
+    let again = toml_ok(&c.to_toml_string()).config;
+    assert_eq!(again.reverse, c.reverse);
+    // A client with only reverse forwards has something to serve (no "nothing will use the tunnel").
+    let only = client_toml("").replace("[[socks5]]\nlisten = \"127.0.0.1:1080\"\n", "")
+        + &rev("ssh", "0.0.0.0:8022", "127.0.0.1:22", "tcp");
+    assert!(toml_ok(&only).warnings.is_empty());
+
+    // Errors name the entry and say what is allowed.
+    let bad = format!(
+        "{}\n{}{}{}{}{}",
+        client_toml(""),
+        rev("a", "example.com:80", "127.0.0.1:1", "tcp"),
+        rev("b c", "127.0.0.1:81", "127.0.0.1:1", "tcp"),
+        rev("d", "127.0.0.1:0", "127.0.0.1:1", "tcp"),
+        rev("e", "127.0.0.1:82", "127.0.0.1:1", "sctp"),
+        rev("e", "127.0.0.1:83", "127.0.0.1:1", "tcp")
+            + &rev("f", "127.0.0.1:83", "127.0.0.1:2", "tcp")
+    );
+    let errors = toml_errors(&bad);
+    assert_has(
+        &errors,
+        "reverse[0].remote = \"example.com:80\": must be an IP literal:port",
+    );
+    assert_has(&errors, "reverse[1].name = \"b c\": must be 1..=64 of");
+    assert_has(&errors, "reverse[2].remote = \"127.0.0.1:0\": port must be");
+    assert_has(
+        &errors,
+        "reverse[3].protocol = \"sctp\": must be one of tcp, udp",
+    );
+    assert_has(
+        &errors,
+        "reverse[5].remote = \"127.0.0.1:83\": declared twice",
+    );
+    let dup = format!(
+        "{}\n{}{}",
+        client_toml(""),
+        rev("x", "127.0.0.1:1", "127.0.0.1:1", "tcp"),
+        rev("x", "127.0.0.1:2", "127.0.0.1:1", "tcp")
+    );
+    assert_has(
+        &toml_errors(&dup),
+        "reverse[1].name = \"x\": must be unique",
+    );
+    let many: String = (0..17)
+        .map(|i| {
+            rev(
+                &format!("r{i}"),
+                &format!("127.0.0.1:{}", 100 + i),
+                "127.0.0.1:1",
+                "tcp",
+            )
+        })
+        .collect();
+    assert_has(
+        &toml_errors(&format!("{}\n{many}", client_toml(""))),
+        "at most 16 [[reverse]] entries",
+    );
+
+    // Roles: [[reverse]] is a client key, server.reverse_allow a server key.
+    let on_server = format!(
+        "{}\n{}",
+        server_toml(""),
+        rev("a", "127.0.0.1:1", "127.0.0.1:1", "tcp")
+    );
+    assert_has(
+        &toml_errors(&on_server),
+        "reverse: only valid for role client",
+    );
+    let allow_on_client = format!("{}\n[server.x]\n", client_toml("")).replace(
+        "[server]\naddr = \"10.0.0.2:9999\"\n",
+        "[server]\naddr = \"10.0.0.2:9999\"\nreverse_allow = [\"127.0.0.1:1\"]\n",
+    );
+    assert_has(
+        &toml_errors(&allow_on_client),
+        "server.reverse_allow: only valid for role server",
+    );
+
+    // server.reverse_allow entries: IP literal and a port.
+    let s = toml_ok(&format!(
+        "{}\n[server]\nreverse_allow = [\"0.0.0.0:8022\", \"[::1]:5353\"]\n",
+        server_toml("")
+    ))
+    .config;
+    assert_eq!(
+        s.reverse_allow,
+        vec![
+            "0.0.0.0:8022".parse().unwrap(),
+            "[::1]:5353".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        toml_ok(&s.to_toml_string()).config.reverse_allow,
+        s.reverse_allow
+    );
+    let errors = toml_errors(&format!(
+        "{}\n[server]\nreverse_allow = [\"host:1\", \"127.0.0.1:0\", \"8022\"]\n",
+        server_toml("")
+    ));
+    for i in 0..3 {
+        assert_has(&errors, &format!("server.reverse_allow[{i}]"));
+    }
+    assert_has(&errors, "must be an IP literal:port with port 1..=65535");
+}

@@ -4,9 +4,14 @@
 //!   until either side ends, then both are closed.
 //! - UDP: per source address one PUDP stream with a 64-datagram queue (new datagrams are dropped while it
 //!   is full); replies go back to that source; the stream is closed after `idle` without traffic.
+//!
+//! The same two loops serve the server's end of a reverse forward (`worker::reverse`): there the stream
+//! for a connection or source is opened by the server towards the client ([`StreamOpener`]).
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -15,7 +20,26 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::worker::{copy_until_either_ends, Tunnel, MAX_UDP_DATAGRAM};
+use crate::worker::{copy_until_either_ends, Tunnel, TunnelStream, MAX_UDP_DATAGRAM};
+
+/// Opens the tunnel stream for one TCP connection or one UDP source; the error is logged.
+pub type StreamOpener = Rc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<TunnelStream, String>>>>>;
+
+fn tunnel_opener(tunnel: Tunnel, host: String, port: u16, udp: bool) -> StreamOpener {
+    let host = Rc::new(host);
+    Rc::new(move || {
+        let tunnel = tunnel.clone();
+        let host = host.clone();
+        Box::pin(async move {
+            let r = if udp {
+                tunnel.open_udp(&host, port).await
+            } else {
+                tunnel.open_tcp(&host, port).await
+            };
+            r.map_err(|e| e.to_string())
+        })
+    })
+}
 
 /// Datagrams queued per UDP source before new ones are dropped (upstream: 64).
 pub const UDP_QUEUE: usize = 64;
@@ -55,18 +79,21 @@ impl TcpForward {
     pub async fn run(self, tunnel: Tunnel) {
         let local = self.listener.local_addr().ok();
         info!(listen = ?local, target = %format!("{}:{}", self.host, self.port), "tcp forward ready");
-        let host = Rc::new(self.host);
-        let port = self.port;
-        super::accept_loop(&self.listener, "tcp forward", |conn, from| {
-            let tunnel = tunnel.clone();
-            let host = host.clone();
+        let open = tunnel_opener(tunnel, self.host.clone(), self.port, false);
+        self.run_with("tcp forward", open).await
+    }
+
+    /// Accepts connections until the task is dropped, each carried on a stream from `open`.
+    pub async fn run_with(self, what: &'static str, open: StreamOpener) {
+        super::accept_loop(&self.listener, what, |conn, from| {
+            let open = open.clone();
             async move {
-                match tunnel.open_tcp(&host, port).await {
+                match open().await {
                     Ok(stream) => {
-                        debug!(%from, sid = stream.sid(), "tcp forward: stream opened");
+                        debug!(%from, sid = stream.sid(), "{what}: stream opened");
                         copy_until_either_ends(stream, conn).await;
                     }
-                    Err(e) => warn!(%from, error = %e, "tcp forward: cannot open a tunnel stream"),
+                    Err(e) => warn!(%from, error = %e, "{what}: cannot open a tunnel stream"),
                 }
             }
         })
@@ -114,19 +141,34 @@ impl UdpForward {
     /// Serves datagrams until the task is dropped.
     pub async fn run(self, tunnel: Tunnel) {
         info!(listen = ?self.sock.local_addr().ok(), target = %format!("{}:{}", self.host, self.port), "udp forward ready");
+        let open = tunnel_opener(tunnel, self.host.clone(), self.port, true);
+        self.run_with("udp forward", open).await
+    }
+
+    /// A forward on an already bound socket (the host/port are only shown in logs).
+    pub fn from_socket(sock: UdpSocket, host: String, port: u16) -> Self {
+        UdpForward {
+            sock: Rc::new(sock),
+            host,
+            port,
+            idle: UDP_IDLE,
+        }
+    }
+
+    /// Serves datagrams until the task is dropped, each source on a stream from `open`.
+    pub async fn run_with(self, what: &'static str, open: StreamOpener) {
         let peers: Rc<std::cell::RefCell<HashMap<SocketAddr, Peer>>> = Rc::default();
-        let host = Rc::new(self.host);
         let mut buf = vec![0u8; 65536];
         loop {
             let (n, from) = match self.sock.recv_from(&mut buf).await {
                 Ok(x) => x,
                 Err(e) => {
-                    debug!(error = %e, "udp forward: receive failed");
+                    debug!(error = %e, "{what}: receive failed");
                     continue;
                 }
             };
             if n > MAX_UDP_DATAGRAM {
-                debug!(%from, n, "udp forward: datagram over 4096 bytes dropped");
+                debug!(%from, n, "{what}: datagram over 4096 bytes dropped");
                 continue;
             }
             let existing = peers.borrow().get(&from).map(|p| p.tx.clone());
@@ -136,10 +178,9 @@ impl UdpForward {
                     let (tx, rx) = mpsc::channel(UDP_QUEUE);
                     peers.borrow_mut().insert(from, Peer { tx: tx.clone() });
                     let ctx = UdpPeerTask {
-                        tunnel: tunnel.clone(),
+                        open: open.clone(),
+                        what,
                         sock: self.sock.clone(),
-                        host: host.clone(),
-                        port: self.port,
                         from,
                         idle: self.idle,
                     };
@@ -152,31 +193,31 @@ impl UdpForward {
                 }
             };
             if tx.try_send(buf[..n].to_vec()).is_err() {
-                debug!(%from, "udp forward: queue full, datagram dropped");
+                debug!(%from, "{what}: queue full, datagram dropped");
             }
         }
     }
 }
 
 struct UdpPeerTask {
-    tunnel: Tunnel,
+    open: StreamOpener,
+    what: &'static str,
     sock: Rc<UdpSocket>,
-    host: Rc<String>,
-    port: u16,
     from: SocketAddr,
     idle: Duration,
 }
 
 impl UdpPeerTask {
     async fn run(self, mut rx: mpsc::Receiver<Vec<u8>>) {
-        let stream = match self.tunnel.open_udp(&self.host, self.port).await {
+        let what = self.what;
+        let stream = match (self.open)().await {
             Ok(s) => s,
             Err(e) => {
-                warn!(from = %self.from, error = %e, "udp forward: cannot open a tunnel stream");
+                warn!(from = %self.from, error = %e, "{what}: cannot open a tunnel stream");
                 return;
             }
         };
-        debug!(from = %self.from, sid = stream.sid(), "udp forward: stream opened");
+        debug!(from = %self.from, sid = stream.sid(), "{what}: stream opened");
         let last = Cell::new(Instant::now());
         loop {
             let expiry = last.get() + self.idle;
@@ -185,7 +226,7 @@ impl UdpPeerTask {
                     Some(d) => {
                         last.set(Instant::now());
                         if let Err(e) = stream.send_datagram(&d).await {
-                            debug!(from = %self.from, error = %e, "udp forward: stream write failed");
+                            debug!(from = %self.from, error = %e, "{what}: stream write failed");
                             return;
                         }
                     }
@@ -198,12 +239,12 @@ impl UdpPeerTask {
                     }
                     Ok(None) => return,
                     Err(e) => {
-                        debug!(from = %self.from, error = %e, "udp forward: stream read failed");
+                        debug!(from = %self.from, error = %e, "{what}: stream read failed");
                         return;
                     }
                 },
                 _ = tokio::time::sleep_until(expiry) => {
-                    debug!(from = %self.from, "udp forward: idle, stream closed");
+                    debug!(from = %self.from, "{what}: idle, stream closed");
                     return;
                 }
             }

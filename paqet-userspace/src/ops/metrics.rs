@@ -93,6 +93,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "paqet_limit_refusals_total",
     "paqet_streams_refused_total",
     "paqet_socks5_udp_channels",
+    "paqet_reverse_connections_total",
+    "paqet_reverse_refusals_total",
     "paqet_pcap_kernel_drops_total",
     "paqet_worker_packets_total",
     "paqet_worker_sessions",
@@ -500,6 +502,8 @@ pub struct Metrics {
     streams_refused: CounterFamily,
     /// Client: live SOCKS5 UDP ASSOCIATE datagram channels (each holds an idle timer), process-wide.
     socks5_udp_channels: Gauge<i64, AtomicI64>,
+    reverse_connections: CounterFamily,
+    reverse_refusals: CounterFamily,
     pcap_drops: CounterFamily,
     worker_packets: CounterFamily,
     worker_sessions: GaugeFamily,
@@ -674,6 +678,8 @@ impl Metrics {
             limit_refusals: Family::default(),
             streams_refused: Family::default(),
             socks5_udp_channels: Gauge::default(),
+            reverse_connections: Family::default(),
+            reverse_refusals: Family::default(),
             pcap_drops: Family::default(),
             worker_packets: Family::default(),
             worker_sessions: Family::default(),
@@ -791,6 +797,16 @@ impl Metrics {
             "socks5_udp_channels",
             "Client: live SOCKS5 UDP ASSOCIATE datagram channels (one per client address and target, each with its idle timer)",
             m.socks5_udp_channels.clone(),
+        );
+        r.register(
+            "reverse_connections",
+            "Connections (TCP) or sources (UDP) carried by a reverse forward (name: the client's reverse[].name, the server's protocol/listen address)",
+            m.reverse_connections.clone(),
+        );
+        r.register(
+            "reverse_refusals",
+            "Reverse forwards refused (reason: disabled, not_allowed, unavailable, invalid, unsupported = the server did not answer, other)",
+            m.reverse_refusals.clone(),
         );
         r.register(
             "pcap_kernel_drops",
@@ -977,6 +993,17 @@ impl Metrics {
         // Process-wide, counted by the SOCKS5 front end's reply tasks.
         self.socks5_udp_channels
             .set(i64::try_from(crate::front::socks5::udp_channels()).unwrap_or(i64::MAX));
+        for (name, v) in crate::worker::reverse::connections() {
+            set_c(&self.reverse_connections, &l1("name", &name), v);
+        }
+        let refused = crate::worker::reverse::refusals();
+        for reason in crate::worker::reverse::REFUSAL_REASONS {
+            let v = refused
+                .iter()
+                .find(|(r, _)| r == &reason)
+                .map_or(0, |(_, v)| *v);
+            set_c(&self.reverse_refusals, &l1("reason", reason), v);
+        }
         let mut t = WorkerSnapshot::default();
         let mut srtt: Vec<f64> = Vec::new();
         for w in &s.workers {
@@ -1297,6 +1324,7 @@ mod tests {
             xdp: Some(xdp),
         };
         let m = Metrics::new();
+        crate::worker::reverse::count_connection("metrics-test");
         let t = m.encode(&s);
         assert_eq!(
             sample_value(&t, "paqet_packets_total{direction=\"rx\"}").as_deref(),

@@ -723,7 +723,6 @@ impl<T> Endpoint<T> {
     ) -> Result<(), Option<LimitKey>> {
         let limits = self.limits;
         let total = self.streams_total;
-        let role = self.role;
         let Some(e) = self.sessions.get_mut(&id) else {
             return Err(None);
         };
@@ -733,7 +732,8 @@ impl<T> Endpoint<T> {
         let over_total = limits
             .max_streams_total
             .is_some_and(|m| total >= m.saturating_add(PENDING_STREAM_SLACK));
-        if role != Role::Server || over_session || over_total || !accepting {
+        // A client accepts server-opened streams only when it serves reverse forwards (`accepting`).
+        if over_session || over_total || !accepting {
             e.session.close_stream(sid);
             self.stats.streams_rejected += 1;
             debug!(peer = %e.peer, sid, over_session, over_total, "stream rejected");
@@ -1359,14 +1359,15 @@ mod tests {
             "silent for longer than the window"
         );
         assert!(ep.bad_sources().is_empty());
-        // A client accepts no peer-opened stream.
-        assert_eq!(ep.admit_peer_stream(id, 2, true), Err(None));
+        // A client accepts peer-opened streams only when it serves reverse forwards (`accepting`).
+        assert_eq!(ep.admit_peer_stream(id, 2, false), Err(None));
         assert_eq!(ep.stats().streams_rejected, 1);
         assert_eq!(
             ep.stats().limit_refusals,
             [0; LimitKey::COUNT],
             "not a limit"
         );
+        assert_eq!(ep.admit_peer_stream(id, 4, true), Ok(()));
     }
 
     #[test]

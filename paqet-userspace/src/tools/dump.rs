@@ -836,6 +836,18 @@ fn describe_paqet_header(out: &mut String, data: &[u8]) {
             }
             header::Header::Tcp { host, port } => write!(out, " paqet PTCP {host}:{port}"),
             header::Header::Udp { host, port } => write!(out, " paqet PUDP {host}:{port}"),
+            header::Header::ReverseDeclare(e) => {
+                let list: Vec<String> = e
+                    .iter()
+                    .map(|r| format!("{:?} {}:{}", r.proto, r.host, r.port))
+                    .collect();
+                write!(out, " paqet-dp PREVD [{}]", list.join(", "))
+            }
+            header::Header::ReverseAnswer(a) => {
+                let list: Vec<String> = a.iter().map(|s| s.byte().to_string()).collect();
+                write!(out, " paqet-dp PREVA [{}]", list.join(","))
+            }
+            header::Header::ReverseConnect { index } => write!(out, " paqet-dp PREVC {index}"),
         };
     }
 }

@@ -9,6 +9,15 @@
 //! | 3    | PTCPF | `count u8 (≤64)` + count × u16be flag bitmask |
 //! | 4    | PTCP  | `hostLen u8 (≤253) | host | port u16be` |
 //! | 5    | PUDP  | same as PTCP |
+//!
+//! paqet-dp extension (reverse forwards, `docs/protocol-extensions.md` §3; only sent when the client has
+//! `[[reverse]]` entries, so an upstream peer never sees them):
+//!
+//! | type | name  | body |
+//! |------|-------|------|
+//! | 0x40 | PREVD | `count u8 (1..=16)` + count × (`proto u8 (1 tcp, 2 udp) | hostLen u8 | host | port u16be`) |
+//! | 0x41 | PREVA | `count u8 (≤16)` + count × `status u8` ([`ReverseStatus`]) |
+//! | 0x42 | PREVC | `index u8` (the entry of this session's PREVD the connection belongs to) |
 
 use thiserror::Error;
 
@@ -24,6 +33,8 @@ pub const MAX_BODY: usize = 4096;
 pub const MAX_HOST: usize = 253;
 /// Largest PTCPF flag count.
 pub const MAX_FLAGS: usize = 64;
+/// Largest number of reverse forwards in one PREVD / PREVA.
+pub const MAX_REVERSE: usize = 16;
 
 /// Message type bytes.
 pub mod types {
@@ -37,6 +48,92 @@ pub mod types {
     pub const PTCP: u8 = 0x04;
     /// UDP association.
     pub const PUDP: u8 = 0x05;
+    /// paqet-dp: reverse forwards declared by the client (control stream, client → server).
+    pub const PREVD: u8 = 0x40;
+    /// paqet-dp: the server's answer to PREVD, one status per entry (same stream, server → client).
+    pub const PREVA: u8 = 0x41;
+    /// paqet-dp: a connection on a reverse listener (server-opened stream, server → client).
+    pub const PREVC: u8 = 0x42;
+}
+
+/// Transport of a reverse forward (`proto` byte of a PREVD entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReverseProto {
+    /// 1: TCP; the connection's bytes follow the PREVC header raw, both ways.
+    Tcp,
+    /// 2: UDP; one datagram per smux frame both ways, one stream per source address.
+    Udp,
+}
+
+impl ReverseProto {
+    fn byte(self) -> u8 {
+        match self {
+            ReverseProto::Tcp => 1,
+            ReverseProto::Udp => 2,
+        }
+    }
+}
+
+/// One declared reverse forward: the address (IP literal) and transport the server should listen on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReverseEntry {
+    /// tcp or udp.
+    pub proto: ReverseProto,
+    /// Listen host on the server (an IP literal, IPv6 without brackets).
+    pub host: String,
+    /// Listen port on the server.
+    pub port: u16,
+}
+
+/// Status byte of a PREVA entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReverseStatus {
+    /// 0: listening.
+    Accepted,
+    /// 1: the address is not in the server's `server.reverse_allow`.
+    NotAllowed,
+    /// 2: the server could not listen (address in use, e.g. held by another client's session).
+    Unavailable,
+    /// 3: the entry is malformed (host is not an IP literal, unknown protocol).
+    Invalid,
+    /// Any other byte (a newer peer's reason).
+    Other(u8),
+}
+
+impl ReverseStatus {
+    /// Wire byte.
+    pub fn byte(self) -> u8 {
+        match self {
+            ReverseStatus::Accepted => 0,
+            ReverseStatus::NotAllowed => 1,
+            ReverseStatus::Unavailable => 2,
+            ReverseStatus::Invalid => 3,
+            ReverseStatus::Other(b) => b,
+        }
+    }
+
+    /// From the wire byte.
+    pub fn from_byte(b: u8) -> Self {
+        match b {
+            0 => ReverseStatus::Accepted,
+            1 => ReverseStatus::NotAllowed,
+            2 => ReverseStatus::Unavailable,
+            3 => ReverseStatus::Invalid,
+            b => ReverseStatus::Other(b),
+        }
+    }
+}
+
+impl std::fmt::Display for ReverseStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReverseStatus::Accepted => f.write_str("accepted"),
+            ReverseStatus::NotAllowed => f.write_str("not in the server's server.reverse_allow"),
+            ReverseStatus::Unavailable => f.write_str("the server cannot listen on it (in use)"),
+            ReverseStatus::Invalid => f.write_str("malformed entry"),
+            ReverseStatus::Other(b) => write!(f, "refused (status {b})"),
+        }
+    }
 }
 
 /// A decoded per-stream header.
@@ -61,6 +158,15 @@ pub enum Header {
         host: String,
         /// Destination port.
         port: u16,
+    },
+    /// paqet-dp: the client's reverse forwards (PREVD).
+    ReverseDeclare(Vec<ReverseEntry>),
+    /// paqet-dp: the server's answer, one status per declared entry, in order (PREVA).
+    ReverseAnswer(Vec<ReverseStatus>),
+    /// paqet-dp: a connection of declared entry `index` (PREVC).
+    ReverseConnect {
+        /// Position of the entry in this session's PREVD.
+        index: u8,
     },
 }
 
@@ -101,6 +207,12 @@ pub enum HeaderError {
     /// Host bytes are not UTF-8.
     #[error("paqet header: host is not valid UTF-8")]
     NonUtf8Host,
+    /// A PREVD/PREVA with no entry or more than 16.
+    #[error("paqet header: reverse forward count {0} outside 1..=16")]
+    ReverseCount(usize),
+    /// A PREVD entry with a protocol byte other than 1 (tcp) or 2 (udp).
+    #[error("paqet header: reverse forward protocol {0} (expected 1 tcp or 2 udp)")]
+    ReverseProto(u8),
 }
 
 impl Header {
@@ -112,6 +224,9 @@ impl Header {
             Header::TcpFlags(_) => types::PTCPF,
             Header::Tcp { .. } => types::PTCP,
             Header::Udp { .. } => types::PUDP,
+            Header::ReverseDeclare(_) => types::PREVD,
+            Header::ReverseAnswer(_) => types::PREVA,
+            Header::ReverseConnect { .. } => types::PREVC,
         }
     }
 
@@ -128,6 +243,26 @@ impl Header {
                     Ok(())
                 }
             }
+            Header::ReverseDeclare(e) => {
+                if e.is_empty() || e.len() > MAX_REVERSE {
+                    return Err(HeaderError::ReverseCount(e.len()));
+                }
+                for r in e {
+                    if r.host.is_empty() {
+                        return Err(HeaderError::EmptyHost);
+                    }
+                    if r.host.len() > MAX_HOST {
+                        return Err(HeaderError::HostTooLong(r.host.len()));
+                    }
+                }
+                if self.body_len() > MAX_BODY {
+                    return Err(HeaderError::BodyTooLong(self.body_len()));
+                }
+                Ok(())
+            }
+            Header::ReverseAnswer(a) if a.len() > MAX_REVERSE => {
+                Err(HeaderError::ReverseCount(a.len()))
+            }
             _ => Ok(()),
         }
     }
@@ -142,6 +277,14 @@ impl Header {
             Header::Ping | Header::Pong => 0,
             Header::TcpFlags(f) => 1 + 2 * f.len(),
             Header::Tcp { host, .. } | Header::Udp { host, .. } => 1 + host.len() + 2,
+            Header::ReverseDeclare(e) => {
+                1 + e
+                    .iter()
+                    .map(|r| 4 + r.host.len().min(MAX_HOST))
+                    .sum::<usize>()
+            }
+            Header::ReverseAnswer(a) => 1 + a.len(),
+            Header::ReverseConnect { .. } => 1,
         }
     }
 
@@ -179,6 +322,33 @@ impl Header {
                 out.extend_from_slice(h);
                 out.extend_from_slice(&port.to_be_bytes());
             }
+            Header::ReverseDeclare(e) => {
+                // Truncated to the limits so the output always parses (as for the other types).
+                let mut body = vec![0u8];
+                for r in e.iter().take(MAX_REVERSE) {
+                    let h = &r.host.as_bytes()[..r.host.len().min(MAX_HOST)];
+                    if body.len() + 4 + h.len() > MAX_BODY {
+                        break;
+                    }
+                    body.push(r.proto.byte());
+                    body.push(h.len() as u8);
+                    body.extend_from_slice(h);
+                    body.extend_from_slice(&r.port.to_be_bytes());
+                    body[0] += 1;
+                }
+                out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+                out.extend_from_slice(&body);
+            }
+            Header::ReverseAnswer(a) => {
+                let a = &a[..a.len().min(MAX_REVERSE)];
+                out.extend_from_slice(&((1 + a.len()) as u16).to_be_bytes());
+                out.push(a.len() as u8);
+                out.extend(a.iter().map(|s| s.byte()));
+            }
+            Header::ReverseConnect { index } => {
+                out.extend_from_slice(&1u16.to_be_bytes());
+                out.push(*index);
+            }
         }
     }
 
@@ -199,7 +369,12 @@ impl Header {
             }
         }
         let kind = match buf.get(2) {
-            Some(&k) if (types::PPING..=types::PUDP).contains(&k) => k,
+            Some(&k)
+                if (types::PPING..=types::PUDP).contains(&k)
+                    || (types::PREVD..=types::PREVC).contains(&k) =>
+            {
+                k
+            }
             Some(&k) => return Err(HeaderError::UnknownType(k)),
             None => return Ok(None),
         };
@@ -246,6 +421,28 @@ impl Header {
                         .collect(),
                 )
             }
+            types::PREVD => Header::ReverseDeclare(parse_declare(body)?),
+            types::PREVA => {
+                let count = *body.first().ok_or_else(|| mismatch(1))? as usize;
+                if count > MAX_REVERSE {
+                    return Err(HeaderError::ReverseCount(count));
+                }
+                if body_len != 1 + count {
+                    return Err(mismatch(1 + count));
+                }
+                Header::ReverseAnswer(
+                    body[1..]
+                        .iter()
+                        .map(|&b| ReverseStatus::from_byte(b))
+                        .collect(),
+                )
+            }
+            types::PREVC => {
+                if body_len != 1 {
+                    return Err(mismatch(1));
+                }
+                Header::ReverseConnect { index: body[0] }
+            }
             _ => {
                 let host_len = *body.first().ok_or_else(|| mismatch(3))? as usize;
                 if host_len > MAX_HOST {
@@ -271,6 +468,53 @@ impl Header {
         };
         Ok(Some((header, total)))
     }
+}
+
+/// A PREVD body: `count u8 (1..=16)` then `count` entries `proto u8 | hostLen u8 | host | port u16be`,
+/// exactly filling the body.
+fn parse_declare(body: &[u8]) -> Result<Vec<ReverseEntry>, HeaderError> {
+    let mismatch = |expected: usize| HeaderError::BodyLengthMismatch {
+        kind: types::PREVD,
+        body_len: body.len(),
+        expected,
+    };
+    let count = *body.first().ok_or_else(|| mismatch(1))? as usize;
+    if count == 0 || count > MAX_REVERSE {
+        return Err(HeaderError::ReverseCount(count));
+    }
+    let mut at = 1;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (Some(&p), Some(&hl)) = (body.get(at), body.get(at + 1)) else {
+            return Err(mismatch(at + 2));
+        };
+        let proto = match p {
+            1 => ReverseProto::Tcp,
+            2 => ReverseProto::Udp,
+            p => return Err(HeaderError::ReverseProto(p)),
+        };
+        let hl = hl as usize;
+        if hl == 0 {
+            return Err(HeaderError::EmptyHost);
+        }
+        if hl > MAX_HOST {
+            return Err(HeaderError::HostTooLong(hl));
+        }
+        let end = at + 2 + hl + 2;
+        let Some(e) = body.get(at + 2..end) else {
+            return Err(mismatch(end));
+        };
+        let host = std::str::from_utf8(&e[..hl])
+            .map_err(|_| HeaderError::NonUtf8Host)?
+            .to_owned();
+        let port = u16::from_be_bytes([e[hl], e[hl + 1]]);
+        out.push(ReverseEntry { proto, host, port });
+        at = end;
+    }
+    if at != body.len() {
+        return Err(mismatch(at));
+    }
+    Ok(out)
 }
 
 /// Fuzz entry point: parse arbitrary bytes; a successful parse must re-emit to the same bytes, and every
@@ -354,6 +598,82 @@ mod tests {
         golden(Header::Pong, "50 01 02 00 00");
         golden(Header::Ping, "50 01 01 00 00");
         golden(Header::TcpFlags(vec![]), "50 01 03 00 01 00");
+        golden(
+            Header::ReverseDeclare(vec![
+                ReverseEntry {
+                    proto: ReverseProto::Tcp,
+                    host: "0.0.0.0".into(),
+                    port: 8022,
+                },
+                ReverseEntry {
+                    proto: ReverseProto::Udp,
+                    host: "::1".into(),
+                    port: 53,
+                },
+            ]),
+            "50 01 40 00 13 02 01 07 302e302e302e30 1f56 02 03 3a3a31 0035",
+        );
+        golden(
+            Header::ReverseAnswer(vec![ReverseStatus::Accepted, ReverseStatus::NotAllowed]),
+            "50 01 41 00 03 02 00 01",
+        );
+        golden(Header::ReverseConnect { index: 1 }, "50 01 42 00 01 01");
+    }
+
+    #[test]
+    fn reverse_errors() {
+        assert_eq!(
+            Header::parse(&unhex("500140 0001 00")),
+            Err(HeaderError::ReverseCount(0))
+        );
+        assert_eq!(
+            Header::parse(&unhex("500140 0006 01 03 01 61 0050")),
+            Err(HeaderError::ReverseProto(3))
+        );
+        assert_eq!(
+            Header::parse(&unhex("500140 0006 01 01 02 61 0050")),
+            Err(HeaderError::BodyLengthMismatch {
+                kind: 0x40,
+                body_len: 6,
+                expected: 7
+            })
+        );
+        assert_eq!(
+            Header::parse(&unhex("500140 0007 01 01 01 61 0050 00")),
+            Err(HeaderError::BodyLengthMismatch {
+                kind: 0x40,
+                body_len: 7,
+                expected: 6
+            })
+        );
+        assert_eq!(
+            Header::parse(&unhex("500141 0002 02 00")),
+            Err(HeaderError::BodyLengthMismatch {
+                kind: 0x41,
+                body_len: 2,
+                expected: 3
+            })
+        );
+        assert_eq!(
+            Header::parse(&unhex("500142 0000")),
+            Err(HeaderError::BodyLengthMismatch {
+                kind: 0x42,
+                body_len: 0,
+                expected: 1
+            })
+        );
+        assert_eq!(
+            Header::ReverseDeclare(vec![]).validate(),
+            Err(HeaderError::ReverseCount(0))
+        );
+        // Unknown status bytes survive a round trip.
+        let (h, _) = Header::parse(&unhex("500141 0002 01 09")).unwrap().unwrap();
+        assert_eq!(h, Header::ReverseAnswer(vec![ReverseStatus::Other(9)]));
+        // Types between upstream's and ours stay unknown (0x06/0x07 are a fork's, spec §5).
+        assert_eq!(
+            Header::parse(&[0x50, 0x01, 0x07]),
+            Err(HeaderError::UnknownType(7))
+        );
     }
 
     #[test]
@@ -449,6 +769,25 @@ mod tests {
         #[test]
         fn roundtrip_tcp(host in "[a-z0-9.:-]{1,253}", port in proptest::prelude::any::<u16>(), udp in proptest::prelude::any::<bool>()) {
             let h = if udp { Header::Udp { host, port } } else { Header::Tcp { host, port } };
+            let mut out = Vec::new();
+            h.try_emit(&mut out).unwrap();
+            proptest::prop_assert_eq!(Header::parse(&out), Ok(Some((h, out.len()))));
+            fuzz_parse(&out);
+        }
+
+        #[test]
+        fn reverse_bodies_never_panic(kind in 0x40u8..=0x42, body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
+            let mut data = vec![MAGIC, VERSION, kind];
+            data.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            data.extend_from_slice(&body);
+            fuzz_parse(&data);
+        }
+
+        #[test]
+        fn roundtrip_reverse(entries in proptest::collection::vec(("[0-9a-f.:]{1,45}", proptest::prelude::any::<u16>(), proptest::prelude::any::<bool>()), 1..=16)) {
+            let h = Header::ReverseDeclare(entries.into_iter().map(|(host, port, udp)| ReverseEntry {
+                proto: if udp { ReverseProto::Udp } else { ReverseProto::Tcp }, host, port,
+            }).collect());
             let mut out = Vec::new();
             h.try_emit(&mut out).unwrap();
             proptest::prop_assert_eq!(Header::parse(&out), Ok(Some((h, out.len()))));

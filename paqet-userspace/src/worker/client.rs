@@ -338,7 +338,7 @@ fn rebalance_slot(weights: &[u32], counts: &[usize], up: &[bool], to: usize) -> 
 }
 
 /// Emits a header into a fresh vector.
-fn header_bytes(h: &Header) -> Result<Vec<u8>, TunnelError> {
+pub(super) fn header_bytes(h: &Header) -> Result<Vec<u8>, TunnelError> {
     let mut v = Vec::with_capacity(h.encoded_len());
     h.try_emit(&mut v).map_err(|e| TunnelError::Header {
         what: format!("{h:?}"),
@@ -348,7 +348,12 @@ fn header_bytes(h: &Header) -> Result<Vec<u8>, TunnelError> {
 }
 
 /// Opens a stream on session `id`, writes `bytes` as its first frame and, if `close`, closes it at once.
-fn stream_with(c: &mut Core, id: u64, bytes: &[u8], close: bool) -> Result<u32, TunnelError> {
+pub(super) fn stream_with(
+    c: &mut Core,
+    id: u64,
+    bytes: &[u8],
+    close: bool,
+) -> Result<u32, TunnelError> {
     let e = c.endpoint.get_mut(id).ok_or(SessionError::Dead)?;
     let sid = e.session.open_stream()?;
     if !bytes.is_empty() {
@@ -490,6 +495,9 @@ fn dial(shared: &Shared, si: usize, slot: Option<usize>) -> Result<u64, TunnelEr
         info!(?slot, local = %src, %server, conv, "session dialled");
         (link_id, fd, retire, id)
     };
+    if let Some(slot) = slot {
+        super::reverse::spawn_control(shared, id, slot);
+    }
     if let Some(retire) = retire {
         spawn_link_rx(shared.clone(), link_id, fd, retire);
     }
@@ -503,6 +511,7 @@ pub(crate) fn start(shared: &Shared, factory: IoFactory) -> Result<(), TunnelErr
         c.client.factory = Some(factory);
         c.client.slots.len()
     };
+    super::reverse::start_client(shared);
     for slot in 0..n {
         dial_slot(shared, slot)?;
     }
@@ -525,6 +534,7 @@ pub(crate) fn start_shared(shared: &Shared, link: u64, slots: usize) -> Result<(
         c.client.shared = Some(SharedPorts { link });
         c.client.slots.len()
     };
+    super::reverse::start_client(shared);
     for slot in 0..n {
         dial_slot(shared, slot)?;
     }

@@ -1316,6 +1316,7 @@ mod cc_tests {
             limits: super::super::Limits::default(),
             header_timeout: Duration::from_secs(10),
             rotate: Default::default(),
+            reverse: Default::default(),
             targets: Default::default(),
             replay: None,
             noise: None,

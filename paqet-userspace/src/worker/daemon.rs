@@ -336,7 +336,7 @@ pub fn run(
         let w = Worker {
             index,
             cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
-            wcfg: wcfg.clone(),
+            wcfg: super::reverse::for_worker(&wcfg, index),
             front: (front && links.runs_sessions()).then(|| Placement::of(index, workers)),
             links,
             hub: hub.clone(),

@@ -25,6 +25,7 @@ pub mod core;
 pub mod daemon;
 mod limits;
 pub mod noise;
+pub mod reverse;
 pub mod server;
 pub mod setup;
 pub mod stream;
@@ -133,6 +134,8 @@ pub struct WorkerConfig {
     /// The authenticated noise wire (`transport.kcp.block = "noise"`); `None`: kcp-go's crypto, upstream's
     /// wire.
     pub noise: Option<noise::NoiseWireConfig>,
+    /// Reverse forwards: the client's `[[reverse]]`, the server's `server.reverse_allow`.
+    pub reverse: std::sync::Arc<reverse::ReverseConfig>,
 }
 
 impl WorkerConfig {

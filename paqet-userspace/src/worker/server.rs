@@ -123,7 +123,7 @@ async fn accept_loop(shared: Shared, mut rx: mpsc::UnboundedReceiver<(u64, u32)>
 }
 
 /// Reads the paqet header: 5 bytes, then exactly the body (so nothing after it is consumed).
-async fn read_header(s: &mut TunnelStream) -> Result<Header, StreamError> {
+pub(super) async fn read_header(s: &mut TunnelStream) -> Result<Header, StreamError> {
     let mut buf = vec![0u8; 5];
     s.read_exact(&mut buf).await.map_err(StreamError::Read)?;
     if let Some((h, _)) = Header::parse(&buf)? {
@@ -181,8 +181,11 @@ async fn handle_stream(shared: &Shared, mut s: TunnelStream) -> Result<(), Strea
             let addrs = resolve_allowed(&targets, &host, port, "udp").await?;
             relay_udp(s, &host, port, addrs[0]).await
         }
-        Header::Pong => {
-            debug!("unexpected PONG from a client");
+        Header::ReverseDeclare(entries) => {
+            super::reverse::serve_declaration(shared, s, entries).await
+        }
+        Header::Pong | Header::ReverseAnswer(_) | Header::ReverseConnect { .. } => {
+            debug!(kind = header.kind(), "unexpected message from a client");
             Ok(())
         }
     }
@@ -288,7 +291,7 @@ impl LogLimit {
     }
 }
 
-async fn relay_tcp(
+pub(super) async fn relay_tcp(
     s: TunnelStream,
     host: &str,
     port: u16,
@@ -318,7 +321,7 @@ pub async fn copy_until_either_ends(s: TunnelStream, tcp: TcpStream) {
     let _ = tw.shutdown().await;
 }
 
-async fn relay_udp(
+pub(super) async fn relay_udp(
     s: TunnelStream,
     host: &str,
     port: u16,

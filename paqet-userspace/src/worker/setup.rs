@@ -261,6 +261,10 @@ pub fn worker_config(cfg: &Config, iface: &str) -> anyhow::Result<WorkerConfig> 
         },
         header_timeout: cfg.header_timeout(),
         rotate: cfg.transport.rotate,
+        reverse: std::sync::Arc::new(super::reverse::ReverseConfig::registered(
+            cfg.reverse.clone(),
+            cfg.reverse_allow.clone(),
+        )),
         targets: std::sync::Arc::new(cfg.targets.clone()),
         replay: None,
         noise,

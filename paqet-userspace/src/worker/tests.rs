@@ -58,6 +58,7 @@ fn cfg(role: Role, limits: Limits, guard: Option<(GuardConfig, String)>) -> Work
         limits,
         header_timeout: Duration::from_secs(10),
         rotate: Default::default(),
+        reverse: Default::default(),
         targets: Default::default(),
         replay: None,
         noise: None,

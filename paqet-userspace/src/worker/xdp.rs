@@ -900,6 +900,7 @@ mod tests {
             limits: Default::default(),
             header_timeout: Duration::from_secs(10),
             rotate: Default::default(),
+            reverse: Default::default(),
             targets: Default::default(),
             replay: None,
             noise: None,

@@ -880,6 +880,16 @@ pub enum Via {
 
 /// A curl command in `ns` with a clean environment (no proxy variables), `--max-time max_secs`.
 pub fn curl_cmd(ns: &Netns, via: Via, max_secs: u64) -> Command {
+    let mut c = curl_direct(ns, max_secs);
+    match via {
+        Via::Socks5(p) => c.args(["--socks5-hostname", &format!("127.0.0.1:{p}")]),
+        Via::HttpProxy(p) => c.args(["-x", &format!("http://127.0.0.1:{p}")]),
+    };
+    c
+}
+
+/// A curl command in `ns` with a clean environment (no proxy variables), `--max-time max_secs`, no proxy.
+pub fn curl_direct(ns: &Netns, max_secs: u64) -> Command {
     let mut c = ns.command("curl");
     c.env_clear()
         .env(
@@ -896,10 +906,6 @@ pub fn curl_cmd(ns: &Netns, via: Via, max_secs: u64) -> Command {
             "--max-time",
             &max_secs.to_string(),
         ]);
-    match via {
-        Via::Socks5(p) => c.args(["--socks5-hostname", &format!("127.0.0.1:{p}")]),
-        Via::HttpProxy(p) => c.args(["-x", &format!("http://127.0.0.1:{p}")]),
-    };
     c
 }
 
