@@ -203,27 +203,33 @@ fn noise_tunnel_over_a_lossy_reordering_link() {
         return;
     }
     let _serial = serial();
-    let mut o = Opts::new((Mode::Pcap, Mode::Pcap));
-    // 20 ms ± 5 ms per direction (reordering), 2 % loss per direction.
-    o.link = Some(LinkSpec {
-        delay_ms: 20,
-        jitter_ms: 5,
-        loss_pct: 2.0,
-        dup_pct: 0.0,
-        seed: 11,
-    });
-    o.wnd = 2048;
-    o.smuxktimeout = 10;
-    // With a pre-shared key (IKpsk2) on both ends.
-    let mut t = noise_tunnel("nzl", o, true);
-    report(
-        "noise: 32 MiB down over the impaired link",
-        32 * MIB,
-        t.download_checked(t.socks(), 71, 32 * MIB, 180),
-    );
-    t.upload_checked(t.socks(), 72, 8 * MIB, 120);
-    t.server.assert_running();
-    t.client.assert_running();
+    for (modes, tag) in [
+        ((Mode::Pcap, Mode::Pcap), "nzl"),
+        ((Mode::XdpGeneric, Mode::XdpGeneric), "nzx"),
+    ] {
+        eprintln!("== modes {modes:?}");
+        let mut o = Opts::new(modes);
+        // 20 ms ± 5 ms per direction (reordering), 2 % loss per direction.
+        o.link = Some(LinkSpec {
+            delay_ms: 20,
+            jitter_ms: 5,
+            loss_pct: 2.0,
+            dup_pct: 0.0,
+            seed: 11,
+        });
+        o.wnd = 2048;
+        o.smuxktimeout = 10;
+        // With a pre-shared key (IKpsk2) on both ends.
+        let mut t = noise_tunnel(tag, o, true);
+        report(
+            "noise: 32 MiB down over the impaired link",
+            32 * MIB,
+            t.download_checked(t.socks(), 71, 32 * MIB, 180),
+        );
+        t.upload_checked(t.socks(), 72, 8 * MIB, 120);
+        t.server.assert_running();
+        t.client.assert_running();
+    }
 }
 
 /// The common server/client configs with the guard off (as an upstream peer, or an imported YAML, has it).
