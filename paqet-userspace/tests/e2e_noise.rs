@@ -6,10 +6,13 @@
 //! server sends nothing back and logs why, the noise client warns that its initiations go unanswered.
 mod common;
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::raw::{self, answers_to, mutated, record, Sniffer};
 use common::*;
 use paqet_testkit::impair::LinkSpec;
 
@@ -90,7 +93,20 @@ fn client_section(k: &Keys) -> String {
 /// A tunnel whose two daemons speak the noise wire (guard on, as the TOML default); with `psk`, both ends
 /// also share a pre-shared key file made by `paqet-dp keygen --psk --out` (the handshake is IKpsk2).
 fn noise_tunnel(tag: &str, o: Opts, psk: bool) -> Tunnel {
+    noise_tunnel_with(tag, o, psk, &|_| {}, &|cfg| cfg)
+}
+
+/// [`noise_tunnel`] with `before` run once the namespaces exist (before the daemons start) and `edit`
+/// applied to both daemons' configs.
+fn noise_tunnel_with(
+    tag: &str,
+    o: Opts,
+    psk: bool,
+    before: &dyn Fn(&Net),
+    edit: &dyn Fn(String) -> String,
+) -> Tunnel {
     let configs = |net: &Net, http: &HttpServer, udp: &UdpEcho, dir: &Path| {
+        before(net);
         let k = keygen(dir);
         let psk_line = if psk {
             let file = dir.join("noise.psk");
@@ -107,8 +123,16 @@ fn noise_tunnel(tag: &str, o: Opts, psk: bool) -> Tunnel {
         let s = Tunnel::server_config(net, &o);
         let c = Tunnel::client_config(net, &o, http, udp, ClientPorts::MAIN, &o.client_key);
         (
-            noise_config(&s, &o.server_key, &(server_section(&k) + &psk_line)),
-            noise_config(&c, &o.client_key, &(client_section(&k) + &psk_line)),
+            edit(noise_config(
+                &s,
+                &o.server_key,
+                &(server_section(&k) + &psk_line),
+            )),
+            edit(noise_config(
+                &c,
+                &o.client_key,
+                &(client_section(&k) + &psk_line),
+            )),
         )
     };
     Tunnel::start_with(tag, o.clone(), Some(&configs))
@@ -395,4 +419,95 @@ fn ordinary_and_noise_peers_refuse_each_other_and_say_why() {
     );
     client.stop();
     server.stop();
+}
+
+/// The prober's address (on the client's link; nothing configures it, frames are injected raw).
+const PROBER: Ipv4Addr = Ipv4Addr::new(10, 216, 0, 77);
+
+/// An active prober against a noise server (pcap mode, guard off on both ends so that every probe meets
+/// the noise layer itself): the client's recorded datagrams (its handshake initiation and transport
+/// messages) replayed unchanged from the client's own address and from another address, the first one
+/// alone from another address, flipped bytes and garbage. The server sends the prober nothing, counts the
+/// drops, and the live client keeps working.
+#[test]
+fn noise_server_answers_no_replay_flip_or_garbage() {
+    if skip(
+        "noise_server_answers_no_replay_flip_or_garbage",
+        &["curl", "iptables", "ethtool"],
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let t0 = Instant::now();
+    let slot: Arc<Mutex<Option<Sniffer>>> = Arc::default();
+    let sn = slot.clone();
+    let mut o = Opts::new((Mode::Pcap, Mode::Pcap));
+    o.conn = 1;
+    let t = noise_tunnel_with(
+        "nzp",
+        o,
+        false,
+        &move |net: &Net| *sn.lock().unwrap() = Some(Sniffer::start(net.client(), &net.client_if)),
+        &|cfg| without_guard(&cfg),
+    );
+    let sniff = slot.lock().unwrap().take().expect("sniffer started");
+    let recorded = record(&t, sniff);
+    let lens: Vec<usize> = recorded
+        .iter()
+        .filter_map(|f| raw::parse4(f).map(|p| p.payload_len))
+        .collect();
+    assert!(
+        lens.contains(&141),
+        "the recording holds the handshake initiation (141 bytes): {lens:?}"
+    );
+    let drops = |t: &Tunnel| metric_sum(&scrape(t.net.server()), "paqet_crypto_failures_total");
+    let d0 = drops(&t);
+
+    let watch = Sniffer::start(t.net.client(), &t.net.client_if);
+    let prober = |port: u16| SocketAddr::from((PROBER, port));
+    let own = SocketAddr::from((t.net.client_ip, 41001));
+    let mut probes: Vec<Vec<u8>> = vec![raw::resourced(&recorded[0], prober(41000))];
+    probes.extend(recorded.iter().map(|f| raw::resourced(f, prober(41002))));
+    // Unchanged, from the client's own address and port: the replay window and the handshake's
+    // timestamp refuse them.
+    probes.extend(recorded.iter().cloned());
+    probes.extend(mutated(&recorded, prober(41003), |p| {
+        let i = p.len() / 2;
+        p[i] ^= 0x40
+    }));
+    probes.extend(mutated(&recorded[..1], own, |p| p[p.len() - 1] ^= 0x01));
+    probes.extend(mutated(&recorded[..1], prober(41004), |p| p.fill(0x5a)));
+    let sent = probes.len();
+    raw::inject(
+        t.net.client(),
+        &t.net.client_if,
+        probes,
+        Duration::from_millis(2),
+    );
+    let counted = poll(Duration::from_secs(6), || {
+        let d = drops(&t);
+        (d >= d0 + (sent - recorded.len()) as f64 / 2.0).then_some(d)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let to_prober = answers_to(&watch, t.net.server_ip, PROBER);
+    assert!(
+        to_prober.is_empty(),
+        "the noise server answered the prober {} times",
+        to_prober.len()
+    );
+    let d = counted.unwrap_or_else(|| drops(&t));
+    assert!(
+        d > d0,
+        "the server counted none of the {sent} probes as noise drops"
+    );
+    assert!(
+        t.probe(ClientPorts::MAIN.fwd_http).is_ok(),
+        "the live client keeps working"
+    );
+    eprintln!(
+        "noise prober: {} recorded datagrams ({lens:?} bytes); {sent} probes, 0 answers, {} counted as noise drops, {:.1} s",
+        recorded.len(),
+        d - d0,
+        t0.elapsed().as_secs_f64()
+    );
 }

@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::raw::{self, scans, Probe, Sniffer, PACKET_OUTGOING};
+use common::raw::{self, answers_to, mutated, record, scans, Probe, Sniffer, PACKET_OUTGOING};
 use common::*;
 
 /// The replaying prober's address (nothing configures it: frames are injected raw).
@@ -84,41 +84,6 @@ fn tunnel(tag: &str, bind: &str, response: &str) -> (Tunnel, Sniffer) {
     (t, s)
 }
 
-/// The client's datagrams to the tunnel port since the start of its session (`sniff` from [`tunnel`]),
-/// after one more request through the tunnel; the first one starts the session.
-fn record(t: &Tunnel, sniff: Sniffer) -> Vec<Vec<u8>> {
-    t.probe(ClientPorts::MAIN.fwd_http)
-        .expect("request through the tunnel");
-    std::thread::sleep(Duration::from_millis(200));
-    let server = t.net.server_addr();
-    let client = t.net.client_ip;
-    let got: Vec<Vec<u8>> = sniff
-        .frames()
-        .into_iter()
-        .filter(|(kind, f)| {
-            *kind == PACKET_OUTGOING
-                && raw::parse4(f)
-                    .is_some_and(|p| p.src.ip() == client && p.dst == server && p.payload_len > 0)
-        })
-        .map(|(_, f)| f)
-        .collect();
-    assert!(!got.is_empty(), "no client datagram recorded");
-    got
-}
-
-/// Frames the server sent to `dst_ip` (captured on the client's interface) since `sniff` started.
-fn answers_to(sniff: &Sniffer, server: Ipv4Addr, dst_ip: Ipv4Addr) -> Vec<Vec<u8>> {
-    sniff
-        .frames()
-        .into_iter()
-        .filter(|(kind, f)| {
-            *kind != PACKET_OUTGOING
-                && raw::parse4(f).is_some_and(|p| p.src.ip() == server && p.dst.ip() == dst_ip)
-        })
-        .map(|(_, f)| f)
-        .collect()
-}
-
 /// Sends every scan to the tunnel port and to [`CLOSED_PORT`] from the client's address (fresh source
 /// ports from `base`) and returns, per scan, the answers from each: (name, tunnel answer, closed answer).
 #[allow(clippy::type_complexity)]
@@ -161,21 +126,6 @@ fn scan(t: &Tunnel, base: u16) -> Vec<(&'static str, Option<Vec<u8>>, Option<Vec
         .map(|(i, sc)| {
             let p = base + 2 * i as u16;
             (sc.name, from(p), from(p + 1))
-        })
-        .collect()
-}
-
-/// `frames` with `f` applied to each one's TCP payload (from the client's own address and `port`).
-fn mutated(frames: &[Vec<u8>], src: SocketAddr, f: impl Fn(&mut [u8])) -> Vec<Vec<u8>> {
-    frames
-        .iter()
-        .map(|fr| {
-            let mut x = raw::resourced(fr, src);
-            let p = raw::parse4(&x).unwrap();
-            f(&mut x[p.payload_at..p.payload_at + p.payload_len]);
-            let c = raw::tcp4_csum(&x);
-            x[50..52].copy_from_slice(&c.to_be_bytes());
-            x
         })
         .collect()
 }

@@ -1,12 +1,15 @@
 //! Raw frames for the active-prober tests: an AF_PACKET sniffer and injector on a namespace's interface;
 //! the frame builders, parsers and the scan set are [`paqet_testkit::probe`]'s (shared with
 //! `cargo xtask probe`).
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use paqet_testkit::netns::Netns;
+
+use super::{ClientPorts, Tunnel};
 #[allow(unused_imports)] // re-exported for the prober tests; unused by the others
 pub use paqet_testkit::probe::*;
 
@@ -159,4 +162,57 @@ pub fn inject(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>, gap: Duration) {
     .join()
     .expect("injector thread")
     .expect("netns");
+}
+
+// ---- the recorded session and answers, for the prober tests ----
+
+/// The client's datagrams to the tunnel port since `sniff` started (start it before the daemons to get
+/// the session's first one),
+/// after one more request through the tunnel.
+pub fn record(t: &Tunnel, sniff: Sniffer) -> Vec<Vec<u8>> {
+    t.probe(ClientPorts::MAIN.fwd_http)
+        .expect("request through the tunnel");
+    std::thread::sleep(Duration::from_millis(200));
+    let server = t.net.server_addr();
+    let client = t.net.client_ip;
+    let got: Vec<Vec<u8>> = sniff
+        .frames()
+        .into_iter()
+        .filter(|(kind, f)| {
+            *kind == PACKET_OUTGOING
+                && parse4(f)
+                    .is_some_and(|p| p.src.ip() == client && p.dst == server && p.payload_len > 0)
+        })
+        .map(|(_, f)| f)
+        .collect();
+    assert!(!got.is_empty(), "no client datagram recorded");
+    got
+}
+
+/// Frames the server sent to `dst_ip` (captured on the client's interface) since `sniff` started.
+pub fn answers_to(sniff: &Sniffer, server: Ipv4Addr, dst_ip: Ipv4Addr) -> Vec<Vec<u8>> {
+    sniff
+        .frames()
+        .into_iter()
+        .filter(|(kind, f)| {
+            *kind != PACKET_OUTGOING
+                && parse4(f).is_some_and(|p| p.src.ip() == server && p.dst.ip() == dst_ip)
+        })
+        .map(|(_, f)| f)
+        .collect()
+}
+
+/// `frames` with `f` applied to each one's TCP payload (from the client's own address and `port`).
+pub fn mutated(frames: &[Vec<u8>], src: SocketAddr, f: impl Fn(&mut [u8])) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .map(|fr| {
+            let mut x = resourced(fr, src);
+            let p = parse4(&x).unwrap();
+            f(&mut x[p.payload_at..p.payload_at + p.payload_len]);
+            let c = tcp4_csum(&x);
+            x[50..52].copy_from_slice(&c.to_be_bytes());
+            x
+        })
+        .collect()
 }
