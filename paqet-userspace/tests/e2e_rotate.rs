@@ -1,8 +1,9 @@
-//! Client session rotation (`transport.rotate`, issue 12 item 3): with `after = 2` the client replaces its
-//! one session every ~2 s (a new conv from a new source port) while a paced echo transfer runs and idle
-//! streams stay open; the transfer's bytes come back intact (sha256) in both directions, the idle streams
-//! keep working on the draining session, new streams work on the new one, and every rotated-out session is
-//! closed once its streams have ended. Pcap and XDP generic mode. Root only; every wait is bounded.
+//! Client session rotation (`transport.rotate`, issue 12 item 3): a 200 MiB download through SOCKS5 crosses
+//! a rotation (`bytes = 32 MiB`; sha256 checked); then, with `after = 2`, the client replaces its one session
+//! every ~2 s (a new conv from a new source port) while a paced echo transfer runs and 100 idle streams stay
+//! open; the transfer's bytes come back intact (sha256) in both directions, the idle streams keep working on
+//! the draining session, new streams work on the new one, and every rotated-out session is closed once its
+//! streams have ended. Pcap and XDP generic mode. Root only; every wait is bounded.
 mod common;
 
 use std::io::{Read, Write};
@@ -18,7 +19,7 @@ const CHUNK: usize = 64 * 1024;
 const CHUNKS: usize = 128;
 const PACE: Duration = Duration::from_millis(40);
 /// Idle streams held across the rotations.
-const IDLE: usize = 5;
+const IDLE: usize = 100;
 
 fn socks5_connect(proxy: SocketAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
     let mut c = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
@@ -95,7 +96,7 @@ fn rotation(tag: &str, modes: (Mode, Mode)) {
     let make = |net: &Net, http: &HttpServer, udp: &UdpEcho, _dir: &std::path::Path| {
         let client = Tunnel::client_config(net, &o, http, udp, ClientPorts::MAIN, KEY).replace(
             "[transport.kcp]",
-            "[transport.rotate]\nafter = 2\ndrain = 60\n[transport.kcp]",
+            "[transport.rotate]\nafter = 2\nbytes = 33554432\ndrain = 60\n[transport.kcp]",
         );
         assert!(client.contains("[transport.rotate]"));
         (Tunnel::server_config(net, &o), client)
@@ -103,8 +104,19 @@ fn rotation(tag: &str, modes: (Mode, Mode)) {
     let t = Tunnel::start_with(tag, opts, Some(&make));
     let echo = tcp_echo(t.net.server());
     let proxy = SocketAddr::from(([127, 0, 0, 1], ClientPorts::MAIN.socks));
+    // 200 MiB through SOCKS5 (sha256 checked): `bytes` (32 MiB) rotates the session carrying it, so the
+    // download crosses at least one rotation and finishes on the draining session.
+    let rotated = || t.client.log_text().matches("session rotated").count();
+    let r0 = rotated();
+    let took = t.download_checked(t.socks(), 78, 200 << 20, 120);
+    let during = rotated() - r0;
+    assert!(
+        during >= 1,
+        "{modes:?}: no rotation during the 200 MiB download ({took:?})"
+    );
+    eprintln!("{modes:?}: 200 MiB in {took:?} across {during} rotation(s)");
     let t0 = Instant::now();
-    let before = t.client.log_text().matches("session rotated").count();
+    let before = rotated();
     let outcome = in_ns(t.net.client(), move || -> Result<(), String> {
         let mut idle: Vec<TcpStream> = (0..IDLE)
             .map(|i| socks5_connect(proxy, echo).map_err(|e| format!("idle {i}: {e}")))
