@@ -143,32 +143,6 @@ fn run_args(config: &str, mode: Mode) -> Vec<String> {
     a
 }
 
-/// A SOCKS5 CONNECT (no auth) to `target` through `proxy`.
-fn socks5_connect(proxy: SocketAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let mut c = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
-    c.set_read_timeout(Some(Duration::from_secs(30)))?;
-    c.set_nodelay(true)?;
-    c.write_all(&[5, 1, 0])?;
-    let mut m = [0u8; 2];
-    c.read_exact(&mut m)?;
-    if m != [5, 0] {
-        return Err(std::io::Error::other(format!("method reply {m:?}")));
-    }
-    let SocketAddr::V4(t) = target else {
-        unreachable!("IPv4 target")
-    };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&t.ip().octets());
-    req.extend_from_slice(&t.port().to_be_bytes());
-    c.write_all(&req)?;
-    let mut rep = [0u8; 10];
-    c.read_exact(&mut rep)?;
-    if rep[1] != 0 {
-        return Err(std::io::Error::other(format!("CONNECT reply {}", rep[1])));
-    }
-    Ok(c)
-}
-
 /// What stream `i` sends in round `round`.
 fn payload(i: usize, round: u64) -> Vec<u8> {
     pattern_bytes(round * 1_000_003 + i as u64, CHUNK)

@@ -10,12 +10,11 @@ mod common;
 
 use std::cell::RefCell;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
 use paqet_testkit::netns::Netns;
-use sha2::{Digest, Sha256};
 
 /// The paced transfer: 256 chunks of 32 KiB, one every 40 ms (about 10 s: the outage fits inside).
 const CHUNK: usize = 32 * 1024;
@@ -23,30 +22,6 @@ const CHUNKS: usize = 256;
 const PACE: Duration = Duration::from_millis(40);
 /// The extra servers' tunnel and metrics ports (same namespace and address as the main server).
 const EXTRA: [(u16, u16); 2] = [(10001, 9101), (10002, 9102)];
-
-fn socks5_connect(proxy: SocketAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let mut c = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
-    c.set_read_timeout(Some(Duration::from_secs(20)))?;
-    c.write_all(&[5, 1, 0])?;
-    let mut m = [0u8; 2];
-    c.read_exact(&mut m)?;
-    if m != [5, 0] {
-        return Err(std::io::Error::other(format!("method reply {m:?}")));
-    }
-    let SocketAddr::V4(t) = target else {
-        unreachable!("IPv4 target")
-    };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&t.ip().octets());
-    req.extend_from_slice(&t.port().to_be_bytes());
-    c.write_all(&req)?;
-    let mut rep = [0u8; 10];
-    c.read_exact(&mut rep)?;
-    if rep[1] != 0 {
-        return Err(std::io::Error::other(format!("CONNECT reply {}", rep[1])));
-    }
-    Ok(c)
-}
 
 fn echo_once(proxy: SocketAddr, target: SocketAddr, msg: &[u8]) -> Result<(), String> {
     let mut c = socks5_connect(proxy, target).map_err(|e| format!("connect: {e}"))?;
@@ -58,39 +33,6 @@ fn echo_once(proxy: SocketAddr, target: SocketAddr, msg: &[u8]) -> Result<(), St
     (got == msg)
         .then_some(())
         .ok_or_else(|| "echo differs".into())
-}
-
-/// Sends the paced transfer through `c` while reading the echo; returns (sent, received) sha256.
-fn paced_echo(c: TcpStream, seed: u64) -> Result<(String, String), String> {
-    let data = pattern_bytes(seed, CHUNK * CHUNKS);
-    let sent = hex::encode(Sha256::digest(&data));
-    let mut w = c.try_clone().map_err(|e| e.to_string())?;
-    let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        for chunk in data.chunks(CHUNK) {
-            w.write_all(chunk)?;
-            std::thread::sleep(PACE);
-        }
-        Ok(())
-    });
-    let mut h = Sha256::new();
-    let mut left = CHUNK * CHUNKS;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut r = &c;
-    while left > 0 {
-        let n = r
-            .read(&mut buf[..left.min(1 << 16)])
-            .map_err(|e| format!("read with {left} bytes left: {e}"))?;
-        if n == 0 {
-            return Err(format!("end of stream with {left} bytes left"));
-        }
-        h.update(&buf[..n]);
-        left -= n;
-    }
-    writer
-        .join()
-        .map_err(|_| "writer panicked".to_string())?
-        .map_err(|e| format!("write: {e}"))?;
-    Ok((sent, hex::encode(h.finalize())))
 }
 
 /// The client's figure for one server, e.g. `paqet_server_up` of `10.216.0.2:10001`.
@@ -169,7 +111,7 @@ fn several_servers(tag: &str, modes: (Mode, Mode)) {
     // The paced transfer, in the background.
     let bulk = in_ns(t.net.client(), move || socks5_connect(proxy, echo))
         .unwrap_or_else(|e| panic!("{modes:?}: bulk connect: {e}"));
-    let transfer = std::thread::spawn(move || paced_echo(bulk, 12));
+    let transfer = std::thread::spawn(move || paced_echo(bulk, 12, CHUNK, CHUNKS, PACE));
     // Kill an extra server that does not carry the transfer.
     std::thread::sleep(Duration::from_millis(500));
     let victim = extra

@@ -11,7 +11,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use sha2::{Digest, Sha256};
 
 /// Bytes of the paced transfer and its pacing: 128 chunks of 64 KiB, one every 40 ms (over 5 s: two
 /// rotations or more).
@@ -21,30 +20,6 @@ const PACE: Duration = Duration::from_millis(40);
 /// Idle streams held across the rotations.
 const IDLE: usize = 100;
 
-fn socks5_connect(proxy: SocketAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let mut c = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
-    c.set_read_timeout(Some(Duration::from_secs(20)))?;
-    c.write_all(&[5, 1, 0])?;
-    let mut m = [0u8; 2];
-    c.read_exact(&mut m)?;
-    if m != [5, 0] {
-        return Err(std::io::Error::other(format!("method reply {m:?}")));
-    }
-    let SocketAddr::V4(t) = target else {
-        unreachable!("IPv4 target")
-    };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&t.ip().octets());
-    req.extend_from_slice(&t.port().to_be_bytes());
-    c.write_all(&req)?;
-    let mut rep = [0u8; 10];
-    c.read_exact(&mut rep)?;
-    if rep[1] != 0 {
-        return Err(std::io::Error::other(format!("CONNECT reply {}", rep[1])));
-    }
-    Ok(c)
-}
-
 fn echo_once(c: &mut TcpStream, msg: &[u8]) -> Result<(), String> {
     c.write_all(msg).map_err(|e| format!("write: {e}"))?;
     let mut got = vec![0u8; msg.len()];
@@ -52,39 +27,6 @@ fn echo_once(c: &mut TcpStream, msg: &[u8]) -> Result<(), String> {
     (got == msg)
         .then_some(())
         .ok_or_else(|| "echo differs".into())
-}
-
-/// Sends the paced transfer through `c` while reading the echo; returns (sent, received) sha256.
-fn paced_echo(c: TcpStream, seed: u64) -> Result<(String, String), String> {
-    let data = pattern_bytes(seed, CHUNK * CHUNKS);
-    let sent = hex::encode(Sha256::digest(&data));
-    let mut w = c.try_clone().map_err(|e| e.to_string())?;
-    let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        for chunk in data.chunks(CHUNK) {
-            w.write_all(chunk)?;
-            std::thread::sleep(PACE);
-        }
-        Ok(())
-    });
-    let mut h = Sha256::new();
-    let mut left = CHUNK * CHUNKS;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut r = &c;
-    while left > 0 {
-        let n = r
-            .read(&mut buf[..left.min(1 << 16)])
-            .map_err(|e| format!("read with {left} bytes left: {e}"))?;
-        if n == 0 {
-            return Err(format!("end of stream with {left} bytes left"));
-        }
-        h.update(&buf[..n]);
-        left -= n;
-    }
-    writer
-        .join()
-        .map_err(|_| "writer panicked".to_string())?
-        .map_err(|e| format!("write: {e}"))?;
-    Ok((sent, hex::encode(h.finalize())))
 }
 
 fn rotation(tag: &str, modes: (Mode, Mode)) {
@@ -125,7 +67,7 @@ fn rotation(tag: &str, modes: (Mode, Mode)) {
             echo_once(c, format!("idle {i} before").as_bytes())?;
         }
         let bulk = socks5_connect(proxy, echo).map_err(|e| format!("bulk: {e}"))?;
-        let (sent, got) = paced_echo(bulk, 77)?;
+        let (sent, got) = paced_echo(bulk, 77, CHUNK, CHUNKS, PACE)?;
         if sent != got {
             return Err(format!("transfer sha256 {got} != sent {sent}"));
         }

@@ -1617,3 +1617,71 @@ impl RstCapture {
         (lines.len(), rsts)
     }
 }
+
+// ---- SOCKS5 streams for the e2e tests that hold many of them (dropin, rotate, multiserver) ----
+
+/// A SOCKS5 CONNECT (no auth) to the IPv4 `target` through `proxy`; reads time out after 30 s.
+pub fn socks5_connect(proxy: SocketAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut c = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    c.set_nodelay(true)?;
+    c.write_all(&[5, 1, 0])?;
+    let mut m = [0u8; 2];
+    c.read_exact(&mut m)?;
+    if m != [5, 0] {
+        return Err(std::io::Error::other(format!("method reply {m:?}")));
+    }
+    let SocketAddr::V4(t) = target else {
+        unreachable!("IPv4 target")
+    };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&t.ip().octets());
+    req.extend_from_slice(&t.port().to_be_bytes());
+    c.write_all(&req)?;
+    let mut rep = [0u8; 10];
+    c.read_exact(&mut rep)?;
+    if rep[1] != 0 {
+        return Err(std::io::Error::other(format!("CONNECT reply {}", rep[1])));
+    }
+    Ok(c)
+}
+
+/// Sends `chunks` pattern chunks of `chunk` bytes through the echo stream `c`, `pace` apart, while reading
+/// the echo back; returns the (sent, received) sha256.
+pub fn paced_echo(
+    c: TcpStream,
+    seed: u64,
+    chunk: usize,
+    chunks: usize,
+    pace: Duration,
+) -> Result<(String, String), String> {
+    let data = pattern_bytes(seed, chunk * chunks);
+    let sent = hex::encode(Sha256::digest(&data));
+    let mut w = c.try_clone().map_err(|e| e.to_string())?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        for part in data.chunks(chunk) {
+            w.write_all(part)?;
+            std::thread::sleep(pace);
+        }
+        Ok(())
+    });
+    let mut h = Sha256::new();
+    let mut left = chunk * chunks;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut r = &c;
+    while left > 0 {
+        let n = r
+            .read(&mut buf[..left.min(1 << 16)])
+            .map_err(|e| format!("read with {left} bytes left: {e}"))?;
+        if n == 0 {
+            return Err(format!("end of stream with {left} bytes left"));
+        }
+        h.update(&buf[..n]);
+        left -= n;
+    }
+    writer
+        .join()
+        .map_err(|_| "writer panicked".to_string())?
+        .map_err(|e| format!("write: {e}"))?;
+    Ok((sent, hex::encode(h.finalize())))
+}
