@@ -695,7 +695,6 @@ impl Core {
                 if env.destination() != peer {
                     let _ = env.set_destination(peer);
                 }
-                let glen = guard.as_ref().map_or(0, Guard::prefix_len);
                 let at = Addressing {
                     src: env.source(),
                     dst: peer,
@@ -710,24 +709,9 @@ impl Core {
                             None => return,
                         },
                     };
-                    let f = flags.next();
-                    let hl = env.header_len(f);
-                    let total = hl + glen + dgram.len();
-                    let r = io.send_with(total, &mut |buf: &mut [u8]| {
-                        if let Some(g) = guard.as_mut() {
-                            g.write_prefix(unix_secs, &at, dgram, &mut buf[hl..hl + glen]);
-                        }
-                        buf[hl + glen..total].copy_from_slice(dgram);
-                        env.emit(f, glen + dgram.len(), &mut buf[..total])
-                            .unwrap_or(0)
-                    });
-                    match r {
-                        Ok(()) => counters.tx_datagrams += 1,
-                        Err(err) => {
-                            counters.tx_errors += 1;
-                            trace!(%peer, error = %err, "frame injection failed");
-                        }
-                    }
+                    inject_datagram(
+                        &mut **io, env, flags, guard, &at, unix_secs, dgram, counters,
+                    );
                     sent = true;
                 });
                 if sent {
@@ -1171,32 +1155,52 @@ impl Core {
         if env.destination() != peer {
             let _ = env.set_destination(peer);
         }
-        let glen = guard.as_ref().map_or(0, Guard::prefix_len);
         let at = Addressing {
             src: env.source(),
             dst: peer,
             to_server: cfg.role == Role::Client,
         };
-        let f = flags.next();
-        let hl = env.header_len(f);
-        let total = hl + glen + bytes.len();
-        let r = io.send_with(total, &mut |buf: &mut [u8]| {
-            if let Some(g) = guard.as_mut() {
-                g.write_prefix(unix_secs, &at, bytes, &mut buf[hl..hl + glen]);
-            }
-            buf[hl + glen..total].copy_from_slice(bytes);
-            env.emit(f, glen + bytes.len(), &mut buf[..total])
-                .unwrap_or(0)
-        });
-        match r {
-            Ok(()) => counters.tx_datagrams += 1,
-            Err(err) => {
-                counters.tx_errors += 1;
-                trace!(%peer, error = %err, "frame injection failed");
-            }
-        }
+        inject_datagram(
+            &mut **io, env, flags, guard, &at, unix_secs, bytes, counters,
+        );
         if let Err(err) = io.flush() {
             trace!(%peer, error = %err, "flush of injected frames failed");
+        }
+    }
+}
+
+/// Frames one datagram to `at.dst` into the link's TX (flushed by the caller): the guard prefix over
+/// `bytes` when the guard is on, then the envelope with the next TCP flags of `flags`; counts it as sent or
+/// failed. One path for session flushes and the noise wire's handshake messages.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn inject_datagram(
+    io: &mut dyn PacketIo,
+    env: &mut EnvelopeBuilder,
+    flags: &FlagCycler,
+    guard: &mut Option<Guard>,
+    at: &Addressing,
+    unix_secs: u64,
+    bytes: &[u8],
+    counters: &mut IoCounters,
+) {
+    let glen = guard.as_ref().map_or(0, Guard::prefix_len);
+    let f = flags.next();
+    let hl = env.header_len(f);
+    let total = hl + glen + bytes.len();
+    let r = io.send_with(total, &mut |buf: &mut [u8]| {
+        if let Some(g) = guard.as_mut() {
+            g.write_prefix(unix_secs, at, bytes, &mut buf[hl..hl + glen]);
+        }
+        buf[hl + glen..total].copy_from_slice(bytes);
+        env.emit(f, glen + bytes.len(), &mut buf[..total])
+            .unwrap_or(0)
+    });
+    match r {
+        Ok(()) => counters.tx_datagrams += 1,
+        Err(err) => {
+            counters.tx_errors += 1;
+            trace!(peer = %at.dst, error = %err, "frame injection failed");
         }
     }
 }
