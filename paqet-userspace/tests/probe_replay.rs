@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::raw;
 use common::*;
 use paqet_testkit::netns::Netns;
 
@@ -167,121 +168,6 @@ fn read_pcap(path: &Path) -> Vec<Vec<u8>> {
     out
 }
 
-/// An IPv4/TCP frame's addresses and payload length.
-struct Tcp4 {
-    src: SocketAddr,
-    dst: SocketAddr,
-    payload: usize,
-}
-
-fn parse(frame: &[u8]) -> Option<Tcp4> {
-    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
-        return None;
-    }
-    let ip = &frame[14..];
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    if ip[9] != 6 || ip.len() < ihl + 20 {
-        return None;
-    }
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let tcp = &ip[ihl..];
-    let doff = usize::from(tcp[12] >> 4) * 4;
-    let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    Some(Tcp4 {
-        src: SocketAddr::from((src_ip, u16::from_be_bytes([tcp[0], tcp[1]]))),
-        dst: SocketAddr::from((dst_ip, u16::from_be_bytes([tcp[2], tcp[3]]))),
-        payload: total.saturating_sub(ihl + doff),
-    })
-}
-
-fn csum(data: &[u8], mut sum: u32) -> u16 {
-    for c in data.chunks(2) {
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            u16::from(c[0]) << 8
-        };
-        sum += u32::from(w);
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// `frame` with another source address and port, checksums recomputed.
-fn resourced(frame: &[u8], src: SocketAddr) -> Vec<u8> {
-    let SocketAddr::V4(src) = src else {
-        panic!("IPv4 only")
-    };
-    let mut f = frame.to_vec();
-    let ihl = usize::from(f[14] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
-    f.truncate(14 + total);
-    f[14 + 12..14 + 16].copy_from_slice(&src.ip().octets());
-    f[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
-    let ip_sum = csum(&f[14..14 + ihl], 0);
-    f[14 + 10..14 + 12].copy_from_slice(&ip_sum.to_be_bytes());
-    let t = 14 + ihl;
-    f[t..t + 2].copy_from_slice(&src.port().to_be_bytes());
-    f[t + 16..t + 18].copy_from_slice(&[0, 0]);
-    let tcp_len = total - ihl;
-    let mut pseudo = Vec::with_capacity(12);
-    pseudo.extend_from_slice(&f[14 + 12..14 + 20]);
-    pseudo.extend_from_slice(&[0, 6]);
-    pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
-    let mut sum = 0u32;
-    for c in pseudo.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    let tcp_sum = csum(&f[t..t + tcp_len], sum);
-    f[t + 16..t + 18].copy_from_slice(&tcp_sum.to_be_bytes());
-    f
-}
-
-/// Sends raw Ethernet frames out of `dev` in `ns` (an AF_PACKET socket), `gap` apart.
-fn inject(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>, gap: Duration) {
-    let dev = std::ffi::CString::new(dev).unwrap();
-    in_ns(ns, move || {
-        // SAFETY: plain socket calls on a descriptor we own and close; the address struct is zeroed and
-        // sized for sockaddr_ll.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let ifindex = libc::if_nametoindex(dev.as_ptr());
-            assert!(ifindex > 0, "if_nametoindex");
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_ifindex = ifindex as i32;
-            sll.sll_halen = 6;
-            for f in &frames {
-                sll.sll_addr[..6].copy_from_slice(&f[..6]);
-                let n = libc::sendto(
-                    fd,
-                    f.as_ptr().cast(),
-                    f.len(),
-                    0,
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                assert_eq!(
-                    n,
-                    f.len() as isize,
-                    "sendto: {}",
-                    std::io::Error::last_os_error()
-                );
-                std::thread::sleep(gap);
-            }
-            libc::close(fd);
-        }
-    });
-}
-
 /// The client's datagrams to the server's tunnel port (frames with a payload), in capture order.
 fn client_datagrams(
     frames: &[Vec<u8>],
@@ -291,8 +177,8 @@ fn client_datagrams(
     frames
         .iter()
         .filter_map(|f| {
-            let p = parse(f)?;
-            (p.src.ip() == client && p.dst == server && p.payload > 0)
+            let p = raw::parse4(f)?;
+            (p.src.ip() == client && p.dst == server && p.payload_len > 0)
                 .then(|| (p.src.port(), f.clone()))
         })
         .collect()
@@ -377,8 +263,8 @@ fn replays_and_spoofed_session_starts_get_no_answer() {
         recorded.len(),
         recorded
             .first()
-            .and_then(|f| parse(f))
-            .map(|p| (p.src, p.dst, p.payload)),
+            .and_then(|f| raw::parse4(f))
+            .map(|p| (p.src, p.dst, p.payload_len)),
         std::fs::read_to_string(t.dir.path().join("session.err")),
     );
     let (old_port, first) = session[0].clone();
@@ -412,18 +298,18 @@ fn replays_and_spoofed_session_starts_get_no_answer() {
     let all: Vec<Vec<u8>> = session.iter().map(|(_, f)| f.clone()).collect();
     let probe = |port: u16| {
         // The first datagram alone, then the whole session, from the prober's address.
-        inject(
+        raw::inject(
             cns,
             &cif,
-            vec![resourced(&first, from_prober(port))],
+            vec![raw::resourced(&first, from_prober(port))],
             Duration::ZERO,
         );
         std::thread::sleep(Duration::from_millis(500));
         let frames = all
             .iter()
-            .map(|f| resourced(f, from_prober(port + 1)))
+            .map(|f| raw::resourced(f, from_prober(port + 1)))
             .collect();
-        inject(cns, &cif, frames, Duration::from_millis(5));
+        raw::inject(cns, &cif, frames, Duration::from_millis(5));
         std::thread::sleep(Duration::from_millis(1000));
     };
     probe(41000);
@@ -433,7 +319,7 @@ fn replays_and_spoofed_session_starts_get_no_answer() {
         "the server answered the prober: {:?}",
         answered
             .iter()
-            .filter_map(|f| parse(f).map(|p| (p.src, p.dst, p.payload)))
+            .filter_map(|f| raw::parse4(f).map(|p| (p.src, p.dst, p.payload_len)))
             .collect::<Vec<_>>()
     );
     assert_eq!(target.requests(), ["/first"], "a replay re-ran a request");
@@ -482,10 +368,10 @@ fn replays_and_spoofed_session_starts_get_no_answer() {
         "the live session is {cip}:{live_port}:\n{log}"
     );
     // Spoof: the older session's first datagram from the live client's address and port.
-    inject(
+    raw::inject(
         cns,
         &cif,
-        vec![resourced(&first, SocketAddr::from((cip, live_port)))],
+        vec![raw::resourced(&first, SocketAddr::from((cip, live_port)))],
         Duration::ZERO,
     );
     std::thread::sleep(Duration::from_millis(300));
@@ -507,7 +393,7 @@ fn replays_and_spoofed_session_starts_get_no_answer() {
         "the server answered the prober: {:?}",
         answered
             .iter()
-            .filter_map(|f| parse(f).map(|p| (p.src, p.dst)))
+            .filter_map(|f| raw::parse4(f).map(|p| (p.src, p.dst)))
             .collect::<Vec<_>>()
     );
     let reqs = target.requests();
